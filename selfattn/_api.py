@@ -1,0 +1,148 @@
+"""The public functions: thin Python over the Cython engine (_core)."""
+
+import contextlib
+import sys
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["scaled_dot_product_attention", "attend", "config", "show_config", "use_isa", "set_isa",
+           "available_isas"]
+
+available_isas = _core.available_isas
+set_isa = _core.set_isa
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
+                                 enable_gqa=False, return_lse=False, num_threads=None):
+    """softmax(query @ key^T * scale + mask) @ value, fused: the L x S scores never exist.
+
+    Same names, layout and semantics as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Parameters
+    ----------
+    query : array_like, (..., Hq, L, E)
+    key : array_like, (..., H, S, E)
+    value : array_like, (..., H, S, Ev)
+        Leading dims broadcast (NumPy rules). A 2-D (L, E) query is valid.
+    attn_mask : array_like, optional
+        bool (True = the key takes part) or float (added to the scores), broadcastable
+        to (..., Hq, L, S). Read in place with its own strides, never expanded.
+    is_causal : bool
+        Query i sees keys j <= i (top-left aligned, also when L != S). Not with attn_mask.
+    scale : float, optional
+        Defaults to 1/sqrt(E).
+    enable_gqa : bool
+        Grouped-query attention: Hq must be a multiple of H; query head h reads kv head
+        h // (Hq/H), without copying K or V.
+    return_lse : bool
+        Also return lse = log sum_j exp(scale q.k_j + mask_j), shape (..., Hq, L).
+    num_threads : int, optional
+        Defaults to OMP_NUM_THREADS, else the usable cores. Results are bitwise identical
+        for every thread count.
+
+    Returns
+    -------
+    out : ndarray (..., Hq, L, Ev), or (out, lse) with return_lse.
+        float64 if any of query/key/value is float64, else float32. A row whose keys are all
+        masked gives zeros and lse = -inf.
+    """
+    return _core.sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse, num_threads)
+
+
+def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, num_threads=None):
+    """Multi-head self-attention of x with projection weights in (in, out) layout.
+
+    q = x @ wq, k = x @ wk, v = x @ wv (one BLAS call on the concatenated weights). Head h
+    uses columns h*E:(h+1)*E of q and k and h*Ev:(h+1)*Ev of v; heads are attended
+    independently by the fused kernel (reading q, k, v in place) and concatenated back
+    to (..., L, H*Ev), then multiplied by wo if given.
+
+    Note the layout: a ``torch.nn.Linear`` weight is (out, in); pass its transpose.
+
+    Parameters
+    ----------
+    x : array_like, (..., L, d_model)
+    wq, wk : array_like, (d_model, H*E)
+    wv : array_like, (d_model, H*Ev)
+    num_heads : int
+    wo : array_like, optional, (H*Ev, d_out)
+    is_causal, scale, num_threads : as in scaled_dot_product_attention.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    H = int(num_heads)
+    arrs = {"x": x, "wq": wq, "wk": wk, "wv": wv}
+    if wo is not None:
+        arrs["wo"] = wo
+    arrs = {n: _core._as_input(a, n) for n, a in arrs.items()}
+    dt = np.result_type(*(_core._compute_dtype_of(a.dtype, n) for n, a in arrs.items()))
+    x, wq, wk, wv = arrs["x"], arrs["wq"], arrs["wk"], arrs["wv"]
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dims (..., L, d_model), got shape {x.shape}")
+    d = x.shape[-1]
+    for n in ("wq", "wk", "wv"):
+        w = arrs[n]
+        if w.ndim != 2 or w.shape[0] != d:
+            raise ValueError(f"{n} must be 2-D (d_model, H*E) with d_model={d} matching x {x.shape}, "
+                             f"got shape {w.shape}")
+    if wq.shape[1] != wk.shape[1]:
+        raise ValueError(f"wq {wq.shape} and wk {wk.shape} must have the same number of columns H*E")
+    for n in ("wq", "wv"):
+        if arrs[n].shape[1] % H:
+            raise ValueError(f"{n} has {arrs[n].shape[1]} columns, not a multiple of num_heads={H} "
+                             f"(shape {arrs[n].shape})")
+    E, Ev = wq.shape[1] // H, wv.shape[1] // H
+    if wo is not None:
+        wo = arrs["wo"]
+        if wo.ndim != 2 or wo.shape[0] != H * Ev:
+            raise ValueError(f"wo must be 2-D (H*Ev, d_out) = ({H * Ev}, d_out), got shape {wo.shape}")
+    # validate the scalars before the projections (errors before any work)
+    _core._check_args(scale, num_threads)
+
+    w = np.concatenate([wq.astype(dt, copy=False), wk.astype(dt, copy=False), wv.astype(dt, copy=False)], axis=1)
+    qkv = np.matmul(x.astype(dt, copy=False), w)              # (..., L, 2*H*E + H*Ev)
+    lead, L = qkv.shape[:-2], qkv.shape[-2]
+
+    def heads(lo, width):   # columns lo:lo+H*width as a (..., H, L, width) view, no copy
+        t = qkv[..., lo:lo + H * width].reshape(lead + (L, H, width))
+        return np.swapaxes(t, -2, -3)
+
+    out = np.empty(lead + (L, H * Ev), dtype=dt)
+    out_heads = np.swapaxes(out.reshape(lead + (L, H, Ev)), -2, -3)
+    _core.sdpa(heads(0, E), heads(H * E, E), heads(2 * H * E, Ev), None, is_causal, scale, False, False,
+               num_threads, out_heads)
+    return out if wo is None else np.matmul(out, wo.astype(dt, copy=False))
+
+
+def config():
+    """What runs: version, instruction set in use, those available, OpenMP, default threads."""
+    from . import __version__
+    return {
+        "version": __version__,
+        "isa": _core.get_isa(),
+        "isas_available": _core.available_isas(),
+        "openmp": _core.openmp_enabled(),
+        "default_threads": _core.default_threads(),
+    }
+
+
+def show_config(file=None):
+    """Print config() as a few lines."""
+    c = config()
+    file = sys.stdout if file is None else file
+    print(f"selfattn {c['version']}: isa={c['isa']} (available: {', '.join(c['isas_available'])}), "
+          f"openmp={'yes' if c['openmp'] else 'no'}, default_threads={c['default_threads']}", file=file)
+
+
+@contextlib.contextmanager
+def use_isa(name):
+    """Force instruction set `name` ('avx512', 'avx2', 'generic') inside a with block."""
+    prev = _core.set_isa(name)
+    try:
+        yield
+    finally:
+        _core.set_isa(prev)

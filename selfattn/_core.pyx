@@ -1,0 +1,497 @@
+# cython: language_level=3, cdivision=True
+"""The Cython engine between the Python API and the C kernels (src_c/).
+
+It validates every argument before any work, converts dtypes, describes the
+broadcast problem as "units" (one per batch x head) with element offsets into
+the caller's arrays (no broadcast copies, no transposes), allocates the output
+and the kernel's workspace, releases the GIL around the whole computation, and
+turns the kernel's status codes into exceptions.
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport malloc, free
+from cpython.pythread cimport PyThread_get_thread_ident
+
+from selfattn._selfattn cimport *
+
+cnp.import_array()
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals() except -1
+
+ISA_NAMES = ("generic", "avx2", "avx512")
+
+cdef object _F32 = np.dtype(np.float32)
+cdef object _F64 = np.dtype(np.float64)
+cdef object _BOOL = np.dtype(np.bool_)
+cdef object _U8 = np.dtype(np.uint8)
+cdef unsigned long _main_ident = PyThread_get_thread_ident()   # the importing thread
+cdef int _isa = sa_isa_best()
+cdef long _fail_allocs = 0         # debug hook: make the next N allocations fail
+
+
+# ---------------------------------------------------------------- config ----
+
+def _isa_from_name(name):
+    if name not in ISA_NAMES:
+        raise ValueError(f"unknown instruction set {name!r}; choose one of {ISA_NAMES}")
+    return ISA_NAMES.index(name)
+
+
+def available_isas():
+    """Instruction sets this build can run on this CPU, best first."""
+    return [ISA_NAMES[i] for i in range(SA_ISA_COUNT - 1, -1, -1) if sa_isa_supported(i)]
+
+
+def get_isa():
+    return ISA_NAMES[_isa]
+
+
+def set_isa(name):
+    """Use instruction set `name` for the following calls; returns the previous name."""
+    global _isa
+    cdef int isa = _isa_from_name(name)
+    if not sa_isa_supported(isa):
+        raise ValueError(f"instruction set {name!r} is not available on this CPU/build "
+                         f"(available: {', '.join(available_isas())})")
+    prev = ISA_NAMES[_isa]
+    _isa = isa
+    return prev
+
+
+def _apply_env_isa():
+    """SELFATTN_ISA=<name> at import forces a lower path (never a higher one)."""
+    global _isa
+    name = os.environ.get("SELFATTN_ISA", "").strip().lower()
+    if not name:
+        return
+    if name not in ISA_NAMES:
+        warnings.warn(f"SELFATTN_ISA={name!r} is not one of {ISA_NAMES}; ignored", RuntimeWarning)
+        return
+    cdef int want = ISA_NAMES.index(name)
+    if want < _isa and sa_isa_supported(want):
+        _isa = want
+
+
+_apply_env_isa()
+
+
+def openmp_enabled():
+    return bool(sa_openmp_enabled())
+
+
+def default_threads():
+    return sa_default_threads()
+
+
+def _debug_fail_allocations(n):
+    """Debug hook for tests: the next `n` workspace allocations fail (MemoryError)."""
+    global _fail_allocs
+    _fail_allocs = int(n)
+
+
+# ------------------------------------------------------------ validation ----
+
+cdef inline object _as_array(object x, str name):
+    if type(x) is np.ndarray:
+        return x
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} cannot be read as an array: {exc}") from None
+
+
+cdef object _compute_dtype(object dt, str name):
+    """float32 or float64: the dtype an input of dtype `dt` computes in."""
+    cdef str kind = dt.kind
+    if kind == "f":
+        if dt.itemsize == 8:
+            return _F64
+        if dt.itemsize <= 4:
+            return _F32
+    elif kind == "i" or kind == "u" or kind == "b":
+        return _F32
+    raise TypeError(f"{name} has dtype {dt}, which selfattn cannot compute "
+                    f"(supported: float32, float64; float16, integer and bool compute in float32)")
+
+
+cdef object _ready(object a, object dt):
+    """`a` in native dtype `dt`, aligned (strides multiple of the itemsize)."""
+    if a.dtype != dt:
+        return a.astype(dt)
+    if not a.flags.aligned:
+        return np.ascontiguousarray(a)
+    return a
+
+
+cdef int64_t _check_threads(object num_threads) except -1:
+    if num_threads is None:
+        return sa_default_threads()
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
+    if num_threads <= 0:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return min(int(num_threads), 1 << 16)
+
+
+cdef double _check_scale(object scale, int64_t E) except? -1.0:
+    cdef double sc
+    if scale is None:
+        return 1.0 / math.sqrt(E) if E > 0 else 1.0
+    if isinstance(scale, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    try:
+        sc = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
+    if not math.isfinite(sc):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return sc
+
+
+def _as_input(x, name):
+    """np.asarray with a TypeError naming the argument (for attend)."""
+    return _as_array(x, name)
+
+
+def _compute_dtype_of(dt, name):
+    """The dtype an input of dtype `dt` computes in; TypeError naming `name` if none."""
+    return _compute_dtype(dt, name)
+
+
+def _check_args(scale, num_threads):
+    """Validate scale and num_threads early (attend checks them before projecting)."""
+    _check_threads(num_threads)
+    _check_scale(scale, 1)
+
+
+# ------------------------------------------------------------ workspace -----
+
+cdef void *_alloc(size_t nbytes) except NULL:
+    """64-byte aligned allocation; the raw pointer is stored just below."""
+    global _fail_allocs
+    if _fail_allocs > 0:
+        _fail_allocs -= 1
+        raise MemoryError(f"selfattn: could not allocate {nbytes} bytes of workspace (debug hook)")
+    cdef void *raw = malloc(nbytes + 64 + sizeof(void *))
+    if raw == NULL:
+        raise MemoryError(f"selfattn: could not allocate {nbytes} bytes of workspace")
+    cdef uintptr_t p = (<uintptr_t> raw + sizeof(void *) + 63) & ~(<uintptr_t> 63)
+    (<void **> p)[-1] = raw
+    return <void *> p
+
+
+cdef void _free(void *p) noexcept:
+    if p != NULL:
+        free((<void **> p)[-1])
+
+
+cdef object _pending_signal_exc = None   # set by _check_signals, main thread only
+
+
+cdef int _check_signals(void *ctx) noexcept nogil:
+    """Called by the kernel on the caller's (main) thread every ~20 ms, so Ctrl-C
+    stops a long call. The handler's exception is kept and raised on return."""
+    global _pending_signal_exc
+    with gil:
+        try:
+            PyErr_CheckSignals()
+        except BaseException as exc:
+            _pending_signal_exc = exc
+            return 1
+    return 0
+
+
+# ------------------------------------------------------------ the call ------
+
+cdef inline void _batch_strides(object a, int nb, int64_t *dst):
+    """Element strides of a's batch dims, right-aligned to nb dims; 0 where broadcast."""
+    cdef int nd = cnp.PyArray_NDIM(a) - 2, d, j
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
+    cdef int64_t isz = cnp.PyArray_ITEMSIZE(a)
+    for d in range(nb):
+        j = d - (nb - nd)
+        dst[d] = 0 if (j < 0 or shape[j] == 1) else strides[j] // isz
+
+
+cdef inline int64_t _stride(object a, int axis):
+    """Element stride of axis (negative = from the end); 0 for a missing or size-1 axis."""
+    cdef int nd = cnp.PyArray_NDIM(a)
+    cdef int ax = axis + nd if axis < 0 else axis
+    if ax < 0 or ax >= nd or cnp.PyArray_DIMS(a)[ax] == 1:
+        return 0
+    return cnp.PyArray_STRIDES(a)[ax] // cnp.PyArray_ITEMSIZE(a)
+
+
+def _broadcast_error(q, k, v, gqa):
+    hint = "" if gqa else " (for grouped-query attention with fewer kv heads, pass enable_gqa=True)"
+    return ValueError(f"the leading (batch/head) dims of query {q.shape}, key {k.shape} and value "
+                      f"{v.shape} do not broadcast{hint}")
+
+
+def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+         return_lse=False, num_threads=None, out=None):
+    """Validate, then run the fused kernel. See selfattn.scaled_dot_product_attention."""
+    global _pending_signal_exc
+    # -- scalars first: cheap, and errors come before any work
+    cdef int64_t nt = _check_threads(num_threads)
+    cdef bint causal = bool(is_causal)
+    if attn_mask is not None and causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both")
+
+    # -- arrays and dtypes
+    q = _as_array(query, "query")
+    k = _as_array(key, "key")
+    v = _as_array(value, "value")
+    dq = _compute_dtype(q.dtype, "query")
+    dk = _compute_dtype(k.dtype, "key")
+    dv = _compute_dtype(v.dtype, "value")
+    dt = _F64 if (dq is _F64 or dk is _F64 or dv is _F64) else _F32
+    for a, nm in ((q, "query"), (k, "key"), (v, "value")):
+        if cnp.PyArray_NDIM(a) < 2:
+            raise ValueError(f"{nm} must have at least 2 dims (..., {'L' if nm == 'query' else 'S'}, "
+                             f"{'Ev' if nm == 'value' else 'E'}), got shape {a.shape}")
+    cdef int64_t L = q.shape[-2], E = q.shape[-1], S = k.shape[-2], Ev = v.shape[-1]
+    if k.shape[-1] != E:
+        raise ValueError(f"query and key must have the same last dim E: query {q.shape} has E={E}, "
+                         f"key {k.shape} has E={k.shape[-1]}")
+    if v.shape[-2] != S:
+        raise ValueError(f"key and value must have the same number of keys S (dim -2): key {k.shape}, "
+                         f"value {v.shape}")
+    cdef double sc = _check_scale(scale, E)
+
+    # -- batch (and head) dims: broadcast, or grouped-query heads
+    cdef int64_t group = 1
+    qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
+    gqa = bool(enable_gqa) and len(qb) >= 1 and len(kb) >= 1 and len(vb) >= 1
+    if gqa:
+        hq, hk, hv = qb[-1], kb[-1], vb[-1]
+        if hk != hv:
+            raise ValueError(f"enable_gqa: key {k.shape} and value {v.shape} must have the same number "
+                             f"of heads (dim -3)")
+        if hk == 0 or hq % hk:
+            raise ValueError(f"enable_gqa: query heads Hq={hq} must be a multiple of key/value heads "
+                             f"H={hk}: query {q.shape}, key {k.shape}, value {v.shape}")
+        group = hq // hk
+        try:
+            ob = np.broadcast_shapes(qb, kb[:-1] + (hq,), vb[:-1] + (hq,))
+            kvb = np.broadcast_shapes(kb, vb)
+        except ValueError:
+            raise _broadcast_error(q, k, v, True) from None
+    else:
+        try:
+            ob = np.broadcast_shapes(qb, kb, vb)
+            kvb = np.broadcast_shapes(kb, vb)
+        except ValueError:
+            raise _broadcast_error(q, k, v, False) from None
+    cdef int nb = len(ob), nkb = len(kvb)
+
+    # -- mask: read in place with its own strides, never broadcast out
+    cdef int mask_kind = SA_MASK_NONE
+    m = None
+    if attn_mask is not None:
+        m = _as_array(attn_mask, "attn_mask")
+        mdt = m.dtype
+        if mdt == _BOOL:
+            mask_kind = SA_MASK_BOOL
+            m = m.view(_U8)
+        elif mdt.kind == "f" and mdt.itemsize <= 8:
+            if mdt.itemsize == 8:
+                mask_kind = SA_MASK_F64
+                m = _ready(m, _F64)
+            else:
+                mask_kind = SA_MASK_F32
+                m = _ready(m, _F32)
+        else:
+            raise TypeError(f"attn_mask must be bool (True = takes part) or floating (added to the "
+                            f"scores), got dtype {mdt}")
+        full = tuple(ob) + (L, S)
+        ok = m.ndim <= len(full) and all(
+            md == 1 or md == fd for md, fd in zip(m.shape[::-1], full[::-1]))
+        if not ok:
+            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = {full}")
+
+    q = _ready(q, dt)
+    k = _ready(k, dt)
+    v = _ready(v, dt)
+
+    # -- outputs
+    out_shape = tuple(ob) + (L, Ev)
+    if out is None:
+        out = np.empty(out_shape, dtype=dt)
+    elif out.shape != out_shape or out.dtype != dt:
+        raise ValueError(f"out must have shape {out_shape} and dtype {dt}, got {out.shape} {out.dtype}")
+    lse = np.empty(tuple(ob) + (L,), dtype=dt) if return_lse else None
+
+    cdef int64_t n_units = 1, n_kv = 1
+    for x in ob:
+        n_units *= x
+    for x in kvb:
+        n_kv *= x
+    if n_units == 0 or L == 0 or (Ev == 0 and lse is None):
+        return (out, lse) if return_lse else out
+
+    # -- unit tables: offsets of each (batch, head) unit and its distinct K/V
+    cdef int64_t *tab = <int64_t *> _alloc(sizeof(int64_t) * (6 * n_units + 3 * n_kv + 1 + 12 * (nb + nkb + 1)))
+    cdef int64_t *q_off = tab
+    cdef int64_t *o_off = q_off + n_units
+    cdef int64_t *l_off = o_off + n_units
+    cdef int64_t *m_off = l_off + n_units
+    cdef int64_t *u_kv = m_off + n_units
+    cdef int64_t *kv_units = u_kv + n_units
+    cdef int64_t *kv_k = kv_units + n_units
+    cdef int64_t *kv_v = kv_k + n_kv
+    cdef int64_t *kv_start = kv_v + n_kv
+    cdef int64_t *st = kv_start + n_kv + 1          # per-dim strides, 8 arrays of nb
+    cdef int64_t *qs = st, *os_ = st + nb, *ls = st + 2 * nb, *ms = st + 3 * nb
+    cdef int64_t *kvs = st + 4 * nb, *idx = st + 5 * nb
+    cdef int64_t *ks = st + 6 * nb, *vs = ks + nkb, *kidx = vs + nkb, *kvshape = kidx + nkb
+    cdef int64_t *oshape = kvshape + nkb
+    cdef void *ws = NULL
+    cdef size_t ws_bytes = 0
+    cdef sa_attn_args args
+    cdef int status, d, j, isa = _isa, isz = dt.itemsize
+    cdef int64_t u, off_q, off_o, off_l, off_m, off_kv, ii, c
+    try:
+        _batch_strides(q, nb, qs)
+        _batch_strides(out, nb, os_)
+        for d in range(nb):
+            oshape[d] = ob[d]
+            idx[d] = 0
+            ls[d] = 0
+            ms[d] = 0
+            kvs[d] = 0
+        if lse is not None:
+            _batch_strides(lse[..., None], nb, ls)
+        if m is not None:
+            for d in range(nb):            # mask batch dims, right-aligned; missing/1 -> 0
+                j = d - (nb - (m.ndim - 2))
+                ms[d] = 0 if (j < 0 or m.shape[j] == 1) else m.strides[j] // m.itemsize
+        # contiguous strides of the kv batch shape, mapped onto the output batch dims
+        c = 1
+        for d in range(nkb - 1, -1, -1):
+            kvshape[d] = kvb[d]
+            j = d + (nb - nkb)
+            if kvb[d] != 1:
+                kvs[j] = c
+            c *= kvb[d]
+        for u in range(n_units):
+            off_q = off_o = off_l = off_m = off_kv = 0
+            for d in range(nb):
+                ii = idx[d]
+                off_q += ii * qs[d]
+                off_o += ii * os_[d]
+                off_l += ii * ls[d]
+                off_m += ii * ms[d]
+                if d == nb - 1 and group > 1:
+                    ii = ii // group        # query head h reads kv head h // group
+                off_kv += ii * kvs[d]
+            q_off[u] = off_q
+            o_off[u] = off_o
+            l_off[u] = off_l
+            m_off[u] = off_m
+            u_kv[u] = off_kv
+            d = nb - 1
+            while d >= 0:
+                idx[d] += 1
+                if idx[d] < oshape[d]:
+                    break
+                idx[d] = 0
+                d -= 1
+        # offsets of each distinct K/V
+        _batch_strides(k, nkb, ks)
+        _batch_strides(v, nkb, vs)
+        for d in range(nkb):
+            kidx[d] = 0
+        for u in range(n_kv):
+            off_q = off_o = 0
+            for d in range(nkb):
+                off_q += kidx[d] * ks[d]
+                off_o += kidx[d] * vs[d]
+            kv_k[u] = off_q
+            kv_v[u] = off_o
+            d = nkb - 1
+            while d >= 0:
+                kidx[d] += 1
+                if kidx[d] < kvshape[d]:
+                    break
+                kidx[d] = 0
+                d -= 1
+        # units grouped by K/V (counting sort)
+        for u in range(n_kv + 1):
+            kv_start[u] = 0
+        for u in range(n_units):
+            kv_start[u_kv[u] + 1] += 1
+        for u in range(n_kv):
+            kv_start[u + 1] += kv_start[u]
+        for u in range(n_units):
+            kv_units[kv_start[u_kv[u]]] = u
+            kv_start[u_kv[u]] += 1
+        for u in range(n_kv, 0, -1):
+            kv_start[u] = kv_start[u - 1]
+        kv_start[0] = 0
+
+        args.n_units = n_units
+        args.n_kv = n_kv
+        args.L = L
+        args.S = S
+        args.E = E
+        args.Ev = Ev
+        args.q = cnp.PyArray_DATA(q)
+        args.q_off = q_off
+        args.q_sl = _stride(q, -2)
+        args.q_se = _stride(q, -1)
+        args.k = cnp.PyArray_DATA(k)
+        args.kv_k_off = kv_k
+        args.k_ss = _stride(k, -2)
+        args.k_se = _stride(k, -1)
+        args.v = cnp.PyArray_DATA(v)
+        args.kv_v_off = kv_v
+        args.v_ss = _stride(v, -2)
+        args.v_se = _stride(v, -1)
+        args.kv_start = kv_start
+        args.kv_units = kv_units
+        args.mask_kind = mask_kind
+        args.mask = cnp.PyArray_DATA(m) if m is not None else NULL
+        args.mask_off = m_off
+        args.mask_sl = _stride(m, -2) if (m is not None and m.ndim >= 2) else 0
+        args.mask_ss = _stride(m, -1) if (m is not None and m.ndim >= 1) else 0
+        args.out = cnp.PyArray_DATA(out)
+        args.out_off = o_off
+        args.out_sl = _stride(out, -2)
+        args.out_se = _stride(out, -1)
+        args.lse = cnp.PyArray_DATA(lse) if lse is not None else NULL
+        args.lse_off = l_off
+        args.lse_sl = _stride(lse, -1) if lse is not None else 0
+        args.scale = sc
+        args.causal = causal
+        args.num_threads = <int> nt
+        args.interrupt = NULL                # only the main thread sees signals
+        if PyThread_get_thread_ident() == _main_ident:
+            args.interrupt = _check_signals
+        args.interrupt_ctx = NULL
+
+        status = sa_attn_workspace_size(&args, isa, isz, &ws_bytes)
+        if status != SA_OK:
+            raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
+        ws = _alloc(ws_bytes)
+        with nogil:
+            if isz == 4:
+                status = sa_attn_fwd_f32(&args, isa, ws, ws_bytes)
+            else:
+                status = sa_attn_fwd_f64(&args, isa, ws, ws_bytes)
+        if status == SA_ERR_INTERRUPTED:
+            exc, _pending_signal_exc = _pending_signal_exc, None
+            raise exc if exc is not None else KeyboardInterrupt()
+        if status != SA_OK:
+            raise RuntimeError(f"selfattn: kernel failed (status {status})")
+    finally:
+        _free(ws)
+        _free(tab)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,65 @@
+# Mirror of src_c/selfattn.h: the C entry points the Cython layer calls.
+from libc.stdint cimport int64_t
+from libc.stddef cimport size_t
+
+cdef extern from "selfattn.h" nogil:
+    enum:
+        SA_OK
+        SA_ERR_ARG
+        SA_ERR_WORKSPACE
+        SA_ERR_INTERRUPTED
+        SA_ERR_ISA
+
+    ctypedef enum sa_isa:
+        SA_ISA_GENERIC
+        SA_ISA_AVX2
+        SA_ISA_AVX512
+        SA_ISA_COUNT
+
+    ctypedef enum sa_mask_kind:
+        SA_MASK_NONE
+        SA_MASK_BOOL
+        SA_MASK_F32
+        SA_MASK_F64
+
+    ctypedef int (*sa_interrupt_fn)(void *ctx) noexcept
+
+    ctypedef struct sa_attn_args:
+        int64_t n_units, n_kv
+        int64_t L, S, E, Ev
+        const void *q
+        const int64_t *q_off
+        int64_t q_sl, q_se
+        const void *k
+        const int64_t *kv_k_off
+        int64_t k_ss, k_se
+        const void *v
+        const int64_t *kv_v_off
+        int64_t v_ss, v_se
+        const int64_t *kv_start
+        const int64_t *kv_units
+        int mask_kind
+        const void *mask
+        const int64_t *mask_off
+        int64_t mask_sl, mask_ss
+        void *out
+        const int64_t *out_off
+        int64_t out_sl, out_se
+        void *lse
+        const int64_t *lse_off
+        int64_t lse_sl
+        double scale
+        int causal
+        int num_threads
+        sa_interrupt_fn interrupt
+        void *interrupt_ctx
+
+    int sa_isa_supported(int isa)
+    int sa_isa_best()
+    const char *sa_isa_name(int isa)
+    int sa_openmp_enabled()
+    int sa_default_threads()
+    int sa_in_forked_child()
+    int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
+    int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)
+    int sa_attn_fwd_f64(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)

@@ -1,0 +1,81 @@
+"""Build of the selfattn extension: selfattn._core (Cython) + src_c/ (plain C).
+
+One extension holds every kernel target; attn_avx2.c and attn_avx512.c enable
+their instruction sets with a target pragma for their own functions only, and
+dispatch.c picks one at run time. The rest is compiled for the baseline of the
+architecture: never -march=native, so one wheel runs on any x86-64.
+
+Environment switches:
+  SELFATTN_SANITIZE=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
+  SELFATTN_NO_OPENMP=1  build without OpenMP (single-threaded)
+"""
+import os
+import sys
+import tempfile
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+C_SOURCES = ["src_c/dispatch.c", "src_c/attn_generic.c", "src_c/attn_avx2.c", "src_c/attn_avx512.c"]
+
+
+def _flag_works(compiler, flags, link_flags=()):
+    """Does a tiny program compile and link with these flags?"""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() < 0;}\n"
+                    if "-fopenmp" in flags else "int main(void){return 0;}\n")
+        try:
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=list(flags))
+            compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=list(link_flags))
+            return True
+        except Exception:
+            return False
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        cc = self.compiler
+        compile_args, link_args = [], []
+        if cc.compiler_type == "msvc":
+            compile_args += ["/O2"]
+            if not os.environ.get("SELFATTN_NO_OPENMP"):
+                compile_args += ["/openmp"]
+        else:
+            sanitize = os.environ.get("SELFATTN_SANITIZE", "") not in ("", "0")
+            compile_args += ["-O1" if sanitize else "-O3", "-fno-math-errno",
+                             "-Wall", "-Wno-unused-function"]
+            if sanitize:
+                san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g",
+                       "-fno-sanitize-recover=undefined"]
+                compile_args += san
+                link_args += san
+            if not os.environ.get("SELFATTN_NO_OPENMP"):
+                if _flag_works(cc, ["-fopenmp"], ["-fopenmp"]):
+                    compile_args.append("-fopenmp")
+                    link_args.append("-fopenmp")   # shared libgomp: threadpoolctl can see it
+                else:
+                    print("selfattn: compiler has no OpenMP; building single-threaded", file=sys.stderr)
+        for ext in self.extensions:
+            ext.extra_compile_args = compile_args + ext.extra_compile_args
+            ext.extra_link_args = link_args + ext.extra_link_args
+        # Cython-generated C is not C99-clean under -Wall; keep warnings for our sources only
+        super().build_extensions()
+
+
+ext = Extension(
+    "selfattn._core",
+    sources=["selfattn/_core.pyx"] + C_SOURCES,
+    include_dirs=["src_c", np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    depends=["src_c/selfattn.h", "src_c/attn_internal.h", "src_c/attn_fwd_body.h",
+             "src_c/simd_common.h", "src_c/simd_generic.h", "src_c/simd_avx2.h", "src_c/simd_avx512.h"],
+)
+
+setup(
+    ext_modules=cythonize([ext], language_level=3),
+    cmdclass={"build_ext": BuildExt},
+)

@@ -1,0 +1,236 @@
+/*
+ * dispatch.c -- picks the kernel for the CPU, sizes the workspace, runs
+ * tasks on threads. The kernels themselves live in attn_<target>.c, all
+ * compiled from attn_fwd_body.h.
+ */
+#include <math.h>
+#include <string.h>
+#include "selfattn.h"
+#include "attn_internal.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#include <time.h>
+#define SA_POSIX 1
+#else
+#define SA_POSIX 0
+#endif
+
+/* ---- fork safety ------------------------------------------------------- */
+/* libgomp's thread pool does not survive fork(): a child that enters a
+ * parallel region can hang. After fork the child runs single-threaded. */
+static volatile int sa_forked = 0;
+#if SA_POSIX
+static void sa_atfork_child(void) { sa_forked = 1; }
+static pthread_once_t sa_once = PTHREAD_ONCE_INIT;
+static void sa_register_atfork(void) { pthread_atfork(NULL, NULL, sa_atfork_child); }
+#define SA_INIT() pthread_once(&sa_once, sa_register_atfork)
+#else
+#define SA_INIT() ((void)0)
+#endif
+
+int sa_in_forked_child(void) { return sa_forked; }
+
+int sa_openmp_enabled(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int sa_default_threads(void)
+{
+    SA_INIT();
+#ifdef _OPENMP
+    if (!sa_forked) {
+        int n = omp_get_max_threads();   /* OMP_NUM_THREADS, threadpoolctl, else cores */
+        return n > 0 ? n : 1;
+    }
+#endif
+    return 1;
+}
+
+int sa_effective_threads(int requested)
+{
+    SA_INIT();
+    if (requested < 1 || sa_forked || !sa_openmp_enabled()) return 1;
+    return requested;
+}
+
+/* ---- instruction sets -------------------------------------------------- */
+typedef struct {
+    int (*f32)(const sa_attn_args *, void *, size_t);
+    int (*f64)(const sa_attn_args *, void *, size_t);
+    const sa_tile_params *p32, *p64;
+} sa_kernel;
+
+static const sa_kernel sa_kernels[SA_ISA_COUNT] = {
+    {attn_fwd_f32_generic, attn_fwd_f64_generic, &sa_params_f32_generic, &sa_params_f64_generic},
+#if SA_HAVE_X86_TARGETS
+    {attn_fwd_f32_avx2, attn_fwd_f64_avx2, &sa_params_f32_avx2, &sa_params_f64_avx2},
+    {attn_fwd_f32_avx512, attn_fwd_f64_avx512, &sa_params_f32_avx512, &sa_params_f64_avx512},
+#else
+    {NULL, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL},
+#endif
+};
+
+static int sa_cpu_has(int isa)
+{
+    if (isa == SA_ISA_GENERIC) return 1;
+#if SA_HAVE_X86_TARGETS
+    __builtin_cpu_init();
+    if (isa == SA_ISA_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == SA_ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#endif
+    return 0;
+}
+
+int sa_isa_supported(int isa)
+{
+    if (isa < 0 || isa >= SA_ISA_COUNT || sa_kernels[isa].f32 == NULL) return 0;
+    return sa_cpu_has(isa);
+}
+
+int sa_isa_best(void)
+{
+    for (int isa = SA_ISA_COUNT - 1; isa > 0; isa--)
+        if (sa_isa_supported(isa)) return isa;
+    return SA_ISA_GENERIC;
+}
+
+const char *sa_isa_name(int isa)
+{
+    switch (isa) {
+    case SA_ISA_GENERIC: return "generic";
+    case SA_ISA_AVX2: return "avx2";
+    case SA_ISA_AVX512: return "avx512";
+    default: return "unknown";
+    }
+}
+
+/* ---- workspace ----------------------------------------------------------- */
+#define SA_PACK_BUDGET_BYTES ((int64_t)32 << 20)   /* packed K/V held at once */
+
+static int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
+{
+    if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0)
+        return SA_ERR_ARG;
+    int64_t align = 64 / dsize;                    /* elements per 64 bytes */
+    lay->n_qt = (a->L + p->bq - 1) / p->bq;
+    lay->n_kb = (a->S + p->bk - 1) / p->bk;
+    lay->s_pad = lay->n_kb * p->bk;
+    lay->evp = sa_round_up(a->Ev, p->vw);
+    lay->kv_elems = sa_round_up(lay->s_pad * a->E + lay->s_pad * lay->evp, align);
+    int64_t kv_bytes = lay->kv_elems * dsize;
+    int64_t group = kv_bytes > 0 ? SA_PACK_BUDGET_BYTES / kv_bytes : a->n_kv;
+    if (group < 1) group = 1;
+    if (group > a->n_kv) group = a->n_kv > 0 ? a->n_kv : 1;
+    lay->group = group;
+    lay->qp_elems = sa_round_up((int64_t)p->bq * a->E, align);
+    lay->st_elems = sa_round_up((int64_t)p->bq * p->bk, align);
+    lay->oacc_elems = sa_round_up((int64_t)p->bq * lay->evp, align);
+    lay->row_elems = sa_round_up(p->bq, align);
+    lay->thread_elems = lay->qp_elems + lay->st_elems + lay->oacc_elems + 4 * lay->row_elems;
+    int nt = sa_effective_threads(a->num_threads);
+    int64_t tasks = a->n_units * lay->n_qt;
+    if (tasks < 1) tasks = 1;
+    if (nt > tasks) nt = (int)tasks;
+    lay->nt = nt;
+    lay->total_bytes = (size_t)((group * lay->kv_elems + (int64_t)nt * lay->thread_elems) * dsize);
+    return SA_OK;
+}
+
+int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
+{
+    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
+    if (dtype_size != 4 && dtype_size != 8) return SA_ERR_ARG;
+    sa_layout lay;
+    int st = sa_layout_compute(a, dtype_size == 4 ? sa_kernels[isa].p32 : sa_kernels[isa].p64, dtype_size, &lay);
+    if (st != SA_OK) return st;
+    *bytes = lay.total_bytes;
+    return SA_OK;
+}
+
+int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
+{
+    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
+    return sa_kernels[isa].f32(a, ws, ws_bytes);
+}
+
+int sa_attn_fwd_f64(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
+{
+    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
+    return sa_kernels[isa].f64(a, ws, ws_bytes);
+}
+
+/* ---- task runner ---------------------------------------------------------- */
+#define SA_POLL_SECONDS 0.02
+
+static double sa_now(void)
+{
+#if SA_POSIX
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#else
+    return 0.0;   /* no clock: poll after every task */
+#endif
+}
+
+int sa_run_tasks(int64_t n, int nt, sa_task_fn fn, void *ctx, const sa_attn_args *a)
+{
+    if (n <= 0) return SA_OK;
+    if (nt > n) nt = (int)n;
+    double last_poll = sa_now();
+    if (nt <= 1) {
+        for (int64_t t = 0; t < n; t++) {
+            fn(ctx, t, 0);
+            if (a->interrupt && sa_now() - last_poll >= SA_POLL_SECONDS) {
+                last_poll = sa_now();
+                if (a->interrupt(a->interrupt_ctx)) return SA_ERR_INTERRUPTED;
+            }
+        }
+        return SA_OK;
+    }
+#ifdef _OPENMP
+    int64_t next = 0;
+    int stop = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num();
+        for (;;) {
+            int64_t t;
+            int halt;
+#pragma omp atomic read
+            halt = stop;
+            if (halt) break;
+#pragma omp atomic capture
+            t = next++;
+            if (t >= n) break;
+            fn(ctx, t, tid);
+            /* thread 0 is the caller's thread: the only one that may call back into Python */
+            if (tid == 0 && a->interrupt && sa_now() - last_poll >= SA_POLL_SECONDS) {
+                last_poll = sa_now();
+                if (a->interrupt(a->interrupt_ctx)) {
+#pragma omp atomic write
+                    stop = 1;
+                }
+            }
+        }
+    }
+    return stop ? SA_ERR_INTERRUPTED : SA_OK;
+#else
+    return SA_ERR_ARG;   /* unreachable: nt is 1 without OpenMP */
+#endif
+}

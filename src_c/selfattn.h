@@ -1,0 +1,105 @@
+/*
+ * selfattn.h -- the public entry points of the selfattn C kernels.
+ *
+ * Plain C99 (no Python.h). Every function returns a status code (SA_OK on
+ * success); nothing here prints, exits or allocates: the caller (the Cython
+ * layer) validates arguments, allocates the output and the workspace, and
+ * releases the GIL around sa_attn_fwd_*.
+ *
+ * One "unit" is one (batch..., head) pair of the broadcast output. Units are
+ * described by element offsets into the base pointers, so any broadcasting of
+ * the leading dimensions (zero strides, GQA head sharing, ...) costs nothing:
+ * the kernel packs each distinct K/V pair once and every unit that reads it
+ * shares the packed copy.
+ */
+#ifndef SELFATTN_H
+#define SELFATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- status codes ------------------------------------------------------ */
+enum {
+    SA_OK = 0,
+    SA_ERR_ARG = 1,          /* an argument is out of range (caller bug)        */
+    SA_ERR_WORKSPACE = 2,    /* workspace smaller than sa_attn_workspace_size() */
+    SA_ERR_INTERRUPTED = 3,  /* the interrupt callback asked to stop            */
+    SA_ERR_ISA = 4           /* the requested instruction set is not available  */
+};
+
+/* ---- instruction sets, best last --------------------------------------- */
+typedef enum {
+    SA_ISA_GENERIC = 0,      /* portable C, builds everywhere                   */
+    SA_ISA_AVX2 = 1,         /* x86-64 AVX2 + FMA                               */
+    SA_ISA_AVX512 = 2,       /* x86-64 AVX-512 F/DQ/BW/VL                       */
+    SA_ISA_COUNT = 3
+} sa_isa;
+
+/* ---- mask element types ------------------------------------------------ */
+typedef enum {
+    SA_MASK_NONE = 0,
+    SA_MASK_BOOL = 1,        /* uint8: nonzero = the key takes part             */
+    SA_MASK_F32 = 2,         /* float32, added to the logits                    */
+    SA_MASK_F64 = 3          /* float64, added to the logits                    */
+} sa_mask_kind;
+
+/* Return nonzero to stop the computation (SA_ERR_INTERRUPTED). */
+typedef int (*sa_interrupt_fn)(void *ctx);
+
+/*
+ * Problem description. Strides and offsets are in ELEMENTS of each array's
+ * own type. Shapes: per unit u,
+ *   q   [L,  E ] at q   + q_off[u],   strides (q_sl, q_se)
+ *   k   [S,  E ] at k   + kv_k_off[unit_kv[u]], strides (k_ss, k_se)
+ *   v   [S,  Ev] at v   + kv_v_off[unit_kv[u]], strides (v_ss, v_se)
+ *   mask[L,  S ] at mask+ mask_off[u], strides (mask_sl, mask_ss)   (optional)
+ *   out [L,  Ev] at out + out_off[u], strides (out_sl, out_se)
+ *   lse [L]      at lse + lse_off[u], stride lse_sl                  (optional)
+ * The units of kv group g are kv_units[kv_start[g] .. kv_start[g+1]).
+ */
+typedef struct {
+    int64_t n_units, n_kv;
+    int64_t L, S, E, Ev;
+
+    const void *q;    const int64_t *q_off;   int64_t q_sl, q_se;
+    const void *k;    const int64_t *kv_k_off; int64_t k_ss, k_se;
+    const void *v;    const int64_t *kv_v_off; int64_t v_ss, v_se;
+    const int64_t *kv_start;                   /* [n_kv + 1]                  */
+    const int64_t *kv_units;                   /* [n_units], grouped by kv    */
+
+    int mask_kind;    const void *mask; const int64_t *mask_off; int64_t mask_sl, mask_ss;
+
+    void *out;        const int64_t *out_off; int64_t out_sl, out_se;
+    void *lse;        const int64_t *lse_off; int64_t lse_sl;   /* lse may be NULL */
+
+    double scale;     /* multiplies Q K^T (natural-log units)                  */
+    int causal;       /* top-left aligned: query i sees keys j <= i            */
+    int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
+
+    sa_interrupt_fn interrupt; void *interrupt_ctx;   /* may be NULL; polled on thread 0 */
+} sa_attn_args;
+
+/* What this build and this CPU can do. */
+int sa_isa_supported(int isa);       /* 1 if compiled in and the CPU runs it      */
+int sa_isa_best(void);               /* the best supported sa_isa                 */
+const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512"               */
+int sa_openmp_enabled(void);         /* 1 if built with OpenMP                    */
+int sa_default_threads(void);        /* omp_get_max_threads(), or 1              */
+int sa_in_forked_child(void);        /* 1 after fork() in a child: runs 1 thread  */
+
+/* Bytes of workspace sa_attn_fwd_* needs for these arguments and dtype size
+ * (4 or 8). Depends on L, S, E, Ev, n_kv, num_threads and isa only. */
+int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes);
+
+/* The fused forward pass. workspace must be 64-byte aligned. */
+int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes);
+int sa_attn_fwd_f64(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SELFATTN_H */

@@ -1,0 +1,94 @@
+/* simd_avx2.h -- AVX2 + FMA layer (see simd_common.h). Included only by
+ * attn_avx2.c, after its target pragma. */
+#include <immintrin.h>
+#include "simd_common.h"
+
+/* ---- float ---- */
+#define VF_W 8
+typedef __m256 vf_t;
+SA_INLINE vf_t vf_zero(void) { return _mm256_setzero_ps(); }
+SA_INLINE vf_t vf_set1(float x) { return _mm256_set1_ps(x); }
+SA_INLINE vf_t vf_load(const float *p) { return _mm256_loadu_ps(p); }
+SA_INLINE void vf_store(float *p, vf_t v) { _mm256_storeu_ps(p, v); }
+SA_INLINE vf_t vf_bcast(const float *p) { return _mm256_broadcast_ss(p); }
+SA_INLINE vf_t vf_add(vf_t a, vf_t b) { return _mm256_add_ps(a, b); }
+SA_INLINE vf_t vf_sub(vf_t a, vf_t b) { return _mm256_sub_ps(a, b); }
+SA_INLINE vf_t vf_mul(vf_t a, vf_t b) { return _mm256_mul_ps(a, b); }
+SA_INLINE vf_t vf_fma(vf_t a, vf_t b, vf_t c) { return _mm256_fmadd_ps(a, b, c); }
+SA_INLINE vf_t vf_max(vf_t a, vf_t b) { return _mm256_max_ps(a, b); }
+SA_INLINE vf_t vf_min(vf_t a, vf_t b) { return _mm256_min_ps(a, b); }
+SA_INLINE float vf_hmax(vf_t v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+SA_INLINE float vf_hsum(vf_t v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+SA_INLINE vf_t vf_exp2(vf_t x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
+    x = _mm256_min_ps(_mm256_set1_ps(128.0f), x);
+    vf_t n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf_t f = _mm256_sub_ps(x, n);
+    vf_t p = _mm256_set1_ps(SA_EXP2F_C6);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(SA_EXP2F_C5));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(SA_EXP2F_C4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(SA_EXP2F_C3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(SA_EXP2F_C2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(SA_EXP2F_C1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* ---- double ---- */
+#define VD_W 4
+typedef __m256d vd_t;
+SA_INLINE vd_t vd_zero(void) { return _mm256_setzero_pd(); }
+SA_INLINE vd_t vd_set1(double x) { return _mm256_set1_pd(x); }
+SA_INLINE vd_t vd_load(const double *p) { return _mm256_loadu_pd(p); }
+SA_INLINE void vd_store(double *p, vd_t v) { _mm256_storeu_pd(p, v); }
+SA_INLINE vd_t vd_bcast(const double *p) { return _mm256_broadcast_sd(p); }
+SA_INLINE vd_t vd_add(vd_t a, vd_t b) { return _mm256_add_pd(a, b); }
+SA_INLINE vd_t vd_sub(vd_t a, vd_t b) { return _mm256_sub_pd(a, b); }
+SA_INLINE vd_t vd_mul(vd_t a, vd_t b) { return _mm256_mul_pd(a, b); }
+SA_INLINE vd_t vd_fma(vd_t a, vd_t b, vd_t c) { return _mm256_fmadd_pd(a, b, c); }
+SA_INLINE vd_t vd_max(vd_t a, vd_t b) { return _mm256_max_pd(a, b); }
+SA_INLINE vd_t vd_min(vd_t a, vd_t b) { return _mm256_min_pd(a, b); }
+SA_INLINE double vd_hmax(vd_t v) {
+    __m128d m = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
+    return _mm_cvtsd_f64(m);
+}
+SA_INLINE double vd_hsum(vd_t v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+}
+SA_INLINE vd_t vd_exp2(vd_t x) {
+    x = _mm256_max_pd(_mm256_set1_pd(-1023.0), x);
+    x = _mm256_min_pd(_mm256_set1_pd(1024.0), x);
+    vd_t n = _mm256_round_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vd_t f = _mm256_sub_pd(x, n);
+    vd_t p = _mm256_set1_pd(SA_EXP2D_C11);
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C10));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C9));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C8));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C7));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C6));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C5));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C4));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C3));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C2));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(SA_EXP2D_C1));
+    p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(1.0));
+    /* no 64-bit float->int convert in AVX2: build 2^n from n + 1023 via the
+     * magic-number trick (n is integral and within [-1023, 1024]) */
+    __m256d biased = _mm256_add_pd(n, _mm256_set1_pd(1023.0 + 4503599627370496.0));
+    __m256i e = _mm256_slli_epi64(_mm256_castpd_si256(biased), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}

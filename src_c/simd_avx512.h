@@ -1,0 +1,75 @@
+/* simd_avx512.h -- AVX-512 F/DQ/BW/VL layer (see simd_common.h). Included
+ * only by attn_avx512.c, after its target pragma. */
+#include <immintrin.h>
+#include "simd_common.h"
+
+/* ---- float ---- */
+#define VF_W 16
+typedef __m512 vf_t;
+SA_INLINE vf_t vf_zero(void) { return _mm512_setzero_ps(); }
+SA_INLINE vf_t vf_set1(float x) { return _mm512_set1_ps(x); }
+SA_INLINE vf_t vf_load(const float *p) { return _mm512_loadu_ps(p); }
+SA_INLINE void vf_store(float *p, vf_t v) { _mm512_storeu_ps(p, v); }
+SA_INLINE vf_t vf_bcast(const float *p) { return _mm512_set1_ps(*p); }
+SA_INLINE vf_t vf_add(vf_t a, vf_t b) { return _mm512_add_ps(a, b); }
+SA_INLINE vf_t vf_sub(vf_t a, vf_t b) { return _mm512_sub_ps(a, b); }
+SA_INLINE vf_t vf_mul(vf_t a, vf_t b) { return _mm512_mul_ps(a, b); }
+SA_INLINE vf_t vf_fma(vf_t a, vf_t b, vf_t c) { return _mm512_fmadd_ps(a, b, c); }
+/* max_ps returns its second operand when either is NaN: pass data second. */
+SA_INLINE vf_t vf_max(vf_t a, vf_t b) { return _mm512_max_ps(a, b); }
+SA_INLINE vf_t vf_min(vf_t a, vf_t b) { return _mm512_min_ps(a, b); }
+SA_INLINE float vf_hmax(vf_t v) { return _mm512_reduce_max_ps(v); }
+SA_INLINE float vf_hsum(vf_t v) { return _mm512_reduce_add_ps(v); }
+SA_INLINE vf_t vf_exp2(vf_t x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
+    x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
+    vf_t n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf_t f = _mm512_sub_ps(x, n);
+    vf_t p = _mm512_set1_ps(SA_EXP2F_C6);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(SA_EXP2F_C5));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(SA_EXP2F_C4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(SA_EXP2F_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(SA_EXP2F_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(SA_EXP2F_C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    /* 2^n built in the exponent field; n = -127 gives +0.0 (full underflow) */
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* ---- double ---- */
+#define VD_W 8
+typedef __m512d vd_t;
+SA_INLINE vd_t vd_zero(void) { return _mm512_setzero_pd(); }
+SA_INLINE vd_t vd_set1(double x) { return _mm512_set1_pd(x); }
+SA_INLINE vd_t vd_load(const double *p) { return _mm512_loadu_pd(p); }
+SA_INLINE void vd_store(double *p, vd_t v) { _mm512_storeu_pd(p, v); }
+SA_INLINE vd_t vd_bcast(const double *p) { return _mm512_set1_pd(*p); }
+SA_INLINE vd_t vd_add(vd_t a, vd_t b) { return _mm512_add_pd(a, b); }
+SA_INLINE vd_t vd_sub(vd_t a, vd_t b) { return _mm512_sub_pd(a, b); }
+SA_INLINE vd_t vd_mul(vd_t a, vd_t b) { return _mm512_mul_pd(a, b); }
+SA_INLINE vd_t vd_fma(vd_t a, vd_t b, vd_t c) { return _mm512_fmadd_pd(a, b, c); }
+SA_INLINE vd_t vd_max(vd_t a, vd_t b) { return _mm512_max_pd(a, b); }
+SA_INLINE vd_t vd_min(vd_t a, vd_t b) { return _mm512_min_pd(a, b); }
+SA_INLINE double vd_hmax(vd_t v) { return _mm512_reduce_max_pd(v); }
+SA_INLINE double vd_hsum(vd_t v) { return _mm512_reduce_add_pd(v); }
+SA_INLINE vd_t vd_exp2(vd_t x) {
+    x = _mm512_max_pd(_mm512_set1_pd(-1023.0), x);
+    x = _mm512_min_pd(_mm512_set1_pd(1024.0), x);
+    vd_t n = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vd_t f = _mm512_sub_pd(x, n);
+    vd_t p = _mm512_set1_pd(SA_EXP2D_C11);
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C10));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C9));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C8));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C7));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C6));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C5));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C4));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C3));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C2));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C1));
+    p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(1.0));
+    __m512i e = _mm512_slli_epi64(_mm512_add_epi64(_mm512_cvtpd_epi64(n), _mm512_set1_epi64(1023)), 52);
+    return _mm512_mul_pd(p, _mm512_castsi512_pd(e));
+}

@@ -1,0 +1,73 @@
+"""Shared pytest configuration for the selfattn test suite.
+
+* makes sure the *installed* selfattn is under test, not the source tree
+  (set SELFATTN_ALLOW_SOURCE_TREE=1 to override, e.g. for an in-place build);
+* registers the hypothesis profiles ("ci" is the default; pick another one with
+  SELFATTN_HYPOTHESIS_PROFILE=dev|thorough);
+* exposes ISAS (every instruction set runnable here) as a fixture and a
+  parametrisation helper. The comparison helpers live in sa_testutil.py.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS_DIR = Path(__file__).resolve().parent
+_REPO_ROOT = _TESTS_DIR.parent
+
+# Make the helper module importable whatever pytest import mode is in use.
+if str(_TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(_TESTS_DIR))
+
+import selfattn  # noqa: E402
+
+_ALLOW_SOURCE = os.environ.get("SELFATTN_ALLOW_SOURCE_TREE", "") == "1"
+_selfattn_file = Path(getattr(selfattn, "__file__", None) or next(iter(selfattn.__path__))).resolve()
+try:
+    _selfattn_file.relative_to(_REPO_ROOT)
+    _FROM_SOURCE_TREE = True
+except ValueError:
+    _FROM_SOURCE_TREE = False
+
+if _FROM_SOURCE_TREE and not _ALLOW_SOURCE:
+    pytest.exit(
+        f"selfattn was imported from the source tree ({_selfattn_file}), not from the installed "
+        f"package. Install it (pip install .) and run pytest from outside {_REPO_ROOT} "
+        f"(e.g. `cd /tmp && python -m pytest {_TESTS_DIR}`), or set SELFATTN_ALLOW_SOURCE_TREE=1 "
+        f"if you really mean to test an in-place build.",
+        returncode=4,
+    )
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=_SUPPRESS, print_blob=True)
+settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=_SUPPRESS)
+settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=_SUPPRESS,
+                          print_blob=True)
+settings.load_profile(os.environ.get("SELFATTN_HYPOTHESIS_PROFILE", "ci"))
+
+from sa_testutil import ISAS  # noqa: E402
+
+
+def pytest_report_header(config):
+    try:
+        cfg = selfattn.config()
+    except Exception as exc:  # pragma: no cover - reported, not fatal here
+        cfg = f"<config() failed: {exc!r}>"
+    return [f"selfattn: {_selfattn_file}", f"selfattn config: {cfg}", f"ISAs under test: {ISAS}"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each runnable instruction set, forced for the duration of the test."""
+    with selfattn.use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(scope="session")
+def isas():
+    return list(ISAS)

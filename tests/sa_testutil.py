@@ -1,0 +1,200 @@
+"""Helpers shared by the selfattn tests: tolerances, comparisons, layouts, inputs."""
+
+import math
+
+import numpy as np
+import numpy.testing as npt
+
+import selfattn
+from selfattn import reference
+
+ISAS = list(selfattn.config()["isas_available"])
+KNOWN_ISAS = ("avx512", "avx2", "generic")
+
+# Kernel tile sizes: query tile 64 rows, key block 128 keys.
+Q_TILE = 64
+K_BLOCK = 128
+
+# Per-dtype tolerances. The error of an attention output is measured against the
+# scale of V (the output is a convex combination of rows of V) and grows with the
+# magnitude of the logits (a rounding error in a logit of size M is ~eps*M).
+#   bound = max(rtol, 8 * eps * (logit_mag + 8)) * max|V|
+TOL = {
+    np.dtype(np.float32): dict(rtol=2e-5, eps=float(np.finfo(np.float32).eps)),
+    np.dtype(np.float64): dict(rtol=1e-12, eps=float(np.finfo(np.float64).eps)),
+}
+
+
+def default_scale(E):
+    return 1.0 / math.sqrt(E) if E > 0 else 1.0
+
+
+def logit_magnitude(q, k, scale=None, mask=None):
+    """An upper bound of |scale * q.k| (+ |finite mask|), by Cauchy-Schwarz."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    E = q.shape[-1]
+    s = default_scale(E) if scale is None else abs(float(scale))
+    qn = float(np.max(np.linalg.norm(q, axis=-1), initial=0.0)) if q.size else 0.0
+    kn = float(np.max(np.linalg.norm(k, axis=-1), initial=0.0)) if k.size else 0.0
+    mag = s * qn * kn
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype != np.bool_ and m.size:
+            fin = np.abs(m[np.isfinite(m)].astype(np.float64))
+            mag += float(fin.max(initial=0.0))
+    return mag if math.isfinite(mag) else 0.0
+
+
+def tolerance(dtype, logit_mag=0.0):
+    t = TOL[np.dtype(dtype)]
+    return max(t["rtol"], 8.0 * t["eps"] * (logit_mag + 8.0))
+
+
+def _where(mask):
+    idx = np.argwhere(mask)
+    return tuple(int(i) for i in idx[0]) if idx.size else ()
+
+
+def assert_same_nonfinite(actual, expected, what="out", ctx=""):
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{ctx}{what}: shape {actual.shape} != {expected.shape}"
+    a_nan, e_nan = np.isnan(actual), np.isnan(expected)
+    if not np.array_equal(a_nan, e_nan):
+        bad = a_nan != e_nan
+        i = _where(bad)
+        raise AssertionError(f"{ctx}{what}: NaN pattern differs from the reference at {int(bad.sum())} "
+                             f"positions, first {i}: got {actual[i]!r}, expected {expected[i]!r}")
+    a_inf, e_inf = np.isinf(actual), np.isinf(expected)
+    if not (np.array_equal(a_inf, e_inf) and np.array_equal(actual[e_inf], expected[e_inf])):
+        bad = (a_inf != e_inf) | (e_inf & (actual != expected))
+        i = _where(bad)
+        raise AssertionError(f"{ctx}{what}: Inf pattern differs from the reference, first at {i}: "
+                             f"got {actual[i]!r}, expected {expected[i]!r}")
+
+
+def assert_close_scaled(actual, expected, bound, what="out", ctx=""):
+    """Same NaN/Inf pattern, and |actual - expected| <= bound (scalar or broadcastable)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert_same_nonfinite(actual, expected, what, ctx)
+    fin = np.isfinite(expected)
+    diff = np.zeros(expected.shape, dtype=np.float64)
+    diff[fin] = np.abs(actual[fin].astype(np.float64) - expected[fin].astype(np.float64))
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), expected.shape)
+    bad = diff > bound
+    if bad.any():
+        i = _where(bad)
+        raise AssertionError(
+            f"{ctx}{what}: {int(bad.sum())}/{bad.size} elements out of tolerance; worst |err| = "
+            f"{diff.max():.3e}; first at {i}: got {actual[i]!r}, expected {expected[i]!r}, "
+            f"bound {bound[i]:.3e}")
+
+
+def assert_sdpa_close(out, ref, dtype, vmax, logit_mag=0.0, lse=None, ref_lse=None, ctx=""):
+    """Compare an sdpa output (and optionally lse) with the float64 reference."""
+    dtype = np.dtype(dtype)
+    assert isinstance(out, np.ndarray), f"{ctx}result is {type(out)}, not a numpy array"
+    assert out.dtype == dtype, f"{ctx}result dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref.shape, f"{ctx}result shape {out.shape}, expected {ref.shape}"
+    tol = tolerance(dtype, logit_mag)
+    vmax = float(vmax) if math.isfinite(vmax) else 1.0
+    assert_close_scaled(out, ref, tol * max(vmax, 1e-30), "out", ctx)
+    if ref_lse is not None:
+        assert lse is not None, f"{ctx}lse missing"
+        assert isinstance(lse, np.ndarray), f"{ctx}lse is {type(lse)}"
+        assert lse.dtype == dtype, f"{ctx}lse dtype {lse.dtype}, expected {dtype}"
+        assert lse.shape == ref_lse.shape, f"{ctx}lse shape {lse.shape}, expected {ref_lse.shape}"
+        fin = np.where(np.isfinite(ref_lse), np.abs(ref_lse), 0.0)
+        assert_close_scaled(lse, ref_lse, tol * (1.0 + fin) + tol * (1.0 + logit_mag), "lse", ctx)
+
+
+def vmax_of(v):
+    v = np.asarray(v, dtype=np.float64)
+    if v.size == 0:
+        return 1.0
+    fin = np.abs(v[np.isfinite(v)])
+    return float(fin.max(initial=0.0)) or 1.0
+
+
+# ---------------------------------------------------------------- layouts
+
+LAYOUTS = ("C", "F", "strided", "negative", "swapped", "readonly")
+
+
+def with_layout(a, layout, rng=None):
+    """A view holding the same values as ``a`` with another memory layout.
+
+    Padding elements of strided buffers are filled with garbage (NaN / random bools)
+    so that a kernel reading the wrong element fails loudly.
+    """
+    a = np.asarray(a)
+    if layout == "C":
+        return np.ascontiguousarray(a)
+    if layout == "F":
+        return np.asfortranarray(a)
+    if layout == "readonly":
+        b = a.copy()
+        b.setflags(write=False)
+        return b
+    if layout == "strided":
+        buf = np.empty(tuple(2 * n + 1 for n in a.shape), dtype=a.dtype)
+        _garbage(buf, rng)
+        view = buf[tuple(slice(1, 1 + 2 * n, 2) for n in a.shape)]
+        view[...] = a
+        return view
+    if layout == "negative":
+        buf = np.empty(a.shape, dtype=a.dtype)
+        view = buf[tuple(slice(None, None, -1) for _ in a.shape)]
+        view[...] = a
+        return view
+    if layout == "swapped":
+        if a.ndim < 2:
+            return a.copy()
+        t = np.ascontiguousarray(np.swapaxes(a, -1, -2))
+        return np.swapaxes(t, -1, -2)
+    raise ValueError(layout)
+
+
+def _garbage(buf, rng):
+    if buf.dtype == np.bool_:
+        rng = rng or np.random.default_rng(0)
+        buf[...] = rng.random(buf.shape) < 0.5
+    elif np.issubdtype(buf.dtype, np.floating):
+        buf[...] = np.nan
+    else:
+        buf[...] = 7
+
+
+def snapshot(*arrays):
+    """Byte-exact copies, to check later that the inputs were not modified."""
+    return [None if a is None else (np.array(a, copy=True), np.asarray(a).__array_interface__["data"][0])
+            for a in arrays]
+
+
+def assert_unchanged(arrays, snaps, ctx=""):
+    for i, (a, s) in enumerate(zip(arrays, snaps)):
+        if a is None:
+            continue
+        a = np.asarray(a)
+        assert a.tobytes() == s[0].tobytes(), f"{ctx}input #{i} was modified by the call"
+
+
+# ---------------------------------------------------------------- inputs
+
+def randn(rng, shape, dtype, amp=1.0):
+    return (amp * rng.standard_normal(shape)).astype(dtype)
+
+
+def sdpa_ref(q, k, v, **kw):
+    return reference.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def run_isas(fn, isas=None):
+    """{isa: fn()} with each instruction set forced in turn."""
+    out = {}
+    for name in (ISAS if isas is None else isas):
+        with selfattn.use_isa(name):
+            out[name] = fn()
+    return out

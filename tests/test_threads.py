@@ -1,0 +1,98 @@
+"""Results do not depend on the thread count: bit-for-bit, out and lse, on every ISA."""
+
+import numpy as np
+import pytest
+
+import selfattn
+from selfattn import reference
+from sa_testutil import ISAS, assert_sdpa_close, logit_magnitude, vmax_of
+
+THREADS = [1, 2, 3, None]
+
+# (q shape, k shape, v shape, extra kwargs)
+CASES = {
+    "multi_unit_odd": ((2, 3, 130, 17), (2, 3, 257, 17), (2, 3, 257, 33), {}),
+    "one_unit_long_q": ((200, 64), (65, 64), (65, 64), {}),
+    "one_row_many_keys": ((1, 1, 80), (1, 1000, 80), (1, 1000, 5), {}),
+    "few_rows_many_keys": ((1, 3, 129), (1, 777, 129), (1, 777, 129), {}),
+    "gqa": ((2, 6, 97, 16), (2, 2, 131, 16), (2, 2, 131, 8), {"enable_gqa": True}),
+    "bcast_kv": ((3, 4, 66, 8), (1, 4, 300, 8), (3, 1, 300, 3), {}),
+    "L_gt_S": ((5, 190, 3), (5, 70, 3), (5, 70, 7), {}),
+}
+
+
+def _inputs(shapes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def _run_all_threads(q, k, v, kw):
+    res = {}
+    for t in THREADS:
+        res[t] = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, num_threads=t, **kw)
+    return res
+
+
+def _assert_bitwise(res, ctx):
+    out1, lse1 = res[1]
+    for t, (out, lse) in res.items():
+        assert out.dtype == out1.dtype and out.shape == out1.shape, f"{ctx}threads={t}"
+        assert np.array_equal(out, out1, equal_nan=True), (
+            f"{ctx}out with num_threads={t} differs from num_threads=1: max |diff| = "
+            f"{np.nanmax(np.abs(out.astype(np.float64) - out1)) if out.size else 0:.3e}")
+        assert np.array_equal(lse, lse1, equal_nan=True), f"{ctx}lse with num_threads={t} differs from 1 thread"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("masking", ["none", "causal", "bool", "float"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_threads_bitwise_identical(isa, case, masking, dtype):
+    qs, ks, vs, kw = CASES[case]
+    q, k, v = _inputs((qs, ks, vs), dtype, seed=len(case))
+    kw = dict(kw)
+    L, S = qs[-2], ks[-2]
+    rng = np.random.default_rng(1)
+    if masking == "causal":
+        kw["is_causal"] = True
+    elif masking == "bool":
+        kw["attn_mask"] = rng.random((L, S)) < 0.6
+    elif masking == "float":
+        kw["attn_mask"] = np.where(rng.random((L, S)) < 0.6, rng.standard_normal((L, S)), -np.inf).astype(dtype)
+    res = _run_all_threads(q, k, v, kw)
+    _assert_bitwise(res, f"[isa={isa} {case} {masking}] ")
+    # and the common answer is the right one
+    ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+    out, lse = res[1]
+    assert_sdpa_close(out, ref, dtype, vmax_of(v), logit_magnitude(q, k, None, kw.get("attn_mask")), lse, ref_lse,
+                      ctx=f"[isa={isa} {case} {masking}] ")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_repeated_calls_identical(isa, dtype):
+    q, k, v = _inputs(((2, 2, 150, 24), (2, 2, 260, 24), (2, 2, 260, 24)), dtype, seed=9)
+    first = selfattn.scaled_dot_product_attention(q, k, v, num_threads=2, return_lse=True)
+    for _ in range(3):
+        again = selfattn.scaled_dot_product_attention(q, k, v, num_threads=2, return_lse=True)
+        assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+
+
+def test_more_threads_than_work():
+    # more threads than units / rows must still work and give the same bits
+    q, k, v = _inputs(((1, 3, 2), (5, 2), (5, 4)), np.float32, seed=2)
+    for isa in ISAS:
+        with selfattn.use_isa(isa):
+            a = selfattn.scaled_dot_product_attention(q, k, v, num_threads=1)
+            b = selfattn.scaled_dot_product_attention(q, k, v, num_threads=16)
+        assert np.array_equal(a, b), f"[isa={isa}]"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attend_threads_bitwise_identical(isa, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 131, 48)).astype(dtype)
+    wq, wk = (rng.standard_normal((48, 4 * 12)).astype(dtype) for _ in range(2))
+    wv = rng.standard_normal((48, 4 * 8)).astype(dtype)
+    wo = rng.standard_normal((32, 10)).astype(dtype)
+    outs = [selfattn.attend(x, wq, wk, wv, num_heads=4, wo=wo, is_causal=True, num_threads=t) for t in THREADS]
+    for t, o in zip(THREADS, outs):
+        assert np.array_equal(o, outs[0]), f"[isa={isa}] attend with num_threads={t} differs from 1 thread"
