@@ -21,7 +21,9 @@ Method
 * For each shape the implementations run interleaved (round robin, the starting
   implementation rotating every round) after one warm-up call each; the best time of
   each is kept (best-of-N, at least --min-rounds rounds and --min-time seconds per
-  implementation, capped by a per-shape wall budget).
+  implementation, capped by a per-shape wall budget). Before each turn the script
+  sleeps 0.05 s (0.25 s after an OpenBLAS call) so that the previous implementation's
+  spinning idle worker threads do not steal cores from the next one.
 * Threads: --threads N (default: selfattn's default_threads) for all of them:
   selfattn num_threads=N, torch.set_num_threads(N), and threadpoolctl (if installed)
   limits the NumPy BLAS to N.
@@ -75,36 +77,57 @@ def _dname(dt):
 # ---------------------------------------------------------------------------- timing
 
 class Timer:
-    """Interleaved best-of-N timing of several zero-argument callables."""
+    """Interleaved best-of-N timing of several zero-argument callables.
 
-    def __init__(self, min_rounds, min_time, max_wall, max_rounds=500, pause=0.002):
+    Each turn first sleeps a little so that the previous implementation's idle
+    worker threads have gone to sleep: OpenBLAS workers spin-yield for ~0.1 s after a
+    matmul and OpenMP runtimes spin briefly after a parallel region, and on a 2-core
+    machine a spinning neighbour can double the time of whatever runs next. Then it
+    times a short burst of back-to-back calls (enough to fill ~50 ms, at most 20),
+    each timed separately; the best time over all turns is kept.
+    """
+
+    BLAS_NAMES = ("numpy", "gemm", "NumPy naive")
+
+    def __init__(self, min_rounds, min_time, max_wall, max_rounds=200, settle=0.05, settle_blas=0.25):
         self.min_rounds, self.min_time, self.max_wall = min_rounds, min_time, max_wall
-        self.max_rounds, self.pause = max_rounds, pause
+        self.max_rounds, self.settle, self.settle_blas = max_rounds, settle, settle_blas
 
-    def best(self, fns, min_rounds=None):
-        """{name: best seconds} for the callables in fns that are not None."""
+    def best(self, fns, min_rounds=None, blas_names=()):
+        """{name: best seconds} for the callables in fns that are not None.
+
+        blas_names: further names (besides BLAS_NAMES) whose calls end in an OpenBLAS matmul.
+        """
         names = [n for n, f in fns.items() if f is not None]
         if not names:
             return {}
         min_rounds = self.min_rounds if min_rounds is None else min_rounds
-        for n in names:             # warm-up: page faults, thread pools, lazy init
+        burst = {}
+        for n in names:             # warm-up: page faults, thread pools, lazy init; sizes the burst
+            t0 = time.perf_counter()
             out = fns[n]()
+            dt = time.perf_counter() - t0
             del out
+            burst[n] = int(max(1, min(20, 0.05 // max(dt, 1e-6))))
         best = dict.fromkeys(names, math.inf)
         total = dict.fromkeys(names, 0.0)
         t_start = time.perf_counter()
+        prev = None
         r = 0
         while True:
             k = r % len(names)
             for n in names[k:] + names[:k]:
-                if self.pause:
-                    time.sleep(self.pause)  # let other runtimes' spinning workers settle
-                t0 = time.perf_counter()
-                out = fns[n]()
-                dt = time.perf_counter() - t0
-                del out
-                best[n] = min(best[n], dt)
-                total[n] += dt
+                blas = prev in self.BLAS_NAMES or prev in blas_names
+                time.sleep(self.settle_blas if blas else self.settle)
+                f = fns[n]
+                for _ in range(burst[n]):
+                    t0 = time.perf_counter()
+                    out = f()
+                    dt = time.perf_counter() - t0
+                    del out
+                    best[n] = min(best[n], dt)
+                    total[n] += dt
+                prev = n
             r += 1
             if r >= self.max_rounds:
                 break
@@ -177,7 +200,19 @@ def print_header(args, sa, torch):
     env = ["OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
            "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"]
     print("environment   : " + "  ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in env))
+    _warn_load()
     print()
+
+
+def _warn_load(where="below"):
+    try:
+        load = os.getloadavg()[0]
+        ncpu = len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return
+    if load > 0.5 * ncpu:
+        print(f"WARNING       : 1-minute load average {load:.2f} on {ncpu} CPUs: other work is running, "
+              f"the timings {where} are noisy")
 
 
 def _loadavg():
@@ -462,7 +497,7 @@ def target_end_to_end(T, args, sa, timer, torch):
         fns["torch"] = torch_e2e
         diff = float(np.max(np.abs(np.asarray(fns["selfattn"]()) - torch_e2e().numpy())))
         note = (note + "; " if note else "") + f"max |selfattn - torch| = {diff:.1e}"
-    best = timer.best(fns)
+    best = timer.best(fns, blas_names=("selfattn",))   # attend projects with NumPy matmuls
     if "torch" not in best:
         T.add(7, what, None, 1.15, note="torch not installed")
         return
@@ -520,7 +555,7 @@ def run_plot(path, args, timer, torch, roof):
         fns = {"selfattn": impls.make_selfattn(q, k, v, num_threads=args.threads),
                "torch SDPA": impls.make_torch_sdpa(q, k, v) if torch is not None else None,
                "NumPy naive": impls.make_numpy_naive(q, k, v)}
-        best = timer.best(fns, min_rounds=2)
+        best = timer.best(fns)
         fl = impls.attn_flops(1, 8, L, L, 64)
         for n in series:
             series[n].append(fl / best[n] / 1e9 if n in best else None)
@@ -554,8 +589,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="threads for every implementation")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of GFLOP/s vs L (needs matplotlib)")
     p.add_argument("--gemm-n", type=int, default=None, help="size of the square GEMM roof (4096; 2048 with --quick)")
-    p.add_argument("--min-rounds", type=int, default=None, help="minimum interleaved rounds per shape (3; 2 with --quick)")
-    p.add_argument("--min-time", type=float, default=None, help="seconds of timing per implementation (1.0; 0.3 with --quick)")
+    p.add_argument("--min-rounds", type=int, default=None, help="minimum interleaved rounds per shape (3)")
+    p.add_argument("--min-time", type=float, default=None, help="seconds of timing per implementation (1.0; 0.5 with --quick)")
     p.add_argument("--no-targets", action="store_true", help="only the GFLOP/s table")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if a target FAILs")
     args = p.parse_args(argv)
@@ -572,9 +607,9 @@ def main(argv=None):
         args.threads = impls.default_threads()
     if args.gemm_n is None:
         args.gemm_n = 2048 if args.quick else 4096
-    min_rounds = args.min_rounds or (2 if args.quick else 3)
-    min_time = args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0)
-    max_wall = 4.0 if args.quick else 15.0
+    min_rounds = args.min_rounds or 3
+    min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 1.0)
+    max_wall = 5.0 if args.quick else 15.0
 
     torch = impls.try_import_torch()
     limiter = impls.pin_threads(args.threads)  # noqa: F841 - keep the BLAS limit alive
@@ -607,7 +642,8 @@ def main(argv=None):
             print("(--quick: targets 1-3 cover only the shapes measured above; 3, 5, 6, 7 use reduced shapes, "
                   "so their PASS/FAIL is indicative only)")
         counts = T.print()
-    print(f"\ntotal time {time.perf_counter() - t_start:.0f} s")
+    print(f"\ntotal time {time.perf_counter() - t_start:.0f} s; load avg now {_loadavg()}")
+    _warn_load("above")
     return 1 if (args.strict and counts.get("FAIL")) else 0
 
 

@@ -106,27 +106,45 @@ cdef inline object _as_array(object x, str name):
         raise TypeError(f"{name} cannot be read as an array: {exc}") from None
 
 
-cdef object _compute_dtype(object dt, str name):
-    """float32 or float64: the dtype an input of dtype `dt` computes in."""
-    cdef str kind = dt.kind
-    if kind == "f":
-        if dt.itemsize == 8:
-            return _F64
-        if dt.itemsize <= 4:
-            return _F32
-    elif kind == "i" or kind == "u" or kind == "b":
-        return _F32
-    raise TypeError(f"{name} has dtype {dt}, which selfattn cannot compute "
+cdef int _compute_typenum(object a, str name) except -1:
+    """NPY_FLOAT or NPY_DOUBLE: what an input array computes in; TypeError naming it if nothing."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_DOUBLE:
+        return cnp.NPY_DOUBLE
+    if t == cnp.NPY_FLOAT or t == cnp.NPY_FLOAT16 or t == cnp.NPY_BOOL or cnp.PyTypeNum_ISINTEGER(t):
+        return cnp.NPY_FLOAT
+    raise TypeError(f"{name} has dtype {a.dtype}, which selfattn cannot compute "
                     f"(supported: float32, float64; float16, integer and bool compute in float32)")
 
 
-cdef object _ready(object a, object dt):
-    """`a` in native dtype `dt`, aligned (strides multiple of the itemsize)."""
-    if a.dtype != dt:
-        return a.astype(dt)
-    if not a.flags.aligned:
+cdef object _compute_dtype(object dt, str name):
+    """float32 or float64: the dtype an input of dtype `dt` computes in."""
+    return _F64 if _compute_typenum(np.empty(0, dtype=dt), name) == cnp.NPY_DOUBLE else _F32
+
+
+cdef object _ready(object a, int typenum):
+    """`a` as native-endian `typenum`, aligned (strides a multiple of the itemsize)."""
+    if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_ISNOTSWAPPED(a):
+        return a.astype(_F64 if typenum == cnp.NPY_DOUBLE else _F32)
+    if not cnp.PyArray_ISALIGNED(a):
         return np.ascontiguousarray(a)
     return a
+
+
+cdef tuple _broadcast(tuple a, tuple b):
+    """NumPy broadcasting of two shapes; None if they do not broadcast."""
+    cdef Py_ssize_t na = len(a), nb = len(b), n = max(na, nb), i
+    out = [0] * n
+    for i in range(n):
+        x = a[na - n + i] if na - n + i >= 0 else 1
+        y = b[nb - n + i] if nb - n + i >= 0 else 1
+        if x == y or y == 1:
+            out[i] = x
+        elif x == 1:
+            out[i] = y
+        else:
+            return None
+    return tuple(out)
 
 
 cdef int64_t _check_threads(object num_threads) except -1:
@@ -249,10 +267,11 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
     q = _as_array(query, "query")
     k = _as_array(key, "key")
     v = _as_array(value, "value")
-    dq = _compute_dtype(q.dtype, "query")
-    dk = _compute_dtype(k.dtype, "key")
-    dv = _compute_dtype(v.dtype, "value")
-    dt = _F64 if (dq is _F64 or dk is _F64 or dv is _F64) else _F32
+    cdef int tq = _compute_typenum(q, "query"), tk = _compute_typenum(k, "key")
+    cdef int tv = _compute_typenum(v, "value")
+    cdef int typenum = cnp.NPY_DOUBLE if (tq == cnp.NPY_DOUBLE or tk == cnp.NPY_DOUBLE or
+                                          tv == cnp.NPY_DOUBLE) else cnp.NPY_FLOAT
+    dt = _F64 if typenum == cnp.NPY_DOUBLE else _F32
     for a, nm in ((q, "query"), (k, "key"), (v, "value")):
         if cnp.PyArray_NDIM(a) < 2:
             raise ValueError(f"{nm} must have at least 2 dims (..., {'L' if nm == 'query' else 'S'}, "
@@ -279,17 +298,13 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
             raise ValueError(f"enable_gqa: query heads Hq={hq} must be a multiple of key/value heads "
                              f"H={hk}: query {q.shape}, key {k.shape}, value {v.shape}")
         group = hq // hk
-        try:
-            ob = np.broadcast_shapes(qb, kb[:-1] + (hq,), vb[:-1] + (hq,))
-            kvb = np.broadcast_shapes(kb, vb)
-        except ValueError:
-            raise _broadcast_error(q, k, v, True) from None
+        kvb = _broadcast(kb, vb)
+        ob = _broadcast(qb, kvb[:-1] + (hq,)) if kvb is not None else None
     else:
-        try:
-            ob = np.broadcast_shapes(qb, kb, vb)
-            kvb = np.broadcast_shapes(kb, vb)
-        except ValueError:
-            raise _broadcast_error(q, k, v, False) from None
+        kvb = _broadcast(kb, vb)
+        ob = _broadcast(qb, kvb) if kvb is not None else None
+    if ob is None:
+        raise _broadcast_error(q, k, v, gqa)
     cdef int nb = len(ob), nkb = len(kvb)
 
     # -- mask: read in place with its own strides, never broadcast out
@@ -304,10 +319,10 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
         elif mdt.kind == "f" and mdt.itemsize <= 8:
             if mdt.itemsize == 8:
                 mask_kind = SA_MASK_F64
-                m = _ready(m, _F64)
+                m = _ready(m, cnp.NPY_DOUBLE)
             else:
                 mask_kind = SA_MASK_F32
-                m = _ready(m, _F32)
+                m = _ready(m, cnp.NPY_FLOAT)
         else:
             raise TypeError(f"attn_mask must be bool (True = takes part) or floating (added to the "
                             f"scores), got dtype {mdt}")
@@ -317,9 +332,9 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
         if not ok:
             raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = {full}")
 
-    q = _ready(q, dt)
-    k = _ready(k, dt)
-    v = _ready(v, dt)
+    q = _ready(q, typenum)
+    k = _ready(k, typenum)
+    v = _ready(v, typenum)
 
     # -- outputs
     out_shape = tuple(ob) + (L, Ev)
@@ -349,9 +364,16 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
     cdef int64_t *kv_v = kv_k + n_kv
     cdef int64_t *kv_start = kv_v + n_kv
     cdef int64_t *st = kv_start + n_kv + 1          # per-dim strides, 8 arrays of nb
-    cdef int64_t *qs = st, *os_ = st + nb, *ls = st + 2 * nb, *ms = st + 3 * nb
-    cdef int64_t *kvs = st + 4 * nb, *idx = st + 5 * nb
-    cdef int64_t *ks = st + 6 * nb, *vs = ks + nkb, *kidx = vs + nkb, *kvshape = kidx + nkb
+    cdef int64_t *qs = st                  # element strides per output batch dim: query
+    cdef int64_t *os_ = st + nb            # out
+    cdef int64_t *ls = st + 2 * nb         # lse
+    cdef int64_t *ms = st + 3 * nb         # mask
+    cdef int64_t *kvs = st + 4 * nb        # index of the distinct K/V
+    cdef int64_t *idx = st + 5 * nb        # multi-index of the current unit
+    cdef int64_t *ks = st + 6 * nb         # per kv batch dim: key strides
+    cdef int64_t *vs = ks + nkb            # value strides
+    cdef int64_t *kidx = vs + nkb          # multi-index of the current K/V
+    cdef int64_t *kvshape = kidx + nkb
     cdef int64_t *oshape = kvshape + nkb
     cdef void *ws = NULL
     cdef size_t ws_bytes = 0

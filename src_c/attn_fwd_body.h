@@ -22,7 +22,8 @@
  *      b. mask / causal / tail -> -inf, row max, new running max m;
  *      c. alpha = exp2(m_old - m_new) for all rows at once (vectorised);
  *      d. P = exp2(S - m_new) in place, row sums, l = l*alpha + sum;
- *      e. O = alpha*O + P.V in a register-blocked micro-kernel (MR x NVV*VW);
+ *      e. O = alpha*O + P.V in a register-blocked micro-kernel (MR x NVV*VW),
+ *         the block's P.V summed from zero first (two-level summation);
  *   3. out = O / l, lse; a row with l == 0 (all keys masked) gives 0, -inf.
  * The score tile never leaves the thread's scratch: memory is
  * O(threads x tile + packed K/V), never O(L x S).
@@ -62,20 +63,26 @@ static void FN(pack_task)(void *vctx, int64_t t, int tid)
     const T *k = (const T *)a->k + a->kv_k_off[g];
     const T *v = (const T *)a->v + a->kv_v_off[g];
     int64_t j0 = kb * BK;
+    int64_t nvalid = S - j0 < BK ? S - j0 : BK;
+    /* K^T: e outer so the writes are contiguous (the reads hit one L1-sized block) */
+    for (int64_t e = 0; e < E; e++) {
+        const T *kcol = k + j0 * a->k_ss + e * a->k_se;
+        T *dst = Kp + e * BK;
+        int64_t jj = 0;
+        for (; jj < nvalid; jj++) dst[jj] = kcol[jj * a->k_ss];
+        for (; jj < BK; jj++) dst[jj] = 0;
+    }
     for (int64_t jj = 0; jj < BK; jj++) {
-        int64_t j = j0 + jj;
-        T *vrow = Vp + j * evp;
-        if (j < S) {
-            const T *krow = k + j * a->k_ss;
-            for (int64_t e = 0; e < E; e++) Kp[e * BK + jj] = krow[e * a->k_se];
-            const T *vsrc = v + j * a->v_ss;
-            int64_t col = 0;
-            for (; col < Ev; col++) vrow[col] = vsrc[col * a->v_se];
-            for (; col < evp; col++) vrow[col] = 0;
-        } else {
-            for (int64_t e = 0; e < E; e++) Kp[e * BK + jj] = 0;
-            for (int64_t col = 0; col < evp; col++) vrow[col] = 0;
+        T *vrow = Vp + (j0 + jj) * evp;
+        int64_t col = 0;
+        if (jj < nvalid) {
+            const T *vsrc = v + (j0 + jj) * a->v_ss;
+            if (a->v_se == 1)
+                for (; col < Ev; col++) vrow[col] = vsrc[col];
+            else
+                for (; col < Ev; col++) vrow[col] = vsrc[col * a->v_se];
         }
+        for (; col < evp; col++) vrow[col] = 0;
     }
 }
 
@@ -104,11 +111,11 @@ SA_INLINE void FN(qk_tile)(const T *SA_RESTRICT Q, int64_t E, const T *SA_RESTRI
 SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTRICT Vb, int64_t evp,
                            T *SA_RESTRICT O, const T *SA_RESTRICT alpha, const int nv)
 {
+    /* the block's sum starts from zero and is added to O once: a two-level
+     * summation (BK keys, then blocks) keeps fp32 error near torch's */
     VT acc[MR][NVV];
-    for (int r = 0; r < MR; r++) {
-        VT al = V(bcast)(alpha + r);
-        for (int c = 0; c < nv; c++) acc[r][c] = V(mul)(V(load)(O + r * evp + c * VW), al);
-    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nv; c++) acc[r][c] = V(zero)();
     for (int64_t j = 0; j < nk; j++) {
         VT vv[NVV];
         for (int c = 0; c < nv; c++) vv[c] = V(load)(Vb + j * evp + c * VW);
@@ -117,8 +124,11 @@ SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTR
             for (int c = 0; c < nv; c++) acc[r][c] = V(fma)(pb, vv[c], acc[r][c]);
         }
     }
-    for (int r = 0; r < MR; r++)
-        for (int c = 0; c < nv; c++) V(store)(O + r * evp + c * VW, acc[r][c]);
+    for (int r = 0; r < MR; r++) {
+        VT al = V(bcast)(alpha + r);
+        for (int c = 0; c < nv; c++)
+            V(store)(O + r * evp + c * VW, V(fma)(V(load)(O + r * evp + c * VW), al, acc[r][c]));
+    }
 }
 
 static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t evp, T *O, const T *alpha)

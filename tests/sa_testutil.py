@@ -141,12 +141,12 @@ def with_layout(a, layout, rng=None):
     if layout == "strided":
         buf = np.empty(tuple(2 * n + 1 for n in a.shape), dtype=a.dtype)
         _garbage(buf, rng)
-        view = buf[tuple(slice(1, 1 + 2 * n, 2) for n in a.shape)]
+        view = buf[tuple(slice(1, 1 + 2 * n, 2) for n in a.shape) + (Ellipsis,)]
         view[...] = a
         return view
     if layout == "negative":
         buf = np.empty(a.shape, dtype=a.dtype)
-        view = buf[tuple(slice(None, None, -1) for _ in a.shape)]
+        view = buf[tuple(slice(None, None, -1) for _ in a.shape) + (Ellipsis,)]
         view[...] = a
         return view
     if layout == "swapped":
@@ -198,3 +198,9 @@ def run_isas(fn, isas=None):
         with selfattn.use_isa(name):
             out[name] = fn()
     return out
+
+
+def examples(n):
+    """n hypothesis examples under the "ci" profile (40 by default), scaled with the loaded profile."""
+    from hypothesis import settings
+    return max(1, int(round(n * settings().max_examples / 40)))

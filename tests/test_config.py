@@ -142,9 +142,19 @@ def test_isa_choice_changes_nothing_visible_but_works():
         np.testing.assert_allclose(o, outs[0], rtol=0, atol=1e-4)
 
 
+def _child_env(**extra):
+    """The environment of a child interpreter that imports the same selfattn as this process."""
+    env = dict(os.environ, **extra)
+    env.pop("PYTHONSAFEPATH", None)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(selfattn.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
 _CHILD = r"""
 import sys, numpy as np, selfattn
 print(selfattn.config()["isa"])
+print(selfattn.__file__)
 rng = np.random.default_rng(0)
 q = rng.standard_normal((2, 70, 20)).astype(np.float32)
 k = rng.standard_normal((2, 140, 20)).astype(np.float32)
@@ -155,13 +165,14 @@ np.save(sys.argv[1], selfattn.scaled_dot_product_attention(q, k, v, num_threads=
 
 @pytest.mark.parametrize("name", ISAS)
 def test_env_var_forces_isa(tmp_path, name):
-    env = dict(os.environ, SELFATTN_ISA=name)
-    env.pop("PYTHONSAFEPATH", None)
+    env = _child_env(SELFATTN_ISA=name)
     out_file = tmp_path / "out.npy"
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(out_file)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[0] == name, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == name, proc.stdout + proc.stderr
+    assert os.path.samefile(lines[1], selfattn.__file__), "the child imported another selfattn"
     # the forced path computes exactly what use_isa(name) computes in this process
     rng = np.random.default_rng(0)
     q = rng.standard_normal((2, 70, 20)).astype(np.float32)
@@ -173,9 +184,19 @@ def test_env_var_forces_isa(tmp_path, name):
 
 
 def test_env_var_unset_gives_best(tmp_path):
-    env = dict(os.environ)
+    env = _child_env()
     env.pop("SELFATTN_ISA", None)
     proc = subprocess.run([sys.executable, "-c", "import selfattn; print(selfattn.config()['isa'])"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ISAS[0]
+
+
+def test_omp_num_threads_sets_default(tmp_path):
+    if not selfattn.config()["openmp"]:
+        pytest.skip("built without OpenMP")
+    env = _child_env(OMP_NUM_THREADS="3")
+    proc = subprocess.run([sys.executable, "-c", "import selfattn; print(selfattn.config()['default_threads'])"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "3"

@@ -96,3 +96,54 @@ def test_attend_threads_bitwise_identical(isa, dtype):
     outs = [selfattn.attend(x, wq, wk, wv, num_heads=4, wo=wo, is_causal=True, num_threads=t) for t in THREADS]
     for t, o in zip(THREADS, outs):
         assert np.array_equal(o, outs[0]), f"[isa={isa}] attend with num_threads={t} differs from 1 thread"
+
+
+def test_concurrent_python_threads():
+    # the GIL is released around the kernel: concurrent calls must not share scratch state
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(12)
+    jobs = []
+    for i in range(8):
+        dt = np.float32 if i % 2 else np.float64
+        L, S = 60 + 7 * i, 120 + 13 * i
+        q = rng.standard_normal((2, L, 16 + i)).astype(dt)
+        k = rng.standard_normal((2, S, 16 + i)).astype(dt)
+        v = rng.standard_normal((2, S, 5 + i)).astype(dt)
+        jobs.append((q, k, v, dict(is_causal=bool(i % 3 == 0), num_threads=1 + i % 2, return_lse=True)))
+    serial = [selfattn.scaled_dot_product_attention(q, k, v, **kw) for q, k, v, kw in jobs]
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        for _ in range(3):
+            futs = [ex.submit(selfattn.scaled_dot_product_attention, q, k, v, **kw) for q, k, v, kw in jobs]
+            for i, (f, (out, lse)) in enumerate(zip(futs, serial)):
+                o, l = f.result(timeout=60)
+                assert np.array_equal(o, out) and np.array_equal(l, lse), f"job {i} differs when run concurrently"
+
+
+_FORK_CHILD_TIMEOUT = 60
+
+
+def _fork_child_job(args):
+    q, k, v, t = args
+    return selfattn.scaled_dot_product_attention(q, k, v, num_threads=t, return_lse=True)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_after_fork_child_works():
+    # the parent has used its thread pool; a forked child must neither hang nor compute garbage
+    import multiprocessing as mp
+    import warnings
+
+    rng = np.random.default_rng(13)
+    q = rng.standard_normal((2, 3, 130, 32)).astype(np.float32)
+    k = rng.standard_normal((2, 3, 260, 32)).astype(np.float32)
+    v = rng.standard_normal((2, 3, 260, 16)).astype(np.float32)
+    parent = selfattn.scaled_dot_product_attention(q, k, v, num_threads=2, return_lse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # fork with threads alive
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            res = pool.map_async(_fork_child_job, [(q, k, v, None), (q, k, v, 2)])
+            children = res.get(timeout=_FORK_CHILD_TIMEOUT)
+    for out, lse in children:
+        assert np.array_equal(out, parent[0]) and np.array_equal(lse, parent[1])

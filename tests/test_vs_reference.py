@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 import selfattn
 from selfattn import reference
-from sa_testutil import (ISAS, LAYOUTS, assert_sdpa_close, assert_unchanged, logit_magnitude, snapshot,
-                         vmax_of, with_layout)
+from sa_testutil import (ISAS, LAYOUTS, assert_sdpa_close, assert_unchanged, examples, logit_magnitude,
+                         snapshot, vmax_of, with_layout)
 
 DTYPES = [np.float32, np.float64]
 SIZES_L = [1, 2, 3, 5, 0, 7, 31, 63, 64, 65, 127, 128, 129, 200]
@@ -128,7 +128,7 @@ def _check_case(c):
         assert_unchanged((q, k, v, mask), snaps, ctx)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(120))
 @given(sdpa_cases())
 def test_sdpa_matches_reference(c):
     note(repr(c))
@@ -155,7 +155,7 @@ def attend_cases(draw):
     return c
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(40))
 @given(attend_cases())
 def test_attend_matches_reference(c):
     note(repr(c))
@@ -269,3 +269,19 @@ def test_isas_agree_with_each_other():
             outs[isa] = selfattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     for isa, out in outs.items():
         assert_sdpa_close(out, ref, np.float32, vmax_of(v), logit_magnitude(q, k), ctx=f"[isa={isa}] ")
+
+
+def test_one_large_problem():
+    # many query tiles and key blocks, default thread count
+    rng = np.random.default_rng(21)
+    for dt in DTYPES:
+        q = rng.standard_normal((2, 1000, 64)).astype(dt)
+        k = rng.standard_normal((1, 1100, 64)).astype(dt)
+        v = rng.standard_normal((2, 1100, 48)).astype(dt)
+        for causal in (False, True):
+            ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True)
+            for isa in ISAS:
+                with selfattn.use_isa(isa):
+                    out, lse = selfattn.scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True)
+                assert_sdpa_close(out, ref, dt, vmax_of(v), logit_magnitude(q, k), lse, ref_lse,
+                                  ctx=f"[isa={isa} {np.dtype(dt)} causal={causal}] ")
