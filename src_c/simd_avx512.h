@@ -20,9 +20,11 @@ SA_INLINE vf_t vf_max(vf_t a, vf_t b) { return _mm512_max_ps(a, b); }
 SA_INLINE vf_t vf_min(vf_t a, vf_t b) { return _mm512_min_ps(a, b); }
 SA_INLINE float vf_hmax(vf_t v) { return _mm512_reduce_max_ps(v); }
 SA_INLINE float vf_hsum(vf_t v) { return _mm512_reduce_add_ps(v); }
+/* Arguments are <= 0 (or NaN) by construction: s - running max. Clamping at
+ * -150 makes 2^x round to exactly +0 below that (fully masked keys give 0);
+ * vscalefps applies 2^n without building exponent bits by hand. */
 SA_INLINE vf_t vf_exp2(vf_t x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
-    x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
+    x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
     vf_t n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     vf_t f = _mm512_sub_ps(x, n);
     vf_t p = _mm512_set1_ps(SA_EXP2F_C6);
@@ -32,9 +34,7 @@ SA_INLINE vf_t vf_exp2(vf_t x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(SA_EXP2F_C2));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(SA_EXP2F_C1));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    /* 2^n built in the exponent field; n = -127 gives +0.0 (full underflow) */
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    return _mm512_scalef_ps(p, n);
 }
 
 /* ---- double ---- */
@@ -54,8 +54,7 @@ SA_INLINE vd_t vd_min(vd_t a, vd_t b) { return _mm512_min_pd(a, b); }
 SA_INLINE double vd_hmax(vd_t v) { return _mm512_reduce_max_pd(v); }
 SA_INLINE double vd_hsum(vd_t v) { return _mm512_reduce_add_pd(v); }
 SA_INLINE vd_t vd_exp2(vd_t x) {
-    x = _mm512_max_pd(_mm512_set1_pd(-1023.0), x);
-    x = _mm512_min_pd(_mm512_set1_pd(1024.0), x);
+    x = _mm512_max_pd(_mm512_set1_pd(-1080.0), x);   /* 2^-1080 rounds to +0 */
     vd_t n = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     vd_t f = _mm512_sub_pd(x, n);
     vd_t p = _mm512_set1_pd(SA_EXP2D_C11);
@@ -70,6 +69,5 @@ SA_INLINE vd_t vd_exp2(vd_t x) {
     p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C2));
     p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C1));
     p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(1.0));
-    __m512i e = _mm512_slli_epi64(_mm512_add_epi64(_mm512_cvtpd_epi64(n), _mm512_set1_epi64(1023)), 52);
-    return _mm512_mul_pd(p, _mm512_castsi512_pd(e));
+    return _mm512_scalef_pd(p, n);
 }
