@@ -30,7 +30,8 @@ def sdpa_cases(draw):
     if n_lead == 0:
         q_lead = k_lead = v_lead = ()
     else:
-        mode = draw(st.sampled_from(["plain", "gqa", "bcast_kv", "bcast_q", "fewer_kv_dims"]))
+        mode = draw(st.sampled_from(["plain", "gqa", "bcast_kv", "bcast_q", "fewer_kv_dims",
+                                               "fewer_q_dims"]))
         H = draw(st.integers(1, 3))
         batch = tuple(draw(st.lists(st.integers(1, 3), min_size=n_lead - 1, max_size=n_lead - 1)))
         if mode == "gqa":
@@ -51,6 +52,10 @@ def sdpa_cases(draw):
             q_lead = batch + (H,)
             drop = draw(st.integers(1, n_lead))
             k_lead = v_lead = q_lead[drop:]
+        elif mode == "fewer_q_dims":   # q with fewer leading dims than k/v: the output takes theirs
+            k_lead = v_lead = batch + (H,)
+            drop = draw(st.integers(1, n_lead))
+            q_lead = k_lead[drop:]
         else:
             q_lead = k_lead = v_lead = batch + (H,)
     c.update(L=L, S=S, E=E, Ev=Ev, mode=mode, enable_gqa=(mode == "gqa"))
