@@ -16,7 +16,12 @@
  *
  * Passes:
  *   1. pack K^T into blocks [n_kb][E][BK] and V into [S_pad][Evp], once per
- *      distinct K/V (shared by every unit and query tile that reads them);
+ *      distinct K/V, shared by every unit and query tile that reads it. Two
+ *      schedules (dispatch.c picks, see sa_layout_compute):
+ *        shared: all threads pack a group of K/V, then all compute its
+ *                (unit, query tile) tasks -- few, long sequences;
+ *        fused:  one task packs one K/V into its thread's buffer and computes
+ *                all its query tiles at once -- many short sequences;
  *   2. per task (unit, query tile of BQ rows), per key block of BK keys:
  *      a. S = Qs.K^T in a register-blocked micro-kernel (MR x NRV*VW);
  *      b. mask / causal / tail -> -inf, row max, new running max m;
@@ -39,7 +44,7 @@ const sa_tile_params FN(sa_params) = {VW, MR, BQ, BK};
 typedef struct {
     const sa_attn_args *a;
     sa_layout lay;
-    T *packed;          /* group x kv_elems                      */
+    T *packed;          /* shared: group x kv_elems; fused: nt x kv_elems */
     T *scratch;         /* nt x thread_elems                     */
     int64_t g0, g1;     /* kv units of the current group         */
     T qscale;           /* scale * log2(e)                       */
@@ -49,17 +54,14 @@ static inline int64_t FN(round_up)(int64_t x, int64_t m) { return (x + m - 1) / 
 
 /* ---- pass 1: packing -------------------------------------------------- */
 
-/* task t packs key block kb of kv unit g0 + t / n_kb */
-static void FN(pack_task)(void *vctx, int64_t t, int tid)
+/* Pack key block kb of kv unit g into `packed` (one unit's K^T then V). */
+static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, T *packed)
 {
-    FN(ctx_t) *c = (FN(ctx_t) *)vctx;
     const sa_attn_args *a = c->a;
     const sa_layout *lay = &c->lay;
-    (void)tid;
-    int64_t g = c->g0 + t / lay->n_kb, kb = t % lay->n_kb;
     int64_t E = a->E, Ev = a->Ev, S = a->S, evp = lay->evp;
-    T *Kp = c->packed + (g - c->g0) * lay->kv_elems + kb * E * BK;   /* [E][BK]     */
-    T *Vp = c->packed + (g - c->g0) * lay->kv_elems + lay->s_pad * E; /* [S_pad][Evp] */
+    T *Kp = packed + kb * E * BK;                /* [E][BK]       */
+    T *Vp = packed + lay->s_pad * E;             /* [S_pad][Evp]  */
     const T *k = (const T *)a->k + a->kv_k_off[g];
     const T *v = (const T *)a->v + a->kv_v_off[g];
     int64_t j0 = kb * BK;
@@ -84,6 +86,15 @@ static void FN(pack_task)(void *vctx, int64_t t, int tid)
         }
         for (; col < evp; col++) vrow[col] = 0;
     }
+}
+
+/* shared mode, task t: key block t % n_kb of kv unit g0 + t / n_kb */
+static void FN(pack_task)(void *vctx, int64_t t, int tid)
+{
+    FN(ctx_t) *c = (FN(ctx_t) *)vctx;
+    (void)tid;
+    int64_t gi = t / c->lay.n_kb;
+    FN(pack_block)(c, c->g0 + gi, t % c->lay.n_kb, c->packed + gi * c->lay.kv_elems);
 }
 
 /* ---- pass 2: micro-kernels -------------------------------------------- */
@@ -166,25 +177,12 @@ static void FN(mask_row)(const sa_attn_args *a, int64_t u, int64_t i, int64_t j0
 
 /* ---- pass 2: one task = one unit x one query tile --------------------- */
 
-static void FN(compute_task)(void *vctx, int64_t t, int tid)
+static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T *Kp, int tid)
 {
-    FN(ctx_t) *c = (FN(ctx_t) *)vctx;
     const sa_attn_args *a = c->a;
     const sa_layout *lay = &c->lay;
     const int64_t E = a->E, Ev = a->Ev, L = a->L, S = a->S, evp = lay->evp;
     const T NEG_INF = -(T)INFINITY;
-
-    /* heaviest (last, under causal) query tiles first, across all units */
-    int64_t ustart = a->kv_start[c->g0], nu = a->kv_start[c->g1] - ustart;
-    int64_t qt = lay->n_qt - 1 - t / nu;
-    int64_t idx = ustart + t % nu;
-    int64_t u = a->kv_units[idx];
-    int64_t lo = c->g0, hi = c->g1 - 1;          /* kv unit of idx: binary search */
-    while (lo < hi) {
-        int64_t mid = (lo + hi + 1) / 2;
-        if (a->kv_start[mid] <= idx) lo = mid; else hi = mid - 1;
-    }
-    const T *Kp = c->packed + (lo - c->g0) * lay->kv_elems;
     const T *Vp = Kp + lay->s_pad * E;
 
     T *ws = c->scratch + (int64_t)tid * lay->thread_elems;
@@ -290,6 +288,35 @@ static void FN(compute_task)(void *vctx, int64_t t, int tid)
     }
 }
 
+/* shared mode, task t: one unit x one query tile; the heaviest (last, under
+ * causal) query tiles first, across all units of the group */
+static void FN(compute_task)(void *vctx, int64_t t, int tid)
+{
+    FN(ctx_t) *c = (FN(ctx_t) *)vctx;
+    const sa_attn_args *a = c->a;
+    int64_t ustart = a->kv_start[c->g0], nu = a->kv_start[c->g1] - ustart;
+    int64_t qt = c->lay.n_qt - 1 - t / nu;
+    int64_t idx = ustart + t % nu;
+    int64_t lo = c->g0, hi = c->g1 - 1;          /* kv unit of idx: binary search */
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (a->kv_start[mid] <= idx) lo = mid; else hi = mid - 1;
+    }
+    FN(compute_tile)(c, a->kv_units[idx], qt, c->packed + (lo - c->g0) * c->lay.kv_elems, tid);
+}
+
+/* fused mode, task g: pack kv unit g into this thread's buffer while it is
+ * about to be used (it stays in L2), then every query tile of its units */
+static void FN(fused_task)(void *vctx, int64_t g, int tid)
+{
+    FN(ctx_t) *c = (FN(ctx_t) *)vctx;
+    const sa_attn_args *a = c->a;
+    T *Kp = c->packed + (int64_t)tid * c->lay.kv_elems;
+    for (int64_t kb = 0; kb < c->lay.n_kb; kb++) FN(pack_block)(c, g, kb, Kp);
+    for (int64_t idx = a->kv_start[g]; idx < a->kv_start[g + 1]; idx++)
+        for (int64_t qt = c->lay.n_qt - 1; qt >= 0; qt--) FN(compute_tile)(c, a->kv_units[idx], qt, Kp, tid);
+}
+
 /* ---- driver ------------------------------------------------------------ */
 
 int FN(attn_fwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
@@ -299,10 +326,15 @@ int FN(attn_fwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
     if (sa_layout_compute(a, &FN(sa_params), (int)sizeof(T), &c.lay) != SA_OK) return SA_ERR_ARG;
     if (ws_bytes < c.lay.total_bytes || ws == NULL) return SA_ERR_WORKSPACE;
     c.packed = (T *)ws;
-    c.scratch = c.packed + c.lay.group * c.lay.kv_elems;
+    c.scratch = c.packed + (c.lay.fused ? (int64_t)c.lay.nt : c.lay.group) * c.lay.kv_elems;
     c.qscale = (T)(a->scale * 1.4426950408889634);
     int nt = c.lay.nt;
 
+    if (c.lay.fused) {
+        c.g0 = 0;
+        c.g1 = a->n_kv;
+        return sa_run_tasks(a->n_kv, nt, FN(fused_task), &c, a);
+    }
     for (int64_t g0 = 0; g0 < a->n_kv; g0 += c.lay.group) {
         c.g0 = g0;
         c.g1 = g0 + c.lay.group < a->n_kv ? g0 + c.lay.group : a->n_kv;

@@ -25,13 +25,14 @@ typedef struct {
 } sa_tile_params;
 
 /* Workspace layout (all sizes in elements of the compute dtype, each piece
- * rounded up to 64 bytes). [packed K/V of up to `group` kv units][scratch of
- * thread 0][scratch of thread 1]... */
+ * rounded up to 64 bytes). [packed K/V: `group` kv units (shared mode) or one
+ * per thread (fused mode)][scratch of thread 0][scratch of thread 1]... */
 typedef struct {
     int64_t n_qt, n_kb;          /* query tiles, key blocks                  */
     int64_t s_pad, evp;          /* S and Ev padded to bk and vw             */
     int64_t kv_elems;            /* packed K then V of one kv unit           */
-    int64_t group;               /* kv units packed at once                  */
+    int64_t group;               /* shared mode: kv units packed at once     */
+    int fused;                   /* 1: each task packs one kv unit itself    */
     int64_t qp_elems, st_elems, oacc_elems, row_elems;  /* per-thread pieces */
     int64_t thread_elems;
     int nt;                      /* threads the scratch is sized for         */

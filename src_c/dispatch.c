@@ -118,7 +118,8 @@ const char *sa_isa_name(int isa)
 }
 
 /* ---- workspace ----------------------------------------------------------- */
-#define SA_PACK_BUDGET_BYTES ((int64_t)32 << 20)   /* packed K/V held at once */
+#define SA_PACK_BUDGET_BYTES ((int64_t)32 << 20)   /* shared mode: packed K/V held at once */
+#define SA_FUSED_MAX_KV_BYTES ((int64_t)4 << 20)   /* fused mode: one packed K/V per thread */
 
 static int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -143,11 +144,16 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->row_elems = sa_round_up(p->bq, align);
     lay->thread_elems = lay->qp_elems + lay->st_elems + lay->oacc_elems + 4 * lay->row_elems;
     int nt = sa_effective_threads(a->num_threads);
-    int64_t tasks = a->n_units * lay->n_qt;
+    /* Fused schedule when there are enough distinct K/V to keep every thread
+     * busy and one packed K/V stays cache-sized: no barrier between packing and
+     * computing, and the packed data is hot when it is read. */
+    lay->fused = a->n_kv >= 4 * (int64_t)nt && kv_bytes <= SA_FUSED_MAX_KV_BYTES;
+    int64_t tasks = lay->fused ? a->n_kv : a->n_units * lay->n_qt;
     if (tasks < 1) tasks = 1;
     if (nt > tasks) nt = (int)tasks;
     lay->nt = nt;
-    lay->total_bytes = (size_t)((group * lay->kv_elems + (int64_t)nt * lay->thread_elems) * dsize);
+    int64_t packed = lay->fused ? (int64_t)nt * lay->kv_elems : group * lay->kv_elems;
+    lay->total_bytes = (size_t)((packed + (int64_t)nt * lay->thread_elems) * dsize);
     return SA_OK;
 }
 
