@@ -147,3 +147,18 @@ def test_after_fork_child_works():
             children = res.get(timeout=_FORK_CHILD_TIMEOUT)
     for out, lse in children:
         assert np.array_equal(out, parent[0]) and np.array_equal(lse, parent[1])
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 200, 40), (3, 2, 129, 17), (1, 1, 300, 64)])
+def test_schedule_switch_is_bitwise_invisible(shape):
+    """The kernel packs K/V either per task (many units) or shared across threads (few);
+    which one depends on the thread count (6 units: fused at 1 thread, shared at 2).
+    Both must give the same bits."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    for isa in ISAS:
+        with selfattn.use_isa(isa):
+            runs = [selfattn.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True, num_threads=n)
+                    for n in (1, 2, 3, 5)]
+        for out, lse in runs[1:]:
+            assert np.array_equal(out, runs[0][0]) and np.array_equal(lse, runs[0][1]), isa
