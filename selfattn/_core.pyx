@@ -32,7 +32,8 @@ cdef object _BOOL = np.dtype(np.bool_)
 cdef object _U8 = np.dtype(np.uint8)
 cdef unsigned long _main_ident = PyThread_get_thread_ident()   # the importing thread
 cdef int _isa = sa_isa_best()
-cdef long _fail_allocs = 0         # debug hook: make the next N allocations fail
+cdef long _fail_allocs = 0         # debug hook: make N allocations fail ...
+cdef long _fail_after = 0          # ... after letting this many succeed
 
 
 # ---------------------------------------------------------------- config ----
@@ -89,10 +90,13 @@ def default_threads():
     return sa_default_threads()
 
 
-def _debug_fail_allocations(n):
-    """Debug hook for tests: the next `n` workspace allocations fail (MemoryError)."""
-    global _fail_allocs
+def _debug_fail_allocations(n, after=0):
+    """Debug hook for tests: after `after` more allocations succeed, the next `n` fail with
+    MemoryError. A call allocates its unit table first, then the kernel workspace, so
+    after=1 fails the workspace allocation (the scratch the kernel works in)."""
+    global _fail_allocs, _fail_after
     _fail_allocs = int(n)
+    _fail_after = int(after)
 
 
 # ------------------------------------------------------------ validation ----
@@ -127,7 +131,7 @@ cdef object _ready(object a, int typenum):
     if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_ISNOTSWAPPED(a):
         return a.astype(_F64 if typenum == cnp.NPY_DOUBLE else _F32)
     if not cnp.PyArray_ISALIGNED(a):
-        return np.ascontiguousarray(a)
+        return a.copy()                      # a fresh allocation is aligned (ascontiguousarray may not copy)
     return a
 
 
@@ -167,6 +171,8 @@ cdef double _check_scale(object scale, int64_t E) except? -1.0:
         sc = float(scale)
     except (TypeError, ValueError):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
+    except OverflowError:
+        raise ValueError(f"scale must be finite, got {scale!r}") from None
     if not math.isfinite(sc):
         raise ValueError(f"scale must be finite, got {scale!r}")
     return sc
@@ -192,8 +198,10 @@ def _check_args(scale, num_threads):
 
 cdef void *_alloc(size_t nbytes) except NULL:
     """64-byte aligned allocation; the raw pointer is stored just below."""
-    global _fail_allocs
-    if _fail_allocs > 0:
+    global _fail_allocs, _fail_after
+    if _fail_allocs > 0 and _fail_after > 0:
+        _fail_after -= 1
+    elif _fail_allocs > 0:
         _fail_allocs -= 1
         raise MemoryError(f"selfattn: could not allocate {nbytes} bytes of workspace (debug hook)")
     cdef void *raw = malloc(nbytes + 64 + sizeof(void *))

@@ -55,10 +55,20 @@ int sa_default_threads(void)
     return 1;
 }
 
+/* More threads than this never help and can exhaust the process's threads. */
+#define SA_MAX_THREADS_PER_CORE 4
+
 int sa_effective_threads(int requested)
 {
     SA_INIT();
     if (requested < 1 || sa_forked || !sa_openmp_enabled()) return 1;
+#ifdef _OPENMP
+    int cap = SA_MAX_THREADS_PER_CORE * omp_get_num_procs();
+    int limit = omp_get_thread_limit();
+    if (cap < 8) cap = 8;
+    if (limit > 0 && cap > limit) cap = limit;
+    if (requested > cap) requested = cap;
+#endif
     return requested;
 }
 

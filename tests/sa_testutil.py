@@ -1,9 +1,14 @@
 """Helpers shared by the selfattn tests: tolerances, comparisons, layouts, inputs."""
 
 import math
+import os
+import shlex
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
 
 import numpy as np
-import numpy.testing as npt
 
 import selfattn
 from selfattn import reference
@@ -204,3 +209,49 @@ def examples(n):
     """n hypothesis examples under the "ci" profile (40 by default), scaled with the loaded profile."""
     from hypothesis import settings
     return max(1, int(round(n * settings().max_examples / 40)))
+
+
+# ---------------------------------------------------------------- C programs over src_c/
+
+SRC_C = Path(__file__).resolve().parent.parent / "src_c"
+C_SOURCES = ["dispatch.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]
+
+
+def c_compiler():
+    """The compiler Python was built with (or cc); None if there is none."""
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    cmd = shlex.split(cc)
+    if cmd and shutil.which(cmd[0]):
+        return cmd
+    return ["cc"] if shutil.which("cc") else None
+
+
+def env_without_sanitizer():
+    """The environment without a preloaded sanitizer runtime (the compiler is not instrumented)."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    return env
+
+
+def build_c_program(test_source, out, openmp=True, extra_flags=()):
+    """Compile tests/c/<test_source> with the kernel sources into `out`.
+
+    Returns (path, None) on success, (None, reason) when the repository's C sources or a compiler
+    are missing (the caller skips), and raises AssertionError with the compiler output on failure.
+    openmp=None tries with OpenMP first and falls back to a build without it.
+    """
+    src = Path(__file__).resolve().parent / "c" / test_source
+    if not src.is_file() or not all((SRC_C / f).is_file() for f in C_SOURCES + ["selfattn.h"]):
+        return None, f"the C sources are not at {SRC_C} (installed tests without the repository?)"
+    cc = c_compiler()
+    if cc is None:
+        return None, "no C compiler"
+    srcs = [str(src)] + [str(SRC_C / f) for f in C_SOURCES]
+    errors = []
+    for omp in ((["-fopenmp"], []) if openmp is None else ((["-fopenmp"],) if openmp else ([],))):
+        cmd = cc + list(extra_flags) + omp + [f"-I{SRC_C}"] + srcs + ["-lm", "-lpthread", "-o", str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env_without_sanitizer(), timeout=300)
+        if r.returncode == 0:
+            return Path(out), None
+        errors.append(f"$ {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    raise AssertionError(f"could not compile tests/c/{test_source}:\n" + "\n".join(errors))

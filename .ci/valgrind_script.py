@@ -1,0 +1,90 @@
+"""Small calls of every selfattn entry point, on every ISA this process can run, including calls
+that raise; run under valgrind by .ci/valgrind.sh. Prints 'valgrind_script: OK' at the end.
+
+Under valgrind the CPU reports no AVX-512 (valgrind does not emulate it), so available_isas()
+is what valgrind can run: avx2 and generic.
+"""
+import numpy as np
+
+import selfattn
+from selfattn import _core, reference
+
+sdpa = selfattn.scaled_dot_product_attention
+
+
+def expect(exc, fn):
+    try:
+        fn()
+    except exc:
+        return
+    raise AssertionError(f"{exc.__name__} expected from {fn}")
+
+
+def check(got, want, tol):
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(1.0, float(np.abs(want).max(initial=0))))
+
+
+def main():
+    rng = np.random.default_rng(0)
+    # L=67 and S=131 cross the query tile (64) and the key block (128)
+    q = rng.standard_normal((2, 2, 67, 5))
+    k = rng.standard_normal((2, 2, 131, 5))
+    v = rng.standard_normal((2, 2, 131, 3))
+    bmask = rng.random((67, 131)) < 0.6
+    bmask[4] = False
+    fmask = rng.standard_normal((2, 1, 67, 131)).astype(np.float32)
+    fmask[..., 7, :] = -np.inf
+    x = rng.standard_normal((2, 9, 12))
+    wq, wk, wv, wo = (rng.standard_normal(s) for s in ((12, 8), (12, 8), (12, 6), (6, 4)))
+    isas = selfattn.available_isas()
+    print("valgrind_script: ISAs", isas, "config", selfattn.config(), flush=True)
+    for isa in isas:
+        with selfattn.use_isa(isa):
+            for dt, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+                qd, kd, vd = q.astype(dt), k.astype(dt), v.astype(dt)
+                for nt in (1, 2):
+                    check(sdpa(qd, kd, vd, num_threads=nt), reference.scaled_dot_product_attention(q, k, v), tol)
+                    o, lse = sdpa(qd, kd, vd, attn_mask=bmask, return_lse=True, num_threads=nt)
+                    ro, rl = reference.scaled_dot_product_attention(q, k, v, attn_mask=bmask, return_lse=True)
+                    check(o, ro, tol)
+                    assert np.array_equal(np.isinf(lse), np.isinf(rl))
+                    check(sdpa(qd, kd, vd, attn_mask=fmask, num_threads=nt),
+                          reference.scaled_dot_product_attention(q, k, v, attn_mask=fmask), tol)
+                    check(sdpa(qd, kd, vd, is_causal=True, num_threads=nt),
+                          reference.scaled_dot_product_attention(q, k, v, is_causal=True), tol)
+                    check(sdpa(qd, kd[:, :1], vd[:, :1], enable_gqa=True, num_threads=nt),
+                          reference.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True), tol)
+                    # non-contiguous and negative-stride views
+                    check(sdpa(qd[..., ::-1, :], np.swapaxes(np.ascontiguousarray(np.swapaxes(kd, -1, -2)), -1, -2),
+                               vd[:, :, ::-1], num_threads=nt),
+                          reference.scaled_dot_product_attention(q[..., ::-1, :], k, v[:, :, ::-1]), tol)
+                check(selfattn.attend(x.astype(dt), wq, wk, wv, num_heads=2),
+                      reference.attend(x, wq, wk, wv, num_heads=2), tol)
+                check(selfattn.attend(x.astype(dt), wq, wk, wv, num_heads=2, wo=wo, is_causal=True),
+                      reference.attend(x, wq, wk, wv, num_heads=2, wo=wo, is_causal=True), tol)
+            # calls that raise
+            expect(ValueError, lambda: sdpa(q, k[..., :4], v))
+            expect(ValueError, lambda: sdpa(q, k, v, attn_mask=bmask[:, :5]))
+            expect(ValueError, lambda: sdpa(q, k, v, attn_mask=bmask, is_causal=True))
+            expect(TypeError, lambda: sdpa(q.astype(np.complex128), k, v))
+            expect(TypeError, lambda: sdpa(q, k, v, attn_mask=bmask.astype(np.int8)))
+            expect(ValueError, lambda: sdpa(q, k, v, scale=float("inf")))
+            expect(ValueError, lambda: sdpa(q, k, v, num_threads=0))
+            expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo[:3]))
+            expect(TypeError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=2.0))
+            for fn in (lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True),
+                       lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo)):
+                _core._debug_fail_allocations(1)
+                try:
+                    expect(MemoryError, fn)
+                finally:
+                    _core._debug_fail_allocations(0)
+                fn()
+    # an impossible workspace (~2^49 bytes): the unit table was allocated, the workspace fails
+    huge = np.broadcast_to(np.float32(1), (1, 1 << 40))
+    expect(MemoryError, lambda: sdpa(huge, np.broadcast_to(np.float32(1), (3, 1 << 40)), np.ones((3, 2), np.float32)))
+    print("valgrind_script: OK", flush=True)
+
+
+if __name__ == "__main__":
+    main()

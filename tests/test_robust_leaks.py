@@ -1,0 +1,142 @@
+"""Leaks: thousands of calls of every entry point (successful ones, validation errors, and
+MemoryError from the debug hook or an impossible workspace) leave memory flat.
+
+Two gauges after a warm-up: the resident set size (/proc/self/statm), and glibc's count of
+malloc'ed bytes in use (mallinfo2), which sees even small per-call leaks. Both are compared
+after N and after 3N rounds. Skipped under AddressSanitizer (its quarantine grows RSS by
+design; the sanitizer run and .ci/valgrind.sh cover leaks there).
+"""
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import selfattn
+from selfattn import _core
+from sa_testutil import ISAS
+
+sdpa = selfattn.scaled_dot_product_attention
+
+pytestmark = pytest.mark.skipif(
+    "asan" in os.environ.get("LD_PRELOAD", "") or "ASAN_OPTIONS" in os.environ,
+    reason="RSS is not meaningful under AddressSanitizer (quarantine)")
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use():
+    """Bytes handed out by malloc right now (glibc), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        f = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = _MallInfo2
+    mi = f()
+    return mi.uordblks + mi.hblkhd
+
+
+def _calls():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 4, 33, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 4, 40, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 4, 40, 8)).astype(np.float32)
+    k2, v2 = k[:, :2].astype(np.float64), v[:, :2].astype(np.float64)
+    bmask = rng.random((33, 40)) < 0.6
+    bmask[5] = False
+    fmask = rng.standard_normal((4, 33, 40)).astype(np.float32)
+    x = rng.standard_normal((2, 33, 24))
+    wq, wk, wv, wo = (rng.standard_normal(s) for s in ((24, 16), (24, 16), (24, 8), (8, 5)))
+    huge_q = np.broadcast_to(np.float32(0.5), (1, 1 << 40))    # workspace of ~2^49 bytes: MemoryError
+    huge_k = np.broadcast_to(np.float32(0.5), (2, 1 << 40))
+    huge_v = np.ones((2, 2), np.float32)
+
+    def fail_alloc(fn):
+        def call():
+            _core._debug_fail_allocations(1)
+            try:
+                fn()
+            except MemoryError:
+                return
+            finally:
+                _core._debug_fail_allocations(0)
+            raise AssertionError("the debug hook did not raise MemoryError")
+        return call
+
+    def expect(exc, fn):
+        def call():
+            try:
+                fn()
+            except exc:
+                return
+            raise AssertionError(f"{exc.__name__} expected")
+        return call
+
+    ok = {
+        "sdpa": lambda: sdpa(q, k, v),
+        "sdpa_bool_mask": lambda: sdpa(q, k, v, attn_mask=bmask),
+        "sdpa_float_mask_lse": lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True),
+        "sdpa_causal": lambda: sdpa(q, k, v, is_causal=True, num_threads=1),
+        "sdpa_gqa_f64": lambda: sdpa(q, k2, v2, enable_gqa=True, return_lse=True),
+        "sdpa_lists": lambda: sdpa(q[0, 0, :3].tolist(), k[0, 0, :4].tolist(), v[0, 0, :4].tolist()),
+        "attend": lambda: selfattn.attend(x, wq, wk, wv, num_heads=2),
+        "attend_wo_causal": lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo, is_causal=True),
+    }
+    raising = {
+        "sdpa_bad_E": expect(ValueError, lambda: sdpa(q, k[..., :5], v)),
+        "sdpa_bad_mask": expect(ValueError, lambda: sdpa(q, k, v, attn_mask=bmask[:, :7])),
+        "sdpa_bad_dtype": expect(TypeError, lambda: sdpa(q.astype(np.complex64), k, v)),
+        "sdpa_bad_scale": expect(ValueError, lambda: sdpa(q, k, v, scale=float("nan"))),
+        "sdpa_bad_gqa": expect(ValueError, lambda: sdpa(q, k[:, :3], v[:, :3], enable_gqa=True)),
+        "attend_bad_wo": expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo[:3])),
+        "attend_bad_heads": expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=3)),
+        "sdpa_memerror_hook": fail_alloc(lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True)),
+        "sdpa_memerror_hook_gqa": fail_alloc(lambda: sdpa(q, k2, v2, enable_gqa=True)),
+        "attend_memerror_hook": fail_alloc(lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo)),
+        "sdpa_memerror_workspace": expect(MemoryError, lambda: sdpa(huge_q, huge_k, huge_v)),
+    }
+    return {**ok, **raising}
+
+
+def _rounds(calls, n):
+    for i in range(n):
+        with selfattn.use_isa(ISAS[i % len(ISAS)]):
+            for fn in calls.values():
+                fn()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/statm")
+def test_memory_flat_over_thousands_of_calls():
+    calls = _calls()
+    N = 600
+    _rounds(calls, 300)                  # warm-up: pools, caches, OpenMP threads, allocator arenas
+    gc.collect()
+    rss0, heap0 = _rss_bytes(), _malloc_in_use()
+    _rounds(calls, N)
+    gc.collect()
+    rss1, heap1 = _rss_bytes(), _malloc_in_use()
+    _rounds(calls, 2 * N)
+    gc.collect()
+    rss3, heap3 = _rss_bytes(), _malloc_in_use()
+    n_calls = 2 * N * len(calls)
+    msg = (f"{len(calls)} entry points x {3 * N} rounds: RSS {rss0 >> 10} -> {rss1 >> 10} -> {rss3 >> 10} KiB, "
+           f"malloc in use {heap0} -> {heap1} -> {heap3} bytes")
+    print(msg)
+    # RSS: page granular and noisy; a leak of one workspace (>= 16 KiB) per call would be GBs
+    assert rss3 - rss1 < 4 << 20, msg
+    if heap1 is not None:
+        # malloc'ed bytes: a leak of even ~16 bytes per call over the last 2N rounds shows up
+        assert heap3 - heap1 < max(256 << 10, 16 * n_calls // 2), msg

@@ -1,0 +1,237 @@
+"""Misuse: ONE table of every wrong call, with its exception type and message; plus the
+input kinds that must be accepted (lists, memory-mapped arrays, torch CPU tensors)."""
+
+import math
+
+import numpy as np
+import pytest
+
+import selfattn
+from selfattn import reference
+from sa_testutil import assert_sdpa_close, logit_magnitude, vmax_of
+
+sdpa = selfattn.scaled_dot_product_attention
+attend = selfattn.attend
+
+_rng = np.random.default_rng(0)
+Q = _rng.standard_normal((2, 4, 5, 8))        # B=2, H=4, L=5, E=8
+K = _rng.standard_normal((2, 4, 7, 8))        # S=7
+V = _rng.standard_normal((2, 4, 7, 6))        # Ev=6
+X = _rng.standard_normal((3, 5, 12))          # d_model = 12
+WQ = _rng.standard_normal((12, 8))            # H*E = 8
+WK = _rng.standard_normal((12, 8))
+WV = _rng.standard_normal((12, 6))            # H*Ev = 6
+WO = _rng.standard_normal((6, 10))
+
+
+def S(*args, **kw):
+    return lambda: sdpa(*args, **kw)
+
+
+def A(*args, **kw):
+    return lambda: attend(*args, **kw)
+
+
+def q_(**kw):
+    """sdpa(Q, K, V) with some arguments replaced."""
+    args = dict(query=Q, key=K, value=V)
+    args.update(kw)
+    return S(**args)
+
+
+def a_(**kw):
+    """attend(X, WQ, WK, WV, num_heads=2) with some arguments replaced."""
+    args = dict(x=X, wq=WQ, wk=WK, wv=WV, num_heads=2)
+    args.update(kw)
+    return A(**args)
+
+
+MISUSE = [
+    # ---- wrong ndim
+    ("query_1d", q_(query=Q[0, 0, 0]), ValueError, r"query must have at least 2 dims .*got shape \(8,\)"),
+    ("query_0d", q_(query=np.float64(1.0)), ValueError, r"query must have at least 2 dims .*got shape \(\)"),
+    ("key_1d", q_(key=K[0, 0, 0]), ValueError, r"key must have at least 2 dims"),
+    ("value_1d", q_(value=V[0, 0, :, 0]), ValueError, r"value must have at least 2 dims"),
+    ("attend_x_1d", a_(x=X[0, 0]), ValueError, r"x must have at least 2 dims"),
+    # ---- mismatched E, S, heads, batch
+    ("E_mismatch", q_(key=K[..., :7]), ValueError, r"query and key must have the same last dim E.*E=8.*E=7"),
+    ("S_mismatch", q_(value=V[..., :6, :]), ValueError, r"key and value must have the same number of keys S"),
+    ("heads_mismatch", q_(key=K[:, :2], value=V[:, :2]), ValueError,
+     r"do not broadcast \(for grouped-query attention .*enable_gqa=True\)"),
+    ("batch_mismatch", q_(query=np.concatenate([Q, Q, Q])), ValueError, r"leading \(batch/head\) dims .* do not broadcast"),
+    ("kv_heads_differ", q_(key=K[:, :3], value=V[:, :2]), ValueError, r"do not broadcast"),
+    # ---- masks
+    ("mask_not_broadcast", q_(attn_mask=np.ones((5, 6), bool)), ValueError,
+     r"attn_mask of shape \(5, 6\) does not broadcast to \(\.\.\., Hq, L, S\) = \(2, 4, 5, 7\)"),
+    ("mask_too_many_dims", q_(attn_mask=np.ones((1, 1, 1, 1, 5, 7), bool)), ValueError, r"attn_mask .* does not broadcast"),
+    ("mask_wrong_heads", q_(attn_mask=np.zeros((3, 5, 7), np.float32)), ValueError, r"attn_mask .* does not broadcast"),
+    ("mask_int", q_(attn_mask=np.ones((5, 7), np.int32)), TypeError, r"attn_mask must be bool .*or floating .*got dtype int32"),
+    ("mask_uint8", q_(attn_mask=np.ones((5, 7), np.uint8)), TypeError, r"attn_mask must be bool .*got dtype uint8"),
+    ("mask_complex", q_(attn_mask=np.ones((5, 7), np.complex64)), TypeError, r"attn_mask must be bool .*got dtype complex64"),
+    ("mask_object", q_(attn_mask=np.ones((5, 7), object)), TypeError, r"attn_mask must be bool .*got dtype object"),
+    ("mask_str", q_(attn_mask=np.full((5, 7), "a")), TypeError, r"attn_mask must be bool .*got dtype <U1"),
+    ("mask_ragged_list", q_(attn_mask=[[True], [True, False]]), TypeError, r"attn_mask cannot be read as an array"),
+    ("mask_with_causal", q_(attn_mask=np.ones((5, 7), bool), is_causal=True), ValueError,
+     r"pass either attn_mask or is_causal=True, not both"),
+    # ---- grouped-query attention
+    ("gqa_not_divisible", q_(key=K[:, :3], value=V[:, :3], enable_gqa=True), ValueError,
+     r"enable_gqa: query heads Hq=4 must be a multiple of key/value heads H=3"),
+    ("gqa_kv_heads_differ", q_(key=K[:, :2], value=V[:, :1], enable_gqa=True), ValueError,
+     r"enable_gqa: key .* and value .* must have the same number of heads"),
+    ("gqa_zero_kv_heads", q_(key=K[:, :0], value=V[:, :0], enable_gqa=True), ValueError, r"must be a multiple"),
+    # ---- num_threads
+    ("threads_0", q_(num_threads=0), ValueError, r"num_threads must be >= 1, got 0"),
+    ("threads_neg", q_(num_threads=-3), ValueError, r"num_threads must be >= 1, got -3"),
+    ("threads_np_neg", q_(num_threads=np.int64(-1)), ValueError, r"num_threads must be >= 1"),
+    ("threads_float", q_(num_threads=2.0), TypeError, r"num_threads must be an int, got float"),
+    ("threads_str", q_(num_threads="2"), TypeError, r"num_threads must be an int, got str"),
+    ("threads_bool", q_(num_threads=True), TypeError, r"num_threads must be an int, got bool"),
+    ("threads_np_float", q_(num_threads=np.float32(2)), TypeError, r"num_threads must be an int, got float32"),
+    ("threads_list", q_(num_threads=[2]), TypeError, r"num_threads must be an int, got list"),
+    ("attend_threads_0", a_(num_threads=0), ValueError, r"num_threads must be >= 1"),
+    ("attend_threads_str", a_(num_threads="1"), TypeError, r"num_threads must be an int"),
+    # ---- scale
+    ("scale_nan", q_(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
+    ("scale_inf", q_(scale=math.inf), ValueError, r"scale must be finite, got inf"),
+    ("scale_neg_inf", q_(scale=-math.inf), ValueError, r"scale must be finite, got -inf"),
+    ("scale_np_nan", q_(scale=np.float32("nan")), ValueError, r"scale must be finite"),
+    ("scale_str", q_(scale="1"), TypeError, r"scale must be a real number, got str"),
+    ("scale_bytes", q_(scale=b"1"), TypeError, r"scale must be a real number, got bytes"),
+    ("scale_complex", q_(scale=1 + 0j), TypeError, r"scale must be a real number, got complex"),
+    ("scale_bool", q_(scale=True), TypeError, r"scale must be a real number, got bool"),
+    ("scale_list", q_(scale=[1.0]), TypeError, r"scale must be a real number, got list"),
+    ("scale_dict", q_(scale={}), TypeError, r"scale must be a real number, got dict"),
+    ("attend_scale_nan", a_(scale=float("nan")), ValueError, r"scale must be finite"),
+    ("attend_scale_str", a_(scale="0.5"), TypeError, r"scale must be a real number"),
+    # ---- array dtypes that cannot be computed
+    ("query_complex", q_(query=Q.astype(np.complex128)), TypeError, r"query has dtype complex128, which selfattn cannot compute"),
+    ("key_complex64", q_(key=K.astype(np.complex64)), TypeError, r"key has dtype complex64, which selfattn cannot compute"),
+    ("value_object", q_(value=V.astype(object)), TypeError, r"value has dtype object, which selfattn cannot compute"),
+    ("query_str", q_(query=np.full((5, 8), "x")), TypeError, r"query has dtype <U1, which selfattn cannot compute"),
+    ("key_bytes", q_(key=np.full((7, 8), b"x")), TypeError, r"key has dtype \|S1, which selfattn cannot compute"),
+    ("value_datetime", q_(value=np.zeros((7, 6), "datetime64[s]")), TypeError, r"value has dtype datetime64\[s\]"),
+    ("query_longdouble", q_(query=Q.astype(np.longdouble)), TypeError, r"query has dtype float128"),
+    ("query_ragged_list", q_(query=[[1.0, 2.0], [3.0]]), TypeError, r"query cannot be read as an array"),
+    ("query_dict", q_(query={"a": 1}), TypeError, r"query has dtype object"),
+    ("query_none", q_(query=None), TypeError, r"query has dtype object"),
+    ("attend_x_complex", a_(x=X.astype(np.complex64)), TypeError, r"x has dtype complex64"),
+    ("attend_wq_object", a_(wq=WQ.astype(object)), TypeError, r"wq has dtype object"),
+    ("attend_wo_str", a_(wo=np.full((6, 10), "s")), TypeError, r"wo has dtype <U1"),
+    ("attend_x_ragged", a_(x=[[1.0], [1.0, 2.0]]), TypeError, r"x cannot be read as an array"),
+    # ---- attend: weights that disagree with x or num_heads
+    ("wq_wrong_dmodel", a_(wq=WQ[:11]), ValueError, r"wq must be 2-D \(d_model, H\*E\) with d_model=12 .*got shape \(11, 8\)"),
+    ("wk_1d", a_(wk=WK[:, 0]), ValueError, r"wk must be 2-D .*got shape \(12,\)"),
+    ("wv_3d", a_(wv=WV[None]), ValueError, r"wv must be 2-D .*got shape \(1, 12, 6\)"),
+    ("wq_wk_columns", a_(wk=WK[:, :6]), ValueError, r"wq \(12, 8\) and wk \(12, 6\) must have the same number of columns"),
+    ("wq_not_multiple_heads", a_(wq=WQ[:, :6], wk=WK[:, :6], num_heads=4), ValueError,
+     r"wq has 6 columns, not a multiple of num_heads=4"),
+    ("wv_not_multiple_heads", a_(wv=WV[:, :5]), ValueError, r"wv has 5 columns, not a multiple of num_heads=2"),
+    ("wo_wrong_rows", a_(wo=WO[:5]), ValueError, r"wo must be 2-D \(H\*Ev, d_out\) = \(6, d_out\), got shape \(5, 10\)"),
+    ("wo_1d", a_(wo=WO[:, 0]), ValueError, r"wo must be 2-D .*got shape \(6,\)"),
+    ("num_heads_0", a_(num_heads=0), ValueError, r"num_heads must be >= 1, got 0"),
+    ("num_heads_neg", a_(num_heads=-2), ValueError, r"num_heads must be >= 1, got -2"),
+    ("num_heads_float", a_(num_heads=2.0), TypeError, r"num_heads must be an int, got float"),
+    ("num_heads_bool", a_(num_heads=True), TypeError, r"num_heads must be an int, got bool"),
+    ("num_heads_str", a_(num_heads="2"), TypeError, r"num_heads must be an int, got str"),
+    ("num_heads_none", a_(num_heads=None), TypeError, r"num_heads must be an int, got NoneType"),
+    # ---- positional-only misuse of keyword-only arguments
+    ("sdpa_scale_positional", S(Q, K, V, None, False, 0.5), TypeError, r"positional argument"),
+    ("attend_heads_positional", A(X, WQ, WK, WV, 2), TypeError, r"positional argument"),
+    ("sdpa_unknown_kwarg", q_(dropout_p=0.1), TypeError, r"unexpected keyword argument 'dropout_p'"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [pytest.param(c, e, m, id=i) for i, c, e, m in MISUSE])
+def test_misuse(call, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        call()
+    assert type(info.value) is exc, f"raised {type(info.value).__name__}, not exactly {exc.__name__}"
+
+
+def test_misuse_ids_unique():
+    ids = [m[0] for m in MISUSE]
+    assert len(ids) == len(set(ids))
+
+
+# ---------------------------------------------------------------- valid calls that look odd
+
+def test_scale_none_is_the_default():
+    np.testing.assert_array_equal(sdpa(Q, K, V, scale=None), sdpa(Q, K, V, scale=1 / math.sqrt(8)))
+
+
+@pytest.mark.parametrize("scale", [0, 0.0, -1.5, 3, np.float32(0.25), np.int64(2), 1e-300])
+def test_numeric_scales_accepted(scale):
+    out = sdpa(Q, K, V, scale=scale)
+    ref = reference.scaled_dot_product_attention(Q, K, V, scale=float(scale))
+    assert_sdpa_close(out, ref, np.float64, vmax_of(V), logit_magnitude(Q, K, float(scale)))
+
+
+@pytest.mark.parametrize("nt", [1, 2, np.int32(3), 10_000])
+def test_int_num_threads_accepted(nt):
+    np.testing.assert_array_equal(sdpa(Q, K, V, num_threads=nt), sdpa(Q, K, V, num_threads=1))
+
+
+# ---------------------------------------------------------------- accepted input kinds
+
+def _check_sdpa(make):
+    """make(arr) converts a float32 array to the input kind under test."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 7, 3)).astype(np.float32)
+    mask = rng.random((5, 7)) < 0.7
+    out, lse = sdpa(make(q), make(k), make(v), attn_mask=make(mask), return_lse=True)
+    ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
+    assert isinstance(out, np.ndarray) and isinstance(lse, np.ndarray)
+    return out, ref, lse, ref_lse, v, q, k
+
+
+def test_python_lists_accepted():
+    out, ref, lse, ref_lse, v, q, k = _check_sdpa(lambda a: a.tolist())
+    # lists of Python floats are float64
+    assert_sdpa_close(out, ref, np.float64, vmax_of(v), logit_magnitude(q, k), lse, ref_lse)
+    x = np.random.default_rng(6).standard_normal((4, 6))
+    w = np.random.default_rng(7).standard_normal((6, 4))
+    got = attend(x.tolist(), w.tolist(), w.tolist(), w.tolist(), num_heads=2, wo=w[:4].tolist())
+    np.testing.assert_allclose(got, reference.attend(x, w, w, w, num_heads=2, wo=w[:4]), rtol=0, atol=1e-10)
+
+
+def test_tuples_and_scalars_in_lists_accepted():
+    out = sdpa(((1.0, 0.0),), ((1.0, 0.0), (0.0, 1.0)), ((2.0,), (4.0,)))
+    ref = reference.scaled_dot_product_attention(np.array([[1.0, 0.0]]), np.eye(2), np.array([[2.0], [4.0]]))
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+
+
+def test_memmap_accepted(tmp_path):
+    counter = iter(range(100))
+
+    def to_memmap(a):
+        mm = np.memmap(tmp_path / f"arr{next(counter)}.dat", dtype=a.dtype, mode="w+", shape=a.shape)
+        mm[...] = a
+        mm.flush()
+        return np.memmap(mm.filename, dtype=a.dtype, mode="r", shape=a.shape)   # read-only mapping
+
+    out, ref, lse, ref_lse, v, q, k = _check_sdpa(to_memmap)
+    assert type(out) is np.ndarray
+    assert_sdpa_close(out, ref, np.float32, vmax_of(v), logit_magnitude(q, k), lse, ref_lse)
+    x = np.random.default_rng(8).standard_normal((4, 6)).astype(np.float32)
+    w = np.random.default_rng(9).standard_normal((6, 4)).astype(np.float32)
+    got = attend(to_memmap(x), to_memmap(w), to_memmap(w), to_memmap(w), num_heads=2)
+    np.testing.assert_allclose(got, reference.attend(x, w, w, w, num_heads=2), rtol=0, atol=1e-5)
+
+
+def test_torch_cpu_tensors_accepted():
+    torch = pytest.importorskip("torch")
+    out, ref, lse, ref_lse, v, q, k = _check_sdpa(lambda a: torch.from_numpy(np.ascontiguousarray(a)))
+    assert_sdpa_close(out, ref, np.float32, vmax_of(v), logit_magnitude(q, k), lse, ref_lse)
+    # a non-contiguous tensor view
+    t = torch.from_numpy(np.random.default_rng(10).standard_normal((7, 2, 8)).astype(np.float32))
+    kt = t.transpose(0, 1)
+    got = sdpa(torch.from_numpy(q), kt, torch.from_numpy(v))
+    ref2 = reference.scaled_dot_product_attention(q, kt.numpy(), v)
+    assert_sdpa_close(got, ref2, np.float32, vmax_of(v), logit_magnitude(q, kt.numpy()))
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    w = torch.randn(6, 4, dtype=torch.float64)
+    got = attend(x, w, w, w, num_heads=2, wo=w[:4])
+    np.testing.assert_allclose(got, reference.attend(x.numpy(), w.numpy(), w.numpy(), w.numpy(), num_heads=2,
+                                                     wo=w[:4].numpy()), rtol=0, atol=1e-10)
