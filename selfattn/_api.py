@@ -5,7 +5,15 @@ import sys
 
 import numpy as np
 
-from . import _core
+try:
+    from . import _core
+except ImportError as exc:   # most often: the uncompiled source tree shadows the installed package
+    import os as _os
+    raise ImportError(
+        f"selfattn's compiled extension (selfattn._core) cannot be imported from "
+        f"{_os.path.dirname(__file__)}: {exc}. If that is a source checkout, install it "
+        f"(pip install .) and run from another directory, or build in place "
+        f"(python setup.py build_ext --inplace).") from exc
 
 __all__ = ["scaled_dot_product_attention", "attend", "config", "show_config", "use_isa", "set_isa",
            "available_isas"]

@@ -183,12 +183,13 @@ def test_impossible_workspace_is_memoryerror():
 
 # ---------------------------------------------------------------- thread counts
 
-def test_huge_num_threads_does_not_kill_the_process():
+def test_huge_num_threads_does_not_kill_the_process(tmp_path):
     """num_threads=65536 on a call with 70000 tasks: capped (4 threads per core), not 65536 OpenMP threads."""
     code = ("import numpy as np, selfattn\n"
             "q = np.broadcast_to(np.float32(1), (70000, 1, 4))\n"
             "out = selfattn.scaled_dot_product_attention(q, np.ones((1, 1, 4), np.float32), "
             "np.ones((1, 1, 2), np.float32), num_threads=65536)\n"
             "assert out.shape == (70000, 1, 2)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # cwd outside the source tree, so the child imports the installed package
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
