@@ -66,13 +66,21 @@ static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, T *packed)
     const T *v = (const T *)a->v + a->kv_v_off[g];
     int64_t j0 = kb * BK;
     int64_t nvalid = S - j0 < BK ? S - j0 : BK;
-    /* K^T: e outer so the writes are contiguous (the reads hit one L1-sized block) */
+    /* K^T: VW x VW register transposes where K rows are contiguous, then the
+     * leftover keys / features one by one (e outer: contiguous writes) */
+    int64_t jv = 0, ev = 0;
+    if (a->k_se == 1) {
+        jv = nvalid / VW * VW;
+        ev = E / VW * VW;
+        for (int64_t jj = 0; jj < jv; jj += VW)
+            for (int64_t e = 0; e < ev; e += VW)
+                V(transpose)(k + (j0 + jj) * a->k_ss + e, a->k_ss, Kp + e * BK + jj, BK);
+    }
     for (int64_t e = 0; e < E; e++) {
         const T *kcol = k + j0 * a->k_ss + e * a->k_se;
         T *dst = Kp + e * BK;
-        int64_t jj = 0;
-        for (; jj < nvalid; jj++) dst[jj] = kcol[jj * a->k_ss];
-        for (; jj < BK; jj++) dst[jj] = 0;
+        for (int64_t jj = e < ev ? jv : 0; jj < nvalid; jj++) dst[jj] = kcol[jj * a->k_ss];
+        for (int64_t jj = nvalid; jj < BK; jj++) dst[jj] = 0;
     }
     for (int64_t jj = 0; jj < BK; jj++) {
         T *vrow = Vp + (j0 + jj) * evp;
@@ -175,6 +183,15 @@ static void FN(mask_row)(const sa_attn_args *a, int64_t u, int64_t i, int64_t j0
     for (int64_t j = kvalid; j < keff; j++) s[j] = NEG_INF;
 }
 
+/* Keys of a block a group of MR rows computes, rounded up to whole
+ * micro-tiles: all kvalid, or under causal only up to the group's last row
+ * (`needed` = keys from the block's start that row can see). */
+static inline int64_t FN(group_keys)(int causal, int64_t needed, int64_t kvalid)
+{
+    int64_t k = causal && needed < kvalid ? needed : kvalid;
+    return k <= 0 ? 0 : FN(round_up)(k, KEYS_PER_TILE);
+}
+
 /* ---- pass 2: one task = one unit x one query tile --------------------- */
 
 static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T *Kp, int tid)
@@ -222,20 +239,25 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
     for (int64_t kb = 0; kb < kb_end; kb++) {
         int64_t j0 = kb * BK;
         int64_t kvalid = S - j0 < BK ? S - j0 : BK;
+        if (a->causal && i0 + rows - j0 < kvalid)
+            kvalid = i0 + rows - j0;             /* later keys are in every row's future */
         int64_t keff = FN(round_up)(kvalid, KEYS_PER_TILE);
         const T *Kb = Kp + kb * E * BK;
         const T *Vb = Vp + j0 * evp;
 
-        /* a. scores */
-        for (int64_t r0 = 0; r0 < rows_eff; r0 += MR)
-            for (int64_t c0 = 0; c0 < keff; c0 += KEYS_PER_TILE)
+        /* a. scores; under causal a group of MR rows stops at its last row's key
+         * (the mask pass below writes -inf over what is skipped) */
+        for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
+            int64_t kg = FN(group_keys)(a->causal, i0 + r0 + MR - j0, kvalid);
+            for (int64_t c0 = 0; c0 < kg; c0 += KEYS_PER_TILE)
                 FN(qk_tile)(Qp + r0 * E, E, Kb + c0, St + r0 * BK + c0);
+        }
 
         /* b. mask, row max, new running max */
         for (int64_t r = 0; r < rows_eff; r++) {
             T *s = St + r * BK;
             if (r < rows) FN(mask_row)(a, u, i0 + r, j0, kvalid, keff, s);
-            else for (int64_t j = kvalid; j < keff; j++) s[j] = NEG_INF;
+            else for (int64_t j = 0; j < keff; j++) s[j] = NEG_INF;   /* padding row: weight 0 */
             VT mx = V(set1)(NEG_INF);
             for (int64_t j = 0; j < keff; j += VW) mx = V(max)(mx, V(load)(s + j));
             T tmax = V(hmax)(mx);
@@ -259,9 +281,11 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
             l[r] = l[r] * alpha[r] + V(hsum)(sum);
         }
 
-        /* e. O = alpha*O + P.V */
-        for (int64_t r0 = 0; r0 < rows_eff; r0 += MR)
-            FN(pv_rows)(St + r0 * BK, kvalid, Vb, evp, Oacc + r0 * evp, alpha + r0);
+        /* e. O = alpha*O + P.V (causal: P is 0 past the group's last row) */
+        for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
+            int64_t kg = a->causal && i0 + r0 + MR - j0 < kvalid ? i0 + r0 + MR - j0 : kvalid;
+            FN(pv_rows)(St + r0 * BK, kg < 0 ? 0 : kg, Vb, evp, Oacc + r0 * evp, alpha + r0);
+        }
     }
 
     /* 3. normalise and write out */

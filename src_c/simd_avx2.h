@@ -45,6 +45,25 @@ SA_INLINE vf_t vf_exp2(vf_t x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* dst[c*ds + r] = src[r*ss + c] for r, c < 8 */
+SA_INLINE void vf_transpose(const float *src, int64_t ss, float *dst, int64_t ds) {
+    __m256 s[8];
+    for (int g = 0; g < 2; g++) {
+        __m256 a = _mm256_loadu_ps(src + (4 * g + 0) * ss), b = _mm256_loadu_ps(src + (4 * g + 1) * ss);
+        __m256 c = _mm256_loadu_ps(src + (4 * g + 2) * ss), d = _mm256_loadu_ps(src + (4 * g + 3) * ss);
+        __m256 t0 = _mm256_unpacklo_ps(a, b), t1 = _mm256_unpackhi_ps(a, b);
+        __m256 t2 = _mm256_unpacklo_ps(c, d), t3 = _mm256_unpackhi_ps(c, d);
+        s[4 * g + 0] = _mm256_shuffle_ps(t0, t2, 0x44);    /* columns 0,4 of rows 4g..4g+3 */
+        s[4 * g + 1] = _mm256_shuffle_ps(t0, t2, 0xEE);    /* columns 1,5 */
+        s[4 * g + 2] = _mm256_shuffle_ps(t1, t3, 0x44);    /* columns 2,6 */
+        s[4 * g + 3] = _mm256_shuffle_ps(t1, t3, 0xEE);    /* columns 3,7 */
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(dst + k * ds, _mm256_permute2f128_ps(s[k], s[4 + k], 0x20));
+        _mm256_storeu_ps(dst + (4 + k) * ds, _mm256_permute2f128_ps(s[k], s[4 + k], 0x31));
+    }
+}
+
 /* ---- double ---- */
 #define VD_W 4
 typedef __m256d vd_t;
@@ -91,4 +110,16 @@ SA_INLINE vd_t vd_exp2(vd_t x) {
     __m256d biased = _mm256_add_pd(n, _mm256_set1_pd(1023.0 + 4503599627370496.0));
     __m256i e = _mm256_slli_epi64(_mm256_castpd_si256(biased), 52);
     return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}
+
+/* dst[c*ds + r] = src[r*ss + c] for r, c < 4 */
+SA_INLINE void vd_transpose(const double *src, int64_t ss, double *dst, int64_t ds) {
+    __m256d a = _mm256_loadu_pd(src), b = _mm256_loadu_pd(src + ss);
+    __m256d c = _mm256_loadu_pd(src + 2 * ss), d = _mm256_loadu_pd(src + 3 * ss);
+    __m256d t0 = _mm256_unpacklo_pd(a, b), t1 = _mm256_unpackhi_pd(a, b);
+    __m256d t2 = _mm256_unpacklo_pd(c, d), t3 = _mm256_unpackhi_pd(c, d);
+    _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(dst + ds, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(dst + 2 * ds, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(dst + 3 * ds, _mm256_permute2f128_pd(t1, t3, 0x31));
 }

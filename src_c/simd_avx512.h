@@ -37,6 +37,30 @@ SA_INLINE vf_t vf_exp2(vf_t x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* dst[c*ds + r] = src[r*ss + c] for r, c < 16: in-lane 4x4 transposes
+ * (unpack + shuffle), then 128-bit lanes gathered with two shuffle_f32x4. */
+SA_INLINE void vf_transpose(const float *src, int64_t ss, float *dst, int64_t ds) {
+    __m512 s[16];
+    for (int g = 0; g < 4; g++) {
+        __m512 a = _mm512_loadu_ps(src + (4 * g + 0) * ss), b = _mm512_loadu_ps(src + (4 * g + 1) * ss);
+        __m512 c = _mm512_loadu_ps(src + (4 * g + 2) * ss), d = _mm512_loadu_ps(src + (4 * g + 3) * ss);
+        __m512 t0 = _mm512_unpacklo_ps(a, b), t1 = _mm512_unpackhi_ps(a, b);
+        __m512 t2 = _mm512_unpacklo_ps(c, d), t3 = _mm512_unpackhi_ps(c, d);
+        s[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);   /* columns 0,4,8,12 of rows 4g..4g+3 */
+        s[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);   /* columns 1,5,9,13  */
+        s[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);   /* columns 2,6,10,14 */
+        s[4 * g + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);   /* columns 3,7,11,15 */
+    }
+    for (int k = 0; k < 4; k++) {                         /* column 4*lane + k */
+        __m512 x = _mm512_shuffle_f32x4(s[k], s[4 + k], 0x44), y = _mm512_shuffle_f32x4(s[8 + k], s[12 + k], 0x44);
+        __m512 xh = _mm512_shuffle_f32x4(s[k], s[4 + k], 0xEE), yh = _mm512_shuffle_f32x4(s[8 + k], s[12 + k], 0xEE);
+        _mm512_storeu_ps(dst + (0 + k) * ds, _mm512_shuffle_f32x4(x, y, 0x88));
+        _mm512_storeu_ps(dst + (4 + k) * ds, _mm512_shuffle_f32x4(x, y, 0xDD));
+        _mm512_storeu_ps(dst + (8 + k) * ds, _mm512_shuffle_f32x4(xh, yh, 0x88));
+        _mm512_storeu_ps(dst + (12 + k) * ds, _mm512_shuffle_f32x4(xh, yh, 0xDD));
+    }
+}
+
 /* ---- double ---- */
 #define VD_W 8
 typedef __m512d vd_t;
@@ -70,4 +94,22 @@ SA_INLINE vd_t vd_exp2(vd_t x) {
     p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(SA_EXP2D_C1));
     p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(1.0));
     return _mm512_scalef_pd(p, n);
+}
+
+/* dst[c*ds + r] = src[r*ss + c] for r, c < 8 */
+SA_INLINE void vd_transpose(const double *src, int64_t ss, double *dst, int64_t ds) {
+    __m512d t[8];
+    for (int p = 0; p < 4; p++) {
+        __m512d a = _mm512_loadu_pd(src + (2 * p) * ss), b = _mm512_loadu_pd(src + (2 * p + 1) * ss);
+        t[2 * p + 0] = _mm512_unpacklo_pd(a, b);           /* columns 0,2,4,6 of rows 2p, 2p+1 */
+        t[2 * p + 1] = _mm512_unpackhi_pd(a, b);           /* columns 1,3,5,7 */
+    }
+    for (int k = 0; k < 2; k++) {                          /* column 2*lane + k */
+        __m512d x = _mm512_shuffle_f64x2(t[k], t[2 + k], 0x44), y = _mm512_shuffle_f64x2(t[4 + k], t[6 + k], 0x44);
+        __m512d xh = _mm512_shuffle_f64x2(t[k], t[2 + k], 0xEE), yh = _mm512_shuffle_f64x2(t[4 + k], t[6 + k], 0xEE);
+        _mm512_storeu_pd(dst + (0 + k) * ds, _mm512_shuffle_f64x2(x, y, 0x88));
+        _mm512_storeu_pd(dst + (2 + k) * ds, _mm512_shuffle_f64x2(x, y, 0xDD));
+        _mm512_storeu_pd(dst + (4 + k) * ds, _mm512_shuffle_f64x2(xh, yh, 0x88));
+        _mm512_storeu_pd(dst + (6 + k) * ds, _mm512_shuffle_f64x2(xh, yh, 0xDD));
+    }
 }

@@ -7,10 +7,13 @@
  *   vf_add vf_sub vf_mul vf_fma(a,b,c)=a*b+c  vf_max(a,b)
  *   vf_hmax(v) vf_hsum(v)   horizontal max / sum in a fixed order
  *   vf_exp2(x)             2^x for x <= 0 (NaN in -> NaN out, x < -126 -> 0)
+ *   vf_transpose(src, ss, dst, ds)   dst[c*ds + r] = src[r*ss + c], r, c < VF_W
  * The kernel body (attn_fwd_body.h) is written once against these names.
  */
 #ifndef SELFATTN_SIMD_COMMON_H
 #define SELFATTN_SIMD_COMMON_H
+
+#include <stdint.h>
 
 /* 2^f on [-0.5, 0.5]: least-squares fits on Chebyshev nodes, max relative
  * error 1.6e-8 (float, degree 6) and 3.6e-17 (double, degree 11). */

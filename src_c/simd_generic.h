@@ -25,7 +25,9 @@ SA_INLINE P##_t P##_fma(P##_t a, P##_t b, P##_t c) { for (int i = 0; i < W; i++)
 SA_INLINE P##_t P##_max(P##_t a, P##_t b) { for (int i = 0; i < W; i++) b.x[i] = a.x[i] > b.x[i] ? a.x[i] : b.x[i]; return b; } \
 SA_INLINE P##_t P##_min(P##_t a, P##_t b) { for (int i = 0; i < W; i++) b.x[i] = a.x[i] < b.x[i] ? a.x[i] : b.x[i]; return b; } \
 SA_INLINE T P##_hmax(P##_t v) { T m = v.x[0]; for (int i = 1; i < W; i++) m = v.x[i] > m ? v.x[i] : m; return m; } \
-SA_INLINE T P##_hsum(P##_t v) { T s = v.x[0]; for (int i = 1; i < W; i++) s += v.x[i]; return s; }
+SA_INLINE T P##_hsum(P##_t v) { T s = v.x[0]; for (int i = 1; i < W; i++) s += v.x[i]; return s; } \
+SA_INLINE void P##_transpose(const T *src, int64_t ss, T *dst, int64_t ds) {                     \
+    for (int r = 0; r < W; r++) for (int c = 0; c < W; c++) dst[c * ds + r] = src[r * ss + c]; }
 
 SA_GEN_OPS(vf, float, VF_W)
 SA_GEN_OPS(vd, double, VD_W)
