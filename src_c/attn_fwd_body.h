@@ -157,6 +157,18 @@ static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t evp, T *O, 
     for (; c0 < evp; c0 += VW) FN(pv_tile)(P, nk, Vb + c0, evp, O + c0, alpha, 1);
 }
 
+/* s[from..to) = -inf: scalar up to a vector boundary, then whole vectors
+ * (to is a multiple of VW or the row's end). */
+static inline void FN(fill_neg_inf)(T *s, int64_t from, int64_t to)
+{
+    const T NEG_INF = -(T)INFINITY;
+    int64_t j = from < 0 ? 0 : from;
+    for (; j < to && j % VW; j++) s[j] = NEG_INF;
+    VT ninf = V(set1)(NEG_INF);
+    for (; j + VW <= to; j += VW) V(store)(s + j, ninf);
+    for (; j < to; j++) s[j] = NEG_INF;
+}
+
 /* Add the mask / causal limit / key tail to one score row (row i, keys j0..). */
 static void FN(mask_row)(const sa_attn_args *a, int64_t u, int64_t i, int64_t j0, int64_t kvalid,
                          int64_t keff, T *s)
@@ -176,11 +188,10 @@ static void FN(mask_row)(const sa_attn_args *a, int64_t u, int64_t i, int64_t j0
             for (int64_t j = 0; j < kvalid; j++) s[j] += (T)(m[j * ss] * 1.4426950408889634);
         }
     }
-    if (a->causal && j0 + kvalid - 1 > i) {
-        int64_t first = i + 1 - j0;              /* keys j0+first.. are in the future */
-        for (int64_t j = first < 0 ? 0 : first; j < kvalid; j++) s[j] = NEG_INF;
-    }
-    for (int64_t j = kvalid; j < keff; j++) s[j] = NEG_INF;
+    if (a->causal && j0 + kvalid - 1 > i)
+        FN(fill_neg_inf)(s, i + 1 - j0, keff);   /* keys j0 + (i+1-j0).. are in the future */
+    else
+        FN(fill_neg_inf)(s, kvalid, keff);       /* tail of the last block */
 }
 
 /* Keys of a block a group of MR rows computes, rounded up to whole
@@ -257,7 +268,7 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
         for (int64_t r = 0; r < rows_eff; r++) {
             T *s = St + r * BK;
             if (r < rows) FN(mask_row)(a, u, i0 + r, j0, kvalid, keff, s);
-            else for (int64_t j = 0; j < keff; j++) s[j] = NEG_INF;   /* padding row: weight 0 */
+            else FN(fill_neg_inf)(s, 0, keff);   /* padding row: weight 0 */
             VT mx = V(set1)(NEG_INF);
             for (int64_t j = 0; j < keff; j += VW) mx = V(max)(mx, V(load)(s + j));
             T tmax = V(hmax)(mx);
