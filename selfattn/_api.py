@@ -56,7 +56,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         float64 if any of query/key/value is float64, else float32. A row whose keys are all
         masked gives zeros and lse = -inf.
     """
-    return _core.sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse, num_threads)
+    return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                      enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
 
 
 def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, num_threads=None):
@@ -121,8 +122,8 @@ def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, 
 
     out = np.empty(lead + (L, H * Ev), dtype=dt)
     out_heads = np.swapaxes(out.reshape(lead + (L, H, Ev)), -2, -3)
-    _core.sdpa(heads(0, E), heads(H * E, E), heads(2 * H * E, Ev), None, is_causal, scale, False, False,
-               num_threads, out_heads)
+    _core.sdpa(heads(0, E), heads(H * E, E), heads(2 * H * E, Ev), is_causal=is_causal, scale=scale,
+               num_threads=num_threads, out=out_heads)
     return out if wo is None else np.matmul(out, wo.astype(dt, copy=False))
 
 

@@ -9,6 +9,7 @@ turns the kernel's status codes into exceptions.
 """
 import math
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -30,7 +31,6 @@ cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)
 cdef object _BOOL = np.dtype(np.bool_)
 cdef object _U8 = np.dtype(np.uint8)
-cdef unsigned long _main_ident = PyThread_get_thread_ident()   # the importing thread
 cdef int _isa = sa_isa_best()
 cdef long _fail_allocs = 0         # debug hook: make N allocations fail ...
 cdef long _fail_after = 0          # ... after letting this many succeed
@@ -88,6 +88,19 @@ def openmp_enabled():
 
 def default_threads():
     return sa_default_threads()
+
+
+def tile_params(isa, dtype):
+    """Tile sizes of the kernel for instruction set `isa` and dtype float32/float64:
+    {'vw', 'mr', 'nr', 'nv', 'bq', 'bk'} (see sa_tile_params in src_c/selfattn.h).
+    Tests derive their tile-edge cases from these."""
+    cdef sa_tile_params p
+    cdef int isz = np.dtype(dtype).itemsize
+    if np.dtype(dtype) not in (_F32, _F64):
+        raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+    if sa_tile_params_get(_isa_from_name(isa), isz, &p) != SA_OK:
+        raise ValueError(f"instruction set {isa!r} is not compiled into this build")
+    return {"vw": p.vw, "mr": p.mr, "nr": p.nr, "nv": p.nv, "bq": p.bq, "bk": p.bk}
 
 
 def _debug_fail_allocations(n, after=0):
@@ -261,9 +274,13 @@ def _broadcast_error(q, k, v, gqa):
                       f"{v.shape} do not broadcast{hint}")
 
 
-def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-         return_lse=False, num_threads=None, out=None):
-    """Validate, then run the fused kernel. See selfattn.scaled_dot_product_attention."""
+def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+         return_lse=False, num_threads=None, out=None, schedule_only=False):
+    """Validate, then run the fused kernel. See selfattn.scaled_dot_product_attention.
+
+    Keyword-only past the arrays, so a new parameter can never shift the others.
+    schedule_only=True validates and returns the schedule the kernel would use
+    ({'threads', 'fused', 'compute_tasks', 'group'}) without computing (for tests)."""
     global _pending_signal_exc
     # -- scalars first: cheap, and errors come before any work
     cdef int64_t nt = _check_threads(num_threads)
@@ -358,6 +375,8 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
     for x in kvb:
         n_kv *= x
     if n_units == 0 or L == 0 or (Ev == 0 and lse is None):
+        if schedule_only:
+            return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
         return (out, lse) if return_lse else out
 
     # -- unit tables: offsets of each (batch, head) unit and its distinct K/V
@@ -371,7 +390,7 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
     cdef int64_t *kv_k = kv_units + n_units
     cdef int64_t *kv_v = kv_k + n_kv
     cdef int64_t *kv_start = kv_v + n_kv
-    cdef int64_t *st = kv_start + n_kv + 1          # per-dim strides, 8 arrays of nb
+    cdef int64_t *st = kv_start + n_kv + 1          # per-dim tables: 7 arrays of nb, then 4 of nkb
     cdef int64_t *qs = st                  # element strides per output batch dim: query
     cdef int64_t *os_ = st + nb            # out
     cdef int64_t *ls = st + 2 * nb         # lse
@@ -386,6 +405,7 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
     cdef void *ws = NULL
     cdef size_t ws_bytes = 0
     cdef sa_attn_args args
+    cdef sa_schedule sched
     cdef int status, d, j, isa = _isa, isz = dt.itemsize
     cdef int64_t u, off_q, off_o, off_l, off_m, off_kv, ii, c
     try:
@@ -502,11 +522,17 @@ def sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_
         args.scale = sc
         args.causal = causal
         args.num_threads = <int> nt
-        args.interrupt = NULL                # only the main thread sees signals
-        if PyThread_get_thread_ident() == _main_ident:
+        args.interrupt = NULL                # only the main thread sees signals: asked at call
+        if PyThread_get_thread_ident() == threading.main_thread().ident:   # time, not at import
             args.interrupt = _check_signals
         args.interrupt_ctx = NULL
 
+        if schedule_only:
+            status = sa_attn_schedule(&args, isa, isz, &sched)
+            if status != SA_OK:
+                raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
+            return {"threads": sched.threads, "fused": bool(sched.fused),
+                    "compute_tasks": sched.compute_tasks, "group": sched.group}
         status = sa_attn_workspace_size(&args, isa, isz, &ws_bytes)
         if status != SA_OK:
             raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")

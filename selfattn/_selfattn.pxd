@@ -22,6 +22,15 @@ cdef extern from "selfattn.h" nogil:
         SA_MASK_F32
         SA_MASK_F64
 
+    ctypedef struct sa_tile_params:
+        int vw, mr, nr, nv, bq, bk
+
+    ctypedef struct sa_schedule:
+        int threads
+        int fused
+        int64_t compute_tasks
+        int64_t group
+
     ctypedef int (*sa_interrupt_fn)(void *ctx) noexcept
 
     ctypedef struct sa_attn_args:
@@ -60,6 +69,8 @@ cdef extern from "selfattn.h" nogil:
     int sa_openmp_enabled()
     int sa_default_threads()
     int sa_in_forked_child()
+    int sa_tile_params_get(int isa, int dtype_size, sa_tile_params *params)
+    int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule *schedule)
     int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
     int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)
     int sa_attn_fwd_f64(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)

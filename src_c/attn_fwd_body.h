@@ -39,7 +39,15 @@
 #define VT SA_CAT(VP, _t)
 #define KEYS_PER_TILE (NRV * VW)
 
-const sa_tile_params FN(sa_params) = {VW, MR, BQ, BK};
+/* What the kernel below assumes of its tile sizes, checked when it is compiled:
+ * whole micro-tiles per query tile and key block, and the row arrays (m, l,
+ * msafe, alpha) are processed VW rows at a time up to BQ. */
+_Static_assert(BQ % MR == 0, "BQ must be a multiple of MR");
+_Static_assert(BQ % VW == 0, "BQ must be a multiple of VW (row arrays are read VW rows at a time)");
+_Static_assert(BK % KEYS_PER_TILE == 0, "BK must be a multiple of NRV * VW");
+_Static_assert(NVV >= 1 && NRV >= 1 && MR >= 1, "micro-tiles must be non-empty");
+
+const sa_tile_params FN(sa_params) = {VW, MR, KEYS_PER_TILE, NVV * VW, BQ, BK};
 
 typedef struct {
     const sa_attn_args *a;
@@ -213,14 +221,16 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
     const T NEG_INF = -(T)INFINITY;
     const T *Vp = Kp + lay->s_pad * E;
 
+    /* the carving of sa_layout_compute (attn_internal.h), nothing else */
     T *ws = c->scratch + (int64_t)tid * lay->thread_elems;
-    T *Qp = ws;                                  /* [BQ][E]   */
-    T *St = Qp + lay->qp_elems;                  /* [BQ][BK]  */
-    T *Oacc = St + lay->st_elems;                /* [BQ][evp] */
-    T *m = Oacc + lay->oacc_elems;               /* [BQ] running max (log2 units) */
-    T *l = m + lay->row_elems;                   /* [BQ] running sum              */
-    T *msafe = l + lay->row_elems;               /* [BQ] max used for exp2        */
-    T *alpha = msafe + lay->row_elems;           /* [BQ] rescale factors          */
+    T *Qp = ws;                                              /* [BQ][E]   */
+    T *St = ws + lay->off_st;                                /* [BQ][BK]  */
+    T *Oacc = ws + lay->off_oacc;                            /* [BQ][evp] */
+    T *rows_base = ws + lay->off_rows;
+    T *m = rows_base + SA_ROW_MAX * lay->row_elems;          /* [BQ] running max (log2 units) */
+    T *l = rows_base + SA_ROW_SUM * lay->row_elems;          /* [BQ] running sum              */
+    T *msafe = rows_base + SA_ROW_MSAFE * lay->row_elems;    /* [BQ] max used for exp2        */
+    T *alpha = rows_base + SA_ROW_ALPHA * lay->row_elems;    /* [BQ] rescale factors          */
 
     int64_t i0 = qt * BQ;
     int64_t rows = L - i0 < BQ ? L - i0 : BQ;

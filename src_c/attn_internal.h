@@ -16,17 +16,13 @@
 #define SA_HAVE_X86_TARGETS 0
 #endif
 
-/* Tile sizes of one (target, dtype) kernel; they fix the workspace layout. */
-typedef struct {
-    int vw;   /* SIMD lanes                                  */
-    int mr;   /* rows of a register micro-tile               */
-    int bq;   /* query rows per task (multiple of mr and vw) */
-    int bk;   /* keys per packed K/V block                   */
-} sa_tile_params;
-
 /* Workspace layout (all sizes in elements of the compute dtype, each piece
  * rounded up to 64 bytes). [packed K/V: `group` kv units (shared mode) or one
- * per thread (fused mode)][scratch of thread 0][scratch of thread 1]... */
+ * per thread (fused mode)][scratch of thread 0][scratch of thread 1]...
+ * One thread's scratch, carved by the kernel with these offsets only (so the
+ * size computed here and the carving cannot disagree):
+ *   [Q tile bq x E][scores bq x bk][O accumulator bq x evp][SA_ROW_ARRAYS x bq] */
+enum { SA_ROW_MAX, SA_ROW_SUM, SA_ROW_MSAFE, SA_ROW_ALPHA, SA_ROW_ARRAYS };
 typedef struct {
     int64_t n_qt, n_kb;          /* query tiles, key blocks                  */
     int64_t s_pad, evp;          /* S and Ev padded to bk and vw             */
@@ -34,6 +30,7 @@ typedef struct {
     int64_t group;               /* shared mode: kv units packed at once     */
     int fused;                   /* 1: each task packs one kv unit itself    */
     int64_t qp_elems, st_elems, oacc_elems, row_elems;  /* per-thread pieces */
+    int64_t off_st, off_oacc, off_rows;  /* their offsets in a thread's scratch */
     int64_t thread_elems;
     int nt;                      /* threads the scratch is sized for         */
     size_t total_bytes;

@@ -152,7 +152,10 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->st_elems = sa_round_up((int64_t)p->bq * p->bk, align);
     lay->oacc_elems = sa_round_up((int64_t)p->bq * lay->evp, align);
     lay->row_elems = sa_round_up(p->bq, align);
-    lay->thread_elems = lay->qp_elems + lay->st_elems + lay->oacc_elems + 4 * lay->row_elems;
+    lay->off_st = lay->qp_elems;
+    lay->off_oacc = lay->off_st + lay->st_elems;
+    lay->off_rows = lay->off_oacc + lay->oacc_elems;
+    lay->thread_elems = lay->off_rows + SA_ROW_ARRAYS * lay->row_elems;
     int nt = sa_effective_threads(a->num_threads);
     /* Fused schedule when there are enough distinct K/V to keep every thread
      * busy and one packed K/V stays cache-sized: no barrier between packing and
@@ -167,14 +170,39 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     return SA_OK;
 }
 
-int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
+int sa_tile_params_get(int isa, int dtype_size, sa_tile_params *params)
+{
+    if (isa < 0 || isa >= SA_ISA_COUNT || sa_kernels[isa].f32 == NULL) return SA_ERR_ISA;
+    if (dtype_size != 4 && dtype_size != 8) return SA_ERR_ARG;
+    *params = dtype_size == 4 ? *sa_kernels[isa].p32 : *sa_kernels[isa].p64;
+    return SA_OK;
+}
+
+static int sa_layout_for(const sa_attn_args *a, int isa, int dtype_size, sa_layout *lay)
 {
     if (!sa_isa_supported(isa)) return SA_ERR_ISA;
     if (dtype_size != 4 && dtype_size != 8) return SA_ERR_ARG;
+    return sa_layout_compute(a, dtype_size == 4 ? sa_kernels[isa].p32 : sa_kernels[isa].p64, dtype_size, lay);
+}
+
+int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
+{
     sa_layout lay;
-    int st = sa_layout_compute(a, dtype_size == 4 ? sa_kernels[isa].p32 : sa_kernels[isa].p64, dtype_size, &lay);
+    int st = sa_layout_for(a, isa, dtype_size, &lay);
     if (st != SA_OK) return st;
     *bytes = lay.total_bytes;
+    return SA_OK;
+}
+
+int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule *sch)
+{
+    sa_layout lay;
+    int st = sa_layout_for(a, isa, dtype_size, &lay);
+    if (st != SA_OK) return st;
+    sch->threads = lay.nt;
+    sch->fused = lay.fused;
+    sch->compute_tasks = lay.fused ? a->n_kv : a->n_units * lay.n_qt;
+    sch->group = lay.group;
     return SA_OK;
 }
 

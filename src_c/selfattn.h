@@ -47,6 +47,28 @@ typedef enum {
     SA_MASK_F64 = 3          /* float64, added to the logits                    */
 } sa_mask_kind;
 
+/* Tile sizes of one (instruction set, dtype) kernel. Tests derive their
+ * tile-edge cases from these, so a target that changes its tiles keeps being
+ * tested at its own edges. */
+typedef struct {
+    int vw;   /* SIMD lanes                                              */
+    int mr;   /* query rows of a register micro-tile                     */
+    int nr;   /* keys of a Q.K^T micro-tile (a multiple of vw)           */
+    int nv;   /* value columns of a P.V micro-tile (a multiple of vw)    */
+    int bq;   /* query rows per task (a multiple of mr and vw)           */
+    int bk;   /* keys per packed K/V block (a multiple of nr)            */
+} sa_tile_params;
+
+/* How a call will be scheduled (what sa_attn_fwd_* would do with these
+ * arguments): tests use it to prove that a thread-count test really runs
+ * several threads over several tasks. */
+typedef struct {
+    int threads;              /* threads the call runs on                    */
+    int fused;                /* 1: fused pack+compute schedule, else shared */
+    int64_t compute_tasks;    /* fused: distinct K/V; shared: units x query tiles */
+    int64_t group;            /* shared: distinct K/V packed at once         */
+} sa_schedule;
+
 /* Return nonzero to stop the computation (SA_ERR_INTERRUPTED). */
 typedef int (*sa_interrupt_fn)(void *ctx);
 
@@ -90,6 +112,13 @@ const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512"             
 int sa_openmp_enabled(void);         /* 1 if built with OpenMP                    */
 int sa_default_threads(void);        /* omp_get_max_threads(), or 1              */
 int sa_in_forked_child(void);        /* 1 after fork() in a child: runs 1 thread  */
+
+/* Tile sizes of the kernel for (isa, dtype_size 4 or 8). SA_ERR_ISA if that
+ * instruction set is not compiled in (it may still be unsupported by the CPU). */
+int sa_tile_params_get(int isa, int dtype_size, sa_tile_params *params);
+
+/* The schedule sa_attn_fwd_* would use for these arguments. */
+int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule *schedule);
 
 /* Bytes of workspace sa_attn_fwd_* needs for these arguments and dtype size
  * (4 or 8). Depends on L, S, E, Ev, n_kv, num_threads and isa only. */

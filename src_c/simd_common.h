@@ -6,7 +6,10 @@
  *   vf_zero() vf_set1(x) vf_load(p) vf_store(p,v) vf_bcast(p)
  *   vf_add vf_sub vf_mul vf_fma(a,b,c)=a*b+c  vf_max(a,b)
  *   vf_hmax(v) vf_hsum(v)   horizontal max / sum in a fixed order
- *   vf_exp2(x)             2^x for x <= 0 (NaN in -> NaN out, x < -126 -> 0)
+ *   vf_exp2(x)             2^x for x <= 0 (NaN in -> NaN out). Underflow differs by
+ *                          target: generic and AVX2 build the exponent by hand and
+ *                          flush to 0 below about -126.5 (float) / -1022.5 (double);
+ *                          AVX-512 (vscalef) keeps subnormals, 0 below -150 / -1080.
  *   vf_transpose(src, ss, dst, ds)   dst[c*ds + r] = src[r*ss + c], r, c < VF_W
  * The kernel body (attn_fwd_body.h) is written once against these names.
  */

@@ -50,7 +50,19 @@ settings.register_profile("thorough", max_examples=400, deadline=None, suppress_
                           print_blob=True)
 settings.load_profile(os.environ.get("SELFATTN_HYPOTHESIS_PROFILE", "ci"))
 
-from sa_testutil import ISAS  # noqa: E402
+from sa_testutil import ISAS, MISSING_ISAS, missing_isa_reason  # noqa: E402
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
 
 
 def pytest_report_header(config):
@@ -58,7 +70,18 @@ def pytest_report_header(config):
         cfg = selfattn.config()
     except Exception as exc:  # pragma: no cover - reported, not fatal here
         cfg = f"<config() failed: {exc!r}>"
-    return [f"selfattn: {_selfattn_file}", f"selfattn config: {cfg}", f"ISAs under test: {ISAS}"]
+    lines = [f"selfattn: {_selfattn_file}", f"selfattn config: {cfg}", f"CPU: {_cpu_model()}",
+             f"kernel paths under test: {', '.join(ISAS)}"]
+    for name in MISSING_ISAS:
+        lines.append(f"!!! {missing_isa_reason(name)}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter):
+    # said again at the end of the log, where a reader of CI's output looks first
+    terminalreporter.write_line(f"selfattn kernel paths tested: {', '.join(ISAS)}")
+    for name in MISSING_ISAS:
+        terminalreporter.write_line(f"!!! {missing_isa_reason(name)}", yellow=True, bold=True)
 
 
 @pytest.fixture(params=ISAS)

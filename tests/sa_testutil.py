@@ -15,10 +15,50 @@ from selfattn import reference
 
 ISAS = list(selfattn.config()["isas_available"])
 KNOWN_ISAS = ("avx512", "avx2", "generic")
+MISSING_ISAS = [name for name in KNOWN_ISAS if name not in ISAS]
+DTYPES = (np.float32, np.float64)
 
-# Kernel tile sizes: query tile 64 rows, key block 128 keys.
-Q_TILE = 64
-K_BLOCK = 128
+
+def missing_isa_reason(name):
+    """The skip reason for a path this CPU (or build) cannot run: loud, so CI's -rs log shows it."""
+    return (f"PATH NOT TESTED HERE: the {name} kernels cannot run on this CPU/build "
+            f"(runnable: {', '.join(ISAS)})")
+
+
+# ---------------------------------------------------------------- tile edges
+# Each (path, dtype) kernel has its own tile sizes (src_c/attn_<target>.c); edge cases are derived
+# from them, never hard-coded, so a target that changes its tiles is still tested at its edges.
+#   vw SIMD lanes, mr rows of a micro-tile, nr keys of a Q.K^T micro-tile, nv value columns of a
+#   P.V micro-tile, bq query rows per task, bk keys per packed block.
+
+def tile_params(isa, dtype):
+    return selfattn._core.tile_params(isa, np.dtype(dtype))
+
+
+def edge(isa, dtype, expr):
+    """A size written in tile units, e.g. "bk+1" or "2*bq-1", for path (isa, dtype); at least 1."""
+    value = eval(expr, {"__builtins__": {}}, tile_params(isa, dtype))
+    return max(1, int(value))
+
+
+# around every edge a size can cross: query rows (micro-tile, task tile), keys (micro-tile, block),
+# value columns (vector, P.V micro-tile)
+L_EDGES = ("1", "mr-1", "mr+1", "bq-1", "bq", "bq+1", "2*bq+1")
+S_EDGES = ("1", "nr-1", "nr+1", "bk-1", "bk", "bk+1", "2*bk+1")
+EV_EDGES = ("1", "vw-1", "vw+1", "nv", "nv+1")
+
+
+def edges(kind, isas=None, dtypes=DTYPES):
+    """Sorted union over the given paths and dtypes of the sizes around every `kind` edge
+    ("L", "S" or "Ev")."""
+    exprs = {"L": L_EDGES, "S": S_EDGES, "Ev": EV_EDGES}[kind]
+    return sorted({edge(i, d, e) for i in (ISAS if isas is None else isas) for d in dtypes for e in exprs})
+
+
+def crosses(n, size):
+    """Does a dimension of n cross a tile edge of `size` (more than one tile, or one partial tile
+    after a full one)?"""
+    return n > size
 
 # Per-dtype tolerances. The error of an attention output is measured against the
 # scale of V (the output is a convex combination of rows of V) and grows with the
@@ -203,6 +243,17 @@ def run_isas(fn, isas=None):
         with selfattn.use_isa(name):
             out[name] = fn()
     return out
+
+
+def optional_import(name):
+    """Import an optional package; skip the test without it, unless SELFATTN_REQUIRE_OPTIONAL
+    names it (CI sets it: there a missing oracle is a failure, not a silent skip)."""
+    import importlib
+    import pytest
+    required = {x.strip() for x in os.environ.get("SELFATTN_REQUIRE_OPTIONAL", "").split(",") if x.strip()}
+    if name in required:
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 def examples(n):

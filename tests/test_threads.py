@@ -1,24 +1,48 @@
-"""Results do not depend on the thread count: bit-for-bit, out and lse, on every ISA."""
+"""Results do not depend on the thread count: bit-for-bit, out and lse, on every ISA.
+
+A thread-count test only means something if the "many threads" runs really use several
+threads on several tasks: every case here has more tasks than the largest thread count,
+and _assert_really_parallel checks the kernel's own schedule (selfattn._core.sdpa with
+schedule_only=True) before the results are compared.
+"""
 
 import numpy as np
 import pytest
 
 import selfattn
-from selfattn import reference
+from selfattn import _core, reference
 from sa_testutil import ISAS, assert_sdpa_close, logit_magnitude, vmax_of
 
 THREADS = [1, 2, 3, None]
 
-# (q shape, k shape, v shape, extra kwargs)
+# (q shape, k shape, v shape, extra kwargs); each has more than max(THREADS) = 3 tasks
 CASES = {
     "multi_unit_odd": ((2, 3, 130, 17), (2, 3, 257, 17), (2, 3, 257, 33), {}),
     "one_unit_long_q": ((200, 64), (65, 64), (65, 64), {}),
-    "one_row_many_keys": ((1, 1, 80), (1, 1000, 80), (1, 1000, 5), {}),
-    "few_rows_many_keys": ((1, 3, 129), (1, 777, 129), (1, 777, 129), {}),
+    "one_row_many_keys": ((8, 1, 80), (8, 1000, 80), (8, 1000, 5), {}),
+    "few_rows_many_keys": ((5, 3, 129), (5, 777, 129), (5, 777, 129), {}),
     "gqa": ((2, 6, 97, 16), (2, 2, 131, 16), (2, 2, 131, 8), {"enable_gqa": True}),
     "bcast_kv": ((3, 4, 66, 8), (1, 4, 300, 8), (3, 1, 300, 3), {}),
     "L_gt_S": ((5, 190, 3), (5, 70, 3), (5, 70, 7), {}),
 }
+
+
+def _expected_threads(requested):
+    if not selfattn.config()["openmp"]:
+        return 1
+    return selfattn.config()["default_threads"] if requested is None else requested
+
+
+def _assert_really_parallel(q, k, v, kw, ctx=""):
+    """Each multi-thread run of THREADS runs that many threads, with more tasks than threads."""
+    for t in THREADS:
+        sched = _core.sdpa(q, k, v, num_threads=t, schedule_only=True, **kw)
+        want = _expected_threads(t)
+        assert sched["threads"] == want, f"{ctx}num_threads={t}: the kernel would run {sched}, not {want} threads"
+        if want > 1:
+            assert sched["compute_tasks"] > sched["threads"], (
+                f"{ctx}num_threads={t}: {sched['compute_tasks']} tasks for {sched['threads']} threads: "
+                f"some threads would idle, the test would not compare a parallel run")
 
 
 def _inputs(shapes, dtype, seed):
@@ -58,6 +82,7 @@ def test_threads_bitwise_identical(isa, case, masking, dtype):
         kw["attn_mask"] = rng.random((L, S)) < 0.6
     elif masking == "float":
         kw["attn_mask"] = np.where(rng.random((L, S)) < 0.6, rng.standard_normal((L, S)), -np.inf).astype(dtype)
+    _assert_really_parallel(q, k, v, kw, f"[isa={isa} {case} {masking}] ")
     res = _run_all_threads(q, k, v, kw)
     _assert_bitwise(res, f"[isa={isa} {case} {masking}] ")
     # and the common answer is the right one
@@ -70,6 +95,7 @@ def test_threads_bitwise_identical(isa, case, masking, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_repeated_calls_identical(isa, dtype):
     q, k, v = _inputs(((2, 2, 150, 24), (2, 2, 260, 24), (2, 2, 260, 24)), dtype, seed=9)
+    assert _core.sdpa(q, k, v, num_threads=2, schedule_only=True)["compute_tasks"] > 2
     first = selfattn.scaled_dot_product_attention(q, k, v, num_threads=2, return_lse=True)
     for _ in range(3):
         again = selfattn.scaled_dot_product_attention(q, k, v, num_threads=2, return_lse=True)
@@ -93,6 +119,8 @@ def test_attend_threads_bitwise_identical(isa, dtype):
     wq, wk = (rng.standard_normal((48, 4 * 12)).astype(dtype) for _ in range(2))
     wv = rng.standard_normal((48, 4 * 8)).astype(dtype)
     wo = rng.standard_normal((32, 10)).astype(dtype)
+    heads = np.zeros((2, 4, 131, 12), dtype)   # the heads attend() hands the kernel
+    _assert_really_parallel(heads, heads, heads[..., :8], {"is_causal": True}, f"[isa={isa}] attend: ")
     outs = [selfattn.attend(x, wq, wk, wv, num_heads=4, wo=wo, is_causal=True, num_threads=t) for t in THREADS]
     for t, o in zip(THREADS, outs):
         assert np.array_equal(o, outs[0]), f"[isa={isa}] attend with num_threads={t} differs from 1 thread"
@@ -156,6 +184,9 @@ def test_schedule_switch_is_bitwise_invisible(shape):
     Both must give the same bits."""
     rng = np.random.default_rng(7)
     q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    if shape == (6, 1, 200, 40) and selfattn.config()["openmp"]:
+        fused = {n: _core.sdpa(q, k, v, is_causal=True, num_threads=n, schedule_only=True)["fused"] for n in (1, 2)}
+        assert fused == {1: True, 2: False}, f"the thread count no longer switches the schedule: {fused}"
     for isa in ISAS:
         with selfattn.use_isa(isa):
             runs = [selfattn.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True, num_threads=n)

@@ -2,7 +2,8 @@
  * attn_smoke.c -- the C kernels against a naive C reference, on any
  * architecture (CI runs it natively; it is also how the portable path was
  * checked on aarch64 under qemu-user). Every supported ISA, both dtypes,
- * 1 and 2 threads, no mask / bool mask / float mask / causal, odd sizes.
+ * 1 and 2 threads, no mask / bool mask / float mask / causal, sizes around
+ * each path's own tile edges (sa_tile_params_get).
  * Prints "N passed, M failed"; exit status 1 on any failure.
  */
 #include <math.h>
@@ -89,16 +90,20 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     void *raw = malloc(bytes + 64);
     void *ws = (void *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
     if (st == SA_OK) st = dsize == 4 ? sa_attn_fwd_f32(&a, isa, ws, bytes) : sa_attn_fwd_f64(&a, isa, ws, bytes);
+    /* worst error, NaN-propagating: fmax() would drop a NaN and pass a kernel
+     * that writes NaN everywhere; `!(d <= err)` keeps it */
     double tol = dsize == 4 ? 2e-5 : 1e-12, err = 0;
+#define SA_WORST(d) do { double d_ = (d); if (!(d_ <= err)) err = d_; } while (0)
     for (size_t i = 0; i < no; i++) {
         double o = dsize == 4 ? ((float *)out)[i] : ((double *)out)[i];
-        err = fmax(err, fabs(o - od[i]));
+        SA_WORST(fabs(o - od[i]));
     }
     for (int64_t i = 0; i < L; i++) {
         double l = dsize == 4 ? ((float *)lse)[i] : ((double *)lse)[i];
-        if (isinf(ld[i])) err = fmax(err, l == ld[i] ? 0 : 1);
-        else err = fmax(err, fabs(l - ld[i]) / 8);
+        if (isinf(ld[i])) SA_WORST(l == ld[i] ? 0 : 1);
+        else SA_WORST(fabs(l - ld[i]) / 8);
     }
+#undef SA_WORST
     if (st == SA_OK && err <= tol) n_pass++;
     else {
         n_fail++;
@@ -110,21 +115,43 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     free(q); free(k); free(v); free(out); free(lse); free(mask); free(raw);
 }
 
+#define N_SHAPES 7
+
 int main(void)
 {
-    static const int64_t shapes[][4] = {{1, 1, 1, 1}, {4, 4, 3, 3}, {65, 129, 17, 33}, {130, 70, 64, 80}, {3, 0, 5, 2}};
+    int n_isas = 0;
     for (int isa = 0; isa < SA_ISA_COUNT; isa++) {
-        if (!sa_isa_supported(isa)) continue;
-        for (int dsize = 4; dsize <= 8; dsize += 4)
+        if (!sa_isa_supported(isa)) {
+            printf("isa %s: NOT TESTED (not available on this CPU/build)\n", sa_isa_name(isa));
+            continue;
+        }
+        n_isas++;
+        for (int dsize = 4; dsize <= 8; dsize += 4) {
+            /* sizes around this path's own tile edges (query tile, key block,
+             * micro-tiles, vector width), so the cases follow the tiles */
+            sa_tile_params p;
+            if (sa_tile_params_get(isa, dsize, &p) != SA_OK) { n_fail++; continue; }
+            const int64_t shapes[N_SHAPES][4] = {
+                {1, 1, 1, 1},
+                {p.mr, p.nr - 1, 3, p.vw - 1},
+                {p.bq + 1, p.bk + 1, 17, p.nv + 1},
+                {2 * p.bq + 2, p.bk - 1, 64, 80},
+                {p.bq - 1, 2 * p.bk + 1, 5, p.vw + 1},
+                {p.bq, p.bk, 2, p.nv},
+                {3, 0, 5, 2},
+            };
             for (int nt = 1; nt <= 2; nt++)
                 for (int mkind = 0; mkind < 3; mkind++)
                     for (int causal = 0; causal < 2; causal++) {
                         if (mkind && causal) continue;
-                        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+                        for (int s = 0; s < N_SHAPES; s++)
                             run_case(isa, dsize, nt, mkind, causal, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3]);
                     }
+        }
     }
-    printf("best isa: %s, openmp: %d\n", sa_isa_name(sa_isa_best()), sa_openmp_enabled());
+    /* per isa: 2 dtypes x 2 thread counts x 4 masking kinds x N_SHAPES */
+    printf("best isa: %s, openmp: %d, isas tested: %d, cases per isa: %d\n", sa_isa_name(sa_isa_best()),
+           sa_openmp_enabled(), n_isas, 2 * 2 * 4 * N_SHAPES);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }
