@@ -35,30 +35,25 @@ def tile_params(isa, dtype):
     return selfattn._core.tile_params(isa, np.dtype(dtype))
 
 
-def edge(isa, dtype, expr):
-    """A size written in tile units, e.g. "bk+1" or "2*bq-1", for path (isa, dtype); at least 1."""
+def edge(isa, dtype, expr, at_least=1):
+    """A size written in tile units, e.g. "bk+1" or "2*bq-1", for path (isa, dtype); at least `at_least`."""
     value = eval(expr, {"__builtins__": {}}, tile_params(isa, dtype))
-    return max(1, int(value))
+    return max(at_least, int(value))
 
 
 # around every edge a size can cross: query rows (micro-tile, task tile), keys (micro-tile, block),
 # value columns (vector, P.V micro-tile)
 L_EDGES = ("1", "mr-1", "mr+1", "bq-1", "bq", "bq+1", "2*bq+1")
 S_EDGES = ("1", "nr-1", "nr+1", "bk-1", "bk", "bk+1", "2*bk+1")
+E_EDGES = ("1", "vw-1", "vw", "vw+1", "2*vw+1")     # K is packed by VW x VW transposes
 EV_EDGES = ("1", "vw-1", "vw+1", "nv", "nv+1")
 
 
 def edges(kind, isas=None, dtypes=DTYPES):
     """Sorted union over the given paths and dtypes of the sizes around every `kind` edge
-    ("L", "S" or "Ev")."""
-    exprs = {"L": L_EDGES, "S": S_EDGES, "Ev": EV_EDGES}[kind]
+    ("L", "S", "E" or "Ev")."""
+    exprs = {"L": L_EDGES, "S": S_EDGES, "E": E_EDGES, "Ev": EV_EDGES}[kind]
     return sorted({edge(i, d, e) for i in (ISAS if isas is None else isas) for d in dtypes for e in exprs})
-
-
-def crosses(n, size):
-    """Does a dimension of n cross a tile edge of `size` (more than one tile, or one partial tile
-    after a full one)?"""
-    return n > size
 
 # Per-dtype tolerances. The error of an attention output is measured against the
 # scale of V (the output is a convex combination of rows of V) and grows with the
@@ -94,6 +89,24 @@ def logit_magnitude(q, k, scale=None, mask=None):
 def tolerance(dtype, logit_mag=0.0):
     t = TOL[np.dtype(dtype)]
     return max(t["rtol"], 8.0 * t["eps"] * (logit_mag + 8.0))
+
+
+def weight_tolerance(dtype, logit_mag=0.0):
+    """Bound on the error of a softmax weight (a number in [0, 1]) or of a convex combination of
+    values of size <= 1, when logits of size <= logit_mag are computed in `dtype`.
+
+    Each logit is off by at most eps * logit_mag (two roundings of half an ulp: the scale folded
+    into Q, the product), so a weight is off by at most (difference of two such errors) times
+    itself; plus the table's rtol for the rest (exp2, sums, the final division)."""
+    t = TOL[np.dtype(dtype)]
+    return t["rtol"] + 2.0 * t["eps"] * logit_mag
+
+
+def lse_tolerance(dtype, lse_mag, logit_mag=0.0):
+    """Bound on the error of a log-sum-exp of size lse_mag: stored in `dtype` (one ulp) plus the
+    logits' rounding (see weight_tolerance)."""
+    t = TOL[np.dtype(dtype)]
+    return t["rtol"] + 2.0 * t["eps"] * (lse_mag + logit_mag)
 
 
 def _where(mask):

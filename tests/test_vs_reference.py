@@ -7,13 +7,14 @@ from hypothesis import strategies as st
 
 import selfattn
 from selfattn import reference
-from sa_testutil import (ISAS, LAYOUTS, assert_sdpa_close, assert_unchanged, examples, logit_magnitude,
-                         snapshot, vmax_of, with_layout)
+from sa_testutil import (ISAS, L_EDGES, LAYOUTS, S_EDGES, assert_sdpa_close, assert_unchanged, edge, edges,
+                         examples, logit_magnitude, snapshot, vmax_of, with_layout)
 
 DTYPES = [np.float32, np.float64]
-SIZES_L = [1, 2, 3, 5, 0, 7, 31, 63, 64, 65, 127, 128, 129, 200]
-SIZES_S = [1, 2, 3, 5, 0, 17, 63, 64, 65, 127, 128, 129, 255, 257]
-DIMS = [1, 3, 17, 64, 80, 128, 129]
+# sizes around every tile edge of every path under test (derived from the kernels' own tile sizes)
+SIZES_L = sorted({0, 2, 3, 5, 7, 31, 200} | set(edges("L")))
+SIZES_S = sorted({0, 2, 3, 5, 17} | set(edges("S")))
+DIMS = sorted({3, 17, 64, 80, 128, 129} | set(edges("E")) | set(edges("Ev")))
 WORK_LIMIT = 2.5e7          # units * L * S * (E + Ev): keeps every example a few ms
 
 
@@ -193,41 +194,44 @@ def test_attend_matches_reference(c):
 
 # ------------------------------------------------------------------ tile edges, deterministic
 
-@pytest.mark.parametrize("L", [1, 63, 64, 65, 127, 128, 129])
-@pytest.mark.parametrize("S", [1, 127, 128, 129, 255, 257])
+@pytest.mark.parametrize("L_at", L_EDGES)
+@pytest.mark.parametrize("S_at", S_EDGES)
 @pytest.mark.parametrize("masking", ["none", "causal", "bool", "float"])
-def test_tile_edges(L, S, masking):
-    rng = np.random.default_rng(L * 1000 + S)
-    E, Ev = 17, 9
-    q64 = rng.standard_normal((2, L, E))
-    k64 = rng.standard_normal((2, S, E))
-    v64 = rng.standard_normal((2, S, Ev))
-    mask = None
-    if masking == "bool":
-        mask = rng.random((L, S)) < 0.7
-    elif masking == "float":
-        mask = np.where(rng.random((L, S)) < 0.7, rng.standard_normal((L, S)), -np.inf)
+def test_tile_edges(L_at, S_at, masking):
+    """L and S at each path's own tile edges (query micro-tile and task tile, key micro-tile and block)."""
     for dt in DTYPES:
-        q, k, v = q64.astype(dt), k64.astype(dt), v64.astype(dt)
-        m = None if mask is None else mask.astype(dt if mask.dtype != bool else bool)
-        kw = dict(attn_mask=m, is_causal=masking == "causal", return_lse=True)
-        ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, **kw)
-        mag = logit_magnitude(q, k, None, m)
         for isa in ISAS:
+            L, S = edge(isa, dt, L_at), edge(isa, dt, S_at)
+            rng = np.random.default_rng(L * 1000 + S)
+            E, Ev = 17, 9
+            q = rng.standard_normal((2, L, E)).astype(dt)
+            k = rng.standard_normal((2, S, E)).astype(dt)
+            v = rng.standard_normal((2, S, Ev)).astype(dt)
+            m = None
+            if masking == "bool":
+                m = rng.random((L, S)) < 0.7
+            elif masking == "float":
+                m = np.where(rng.random((L, S)) < 0.7, rng.standard_normal((L, S)), -np.inf).astype(dt)
+            kw = dict(attn_mask=m, is_causal=masking == "causal", return_lse=True)
+            ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, **kw)
             with selfattn.use_isa(isa):
                 out, lse = selfattn.scaled_dot_product_attention(q, k, v, **kw)
-            assert_sdpa_close(out, ref, dt, vmax_of(v), mag, lse, ref_lse, ctx=f"[isa={isa} {np.dtype(dt)}] ")
+            assert_sdpa_close(out, ref, dt, vmax_of(v), logit_magnitude(q, k, None, m), lse, ref_lse,
+                              ctx=f"[isa={isa} {np.dtype(dt)} L={L} S={S}] ")
 
 
-@pytest.mark.parametrize("E,Ev", [(1, 1), (3, 129), (64, 64), (80, 17), (128, 128), (129, 3), (200, 1)])
-def test_feature_dims(E, Ev):
-    rng = np.random.default_rng(E * 7 + Ev)
+@pytest.mark.parametrize("E_at,Ev_at", [("1", "1"), ("vw-1", "nv+1"), ("vw", "nv"), ("vw+1", "vw-1"),
+                                        ("2*vw+1", "2*nv+1"), ("128", "128"), ("129", "3"), ("200", "1")])
+def test_feature_dims(E_at, Ev_at):
+    """E at the K-packing transposes' edges (vw), Ev at the P.V micro-tile's (vw, nv), per path."""
     for dt in DTYPES:
-        q = rng.standard_normal((3, 65, E)).astype(dt)
-        k = rng.standard_normal((3, 130, E)).astype(dt)
-        v = rng.standard_normal((3, 130, Ev)).astype(dt)
-        ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, return_lse=True)
         for isa in ISAS:
+            E, Ev = edge(isa, dt, E_at), edge(isa, dt, Ev_at)
+            rng = np.random.default_rng(E * 7 + Ev)
+            q = rng.standard_normal((3, edge(isa, dt, "bq+1"), E)).astype(dt)
+            k = rng.standard_normal((3, edge(isa, dt, "bk+2"), E)).astype(dt)
+            v = rng.standard_normal((3, k.shape[1], Ev)).astype(dt)
+            ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, return_lse=True)
             with selfattn.use_isa(isa):
                 out, lse = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True)
             assert_sdpa_close(out, ref, dt, vmax_of(v), logit_magnitude(q, k), lse, ref_lse,
