@@ -8,8 +8,8 @@ import pytest
 
 import selfattn
 from selfattn import reference
-from sa_testutil import (ISAS, assert_sdpa_close, assert_unchanged, logit_magnitude, snapshot, vmax_of,
-                         with_layout)
+from sa_testutil import (ISAS, assert_sdpa_close, assert_unchanged, logit_magnitude, optional_import, snapshot,
+                         vmax_of, with_layout)
 
 sdpa = selfattn.scaled_dot_product_attention
 
@@ -438,7 +438,7 @@ def test_memmap_inputs(tmp_path, dtype):
 
 
 def test_torch_tensor_inputs():
-    torch = pytest.importorskip("torch")
+    torch = optional_import("torch")
     g = torch.Generator().manual_seed(0)
     for tdt, ndt in ((torch.float32, np.float32), (torch.float64, np.float64)):
         q = torch.randn(2, 3, 66, 8, generator=g, dtype=tdt)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import selfattn
+from sa_testutil import optional_import
 
 
 sdpa = selfattn.scaled_dot_product_attention
@@ -209,7 +210,7 @@ def test_call_in_forked_child_after_parallel_calls(child_threads):
 # ---------------------------------------------------------------- threadpoolctl
 
 def test_threadpoolctl_limits_are_respected():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    threadpoolctl = optional_import("threadpoolctl")
     if not selfattn.config()["openmp"]:
         pytest.skip("built without OpenMP")
     q, k, v, mask, x, (wq, wk, wv, wo) = _problem(12)

@@ -8,7 +8,7 @@ import pytest
 
 import selfattn
 from selfattn import reference
-from sa_testutil import assert_sdpa_close, logit_magnitude, vmax_of
+from sa_testutil import assert_sdpa_close, logit_magnitude, optional_import, vmax_of
 
 sdpa = selfattn.scaled_dot_product_attention
 attend = selfattn.attend
@@ -221,7 +221,7 @@ def test_memmap_accepted(tmp_path):
 
 
 def test_torch_cpu_tensors_accepted():
-    torch = pytest.importorskip("torch")
+    torch = optional_import("torch")
     out, ref, lse, ref_lse, v, q, k = _check_sdpa(lambda a: torch.from_numpy(np.ascontiguousarray(a)))
     assert_sdpa_close(out, ref, np.float32, vmax_of(v), logit_magnitude(q, k), lse, ref_lse)
     # a non-contiguous tensor view
