@@ -91,9 +91,10 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     void *ws = (void *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
     if (st == SA_OK) st = dsize == 4 ? sa_attn_fwd_f32(&a, isa, ws, bytes) : sa_attn_fwd_f64(&a, isa, ws, bytes);
     /* worst error, NaN-propagating: fmax() would drop a NaN and pass a kernel
-     * that writes NaN everywhere; `!(d <= err)` keeps it */
+     * that writes NaN everywhere; `!(d <= err)` takes a NaN, and once err is
+     * NaN it stays NaN (so `err <= tol` fails) */
     double tol = dsize == 4 ? 2e-5 : 1e-12, err = 0;
-#define SA_WORST(d) do { double d_ = (d); if (!(d_ <= err)) err = d_; } while (0)
+#define SA_WORST(d) do { double d_ = (d); if (!isnan(err) && !(d_ <= err)) err = d_; } while (0)
     for (size_t i = 0; i < no; i++) {
         double o = dsize == 4 ? ((float *)out)[i] : ((double *)out)[i];
         SA_WORST(fabs(o - od[i]));

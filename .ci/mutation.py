@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Mutation check: plant known faults in the C kernel and show that the tests catch each one.
+
+A test suite that passes a broken kernel is worse than none: it says "correct" about code it
+never checked. This script keeps the suite honest. For each planted fault (a one-line change
+of src_c/, listed in MUTANTS) it builds the kernel with that fault and runs
+
+  * the C kernel tests (tests/c/attn_smoke.c, tests/c/test_index64.c), always, and
+  * with --python, the Python test suite (or the files given with --tests) against the
+    extension built from the mutated sources,
+
+and requires every mutant to be "killed" (some test fails). The unmutated sources are run
+first: they must pass, or a failure would prove nothing. A mutation whose text no longer
+occurs exactly once in its file is an error (the source moved on: update the list here),
+never a silent pass.
+
+    python .ci/mutation.py                      # C tests only (CI), about a minute
+    python .ci/mutation.py --python             # also the Python suite, every failing test listed
+    python .ci/mutation.py --python --tests tests/test_vs_reference.py -x
+
+Exit status 0 when every mutant is killed, 1 otherwise (or on a build error).
+"""
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = "src_c/attn_fwd_body.h"
+
+# (name, file, exact text, replacement, what the fault is)
+MUTANTS = [
+    ("nan_output", BODY, "T inv = (T)1 / l[r];", "T inv = (T)NAN;",
+     "every output row is NaN (the fmax() blind spot of the old C smoke test)"),
+    ("wrong_rescale", BODY, "alpha[r] = m[r] - msafe[r];", "alpha[r] = (m[r] - msafe[r]) * (T)0.5;",
+     "online softmax rescales O and l by 2^(d/2) instead of 2^d when the running max moves by d"),
+    ("off_by_one_tile_edge", BODY, "int64_t kvalid = S - j0 < BK ? S - j0 : BK;",
+     "int64_t kvalid = S - j0 < BK ? S - j0 : BK - 1;",
+     "the last key of every full key block is dropped (only a problem with S >= BK)"),
+    ("dropped_mask_bit", BODY, "if (!m[j * ss]) s[j] = NEG_INF;",
+     "if (!m[j * ss] && j != kvalid - 1) s[j] = NEG_INF;",
+     "a False in a bool mask is ignored at the last key of each block"),
+    ("wrong_lse", BODY, "(T)(0.6931471805599453 * (double)m[r] + log((double)l[r]))",
+     "(T)((double)m[r] + log((double)l[r]))",
+     "lse mixes log2 and natural-log units (the running max is not converted)"),
+    ("causal_off_by_one", BODY, "FN(fill_neg_inf)(s, i + 1 - j0, keff);", "FN(fill_neg_inf)(s, i + 2 - j0, keff);",
+     "under is_causal, query i also sees key i + 1"),
+    ("float_mask_units", BODY, "s[j] += (T)(m[j * ss] * 1.4426950408889634);", "s[j] += (T)m[j * ss];",
+     "a float64 mask is added in natural-log units to log2-unit scores"),
+]
+
+C_SOURCES = ["dispatch.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]
+C_TESTS = [("attn_smoke.c", ["-O2", "-fopenmp"]), ("test_index64.c", ["-O1", "-fopenmp"])]
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def compiler():
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return shlex.split(cc)
+
+
+def copy_tree(dst):
+    """The parts of the repository a build and the tests need (no .git, build/, in-place .so)."""
+    ignore = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "*.so", "_core.c", "__pycache__",
+                                    ".hypothesis", ".pytest_cache", ".benchmarks")
+    shutil.copytree(ROOT, dst, ignore=ignore)
+
+
+def apply(tree, mutant):
+    name, rel, old, new, _ = mutant
+    path = Path(tree) / rel
+    text = path.read_text()
+    count = text.count(old)
+    if count != 1:
+        raise SystemExit(f"mutation {name!r}: {old!r} occurs {count} times in {rel} (expected once); "
+                         f"the source changed, update MUTANTS in {__file__}")
+    path.write_text(text.replace(old, new))
+
+
+def run_c_tests(tree, workdir):
+    """{test program: (killed?, summary line)} for the C tests built against tree/src_c."""
+    src = Path(tree) / "src_c"
+    results = {}
+    for test, flags in C_TESTS:
+        exe = Path(workdir) / test.replace(".c", "")
+        cmd = compiler() + flags + [f"-I{src}", str(Path(tree) / "tests" / "c" / test)] + \
+            [str(src / f) for f in C_SOURCES] + ["-lm", "-lpthread", "-o", str(exe)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"building {test} failed:\n$ {' '.join(cmd)}\n{r.stderr[-3000:]}")
+        r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900)
+        m = re.search(r"^(\d+) passed, (\d+) failed", r.stdout, re.M)
+        summary = m.group(0) if m else f"exit {r.returncode}, no summary"
+        results[test] = (r.returncode != 0 or not m or int(m.group(2)) > 0, summary)
+    return results
+
+
+def run_python_tests(tree, workdir, test_args, python):
+    """Build the extension from tree into a private target dir, run pytest; (killed?, failed ids)."""
+    target = Path(workdir) / "site"
+    r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                        "--target", str(target), str(tree)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"building the extension failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    tests = [str(Path(tree) / t) if not os.path.isabs(t) else t for t in test_args["files"]]
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=no", "-rf"] + test_args["extra"] + tests
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env, timeout=3600)
+    failed = re.findall(r"^FAILED (\S+)", r.stdout, re.M)
+    m = re.search(r"^=+ (.*) in [\d.]+s", r.stdout, re.M)
+    summary = m.group(1) if m else r.stdout.strip().splitlines()[-1:] or ["?"]
+    return r.returncode != 0, failed, summary if isinstance(summary, str) else summary[0]
+
+
+def short(test_id):
+    """tests/test_x.py::test_y[param] -> test_x.py::test_y"""
+    return re.sub(r"\[.*", "", test_id.split("/")[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--python", action="store_true", help="also run the Python test suite against each mutant")
+    ap.add_argument("--tests", nargs="*", default=["tests"], help="test files/dirs for --python (default: tests)")
+    ap.add_argument("-x", action="store_true", help="pytest -x: stop a mutant's run at its first failing test")
+    ap.add_argument("--only", nargs="*", help="run only these mutants")
+    ap.add_argument("--interpreter", default=sys.executable, help="Python with numpy, Cython, pytest, hypothesis")
+    args = ap.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m[0] in args.only]
+    test_args = {"files": args.tests, "extra": ["-x"] if args.x else []}
+    survivors, rows = [], []
+    with tempfile.TemporaryDirectory(prefix="selfattn-mutation-") as tmp:
+        for mutant in [None] + mutants:
+            name = "unmutated" if mutant is None else mutant[0]
+            t0 = time.time()
+            tree = Path(tmp) / name / "repo"
+            copy_tree(tree)
+            if mutant is not None:
+                apply(tree, mutant)
+            work = Path(tmp) / name / "work"
+            work.mkdir()
+            c = run_c_tests(tree, work)
+            killed = any(k for k, _ in c.values())
+            line = f"{name:22s} C: " + "; ".join(f"{t}: {s}" for t, (_, s) in c.items())
+            py_failed = []
+            if args.python:
+                py_killed, py_failed, py_summary = run_python_tests(tree, work, test_args, args.interpreter)
+                killed = killed or py_killed
+                line += f" | pytest: {py_summary}"
+            line += f"  [{time.time() - t0:.0f}s]"
+            if mutant is None:
+                log(line)
+                if killed:
+                    log("the UNMUTATED sources fail the tests: fix that first, the mutation check proves nothing")
+                    return 1
+                continue
+            log(("KILLED   " if killed else "SURVIVED ") + line)
+            if py_failed:
+                by_file = {}
+                for f in py_failed:
+                    by_file.setdefault(short(f), 0)
+                    by_file[short(f)] += 1
+                log("         caught by: " + ", ".join(f"{k} ({n})" for k, n in sorted(by_file.items())))
+            rows.append((name, killed))
+            if not killed:
+                survivors.append(name)
+    log(f"{len(rows) - len(survivors)} passed, {len(survivors)} failed"
+        f"  (mutants killed / survived{': ' + ', '.join(survivors) if survivors else ''})")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
