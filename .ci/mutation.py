@@ -124,8 +124,9 @@ def run_python_tests(tree, workdir, test_args, python):
 
 
 def short(test_id):
-    """tests/test_x.py::test_y[param] -> test_x.py::test_y"""
-    return re.sub(r"\[.*", "", test_id.split("/")[-1])
+    """tests/test_x.py::test_y[param] -> test_x.py::test_y (parameters may hold '/' and '::')"""
+    path, _, rest = test_id.partition("::")
+    return f"{Path(path).name}::{rest.split('[')[0]}"
 
 
 def main(argv=None):
