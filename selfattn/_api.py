@@ -23,7 +23,8 @@ set_isa = _core.set_isa
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
-                                 enable_gqa=False, return_lse=False, num_threads=None):
+                                 enable_gqa=False, return_lse=False, num_threads=None, window_size=None,
+                                 alignment="top_left", key_lengths=None, alibi_slopes=None, softcap=None):
     """softmax(query @ key^T * scale + mask) @ value, fused: the L x S scores never exist.
 
     Same names, layout and semantics as ``torch.nn.functional.scaled_dot_product_attention``.
@@ -36,9 +37,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         Leading dims broadcast (NumPy rules). A 2-D (L, E) query is valid.
     attn_mask : array_like, optional
         bool (True = the key takes part) or float (added to the scores), broadcastable
-        to (..., Hq, L, S). Read in place with its own strides, never expanded.
+        to (..., Hq, L, S). Read in place with its own strides, never expanded. Composes
+        with every structured mask below.
     is_causal : bool
-        Query i sees keys j <= i (top-left aligned, also when L != S). Not with attn_mask.
+        The query at position p sees keys j <= p (see `alignment`).
     scale : float, optional
         Defaults to 1/sqrt(E).
     enable_gqa : bool
@@ -49,6 +51,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     num_threads : int, optional
         Defaults to OMP_NUM_THREADS, else the usable cores. Results are bitwise identical
         for every thread count.
+    window_size : None, int or (left, right), optional
+        The query at position p sees keys j with p - left <= j <= p + right; an int w is
+        (w, w), None on a side is unbounded. Evaluated in the kernel: key blocks outside
+        every window are skipped, so the cost is O(L * (left + right + 1)).
+    alignment : {"top_left", "bottom_right"}
+        Position of query row i: p = i (torch's is_causal), or p = i + S_b - L, the last
+        query on the last valid key (decoding with a KV cache, flash-attn >= 2.1). Applies
+        to is_causal, window_size and alibi_slopes.
+    key_lengths : array_like of int, optional
+        Valid keys per batch entry, broadcastable to out.shape[:-3] (a scalar for 2-D/3-D
+        inputs), 0 <= key_lengths <= S. Keys j >= key_lengths are masked and never read:
+        garbage, NaN or Inf there does not matter.
+    alibi_slopes : array_like of float, optional
+        Broadcastable to (..., Hq): adds -slope * |p - j| to the logit (ALiBi).
+    softcap : float > 0, optional
+        The scaled logit s becomes softcap * tanh(s / softcap), before ALiBi and the mask
+        are added (Gemma 2).
 
     Returns
     -------
@@ -57,7 +76,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         masked gives zeros and lse = -inf.
     """
     return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                      enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
+                      enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
+                      window_size=window_size, alignment=alignment, key_lengths=key_lengths,
+                      alibi_slopes=alibi_slopes, softcap=softcap)
 
 
 def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, num_threads=None):

@@ -191,6 +191,85 @@ cdef double _check_scale(object scale, int64_t E) except? -1.0:
     return sc
 
 
+cdef inline bint _is_int(object x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+cdef tuple _check_window(object window_size):
+    """window_size -> (has_window, left, right), -1 = unbounded on that side."""
+    if window_size is None:
+        return (0, -1, -1)
+    sides = (window_size, window_size) if _is_int(window_size) else window_size
+    if not isinstance(sides, (tuple, list)) or len(sides) != 2:
+        raise TypeError(f"window_size must be None, an int or a (left, right) pair of ints or None, "
+                        f"got {window_size!r}")
+    out = []
+    for side, name in zip(sides, ("left", "right")):
+        if side is None:
+            out.append(-1)
+        elif not _is_int(side):
+            raise TypeError(f"window_size {name} side must be an int or None, got {type(side).__name__} "
+                            f"({window_size!r})")
+        elif side < 0:
+            raise ValueError(f"window_size must be >= 0 on each side (None = unbounded), got {window_size!r}")
+        else:
+            out.append(min(int(side), 1 << 62))
+    return (1, out[0], out[1])
+
+
+cdef int _check_alignment(object alignment) except -1:
+    if isinstance(alignment, str) and alignment in ("top_left", "bottom_right"):
+        return SA_ALIGN_TOP_LEFT if alignment == "top_left" else SA_ALIGN_BOTTOM_RIGHT
+    raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+
+
+cdef double _check_softcap(object softcap) except? -1.0:
+    """softcap -> 0.0 (none) or a finite value > 0."""
+    cdef double c
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"softcap must be a real number > 0 or None, got {type(softcap).__name__}")
+    try:
+        c = float(softcap)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"softcap must be a real number > 0 or None, got {softcap!r}") from None
+    if not (c > 0 and math.isfinite(c)):
+        raise ValueError(f"softcap must be finite and > 0, got {softcap!r}")
+    return c
+
+
+def _per_unit_lengths(key_lengths, tuple ob, int64_t S):
+    """key_lengths broadcast over the batch dims ob[:-1] -> int64 per unit (C order of ob)."""
+    kl = _as_array(key_lengths, "key_lengths")
+    if kl.dtype.kind not in "iu":
+        raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
+    batch = ob[:-1]
+    try:
+        klb = np.broadcast_to(kl, batch)
+    except ValueError:
+        raise ValueError(f"key_lengths of shape {kl.shape} does not broadcast to the batch dims {batch} "
+                         f"(out.shape[:-3]; a scalar for 2-D/3-D inputs)") from None
+    if klb.size and (int(klb.min()) < 0 or int(klb.max()) > S):
+        raise ValueError(f"key_lengths must be in [0, S={S}], got values in [{int(klb.min())}, {int(klb.max())}]")
+    return np.ascontiguousarray(np.broadcast_to(klb[..., None] if ob else klb, ob), dtype=np.int64).ravel()
+
+
+def _per_unit_slopes(alibi_slopes, tuple ob):
+    """alibi_slopes broadcast to (..., Hq) = ob -> float64 per unit (C order of ob)."""
+    a = _as_array(alibi_slopes, "alibi_slopes")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"alibi_slopes must be real numbers, got dtype {a.dtype}")
+    try:
+        ab = np.broadcast_to(a, ob)
+    except ValueError:
+        raise ValueError(f"alibi_slopes of shape {a.shape} does not broadcast to (..., Hq) = {ob}") from None
+    ab = np.ascontiguousarray(ab, dtype=np.float64).ravel()
+    if not np.isfinite(ab).all():
+        raise ValueError("alibi_slopes must be finite")
+    return ab
+
+
 def _as_input(x, name):
     """np.asarray with a TypeError naming the argument (for attend)."""
     return _as_array(x, name)
@@ -275,7 +354,8 @@ def _broadcast_error(q, k, v, gqa):
 
 
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-         return_lse=False, num_threads=None, out=None, schedule_only=False):
+         return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
+         alibi_slopes=None, softcap=None, out=None, schedule_only=False):
     """Validate, then run the fused kernel. See selfattn.scaled_dot_product_attention.
 
     Keyword-only past the arrays, so a new parameter can never shift the others.
@@ -285,8 +365,9 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
     # -- scalars first: cheap, and errors come before any work
     cdef int64_t nt = _check_threads(num_threads)
     cdef bint causal = bool(is_causal)
-    if attn_mask is not None and causal:
-        raise ValueError("pass either attn_mask or is_causal=True, not both")
+    has_window, win_left, win_right = _check_window(window_size)
+    cdef int align = _check_alignment(alignment)
+    cdef double cap = _check_softcap(softcap)
 
     # -- arrays and dtypes
     q = _as_array(query, "query")
@@ -356,6 +437,10 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
             md == 1 or md == fd for md, fd in zip(m.shape[::-1], full[::-1]))
         if not ok:
             raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = {full}")
+
+    # -- structured masks: per-unit lengths and slopes (validated before any work)
+    k_len = _per_unit_lengths(key_lengths, tuple(ob), S) if key_lengths is not None else None
+    slopes = _per_unit_slopes(alibi_slopes, tuple(ob)) if alibi_slopes is not None else None
 
     q = _ready(q, typenum)
     k = _ready(k, typenum)
@@ -521,6 +606,14 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
         args.lse_sl = _stride(lse, -1) if lse is not None else 0
         args.scale = sc
         args.causal = causal
+        args.alignment = align
+        args.window = has_window
+        args.window_left = win_left
+        args.window_right = win_right
+        args.q_len = NULL
+        args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len) if k_len is not None else NULL
+        args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
+        args.softcap = cap
         args.num_threads = <int> nt
         args.interrupt = NULL                # only the main thread sees signals: asked at call
         if PyThread_get_thread_ident() == threading.main_thread().ident:   # time, not at import

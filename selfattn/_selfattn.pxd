@@ -22,6 +22,10 @@ cdef extern from "selfattn.h" nogil:
         SA_MASK_F32
         SA_MASK_F64
 
+    ctypedef enum sa_alignment:
+        SA_ALIGN_TOP_LEFT
+        SA_ALIGN_BOTTOM_RIGHT
+
     ctypedef struct sa_tile_params:
         int vw, mr, nr, nv, bq, bk
 
@@ -59,6 +63,13 @@ cdef extern from "selfattn.h" nogil:
         int64_t lse_sl
         double scale
         int causal
+        int alignment
+        int window
+        int64_t window_left, window_right
+        const int64_t *q_len
+        const int64_t *k_len
+        const double *alibi_slope
+        double softcap
         int num_threads
         sa_interrupt_fn interrupt
         void *interrupt_ctx

@@ -4,31 +4,103 @@ Everything here runs in float64 and materialises the full L x S score matrix,
 so it is slow and memory hungry on purpose: it is the oracle the tests compare
 the fused kernel against, and the documentation of what the kernel computes.
 
-    scores = scale * Q @ K^T + mask          (mask: 0 / -inf for bool masks)
-    P      = softmax(scores, axis=-1)        (a row whose scores are all -inf -> P = 0)
-    out    = P @ V
-    lse    = log(sum_j exp(scores_j))        (-inf for a fully masked row)
-
 Layouts follow torch.nn.functional.scaled_dot_product_attention:
 query (..., Hq, L, E), key (..., H, S, E), value (..., H, S, Ev) -> (..., Hq, L, Ev).
+A "batch entry" is one index into out.shape[:-3] (a 2-D or 3-D query has exactly one).
+
+Positions
+---------
+Query row i (0 <= i < L) sits at position p(i); key j (0 <= j < S) sits at position j.
+
+    S_b  = key_lengths[b]   (the valid keys of batch entry b; S without key_lengths)
+    p(i) = i                (alignment="top_left", the default: torch's is_causal)
+    p(i) = i + S_b - L      (alignment="bottom_right": the last query sits on the last valid key,
+                             as when decoding with a KV cache, and in flash-attn >= 2.1)
+
+Visibility (key j takes part in query row i's softmax) is the conjunction of
+
+    attn_mask[i, j]                    if attn_mask is a bool array
+    j <= p(i)                          if is_causal
+    p(i) - left <= j <= p(i) + right   if window_size = (left, right)   (None = unbounded side;
+                                                                         an int w means (w, w))
+    j < S_b                            always (keys j >= S_b are never read: NaN there is harmless)
+
+Logits, in this order:
+
+    s = scale * q_i . k_j                        (scale defaults to 1/sqrt(E))
+    s = softcap * tanh(s / softcap)              if softcap
+    s = s - slope[h] * |p(i) - j|                if alibi_slopes (slope of query head h)
+    s = s + attn_mask[i, j]                      if attn_mask is a float array
+    s = -inf                                     where key j is not visible
+
+Then
+
+    P   = softmax(s, axis=-1)           (a row whose logits are all -inf -> P = 0)
+    out = P @ V
+    lse = log(sum_j exp(s_j))           (-inf for a fully masked row)
+
+varlen_attention runs packed variable-length sequences one by one through the above;
+attend adds the projections (with biases), grouped kv heads and rotary embeddings (RoPE).
 """
 
 import math
+import numbers
 
 import numpy as np
 
-__all__ = ["scaled_dot_product_attention", "attend", "attention_weights"]
+__all__ = ["scaled_dot_product_attention", "attend", "attention_weights", "varlen_attention"]
+
+_ALIGNMENTS = ("top_left", "bottom_right")
 
 
 def _as_f64(a):
     return np.asarray(a).astype(np.float64, copy=False)
 
 
+def _is_int(x):
+    return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+# ---------------------------------------------------------------------------------------------
+# light validation of the structured options (the product validates for real, elsewhere)
+
+def _check_window(window_size):
+    """None | int w | (left, right) -> (left, right), each None (unbounded) or an int >= 0."""
+    if window_size is None:
+        return None, None
+    sides = (window_size, window_size) if _is_int(window_size) else window_size
+    if not isinstance(sides, (tuple, list)) or len(sides) != 2:
+        raise ValueError(f"window_size must be None, an int or a (left, right) pair, got {window_size!r}")
+    for side in sides:
+        if side is not None and (not _is_int(side) or side < 0):
+            raise ValueError(f"window_size sides must be None or ints >= 0, got {window_size!r}")
+    return tuple(None if side is None else int(side) for side in sides)
+
+
+def _check_alignment(alignment):
+    if alignment not in _ALIGNMENTS:
+        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (numbers.Real, np.number)) \
+            or not (0 < float(softcap) < math.inf):
+        raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
+    return float(softcap)
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA, positions, visibility and bias
+
 def _expand_gqa(query, key, value, enable_gqa):
     """Repeat kv heads so that query head h uses kv head h // (Hq // H)."""
-    if not enable_gqa or query.ndim < 3:
+    if not enable_gqa or query.ndim < 3 or key.ndim < 3 or value.ndim < 3:
         return key, value
     hq, h = query.shape[-3], key.shape[-3]
+    if value.shape[-3] != h:
+        raise ValueError(f"enable_gqa: key {key.shape} and value {value.shape} must have the same heads")
     if hq == h:
         return key, value
     if h == 0 or hq % h:
@@ -37,27 +109,109 @@ def _expand_gqa(query, key, value, enable_gqa):
     return np.repeat(key, group, axis=-3), np.repeat(value, group, axis=-3)
 
 
-def _logits(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, value=None):
-    """scale * Q K^T (+ mask), float64, with all the broadcasting spelled out."""
-    q, k = _as_f64(query), _as_f64(key)
-    v = None if value is None else _as_f64(value)
-    k, v = _expand_gqa(q, k, v if v is not None else k, enable_gqa)
-    L, E = q.shape[-2], q.shape[-1]
-    S = k.shape[-2]
+def _valid_keys(key_lengths, lead, S):
+    """S_b for every batch entry, shaped lead + (1, 1) so it broadcasts against (..., Hq, L, S).
+
+    lead is out.shape[:-2] = (batch..., Hq); key_lengths broadcasts to the batch dims
+    out.shape[:-3] (a scalar when the query is 2-D or 3-D).
+    """
+    if key_lengths is None:
+        return np.full(lead + (1, 1), S, dtype=np.int64)
+    kl = np.asarray(key_lengths)
+    if kl.dtype == np.bool_ or not np.issubdtype(kl.dtype, np.integer):
+        raise ValueError(f"key_lengths must be integers, got dtype {kl.dtype}")
+    batch = lead[:-1]
+    try:
+        kl = np.broadcast_to(kl, batch)
+    except ValueError:
+        raise ValueError(f"key_lengths of shape {kl.shape} does not broadcast to the batch dims "
+                         f"out.shape[:-3] = {batch}") from None
+    if kl.size and (kl.min() < 0 or kl.max() > S):
+        raise ValueError(f"key_lengths must lie in [0, S={S}], got values in [{kl.min()}, {kl.max()}]")
+    heads_axis = (1,) * (len(lead) - len(batch))         # () for a 2-D query, else (1,) for Hq
+    return kl.astype(np.int64).reshape(batch + heads_axis + (1, 1))
+
+
+def _structure(L, S, lead, *, is_causal=False, window_size=None, alignment="top_left",
+               key_lengths=None, alibi_slopes=None):
+    """The structured part of the mask, written out with positions.
+
+    Returns (visible, bias, S_b):
+      visible : bool (lead + (L, S)): causal ∧ window ∧ (j < S_b)  (the bool attn_mask is added later)
+      bias    : float64 broadcastable to lead + (L, S): -slope * |p - j| (0.0 without ALiBi)
+      S_b     : int (lead + (1, 1)): valid keys per batch entry
+    """
+    _check_alignment(alignment)
+    left, right = _check_window(window_size)
+    S_b = _valid_keys(key_lengths, lead, S)
+
+    i = np.arange(L).reshape(L, 1)                       # query row
+    j = np.arange(S).reshape(1, S)                       # key index = key position
+    offset = 0 if alignment == "top_left" else S_b - L   # bottom_right: last query on last valid key
+    p = i + offset                                       # query position, (L, 1) or lead + (L, 1)
+
+    visible = j < S_b
+    if is_causal:
+        visible = visible & (j <= p)
+    if left is not None:
+        visible = visible & (j >= p - left)
+    if right is not None:
+        visible = visible & (j <= p + right)
+    visible = np.broadcast_to(visible, lead + (L, S))
+
+    bias = 0.0
+    if alibi_slopes is not None:
+        slopes = _as_f64(alibi_slopes)
+        try:
+            slopes = np.broadcast_to(slopes, lead)       # one slope per (batch..., query head)
+        except ValueError:
+            raise ValueError(f"alibi_slopes of shape {slopes.shape} does not broadcast to "
+                             f"(..., Hq) = {lead}") from None
+        bias = -slopes.reshape(lead + (1, 1)) * np.abs(p - j)
+    return visible, bias, S_b
+
+
+def _logits(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+            window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None, softcap=None):
+    """Masked logits s (lead + (L, S), -inf where not visible) and the float64 value array."""
+    q, k, v = _as_f64(query), _as_f64(key), _as_f64(value)
+    for a, name in ((q, "query"), (k, "key"), (v, "value")):
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dims, got shape {a.shape}")
+    k, v = _expand_gqa(q, k, v, enable_gqa)
+    L, E, S = q.shape[-2], q.shape[-1], k.shape[-2]
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])  # out.shape[:-2]
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    scores = scale * (q @ np.swapaxes(k, -1, -2))  # (..., L, S)
-    if is_causal:
-        # top-left aligned, as torch: query i sees keys j <= i, also when L != S
-        visible = np.tril(np.ones((L, S), dtype=bool))
-        scores = np.where(visible, scores, -np.inf)
+    softcap = _check_softcap(softcap)
+
+    visible, bias, S_b = _structure(L, S, lead, is_causal=is_causal, window_size=window_size,
+                                    alignment=alignment, key_lengths=key_lengths,
+                                    alibi_slopes=alibi_slopes)
+    if key_lengths is not None:
+        # keys j >= S_b are never read: zero those K and V rows. (Their logits become -inf below
+        # anyway; V must be zeroed because P = 0 there and 0 * NaN would still be NaN.)
+        keep = np.arange(S).reshape(S, 1) < S_b                          # lead + (S, 1)
+        k = np.where(keep, np.broadcast_to(k, lead + k.shape[-2:]), 0.0)
+        v = np.where(keep, np.broadcast_to(v, lead + v.shape[-2:]), 0.0)
+
+    s = scale * (q @ np.swapaxes(k, -1, -2))             # (..., L, S)
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+    s = s + bias
     if attn_mask is not None:
         m = np.asarray(attn_mask)
+        try:
+            m = np.broadcast_to(m, lead + (L, S))
+        except ValueError:
+            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = "
+                             f"{lead + (L, S)}") from None
         if m.dtype == np.bool_:
-            scores = np.where(m, scores, -np.inf)
+            visible = visible & m
         else:
-            scores = scores + m.astype(np.float64)
-    return scores, v
+            s = s + m.astype(np.float64)
+    s = np.where(visible, s, -np.inf)
+    return s, v
 
 
 def _softmax_rows(scores):
@@ -73,38 +227,136 @@ def _softmax_rows(scores):
     return p, lse
 
 
-def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """The softmax matrix P, shape (..., Hq, L, S), float64."""
-    scores, _ = _logits(query, key, attn_mask, is_causal, scale, enable_gqa)
-    return _softmax_rows(scores)[0]
+# ---------------------------------------------------------------------------------------------
+# public functions
+
+def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None, enable_gqa=False,
+                      window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
+                      softcap=None):
+    """The softmax matrix P, shape (..., Hq, L, S), float64 (options as in scaled_dot_product_attention)."""
+    k = np.asarray(key)
+    dummy_v = np.zeros(k.shape[:-1] + (0,))            # P does not depend on V
+    s, _ = _logits(query, key, dummy_v, attn_mask, is_causal, scale, enable_gqa, window_size,
+                   alignment, key_lengths, alibi_slopes, softcap)
+    return _softmax_rows(s)[0]
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
-                                 enable_gqa=False, return_lse=False):
-    """softmax(scale * Q K^T + mask) V in float64. Returns out, or (out, lse) with return_lse."""
-    if attn_mask is not None and is_causal:
-        raise ValueError("pass either attn_mask or is_causal, not both")
-    scores, v = _logits(query, key, attn_mask, is_causal, scale, enable_gqa, value=value)
-    p, lse = _softmax_rows(scores)
+                                 enable_gqa=False, return_lse=False, window_size=None,
+                                 alignment="top_left", key_lengths=None, alibi_slopes=None,
+                                 softcap=None):
+    """softmax(logits) V in float64 (see the module docstring). Returns out, or (out, lse).
+
+    attn_mask (bool: True = takes part, or float: added) and is_causal compose: a key must pass both.
+    window_size: None | int w | (left, right), None = unbounded side. alignment: "top_left" |
+    "bottom_right" (applies to is_causal, window_size and alibi_slopes). key_lengths: ints
+    broadcastable to out.shape[:-3], 0 <= S_b <= S. alibi_slopes: floats broadcastable to
+    out.shape[:-2] = (..., Hq). softcap: float > 0.
+    """
+    s, v = _logits(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size,
+                   alignment, key_lengths, alibi_slopes, softcap)
+    p, lse = _softmax_rows(s)
     out = p @ v
     return (out, lse) if return_lse else out
 
 
-def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None):
+def _check_cu_seqlens(cu, total, name):
+    cu = np.asarray(cu)
+    if cu.ndim != 1 or cu.size < 1 or cu.dtype == np.bool_ or not np.issubdtype(cu.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D integer array [0, ..., total], got {cu!r}")
+    if cu[0] != 0 or cu[-1] != total or np.any(np.diff(cu) < 0):
+        raise ValueError(f"{name} must start at 0, be non-decreasing and end at total={total}, got {cu}")
+    return cu.astype(np.int64)
+
+
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
+                     window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
+                     enable_gqa=False, return_lse=False):
+    """Packed variable-length batch: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1].
+
+    query (Hq, total_q, E), key (H, total_k, E), value (H, total_k, Ev) -> (Hq, total_q, Ev)
+    (and lse (Hq, total_q)). Each sequence attends only within itself: the result is
+    scaled_dot_product_attention on each sequence's slices. alibi_slopes: (Hq,) or a scalar.
+    """
+    q, k, v = _as_f64(query), _as_f64(key), _as_f64(value)
+    for a, name in ((q, "query"), (k, "key"), (v, "value")):
+        if a.ndim != 3:
+            raise ValueError(f"{name} must be 3-D (heads, total, dim), got shape {a.shape}")
+    cq = _check_cu_seqlens(cu_seqlens_q, q.shape[1], "cu_seqlens_q")
+    ck = _check_cu_seqlens(cu_seqlens_k, k.shape[1], "cu_seqlens_k")
+    if cq.size != ck.size:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {cq.size - 1} and {ck.size - 1}")
+    Hq, total_q = q.shape[0], q.shape[1]
+    out = np.zeros((Hq, total_q, v.shape[-1]))
+    lse = np.full((Hq, total_q), -np.inf)
+    for b in range(cq.size - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        o, l = scaled_dot_product_attention(q[:, qs], k[:, ks], v[:, ks], is_causal=is_causal, scale=scale,
+                                            enable_gqa=enable_gqa, return_lse=True, window_size=window_size,
+                                            alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap)
+        out[:, qs], lse[:, qs] = o, l
+    return (out, lse) if return_lse else out
+
+
+def _rope_rotate_half(x, base):
+    """Rotary embedding of x (..., L, E) at positions 0..L-1, pairs (x_i, x_{i+E/2}).
+
+    theta_i = base^(-2i/E); pair (a, b) at position p becomes (a cos - b sin, b cos + a sin),
+    angle p * theta_i.
+    """
+    L, E = x.shape[-2], x.shape[-1]
+    if E % 2:
+        raise ValueError(f"rope needs an even head dim, got E={E}")
+    half = E // 2
+    out = x.copy()
+    p = np.arange(L, dtype=np.float64)
+    for i in range(half):
+        theta = base ** (-2.0 * i / E)
+        cos, sin = np.cos(p * theta), np.sin(p * theta)      # (L,)
+        a, b = x[..., :, i], x[..., :, i + half]
+        out[..., :, i] = a * cos - b * sin
+        out[..., :, i + half] = b * cos + a * sin
+    return out
+
+
+def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, bq=None, bk=None, bv=None,
+           bo=None, num_kv_heads=None, window_size=None, key_lengths=None, rope_base=None):
     """Multi-head self-attention of x (..., L, d_model) with (in, out)-layout weights.
 
-    q = x @ wq, k = x @ wk, v = x @ wv; head h takes columns h*E:(h+1)*E of q and k
-    and h*Ev:(h+1)*Ev of v; heads are concatenated back to (..., L, H*Ev), then @ wo.
+    q = x @ wq + bq, k = x @ wk + bk, v = x @ wv + bv. With H = num_heads query heads and
+    Hkv = num_kv_heads (default H, must divide H) kv heads: wq has H*E columns, wk Hkv*E,
+    wv Hkv*Ev. Query head h takes columns h*E:(h+1)*E of q and uses kv head g = h // (H/Hkv),
+    columns g*E:(g+1)*E of k and g*Ev:(g+1)*Ev of v. With rope_base, each head's q and k are
+    rotated (rotate-half RoPE, positions 0..L-1). Heads are concatenated back to
+    (..., L, H*Ev), then (@ wo if given) + bo if given. key_lengths broadcasts to x.shape[:-2].
     """
     x = _as_f64(x)
-    q, k, v = x @ _as_f64(wq), x @ _as_f64(wk), x @ _as_f64(wv)
-    H = num_heads
-    E, Ev = q.shape[-1] // H, v.shape[-1] // H
+    H = int(num_heads)
+    Hkv = H if num_kv_heads is None else int(num_kv_heads)
+    if H < 1 or Hkv < 1 or H % Hkv:
+        raise ValueError(f"num_kv_heads ({Hkv}) must be >= 1 and divide num_heads ({H})")
 
-    def heads(t, d):  # (..., L, H*d) -> (..., H, L, d)
-        return np.swapaxes(t.reshape(t.shape[:-1] + (H, d)), -2, -3)
+    def proj(w, b):
+        t = x @ _as_f64(w)
+        return t if b is None else t + _as_f64(b)
 
-    o = scaled_dot_product_attention(heads(q, E), heads(k, E), heads(v, Ev), is_causal=is_causal, scale=scale)
+    q, k, v = proj(wq, bq), proj(wk, bk), proj(wv, bv)
+    E, Ev = q.shape[-1] // H, v.shape[-1] // Hkv
+    if q.shape[-1] != H * E or k.shape[-1] != Hkv * E or v.shape[-1] != Hkv * Ev:
+        raise ValueError(f"wq/wk/wv columns ({q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}) do not fit "
+                         f"num_heads={H}, num_kv_heads={Hkv}")
+
+    def heads(t, n, d):  # (..., L, n*d) -> (..., n, L, d)
+        return np.swapaxes(t.reshape(t.shape[:-1] + (n, d)), -2, -3)
+
+    qh, kh, vh = heads(q, H, E), heads(k, Hkv, E), heads(v, Hkv, Ev)
+    if rope_base is not None:
+        qh, kh = _rope_rotate_half(qh, float(rope_base)), _rope_rotate_half(kh, float(rope_base))
+    o = scaled_dot_product_attention(qh, kh, vh, is_causal=is_causal, scale=scale, enable_gqa=Hkv != H,
+                                     window_size=window_size, key_lengths=key_lengths)
     o = np.swapaxes(o, -2, -3)
     o = o.reshape(o.shape[:-2] + (H * Ev,))
-    return o if wo is None else o @ _as_f64(wo)
+    if wo is not None:
+        o = o @ _as_f64(wo)
+    return o if bo is None else o + _as_f64(bo)

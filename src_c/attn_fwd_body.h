@@ -22,9 +22,12 @@
  *                (unit, query tile) tasks -- few, long sequences;
  *        fused:  one task packs one K/V into its thread's buffer and computes
  *                all its query tiles at once -- many short sequences;
- *   2. per task (unit, query tile of BQ rows), per key block of BK keys:
+ *   2. per task (unit, query tile of BQ rows), per key block of BK keys that
+ *      the tile can see (attn_mask.h: causal, window, lengths, alignment),
+ *      each group of MR rows working on its own visible key range only:
  *      a. S = Qs.K^T in a register-blocked micro-kernel (MR x NRV*VW);
- *      b. mask / causal / tail -> -inf, row max, new running max m;
+ *      b. softcap, ALiBi, attn_mask; keys outside the row's interval -> -inf;
+ *         row max, new running max m;
  *      c. alpha = exp2(m_old - m_new) for all rows at once (vectorised);
  *      d. P = exp2(S - m_new) in place, row sums, l = l*alpha + sum;
  *      e. O = alpha*O + P.V in a register-blocked micro-kernel (MR x NVV*VW),
@@ -62,18 +65,21 @@ static inline int64_t FN(round_up)(int64_t x, int64_t m) { return (x + m - 1) / 
 
 /* ---- pass 1: packing -------------------------------------------------- */
 
-/* Pack key block kb of kv unit g into `packed` (one unit's K^T then V). */
-static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, T *packed)
+/* Pack key block kb of kv unit g into `packed` (one unit's K^T then V):
+ * keys below `klim` (what the group's units can see); the rest of the block,
+ * never read from K/V, is zero. */
+static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t klim, T *packed)
 {
     const sa_attn_args *a = c->a;
     const sa_layout *lay = &c->lay;
-    int64_t E = a->E, Ev = a->Ev, S = a->S, evp = lay->evp;
+    int64_t E = a->E, Ev = a->Ev, S = klim, evp = lay->evp;
     T *Kp = packed + kb * E * BK;                /* [E][BK]       */
     T *Vp = packed + lay->s_pad * E;             /* [S_pad][Evp]  */
     const T *k = (const T *)a->k + a->kv_k_off[g];
     const T *v = (const T *)a->v + a->kv_v_off[g];
     int64_t j0 = kb * BK;
     int64_t nvalid = S - j0 < BK ? S - j0 : BK;
+    if (nvalid < 0) nvalid = 0;
     /* K^T: VW x VW register transposes where K rows are contiguous, then the
      * leftover keys / features one by one (e outer: contiguous writes) */
     int64_t jv = 0, ev = 0;
@@ -109,8 +115,10 @@ static void FN(pack_task)(void *vctx, int64_t t, int tid)
 {
     FN(ctx_t) *c = (FN(ctx_t) *)vctx;
     (void)tid;
-    int64_t gi = t / c->lay.n_kb;
-    FN(pack_block)(c, c->g0 + gi, t % c->lay.n_kb, c->packed + gi * c->lay.kv_elems);
+    int64_t gi = t / c->lay.n_kb, kb = t % c->lay.n_kb, lo, hi;
+    sa_kv_keys(c->a, c->g0 + gi, &lo, &hi);
+    if (kb * BK > hi || (kb + 1) * BK <= lo) return;      /* no unit sees this block */
+    FN(pack_block)(c, c->g0 + gi, kb, hi + 1, c->packed + gi * c->lay.kv_elems);
 }
 
 /* ---- pass 2: micro-kernels -------------------------------------------- */
@@ -177,38 +185,64 @@ static inline void FN(fill_neg_inf)(T *s, int64_t from, int64_t to)
     for (; j < to; j++) s[j] = NEG_INF;
 }
 
-/* Add the mask / causal limit / key tail to one score row (row i, keys j0..). */
-static void FN(mask_row)(const sa_attn_args *a, int64_t u, int64_t i, int64_t j0, int64_t kvalid,
-                         int64_t keff, T *s)
+/* softcap in log2 units: s -> c2 tanh(s / c2), c2 = softcap * log2(e), with
+ * tanh(x) = 2 / (1 + 2^(-2 x log2 e)) - 1 (exp2 of a large argument is +inf,
+ * giving -1; NaN stays NaN). [from, to) is whole vectors. */
+static inline void FN(softcap_row)(T *s, int64_t from, int64_t to, T c2)
+{
+    VT vc2 = V(set1)(c2), k = V(set1)((T)(-2.0 * 1.4426950408889634) / c2);
+    VT one = V(set1)((T)1), two = V(set1)((T)2);
+    for (int64_t j = from; j < to; j += VW) {
+        VT e = V(exp2)(V(mul)(V(load)(s + j), k));
+        V(store)(s + j, V(mul)(vc2, V(sub)(V(div)(two, V(add)(one, e)), one)));
+    }
+}
+
+/* Score row of query row i (unit u, position p = i + um->offset) over the
+ * block's computed keys [cs, ce) (whole vectors; block keys j0 + j): softcap,
+ * ALiBi and the attn_mask on the row's visible keys, -inf everywhere else
+ * (outside its interval, past the valid keys, and what the group computed for
+ * its other rows). */
+static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t u, int64_t i, int64_t j0,
+                         int64_t cs, int64_t ce, int64_t kvalid, T *s)
 {
     const T NEG_INF = -(T)INFINITY;
+    const T LOG2E = (T)1.4426950408889634;
+    int64_t lo, hi;
+    sa_row_keys(um, i, &lo, &hi);
+    int64_t vs = lo - j0 > cs ? lo - j0 : cs;              /* visible: [vs, ve) */
+    int64_t ve = hi - j0 + 1 < kvalid ? hi - j0 + 1 : kvalid;
+    if (ve > ce) ve = ce;
+    if (ve <= vs) {
+        FN(fill_neg_inf)(s, cs, ce);
+        return;
+    }
+    if (a->softcap > 0)
+        FN(softcap_row)(s, vs / VW * VW, FN(round_up)(ve, VW), (T)(a->softcap * 1.4426950408889634));
+    if (a->alibi_slope) {
+        T slope = (T)(a->alibi_slope[u] * 1.4426950408889634);
+        T d0 = (T)(j0 - (i + um->offset));                 /* j - p at j = 0 of the block */
+        for (int64_t j = vs; j < ve; j++) {
+            T d = d0 + (T)j;
+            s[j] -= slope * (d < 0 ? -d : d);
+        }
+    }
     if (a->mask_kind != SA_MASK_NONE) {
         int64_t base = a->mask_off[u] + i * a->mask_sl + j0 * a->mask_ss, ss = a->mask_ss;
         if (a->mask_kind == SA_MASK_BOOL) {
             const uint8_t *m = (const uint8_t *)a->mask + base;
-            for (int64_t j = 0; j < kvalid; j++)
+            for (int64_t j = vs; j < ve; j++)
                 if (!m[j * ss]) s[j] = NEG_INF;
         } else if (a->mask_kind == SA_MASK_F32) {
             const float *m = (const float *)a->mask + base;
-            for (int64_t j = 0; j < kvalid; j++) s[j] += (T)m[j * ss] * (T)1.4426950408889634;
+            for (int64_t j = vs; j < ve; j++) s[j] += (T)m[j * ss] * LOG2E;
         } else {
             const double *m = (const double *)a->mask + base;
-            for (int64_t j = 0; j < kvalid; j++) s[j] += (T)(m[j * ss] * 1.4426950408889634);
+            for (int64_t j = vs; j < ve; j++) s[j] += (T)(m[j * ss] * 1.4426950408889634);
         }
     }
-    if (a->causal && j0 + kvalid - 1 > i)
-        FN(fill_neg_inf)(s, i + 1 - j0, keff);   /* keys j0 + (i+1-j0).. are in the future */
-    else
-        FN(fill_neg_inf)(s, kvalid, keff);       /* tail of the last block */
-}
-
-/* Keys of a block a group of MR rows computes, rounded up to whole
- * micro-tiles: all kvalid, or under causal only up to the group's last row
- * (`needed` = keys from the block's start that row can see). */
-static inline int64_t FN(group_keys)(int causal, int64_t needed, int64_t kvalid)
-{
-    int64_t k = causal && needed < kvalid ? needed : kvalid;
-    return k <= 0 ? 0 : FN(round_up)(k, KEYS_PER_TILE);
+    FN(fill_neg_inf)(s, cs, vs);
+    FN(fill_neg_inf)(s, ve, ce);
 }
 
 /* ---- pass 2: one task = one unit x one query tile --------------------- */
@@ -217,7 +251,7 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
 {
     const sa_attn_args *a = c->a;
     const sa_layout *lay = &c->lay;
-    const int64_t E = a->E, Ev = a->Ev, L = a->L, S = a->S, evp = lay->evp;
+    const int64_t E = a->E, Ev = a->Ev, evp = lay->evp;
     const T NEG_INF = -(T)INFINITY;
     const T *Vp = Kp + lay->s_pad * E;
 
@@ -232,8 +266,11 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
     T *msafe = rows_base + SA_ROW_MSAFE * lay->row_elems;    /* [BQ] max used for exp2        */
     T *alpha = rows_base + SA_ROW_ALPHA * lay->row_elems;    /* [BQ] rescale factors          */
 
+    sa_unit_mask um;
+    sa_unit_mask_init(a, u, &um);
     int64_t i0 = qt * BQ;
-    int64_t rows = L - i0 < BQ ? L - i0 : BQ;
+    if (i0 >= um.L) return;                      /* varlen: this unit has fewer query tiles */
+    int64_t rows = um.L - i0 < BQ ? um.L - i0 : BQ;
     int64_t rows_eff = FN(round_up)(rows, MR);
 
     /* Q tile, pre-scaled into log2 units; pad rows are zero */
@@ -250,37 +287,46 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
     }
     for (int64_t r = 0; r < BQ; r++) { m[r] = NEG_INF; l[r] = 0; msafe[r] = 0; alpha[r] = 0; }
 
-    int64_t kb_end = lay->n_kb;
-    if (a->causal) {                             /* blocks wholly above the diagonal are skipped */
-        int64_t last_key = i0 + rows - 1;
-        int64_t nb = last_key / BK + 1;
-        if (nb < kb_end) kb_end = nb;
+    /* keys the tile can see (attn_mask.h): blocks outside are skipped whole */
+    int64_t tlo, thi;
+    sa_rows_keys(&um, i0, i0 + rows - 1, &tlo, &thi);
+    /* per group of MR rows: its visible keys [glo, ghi] (padding rows see none) */
+    int64_t glo[BQ / MR], ghi[BQ / MR];
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
+        int64_t last = r0 + MR < rows ? r0 + MR : rows;
+        sa_rows_keys(&um, i0 + r0, i0 + last - 1, &glo[r0 / MR], &ghi[r0 / MR]);
     }
 
-    for (int64_t kb = 0; kb < kb_end; kb++) {
+    int64_t kb_last = thi < tlo ? -1 : thi / BK;    /* -1: no row of the tile sees a key */
+    for (int64_t kb = tlo / BK; kb <= kb_last; kb++) {
         int64_t j0 = kb * BK;
-        int64_t kvalid = S - j0 < BK ? S - j0 : BK;
-        if (a->causal && i0 + rows - j0 < kvalid)
-            kvalid = i0 + rows - j0;             /* later keys are in every row's future */
-        int64_t keff = FN(round_up)(kvalid, KEYS_PER_TILE);
+        int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK;
         const T *Kb = Kp + kb * E * BK;
         const T *Vb = Vp + j0 * evp;
-
-        /* a. scores; under causal a group of MR rows stops at its last row's key
-         * (the mask pass below writes -inf over what is skipped) */
-        for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
-            int64_t kg = FN(group_keys)(a->causal, i0 + r0 + MR - j0, kvalid);
-            for (int64_t c0 = 0; c0 < kg; c0 += KEYS_PER_TILE)
-                FN(qk_tile)(Qp + r0 * E, E, Kb + c0, St + r0 * BK + c0);
+        /* the group's keys in this block: exact [ga, gb) for P.V, whole
+         * micro-tiles [cs, ce) for the scores */
+        int64_t ga[BQ / MR], gb[BQ / MR], cs[BQ / MR], ce[BQ / MR];
+        for (int64_t g = 0; g < rows_eff / MR; g++) {
+            ga[g] = glo[g] - j0 > 0 ? glo[g] - j0 : 0;
+            gb[g] = ghi[g] - j0 + 1 < kvalid ? ghi[g] - j0 + 1 : kvalid;
+            if (gb[g] <= ga[g]) { ga[g] = gb[g] = cs[g] = ce[g] = 0; continue; }
+            cs[g] = ga[g] / KEYS_PER_TILE * KEYS_PER_TILE;
+            ce[g] = FN(round_up)(gb[g], KEYS_PER_TILE);
         }
 
-        /* b. mask, row max, new running max */
+        /* a. scores, each group over its own micro-tiles */
+        for (int64_t r0 = 0; r0 < rows_eff; r0 += MR)
+            for (int64_t c0 = cs[r0 / MR]; c0 < ce[r0 / MR]; c0 += KEYS_PER_TILE)
+                FN(qk_tile)(Qp + r0 * E, E, Kb + c0, St + r0 * BK + c0);
+
+        /* b. masks, row max, new running max */
         for (int64_t r = 0; r < rows_eff; r++) {
             T *s = St + r * BK;
-            if (r < rows) FN(mask_row)(a, u, i0 + r, j0, kvalid, keff, s);
-            else FN(fill_neg_inf)(s, 0, keff);   /* padding row: weight 0 */
+            int64_t c0 = cs[r / MR], c1 = ce[r / MR];
+            if (r < rows) FN(mask_row)(a, &um, u, i0 + r, j0, c0, c1, kvalid, s);
+            else FN(fill_neg_inf)(s, c0, c1);    /* padding row: weight 0 */
             VT mx = V(set1)(NEG_INF);
-            for (int64_t j = 0; j < keff; j += VW) mx = V(max)(mx, V(load)(s + j));
+            for (int64_t j = c0; j < c1; j += VW) mx = V(max)(mx, V(load)(s + j));
             T tmax = V(hmax)(mx);
             T mnew = tmax > m[r] ? tmax : m[r];
             msafe[r] = mnew == NEG_INF ? 0 : mnew;   /* all masked so far: exp2 gives 0, not NaN */
@@ -294,7 +340,7 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
         for (int64_t r = 0; r < rows_eff; r++) {
             T *s = St + r * BK;
             VT ms = V(set1)(msafe[r]), sum = V(zero)();
-            for (int64_t j = 0; j < keff; j += VW) {
+            for (int64_t j = cs[r / MR]; j < ce[r / MR]; j += VW) {
                 VT p = V(exp2)(V(sub)(V(load)(s + j), ms));
                 V(store)(s + j, p);
                 sum = V(add)(sum, p);
@@ -302,10 +348,11 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
             l[r] = l[r] * alpha[r] + V(hsum)(sum);
         }
 
-        /* e. O = alpha*O + P.V (causal: P is 0 past the group's last row) */
+        /* e. O = alpha*O + P.V over the group's keys only: a key no row of the
+         * group sees is never read from V (a group with none still rescales) */
         for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
-            int64_t kg = a->causal && i0 + r0 + MR - j0 < kvalid ? i0 + r0 + MR - j0 : kvalid;
-            FN(pv_rows)(St + r0 * BK, kg < 0 ? 0 : kg, Vb, evp, Oacc + r0 * evp, alpha + r0);
+            int64_t g = r0 / MR;
+            FN(pv_rows)(St + r0 * BK + ga[g], gb[g] - ga[g], Vb + ga[g] * evp, evp, Oacc + r0 * evp, alpha + r0);
         }
     }
 
@@ -357,7 +404,9 @@ static void FN(fused_task)(void *vctx, int64_t g, int tid)
     FN(ctx_t) *c = (FN(ctx_t) *)vctx;
     const sa_attn_args *a = c->a;
     T *Kp = c->packed + (int64_t)tid * c->lay.kv_elems;
-    for (int64_t kb = 0; kb < c->lay.n_kb; kb++) FN(pack_block)(c, g, kb, Kp);
+    int64_t lo, hi;
+    sa_kv_keys(a, g, &lo, &hi);
+    for (int64_t kb = lo / BK; kb * BK <= hi; kb++) FN(pack_block)(c, g, kb, hi + 1, Kp);
     for (int64_t idx = a->kv_start[g]; idx < a->kv_start[g + 1]; idx++)
         for (int64_t qt = c->lay.n_qt - 1; qt >= 0; qt--) FN(compute_tile)(c, a->kv_units[idx], qt, Kp, tid);
 }

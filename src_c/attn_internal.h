@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "selfattn.h"
+#include "attn_mask.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define SA_HAVE_X86_TARGETS 1

@@ -47,6 +47,12 @@ typedef enum {
     SA_MASK_F64 = 3          /* float64, added to the logits                    */
 } sa_mask_kind;
 
+/* ---- structured masks ---------------------------------------------------- */
+typedef enum {
+    SA_ALIGN_TOP_LEFT = 0,      /* query row i is at position p = i                  */
+    SA_ALIGN_BOTTOM_RIGHT = 1   /* p = i + S_u - L_u: the last query on the last key */
+} sa_alignment;
+
 /* Tile sizes of one (instruction set, dtype) kernel. Tests derive their
  * tile-edge cases from these, so a target that changes its tiles keeps being
  * tested at its own edges. */
@@ -82,6 +88,19 @@ typedef int (*sa_interrupt_fn)(void *ctx);
  *   out [L,  Ev] at out + out_off[u], strides (out_sl, out_se)
  *   lse [L]      at lse + lse_off[u], stride lse_sl                  (optional)
  * The units of kv group g are kv_units[kv_start[g] .. kv_start[g+1]).
+ *
+ * Structured masks, evaluated per tile from these parameters (never
+ * materialised; key blocks no query of a tile can see are neither packed nor
+ * computed). Unit u has L_u = q_len[u] query rows (varlen; else L) and
+ * S_u = k_len[u] valid keys (key_lengths, varlen; else S): keys j >= S_u are
+ * never read. Query row i sits at position p = i (top-left) or
+ * p = i + S_u - L_u (bottom-right) and sees key j < S_u when
+ *     bool mask true  and  (not causal or j <= p)
+ *     and (not window or window_left < 0 or j >= p - window_left)
+ *     and (not window or window_right < 0 or j <= p + window_right).
+ * A zero-initialised sa_attn_args has none of these (plain attention).
+ * Its logit is s = scale q.k, then softcap * tanh(s / softcap) if softcap > 0,
+ * then - alibi_slope[u] * |p - j| if alibi_slope, then + the float mask.
  */
 typedef struct {
     int64_t n_units, n_kv;
@@ -99,7 +118,14 @@ typedef struct {
     void *lse;        const int64_t *lse_off; int64_t lse_sl;   /* lse may be NULL */
 
     double scale;     /* multiplies Q K^T (natural-log units)                  */
-    int causal;       /* top-left aligned: query i sees keys j <= i            */
+    int causal;       /* query at position p sees keys j <= p                  */
+    int alignment;    /* sa_alignment: positions of the query rows             */
+    int window;                                /* 0: no window (zero-init safe) */
+    int64_t window_left, window_right;         /* with window: < 0 = unbounded  */
+    const int64_t *q_len;                      /* [n_units] or NULL (= L)       */
+    const int64_t *k_len;                      /* [n_units] or NULL (= S)       */
+    const double *alibi_slope;                 /* [n_units] or NULL (no ALiBi)  */
+    double softcap;                            /* > 0: cap the logits; 0: none  */
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
 
     sa_interrupt_fn interrupt; void *interrupt_ctx;   /* may be NULL; polled on thread 0 */

@@ -14,6 +14,7 @@ SA_INLINE vf_t vf_bcast(const float *p) { return _mm256_broadcast_ss(p); }
 SA_INLINE vf_t vf_add(vf_t a, vf_t b) { return _mm256_add_ps(a, b); }
 SA_INLINE vf_t vf_sub(vf_t a, vf_t b) { return _mm256_sub_ps(a, b); }
 SA_INLINE vf_t vf_mul(vf_t a, vf_t b) { return _mm256_mul_ps(a, b); }
+SA_INLINE vf_t vf_div(vf_t a, vf_t b) { return _mm256_div_ps(a, b); }
 SA_INLINE vf_t vf_fma(vf_t a, vf_t b, vf_t c) { return _mm256_fmadd_ps(a, b, c); }
 SA_INLINE vf_t vf_max(vf_t a, vf_t b) { return _mm256_max_ps(a, b); }
 SA_INLINE vf_t vf_min(vf_t a, vf_t b) { return _mm256_min_ps(a, b); }
@@ -75,6 +76,7 @@ SA_INLINE vd_t vd_bcast(const double *p) { return _mm256_broadcast_sd(p); }
 SA_INLINE vd_t vd_add(vd_t a, vd_t b) { return _mm256_add_pd(a, b); }
 SA_INLINE vd_t vd_sub(vd_t a, vd_t b) { return _mm256_sub_pd(a, b); }
 SA_INLINE vd_t vd_mul(vd_t a, vd_t b) { return _mm256_mul_pd(a, b); }
+SA_INLINE vd_t vd_div(vd_t a, vd_t b) { return _mm256_div_pd(a, b); }
 SA_INLINE vd_t vd_fma(vd_t a, vd_t b, vd_t c) { return _mm256_fmadd_pd(a, b, c); }
 SA_INLINE vd_t vd_max(vd_t a, vd_t b) { return _mm256_max_pd(a, b); }
 SA_INLINE vd_t vd_min(vd_t a, vd_t b) { return _mm256_min_pd(a, b); }

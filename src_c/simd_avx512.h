@@ -14,6 +14,7 @@ SA_INLINE vf_t vf_bcast(const float *p) { return _mm512_set1_ps(*p); }
 SA_INLINE vf_t vf_add(vf_t a, vf_t b) { return _mm512_add_ps(a, b); }
 SA_INLINE vf_t vf_sub(vf_t a, vf_t b) { return _mm512_sub_ps(a, b); }
 SA_INLINE vf_t vf_mul(vf_t a, vf_t b) { return _mm512_mul_ps(a, b); }
+SA_INLINE vf_t vf_div(vf_t a, vf_t b) { return _mm512_div_ps(a, b); }
 SA_INLINE vf_t vf_fma(vf_t a, vf_t b, vf_t c) { return _mm512_fmadd_ps(a, b, c); }
 /* max_ps returns its second operand when either is NaN: pass data second. */
 SA_INLINE vf_t vf_max(vf_t a, vf_t b) { return _mm512_max_ps(a, b); }
@@ -72,6 +73,7 @@ SA_INLINE vd_t vd_bcast(const double *p) { return _mm512_set1_pd(*p); }
 SA_INLINE vd_t vd_add(vd_t a, vd_t b) { return _mm512_add_pd(a, b); }
 SA_INLINE vd_t vd_sub(vd_t a, vd_t b) { return _mm512_sub_pd(a, b); }
 SA_INLINE vd_t vd_mul(vd_t a, vd_t b) { return _mm512_mul_pd(a, b); }
+SA_INLINE vd_t vd_div(vd_t a, vd_t b) { return _mm512_div_pd(a, b); }
 SA_INLINE vd_t vd_fma(vd_t a, vd_t b, vd_t c) { return _mm512_fmadd_pd(a, b, c); }
 SA_INLINE vd_t vd_max(vd_t a, vd_t b) { return _mm512_max_pd(a, b); }
 SA_INLINE vd_t vd_min(vd_t a, vd_t b) { return _mm512_min_pd(a, b); }

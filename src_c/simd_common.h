@@ -4,12 +4,14 @@
  * Each simd_<target>.h defines, for float (vf_*) and double (vd_*):
  *   vf_t            the vector type; VF_W lanes
  *   vf_zero() vf_set1(x) vf_load(p) vf_store(p,v) vf_bcast(p)
- *   vf_add vf_sub vf_mul vf_fma(a,b,c)=a*b+c  vf_max(a,b)
+ *   vf_add vf_sub vf_mul vf_div vf_fma(a,b,c)=a*b+c  vf_max(a,b)
  *   vf_hmax(v) vf_hsum(v)   horizontal max / sum in a fixed order
- *   vf_exp2(x)             2^x for x <= 0 (NaN in -> NaN out). Underflow differs by
+ *   vf_exp2(x)             2^x (NaN in -> NaN out); the softmax only passes x <= 0,
+ *                          softcap's tanh also x > 0. Underflow differs by
  *                          target: generic and AVX2 build the exponent by hand and
  *                          flush to 0 below about -126.5 (float) / -1022.5 (double);
  *                          AVX-512 (vscalef) keeps subnormals, 0 below -150 / -1080.
+ *                          x >= 128 (float) / 1024 (double) gives +inf.
  *   vf_transpose(src, ss, dst, ds)   dst[c*ds + r] = src[r*ss + c], r, c < VF_W
  * The kernel body (attn_fwd_body.h) is written once against these names.
  */

@@ -20,6 +20,7 @@ SA_INLINE P##_t P##_bcast(const T *p) { return P##_set1(*p); }                  
 SA_INLINE P##_t P##_add(P##_t a, P##_t b) { for (int i = 0; i < W; i++) a.x[i] += b.x[i]; return a; } \
 SA_INLINE P##_t P##_sub(P##_t a, P##_t b) { for (int i = 0; i < W; i++) a.x[i] -= b.x[i]; return a; } \
 SA_INLINE P##_t P##_mul(P##_t a, P##_t b) { for (int i = 0; i < W; i++) a.x[i] *= b.x[i]; return a; } \
+SA_INLINE P##_t P##_div(P##_t a, P##_t b) { for (int i = 0; i < W; i++) a.x[i] /= b.x[i]; return a; } \
 SA_INLINE P##_t P##_fma(P##_t a, P##_t b, P##_t c) { for (int i = 0; i < W; i++) c.x[i] += a.x[i] * b.x[i]; return c; } \
 /* same NaN rule as x86 max/min: a NaN in either gives the second operand */                  \
 SA_INLINE P##_t P##_max(P##_t a, P##_t b) { for (int i = 0; i < W; i++) b.x[i] = a.x[i] > b.x[i] ? a.x[i] : b.x[i]; return b; } \

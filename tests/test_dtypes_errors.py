@@ -204,12 +204,19 @@ def test_gqa_requires_flag():
     assert_sdpa_close(out, ref, np.float64, vmax_of(v), logit_magnitude(q, k))
 
 
-def test_valueerror_mask_and_causal():
+def test_mask_and_causal_compose():
+    """attn_mask and is_causal together: a key must pass both (the causal limit as a bool mask)."""
     q, k, v = _qkv()
-    with pytest.raises(ValueError):
-        sdpa(q, k, v, attn_mask=np.ones((5, 7), bool), is_causal=True)
-    with pytest.raises(ValueError):
-        sdpa(q, k, v, attn_mask=np.zeros((5, 7)), is_causal=True)
+    rng = np.random.default_rng(2)
+    keep = rng.random((5, 7)) < 0.7
+    causal = np.tri(5, 7, dtype=bool)
+    for mask, as_bool in ((keep, causal & keep), (np.where(keep, rng.standard_normal((5, 7)), -np.inf), None)):
+        out = sdpa(q, k, v, attn_mask=mask, is_causal=True)
+        if as_bool is not None:
+            ref = reference.scaled_dot_product_attention(q, k, v, attn_mask=as_bool)
+        else:
+            ref = reference.scaled_dot_product_attention(q, k, v, attn_mask=np.where(causal, mask, -np.inf))
+        assert_sdpa_close(out, ref, np.float64, vmax_of(v), logit_magnitude(q, k, None, np.where(keep, 1.0, 0.0)))
 
 
 @pytest.mark.parametrize("bad", [0, -1, -8])
