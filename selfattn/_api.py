@@ -15,7 +15,7 @@ except ImportError as exc:   # most often: the uncompiled source tree shadows th
         f"(pip install .) and run from another directory, or build in place "
         f"(python setup.py build_ext --inplace).") from exc
 
-__all__ = ["scaled_dot_product_attention", "attend", "config", "show_config", "use_isa", "set_isa",
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "attend", "config", "show_config", "use_isa", "set_isa",
            "available_isas"]
 
 available_isas = _core.available_isas
@@ -79,6 +79,39 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                       enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
                       window_size=window_size, alignment=alignment, key_lengths=key_lengths,
                       alibi_slopes=alibi_slopes, softcap=softcap)
+
+
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
+                     window_size=None, alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False,
+                     return_lse=False, num_threads=None):
+    """Attention over a packed batch of variable-length sequences: no padding is computed.
+
+    Sequence b occupies rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of the queries and
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of the keys/values and attends only within itself:
+    the result equals calling `scaled_dot_product_attention` on each sequence.
+
+    Parameters
+    ----------
+    query : array_like, (Hq, total_q, E)
+    key : array_like, (H, total_k, E)
+    value : array_like, (H, total_k, Ev)
+        A projection output of shape (total, H, E) becomes this layout with a free
+        ``np.swapaxes(x, 0, 1)`` (a view, read in place with its strides).
+    cu_seqlens_q, cu_seqlens_k : array_like of int, (B + 1,)
+        Cumulative lengths: start at 0, non-decreasing, end at total_q / total_k.
+    scale, is_causal, window_size, alignment, softcap, enable_gqa, return_lse, num_threads
+        As in `scaled_dot_product_attention`, per sequence (bottom_right aligns each
+        sequence's last query with its last key).
+    alibi_slopes : array_like of float, optional
+        Broadcastable to (Hq,).
+
+    Returns
+    -------
+    out : ndarray (Hq, total_q, Ev), or (out, lse) with lse (Hq, total_q).
+    """
+    return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
+                        window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
+                        enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
 
 
 def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, num_threads=None):

@@ -487,10 +487,7 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
     cdef int64_t *kidx = vs + nkb          # multi-index of the current K/V
     cdef int64_t *kvshape = kidx + nkb
     cdef int64_t *oshape = kvshape + nkb
-    cdef void *ws = NULL
-    cdef size_t ws_bytes = 0
     cdef sa_attn_args args
-    cdef sa_schedule sched
     cdef int status, d, j, isa = _isa, isz = dt.itemsize
     cdef int64_t u, off_q, off_o, off_l, off_m, off_kv, ii, c
     try:
@@ -621,20 +618,28 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
         args.interrupt_ctx = NULL
 
         if schedule_only:
-            status = sa_attn_schedule(&args, isa, isz, &sched)
-            if status != SA_OK:
-                raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
-            return {"threads": sched.threads, "fused": bool(sched.fused),
-                    "compute_tasks": sched.compute_tasks, "group": sched.group}
-        status = sa_attn_workspace_size(&args, isa, isz, &ws_bytes)
-        if status != SA_OK:
-            raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
-        ws = _alloc(ws_bytes)
+            return _schedule_of(&args, isa, isz)
+        _run_kernel(&args, isa, isz)
+    finally:
+        _free(tab)
+    return (out, lse) if return_lse else out
+
+
+cdef int _run_kernel(sa_attn_args *args, int isa, int isz) except -1:
+    """Workspace, the kernel without the GIL, status codes -> exceptions (Ctrl-C included)."""
+    global _pending_signal_exc
+    cdef size_t ws_bytes = 0
+    cdef void *ws = NULL
+    cdef int status = sa_attn_workspace_size(args, isa, isz, &ws_bytes)
+    if status != SA_OK:
+        raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
+    ws = _alloc(ws_bytes)
+    try:
         with nogil:
             if isz == 4:
-                status = sa_attn_fwd_f32(&args, isa, ws, ws_bytes)
+                status = sa_attn_fwd_f32(args, isa, ws, ws_bytes)
             else:
-                status = sa_attn_fwd_f64(&args, isa, ws, ws_bytes)
+                status = sa_attn_fwd_f64(args, isa, ws, ws_bytes)
         if status == SA_ERR_INTERRUPTED:
             exc, _pending_signal_exc = _pending_signal_exc, None
             raise exc if exc is not None else KeyboardInterrupt()
@@ -642,5 +647,154 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
             raise RuntimeError(f"selfattn: kernel failed (status {status})")
     finally:
         _free(ws)
-        _free(tab)
+    return 0
+
+
+cdef object _schedule_of(sa_attn_args *args, int isa, int isz):
+    cdef sa_schedule sched
+    cdef int status = sa_attn_schedule(args, isa, isz, &sched)
+    if status != SA_OK:
+        raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
+    return {"threads": sched.threads, "fused": bool(sched.fused), "compute_tasks": sched.compute_tasks,
+            "group": sched.group}
+
+
+def _check_cu_seqlens(cu, str name, int64_t total):
+    a = _as_array(cu, name)
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be a 1-D integer array, got {'dtype ' + str(a.dtype) if a.ndim == 1 else 'shape ' + str(a.shape)}")
+    if a.size == 0 or a[0] != 0:
+        raise ValueError(f"{name} must start at 0 (cumulative sequence lengths), got {a[:4].tolist()}...")
+    a = a.astype(np.int64)
+    if a.size > 1 and (np.diff(a) < 0).any():
+        raise ValueError(f"{name} must be non-decreasing, got {a.tolist()[:16]}")
+    if a[-1] != total:
+        raise ValueError(f"{name} must end at the total number of rows {total}, got {int(a[-1])}")
+    return a
+
+
+def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False, window_size=None,
+           alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False, return_lse=False,
+           num_threads=None, schedule_only=False):
+    """Packed variable-length batches. See selfattn.varlen_attention."""
+    cdef int64_t nt = _check_threads(num_threads)
+    cdef bint causal = bool(is_causal)
+    has_window, win_left, win_right = _check_window(window_size)
+    cdef int align = _check_alignment(alignment)
+    cdef double cap = _check_softcap(softcap)
+    q = _as_array(query, "query")
+    k = _as_array(key, "key")
+    v = _as_array(value, "value")
+    cdef int tq = _compute_typenum(q, "query"), tk = _compute_typenum(k, "key")
+    cdef int tv = _compute_typenum(v, "value")
+    cdef int typenum = cnp.NPY_DOUBLE if cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
+    dt = _F64 if typenum == cnp.NPY_DOUBLE else _F32
+    for a, nm, dims in ((q, "query", "(Hq, total_q, E)"), (k, "key", "(H, total_k, E)"),
+                        (v, "value", "(H, total_k, Ev)")):
+        if cnp.PyArray_NDIM(a) != 3:
+            raise ValueError(f"varlen_attention: {nm} must be 3-D {dims}, got shape {a.shape}")
+    cdef int64_t Hq = q.shape[0], Tq = q.shape[1], E = q.shape[2]
+    cdef int64_t H = k.shape[0], Tk = k.shape[1], Ev = v.shape[2]
+    if k.shape[2] != E:
+        raise ValueError(f"query and key must have the same last dim E: query {q.shape}, key {k.shape}")
+    if v.shape[0] != H or v.shape[1] != Tk:
+        raise ValueError(f"key {k.shape} and value {v.shape} must have the same heads and rows (H, total_k)")
+    if enable_gqa:
+        if H == 0 or Hq % H:
+            raise ValueError(f"enable_gqa: query heads Hq={Hq} must be a multiple of key/value heads H={H}")
+    elif Hq != H:
+        raise ValueError(f"query has {Hq} heads and key/value {H}: they must be equal "
+                         f"(for grouped-query attention with fewer kv heads, pass enable_gqa=True)")
+    cdef double sc = _check_scale(scale, E)
+    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq)
+    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", Tk)
+    if cu_q.size != cu_k.size:
+        raise ValueError(f"cu_seqlens_q ({cu_q.size - 1} sequences) and cu_seqlens_k ({cu_k.size - 1}) must "
+                         f"describe the same number of sequences")
+    slopes_h = _per_unit_slopes(alibi_slopes, (Hq,)) if alibi_slopes is not None else None
+
+    cdef int64_t B = cu_q.size - 1, group = Hq // H if H else 1
+    out = np.empty((Hq, Tq, Ev), dtype=dt)
+    lse = np.empty((Hq, Tq), dtype=dt) if return_lse else None
+    if Hq == 0 or B == 0 or Tq == 0 or (Ev == 0 and lse is None):
+        if schedule_only:
+            return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
+        return (out, lse) if return_lse else out
+    q = _ready(q, typenum)
+    k = _ready(k, typenum)
+    v = _ready(v, typenum)
+
+    # units: (query head h, sequence b) -> u = h * B + b; kv units: (kv head, b) -> g = hk * B + b
+    Lb, Sb = np.diff(cu_q), np.diff(cu_k)
+    hs, bs = np.arange(Hq, dtype=np.int64)[:, None], np.arange(B, dtype=np.int64)[None, :]
+    isz_ = dt.itemsize
+    def off(a, rows_start, h):   # element offset of (head h, first row of the sequence)
+        return (h * (a.strides[0] // a.itemsize) + rows_start[None, :] * (a.strides[1] // a.itemsize)).astype(np.int64)
+    q_off = np.ascontiguousarray(off(q, cu_q[:-1], hs).reshape(-1))
+    o_off = np.ascontiguousarray(off(out, cu_q[:-1], hs).reshape(-1))
+    l_off = np.ascontiguousarray(off(lse, cu_q[:-1], hs).reshape(-1)) if lse is not None else np.zeros(Hq * B, np.int64)
+    hk = np.arange(H, dtype=np.int64)[:, None]
+    kv_k = np.ascontiguousarray(off(k, cu_k[:-1], hk).reshape(-1))
+    kv_v = np.ascontiguousarray(off(v, cu_k[:-1], hk).reshape(-1))
+    kv_start = np.arange(H * B + 1, dtype=np.int64) * group
+    # the units of g = hk * B + b are query heads hk*group .. hk*group+group-1 at sequence b
+    kv_units = np.ascontiguousarray(((hk[:, :, None] * group + np.arange(group)[None, None, :]) * B
+                                     + bs[:, :, None]).reshape(-1), dtype=np.int64)
+    q_len = np.ascontiguousarray(np.broadcast_to(Lb[None, :], (Hq, B)).reshape(-1), dtype=np.int64)
+    k_len = np.ascontiguousarray(np.broadcast_to(Sb[None, :], (Hq, B)).reshape(-1), dtype=np.int64)
+    slopes = (np.ascontiguousarray(np.broadcast_to(slopes_h[:, None], (Hq, B)).reshape(-1))
+              if slopes_h is not None else None)
+    zero = np.zeros(1, np.int64)
+
+    cdef sa_attn_args args
+    args.n_units = Hq * B
+    args.n_kv = H * B
+    args.L = int(Lb.max()) if B else 0
+    args.S = int(Sb.max()) if B else 0
+    args.E = E
+    args.Ev = Ev
+    args.q = cnp.PyArray_DATA(q)
+    args.q_off = <const int64_t *> cnp.PyArray_DATA(q_off)
+    args.q_sl = q.strides[1] // q.itemsize
+    args.q_se = q.strides[2] // q.itemsize
+    args.k = cnp.PyArray_DATA(k)
+    args.kv_k_off = <const int64_t *> cnp.PyArray_DATA(kv_k)
+    args.k_ss = k.strides[1] // k.itemsize
+    args.k_se = k.strides[2] // k.itemsize
+    args.v = cnp.PyArray_DATA(v)
+    args.kv_v_off = <const int64_t *> cnp.PyArray_DATA(kv_v)
+    args.v_ss = v.strides[1] // v.itemsize
+    args.v_se = v.strides[2] // v.itemsize
+    args.kv_start = <const int64_t *> cnp.PyArray_DATA(kv_start)
+    args.kv_units = <const int64_t *> cnp.PyArray_DATA(kv_units)
+    args.mask_kind = SA_MASK_NONE
+    args.mask = NULL
+    args.mask_off = <const int64_t *> cnp.PyArray_DATA(zero)
+    args.mask_sl = 0
+    args.mask_ss = 0
+    args.out = cnp.PyArray_DATA(out)
+    args.out_off = <const int64_t *> cnp.PyArray_DATA(o_off)
+    args.out_sl = out.strides[1] // out.itemsize
+    args.out_se = out.strides[2] // out.itemsize
+    args.lse = cnp.PyArray_DATA(lse) if lse is not None else NULL
+    args.lse_off = <const int64_t *> cnp.PyArray_DATA(l_off)
+    args.lse_sl = lse.strides[1] // lse.itemsize if lse is not None else 0
+    args.scale = sc
+    args.causal = causal
+    args.alignment = align
+    args.window = has_window
+    args.window_left = win_left
+    args.window_right = win_right
+    args.q_len = <const int64_t *> cnp.PyArray_DATA(q_len)
+    args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len)
+    args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
+    args.softcap = cap
+    args.num_threads = <int> nt
+    args.interrupt = NULL
+    if PyThread_get_thread_ident() == threading.main_thread().ident:
+        args.interrupt = _check_signals
+    args.interrupt_ctx = NULL
+    if schedule_only:
+        return _schedule_of(&args, _isa, isz_)
+    _run_kernel(&args, _isa, isz_)
     return (out, lse) if return_lse else out
