@@ -37,24 +37,34 @@ ROOT = Path(__file__).resolve().parent.parent
 BODY = "src_c/attn_fwd_body.h"
 
 # (name, file, exact text, replacement, what the fault is)
+MASK = "src_c/attn_mask.h"
 MUTANTS = [
     ("nan_output", BODY, "T inv = (T)1 / l[r];", "T inv = (T)NAN;",
      "every output row is NaN (the fmax() blind spot of the old C smoke test)"),
     ("wrong_rescale", BODY, "alpha[r] = m[r] - msafe[r];", "alpha[r] = (m[r] - msafe[r]) * (T)0.5;",
      "online softmax rescales O and l by 2^(d/2) instead of 2^d when the running max moves by d"),
-    ("off_by_one_tile_edge", BODY, "int64_t kvalid = S - j0 < BK ? S - j0 : BK;",
-     "int64_t kvalid = S - j0 < BK ? S - j0 : BK - 1;",
+    ("off_by_one_tile_edge", BODY, "int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK;",
+     "int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK - 1;",
      "the last key of every full key block is dropped (only a problem with S >= BK)"),
     ("dropped_mask_bit", BODY, "if (!m[j * ss]) s[j] = NEG_INF;",
-     "if (!m[j * ss] && j != kvalid - 1) s[j] = NEG_INF;",
-     "a False in a bool mask is ignored at the last key of each block"),
+     "if (!m[j * ss] && j != ve - 1) s[j] = NEG_INF;",
+     "a False in a bool mask is ignored at the last visible key of each row and block"),
     ("wrong_lse", BODY, "(T)(0.6931471805599453 * (double)m[r] + log((double)l[r]))",
      "(T)((double)m[r] + log((double)l[r]))",
      "lse mixes log2 and natural-log units (the running max is not converted)"),
-    ("causal_off_by_one", BODY, "FN(fill_neg_inf)(s, i + 1 - j0, keff);", "FN(fill_neg_inf)(s, i + 2 - j0, keff);",
-     "under is_causal, query i also sees key i + 1"),
     ("float_mask_units", BODY, "s[j] += (T)(m[j * ss] * 1.4426950408889634);", "s[j] += (T)m[j * ss];",
      "a float64 mask is added in natural-log units to log2-unit scores"),
+    ("causal_off_by_one", MASK, "if (m->causal && p < h) h = p;", "if (m->causal && p + 1 < h) h = p + 1;",
+     "under is_causal, query p also sees key p + 1"),
+    ("window_left_off_by_one", MASK, "if (m->left >= 0 && p - m->left > l) l = p - m->left;",
+     "if (m->left >= 0 && p - m->left + 1 > l) l = p - m->left + 1;",
+     "a window (left, .) sees one key less on the left"),
+    ("alignment_ignored", MASK, "m->offset = a->alignment == SA_ALIGN_BOTTOM_RIGHT ? m->S - m->L : 0;",
+     "m->offset = 0;", "bottom_right alignment behaves as top_left"),
+    ("alibi_sign", BODY, "s[j] -= slope * (d < 0 ? -d : d);", "s[j] += slope * (d < 0 ? -d : d);",
+     "ALiBi adds +slope |p - j| instead of subtracting it"),
+    ("key_lengths_read_past_end", BODY, "FN(pack_block)(c, g, kb, hi + 1, Kp);", "FN(pack_block)(c, g, kb, a->S, Kp);",
+     "the fused schedule packs (reads) keys past key_lengths: NaN/Inf there leaks into the packed block"),
 ]
 
 C_SOURCES = ["dispatch.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]

@@ -2,8 +2,10 @@
  * attn_smoke.c -- the C kernels against a naive C reference, on any
  * architecture (CI runs it natively; it is also how the portable path was
  * checked on aarch64 under qemu-user). Every supported ISA, both dtypes,
- * 1 and 2 threads, no mask / bool mask / float mask / causal, sizes around
- * each path's own tile edges (sa_tile_params_get).
+ * 1 and 2 threads, no mask / bool mask / float mask / causal, structured
+ * masks (window, alignment, key lengths with NaN planted past them, ALiBi,
+ * softcap) over several units, sizes around each path's own tile edges
+ * (sa_tile_params_get).
  * Prints "N passed, M failed"; exit status 1 on any failure.
  */
 #include <math.h>
@@ -21,20 +23,41 @@ static double urand(uint64_t *s)
     return (double)(*s >> 11) / 9007199254740992.0 * 2.0 - 1.0;
 }
 
-/* naive float64 attention of one unit, with the same mask rules as selfattn.reference */
-static void naive(int64_t L, int64_t S, int64_t E, int64_t Ev, const double *q, const double *k, const double *v,
-                  int mkind, const double *mask, int causal, double scale, double *out, double *lse)
+/* Structured options of a case (all off when zero-initialised, as in sa_attn_args). */
+typedef struct {
+    int window;
+    int64_t left, right;     /* with window: < 0 = unbounded      */
+    int align;               /* sa_alignment                      */
+    int64_t klen;            /* < 0: all keys; else S_u = klen - u */
+    double slope;            /* ALiBi slope of unit u: slope (u+1) */
+    double softcap;
+    int units;               /* distinct (q, k, v) units, >= 1     */
+} smoke_opts;
+
+/* naive float64 attention of one unit, with the same rules as selfattn.reference:
+ * positions p = i (+ S_u - L), visibility, logit -> softcap -> ALiBi -> mask */
+static void naive(int64_t L, int64_t S, int64_t Su, int64_t E, int64_t Ev, const double *q, const double *k,
+                  const double *v, int mkind, const double *mask, int causal, const smoke_opts *o, double slope,
+                  double scale, double *out, double *lse)
 {
     double *s = malloc(sizeof(double) * (S ? S : 1));
     for (int64_t i = 0; i < L; i++) {
+        int64_t p = i + (o->align == SA_ALIGN_BOTTOM_RIGHT ? Su - L : 0);
         double m = -INFINITY;
         for (int64_t j = 0; j < S; j++) {
-            double d = 0;
-            for (int64_t e = 0; e < E; e++) d += q[i * E + e] * k[j * E + e];
-            d *= scale;
-            if (causal && j > i) d = -INFINITY;
-            if (mkind == 1 && mask[i * S + j] == 0) d = -INFINITY;
-            if (mkind == 2) d += mask[i * S + j];
+            int visible = j < Su && !(causal && j > p);
+            if (o->window && o->left >= 0 && j < p - o->left) visible = 0;
+            if (o->window && o->right >= 0 && j > p + o->right) visible = 0;
+            if (mkind == 1 && mask[i * S + j] == 0) visible = 0;
+            double d = -INFINITY;
+            if (visible) {
+                d = 0;
+                for (int64_t e = 0; e < E; e++) d += q[i * E + e] * k[j * E + e];
+                d *= scale;
+                if (o->softcap > 0) d = o->softcap * tanh(d / o->softcap);
+                d -= slope * (double)(p > j ? p - j : j - p);
+                if (mkind == 2) d += mask[i * S + j];
+            }
             s[j] = d;
             if (d > m) m = d;
         }
@@ -42,7 +65,7 @@ static void naive(int64_t L, int64_t S, int64_t E, int64_t Ev, const double *q, 
         for (int64_t j = 0; j < S; j++) { s[j] = m == -INFINITY ? 0 : exp(s[j] - m); l += s[j]; }
         for (int64_t c = 0; c < Ev; c++) {
             double acc = 0;
-            for (int64_t j = 0; j < S; j++) acc += s[j] * v[j * Ev + c];
+            for (int64_t j = 0; j < S; j++) if (s[j] != 0) acc += s[j] * v[j * Ev + c];
             out[i * Ev + c] = l > 0 ? acc / l : 0;
         }
         lse[i] = l > 0 ? m + log(l) : -INFINITY;
@@ -50,41 +73,73 @@ static void naive(int64_t L, int64_t S, int64_t E, int64_t Ev, const double *q, 
     free(s);
 }
 
-static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t L, int64_t S, int64_t E, int64_t Ev)
+static void store(void *dst, int dsize, size_t i, double x)
 {
-    uint64_t seed = (uint64_t)(L * 131 + S * 17 + E * 7 + Ev + mkind * 1000 + causal * 5000);
+    if (dsize == 4) ((float *)dst)[i] = (float)x; else ((double *)dst)[i] = x;
+}
+
+static double load(const void *src, int dsize, size_t i)
+{
+    return dsize == 4 ? ((const float *)src)[i] : ((const double *)src)[i];
+}
+
+static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t L, int64_t S, int64_t E, int64_t Ev,
+                     const smoke_opts *o)
+{
+    uint64_t seed = (uint64_t)(L * 131 + S * 17 + E * 7 + Ev + mkind * 1000 + causal * 5000 + o->units * 77);
+    int64_t U = o->units;
     size_t nq = (size_t)(L * E), nk = (size_t)(S * E), nv = (size_t)(S * Ev), nm = (size_t)(L * S), no = (size_t)(L * Ev);
-    double *qd = malloc(8 * (nq + 1)), *kd = malloc(8 * (nk + 1)), *vd = malloc(8 * (nv + 1)), *md = malloc(8 * (nm + 1));
-    double *od = malloc(8 * (no + 1)), *ld = malloc(8 * (L + 1));
-    for (size_t i = 0; i < nq; i++) qd[i] = 2 * urand(&seed);
-    for (size_t i = 0; i < nk; i++) kd[i] = 2 * urand(&seed);
-    for (size_t i = 0; i < nv; i++) vd[i] = urand(&seed);
+    double *qd = malloc(8 * (U * nq + 1)), *kd = malloc(8 * (U * nk + 1)), *vd = malloc(8 * (U * nv + 1));
+    double *md = malloc(8 * (nm + 1)), *od = malloc(8 * (U * no + 1)), *ld = malloc(8 * (U * L + 1));
+    int64_t *su = malloc(8 * U), *offq = malloc(8 * U), *offk = malloc(8 * U), *offv = malloc(8 * U);
+    int64_t *offo = malloc(8 * U), *offl = malloc(8 * U), *units = malloc(8 * U), *kvstart = malloc(8 * (U + 1));
+    int64_t *zeros = calloc((size_t)U, 8);
+    double *slopes = malloc(8 * U);
+    for (size_t i = 0; i < U * nq; i++) qd[i] = 2 * urand(&seed);
+    for (size_t i = 0; i < U * nk; i++) kd[i] = 2 * urand(&seed);
+    for (size_t i = 0; i < U * nv; i++) vd[i] = urand(&seed);
     for (size_t i = 0; i < nm; i++) md[i] = mkind == 1 ? (urand(&seed) > -0.6) : 0.5 * urand(&seed);
     if (mkind == 2 && nm) md[0] = -INFINITY;
     /* inputs in the compute dtype, rounded, so both sides see the same numbers */
-    void *q = malloc((size_t)dsize * (nq + 1)), *k = malloc((size_t)dsize * (nk + 1)), *v = malloc((size_t)dsize * (nv + 1));
-    void *out = malloc((size_t)dsize * (no + 1)), *lse = malloc((size_t)dsize * (L + 1));
-    void *mask = malloc(8 * (nm + 1));
-    for (size_t i = 0; i < nq; i++) { if (dsize == 4) { ((float *)q)[i] = (float)qd[i]; qd[i] = ((float *)q)[i]; } else ((double *)q)[i] = qd[i]; }
-    for (size_t i = 0; i < nk; i++) { if (dsize == 4) { ((float *)k)[i] = (float)kd[i]; kd[i] = ((float *)k)[i]; } else ((double *)k)[i] = kd[i]; }
-    for (size_t i = 0; i < nv; i++) { if (dsize == 4) { ((float *)v)[i] = (float)vd[i]; vd[i] = ((float *)v)[i]; } else ((double *)v)[i] = vd[i]; }
+    void *q = malloc((size_t)dsize * (U * nq + 1)), *k = malloc((size_t)dsize * (U * nk + 1));
+    void *v = malloc((size_t)dsize * (U * nv + 1)), *out = malloc((size_t)dsize * (U * no + 1));
+    void *lse = malloc((size_t)dsize * (U * L + 1)), *mask = malloc(8 * (nm + 1));
+    for (size_t i = 0; i < U * nq; i++) { store(q, dsize, i, qd[i]); qd[i] = load(q, dsize, i); }
+    for (size_t i = 0; i < U * nk; i++) { store(k, dsize, i, kd[i]); kd[i] = load(k, dsize, i); }
+    for (size_t i = 0; i < U * nv; i++) { store(v, dsize, i, vd[i]); vd[i] = load(v, dsize, i); }
     for (size_t i = 0; i < nm; i++) { if (mkind == 1) ((uint8_t *)mask)[i] = md[i] != 0; else ((double *)mask)[i] = md[i]; }
     double scale = 1.0 / sqrt((double)(E ? E : 1));
-    naive(L, S, E, Ev, qd, kd, vd, mkind, md, causal, scale, od, ld);
+    for (int64_t u = 0; u < U; u++) {
+        su[u] = o->klen < 0 ? S : (o->klen - u < 0 ? 0 : o->klen - u);
+        slopes[u] = o->slope * (double)(u + 1);
+        offq[u] = u * (int64_t)nq; offk[u] = u * (int64_t)nk; offv[u] = u * (int64_t)nv;
+        offo[u] = u * (int64_t)no; offl[u] = u * L; units[u] = u; kvstart[u] = u;
+        naive(L, S, su[u], E, Ev, qd + offq[u], kd + offk[u], vd + offv[u], mkind, md, causal, o, slopes[u], scale,
+              od + offo[u], ld + offl[u]);
+        /* keys past S_u must never be read: plant NaN / Inf there */
+        for (int64_t j = su[u]; j < S; j++) {
+            for (int64_t e = 0; e < E; e++) store(k, dsize, (size_t)(offk[u] + j * E + e), NAN);
+            for (int64_t e = 0; e < Ev; e++) store(v, dsize, (size_t)(offv[u] + j * Ev + e), INFINITY);
+        }
+    }
+    kvstart[U] = U;
 
-    int64_t zero = 0, kvstart[2] = {0, 1};
     sa_attn_args a;
     memset(&a, 0, sizeof a);
-    a.n_units = 1; a.n_kv = 1; a.L = L; a.S = S; a.E = E; a.Ev = Ev;
-    a.q = q; a.q_off = &zero; a.q_sl = E; a.q_se = 1;
-    a.k = k; a.kv_k_off = &zero; a.k_ss = E; a.k_se = 1;
-    a.v = v; a.kv_v_off = &zero; a.v_ss = Ev; a.v_se = 1;
-    a.kv_start = kvstart; a.kv_units = &zero;
+    a.n_units = U; a.n_kv = U; a.L = L; a.S = S; a.E = E; a.Ev = Ev;
+    a.q = q; a.q_off = offq; a.q_sl = E; a.q_se = 1;
+    a.k = k; a.kv_k_off = offk; a.k_ss = E; a.k_se = 1;
+    a.v = v; a.kv_v_off = offv; a.v_ss = Ev; a.v_se = 1;
+    a.kv_start = kvstart; a.kv_units = units;
     a.mask_kind = mkind == 0 ? SA_MASK_NONE : mkind == 1 ? SA_MASK_BOOL : SA_MASK_F64;
-    a.mask = mkind ? mask : NULL; a.mask_off = &zero; a.mask_sl = S; a.mask_ss = 1;
-    a.out = out; a.out_off = &zero; a.out_sl = Ev; a.out_se = 1;
-    a.lse = lse; a.lse_off = &zero; a.lse_sl = 1;
+    a.mask = mkind ? mask : NULL; a.mask_off = zeros; a.mask_sl = S; a.mask_ss = 1;
+    a.out = out; a.out_off = offo; a.out_sl = Ev; a.out_se = 1;
+    a.lse = lse; a.lse_off = offl; a.lse_sl = 1;
     a.scale = scale; a.causal = causal; a.num_threads = nt;
+    a.window = o->window; a.window_left = o->left; a.window_right = o->right; a.alignment = o->align;
+    a.k_len = o->klen >= 0 ? su : NULL;
+    a.alibi_slope = o->slope != 0 ? slopes : NULL;
+    a.softcap = o->softcap;
     size_t bytes = 0;
     int st = sa_attn_workspace_size(&a, isa, dsize, &bytes);
     void *raw = malloc(bytes + 64);
@@ -95,12 +150,9 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
      * NaN it stays NaN (so `err <= tol` fails) */
     double tol = dsize == 4 ? 2e-5 : 1e-12, err = 0;
 #define SA_WORST(d) do { double d_ = (d); if (!isnan(err) && !(d_ <= err)) err = d_; } while (0)
-    for (size_t i = 0; i < no; i++) {
-        double o = dsize == 4 ? ((float *)out)[i] : ((double *)out)[i];
-        SA_WORST(fabs(o - od[i]));
-    }
-    for (int64_t i = 0; i < L; i++) {
-        double l = dsize == 4 ? ((float *)lse)[i] : ((double *)lse)[i];
+    for (size_t i = 0; i < U * no; i++) SA_WORST(fabs(load(out, dsize, i) - od[i]));
+    for (size_t i = 0; i < (size_t)(U * L); i++) {
+        double l = load(lse, dsize, i);
         if (isinf(ld[i])) SA_WORST(l == ld[i] ? 0 : 1);
         else SA_WORST(fabs(l - ld[i]) / 8);
     }
@@ -108,19 +160,96 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     if (st == SA_OK && err <= tol) n_pass++;
     else {
         n_fail++;
-        printf("FAIL isa=%s f%d nt=%d mask=%d causal=%d L=%lld S=%lld E=%lld Ev=%lld status=%d err=%g\n",
+        printf("FAIL isa=%s f%d nt=%d mask=%d causal=%d L=%lld S=%lld E=%lld Ev=%lld units=%d window=%d(%lld,%lld) "
+               "align=%d klen=%lld slope=%g softcap=%g status=%d err=%g\n",
                sa_isa_name(isa), dsize * 8, nt, mkind, causal, (long long)L, (long long)S, (long long)E,
-               (long long)Ev, st, err);
+               (long long)Ev, o->units, o->window, (long long)o->left, (long long)o->right, o->align,
+               (long long)o->klen, o->slope, o->softcap, st, err);
     }
     free(qd); free(kd); free(vd); free(md); free(od); free(ld);
     free(q); free(k); free(v); free(out); free(lse); free(mask); free(raw);
+    free(su); free(offq); free(offk); free(offv); free(offo); free(offl); free(units); free(kvstart); free(zeros);
+    free(slopes);
 }
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#include <unistd.h>
+/* "Keys past key_lengths are never read", proved by the MMU: each unit's K and
+ * V end exactly where its S_u valid keys end, at a page followed by a
+ * PROT_NONE page, while the kernel is told S = 300. A read past S_u (packing,
+ * scores, P.V) is a segfault. 4 units: the fused schedule at 1 thread, the
+ * shared one at 2. Returns 1 if it ran (and counted a pass or a failure). */
+static int guard_case(int isa, int dsize, int nt)
+{
+    const int64_t U = 4, Su = 64, L = 70, S = 300;
+    long page = sysconf(_SC_PAGESIZE);
+    int64_t E = page / (Su * dsize), Ev = E;
+    if (E < 1) return 0;
+    smoke_opts o = {0, -1, -1, 0, Su, 0.0, 0.0, (int)U};
+    void *kreg[4], *vreg[4];
+    int64_t offq[4], offk[4], offv[4], offo[4], offl[4], units[4], kvstart[5], su[4], zeros[4] = {0, 0, 0, 0};
+    void *q = malloc((size_t)(U * L * E * dsize)), *out = malloc((size_t)(U * L * Ev * dsize));
+    void *lse = malloc((size_t)(U * L * dsize));
+    double *qd = malloc(8 * U * L * E), *kd = malloc(8 * U * Su * E), *vd = malloc(8 * U * Su * Ev);
+    double *od = malloc(8 * U * L * Ev), *ld = malloc(8 * U * L);
+    uint64_t seed = 99;
+    for (int64_t u = 0; u < U; u++) {
+        kreg[u] = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        vreg[u] = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (kreg[u] == MAP_FAILED || vreg[u] == MAP_FAILED) return 0;
+        mprotect((char *)kreg[u] + page, page, PROT_NONE);
+        mprotect((char *)vreg[u] + page, page, PROT_NONE);
+    }
+    /* K and V are addressed from a common base (the first unit's page) by offsets */
+    char *kbase = kreg[0], *vbase = vreg[0];
+    for (int64_t u = 0; u < U; u++) {
+        offq[u] = u * L * E; offo[u] = u * L * Ev; offl[u] = u * L; units[u] = u; kvstart[u] = u; su[u] = Su;
+        offk[u] = ((char *)kreg[u] - kbase) / dsize;
+        offv[u] = ((char *)vreg[u] - vbase) / dsize;
+        for (int64_t i = 0; i < L * E; i++) { store(q, dsize, (size_t)(offq[u] + i), 2 * urand(&seed)); qd[u * L * E + i] = load(q, dsize, (size_t)(offq[u] + i)); }
+        for (int64_t i = 0; i < Su * E; i++) { store(kreg[u], dsize, (size_t)i, 2 * urand(&seed)); kd[u * Su * E + i] = load(kreg[u], dsize, (size_t)i); }
+        for (int64_t i = 0; i < Su * Ev; i++) { store(vreg[u], dsize, (size_t)i, urand(&seed)); vd[u * Su * Ev + i] = load(vreg[u], dsize, (size_t)i); }
+        naive(L, Su, Su, E, Ev, qd + u * L * E, kd + u * Su * E, vd + u * Su * Ev, 0, NULL, 0, &o, 0.0,
+              1.0 / sqrt((double)E), od + u * L * Ev, ld + u * L);
+    }
+    kvstart[U] = U;
+    sa_attn_args a;
+    memset(&a, 0, sizeof a);
+    a.n_units = U; a.n_kv = U; a.L = L; a.S = S; a.E = E; a.Ev = Ev;
+    a.q = q; a.q_off = offq; a.q_sl = E; a.q_se = 1;
+    a.k = kbase; a.kv_k_off = offk; a.k_ss = E; a.k_se = 1;
+    a.v = vbase; a.kv_v_off = offv; a.v_ss = Ev; a.v_se = 1;
+    a.kv_start = kvstart; a.kv_units = units; a.mask_off = zeros;
+    a.out = out; a.out_off = offo; a.out_sl = Ev; a.out_se = 1;
+    a.lse = lse; a.lse_off = offl; a.lse_sl = 1;
+    a.scale = 1.0 / sqrt((double)E); a.num_threads = nt; a.k_len = su;
+    size_t bytes = 0;
+    int st = sa_attn_workspace_size(&a, isa, dsize, &bytes);
+    void *raw = malloc(bytes + 64);
+    void *ws = (void *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    if (st == SA_OK) st = dsize == 4 ? sa_attn_fwd_f32(&a, isa, ws, bytes) : sa_attn_fwd_f64(&a, isa, ws, bytes);
+    double err = 0, tol = dsize == 4 ? 2e-5 : 1e-12;
+    for (int64_t i = 0; i < U * L * Ev; i++) {
+        double d = fabs(load(out, dsize, (size_t)i) - od[i]);
+        if (isnan(err) || !(d <= err)) err = isnan(err) ? err : d;
+    }
+    if (st == SA_OK && err <= tol) n_pass++;
+    else { n_fail++; printf("FAIL guard-page key_lengths isa=%s f%d nt=%d status=%d err=%g\n", sa_isa_name(isa), dsize * 8, nt, st, err); }
+    for (int64_t u = 0; u < U; u++) { munmap(kreg[u], 2 * page); munmap(vreg[u], 2 * page); }
+    free(q); free(out); free(lse); free(qd); free(kd); free(vd); free(od); free(ld); free(raw);
+    return 1;
+}
+#else
+static int guard_case(int isa, int dsize, int nt) { (void)isa; (void)dsize; (void)nt; return 0; }
+#endif
+
 #define N_SHAPES 7
+#define N_STRUCTURED 3
 
 int main(void)
 {
-    int n_isas = 0;
+    int n_isas = 0, n_guard = 0;
     for (int isa = 0; isa < SA_ISA_COUNT; isa++) {
         if (!sa_isa_supported(isa)) {
             printf("isa %s: NOT TESTED (not available on this CPU/build)\n", sa_isa_name(isa));
@@ -141,18 +270,35 @@ int main(void)
                 {p.bq, p.bk, 2, p.nv},
                 {3, 0, 5, 2},
             };
+            const smoke_opts plain = {0, -1, -1, 0, -1, 0.0, 0.0, 1};
             for (int nt = 1; nt <= 2; nt++)
                 for (int mkind = 0; mkind < 3; mkind++)
                     for (int causal = 0; causal < 2; causal++) {
                         if (mkind && causal) continue;
                         for (int s = 0; s < N_SHAPES; s++)
-                            run_case(isa, dsize, nt, mkind, causal, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3]);
+                            run_case(isa, dsize, nt, mkind, causal, shapes[s][0], shapes[s][1], shapes[s][2],
+                                     shapes[s][3], &plain);
                     }
+            /* structured masks (attn_mask.h), each composed with a mask kind; 5 units
+             * with key lengths S_u = klen - u (NaN/Inf planted past them) */
+            for (int nt = 1; nt <= 2; nt++)
+                for (int s = 0; s < N_SHAPES; s++) {
+                    int64_t S = shapes[s][1];
+                    const smoke_opts cfg[N_STRUCTURED] = {
+                        {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, S > 3 ? S - 3 : S, 0.0, 0.0, 5},
+                        {1, 7, -1, SA_ALIGN_TOP_LEFT, -1, 0.3, 4.0, 1},
+                        {1, 1, 0, SA_ALIGN_BOTTOM_RIGHT, S, 0.05, 0.0, 5},
+                    };
+                    run_case(isa, dsize, nt, 0, 1, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[0]);
+                    run_case(isa, dsize, nt, 2, 0, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[1]);
+                    run_case(isa, dsize, nt, 1, 1, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[2]);
+                }
+            for (int nt = 1; nt <= 2; nt++) n_guard += guard_case(isa, dsize, nt);
         }
     }
-    /* per isa: 2 dtypes x 2 thread counts x 4 masking kinds x N_SHAPES */
+    /* per isa: 2 dtypes x 2 thread counts x (4 masking kinds + N_STRUCTURED) x N_SHAPES */
     printf("best isa: %s, openmp: %d, isas tested: %d, cases per isa: %d\n", sa_isa_name(sa_isa_best()),
-           sa_openmp_enabled(), n_isas, 2 * 2 * 4 * N_SHAPES);
+           sa_openmp_enabled(), n_isas, 2 * 2 * (4 + N_STRUCTURED) * N_SHAPES + n_guard / (n_isas ? n_isas : 1));
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }
