@@ -29,11 +29,12 @@ SELFATTN_ISA=<avx2|generic> forces a lower path; selfattn.show_config() prints w
 
 __version__ = "0.1.0"
 
-from . import positional, reference
+from . import inspection, positional, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
+from .inspection import attention_weights, plot_attention
 from .positional import rope, sinusoidal_encoding
 
-__all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "rope", "sinusoidal_encoding",
-           "positional", "reference", "config", "show_config", "use_isa", "set_isa", "available_isas",
-           "__version__"]
+__all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "attention_weights", "plot_attention",
+           "rope", "sinusoidal_encoding", "inspection", "positional", "reference", "config", "show_config",
+           "use_isa", "set_isa", "available_isas", "__version__"]

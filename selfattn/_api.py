@@ -114,34 +114,66 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
                         enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
 
 
-def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, num_threads=None):
+def _check_heads(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, num_threads=None, bq=None,
+           bk=None, bv=None, bo=None, num_kv_heads=None, window_size=None, key_lengths=None, rope_base=None):
     """Multi-head self-attention of x with projection weights in (in, out) layout.
 
-    q = x @ wq, k = x @ wk, v = x @ wv (one BLAS call on the concatenated weights). Head h
-    uses columns h*E:(h+1)*E of q and k and h*Ev:(h+1)*Ev of v; heads are attended
-    independently by the fused kernel (reading q, k, v in place) and concatenated back
-    to (..., L, H*Ev), then multiplied by wo if given.
+    q = x @ wq + bq, k = x @ wk + bk, v = x @ wv + bv (one BLAS call on the concatenated
+    weights). Head h uses columns h*E:(h+1)*E of q, and kv head h // (H / num_kv_heads)
+    the matching columns of k and v; heads are attended by the fused kernel (reading q,
+    k, v in place) and concatenated back to (..., L, H*Ev), then @ wo + bo.
 
     Note the layout: a ``torch.nn.Linear`` weight is (out, in); pass its transpose.
 
     Parameters
     ----------
     x : array_like, (..., L, d_model)
-    wq, wk : array_like, (d_model, H*E)
-    wv : array_like, (d_model, H*Ev)
+    wq : array_like, (d_model, H*E)
+    wk : array_like, (d_model, Hkv*E)
+    wv : array_like, (d_model, Hkv*Ev)
     num_heads : int
+        H, the query heads.
     wo : array_like, optional, (H*Ev, d_out)
+    bq, bk, bv : array_like, optional, (H*E,), (Hkv*E,), (Hkv*Ev,)
+        Projection biases (every BERT, GPT-2, ViT and Whisper checkpoint has them).
+    bo : array_like, optional, (d_out,), or (H*Ev,) without wo
+    num_kv_heads : int, optional
+        Hkv for grouped-query attention (H a multiple of it); default H.
+    window_size, key_lengths : as in scaled_dot_product_attention
+        key_lengths broadcasts to the batch dims x.shape[:-2] (padding of each sequence).
+    rope_base : float, optional
+        Apply rotary position embeddings (rotate-half, positions 0..L-1, this base, e.g.
+        10000.0) to each head's q and k after the projection.
     is_causal, scale, num_threads : as in scaled_dot_product_attention.
+
+    Returns
+    -------
+    y : ndarray, (..., L, d_out), or (..., L, H*Ev) without wo
+        float64 if any input is float64, else float32.
+
+    Examples
+    --------
+    >>> import numpy as np, selfattn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((2, 5, 16))
+    >>> wq, wk, wv = (rng.standard_normal((16, 16)) for _ in range(3))
+    >>> selfattn.attend(x, wq, wk, wv, num_heads=4, bq=np.zeros(16), is_causal=True).shape
+    (2, 5, 16)
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)):
-        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    H = int(num_heads)
-    arrs = {"x": x, "wq": wq, "wk": wk, "wv": wv}
-    if wo is not None:
-        arrs["wo"] = wo
-    arrs = {n: _core._as_input(a, n) for n, a in arrs.items()}
+    H = _check_heads(num_heads, "num_heads")
+    Hkv = H if num_kv_heads is None else _check_heads(num_kv_heads, "num_kv_heads")
+    if H % Hkv:
+        raise ValueError(f"num_heads={H} must be a multiple of num_kv_heads={Hkv}")
+    arrs = {"x": x, "wq": wq, "wk": wk, "wv": wv, "wo": wo, "bq": bq, "bk": bk, "bv": bv, "bo": bo}
+    arrs = {n: _core._as_input(a, n) for n, a in arrs.items() if a is not None or n in ("x", "wq", "wk", "wv")}
     dt = np.result_type(*(_core._compute_dtype_of(a.dtype, n) for n, a in arrs.items()))
     x, wq, wk, wv = arrs["x"], arrs["wq"], arrs["wk"], arrs["wv"]
     if x.ndim < 2:
@@ -150,35 +182,68 @@ def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, 
     for n in ("wq", "wk", "wv"):
         w = arrs[n]
         if w.ndim != 2 or w.shape[0] != d:
+            hint = (f"; a torch.nn.Linear weight is (out, in): pass {n}.T" if w.ndim == 2 and w.shape[1] == d
+                    else "")
             raise ValueError(f"{n} must be 2-D (d_model, H*E) with d_model={d} matching x {x.shape}, "
-                             f"got shape {w.shape}")
-    if wq.shape[1] != wk.shape[1]:
-        raise ValueError(f"wq {wq.shape} and wk {wk.shape} must have the same number of columns H*E")
-    for n in ("wq", "wv"):
-        if arrs[n].shape[1] % H:
-            raise ValueError(f"{n} has {arrs[n].shape[1]} columns, not a multiple of num_heads={H} "
-                             f"(shape {arrs[n].shape})")
-    E, Ev = wq.shape[1] // H, wv.shape[1] // H
-    if wo is not None:
+                             f"got shape {w.shape}{hint}")
+    if wq.shape[1] % H:
+        raise ValueError(f"wq has {wq.shape[1]} columns, not a multiple of num_heads={H} (shape {wq.shape})")
+    E = wq.shape[1] // H
+    if wk.shape[1] != Hkv * E:
+        if Hkv == H:
+            raise ValueError(f"wq {wq.shape} and wk {wk.shape} must have the same number of columns H*E")
+        raise ValueError(f"wk {wk.shape} must have num_kv_heads*E = {Hkv}*{E} = {Hkv * E} columns "
+                         f"(wq {wq.shape} has num_heads*E = {H}*{E})")
+    if wv.shape[1] % Hkv:
+        what = f"num_heads={H}" if Hkv == H else f"num_kv_heads={Hkv}"
+        raise ValueError(f"wv has {wv.shape[1]} columns, not a multiple of {what} (shape {wv.shape})")
+    Ev = wv.shape[1] // Hkv
+    if "wo" in arrs:
         wo = arrs["wo"]
         if wo.ndim != 2 or wo.shape[0] != H * Ev:
             raise ValueError(f"wo must be 2-D (H*Ev, d_out) = ({H * Ev}, d_out), got shape {wo.shape}")
-    # validate the scalars before the projections (errors before any work)
+    widths = {"bq": H * E, "bk": Hkv * E, "bv": Hkv * Ev, "bo": arrs["wo"].shape[1] if "wo" in arrs else H * Ev}
+    for n, width in widths.items():
+        if n in arrs and arrs[n].shape != (width,):
+            raise ValueError(f"{n} must have shape ({width},), got {arrs[n].shape}")
+    if rope_base is not None:
+        if isinstance(rope_base, (bool, str, bytes)) or not isinstance(rope_base, (int, float, np.integer, np.floating)):
+            raise TypeError(f"rope_base must be a real number or None, got {type(rope_base).__name__}")
+        if not (np.isfinite(rope_base) and rope_base > 0):
+            raise ValueError(f"rope_base must be finite and > 0, got {rope_base!r}")
+        if E % 2:
+            raise ValueError(f"rope_base needs an even head dim E, got E={E}")
+    # validate everything the kernel will check before the projections (errors before any work)
     _core._check_args(scale, num_threads)
+    lead, L = x.shape[:-2], x.shape[-2]
+    empty_heads = lambda n: np.empty(lead + (n, L, 0), dtype=dt)   # noqa: E731  (no memory: one dim is 0)
+    _core.sdpa(empty_heads(H), empty_heads(Hkv), empty_heads(Hkv), is_causal=is_causal, scale=scale,
+               num_threads=num_threads, enable_gqa=Hkv != H, window_size=window_size, key_lengths=key_lengths,
+               schedule_only=True)
 
     w = np.concatenate([wq.astype(dt, copy=False), wk.astype(dt, copy=False), wv.astype(dt, copy=False)], axis=1)
-    qkv = np.matmul(x.astype(dt, copy=False), w)              # (..., L, 2*H*E + H*Ev)
-    lead, L = qkv.shape[:-2], qkv.shape[-2]
+    qkv = np.matmul(x.astype(dt, copy=False), w)              # (..., L, H*E + Hkv*E + Hkv*Ev)
+    if any(n in arrs for n in ("bq", "bk", "bv")):
+        qkv += np.concatenate([arrs[n].astype(dt, copy=False) if n in arrs else np.zeros(widths[n], dt)
+                               for n in ("bq", "bk", "bv")])
 
-    def heads(lo, width):   # columns lo:lo+H*width as a (..., H, L, width) view, no copy
-        t = qkv[..., lo:lo + H * width].reshape(lead + (L, H, width))
+    def heads(lo, n, width):   # columns lo:lo+n*width as a (..., n, L, width) view, no copy
+        t = qkv[..., lo:lo + n * width].reshape(lead + (L, n, width))
         return np.swapaxes(t, -2, -3)
 
+    q, k, v = heads(0, H, E), heads(H * E, Hkv, E), heads(H * E + Hkv * E, Hkv, Ev)
+    if rope_base is not None:
+        from .positional import rope
+        q, k = rope(q, base=float(rope_base)), rope(k, base=float(rope_base))
     out = np.empty(lead + (L, H * Ev), dtype=dt)
     out_heads = np.swapaxes(out.reshape(lead + (L, H, Ev)), -2, -3)
-    _core.sdpa(heads(0, E), heads(H * E, E), heads(2 * H * E, Ev), is_causal=is_causal, scale=scale,
-               num_threads=num_threads, out=out_heads)
-    return out if wo is None else np.matmul(out, wo.astype(dt, copy=False))
+    _core.sdpa(q, k, v, is_causal=is_causal, scale=scale, num_threads=num_threads, enable_gqa=Hkv != H,
+               window_size=window_size, key_lengths=key_lengths, out=out_heads)
+    if "wo" in arrs:
+        out = np.matmul(out, arrs["wo"].astype(dt, copy=False))
+    if "bo" in arrs:
+        out += arrs["bo"].astype(dt, copy=False)
+    return out
 
 
 def config():
