@@ -123,22 +123,39 @@ static void FN(pack_task)(void *vctx, int64_t t, int tid)
 
 /* ---- pass 2: micro-kernels -------------------------------------------- */
 
-/* St[MR][KEYS_PER_TILE] = Q[MR][E] . Kb[E][..]; rows of St are BK apart. */
-SA_INLINE void FN(qk_tile)(const T *SA_RESTRICT Q, int64_t E, const T *SA_RESTRICT Kb, T *SA_RESTRICT St)
+/* St[MR][nr*VW] = Q[MR][E] . Kb[E][..]; rows of St are BK apart. nr is NRV,
+ * or 1 at the ends of a group's key range; a constant after inlining. */
+SA_INLINE void FN(qk_tile)(const T *SA_RESTRICT Q, int64_t E, const T *SA_RESTRICT Kb, T *SA_RESTRICT St,
+                           const int nr)
 {
     VT acc[MR][NRV];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NRV; c++) acc[r][c] = V(zero)();
+        for (int c = 0; c < nr; c++) acc[r][c] = V(zero)();
     for (int64_t e = 0; e < E; e++) {
         VT kv[NRV];
-        for (int c = 0; c < NRV; c++) kv[c] = V(load)(Kb + e * BK + c * VW);
+        for (int c = 0; c < nr; c++) kv[c] = V(load)(Kb + e * BK + c * VW);
         for (int r = 0; r < MR; r++) {
             VT qb = V(bcast)(Q + r * E + e);
-            for (int c = 0; c < NRV; c++) acc[r][c] = V(fma)(qb, kv[c], acc[r][c]);
+            for (int c = 0; c < nr; c++) acc[r][c] = V(fma)(qb, kv[c], acc[r][c]);
         }
     }
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NRV; c++) V(store)(St + r * BK + c * VW, acc[r][c]);
+        for (int c = 0; c < nr; c++) V(store)(St + r * BK + c * VW, acc[r][c]);
+}
+
+/* Scores of a group of MR rows over block keys [c0, c1), whole vectors: full
+ * micro-tiles where they fit, single-vector ones at the ends. */
+static inline void FN(qk_range)(const T *Q, int64_t E, const T *Kb, T *St, int64_t c0, int64_t c1)
+{
+    while (c0 < c1) {
+        if (c0 % KEYS_PER_TILE == 0 && c0 + KEYS_PER_TILE <= c1) {
+            FN(qk_tile)(Q, E, Kb + c0, St + c0, NRV);
+            c0 += KEYS_PER_TILE;
+        } else {
+            FN(qk_tile)(Q, E, Kb + c0, St + c0, 1);
+            c0 += VW;
+        }
+    }
 }
 
 /* O[MR][nv*VW] = alpha[r] * O + P[MR][nk] . Vb[nk][..]; P rows are BK apart,
@@ -198,13 +215,20 @@ static inline void FN(softcap_row)(T *s, int64_t from, int64_t to, T c2)
     }
 }
 
+/* Zero s[from..to), both multiples of VW. */
+static inline void FN(fill_zero)(T *s, int64_t from, int64_t to)
+{
+    for (int64_t j = from; j < to; j += VW) V(store)(s + j, V(zero)());
+}
+
 /* Score row of query row i (unit u, position p = i + um->offset) over the
  * block's computed keys [cs, ce) (whole vectors; block keys j0 + j): softcap,
- * ALiBi and the attn_mask on the row's visible keys, -inf everywhere else
- * (outside its interval, past the valid keys, and what the group computed for
- * its other rows). */
+ * ALiBi and the attn_mask on the row's visible keys. Returns in [*rs, *re)
+ * the whole vectors that hold them (the only ones the max and exp passes
+ * touch): -inf there outside the visible keys, and 0 -- a probability already
+ * -- on the rest of [cs, ce) (other rows' keys, past the valid keys). */
 static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t u, int64_t i, int64_t j0,
-                         int64_t cs, int64_t ce, int64_t kvalid, T *s)
+                         int64_t cs, int64_t ce, int64_t kvalid, T *s, int64_t *rs, int64_t *re)
 {
     const T NEG_INF = -(T)INFINITY;
     const T LOG2E = (T)1.4426950408889634;
@@ -214,11 +238,14 @@ static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t 
     int64_t ve = hi - j0 + 1 < kvalid ? hi - j0 + 1 : kvalid;
     if (ve > ce) ve = ce;
     if (ve <= vs) {
-        FN(fill_neg_inf)(s, cs, ce);
+        FN(fill_zero)(s, cs, ce);
+        *rs = *re = cs;
         return;
     }
+    *rs = vs / VW * VW;
+    *re = FN(round_up)(ve, VW);
     if (a->softcap > 0)
-        FN(softcap_row)(s, vs / VW * VW, FN(round_up)(ve, VW), (T)(a->softcap * 1.4426950408889634));
+        FN(softcap_row)(s, *rs, *re, (T)(a->softcap * 1.4426950408889634));
     if (a->alibi_slope) {
         T slope = (T)(a->alibi_slope[u] * 1.4426950408889634);
         T d0 = (T)(j0 - (i + um->offset));                 /* j - p at j = 0 of the block */
@@ -241,8 +268,10 @@ static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t 
             for (int64_t j = vs; j < ve; j++) s[j] += (T)(m[j * ss] * 1.4426950408889634);
         }
     }
-    FN(fill_neg_inf)(s, cs, vs);
-    FN(fill_neg_inf)(s, ve, ce);
+    for (int64_t j = *rs; j < vs; j++) s[j] = NEG_INF;
+    for (int64_t j = ve; j < *re; j++) s[j] = NEG_INF;
+    FN(fill_zero)(s, cs, *rs);
+    FN(fill_zero)(s, *re, ce);
 }
 
 /* ---- pass 2: one task = one unit x one query tile --------------------- */
@@ -304,29 +333,33 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
         const T *Kb = Kp + kb * E * BK;
         const T *Vb = Vp + j0 * evp;
         /* the group's keys in this block: exact [ga, gb) for P.V, whole
-         * micro-tiles [cs, ce) for the scores */
+         * vectors [cs, ce) for the scores */
         int64_t ga[BQ / MR], gb[BQ / MR], cs[BQ / MR], ce[BQ / MR];
         for (int64_t g = 0; g < rows_eff / MR; g++) {
             ga[g] = glo[g] - j0 > 0 ? glo[g] - j0 : 0;
             gb[g] = ghi[g] - j0 + 1 < kvalid ? ghi[g] - j0 + 1 : kvalid;
             if (gb[g] <= ga[g]) { ga[g] = gb[g] = cs[g] = ce[g] = 0; continue; }
-            cs[g] = ga[g] / KEYS_PER_TILE * KEYS_PER_TILE;
-            ce[g] = FN(round_up)(gb[g], KEYS_PER_TILE);
+            cs[g] = ga[g] / VW * VW;
+            ce[g] = FN(round_up)(gb[g], VW);
         }
 
         /* a. scores, each group over its own micro-tiles */
         for (int64_t r0 = 0; r0 < rows_eff; r0 += MR)
-            for (int64_t c0 = cs[r0 / MR]; c0 < ce[r0 / MR]; c0 += KEYS_PER_TILE)
-                FN(qk_tile)(Qp + r0 * E, E, Kb + c0, St + r0 * BK + c0);
+            FN(qk_range)(Qp + r0 * E, E, Kb, St + r0 * BK, cs[r0 / MR], ce[r0 / MR]);
 
-        /* b. masks, row max, new running max */
+        /* b. masks, row max (over the row's own keys), new running max */
+        int64_t rs[BQ], re[BQ];
         for (int64_t r = 0; r < rows_eff; r++) {
             T *s = St + r * BK;
             int64_t c0 = cs[r / MR], c1 = ce[r / MR];
-            if (r < rows) FN(mask_row)(a, &um, u, i0 + r, j0, c0, c1, kvalid, s);
-            else FN(fill_neg_inf)(s, c0, c1);    /* padding row: weight 0 */
+            if (r < rows) {
+                FN(mask_row)(a, &um, u, i0 + r, j0, c0, c1, kvalid, s, &rs[r], &re[r]);
+            } else {                             /* padding row: weight 0 */
+                FN(fill_zero)(s, c0, c1);
+                rs[r] = re[r] = c0;
+            }
             VT mx = V(set1)(NEG_INF);
-            for (int64_t j = c0; j < c1; j += VW) mx = V(max)(mx, V(load)(s + j));
+            for (int64_t j = rs[r]; j < re[r]; j += VW) mx = V(max)(mx, V(load)(s + j));
             T tmax = V(hmax)(mx);
             T mnew = tmax > m[r] ? tmax : m[r];
             msafe[r] = mnew == NEG_INF ? 0 : mnew;   /* all masked so far: exp2 gives 0, not NaN */
@@ -340,7 +373,7 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
         for (int64_t r = 0; r < rows_eff; r++) {
             T *s = St + r * BK;
             VT ms = V(set1)(msafe[r]), sum = V(zero)();
-            for (int64_t j = cs[r / MR]; j < ce[r / MR]; j += VW) {
+            for (int64_t j = rs[r]; j < re[r]; j += VW) {
                 VT p = V(exp2)(V(sub)(V(load)(s + j), ms));
                 V(store)(s + j, p);
                 sum = V(add)(sum, p);
@@ -381,14 +414,22 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
 }
 
 /* shared mode, task t: one unit x one query tile; the heaviest (last, under
- * causal) query tiles first, across all units of the group */
+ * causal) query tiles first, across all units of the group. Under a window
+ * every tile costs about the same and neighbouring tiles share most of their
+ * keys: tiles of one unit in order, so the packed blocks are still in cache. */
 static void FN(compute_task)(void *vctx, int64_t t, int tid)
 {
     FN(ctx_t) *c = (FN(ctx_t) *)vctx;
     const sa_attn_args *a = c->a;
     int64_t ustart = a->kv_start[c->g0], nu = a->kv_start[c->g1] - ustart;
-    int64_t qt = c->lay.n_qt - 1 - t / nu;
-    int64_t idx = ustart + t % nu;
+    int64_t qt, idx;
+    if (a->window) {
+        idx = ustart + t / c->lay.n_qt;
+        qt = t % c->lay.n_qt;
+    } else {
+        qt = c->lay.n_qt - 1 - t / nu;
+        idx = ustart + t % nu;
+    }
     int64_t lo = c->g0, hi = c->g1 - 1;          /* kv unit of idx: binary search */
     while (lo < hi) {
         int64_t mid = (lo + hi + 1) / 2;

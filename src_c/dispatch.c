@@ -128,7 +128,7 @@ const char *sa_isa_name(int isa)
 }
 
 /* ---- workspace ----------------------------------------------------------- */
-#define SA_PACK_BUDGET_BYTES ((int64_t)32 << 20)   /* shared mode: packed K/V held at once */
+#define SA_PACK_BUDGET_BYTES ((int64_t)8 << 20)   /* shared mode: packed K/V held at once */
 #define SA_FUSED_MAX_KV_BYTES ((int64_t)4 << 20)   /* fused mode: one packed K/V per thread */
 
 static int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
