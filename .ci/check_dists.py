@@ -24,7 +24,7 @@ WHEEL_REQUIRED = ["selfattn/__init__.py", "selfattn/__main__.py", "selfattn/_api
                   "selfattn/reference.py", "selfattn/py.typed", "selfattn/_core.*",
                   "selfattn-*.dist-info/licenses/LICENSE", "selfattn-*.dist-info/METADATA",
                   "selfattn-*.dist-info/entry_points.txt"]
-WHEEL_ALLOWED = ["selfattn/*.py", "selfattn/py.typed", "selfattn/_core.*.so", "selfattn/_core.*.pyd",
+WHEEL_ALLOWED = ["selfattn/*.py", "selfattn/*.pyi", "selfattn/py.typed", "selfattn/_core.*.so", "selfattn/_core.*.pyd",
                  "selfattn-*.dist-info/*"]
 SDIST_UNWANTED = ["*.so", "*.o", "*.pyd", "*.pyc", "*/__pycache__/*", "selfattn/_core.c", "build/*", "dist/*"]
 METADATA_REQUIRED = [r"^License-Expression: MIT$", r"^License-File: LICENSE$", r"^Project-URL: Source, ",
