@@ -25,6 +25,10 @@ Architecture at a glance
 
 selfattn.reference holds the same math in plain float64 NumPy: the tests' oracle.
 SELFATTN_ISA=<avx2|generic> forces a lower path; selfattn.show_config() prints what runs.
+
+Documentation: help(selfattn.attend), help(selfattn.scaled_dot_product_attention), or the API
+reference built from these docstrings (docs/, Sphinx). Command line: selfattn --help
+(python -m selfattn --help) for the demo.
 """
 
 __version__ = "0.1.0"
