@@ -14,7 +14,8 @@ except ImportError as exc:   # most often: the uncompiled source tree shadows th
     raise ImportError(
         f"selfattn's compiled extension (selfattn._core) cannot be imported from "
         f"{_os.path.dirname(__file__)}: {exc}. If that is a source checkout, install it "
-        f"(pip install .) and run from another directory, or build in place "
+        f"(pip install .) and run from another directory (python puts the current directory "
+        f"first on sys.path; the installed `selfattn` command works anywhere), or build in place "
         f"(python setup.py build_ext --inplace).") from exc
 
 __all__ = ["scaled_dot_product_attention", "attend", "config", "show_config", "use_isa", "set_isa",
