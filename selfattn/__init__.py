@@ -5,10 +5,11 @@
 Architecture at a glance
 ------------------------
 
-    selfattn.attend / scaled_dot_product_attention      _api.py     (Python: docs, attend's projections)
+    selfattn.attend / scaled_dot_product_attention      _api.py     (Python: docs, attend's projections,
+             / varlen_attention                                      biases, GQA heads, RoPE)
         |
         v
-    selfattn._core.sdpa                                  _core.pyx   (Cython: validate every argument,
+    selfattn._core.sdpa / varlen                         _core.pyx   (Cython: validate every argument,
         |                                                             convert dtypes, describe the broadcast
         |                                                             problem as units with element offsets,
         |                                                             allocate out + workspace, release the GIL,
@@ -22,9 +23,19 @@ Architecture at a glance
     attn_fwd_<f32|f64>_<avx512|avx2|generic>             src_c/attn_fwd_body.h, written once and compiled
                                                          per target by attn_<target>.c (online softmax
                                                          over K/V blocks, register-blocked micro-kernels)
+                                                         src_c/attn_mask.h: the one mask machinery --
+                                                         causal, window, alignment, key lengths as a
+                                                         per-row key interval; tiles outside it skipped
 
-selfattn.reference holds the same math in plain float64 NumPy: the tests' oracle.
+Beside the kernel, one module per concern:
+    selfattn.positional   sinusoidal_encoding, rope (NumPy)
+    selfattn.inspection   attention_weights (materialised on purpose), plot_attention (matplotlib)
+    selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
 SELFATTN_ISA=<avx2|generic> forces a lower path; selfattn.show_config() prints what runs.
+
+Documentation: help(selfattn.attend), help(selfattn.scaled_dot_product_attention), or the API
+reference built from these docstrings (docs/, Sphinx). Command line: selfattn --help
+(python -m selfattn --help) for the demo.
 """
 
 __version__ = "0.1.0"

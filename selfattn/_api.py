@@ -2,8 +2,10 @@
 
 import contextlib
 import sys
+from typing import IO, Any, Dict, Iterator, List, Literal, Optional, Tuple, Union, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 try:
     from . import _core
@@ -12,19 +14,80 @@ except ImportError as exc:   # most often: the uncompiled source tree shadows th
     raise ImportError(
         f"selfattn's compiled extension (selfattn._core) cannot be imported from "
         f"{_os.path.dirname(__file__)}: {exc}. If that is a source checkout, install it "
-        f"(pip install .) and run from another directory, or build in place "
+        f"(pip install .) and run from another directory (python puts the current directory "
+        f"first on sys.path; the installed `selfattn` command works anywhere), or build in place "
         f"(python setup.py build_ext --inplace).") from exc
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "attend", "config", "show_config", "use_isa", "set_isa",
            "available_isas"]
 
-available_isas = _core.available_isas
-set_isa = _core.set_isa
+Array = NDArray[Any]   # float32 or float64, as documented per function
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
-                                 enable_gqa=False, return_lse=False, num_threads=None, window_size=None,
-                                 alignment="top_left", key_lengths=None, alibi_slopes=None, softcap=None):
+def available_isas() -> List[str]:
+    """Instruction sets this build can run on this CPU, best first.
+
+    Examples
+    --------
+    >>> import selfattn
+    >>> "generic" in selfattn.available_isas()   # the portable path runs everywhere
+    True
+    """
+    return list(_core.available_isas())
+
+
+def set_isa(name: str) -> str:
+    """Use instruction set `name` ('avx512', 'avx2' or 'generic') for the following calls.
+
+    Returns
+    -------
+    str
+        The name in use before, so that it can be restored (or use :func:`use_isa`).
+
+    Raises
+    ------
+    ValueError
+        If `name` is unknown or this CPU cannot run it.
+    """
+    return str(_core.set_isa(name))
+
+
+@overload
+def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                                 attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., *,
+                                 scale: Optional[float] = ..., enable_gqa: bool = ...,
+                                 return_lse: Literal[False] = ..., num_threads: Optional[int] = ...,
+                                 window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
+                                 alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
+                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...) -> Array: ...
+@overload
+def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                                 attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., *,
+                                 scale: Optional[float] = ..., enable_gqa: bool = ...,
+                                 return_lse: Literal[True], num_threads: Optional[int] = ...,
+                                 window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
+                                 alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
+                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...
+                                 ) -> Tuple[Array, Array]: ...
+@overload
+def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                                 attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., *,
+                                 scale: Optional[float] = ..., enable_gqa: bool = ...,
+                                 return_lse: bool = ..., num_threads: Optional[int] = ...,
+                                 window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
+                                 alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
+                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...
+                                 ) -> Union[Array, Tuple[Array, Array]]: ...
+
+
+def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                                 attn_mask: Optional[ArrayLike] = None, is_causal: bool = False, *,
+                                 scale: Optional[float] = None, enable_gqa: bool = False,
+                                 return_lse: bool = False, num_threads: Optional[int] = None,
+                                 window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
+                                 alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
+                                 alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None
+                                 ) -> Union[Array, Tuple[Array, Array]]:
     """softmax(query @ key^T * scale + mask) @ value, fused: the L x S scores never exist.
 
     Same names, layout and semantics as ``torch.nn.functional.scaled_dot_product_attention``.
@@ -64,16 +127,45 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         inputs), 0 <= key_lengths <= S. Keys j >= key_lengths are masked and never read:
         garbage, NaN or Inf there does not matter.
     alibi_slopes : array_like of float, optional
-        Broadcastable to (..., Hq): adds -slope * |p - j| to the logit (ALiBi).
+        Broadcastable to (..., Hq): adds ``-slope * |p - j|`` to the logit (ALiBi).
     softcap : float > 0, optional
         The scaled logit s becomes softcap * tanh(s / softcap), before ALiBi and the mask
         are added (Gemma 2).
 
     Returns
     -------
-    out : ndarray (..., Hq, L, Ev), or (out, lse) with return_lse.
+    out : ndarray, (..., Hq, L, Ev)
         float64 if any of query/key/value is float64, else float32. A row whose keys are all
-        masked gives zeros and lse = -inf.
+        masked gives zeros.
+    lse : ndarray, (..., Hq, L)
+        Only with ``return_lse=True``, as ``(out, lse)``; -inf for a row whose keys are all masked.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not fit (naming them), ``num_threads <= 0``, a non-finite ``scale``, a
+        negative window, an unknown alignment, key_lengths outside [0, S], softcap <= 0.
+    TypeError
+        A dtype that cannot be computed (complex, object, string), naming the argument.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import selfattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 16, 8), dtype=np.float32) for _ in range(3))
+    >>> out = selfattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> out.shape, out.dtype
+    ((2, 4, 16, 8), dtype('float32'))
+
+    The first query sees only the first key under the causal mask, so its output is that
+    key's value:
+
+    >>> bool(np.allclose(out[:, :, 0], v[:, :, 0]))
+    True
+    >>> out, lse = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True)
+    >>> lse.shape
+    (2, 4, 16)
     """
     return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                       enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
@@ -81,9 +173,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                       alibi_slopes=alibi_slopes, softcap=softcap)
 
 
-def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
-                     window_size=None, alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False,
-                     return_lse=False, num_threads=None):
+def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seqlens_q: ArrayLike,
+                     cu_seqlens_k: ArrayLike, *, scale: Optional[float] = None, is_causal: bool = False,
+                     window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
+                     alignment: str = "top_left", alibi_slopes: Optional[ArrayLike] = None,
+                     softcap: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
+                     num_threads: Optional[int] = None) -> Union[Array, Tuple[Array, Array]]:
     """Attention over a packed batch of variable-length sequences: no padding is computed.
 
     Sequence b occupies rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of the queries and
@@ -108,6 +203,17 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
     Returns
     -------
     out : ndarray (Hq, total_q, Ev), or (out, lse) with lse (Hq, total_q).
+
+    Examples
+    --------
+    >>> import numpy as np, selfattn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((7, 2, 4))              # 7 tokens (a 3- and a 4-token sequence), 2 heads
+    >>> h = np.swapaxes(x, 0, 1)                         # (2, 7, 4): a view
+    >>> out = selfattn.varlen_attention(h, h, h, [0, 3, 7], [0, 3, 7], is_causal=True)
+    >>> bool(np.allclose(out[:, 3:], selfattn.scaled_dot_product_attention(h[:, 3:], h[:, 3:], h[:, 3:],
+    ...                                                                    is_causal=True)))
+    True
     """
     return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
                         window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
@@ -122,8 +228,12 @@ def _check_heads(value, name):
     return int(value)
 
 
-def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, num_threads=None, bq=None,
-           bk=None, bv=None, bo=None, num_kv_heads=None, window_size=None, key_lengths=None, rope_base=None):
+def attend(x: ArrayLike, wq: ArrayLike, wk: ArrayLike, wv: ArrayLike, *, num_heads: int = 1,
+           wo: Optional[ArrayLike] = None, is_causal: bool = False, scale: Optional[float] = None,
+           num_threads: Optional[int] = None, bq: Optional[ArrayLike] = None, bk: Optional[ArrayLike] = None,
+           bv: Optional[ArrayLike] = None, bo: Optional[ArrayLike] = None, num_kv_heads: Optional[int] = None,
+           window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
+           key_lengths: Optional[ArrayLike] = None, rope_base: Optional[float] = None) -> Array:
     """Multi-head self-attention of x with projection weights in (in, out) layout.
 
     q = x @ wq + bq, k = x @ wk + bk, v = x @ wv + bv (one BLAS call on the concatenated
@@ -159,15 +269,44 @@ def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, 
     y : ndarray, (..., L, d_out), or (..., L, H*Ev) without wo
         float64 if any input is float64, else float32.
 
+    Raises
+    ------
+    ValueError
+        Shapes that do not fit, naming them; a weight in torch's (out, in) layout gets
+        the hint to pass its transpose.
+    TypeError
+        A non-integer `num_heads` or a dtype that cannot be computed.
+
     Examples
     --------
-    >>> import numpy as np, selfattn
-    >>> rng = np.random.default_rng(0)
-    >>> x = rng.standard_normal((2, 5, 16))
-    >>> wq, wk, wv = (rng.standard_normal((16, 16)) for _ in range(3))
-    >>> selfattn.attend(x, wq, wk, wv, num_heads=4, bq=np.zeros(16), is_causal=True).shape
-    (2, 5, 16)
+    The four tokens of the demo (``python -m selfattn``), with untrained weights:
+
+    >>> import numpy as np
+    >>> import selfattn
+    >>> x = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9], [1.0, 1.1, 1.2]])
+    >>> eye = np.eye(3)
+    >>> y = selfattn.attend(x, 2 * eye, 2 * eye, eye)
+    >>> y.shape, y.dtype
+    ((4, 3), dtype('float64'))
+    >>> np.round(y[0], 3)
+    array([0.699, 0.799, 0.899])
+
+    A weight in torch's ``nn.Linear`` layout (out, in) must be transposed:
+
+    >>> w_torch_layout = np.ones((6, 3))
+    >>> selfattn.attend(x, w_torch_layout, w_torch_layout, w_torch_layout)
+    Traceback (most recent call last):
+        ...
+    ValueError: wq must be 2-D (d_model, H*E) with d_model=3 matching x (4, 3), got shape (6, 3); it looks like torch's (out, in) layout: pass wq.T
+    >>> selfattn.attend(x, w_torch_layout.T, w_torch_layout.T, w_torch_layout.T, num_heads=2).shape
+    (4, 6)
     """
+    return _attend(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk, bv, bo, num_kv_heads,
+                   window_size, key_lengths, rope_base)
+
+
+def _attend(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk, bv, bo, num_kv_heads,
+            window_size, key_lengths, rope_base):   # untyped: rebinds x, w* to arrays
     H = _check_heads(num_heads, "num_heads")
     Hkv = H if num_kv_heads is None else _check_heads(num_kv_heads, "num_kv_heads")
     if H % Hkv:
@@ -182,8 +321,8 @@ def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, 
     for n in ("wq", "wk", "wv"):
         w = arrs[n]
         if w.ndim != 2 or w.shape[0] != d:
-            hint = (f"; a torch.nn.Linear weight is (out, in): pass {n}.T" if w.ndim == 2 and w.shape[1] == d
-                    else "")
+            hint = (f"; it looks like torch's (out, in) layout: pass {n}.T"
+                    if w.ndim == 2 and w.shape[1] == d else "")
             raise ValueError(f"{n} must be 2-D (d_model, H*E) with d_model={d} matching x {x.shape}, "
                              f"got shape {w.shape}{hint}")
     if wq.shape[1] % H:
@@ -201,7 +340,9 @@ def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, 
     if "wo" in arrs:
         wo = arrs["wo"]
         if wo.ndim != 2 or wo.shape[0] != H * Ev:
-            raise ValueError(f"wo must be 2-D (H*Ev, d_out) = ({H * Ev}, d_out), got shape {wo.shape}")
+            hint = ("; it looks like torch's (out, in) layout: pass wo.T"
+                    if wo.ndim == 2 and wo.shape[1] == H * Ev else "")
+            raise ValueError(f"wo must be 2-D (H*Ev, d_out) = ({H * Ev}, d_out), got shape {wo.shape}{hint}")
     widths = {"bq": H * E, "bk": Hkv * E, "bv": Hkv * Ev, "bo": arrs["wo"].shape[1] if "wo" in arrs else H * Ev}
     for n, width in widths.items():
         if n in arrs and arrs[n].shape != (width,):
@@ -246,8 +387,24 @@ def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, 
     return out
 
 
-def config():
-    """What runs: version, instruction set in use, those available, OpenMP, default threads."""
+def config() -> Dict[str, Any]:
+    """What runs: version, instruction set in use, those available, OpenMP, default threads.
+
+    Returns
+    -------
+    dict
+        ``version`` (str), ``isa`` (str, in use), ``isas_available`` (list of str, best first),
+        ``openmp`` (bool), ``default_threads`` (int).
+
+    Examples
+    --------
+    >>> import selfattn
+    >>> c = selfattn.config()
+    >>> sorted(c)
+    ['default_threads', 'isa', 'isas_available', 'openmp', 'version']
+    >>> c["isa"] in c["isas_available"]
+    True
+    """
     from . import __version__
     return {
         "version": __version__,
@@ -258,8 +415,12 @@ def config():
     }
 
 
-def show_config(file=None):
-    """Print config() as a few lines."""
+def show_config(file: Optional[IO[str]] = None) -> None:
+    """Print :func:`config` as one line (to `file`, default stdout).
+
+    Example output: ``selfattn 0.1.0: isa=avx512 (available: avx512, avx2, generic),
+    openmp=yes, default_threads=2``.
+    """
     c = config()
     file = sys.stdout if file is None else file
     print(f"selfattn {c['version']}: isa={c['isa']} (available: {', '.join(c['isas_available'])}), "
@@ -267,8 +428,19 @@ def show_config(file=None):
 
 
 @contextlib.contextmanager
-def use_isa(name):
-    """Force instruction set `name` ('avx512', 'avx2', 'generic') inside a with block."""
+def use_isa(name: str) -> Iterator[None]:
+    """Force instruction set `name` ('avx512', 'avx2', 'generic') inside a with block.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import selfattn
+    >>> q = np.ones((4, 8))
+    >>> with selfattn.use_isa("generic"):
+    ...     out = selfattn.scaled_dot_product_attention(q, q, q)
+    >>> bool(np.allclose(out, 1.0))
+    True
+    """
     prev = _core.set_isa(name)
     try:
         yield

@@ -65,18 +65,49 @@ def set_isa(name):
     return prev
 
 
-def _apply_env_isa():
-    """SELFATTN_ISA=<name> at import forces a lower path (never a higher one)."""
-    global _isa
-    name = os.environ.get("SELFATTN_ISA", "").strip().lower()
+def _env_isa_choice(value, best, supported):
+    """What SELFATTN_ISA=`value` selects: (isa index, warning text or None).
+
+    best: the index of the best instruction set of this CPU; supported: the names it runs.
+    Pure, so the tests reach every case (an ISA this CPU lacks included) on any machine."""
+    name = value.strip().lower()
+    where = "SELFATTN_ISA (environment variable, read when selfattn is imported)"
     if not name:
-        return
+        return best, None
     if name not in ISA_NAMES:
-        warnings.warn(f"SELFATTN_ISA={name!r} is not one of {ISA_NAMES}; ignored", RuntimeWarning)
+        return best, (f"{where} is {value!r}, not one of {', '.join(ISA_NAMES)}; "
+                      f"ignored, using {ISA_NAMES[best]!r}")
+    if name not in supported:
+        return best, (f"{where} asks for {name!r}, which this CPU does not support "
+                      f"(available: {', '.join(supported)}); using {ISA_NAMES[best]!r}")
+    return min(ISA_NAMES.index(name), best), None
+
+
+def _warn_at_import_site(message):
+    """Warn as from the line that imported selfattn, not from importlib's frozen frames."""
+    import sys
+    pkg_dir = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(0)
+    while frame is not None:
+        fname = frame.f_code.co_filename
+        if not (fname.startswith("<frozen") or os.path.abspath(fname).startswith(pkg_dir + os.sep)):
+            break
+        frame = frame.f_back
+    if frame is None:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
         return
-    cdef int want = ISA_NAMES.index(name)
-    if want < _isa and sa_isa_supported(want):
-        _isa = want
+    warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"),
+                           registry=frame.f_globals.setdefault("__warningregistry__", {}))
+
+
+def _apply_env_isa():
+    """SELFATTN_ISA=<name> at import forces a lower path (never a higher one); a name that is
+    unknown or that this CPU lacks warns and keeps the best path."""
+    global _isa
+    _isa, message = _env_isa_choice(os.environ.get("SELFATTN_ISA", ""), _isa, available_isas())
+    if message:
+        _warn_at_import_site(message)
 
 
 _apply_env_isa()

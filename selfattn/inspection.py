@@ -242,7 +242,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
         valid keys of each batch entry, 0 <= S_b <= S. Keys j >= S_b are masked and never read
         (NaN there is harmless).
     alibi_slopes : float array_like, optional
-        Broadcastable to out.shape[:-2] = (..., Hq): adds -slope * |p(i) - j| to the logits.
+        Broadcastable to out.shape[:-2] = (..., Hq): adds ``-slope * |p(i) - j|`` to the logits.
     softcap : float > 0, optional
         The scaled logit s becomes softcap * tanh(s / softcap), before ALiBi and the mask are added.
     max_elements : int or None
@@ -385,7 +385,7 @@ _CJK_FONT_HINTS = ("Noto Sans CJK", "Noto Serif CJK", "Noto Sans SC", "Noto Sans
 # fonts that claim every code point but draw boxes: never a fallback
 _TOFU_FONTS = ("Last Resort",)
 
-_charmaps = {}
+_charmaps: dict = {}   # font path -> set of code points
 
 
 def _charmap(path):

@@ -10,14 +10,14 @@ A "batch entry" is one index into out.shape[:-3] (a 2-D or 3-D query has exactly
 
 Positions
 ---------
-Query row i (0 <= i < L) sits at position p(i); key j (0 <= j < S) sits at position j.
+Query row i (0 <= i < L) sits at position p(i); key j (0 <= j < S) sits at position j::
 
     S_b  = key_lengths[b]   (the valid keys of batch entry b; S without key_lengths)
     p(i) = i                (alignment="top_left", the default: torch's is_causal)
     p(i) = i + S_b - L      (alignment="bottom_right": the last query sits on the last valid key,
                              as when decoding with a KV cache, and in flash-attn >= 2.1)
 
-Visibility (key j takes part in query row i's softmax) is the conjunction of
+Visibility (key j takes part in query row i's softmax) is the conjunction of::
 
     attn_mask[i, j]                    if attn_mask is a bool array
     j <= p(i)                          if is_causal
@@ -25,7 +25,7 @@ Visibility (key j takes part in query row i's softmax) is the conjunction of
                                                                          an int w means (w, w))
     j < S_b                            always (keys j >= S_b are never read: NaN there is harmless)
 
-Logits, in this order:
+Logits, in this order::
 
     s = scale * q_i . k_j                        (scale defaults to 1/sqrt(E))
     s = softcap * tanh(s / softcap)              if softcap
@@ -33,7 +33,7 @@ Logits, in this order:
     s = s + attn_mask[i, j]                      if attn_mask is a float array
     s = -inf                                     where key j is not visible
 
-Then
+Then::
 
     P   = softmax(s, axis=-1)           (a row whose logits are all -inf -> P = 0)
     out = P @ V

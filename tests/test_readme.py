@@ -23,3 +23,33 @@ def test_readme_has_examples():
     if not README.is_file():
         pytest.skip("README not found (tests run without the repository)")
     assert len(_python_blocks()) >= 1
+
+
+def _readme_text():
+    if not README.is_file():
+        pytest.skip("README not found (tests run without the repository)")
+    return README.read_text(encoding="utf-8")
+
+
+def test_readme_opens_with_the_two_commands():
+    block = re.search(r"^```bash\n(.*?)^```", _readme_text(), re.S | re.M).group(1).splitlines()
+    assert len(block) == 2
+    install_and_demo, tests = block
+    # a regular install: an editable one leaves a compiled module in the source tree
+    assert "pip install" in install_and_demo and " -e " not in install_and_demo
+    assert tests.startswith("pytest") and "pip install" not in tests   # no second build
+
+
+def test_readme_has_no_internal_vocabulary():
+    assert not re.search(r"issue[- #]?\d", _readme_text(), re.I)
+
+
+def test_readme_documents_every_extra():
+    pyproject = README.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("pyproject.toml not found")
+    section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)^\[", pyproject.read_text(), re.S | re.M)
+    extras = re.findall(r"^(\w+) = ", section.group(1), re.M)
+    assert {"test", "bench", "plot", "dask", "all"} <= set(extras)
+    for extra in extras:
+        assert f"| `{extra}` |" in _readme_text(), extra

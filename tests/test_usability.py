@@ -1,0 +1,104 @@
+"""Small things a user meets first: SELFATTN_ISA warnings, the torch-layout hint, docstring examples."""
+
+import doctest
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import selfattn
+import selfattn._api
+from selfattn import _core
+
+
+# ---- SELFATTN_ISA ---------------------------------------------------------------------------
+
+def _import_with_env(tmp_path, value):
+    script = tmp_path / "user_script.py"
+    script.write_text("import numpy\nimport selfattn\nprint(selfattn.config()['isa'])\n")
+    env = dict(os.environ, SELFATTN_ISA=value)
+    return script, subprocess.run([sys.executable, "-W", "always", str(script)], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+
+def test_bogus_isa_warns_at_the_users_import(tmp_path):
+    script, r = _import_with_env(tmp_path, "bogus")
+    assert r.returncode == 0, r.stderr
+    # points at line 2 of the script (the import), not at importlib's frozen frames
+    assert f"{script}:2: RuntimeWarning: SELFATTN_ISA" in r.stderr
+    assert "<frozen" not in r.stderr
+    assert "'bogus'" in r.stderr and "environment variable" in r.stderr
+    assert r.stdout.strip() == selfattn.available_isas()[0]
+
+
+@pytest.mark.parametrize("name", ["avx2", "generic", " Generic "])
+def test_lower_isa_is_used_silently(tmp_path, name):
+    want = name.strip().lower()
+    if want not in selfattn.available_isas():
+        pytest.skip(f"{want} not available here")
+    _, r = _import_with_env(tmp_path, name)
+    assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
+    assert r.stdout.strip() == want
+
+
+def test_unavailable_isa_warns_in_a_subprocess(tmp_path):
+    missing = [n for n in _core.ISA_NAMES if n not in selfattn.available_isas()]
+    if not missing:
+        pytest.skip("every instruction set runs on this CPU (the unit test below covers the case)")
+    script, r = _import_with_env(tmp_path, missing[-1])
+    assert f"{script}:2: RuntimeWarning" in r.stderr and "does not support" in r.stderr
+    assert r.stdout.strip() == selfattn.available_isas()[0]
+
+
+def test_env_isa_choice():
+    names = _core.ISA_NAMES                       # ("generic", "avx2", "avx512")
+    gen, avx2, avx512 = (names.index(n) for n in ("generic", "avx2", "avx512"))
+    on_avx2_cpu = ["avx2", "generic"]
+    assert _core._env_isa_choice("", avx2, on_avx2_cpu) == (avx2, None)
+    assert _core._env_isa_choice("generic", avx2, on_avx2_cpu) == (gen, None)
+    assert _core._env_isa_choice(" AVX2 ", avx2, on_avx2_cpu) == (avx2, None)
+    isa, msg = _core._env_isa_choice("avx512", avx2, on_avx2_cpu)   # asked for more than the CPU has
+    assert isa == avx2 and "does not support" in msg and "'avx512'" in msg and "using 'avx2'" in msg
+    isa, msg = _core._env_isa_choice("sse9", avx512, ["avx512", "avx2", "generic"])
+    assert isa == avx512 and "'sse9'" in msg and "not one of" in msg
+
+
+# ---- attend: torch-layout weights --------------------------------------------------------
+
+X = np.arange(12.0).reshape(4, 3) / 10
+
+
+@pytest.mark.parametrize("which", ["wq", "wk", "wv"])
+def test_torch_layout_weight_gets_the_transpose_hint(which):
+    w = {"wq": np.eye(3), "wk": np.eye(3), "wv": np.eye(3)}
+    w[which] = np.ones((5, 3))                         # torch nn.Linear(3, 5).weight: (out, in)
+    with pytest.raises(ValueError, match=rf"{which} must be 2-D.*\(5, 3\).*pass {which}\.T"):
+        selfattn.attend(X, w["wq"], w["wk"], w["wv"])
+    w[which] = w[which].T
+    if which != "wv":
+        w["wq" if which == "wk" else "wk"] = np.ones((3, 5))
+    selfattn.attend(X, w["wq"], w["wk"], w["wv"])      # transposed, it fits
+
+
+def test_torch_layout_wo_gets_the_transpose_hint():
+    with pytest.raises(ValueError, match=r"wo must be 2-D.*\(7, 3\).*pass wo\.T"):
+        selfattn.attend(X, np.eye(3), np.eye(3), np.eye(3), wo=np.ones((7, 3)))
+
+
+def test_no_transpose_hint_when_the_transpose_would_not_fit_either():
+    with pytest.raises(ValueError, match=r"got shape \(5, 6\)$"):
+        selfattn.attend(X, np.ones((5, 6)), np.eye(3), np.eye(3))
+
+
+# ---- the docstrings' examples ------------------------------------------------------------
+
+def test_docstring_examples_run():
+    result = doctest.testmod(selfattn._api, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted >= 10 and result.failed == 0
+
+
+def test_public_functions_have_returns_and_examples():
+    for fn in (selfattn.attend, selfattn.scaled_dot_product_attention, selfattn.config):
+        assert "Returns\n    -------" in fn.__doc__ and "Examples\n    --------" in fn.__doc__, fn.__name__
