@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-timing", action="store_true", help="skip the speed comparison")
     demo.add_argument("--rounds", type=int, default=9, metavar="N",
                       help="interleaved timing rounds (default: 9)")
+    demo.add_argument("--heatmap", default="selfattn-demo-attention.png", metavar="PNG",
+                      help="where to write the attention weights as a heatmap, when matplotlib is "
+                           "installed (default: %(default)s in the current directory)")
+    demo.add_argument("--no-heatmap", action="store_true", help="do not write the heatmap")
     return parser
 
 
@@ -38,7 +42,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from selfattn._demo import main as demo
         if getattr(args, "rounds", 9) < 1:
             _parser().error("--rounds must be >= 1")
-        return demo(timing=not getattr(args, "no_timing", False), rounds=getattr(args, "rounds", 9))
+        heatmap = None if getattr(args, "no_heatmap", False) else getattr(args, "heatmap", "selfattn-demo-attention.png")
+        return demo(timing=not getattr(args, "no_timing", False), rounds=getattr(args, "rounds", 9), heatmap=heatmap)
     raise AssertionError(f"unhandled command {args.command!r}")   # pragma: no cover
 
 

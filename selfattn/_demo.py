@@ -239,6 +239,29 @@ def _part3(sa, rounds=9, budget_s=6.0):
     print("   Timings on a busy or small machine vary from run to run; the range shows by how much.")
 
 
+def _heatmap(sa, path):
+    """Write the part-1 weights as a heatmap PNG when matplotlib is installed; say where."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("   (a heatmap of these weights needs matplotlib: pip install selfattn[plot])")
+        return
+    import os
+    import warnings
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    wq, wk, _ = _weights()
+    P = sa.attention_weights(A @ wq, A @ wk)
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)      # no CJK font: labels transliterated, noted
+        sa.plot_attention(P, TOKENS, TOKENS, ax=ax, annotate=True, title="selfattn demo: who attends to whom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"   heatmap of these weights written to {os.path.abspath(path)}")
+
+
 def _config_line(sa):
     """Exactly what selfattn.show_config() prints."""
     buf = io.StringIO()
@@ -246,8 +269,9 @@ def _config_line(sa):
     return buf.getvalue().strip()
 
 
-def main(timing=True, rounds=9):
-    """Run the demo; returns the exit status (0 when the kernel's numbers match the reference)."""
+def main(timing=True, rounds=9, heatmap="selfattn-demo-attention.png"):
+    """Run the demo; returns the exit status (0 when the kernel's numbers match the reference).
+    heatmap: where to write the part-1 weights as a PNG (when matplotlib is installed), or None."""
     import selfattn as sa
     from selfattn import reference as ref
 
@@ -260,6 +284,8 @@ def main(timing=True, rounds=9):
     print(f"  ({gloss}: 'the cat runs on the grass')")
     print()
     ok1 = _part1(sa, ref, tokens)
+    if heatmap:
+        _heatmap(sa, heatmap)
     ok2 = _part2(sa, ref, tokens, features)
     if timing:
         _part3(sa, rounds=rounds)

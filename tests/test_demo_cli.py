@@ -94,3 +94,18 @@ def test_console_script(tmp_path):
         pytest.skip("no `selfattn` console script next to this Python (not installed by pip?)")
     r = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_demo_writes_the_heatmap_and_says_where(tmp_path):
+    r = _run(["demo", "--no-timing", "--heatmap", "weights.png"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "weights.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "needs matplotlib" in r.stdout and not png.exists()
+        return
+    assert f"written to {png}" in r.stdout, r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    r = _run(["demo", "--no-timing", "--no-heatmap"], tmp_path)
+    assert r.returncode == 0 and "heatmap" not in r.stdout and not (tmp_path / "selfattn-demo-attention.png").exists()
