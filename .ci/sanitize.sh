@@ -30,7 +30,7 @@ LIBUBSAN=$(gcc -print-file-name=libubsan.so)
 stamp "venv in $WORK/venv"
 "$PY" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
-"$VPY" -m pip install -q numpy pytest hypothesis pytest-benchmark Cython setuptools wheel
+"$VPY" -m pip install -q numpy pytest hypothesis pytest-benchmark Cython "setuptools>=77" wheel
 "$VPY" -m pip install -q threadpoolctl || echo "sanitize.sh: optional threadpoolctl not installed"
 
 stamp "build + install with SELFATTN_SANITIZE=1 from $ROOT"
