@@ -120,6 +120,10 @@ def test_gil_released_during_the_kernel():
                     reason="needs 2 CPUs")
 def test_two_threads_overlap_in_time():
     """2 threads x k single-threaded calls take clearly less wall time than 2k serial calls."""
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy > ncpu - 0.5:   # another process holds a core: wall times cannot show the overlap
+        pytest.skip(f"machine busy (load average {busy:.1f} on {ncpu} CPUs): overlap not measurable")
     q, k, v = _long_call_inputs(1536)
     sdpa(q, k, v, num_threads=1)
     calls = 4
