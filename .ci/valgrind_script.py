@@ -52,6 +52,15 @@ def main():
                           reference.scaled_dot_product_attention(q, k, v, attn_mask=fmask), tol)
                     check(sdpa(qd, kd, vd, is_causal=True, num_threads=nt),
                           reference.scaled_dot_product_attention(q, k, v, is_causal=True), tol)
+                    # structured masks, composed (key lengths, window, alignment, ALiBi, softcap, mask)
+                    skw = dict(attn_mask=bmask, is_causal=True, window_size=(40, 3), alignment="bottom_right",
+                               key_lengths=[131, 70], alibi_slopes=[0.5, 0.25], softcap=5.0)
+                    check(sdpa(qd, kd, vd, num_threads=nt, **skw),
+                          reference.scaled_dot_product_attention(q, k, v, **skw), tol)
+                    cu = np.array([0, 30, 30, 67])
+                    cuk = np.array([0, 50, 90, 131])
+                    check(selfattn.varlen_attention(qd[0], kd[0], vd[0], cu, cuk, is_causal=True, num_threads=nt),
+                          reference.varlen_attention(q[0], k[0], v[0], cu, cuk, is_causal=True), tol)
                     check(sdpa(qd, kd[:, :1], vd[:, :1], enable_gqa=True, num_threads=nt),
                           reference.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True), tol)
                     # non-contiguous and negative-stride views
@@ -65,7 +74,9 @@ def main():
             # calls that raise
             expect(ValueError, lambda: sdpa(q, k[..., :4], v))
             expect(ValueError, lambda: sdpa(q, k, v, attn_mask=bmask[:, :5]))
-            expect(ValueError, lambda: sdpa(q, k, v, attn_mask=bmask, is_causal=True))
+            expect(ValueError, lambda: sdpa(q, k, v, window_size=-1))
+            expect(ValueError, lambda: sdpa(q, k, v, key_lengths=[200, 1]))
+            expect(ValueError, lambda: selfattn.varlen_attention(q[0], k[0], v[0], [0, 60], [0, 131]))
             expect(TypeError, lambda: sdpa(q.astype(np.complex128), k, v))
             expect(TypeError, lambda: sdpa(q, k, v, attn_mask=bmask.astype(np.int8)))
             expect(ValueError, lambda: sdpa(q, k, v, scale=float("inf")))
