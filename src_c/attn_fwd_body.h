@@ -59,6 +59,7 @@ typedef struct {
     T *scratch;         /* nt x thread_elems                     */
     int64_t g0, g1;     /* kv units of the current group         */
     T qscale;           /* scale * log2(e)                       */
+    int v_direct;       /* V rows read in place (contiguous, Ev a multiple of VW): not packed */
 } FN(ctx_t);
 
 static inline int64_t FN(round_up)(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -96,7 +97,7 @@ static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t kl
         for (int64_t jj = e < ev ? jv : 0; jj < nvalid; jj++) dst[jj] = kcol[jj * a->k_ss];
         for (int64_t jj = nvalid; jj < BK; jj++) dst[jj] = 0;
     }
-    for (int64_t jj = 0; jj < BK; jj++) {
+    for (int64_t jj = 0; jj < BK && !c->v_direct; jj++) {
         T *vrow = Vp + (j0 + jj) * evp;
         int64_t col = 0;
         if (jj < nvalid) {
@@ -159,8 +160,8 @@ static inline void FN(qk_range)(const T *Q, int64_t E, const T *Kb, T *St, int64
 }
 
 /* O[MR][nv*VW] = alpha[r] * O + P[MR][nk] . Vb[nk][..]; P rows are BK apart,
- * O and V rows evp apart. nv is a compile-time constant after inlining. */
-SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTRICT Vb, int64_t evp,
+ * V rows vs apart, O rows evp apart. nv is a compile-time constant after inlining. */
+SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTRICT Vb, int64_t vs, int64_t evp,
                            T *SA_RESTRICT O, const T *SA_RESTRICT alpha, const int nv)
 {
     /* the block's sum starts from zero and is added to O once: a two-level
@@ -170,7 +171,7 @@ SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTR
         for (int c = 0; c < nv; c++) acc[r][c] = V(zero)();
     for (int64_t j = 0; j < nk; j++) {
         VT vv[NVV];
-        for (int c = 0; c < nv; c++) vv[c] = V(load)(Vb + j * evp + c * VW);
+        for (int c = 0; c < nv; c++) vv[c] = V(load)(Vb + j * vs + c * VW);
         for (int r = 0; r < MR; r++) {
             VT pb = V(bcast)(P + r * BK + j);
             for (int c = 0; c < nv; c++) acc[r][c] = V(fma)(pb, vv[c], acc[r][c]);
@@ -183,11 +184,11 @@ SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTR
     }
 }
 
-static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t evp, T *O, const T *alpha)
+static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t vs, int64_t evp, T *O, const T *alpha)
 {
     int64_t c0 = 0;
-    for (; c0 + NVV * VW <= evp; c0 += NVV * VW) FN(pv_tile)(P, nk, Vb + c0, evp, O + c0, alpha, NVV);
-    for (; c0 < evp; c0 += VW) FN(pv_tile)(P, nk, Vb + c0, evp, O + c0, alpha, 1);
+    for (; c0 + NVV * VW <= evp; c0 += NVV * VW) FN(pv_tile)(P, nk, Vb + c0, vs, evp, O + c0, alpha, NVV);
+    for (; c0 < evp; c0 += VW) FN(pv_tile)(P, nk, Vb + c0, vs, evp, O + c0, alpha, 1);
 }
 
 /* s[from..to) = -inf: scalar up to a vector boundary, then whole vectors
@@ -276,7 +277,7 @@ static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t 
 
 /* ---- pass 2: one task = one unit x one query tile --------------------- */
 
-static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T *Kp, int tid)
+static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_t qt, const T *Kp, int tid)
 {
     const sa_attn_args *a = c->a;
     const sa_layout *lay = &c->lay;
@@ -331,7 +332,9 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
         int64_t j0 = kb * BK;
         int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK;
         const T *Kb = Kp + kb * E * BK;
-        const T *Vb = Vp + j0 * evp;
+        /* V: in place (rows v_ss apart), or its packed copy (rows evp apart) */
+        const int64_t vstride = c->v_direct ? a->v_ss : evp;
+        const T *Vb = c->v_direct ? (const T *)a->v + a->kv_v_off[g_kv] + j0 * a->v_ss : Vp + j0 * evp;
         /* the group's keys in this block: exact [ga, gb) for P.V, whole
          * vectors [cs, ce) for the scores */
         int64_t ga[BQ / MR], gb[BQ / MR], cs[BQ / MR], ce[BQ / MR];
@@ -385,7 +388,8 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t qt, const T 
          * group sees is never read from V (a group with none still rescales) */
         for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
             int64_t g = r0 / MR;
-            FN(pv_rows)(St + r0 * BK + ga[g], gb[g] - ga[g], Vb + ga[g] * evp, evp, Oacc + r0 * evp, alpha + r0);
+            FN(pv_rows)(St + r0 * BK + ga[g], gb[g] - ga[g], Vb + ga[g] * vstride, vstride, evp, Oacc + r0 * evp,
+                        alpha + r0);
         }
     }
 
@@ -435,7 +439,7 @@ static void FN(compute_task)(void *vctx, int64_t t, int tid)
         int64_t mid = (lo + hi + 1) / 2;
         if (a->kv_start[mid] <= idx) lo = mid; else hi = mid - 1;
     }
-    FN(compute_tile)(c, a->kv_units[idx], qt, c->packed + (lo - c->g0) * c->lay.kv_elems, tid);
+    FN(compute_tile)(c, a->kv_units[idx], lo, qt, c->packed + (lo - c->g0) * c->lay.kv_elems, tid);
 }
 
 /* fused mode, task g: pack kv unit g into this thread's buffer while it is
@@ -449,7 +453,7 @@ static void FN(fused_task)(void *vctx, int64_t g, int tid)
     sa_kv_keys(a, g, &lo, &hi);
     for (int64_t kb = lo / BK; kb * BK <= hi; kb++) FN(pack_block)(c, g, kb, hi + 1, Kp);
     for (int64_t idx = a->kv_start[g]; idx < a->kv_start[g + 1]; idx++)
-        for (int64_t qt = c->lay.n_qt - 1; qt >= 0; qt--) FN(compute_tile)(c, a->kv_units[idx], qt, Kp, tid);
+        for (int64_t qt = c->lay.n_qt - 1; qt >= 0; qt--) FN(compute_tile)(c, a->kv_units[idx], g, qt, Kp, tid);
 }
 
 /* ---- driver ------------------------------------------------------------ */
@@ -463,6 +467,9 @@ int FN(attn_fwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
     c.packed = (T *)ws;
     c.scratch = c.packed + (c.lay.fused ? (int64_t)c.lay.nt : c.lay.group) * c.lay.kv_elems;
     c.qscale = (T)(a->scale * 1.4426950408889634);
+    /* contiguous V rows whose width is whole vectors are read where they are:
+     * packing them would only copy (half the packing traffic saved) */
+    c.v_direct = a->v_se == 1 && a->Ev > 0 && a->Ev % VW == 0;
     int nt = c.lay.nt;
 
     if (c.lay.fused) {
