@@ -107,6 +107,19 @@ def make_torch_sdpa(q, k, v, causal=False, scale=None):
     return run
 
 
+def cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows: say it with every figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def default_threads():
     """selfattn's default thread count, else the CPUs this process may run on."""
     try:

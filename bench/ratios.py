@@ -152,14 +152,7 @@ def _gemm(n, dtype, seed=1):
 # ---------------------------------------------------------------------------- header
 
 def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return impls.cpu_model()
 
 
 def _cpu_flags():

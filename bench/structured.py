@@ -20,7 +20,6 @@ Cases (the targets of the structured-attention issue):
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -47,17 +46,6 @@ def best_of(fns, rounds, min_time=0.0):
     return best
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def visible_pairs_causal_window(L, w):
     """Sum over queries i of the keys j with i - w <= j <= i."""
     i = np.arange(L, dtype=np.int64)
@@ -80,7 +68,7 @@ def main(argv=None):
         except ImportError:
             torch = None
     c = selfattn.config()
-    print(f"CPU: {cpu_model()} | selfattn {c['version']} isa={c['isa']} threads={nt} | "
+    print(f"CPU: {impls.cpu_model()} | selfattn {c['version']} isa={c['isa']} threads={nt} | "
           f"torch {torch.__version__ if torch else 'not installed'}")
     results = []
 
