@@ -384,6 +384,43 @@ def _broadcast_error(q, k, v, gqa):
                       f"{v.shape} do not broadcast{hint}")
 
 
+cdef tuple _check_options(object num_threads, object is_causal, object window_size, object alignment,
+                          object softcap):
+    """The scalar options every entry point shares, validated before any work:
+    (num_threads, causal, has_window, window_left, window_right, alignment, softcap)."""
+    nt = _check_threads(num_threads)
+    has_window, win_left, win_right = _check_window(window_size)
+    return (nt, bool(is_causal), has_window, win_left, win_right, _check_alignment(alignment),
+            _check_softcap(softcap))
+
+
+cdef void _apply_options(sa_attn_args *args, tuple opts):
+    """Write _check_options' values into args, and the Ctrl-C hook: only the main thread sees
+    signals, and which thread that is is asked at call time, not at import."""
+    args.num_threads = <int> opts[0]
+    args.causal = opts[1]
+    args.window = opts[2]
+    args.window_left = opts[3]
+    args.window_right = opts[4]
+    args.alignment = opts[5]
+    args.softcap = opts[6]
+    args.interrupt = NULL
+    if PyThread_get_thread_ident() == threading.main_thread().ident:
+        args.interrupt = _check_signals
+    args.interrupt_ctx = NULL
+
+
+cdef tuple _qkv_arrays(object query, object key, object value):
+    """query, key, value as arrays, and the type they compute in (float64 if any is)."""
+    q = _as_array(query, "query")
+    k = _as_array(key, "key")
+    v = _as_array(value, "value")
+    cdef int tq = _compute_typenum(q, "query"), tk = _compute_typenum(k, "key")
+    cdef int tv = _compute_typenum(v, "value")
+    cdef int typenum = cnp.NPY_DOUBLE if cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
+    return q, k, v, typenum
+
+
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
          alibi_slopes=None, softcap=None, out=None, schedule_only=False):
@@ -392,22 +429,12 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
     Keyword-only past the arrays, so a new parameter can never shift the others.
     schedule_only=True validates and returns the schedule the kernel would use
     ({'threads', 'fused', 'compute_tasks', 'group'}) without computing (for tests)."""
-    global _pending_signal_exc
     # -- scalars first: cheap, and errors come before any work
-    cdef int64_t nt = _check_threads(num_threads)
-    cdef bint causal = bool(is_causal)
-    has_window, win_left, win_right = _check_window(window_size)
-    cdef int align = _check_alignment(alignment)
-    cdef double cap = _check_softcap(softcap)
+    opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
 
     # -- arrays and dtypes
-    q = _as_array(query, "query")
-    k = _as_array(key, "key")
-    v = _as_array(value, "value")
-    cdef int tq = _compute_typenum(q, "query"), tk = _compute_typenum(k, "key")
-    cdef int tv = _compute_typenum(v, "value")
-    cdef int typenum = cnp.NPY_DOUBLE if (tq == cnp.NPY_DOUBLE or tk == cnp.NPY_DOUBLE or
-                                          tv == cnp.NPY_DOUBLE) else cnp.NPY_FLOAT
+    q, k, v, typenum_ = _qkv_arrays(query, key, value)
+    cdef int typenum = typenum_
     dt = _F64 if typenum == cnp.NPY_DOUBLE else _F32
     for a, nm in ((q, "query"), (k, "key"), (v, "value")):
         if cnp.PyArray_NDIM(a) < 2:
@@ -633,20 +660,10 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
         args.lse_off = l_off
         args.lse_sl = _stride(lse, -1) if lse is not None else 0
         args.scale = sc
-        args.causal = causal
-        args.alignment = align
-        args.window = has_window
-        args.window_left = win_left
-        args.window_right = win_right
         args.q_len = NULL
         args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len) if k_len is not None else NULL
         args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
-        args.softcap = cap
-        args.num_threads = <int> nt
-        args.interrupt = NULL                # only the main thread sees signals: asked at call
-        if PyThread_get_thread_ident() == threading.main_thread().ident:   # time, not at import
-            args.interrupt = _check_signals
-        args.interrupt_ctx = NULL
+        _apply_options(&args, opts)
 
         if schedule_only:
             return _schedule_of(&args, isa, isz)
@@ -708,17 +725,9 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_caus
            alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False, return_lse=False,
            num_threads=None, schedule_only=False):
     """Packed variable-length batches. See selfattn.varlen_attention."""
-    cdef int64_t nt = _check_threads(num_threads)
-    cdef bint causal = bool(is_causal)
-    has_window, win_left, win_right = _check_window(window_size)
-    cdef int align = _check_alignment(alignment)
-    cdef double cap = _check_softcap(softcap)
-    q = _as_array(query, "query")
-    k = _as_array(key, "key")
-    v = _as_array(value, "value")
-    cdef int tq = _compute_typenum(q, "query"), tk = _compute_typenum(k, "key")
-    cdef int tv = _compute_typenum(v, "value")
-    cdef int typenum = cnp.NPY_DOUBLE if cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
+    opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
+    q, k, v, typenum_ = _qkv_arrays(query, key, value)
+    cdef int typenum = typenum_
     dt = _F64 if typenum == cnp.NPY_DOUBLE else _F32
     for a, nm, dims in ((q, "query", "(Hq, total_q, E)"), (k, "key", "(H, total_k, E)"),
                         (v, "value", "(H, total_k, Ev)")):
@@ -811,20 +820,10 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_caus
     args.lse_off = <const int64_t *> cnp.PyArray_DATA(l_off)
     args.lse_sl = lse.strides[1] // lse.itemsize if lse is not None else 0
     args.scale = sc
-    args.causal = causal
-    args.alignment = align
-    args.window = has_window
-    args.window_left = win_left
-    args.window_right = win_right
     args.q_len = <const int64_t *> cnp.PyArray_DATA(q_len)
     args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len)
     args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
-    args.softcap = cap
-    args.num_threads = <int> nt
-    args.interrupt = NULL
-    if PyThread_get_thread_ident() == threading.main_thread().ident:
-        args.interrupt = _check_signals
-    args.interrupt_ctx = NULL
+    _apply_options(&args, opts)
     if schedule_only:
         return _schedule_of(&args, _isa, isz_)
     _run_kernel(&args, _isa, isz_)
