@@ -32,6 +32,7 @@ cdef object _F64 = np.dtype(np.float64)
 cdef object _BOOL = np.dtype(np.bool_)
 cdef object _U8 = np.dtype(np.uint8)
 cdef int _isa = sa_isa_best()
+cdef int _forced_schedule = SA_SCHEDULE_AUTO   # test hook: _force_schedule
 cdef long _fail_allocs = 0         # debug hook: make N allocations fail ...
 cdef long _fail_after = 0          # ... after letting this many succeed
 
@@ -141,6 +142,20 @@ def _debug_fail_allocations(n, after=0):
     global _fail_allocs, _fail_after
     _fail_allocs = int(n)
     _fail_after = int(after)
+
+
+def _force_schedule(name):
+    """Test hook: force the kernel's schedule ("shared", "fused", "banded") for every later
+    call, or None for the automatic choice; returns the previous name. "banded" is only
+    taken where a window allows it (the automatic choice decides elsewhere)."""
+    global _forced_schedule
+    names = {None: SA_SCHEDULE_AUTO, "shared": SA_SCHEDULE_SHARED, "fused": SA_SCHEDULE_FUSED,
+             "banded": SA_SCHEDULE_BANDED}
+    if name not in names:
+        raise ValueError(f"schedule must be one of {list(names)}, got {name!r}")
+    previous = {v: k for k, v in names.items()}[_forced_schedule]
+    _forced_schedule = names[name]
+    return previous
 
 
 # ------------------------------------------------------------ validation ----
@@ -404,6 +419,7 @@ cdef void _apply_options(sa_attn_args *args, tuple opts):
     args.window_right = opts[4]
     args.alignment = opts[5]
     args.softcap = opts[6]
+    args.schedule = _forced_schedule
     args.interrupt = NULL
     if PyThread_get_thread_ident() == threading.main_thread().ident:
         args.interrupt = _check_signals
@@ -703,8 +719,8 @@ cdef object _schedule_of(sa_attn_args *args, int isa, int isz):
     cdef int status = sa_attn_schedule(args, isa, isz, &sched)
     if status != SA_OK:
         raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
-    return {"threads": sched.threads, "fused": bool(sched.fused), "compute_tasks": sched.compute_tasks,
-            "group": sched.group}
+    return {"threads": sched.threads, "fused": bool(sched.fused), "banded": bool(sched.banded),
+            "compute_tasks": sched.compute_tasks, "group": sched.group, "ring_blocks": sched.ring_blocks}
 
 
 def _check_cu_seqlens(cu, str name, int64_t total):

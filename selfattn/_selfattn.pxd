@@ -26,14 +26,22 @@ cdef extern from "selfattn.h" nogil:
         SA_ALIGN_TOP_LEFT
         SA_ALIGN_BOTTOM_RIGHT
 
+    ctypedef enum sa_schedule_kind:
+        SA_SCHEDULE_AUTO
+        SA_SCHEDULE_SHARED
+        SA_SCHEDULE_FUSED
+        SA_SCHEDULE_BANDED
+
     ctypedef struct sa_tile_params:
         int vw, mr, nr, nv, bq, bk
 
     ctypedef struct sa_schedule:
         int threads
         int fused
+        int banded
         int64_t compute_tasks
         int64_t group
+        int64_t ring_blocks
 
     ctypedef int (*sa_interrupt_fn)(void *ctx) noexcept
 
@@ -71,6 +79,7 @@ cdef extern from "selfattn.h" nogil:
         const double *alibi_slope
         double softcap
         int num_threads
+        int schedule
         sa_interrupt_fn interrupt
         void *interrupt_ctx
 

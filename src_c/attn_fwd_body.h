@@ -15,13 +15,17 @@
  * softmax uses exp2 and lse = ln2 * (m + log2(l)).
  *
  * Passes:
- *   1. pack K^T into blocks [n_kb][E][BK] and V into [S_pad][Evp], once per
- *      distinct K/V, shared by every unit and query tile that reads it. Two
- *      schedules (dispatch.c picks, see sa_layout_compute):
+ *   1. pack K^T into blocks of BK keys ([E][BK], then [BK][Evp] V unless V
+ *      is read in place), once per distinct K/V, shared by every unit and
+ *      query tile that reads it. Three schedules (dispatch.c picks, see
+ *      sa_layout_compute and attn_internal.h):
  *        shared: all threads pack a group of K/V, then all compute its
  *                (unit, query tile) tasks -- few, long sequences;
  *        fused:  one task packs one K/V into its thread's buffer and computes
  *                all its query tiles at once -- many short sequences;
+ *        banded: windows -- one task takes a run of query tiles of one K/V
+ *                and packs the few blocks each tile sees into its thread's
+ *                ring of blocks as it reaches them;
  *   2. per task (unit, query tile of BQ rows), per key block of BK keys that
  *      the tile can see (attn_mask.h: causal, window, lengths, alignment),
  *      each group of MR rows working on its own visible key range only:
@@ -55,27 +59,26 @@ const sa_tile_params FN(sa_params) = {VW, MR, KEYS_PER_TILE, NVV * VW, BQ, BK};
 typedef struct {
     const sa_attn_args *a;
     sa_layout lay;
-    T *packed;          /* shared: group x kv_elems; fused: nt x kv_elems */
+    T *packed;          /* shared: group x kv_elems; fused: nt x kv_elems; banded: nt x ring x blk_elems */
     T *scratch;         /* nt x thread_elems                     */
     int64_t g0, g1;     /* kv units of the current group         */
     T qscale;           /* scale * log2(e)                       */
-    int v_direct;       /* V rows read in place (contiguous, Ev a multiple of VW): not packed */
 } FN(ctx_t);
 
 static inline int64_t FN(round_up)(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 /* ---- pass 1: packing -------------------------------------------------- */
 
-/* Pack key block kb of kv unit g into `packed` (one unit's K^T then V):
- * keys below `klim` (what the group's units can see); the rest of the block,
- * never read from K/V, is zero. */
-static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t klim, T *packed)
+/* Pack key block kb of kv unit g into `blk` ([E][BK] K^T, then [BK][evp] V
+ * unless V is read in place): keys below `klim` (what the units of g can
+ * see); the rest of the block, never read from K/V, is zero. */
+static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t klim, T *blk)
 {
     const sa_attn_args *a = c->a;
     const sa_layout *lay = &c->lay;
     int64_t E = a->E, Ev = a->Ev, S = klim, evp = lay->evp;
-    T *Kp = packed + kb * E * BK;                /* [E][BK]       */
-    T *Vp = packed + lay->s_pad * E;             /* [S_pad][Evp]  */
+    T *Kp = blk;                                 /* [E][BK]   */
+    T *Vp = blk + E * BK;                        /* [BK][evp] */
     const T *k = (const T *)a->k + a->kv_k_off[g];
     const T *v = (const T *)a->v + a->kv_v_off[g];
     int64_t j0 = kb * BK;
@@ -97,8 +100,8 @@ static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t kl
         for (int64_t jj = e < ev ? jv : 0; jj < nvalid; jj++) dst[jj] = kcol[jj * a->k_ss];
         for (int64_t jj = nvalid; jj < BK; jj++) dst[jj] = 0;
     }
-    for (int64_t jj = 0; jj < BK && !c->v_direct; jj++) {
-        T *vrow = Vp + (j0 + jj) * evp;
+    for (int64_t jj = 0; jj < BK && !lay->v_direct; jj++) {
+        T *vrow = Vp + jj * evp;
         int64_t col = 0;
         if (jj < nvalid) {
             const T *vsrc = v + (j0 + jj) * a->v_ss;
@@ -119,7 +122,7 @@ static void FN(pack_task)(void *vctx, int64_t t, int tid)
     int64_t gi = t / c->lay.n_kb, kb = t % c->lay.n_kb, lo, hi;
     sa_kv_keys(c->a, c->g0 + gi, &lo, &hi);
     if (kb * BK > hi || (kb + 1) * BK <= lo) return;      /* no unit sees this block */
-    FN(pack_block)(c, c->g0 + gi, kb, hi + 1, c->packed + gi * c->lay.kv_elems);
+    FN(pack_block)(c, c->g0 + gi, kb, hi + 1, c->packed + gi * c->lay.kv_elems + kb * c->lay.blk_elems);
 }
 
 /* ---- pass 2: micro-kernels -------------------------------------------- */
@@ -277,13 +280,15 @@ static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t 
 
 /* ---- pass 2: one task = one unit x one query tile --------------------- */
 
-static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_t qt, const T *Kp, int tid)
+/* Kp: the packed blocks of kv unit g_kv, block kb at Kp + kb * blk_elems, or
+ * (ring > 0, banded schedule) at Kp + (kb % ring) * blk_elems. */
+static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_t qt, const T *Kp, int64_t ring,
+                             int tid)
 {
     const sa_attn_args *a = c->a;
     const sa_layout *lay = &c->lay;
     const int64_t E = a->E, Ev = a->Ev, evp = lay->evp;
     const T NEG_INF = -(T)INFINITY;
-    const T *Vp = Kp + lay->s_pad * E;
 
     /* the carving of sa_layout_compute (attn_internal.h), nothing else */
     T *ws = c->scratch + (int64_t)tid * lay->thread_elems;
@@ -331,10 +336,10 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
     for (int64_t kb = tlo / BK; kb <= kb_last; kb++) {
         int64_t j0 = kb * BK;
         int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK;
-        const T *Kb = Kp + kb * E * BK;
+        const T *Kb = Kp + (ring ? kb % ring : kb) * lay->blk_elems;
         /* V: in place (rows v_ss apart), or its packed copy (rows evp apart) */
-        const int64_t vstride = c->v_direct ? a->v_ss : evp;
-        const T *Vb = c->v_direct ? (const T *)a->v + a->kv_v_off[g_kv] + j0 * a->v_ss : Vp + j0 * evp;
+        const int64_t vstride = lay->v_direct ? a->v_ss : evp;
+        const T *Vb = lay->v_direct ? (const T *)a->v + a->kv_v_off[g_kv] + j0 * a->v_ss : Kb + E * BK;
         /* the group's keys in this block: exact [ga, gb) for P.V, whole
          * vectors [cs, ce) for the scores */
         int64_t ga[BQ / MR], gb[BQ / MR], cs[BQ / MR], ce[BQ / MR];
@@ -439,7 +444,7 @@ static void FN(compute_task)(void *vctx, int64_t t, int tid)
         int64_t mid = (lo + hi + 1) / 2;
         if (a->kv_start[mid] <= idx) lo = mid; else hi = mid - 1;
     }
-    FN(compute_tile)(c, a->kv_units[idx], lo, qt, c->packed + (lo - c->g0) * c->lay.kv_elems, tid);
+    FN(compute_tile)(c, a->kv_units[idx], lo, qt, c->packed + (lo - c->g0) * c->lay.kv_elems, 0, tid);
 }
 
 /* fused mode, task g: pack kv unit g into this thread's buffer while it is
@@ -451,9 +456,46 @@ static void FN(fused_task)(void *vctx, int64_t g, int tid)
     T *Kp = c->packed + (int64_t)tid * c->lay.kv_elems;
     int64_t lo, hi;
     sa_kv_keys(a, g, &lo, &hi);
-    for (int64_t kb = lo / BK; kb * BK <= hi; kb++) FN(pack_block)(c, g, kb, hi + 1, Kp);
+    for (int64_t kb = lo / BK; kb * BK <= hi; kb++) FN(pack_block)(c, g, kb, hi + 1, Kp + kb * c->lay.blk_elems);
     for (int64_t idx = a->kv_start[g]; idx < a->kv_start[g + 1]; idx++)
-        for (int64_t qt = c->lay.n_qt - 1; qt >= 0; qt--) FN(compute_tile)(c, a->kv_units[idx], g, qt, Kp, tid);
+        for (int64_t qt = c->lay.n_qt - 1; qt >= 0; qt--) FN(compute_tile)(c, a->kv_units[idx], g, qt, Kp, 0, tid);
+}
+
+/* banded mode, task t: query tiles [chunk * (t % n_chunks), ...) of every
+ * unit of kv unit t / n_chunks, in order. The blocks a tile sees are packed
+ * into this thread's ring when first reached (block kb in slot kb % ring):
+ * a tile sees at most `ring` consecutive blocks (sa_layout_compute), so it
+ * never evicts its own, and consecutive tiles share most of theirs. */
+static void FN(banded_task)(void *vctx, int64_t t, int tid)
+{
+    FN(ctx_t) *c = (FN(ctx_t) *)vctx;
+    const sa_attn_args *a = c->a;
+    const sa_layout *lay = &c->lay;
+    const int64_t ring = lay->ring;
+    T *Kr = c->packed + (int64_t)tid * ring * lay->blk_elems;
+    int64_t slot_kb[SA_RING_MAX];
+    for (int64_t s = 0; s < ring; s++) slot_kb[s] = -1;    /* nothing packed yet by this task */
+    int64_t g = t / lay->n_chunks, qt0 = (t % lay->n_chunks) * lay->chunk;
+    int64_t qt1 = qt0 + lay->chunk < lay->n_qt ? qt0 + lay->chunk : lay->n_qt;
+    int64_t klo, khi;
+    sa_kv_keys(a, g, &klo, &khi);
+    for (int64_t qt = qt0; qt < qt1; qt++) {
+        for (int64_t idx = a->kv_start[g]; idx < a->kv_start[g + 1]; idx++) {
+            int64_t u = a->kv_units[idx];
+            sa_unit_mask um;
+            sa_unit_mask_init(a, u, &um);
+            int64_t i0 = qt * BQ, i1 = i0 + BQ - 1 < um.L - 1 ? i0 + BQ - 1 : um.L - 1, tlo, thi;
+            if (i0 < um.L) {
+                sa_rows_keys(&um, i0, i1, &tlo, &thi);
+                for (int64_t kb = tlo / BK; thi >= tlo && kb <= thi / BK; kb++) {
+                    if (slot_kb[kb % ring] == kb) continue;
+                    FN(pack_block)(c, g, kb, khi + 1, Kr + (kb % ring) * lay->blk_elems);
+                    slot_kb[kb % ring] = kb;
+                }
+            }
+            FN(compute_tile)(c, u, g, qt, Kr, ring, tid);
+        }
+    }
 }
 
 /* ---- driver ------------------------------------------------------------ */
@@ -465,18 +507,16 @@ int FN(attn_fwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
     if (sa_layout_compute(a, &FN(sa_params), (int)sizeof(T), &c.lay) != SA_OK) return SA_ERR_ARG;
     if (ws_bytes < c.lay.total_bytes || ws == NULL) return SA_ERR_WORKSPACE;
     c.packed = (T *)ws;
-    c.scratch = c.packed + (c.lay.fused ? (int64_t)c.lay.nt : c.lay.group) * c.lay.kv_elems;
+    c.scratch = c.packed + (c.lay.sched == SA_SCHEDULE_FUSED ? (int64_t)c.lay.nt * c.lay.kv_elems
+                            : c.lay.sched == SA_SCHEDULE_BANDED ? (int64_t)c.lay.nt * c.lay.ring * c.lay.blk_elems
+                            : c.lay.group * c.lay.kv_elems);
     c.qscale = (T)(a->scale * 1.4426950408889634);
-    /* contiguous V rows whose width is whole vectors are read where they are:
-     * packing them would only copy (half the packing traffic saved) */
-    c.v_direct = a->v_se == 1 && a->Ev > 0 && a->Ev % VW == 0;
     int nt = c.lay.nt;
 
-    if (c.lay.fused) {
-        c.g0 = 0;
-        c.g1 = a->n_kv;
-        return sa_run_tasks(a->n_kv, nt, FN(fused_task), &c, a);
-    }
+    c.g0 = 0;
+    c.g1 = a->n_kv;
+    if (c.lay.sched == SA_SCHEDULE_FUSED) return sa_run_tasks(c.lay.tasks, nt, FN(fused_task), &c, a);
+    if (c.lay.sched == SA_SCHEDULE_BANDED) return sa_run_tasks(c.lay.tasks, nt, FN(banded_task), &c, a);
     for (int64_t g0 = 0; g0 < a->n_kv; g0 += c.lay.group) {
         c.g0 = g0;
         c.g1 = g0 + c.lay.group < a->n_kv ? g0 + c.lay.group : a->n_kv;

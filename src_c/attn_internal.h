@@ -18,18 +18,31 @@
 #endif
 
 /* Workspace layout (all sizes in elements of the compute dtype, each piece
- * rounded up to 64 bytes). [packed K/V: `group` kv units (shared mode) or one
- * per thread (fused mode)][scratch of thread 0][scratch of thread 1]...
+ * rounded up to 64 bytes). [packed K/V][scratch of thread 0][scratch of thread 1]...
+ * Packed K/V is a sequence of key blocks, each [E][BK] K^T then [BK][evp] V
+ * (no V part when V is read in place), in one of three schedules:
+ *   shared: `group` whole kv units, block kb of unit gi at gi*kv_elems + kb*blk_elems;
+ *   fused:  one whole kv unit per thread;
+ *   banded: a ring of `ring` block slots per thread (block kb in slot kb % ring),
+ *           for windows: a tile sees at most ring-1 consecutive blocks, so only
+ *           those are packed, while they are hot, by the thread that uses them.
  * One thread's scratch, carved by the kernel with these offsets only (so the
  * size computed here and the carving cannot disagree):
  *   [Q tile bq x E][scores bq x bk][O accumulator bq x evp][SA_ROW_ARRAYS x bq] */
 enum { SA_ROW_MAX, SA_ROW_SUM, SA_ROW_MSAFE, SA_ROW_ALPHA, SA_ROW_ARRAYS };
+#define SA_RING_MAX 64           /* banded: most block slots per thread      */
 typedef struct {
     int64_t n_qt, n_kb;          /* query tiles, key blocks                  */
     int64_t s_pad, evp;          /* S and Ev padded to bk and vw             */
-    int64_t kv_elems;            /* packed K then V of one kv unit           */
+    int v_direct;                /* V rows read in place (contiguous, Ev a multiple of vw): not packed */
+    int64_t blk_elems;           /* one packed key block: K^T, then V unless v_direct */
+    int64_t kv_elems;            /* one kv unit's blocks                     */
+    int sched;                   /* SA_SCHEDULE_SHARED, _FUSED or _BANDED    */
+    int fused;                   /* sched == SA_SCHEDULE_FUSED               */
     int64_t group;               /* shared mode: kv units packed at once     */
-    int fused;                   /* 1: each task packs one kv unit itself    */
+    int64_t ring;                /* banded mode: block slots per thread      */
+    int64_t chunk, n_chunks;     /* banded mode: query tiles per task, tasks per kv unit */
+    int64_t tasks;               /* compute tasks (per group in shared mode: units x tiles) */
     int64_t qp_elems, st_elems, oacc_elems, row_elems;  /* per-thread pieces */
     int64_t off_st, off_oacc, off_rows;  /* their offsets in a thread's scratch */
     int64_t thread_elems;

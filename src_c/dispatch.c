@@ -135,15 +135,22 @@ static int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
 {
-    if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0)
+    if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
+        || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_BANDED)
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;                    /* elements per 64 bytes */
     lay->n_qt = (a->L + p->bq - 1) / p->bq;
     lay->n_kb = (a->S + p->bk - 1) / p->bk;
     lay->s_pad = lay->n_kb * p->bk;
     lay->evp = sa_round_up(a->Ev, p->vw);
-    lay->kv_elems = sa_round_up(lay->s_pad * a->E + lay->s_pad * lay->evp, align);
-    int64_t kv_bytes = lay->kv_elems * dsize;
+    /* contiguous V rows whose width is whole vectors are read where they are:
+     * packing them would only copy */
+    lay->v_direct = a->v_se == 1 && a->Ev > 0 && a->Ev % p->vw == 0;
+    lay->blk_elems = sa_round_up((int64_t)p->bk * a->E + (lay->v_direct ? 0 : (int64_t)p->bk * lay->evp), align);
+    lay->kv_elems = lay->n_kb * lay->blk_elems;
+    /* the schedule's thresholds count K and V packed, whether or not V is
+     * read in place (they were tuned so) */
+    int64_t kv_bytes = lay->n_kb * sa_round_up((int64_t)p->bk * (a->E + lay->evp), align) * dsize;
     int64_t group = kv_bytes > 0 ? SA_PACK_BUDGET_BYTES / kv_bytes : a->n_kv;
     if (group < 1) group = 1;
     if (group > a->n_kv) group = a->n_kv > 0 ? a->n_kv : 1;
@@ -157,15 +164,55 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->off_rows = lay->off_oacc + lay->oacc_elems;
     lay->thread_elems = lay->off_rows + SA_ROW_ARRAYS * lay->row_elems;
     int nt = sa_effective_threads(a->num_threads);
+
+    /* A window bounded on both sides (the right side by causal, or by
+     * window_right) lets a query tile see at most `band` consecutive keys,
+     * which span at most `ring` key blocks. */
+    int64_t ring = 0;
+    if (a->window && a->window_left >= 0 && (a->causal || a->window_right >= 0)) {
+        int64_t right = a->causal ? 0 : a->window_right;   /* causal: keys j <= p */
+        int64_t band = a->window_left + right + p->bq;
+        ring = (band - 1) / p->bk + 2;
+    }
     /* Fused schedule when there are enough distinct K/V to keep every thread
      * busy and one packed K/V stays cache-sized: no barrier between packing and
-     * computing, and the packed data is hot when it is read. */
-    lay->fused = a->n_kv >= 4 * (int64_t)nt && kv_bytes <= SA_FUSED_MAX_KV_BYTES;
-    int64_t tasks = lay->fused ? a->n_kv : a->n_units * lay->n_qt;
-    if (tasks < 1) tasks = 1;
+     * computing, and the packed data is hot when it is read. Banded schedule
+     * when a window leaves each tile fewer blocks than the whole K/V: each task
+     * (kv unit, run of consecutive query tiles) packs the blocks it reaches
+     * into its thread's ring as it goes, so packed K/V never leaves L2 and the
+     * blocks outside every window cost nothing. Else shared: pack a group of
+     * K/V with all threads, then compute its tiles with all threads. */
+    int banded_ok = ring > 0 && ring <= SA_RING_MAX;
+    if (a->schedule == SA_SCHEDULE_SHARED || a->schedule == SA_SCHEDULE_FUSED) {
+        lay->sched = a->schedule;
+    } else if (a->schedule == SA_SCHEDULE_BANDED && banded_ok) {
+        lay->sched = SA_SCHEDULE_BANDED;
+    } else if (a->n_kv >= 4 * (int64_t)nt && kv_bytes <= SA_FUSED_MAX_KV_BYTES) {
+        lay->sched = SA_SCHEDULE_FUSED;
+    } else if (banded_ok && ring < lay->n_kb) {
+        lay->sched = SA_SCHEDULE_BANDED;
+    } else {
+        lay->sched = SA_SCHEDULE_SHARED;
+    }
+    lay->fused = lay->sched == SA_SCHEDULE_FUSED;
+    lay->ring = lay->sched == SA_SCHEDULE_BANDED ? ring : 0;
+    /* banded: about 4 tasks per thread, runs of at least 4 tiles (a run
+     * re-packs the ring - 2 blocks its predecessor ended on) */
+    int64_t per_kv = a->n_kv > 0 ? (4 * (int64_t)nt + a->n_kv - 1) / a->n_kv : 1;
+    lay->chunk = lay->n_qt > 0 ? (lay->n_qt + per_kv - 1) / per_kv : 1;
+    if (lay->chunk < 4) lay->chunk = 4;
+    lay->n_chunks = lay->n_qt > 0 ? (lay->n_qt + lay->chunk - 1) / lay->chunk : 1;
+    switch (lay->sched) {
+    case SA_SCHEDULE_FUSED: lay->tasks = a->n_kv; break;
+    case SA_SCHEDULE_BANDED: lay->tasks = a->n_kv * lay->n_chunks; break;
+    default: lay->tasks = a->n_units * lay->n_qt; break;
+    }
+    int64_t tasks = lay->tasks < 1 ? 1 : lay->tasks;
     if (nt > tasks) nt = (int)tasks;
     lay->nt = nt;
-    int64_t packed = lay->fused ? (int64_t)nt * lay->kv_elems : group * lay->kv_elems;
+    int64_t packed = lay->sched == SA_SCHEDULE_FUSED ? (int64_t)nt * lay->kv_elems
+                   : lay->sched == SA_SCHEDULE_BANDED ? (int64_t)nt * lay->ring * lay->blk_elems
+                   : group * lay->kv_elems;
     lay->total_bytes = (size_t)((packed + (int64_t)nt * lay->thread_elems) * dsize);
     return SA_OK;
 }
@@ -200,9 +247,11 @@ int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule
     int st = sa_layout_for(a, isa, dtype_size, &lay);
     if (st != SA_OK) return st;
     sch->threads = lay.nt;
-    sch->fused = lay.fused;
-    sch->compute_tasks = lay.fused ? a->n_kv : a->n_units * lay.n_qt;
+    sch->fused = lay.sched == SA_SCHEDULE_FUSED;
+    sch->banded = lay.sched == SA_SCHEDULE_BANDED;
+    sch->compute_tasks = lay.tasks;
     sch->group = lay.group;
+    sch->ring_blocks = lay.ring;
     return SA_OK;
 }
 

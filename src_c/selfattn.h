@@ -53,6 +53,14 @@ typedef enum {
     SA_ALIGN_BOTTOM_RIGHT = 1   /* p = i + S_u - L_u: the last query on the last key */
 } sa_alignment;
 
+/* ---- schedules (how packing and computing are split into tasks) ---------- */
+typedef enum {
+    SA_SCHEDULE_AUTO = 0,       /* chosen from the shapes (sa_attn_schedule says which) */
+    SA_SCHEDULE_SHARED = 1,     /* all threads pack a group of K/V, then compute it      */
+    SA_SCHEDULE_FUSED = 2,      /* each task packs one K/V and computes all its tiles    */
+    SA_SCHEDULE_BANDED = 3      /* windows: each task packs the few blocks its tiles see */
+} sa_schedule_kind;
+
 /* Tile sizes of one (instruction set, dtype) kernel. Tests derive their
  * tile-edge cases from these, so a target that changes its tiles keeps being
  * tested at its own edges. */
@@ -70,9 +78,12 @@ typedef struct {
  * several threads over several tasks. */
 typedef struct {
     int threads;              /* threads the call runs on                    */
-    int fused;                /* 1: fused pack+compute schedule, else shared */
-    int64_t compute_tasks;    /* fused: distinct K/V; shared: units x query tiles */
+    int fused;                /* 1: fused pack+compute schedule              */
+    int banded;               /* 1: banded schedule (windows), else shared   */
+    int64_t compute_tasks;    /* fused: distinct K/V; banded: distinct K/V x runs
+                                 of query tiles; shared: units x query tiles  */
     int64_t group;            /* shared: distinct K/V packed at once         */
+    int64_t ring_blocks;      /* banded: key blocks packed per thread        */
 } sa_schedule;
 
 /* Return nonzero to stop the computation (SA_ERR_INTERRUPTED). */
@@ -127,6 +138,8 @@ typedef struct {
     const double *alibi_slope;                 /* [n_units] or NULL (no ALiBi)  */
     double softcap;                            /* > 0: cap the logits; 0: none  */
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
+    int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED is
+                         only taken where a window allows it, else AUTO decides */
 
     sa_interrupt_fn interrupt; void *interrupt_ctx;   /* may be NULL; polled on thread 0 */
 } sa_attn_args;

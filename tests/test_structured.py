@@ -6,6 +6,8 @@ beyond key_lengths and outside every window leaves the output bit-identical), re
 on the thread count, and windows make the kernel skip work (its schedule and its reads).
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, note, settings
@@ -18,6 +20,17 @@ from sa_testutil import (DTYPES, ISAS, assert_sdpa_close, assert_unchanged, edge
 
 sdpa = selfattn.scaled_dot_product_attention
 ALIGNMENTS = ("top_left", "bottom_right")
+SCHEDULES = ("shared", "fused", "banded")
+
+
+@contextlib.contextmanager
+def forced_schedule(name):
+    """Force the kernel's schedule (None: automatic) inside the block."""
+    previous = _core._force_schedule(name)
+    try:
+        yield
+    finally:
+        _core._force_schedule(previous)
 
 
 def _check(q, k, v, kw, dtype, ctx="", isas=None):
@@ -64,7 +77,7 @@ def structured_cases(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     amp = draw(st.sampled_from([1.0, 3.0]))
     return dict(dtype=dtype, L=L, S=S, B=B, H=H, group=group, kw=kw, mask=mask, seed=seed, amp=amp,
-                threads=draw(st.sampled_from([1, 2, None])))
+                threads=draw(st.sampled_from([1, 2, None])), schedule=draw(st.sampled_from((None,) + SCHEDULES)))
 
 
 @settings(max_examples=examples(80), deadline=None)
@@ -87,7 +100,7 @@ def test_every_option_and_combination_matches_reference(c):
     if kw.get("alibi_slopes") is not None:
         mag += float(np.max(kw["alibi_slopes"], initial=0.0)) * (L + S)
     for isa in ISAS:
-        with selfattn.use_isa(isa):
+        with selfattn.use_isa(isa), forced_schedule(c["schedule"]):
             out, lse = sdpa(q, k, v, return_lse=True, **kw)
         assert_sdpa_close(out, ref, dt, vmax_of(v), mag, lse, ref_lse, ctx=f"[isa={isa}] ")
 
@@ -174,10 +187,10 @@ def test_alibi_closed_form(isa, dtype):
 # ---------------------------------------------------------------- skipped blocks are not read
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("schedule", ["shared", "fused"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_nan_beyond_key_lengths_and_outside_every_window_is_not_read(isa, dtype, schedule):
-    """NaN/Inf planted where no query may look leaves the output bit-identical (both schedules:
-    packing shared by the threads, or fused into each task)."""
+    """NaN/Inf planted where no query may look leaves the output bit-identical (every schedule:
+    packing shared by the threads, fused into each task, or banded: each task packs its window)."""
     rng = np.random.default_rng(5)
     bk = edge(isa, dtype, "bk")
     L, S = edge(isa, dtype, "bq+5"), 6 * bk + 11
@@ -187,8 +200,10 @@ def test_nan_beyond_key_lengths_and_outside_every_window_is_not_read(isa, dtype,
     v = rng.standard_normal((B, H, S, 4)).astype(dtype)
     kl = np.resize(np.array([S - 2 * bk - 3, 4 * bk + 1, L + 3, S]), B)
     kw = dict(key_lengths=kl, window_size=(bk + 9, 0), alignment="bottom_right", is_causal=True, num_threads=1)
-    assert _core.sdpa(q, k, v, schedule_only=True, **kw)["fused"] == (schedule == "fused")
-    clean = sdpa(q, k, v, return_lse=True, **kw)
+    with forced_schedule(schedule):
+        sched = _core.sdpa(q, k, v, schedule_only=True, **kw)
+        clean = sdpa(q, k, v, return_lse=True, **kw)
+    assert (sched["fused"], sched["banded"]) == (schedule == "fused", schedule == "banded"), sched
     # no query of batch b sees a key before S_b - L - (bk + 9), nor one at or after S_b
     kp, vp = k.copy(), v.copy()
     for b, sb in enumerate(kl):
@@ -196,12 +211,43 @@ def test_nan_beyond_key_lengths_and_outside_every_window_is_not_read(isa, dtype,
         for a, val in ((kp, np.nan), (vp, np.inf)):
             a[b, :, sb:] = val
             a[b, :, :max(first, 0)] = val
-    dirty = sdpa(q, kp, vp, return_lse=True, **kw)
+    with forced_schedule(schedule):
+        dirty = sdpa(q, kp, vp, return_lse=True, **kw)
     for x, y in zip(clean, dirty):
         assert np.array_equal(x, y) and np.isfinite(x).all(), "a key no query may see was read"
     kw.pop("num_threads")
     ref = reference.scaled_dot_product_attention(q, k, v, **kw)
     assert_sdpa_close(clean[0], ref, dtype, vmax_of(v), logit_magnitude(q, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_schedules_agree_bit_for_bit(isa, dtype):
+    """Shared, fused and banded schedules differ only in where and when K/V blocks are packed:
+    every tile computes the same sums in the same order, so the results are identical, and the
+    automatic choice takes the banded one for a narrow window over a long sequence."""
+    rng = np.random.default_rng(17)
+    bk = edge(isa, dtype, "bk")
+    L, S = edge(isa, dtype, "3*bq+7"), 9 * bk + 3
+    q = rng.standard_normal((2, 4, L, 24)).astype(dtype)
+    k = rng.standard_normal((2, 2, S, 24)).astype(dtype)
+    v = rng.standard_normal((2, 2, S, 9)).astype(dtype)
+    cases = [dict(is_causal=True, window_size=(bk + 3, 0)),
+             dict(window_size=(5, bk // 2), alignment="bottom_right", key_lengths=np.array([S, S - bk - 1])),
+             dict(is_causal=True, window_size=(2 * bk, 7), alibi_slopes=np.array([0.5, 0.25, 0.1, 0.0]),
+                  softcap=20.0, attn_mask=rng.random((L, S)) < 0.9)]
+    for kw in cases:
+        kw.update(enable_gqa=True, num_threads=2)
+        assert _core.sdpa(q, k, v, schedule_only=True, **kw)["banded"], kw
+        runs = {}
+        for name in SCHEDULES:
+            with selfattn.use_isa(isa), forced_schedule(name):
+                runs[name] = sdpa(q, k, v, return_lse=True, **kw)
+        for name in SCHEDULES[1:]:
+            for x, y in zip(runs[name], runs["shared"]):
+                assert np.array_equal(x, y), (name, kw)
+        kw_ref = {k_: v_ for k_, v_ in kw.items() if k_ != "num_threads"}
+        ref = reference.scaled_dot_product_attention(q, k, v, **kw_ref)
+        assert_sdpa_close(runs["banded"][0], ref, dtype, vmax_of(v), logit_magnitude(q, k) + 3 * S)
 
 
 def test_windows_skip_work_in_the_schedule():

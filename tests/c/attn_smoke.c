@@ -32,6 +32,7 @@ typedef struct {
     double slope;            /* ALiBi slope of unit u: slope (u+1) */
     double softcap;
     int units;               /* distinct (q, k, v) units, >= 1     */
+    int schedule;            /* sa_schedule_kind (0: automatic)    */
 } smoke_opts;
 
 /* naive float64 attention of one unit, with the same rules as selfattn.reference:
@@ -140,6 +141,7 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     a.k_len = o->klen >= 0 ? su : NULL;
     a.alibi_slope = o->slope != 0 ? slopes : NULL;
     a.softcap = o->softcap;
+    a.schedule = o->schedule;
     size_t bytes = 0;
     int st = sa_attn_workspace_size(&a, isa, dsize, &bytes);
     void *raw = malloc(bytes + 64);
@@ -161,10 +163,10 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     else {
         n_fail++;
         printf("FAIL isa=%s f%d nt=%d mask=%d causal=%d L=%lld S=%lld E=%lld Ev=%lld units=%d window=%d(%lld,%lld) "
-               "align=%d klen=%lld slope=%g softcap=%g status=%d err=%g\n",
+               "align=%d klen=%lld slope=%g softcap=%g schedule=%d status=%d err=%g\n",
                sa_isa_name(isa), dsize * 8, nt, mkind, causal, (long long)L, (long long)S, (long long)E,
                (long long)Ev, o->units, o->window, (long long)o->left, (long long)o->right, o->align,
-               (long long)o->klen, o->slope, o->softcap, st, err);
+               (long long)o->klen, o->slope, o->softcap, o->schedule, st, err);
     }
     free(qd); free(kd); free(vd); free(md); free(od); free(ld);
     free(q); free(k); free(v); free(out); free(lse); free(mask); free(raw);
@@ -186,7 +188,7 @@ static int guard_case(int isa, int dsize, int nt)
     long page = sysconf(_SC_PAGESIZE);
     int64_t E = page / (Su * dsize), Ev = E;
     if (E < 1) return 0;
-    smoke_opts o = {0, -1, -1, 0, Su, 0.0, 0.0, (int)U};
+    smoke_opts o = {0, -1, -1, 0, Su, 0.0, 0.0, (int)U, SA_SCHEDULE_AUTO};
     void *kreg[4], *vreg[4];
     int64_t offq[4], offk[4], offv[4], offo[4], offl[4], units[4], kvstart[5], su[4], zeros[4] = {0, 0, 0, 0};
     void *q = malloc((size_t)(U * L * E * dsize)), *out = malloc((size_t)(U * L * Ev * dsize));
@@ -270,7 +272,7 @@ int main(void)
                 {p.bq, p.bk, 2, p.nv},
                 {3, 0, 5, 2},
             };
-            const smoke_opts plain = {0, -1, -1, 0, -1, 0.0, 0.0, 1};
+            const smoke_opts plain = {0, -1, -1, 0, -1, 0.0, 0.0, 1, SA_SCHEDULE_AUTO};
             for (int nt = 1; nt <= 2; nt++)
                 for (int mkind = 0; mkind < 3; mkind++)
                     for (int causal = 0; causal < 2; causal++) {
@@ -280,25 +282,27 @@ int main(void)
                                      shapes[s][3], &plain);
                     }
             /* structured masks (attn_mask.h), each composed with a mask kind; 5 units
-             * with key lengths S_u = klen - u (NaN/Inf planted past them) */
+             * with key lengths S_u = klen - u (NaN/Inf planted past them); every
+             * schedule forced in turn (banded where the window allows it) */
             for (int nt = 1; nt <= 2; nt++)
-                for (int s = 0; s < N_SHAPES; s++) {
-                    int64_t S = shapes[s][1];
-                    const smoke_opts cfg[N_STRUCTURED] = {
-                        {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, S > 3 ? S - 3 : S, 0.0, 0.0, 5},
-                        {1, 7, -1, SA_ALIGN_TOP_LEFT, -1, 0.3, 4.0, 1},
-                        {1, 1, 0, SA_ALIGN_BOTTOM_RIGHT, S, 0.05, 0.0, 5},
-                    };
-                    run_case(isa, dsize, nt, 0, 1, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[0]);
-                    run_case(isa, dsize, nt, 2, 0, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[1]);
-                    run_case(isa, dsize, nt, 1, 1, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[2]);
-                }
+                for (int s = 0; s < N_SHAPES; s++)
+                    for (int sched = SA_SCHEDULE_AUTO; sched <= SA_SCHEDULE_BANDED; sched++) {
+                        int64_t S = shapes[s][1];
+                        const smoke_opts cfg[N_STRUCTURED] = {
+                            {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, S > 3 ? S - 3 : S, 0.0, 0.0, 5, sched},
+                            {1, 7, -1, SA_ALIGN_TOP_LEFT, -1, 0.3, 4.0, 1, sched},
+                            {1, 1, 0, SA_ALIGN_BOTTOM_RIGHT, S, 0.05, 0.0, 5, sched},
+                        };
+                        run_case(isa, dsize, nt, 0, 1, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[0]);
+                        run_case(isa, dsize, nt, 2, 0, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[1]);
+                        run_case(isa, dsize, nt, 1, 1, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[2]);
+                    }
             for (int nt = 1; nt <= 2; nt++) n_guard += guard_case(isa, dsize, nt);
         }
     }
-    /* per isa: 2 dtypes x 2 thread counts x (4 masking kinds + N_STRUCTURED) x N_SHAPES */
+    /* per isa: 2 dtypes x 2 thread counts x (4 masking kinds + 4 schedules x N_STRUCTURED) x N_SHAPES */
     printf("best isa: %s, openmp: %d, isas tested: %d, cases per isa: %d\n", sa_isa_name(sa_isa_best()),
-           sa_openmp_enabled(), n_isas, 2 * 2 * (4 + N_STRUCTURED) * N_SHAPES + n_guard / (n_isas ? n_isas : 1));
+           sa_openmp_enabled(), n_isas, 2 * 2 * (4 + 4 * N_STRUCTURED) * N_SHAPES + n_guard / (n_isas ? n_isas : 1));
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }
