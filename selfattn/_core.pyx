@@ -145,12 +145,13 @@ def _debug_fail_allocations(n, after=0):
 
 
 def _force_schedule(name):
-    """Test hook: force the kernel's schedule ("shared", "fused", "banded") for every later
-    call, or None for the automatic choice; returns the previous name. "banded" is only
-    taken where a window allows it (the automatic choice decides elsewhere)."""
+    """Test hook: force the kernel's schedule ("shared", "fused", "banded", "decode") for every
+    later call, or None for the automatic choice; returns the previous name. "banded" is only
+    taken where a window allows it, "decode" where each K/V has at most 16 query rows (the
+    automatic choice decides elsewhere)."""
     global _forced_schedule
     names = {None: SA_SCHEDULE_AUTO, "shared": SA_SCHEDULE_SHARED, "fused": SA_SCHEDULE_FUSED,
-             "banded": SA_SCHEDULE_BANDED}
+             "banded": SA_SCHEDULE_BANDED, "decode": SA_SCHEDULE_DECODE}
     if name not in names:
         raise ValueError(f"schedule must be one of {list(names)}, got {name!r}")
     previous = {v: k for k, v in names.items()}[_forced_schedule]
@@ -720,6 +721,7 @@ cdef object _schedule_of(sa_attn_args *args, int isa, int isz):
     if status != SA_OK:
         raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
     return {"threads": sched.threads, "fused": bool(sched.fused), "banded": bool(sched.banded),
+            "decode": bool(sched.decode),
             "compute_tasks": sched.compute_tasks, "group": sched.group, "ring_blocks": sched.ring_blocks}
 
 

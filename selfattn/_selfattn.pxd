@@ -31,6 +31,7 @@ cdef extern from "selfattn.h" nogil:
         SA_SCHEDULE_SHARED
         SA_SCHEDULE_FUSED
         SA_SCHEDULE_BANDED
+        SA_SCHEDULE_DECODE
 
     ctypedef struct sa_tile_params:
         int vw, mr, nr, nv, bq, bk
@@ -39,6 +40,7 @@ cdef extern from "selfattn.h" nogil:
         int threads
         int fused
         int banded
+        int decode
         int64_t compute_tasks
         int64_t group
         int64_t ring_blocks

@@ -498,6 +498,9 @@ static void FN(banded_task)(void *vctx, int64_t t, int tid)
     }
 }
 
+/* ---- the decode path: few query rows per K/V ---------------------------- */
+#include "attn_decode_body.h"
+
 /* ---- driver ------------------------------------------------------------ */
 
 int FN(attn_fwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
@@ -509,6 +512,7 @@ int FN(attn_fwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
     c.packed = (T *)ws;
     c.scratch = c.packed + (c.lay.sched == SA_SCHEDULE_FUSED ? (int64_t)c.lay.nt * c.lay.kv_elems
                             : c.lay.sched == SA_SCHEDULE_BANDED ? (int64_t)c.lay.nt * c.lay.ring * c.lay.blk_elems
+                            : c.lay.sched == SA_SCHEDULE_DECODE ? a->n_kv * c.lay.dec_chunks * c.lay.dec_part_elems
                             : c.lay.group * c.lay.kv_elems);
     c.qscale = (T)(a->scale * 1.4426950408889634);
     int nt = c.lay.nt;
@@ -517,6 +521,10 @@ int FN(attn_fwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
     c.g1 = a->n_kv;
     if (c.lay.sched == SA_SCHEDULE_FUSED) return sa_run_tasks(c.lay.tasks, nt, FN(fused_task), &c, a);
     if (c.lay.sched == SA_SCHEDULE_BANDED) return sa_run_tasks(c.lay.tasks, nt, FN(banded_task), &c, a);
+    if (c.lay.sched == SA_SCHEDULE_DECODE) {
+        int st = sa_run_tasks(c.lay.tasks, nt, FN(decode_task), &c, a);
+        return st != SA_OK ? st : sa_run_tasks(a->n_kv, nt, FN(decode_merge_task), &c, a);
+    }
     for (int64_t g0 = 0; g0 < a->n_kv; g0 += c.lay.group) {
         c.g0 = g0;
         c.g1 = g0 + c.lay.group < a->n_kv ? g0 + c.lay.group : a->n_kv;

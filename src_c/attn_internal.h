@@ -18,7 +18,8 @@
 #endif
 
 /* Workspace layout (all sizes in elements of the compute dtype, each piece
- * rounded up to 64 bytes). [packed K/V][scratch of thread 0][scratch of thread 1]...
+ * rounded up to 64 bytes). [packed K/V, or the decode path's partial results]
+ * [scratch of thread 0][scratch of thread 1]...
  * Packed K/V is a sequence of key blocks, each [E][BK] K^T then [BK][evp] V
  * (no V part when V is read in place), in one of three schedules:
  *   shared: `group` whole kv units, block kb of unit gi at gi*kv_elems + kb*blk_elems;
@@ -31,6 +32,7 @@
  *   [Q tile bq x E][scores bq x bk][O accumulator bq x evp][SA_ROW_ARRAYS x bq] */
 enum { SA_ROW_MAX, SA_ROW_SUM, SA_ROW_MSAFE, SA_ROW_ALPHA, SA_ROW_ARRAYS };
 #define SA_RING_MAX 64           /* banded: most block slots per thread      */
+#define SA_DECODE_MAX_ROWS 16    /* decode: most stacked query rows per K/V   */
 typedef struct {
     int64_t n_qt, n_kb;          /* query tiles, key blocks                  */
     int64_t s_pad, evp;          /* S and Ev padded to bk and vw             */
@@ -42,6 +44,9 @@ typedef struct {
     int64_t group;               /* shared mode: kv units packed at once     */
     int64_t ring;                /* banded mode: block slots per thread      */
     int64_t chunk, n_chunks;     /* banded mode: query tiles per task, tasks per kv unit */
+    int64_t dec_rows;            /* decode: stacked query rows of the largest kv group */
+    int64_t dec_ck, dec_chunks;  /* decode: keys per chunk (a multiple of bk), chunks per kv unit */
+    int64_t dec_part_elems;      /* decode: one chunk's partial result, O [dec_rows][evp], m, l */
     int64_t tasks;               /* compute tasks (per group in shared mode: units x tiles) */
     int64_t qp_elems, st_elems, oacc_elems, row_elems;  /* per-thread pieces */
     int64_t off_st, off_oacc, off_rows;  /* their offsets in a thread's scratch */

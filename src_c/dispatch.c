@@ -136,7 +136,7 @@ static int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
 {
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
-        || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_BANDED)
+        || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_DECODE)
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;                    /* elements per 64 bytes */
     lay->n_qt = (a->L + p->bq - 1) / p->bq;
@@ -183,10 +183,27 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
      * blocks outside every window cost nothing. Else shared: pack a group of
      * K/V with all threads, then compute its tiles with all threads. */
     int banded_ok = ring > 0 && ring <= SA_RING_MAX;
+    /* Decode path when each distinct K/V has few query rows, its GQA heads
+     * (or batch entries sharing it) stacked: nothing is packed, and the keys
+     * are split into chunks that depend on the shapes only (so the merged
+     * result does not depend on the thread count): about 64 tasks in all. */
+    int64_t gmax = 0;
+    for (int64_t g = 0; g < a->n_kv; g++)
+        if (a->kv_start[g + 1] - a->kv_start[g] > gmax) gmax = a->kv_start[g + 1] - a->kv_start[g];
+    lay->dec_rows = gmax * a->L;
+    int decode_ok = a->L > 0 && a->S > 0 && lay->dec_rows >= 1 && lay->dec_rows <= SA_DECODE_MAX_ROWS
+                    && lay->dec_rows <= p->bq;
+    int64_t ck = a->n_kv > 0 ? (a->S * a->n_kv + 63) / 64 : a->S;
+    if (ck < 256) ck = 256;
+    lay->dec_ck = sa_round_up(ck, p->bk);
+    lay->dec_chunks = a->S > 0 ? (a->S + lay->dec_ck - 1) / lay->dec_ck : 1;
+    lay->dec_part_elems = sa_round_up(lay->dec_rows * (lay->evp + 2), align);
     if (a->schedule == SA_SCHEDULE_SHARED || a->schedule == SA_SCHEDULE_FUSED) {
         lay->sched = a->schedule;
     } else if (a->schedule == SA_SCHEDULE_BANDED && banded_ok) {
         lay->sched = SA_SCHEDULE_BANDED;
+    } else if (decode_ok && (a->schedule == SA_SCHEDULE_DECODE || a->schedule == SA_SCHEDULE_AUTO)) {
+        lay->sched = SA_SCHEDULE_DECODE;
     } else if (a->n_kv >= 4 * (int64_t)nt && kv_bytes <= SA_FUSED_MAX_KV_BYTES) {
         lay->sched = SA_SCHEDULE_FUSED;
     } else if (banded_ok && ring < lay->n_kb) {
@@ -205,6 +222,7 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     switch (lay->sched) {
     case SA_SCHEDULE_FUSED: lay->tasks = a->n_kv; break;
     case SA_SCHEDULE_BANDED: lay->tasks = a->n_kv * lay->n_chunks; break;
+    case SA_SCHEDULE_DECODE: lay->tasks = a->n_kv * lay->dec_chunks; break;
     default: lay->tasks = a->n_units * lay->n_qt; break;
     }
     int64_t tasks = lay->tasks < 1 ? 1 : lay->tasks;
@@ -212,6 +230,7 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->nt = nt;
     int64_t packed = lay->sched == SA_SCHEDULE_FUSED ? (int64_t)nt * lay->kv_elems
                    : lay->sched == SA_SCHEDULE_BANDED ? (int64_t)nt * lay->ring * lay->blk_elems
+                   : lay->sched == SA_SCHEDULE_DECODE ? a->n_kv * lay->dec_chunks * lay->dec_part_elems
                    : group * lay->kv_elems;
     lay->total_bytes = (size_t)((packed + (int64_t)nt * lay->thread_elems) * dsize);
     return SA_OK;
@@ -249,6 +268,7 @@ int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule
     sch->threads = lay.nt;
     sch->fused = lay.sched == SA_SCHEDULE_FUSED;
     sch->banded = lay.sched == SA_SCHEDULE_BANDED;
+    sch->decode = lay.sched == SA_SCHEDULE_DECODE;
     sch->compute_tasks = lay.tasks;
     sch->group = lay.group;
     sch->ring_blocks = lay.ring;

@@ -58,7 +58,9 @@ typedef enum {
     SA_SCHEDULE_AUTO = 0,       /* chosen from the shapes (sa_attn_schedule says which) */
     SA_SCHEDULE_SHARED = 1,     /* all threads pack a group of K/V, then compute it      */
     SA_SCHEDULE_FUSED = 2,      /* each task packs one K/V and computes all its tiles    */
-    SA_SCHEDULE_BANDED = 3      /* windows: each task packs the few blocks its tiles see */
+    SA_SCHEDULE_BANDED = 3,     /* windows: each task packs the few blocks its tiles see */
+    SA_SCHEDULE_DECODE = 4      /* few query rows per K/V (decoding): nothing packed, K/V
+                                   read once, keys split across threads, then merged   */
 } sa_schedule_kind;
 
 /* Tile sizes of one (instruction set, dtype) kernel. Tests derive their
@@ -79,9 +81,11 @@ typedef struct {
 typedef struct {
     int threads;              /* threads the call runs on                    */
     int fused;                /* 1: fused pack+compute schedule              */
-    int banded;               /* 1: banded schedule (windows), else shared   */
+    int banded;               /* 1: banded schedule (windows)                */
+    int decode;               /* 1: decode path (few query rows, split-KV)   */
     int64_t compute_tasks;    /* fused: distinct K/V; banded: distinct K/V x runs
-                                 of query tiles; shared: units x query tiles  */
+                                 of query tiles; decode: distinct K/V x key chunks;
+                                 shared: units x query tiles                 */
     int64_t group;            /* shared: distinct K/V packed at once         */
     int64_t ring_blocks;      /* banded: key blocks packed per thread        */
 } sa_schedule;
@@ -138,8 +142,9 @@ typedef struct {
     const double *alibi_slope;                 /* [n_units] or NULL (no ALiBi)  */
     double softcap;                            /* > 0: cap the logits; 0: none  */
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
-    int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED is
-                         only taken where a window allows it, else AUTO decides */
+    int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED and
+                         DECODE are only taken where the problem allows them
+                         (a bounded window; <= 16 stacked query rows), else AUTO decides */
 
     sa_interrupt_fn interrupt; void *interrupt_ctx;   /* may be NULL; polled on thread 0 */
 } sa_attn_args;

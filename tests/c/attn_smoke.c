@@ -15,7 +15,7 @@
 #include <string.h>
 #include "selfattn.h"
 
-static int n_pass = 0, n_fail = 0;
+static int n_pass = 0, n_fail = 0, n_cases = 0;
 
 static double urand(uint64_t *s)
 {
@@ -88,6 +88,7 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
                      const smoke_opts *o)
 {
     uint64_t seed = (uint64_t)(L * 131 + S * 17 + E * 7 + Ev + mkind * 1000 + causal * 5000 + o->units * 77);
+    n_cases++;
     int64_t U = o->units;
     size_t nq = (size_t)(L * E), nk = (size_t)(S * E), nv = (size_t)(S * Ev), nm = (size_t)(L * S), no = (size_t)(L * Ev);
     double *qd = malloc(8 * (U * nq + 1)), *kd = malloc(8 * (U * nk + 1)), *vd = malloc(8 * (U * nv + 1));
@@ -180,11 +181,12 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
 /* "Keys past key_lengths are never read", proved by the MMU: each unit's K and
  * V end exactly where its S_u valid keys end, at a page followed by a
  * PROT_NONE page, while the kernel is told S = 300. A read past S_u (packing,
- * scores, P.V) is a segfault. 4 units: the fused schedule at 1 thread, the
- * shared one at 2. Returns 1 if it ran (and counted a pass or a failure). */
-static int guard_case(int isa, int dsize, int nt)
+ * scores, P.V) is a segfault. 4 units: with L = 70 the fused schedule at 1
+ * thread, the shared one at 2; with L = 2 the decode path. Returns 1 if it ran
+ * (and counted a pass or a failure). */
+static int guard_case(int isa, int dsize, int nt, int64_t L)
 {
-    const int64_t U = 4, Su = 64, L = 70, S = 300;
+    const int64_t U = 4, Su = 64, S = 300;
     long page = sysconf(_SC_PAGESIZE);
     int64_t E = page / (Su * dsize), Ev = E;
     if (E < 1) return 0;
@@ -236,14 +238,15 @@ static int guard_case(int isa, int dsize, int nt)
         double d = fabs(load(out, dsize, (size_t)i) - od[i]);
         if (isnan(err) || !(d <= err)) err = isnan(err) ? err : d;
     }
+    n_cases++;
     if (st == SA_OK && err <= tol) n_pass++;
-    else { n_fail++; printf("FAIL guard-page key_lengths isa=%s f%d nt=%d status=%d err=%g\n", sa_isa_name(isa), dsize * 8, nt, st, err); }
+    else { n_fail++; printf("FAIL guard-page key_lengths isa=%s f%d nt=%d L=%lld status=%d err=%g\n", sa_isa_name(isa), dsize * 8, nt, (long long)L, st, err); }
     for (int64_t u = 0; u < U; u++) { munmap(kreg[u], 2 * page); munmap(vreg[u], 2 * page); }
     free(q); free(out); free(lse); free(qd); free(kd); free(vd); free(od); free(ld); free(raw);
     return 1;
 }
 #else
-static int guard_case(int isa, int dsize, int nt) { (void)isa; (void)dsize; (void)nt; return 0; }
+static int guard_case(int isa, int dsize, int nt, int64_t L) { (void)isa; (void)dsize; (void)nt; (void)L; return 0; }
 #endif
 
 #define N_SHAPES 7
@@ -286,7 +289,7 @@ int main(void)
              * schedule forced in turn (banded where the window allows it) */
             for (int nt = 1; nt <= 2; nt++)
                 for (int s = 0; s < N_SHAPES; s++)
-                    for (int sched = SA_SCHEDULE_AUTO; sched <= SA_SCHEDULE_BANDED; sched++) {
+                    for (int sched = SA_SCHEDULE_AUTO; sched <= SA_SCHEDULE_DECODE; sched++) {
                         int64_t S = shapes[s][1];
                         const smoke_opts cfg[N_STRUCTURED] = {
                             {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, S > 3 ? S - 3 : S, 0.0, 0.0, 5, sched},
@@ -297,12 +300,35 @@ int main(void)
                         run_case(isa, dsize, nt, 2, 0, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[1]);
                         run_case(isa, dsize, nt, 1, 1, shapes[s][0], S, shapes[s][2], shapes[s][3], &cfg[2]);
                     }
-            for (int nt = 1; nt <= 2; nt++) n_guard += guard_case(isa, dsize, nt);
+            /* the decode path (few query rows: nothing packed, keys split into
+             * chunks merged by log-sum-exp): rows, key blocks and chunks across
+             * their edges, each structured mask, 5 distinct K/V */
+            const int64_t dshapes[6][4] = {
+                {1, 1, 5, 3}, {1, p.bk - 1, p.vw, 4 * p.vw}, {3, 257, 2 * p.vw + 3, 5 * p.vw + 1},
+                {1, 3 * p.bk + 5, 64, 64}, {2, 1100, 17, 9}, {16, 600, 8, 8},
+            };
+            for (int nt = 1; nt <= 2; nt++)
+                for (int s = 0; s < 6; s++) {
+                    int64_t L = dshapes[s][0], S = dshapes[s][1], E = dshapes[s][2], Ev = dshapes[s][3];
+                    const smoke_opts dcfg[4] = {
+                        {0, -1, -1, 0, -1, 0.0, 0.0, 5, SA_SCHEDULE_DECODE},
+                        {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, S > 3 ? S - 3 : S, 0.0, 0.0, 5, SA_SCHEDULE_AUTO},
+                        {1, 7, -1, SA_ALIGN_TOP_LEFT, -1, 0.3, 4.0, 5, SA_SCHEDULE_DECODE},
+                        {1, 300, 0, SA_ALIGN_BOTTOM_RIGHT, S, 0.05, 0.0, 5, SA_SCHEDULE_DECODE},
+                    };
+                    run_case(isa, dsize, nt, 0, 0, L, S, E, Ev, &dcfg[0]);
+                    run_case(isa, dsize, nt, 1, 1, L, S, E, Ev, &dcfg[0]);
+                    run_case(isa, dsize, nt, 0, 1, L, S, E, Ev, &dcfg[1]);
+                    run_case(isa, dsize, nt, 2, 0, L, S, E, Ev, &dcfg[2]);
+                    run_case(isa, dsize, nt, 1, 1, L, S, E, Ev, &dcfg[3]);
+                }
+            for (int nt = 1; nt <= 2; nt++) n_guard += guard_case(isa, dsize, nt, 70) + guard_case(isa, dsize, nt, 2);
         }
     }
-    /* per isa: 2 dtypes x 2 thread counts x (4 masking kinds + 4 schedules x N_STRUCTURED) x N_SHAPES */
+    /* per isa: 2 dtypes x 2 thread counts x ((4 masking kinds + 5 schedules x N_STRUCTURED) x N_SHAPES
+     * + 5 decode cases x 6 shapes) + the guard-page cases */
     printf("best isa: %s, openmp: %d, isas tested: %d, cases per isa: %d\n", sa_isa_name(sa_isa_best()),
-           sa_openmp_enabled(), n_isas, 2 * 2 * (4 + 4 * N_STRUCTURED) * N_SHAPES + n_guard / (n_isas ? n_isas : 1));
+           sa_openmp_enabled(), n_isas, n_cases / (n_isas ? n_isas : 1));
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }
