@@ -44,10 +44,10 @@ from . import inspection, positional, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
 from .inspection import attention_weights, plot_attention
+from .kvcache import KVCache
 from .merge import merge_attention
 from .positional import rope, sinusoidal_encoding
 
-__all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_attention", "attention_weights",
-           "plot_attention",
-           "rope", "sinusoidal_encoding", "inspection", "positional", "reference", "config", "show_config",
-           "use_isa", "set_isa", "available_isas", "__version__"]
+__all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_attention", "KVCache",
+           "attention_weights", "plot_attention", "rope", "sinusoidal_encoding", "inspection", "positional",
+           "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "__version__"]
