@@ -34,6 +34,7 @@ is ``i - j + d`` with ``d = l0 - s0`` (plus ``S_b - L`` under ``alignment="botto
   shape (..., Hq, 1, Sc), broadcast over the rows by the kernel) plus a per-row constant (added to
   the lse afterwards); the two parts are merged with merge_attention. With a bool or float
   attn_mask as well, that part's mask is materialised at the block's (..., Hq, Lc, Sc) size.
+
 A kernel option placing the queries at an offset (a per-batch ``query_offset``) would make every
 block a single call on views, ALiBi included.
 """
@@ -429,7 +430,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     out = da.Array(graph, out_name, q.chunks[:-1] + ((Ev,),), meta=np.empty((0,) * nd, dtype=dt))
     if not return_lse:
         return out
-    lse_layer = {(lse_name,) + idx: (operator.getitem, f, 1) for idx, f in finals.items()}
+    lse_layer: Dict[Any, Any] = {(lse_name,) + idx: (operator.getitem, f, 1) for idx, f in finals.items()}
     lse_graph = HighLevelGraph.from_collections(lse_name, lse_layer, dependencies=[out])
     lse = da.Array(lse_graph, lse_name, q.chunks[:-1], meta=np.empty((0,) * (nd - 1), dtype=dt))
     return out, lse

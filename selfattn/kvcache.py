@@ -321,23 +321,24 @@ class KVCache:
         # validate everything once, on the whole problem, before any work
         scaled_dot_product_attention(q[..., :0], k[..., :0], v[..., :0], attn_mask=mask, alibi_slopes=slopes,
                                      key_lengths=self._lengths, **kw)
-        out = lse = None
+        def pick(a: Optional[Array], lead: int, b: int) -> Optional[Array]:
+            # batch entry b of an option that broadcasts against (batch, ...), its dims kept
+            if a is None or a.ndim < lead or a.shape[a.ndim - lead] == 1:
+                return a
+            return a[(slice(None),) * (a.ndim - lead) + (slice(b, b + 1),)]
+
+        parts = []
         for b in range(self.batch):
-            def pick(a: Optional[Array], lead: int) -> Optional[Array]:
-                # batch entry b of an option that broadcasts against (batch, ...), its dims kept
-                if a is None or a.ndim < lead or a.shape[a.ndim - lead] == 1:
-                    return a
-                return a[(slice(None),) * (a.ndim - lead) + (slice(b, b + 1),)]
-            m = pick(mask, 4)
+            m = pick(mask, 4, b)
             if m is not None and m.shape[-2] != 1:
                 m = m[..., :c[b], :]
-            o, l = scaled_dot_product_attention(q[b:b + 1, :, :c[b]], k[b:b + 1], v[b:b + 1], attn_mask=m,
-                                                alibi_slopes=pick(slopes, 2), key_lengths=self._lengths[b:b + 1],
-                                                return_lse=True, **kw)
-            if out is None:
-                out = np.zeros(q.shape[:3] + (self.value_dim,), dtype=o.dtype)
-                lse = np.full(q.shape[:3], -np.inf, dtype=o.dtype)
+            parts.append(scaled_dot_product_attention(q[b:b + 1, :, :c[b]], k[b:b + 1], v[b:b + 1], attn_mask=m,
+                                                      alibi_slopes=pick(slopes, 2, b), return_lse=True,
+                                                      key_lengths=self._lengths[b:b + 1], **kw))
+        dt = parts[0][0].dtype
+        out = np.zeros(q.shape[:3] + (self.value_dim,), dtype=dt)
+        lse = np.full(q.shape[:3], -np.inf, dtype=dt)
+        for b, (o, l) in enumerate(parts):
             out[b:b + 1, :, :c[b]] = o
             lse[b:b + 1, :, :c[b]] = l
-        assert out is not None and lse is not None
         return (out, lse) if return_lse else out
