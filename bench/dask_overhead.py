@@ -81,8 +81,11 @@ def main(argv=None):
 
     fns = {"local": lambda: selfattn.scaled_dot_product_attention(q, k, v, is_causal=args.causal),
            "dask threads": lambda: lazy(qd, kd, vd).compute(scheduler="threads")}
+    environ = dict(os.environ)
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
+        os.environ.clear()                      # starting the workers set OMP_NUM_THREADS=1 etc. here too
+        os.environ.update(environ)
         qp, kp, vp = client.persist([qd, kd, vd])
         wait([qp, kp, vp])
         fns["dask cluster"] = lambda: client.compute(lazy(qp, kp, vp), sync=True)

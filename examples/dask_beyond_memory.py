@@ -68,11 +68,16 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-check", action="store_true", help="skip the comparison with one local call")
     args = ap.parse_args(argv)
+    import os
+
     import dask
     from dask.distributed import Client, LocalCluster
+    environ = dict(os.environ)
     with dask.config.set({"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}):
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                           memory_limit=args.memory_limit, dashboard_address=None) as cluster, Client(cluster) as client:
+            os.environ.clear()                  # starting the workers set OMP_NUM_THREADS=1 etc. here too
+            os.environ.update(environ)
             limit = min(w["memory_limit"] for w in client.scheduler_info()["workers"].values())
             res = run(client, args.kv_mib, args.chunk_mib, args.queries, check=not args.no_check)
     print(f"K + V: {res['kv_bytes'] / 2**20:.0f} MiB (S = {res['S']}, {res['chunks']} chunks along S), "

@@ -2,6 +2,7 @@
 merge_attention), equal to the single call and the reference for every option; blocks nobody sees make
 no task; lazy; every scheduler, a 2-worker LocalCluster among them; K/V larger than a worker's memory."""
 
+import os
 import sys
 import time
 
@@ -27,14 +28,22 @@ SLOPES = np.array([0.5, 0.25, 0.125, 0.0625])
 @pytest.fixture(scope="module")
 def client():
     distributed = optional_import("distributed")
-    # no spilling to disk: what completes there fits in the workers' memory
-    with dask.config.set({"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}):
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                           memory_limit="256MiB", dashboard_address=None)
-        c = distributed.Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
+    # starting the workers leaves OMP_NUM_THREADS=1 (and more) in this process's environment, which
+    # later tests' subprocesses would inherit: put it back
+    environ = dict(os.environ)
+    try:
+        # no spilling to disk: what completes there fits in the workers' memory
+        with dask.config.set({"distributed.worker.memory.target": False,
+                              "distributed.worker.memory.spill": False}):
+            cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                               memory_limit="256MiB", dashboard_address=None)
+            c = distributed.Client(cluster)
+        yield c
+        c.close()
+        cluster.close()
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def _data(dtype, B=2, Hq=4, H=2, L=37, S=45, E=8, Ev=6, seed=0):

@@ -295,3 +295,10 @@ def test_attend_errors():
         cache.attend(q, counts=[1, 1], attn_mask=np.ones((7, 7), bool))   # validated before any call
     with pytest.raises(ValueError, match="window_size"):
         cache.attend(q, window_size=-1)
+
+
+def test_docstring_example_runs():
+    import doctest
+    import selfattn.kvcache
+    result = doctest.testmod(selfattn.kvcache, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted >= 10 and result.failed == 0

@@ -211,3 +211,10 @@ def test_random_groupings_agree(n):
     for perm in itertools.islice(itertools.permutations(range(n)), 6):
         p = merge(outs[list(perm)], lses[list(perm)])
         np.testing.assert_allclose(p[0], flat[0], rtol=1e-12, atol=1e-12)
+
+
+def test_docstring_example_runs():
+    import doctest
+    import selfattn.merge
+    result = doctest.testmod(selfattn.merge, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
