@@ -30,6 +30,11 @@ Architecture at a glance
 Beside the kernel, one module per concern:
     selfattn.positional   sinusoidal_encoding, rope (NumPy)
     selfattn.inspection   attention_weights (materialised on purpose), plot_attention (matplotlib)
+    selfattn.merge        merge_attention: (out, lse) over disjoint key sets -> attention over their union
+    selfattn.kvcache      KVCache: preallocated K/V appended in place, attended in place (decoding)
+    selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,
+                          key chunks merged by merge_attention (sequence parallelism). Not imported
+                          by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
 SELFATTN_ISA=<avx2|generic> forces a lower path; selfattn.show_config() prints what runs.
 
@@ -44,8 +49,10 @@ from . import inspection, positional, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
 from .inspection import attention_weights, plot_attention
+from .kvcache import KVCache
+from .merge import merge_attention
 from .positional import rope, sinusoidal_encoding
 
-__all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "attention_weights", "plot_attention",
-           "rope", "sinusoidal_encoding", "inspection", "positional", "reference", "config", "show_config",
-           "use_isa", "set_isa", "available_isas", "__version__"]
+__all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_attention", "KVCache",
+           "attention_weights", "plot_attention", "rope", "sinusoidal_encoding", "inspection", "positional",
+           "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "__version__"]

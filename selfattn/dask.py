@@ -1,0 +1,436 @@
+"""Attention over Dask arrays: :func:`scaled_dot_product_attention`, lazily, block by block.
+
+``selfattn.dask`` is not imported by ``import selfattn``; it needs ``pip install "selfattn[dask]"``
+(dask[array], and distributed for clusters). It runs on every Dask scheduler (threads, processes,
+synchronous, distributed).
+
+How the problem is cut
+----------------------
+The query's chunks along the batch and head dims and along L, and the key's chunks along S, define
+the blocks; the key/value (and the mask) are rechunked to match, and E/Ev are made whole.
+
+* batch and head chunks are independent problems (with grouped-query attention, query head chunks
+  are made multiples of the group so each meets whole kv heads);
+* query chunks along L are independent too: each keeps its rows' positions (below);
+* key chunks along S (sequence parallelism): each (query chunk, key chunk) block computes its
+  ``(out, lse)`` with the fused kernel, and the blocks of a query chunk are merged by
+  :func:`selfattn.merge_attention` in a tree of fan-in `split_every`. A key chunk that no query
+  of the chunk can see (causal, window, key_lengths) makes no task at all.
+
+Positions
+---------
+A block holds query rows ``l0 .. l0 + Lc - 1`` and keys ``s0 .. s0 + Sc - 1`` of the full problem; the
+kernel numbers them from 0 and places query row i at ``p = i`` (or ``i + S_b - L``), so on its own it
+would misplace them. What the structured options see is the difference ``p - j``: in block indices it
+is ``i - j + d`` with ``d = l0 - s0`` (plus ``S_b - L`` under ``alignment="bottom_right"``), and
+``key_lengths`` becomes ``clip(S_b - s0, 0, Sc)``. Each block is then computed exactly, on views:
+
+* visibility (causal, window, alignment) is an interval ``lo <= j - i <= hi`` shifted by d; the block
+  passes the kernel a top-left window with the same interval, after dropping the leading keys (or
+  query rows) that the interval excludes, so that both window sides are >= 0: one kernel call;
+* ALiBi needs the positions themselves: where ``d = 0`` the kernel applies it; elsewhere the block is
+  split at the diagonal ``p = j`` (by keys, or by query rows) into a part with ``d = 0`` and a part
+  where ``p - j`` keeps one sign, so that ``-slope * |p - j|`` is a per-key bias (a float mask of
+  shape (..., Hq, 1, Sc), broadcast over the rows by the kernel) plus a per-row constant (added to
+  the lse afterwards); the two parts are merged with merge_attention. With a bool or float
+  attn_mask as well, that part's mask is materialised at the block's (..., Hq, Lc, Sc) size.
+
+A kernel option placing the queries at an offset (a per-batch ``query_offset``) would make every
+block a single call on views, ALiBi included.
+"""
+
+import functools
+import math
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._api import scaled_dot_product_attention as _sdpa
+from .merge import merge_attention
+
+__all__ = ["scaled_dot_product_attention"]
+
+Array = NDArray[Any]
+Window = Optional[Union[int, Tuple[Optional[int], Optional[int]]]]
+
+
+def _import_dask() -> Any:
+    try:
+        import dask.array as da
+    except ImportError as exc:
+        raise ImportError(f"selfattn.dask needs dask: pip install \"selfattn[dask]\" (dask[array], "
+                          f"distributed) ({exc})") from exc
+    return da
+
+
+# ----------------------------------------------------------------------------------------------------
+# one block, in NumPy (runs on the workers)
+
+def _shift(x: Optional[int], s: int) -> Optional[int]:
+    return None if x is None else x + s
+
+
+def _sl(a: Optional[Array], from_end: int, sl: slice) -> Optional[Array]:
+    """`a` sliced along axis -from_end, unless that axis has size 1 (broadcast)."""
+    if a is None or a.ndim < from_end or a.shape[a.ndim - from_end] == 1:
+        return a
+    idx: List[Any] = [slice(None)] * a.ndim
+    idx[a.ndim - from_end] = sl
+    return a[tuple(idx)]
+
+
+def _empty(q: Array, ev: int, dt: Any) -> Tuple[Array, Array]:
+    return np.zeros(q.shape[:-1] + (ev,), dtype=dt), np.full(q.shape[:-1], -np.inf, dtype=dt)
+
+
+def _call(q: Array, k: Array, v: Array, mask: Optional[Array], kl: Array, lo: Optional[int], hi: Optional[int],
+          alibi: Optional[Array], col: Optional[Array], row: Optional[Array], kw: Dict[str, Any],
+          dt: Any) -> Tuple[Array, Array]:
+    """One kernel call: key j (block index) visible to row i iff j < kl and lo <= j - i <= hi (None:
+    unbounded); alibi (d = 0) in the kernel, or a per-key bias `col` (..., Hq, nk) and a per-row
+    constant `row` (..., Hq, nr) added to the logits."""
+    nr, nk, ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    c = g = 0
+    if lo is not None and lo > 0:           # keys j < lo are excluded for every row i >= 0
+        c, lo, hi = lo, 0, _shift(hi, -lo)
+    if hi is not None and hi < 0:           # rows i < -hi see no key j >= 0
+        g, lo, hi = -hi, _shift(lo, -hi), 0
+    assert alibi is None or c == g == 0
+    if g >= nr or c >= nk or (lo is not None and hi is not None and lo > hi):
+        return _empty(q, ev, dt)
+    q2, k2, v2 = q[..., g:, :], k[..., c:, :], v[..., c:, :]
+    nr2, nk2 = nr - g, nk - c
+    lo = None if lo is not None and lo <= -(nr2 - 1) else lo
+    hi = None if hi is not None and hi >= nk2 - 1 else hi
+    kl2 = np.clip(kl - c, 0, nk2)
+    m2 = _sl(_sl(mask, 2, slice(g, None)), 1, slice(c, None))
+    if col is not None:
+        bias = col[..., None, c:].astype(dt)
+        if m2 is None:
+            m2 = bias
+        elif m2.dtype == np.bool_:
+            m2 = np.where(m2, bias, np.array(-np.inf, dtype=dt))
+        else:
+            m2 = m2 + bias
+    window = None if lo is None and hi is None else (None if lo is None else -lo, hi)
+    o, lse = _sdpa(q2, k2, v2, attn_mask=m2, window_size=window, alibi_slopes=alibi, return_lse=True,
+                   key_lengths=None if np.all(kl2 == nk2) else kl2, **kw)
+    if row is not None:
+        lse = (lse.astype(np.float64) + row[..., g:]).astype(dt)
+    if g:
+        out, full_lse = _empty(q, ev, dt)
+        out[..., g:, :], full_lse[..., g:] = o, lse
+        return out, full_lse
+    return o, lse
+
+
+def _solve(q: Array, k: Array, v: Array, mask: Optional[Array], kl: Array, d: int, lo: Optional[int],
+           hi: Optional[int], slopes: Optional[Array], kw: Dict[str, Any], dt: Any) -> Tuple[Array, Array]:
+    """(out, lse) of a block whose query row i and key j sit at p - j = i - j + d (see the module
+    docstring): visible iff j < kl and lo <= j - i <= hi; ALiBi adds -slopes * |i - j + d|."""
+    if slopes is None or d == 0:
+        return _call(q, k, v, mask, kl, lo, hi, slopes if d == 0 else None, None, None, kw, dt)
+    nr, nk = q.shape[-2], k.shape[-2]
+    s = slopes.astype(np.float64)[..., None]
+    if d > 0:
+        # keys j < a = min(d, nk) lie below every query (p > j): bias -s (p - j) = row(i) + col(j), each
+        # <= 0 and 0 at the nearest key; keys from a on have d' = 0
+        a = min(d, nk)
+        col = -s * (a - 1 - np.arange(a))
+        row = -s * (np.arange(nr) + d - (a - 1))
+        below = _call(q, k[..., :a, :], v[..., :a, :], _sl(mask, 1, slice(0, a)), np.minimum(kl, a), lo, hi,
+                      None, col, row, kw, dt)
+        if a == nk:
+            return below
+        rest = _solve(q, k[..., a:, :], v[..., a:, :], _sl(mask, 1, slice(a, None)), np.clip(kl - a, 0, nk - a),
+                      d - a, _shift(lo, -a), _shift(hi, -a), slopes, kw, dt)
+        return merge_attention([below[0], rest[0]], [below[1], rest[1]])
+    # rows i < r = min(-d, nr) lie before every key (p < j): bias -s (j - p); rows from r on have d' = 0
+    r = min(-d, nr)
+    col = -s * np.arange(nk)
+    row = s * (np.arange(r) + d)
+    above = _call(q[..., :r, :], k, v, _sl(mask, 2, slice(0, r)), kl, lo, hi, None, col, row, kw, dt)
+    if r == nr:
+        return above
+    rest = _solve(q[..., r:, :], k, v, _sl(mask, 2, slice(r, None)), kl, d + r, _shift(lo, r), _shift(hi, r),
+                  slopes, kw, dt)
+    return np.concatenate([above[0], rest[0]], axis=-2), np.concatenate([above[1], rest[1]], axis=-1)
+
+
+def _block(q: Array, k: Array, v: Array, mask: Optional[Array], *, l0: int, s0: int, L: int, S_b: Array,
+           bottom_right: bool, left: Optional[int], right: Optional[int], slopes: Optional[Array],
+           kw: Dict[str, Any], dt: Any) -> Tuple[Array, Array]:
+    """(out, lse) of query rows l0.. against keys s0.. of the full problem (q, k, v: the chunks).
+
+    S_b: valid keys per batch entry of the block (its batch shape); left/right: the window sides
+    with the causal cut folded in (right = 0), None = unbounded."""
+    Sc = k.shape[-2]
+    D = l0 - s0 + (S_b - L if bottom_right else 0 * S_b)
+    Kb = np.clip(S_b - s0, 0, Sc)
+    flat = D.ravel()
+    if flat.size == 0 or np.all(flat == flat[0]):
+        d = int(flat[0]) if flat.size else 0
+        return _solve(q, k, v, mask, Kb, d, _shift(-left if left is not None else None, d), _shift(right, d),
+                      slopes, kw, dt)
+    # bottom-right alignment with ragged key_lengths: each batch entry has its own offset
+    out, lse = _empty(q, v.shape[-1], dt)
+    for idx in np.ndindex(*D.shape):
+        sl = tuple(slice(i, i + 1) for i in idx)
+        m = mask
+        if m is not None:
+            m = m[tuple(s if n != 1 else slice(None) for s, n in zip(sl, m.shape))]
+        d = int(D[idx])
+        out[sl], lse[sl] = _solve(q[sl], k[sl], v[sl], m, Kb[sl], d,
+                                  _shift(-left if left is not None else None, d), _shift(right, d),
+                                  None if slopes is None else slopes[sl], kw, dt)
+    return out, lse
+
+
+def _sees(Lc: int, Sc: int, D: Array, Kb: Array, left: Optional[int], right: Optional[int]) -> bool:
+    """Whether some row i < Lc of a block sees some key j < Kb: lo <= j - i <= hi (see _block)."""
+    if Lc == 0 or Sc == 0:
+        return False
+    lo = np.full(D.shape, -(Lc - 1)) if left is None else np.maximum(D - left, -(Lc - 1))
+    hi = Kb - 1 if right is None else np.minimum(D + right, Kb - 1)
+    return bool(np.any((Kb > 0) & (lo <= hi)))
+
+
+def _merge_parts(parts: Sequence[Tuple[Array, Array]]) -> Tuple[Array, Array]:
+    return merge_attention([p[0] for p in parts], [p[1] for p in parts])
+
+
+def _nothing_visible(shape: Tuple[int, ...], ev: int, dt: Any) -> Tuple[Array, Array]:
+    return np.zeros(shape + (ev,), dtype=dt), np.full(shape, -np.inf, dtype=dt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the graph
+
+def _bounds(chunks: Sequence[int]) -> List[Tuple[int, int]]:
+    edges = np.concatenate([[0], np.cumsum(chunks, dtype=np.int64)])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _group_chunks(chunks: Sequence[int], g: int) -> Tuple[int, ...]:
+    """Head chunks whose boundaries are multiples of g (each then meets whole kv heads)."""
+    edges = sorted({int(math.ceil(e / g)) * g for e in np.cumsum(chunks)} | {0})
+    return tuple(b - a for a, b in zip(edges[:-1], edges[1:]))
+
+
+def _as_dask(da: Any, x: Any, name: str) -> Any:
+    if isinstance(x, da.Array):
+        if any(math.isnan(c) for cs in x.chunks for c in cs):
+            raise ValueError(f"{name} has unknown chunk sizes: call {name}.compute_chunk_sizes() first")
+        return x
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} cannot be read as an array: {exc}") from None
+    return da.from_array(a, chunks=tuple(max(n, 1) for n in a.shape) if a.shape else ())
+
+
+def _dummy(a: Any, dtype: Any, shape: Optional[Tuple[int, ...]] = None) -> Array:
+    """A zero-memory stand-in of `a` (a broadcast scalar) for validating the full problem."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), a.shape if shape is None else shape)
+
+
+def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
+                                 is_causal: bool = False, *, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, return_lse: bool = False,
+                                 num_threads: Optional[int] = None, window_size: Window = None,
+                                 alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
+                                 alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None,
+                                 split_every: Optional[int] = None) -> Any:
+    """:func:`selfattn.scaled_dot_product_attention` over Dask arrays: lazy, chunk by chunk.
+
+    Same arguments and results as the NumPy function (equal to its result up to rounding, for every
+    option), returned as Dask arrays that nothing has computed yet. The query's chunks (batch, heads,
+    L) and the key's chunks along S decide the blocks; chunks along S are computed separately and
+    merged with :func:`selfattn.merge_attention` (sequence parallelism), so no task ever holds more
+    than one key/value chunk. See the module documentation for how each block keeps its positions.
+
+    Parameters
+    ----------
+    query : dask or array_like, (..., Hq, L, E)
+    key : dask or array_like, (..., H, S, E)
+    value : dask or array_like, (..., H, S, Ev)
+        The same number of dims, with equal leading (batch) dims (no broadcasting between them:
+        use ``dask.array.broadcast_to``). NumPy inputs are wrapped with ``dask.array.from_array``
+        as one chunk; key and value are rechunked to the query's batch/head chunks, value to the
+        key's S chunks, and E/Ev to one chunk each.
+    attn_mask : dask or array_like, optional
+        bool or float, broadcastable to (..., Hq, L, S); chunked along with query and key (its
+        size-1 dims stay whole).
+    is_causal, scale, enable_gqa, num_threads, window_size, alignment, softcap
+        As in :func:`selfattn.scaled_dot_product_attention`. `num_threads` is per block call:
+        with several tasks running at once per machine (Dask's threaded scheduler, or workers
+        with several threads), ``num_threads=1`` avoids oversubscribing the cores.
+    key_lengths, alibi_slopes : array_like, optional
+        As in :func:`selfattn.scaled_dot_product_attention`; small, read when the graph is built
+        (key_lengths decides which blocks exist).
+    return_lse : bool
+        Also return the lse (a Dask array (..., Hq, L)).
+    split_every : int >= 2, optional
+        Fan-in of the tree that merges the key chunks' results (default 8).
+
+    Returns
+    -------
+    out : dask.array.Array, (..., Hq, L, Ev)
+        Chunked like the query along its leading dims and L, one chunk along Ev; float64 if any
+        input is float64, else float32.
+    lse : dask.array.Array, (..., Hq, L)
+        Only with ``return_lse=True``, as ``(out, lse)``.
+
+    Raises
+    ------
+    ImportError
+        Without dask (``pip install "selfattn[dask]"``).
+    ValueError, TypeError
+        As the NumPy function, before anything is built; also inputs whose number of dims or
+        leading dims differ, unknown chunk sizes, a bad `split_every`.
+
+    Examples
+    --------
+    (Not run by the documentation build, which has no dask.)
+
+    ::
+
+        import dask.array as da
+        import selfattn.dask
+
+        q = da.random.default_rng(0).standard_normal((1, 8, 8192, 64), chunks=(1, 8, 2048, 64))
+        k = da.random.default_rng(1).standard_normal((1, 8, 8192, 64), chunks=(1, 8, 2048, 64))
+        v = da.random.default_rng(2).standard_normal((1, 8, 8192, 64), chunks=(1, 8, 2048, 64))
+        out = selfattn.dask.scaled_dot_product_attention(q, k, v, is_causal=True)   # lazy: 10 blocks
+        out.compute()                                   # or with a distributed Client, on a cluster
+    """
+    da = _import_dask()
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    if split_every is None:
+        split_every = 8
+    if isinstance(split_every, (bool, np.bool_)) or not isinstance(split_every, (int, np.integer)):
+        raise TypeError(f"split_every must be an int >= 2, got {type(split_every).__name__}")
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    q, k, v = (_as_dask(da, x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
+    mask = None if attn_mask is None else _as_dask(da, attn_mask, "attn_mask")
+
+    # -- validate everything as the NumPy function does, on zero-memory stand-ins of the full arrays
+    dt = _sdpa(np.empty((0, 0), q.dtype), np.empty((0, 0), k.dtype), np.empty((0, 0), v.dtype)).dtype
+    if v.ndim >= 2 and k.ndim >= 2 and v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"key and value must have the same number of keys S (dim -2): key {k.shape}, "
+                         f"value {v.shape}")
+    mdt = None
+    if mask is not None:
+        mdt = mask.dtype
+        if mdt.kind == "f":
+            mdt = np.float64 if mdt.itemsize == 8 else np.float32
+    _sdpa(_dummy(q, dt), _dummy(k, dt), _dummy(v, dt, v.shape[:-1] + (0,)) if v.ndim else _dummy(v, dt),
+          attn_mask=None if mask is None else _dummy(mask, mdt), is_causal=is_causal, scale=scale,
+          enable_gqa=enable_gqa, num_threads=num_threads, window_size=window_size, alignment=alignment,
+          key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap)
+    nd = q.ndim
+    if not (k.ndim == v.ndim == nd) or k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
+        raise ValueError(f"selfattn.dask needs query {q.shape}, key {k.shape} and value {v.shape} with the same "
+                         f"number of dims and the same leading (batch) dims; broadcast them first "
+                         f"(dask.array.broadcast_to)")
+
+    # -- the structure, normalised: window sides with the causal cut, valid keys per batch entry
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    batch = q.shape[:-3]
+    nb = len(batch)
+    if window_size is None:
+        left: Optional[int] = None
+        right: Optional[int] = None
+    elif isinstance(window_size, (int, np.integer)):
+        left = right = int(window_size)
+    else:
+        left, right = (None if w is None else int(w) for w in window_size)
+    if is_causal:
+        right = 0                                    # right >= 0 is validated: min(right, 0)
+    S_b = np.broadcast_to(np.asarray(S if key_lengths is None else key_lengths, dtype=np.int64), batch)
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), q.shape[:-2])
+    bottom_right = alignment == "bottom_right"
+
+    # -- chunks: the query decides batch/heads/L, the key S; GQA head chunks meet whole kv heads
+    if nd >= 3:
+        Hq, H = q.shape[-3], k.shape[-3]
+        g = Hq // H if (enable_gqa and H and Hq != H) else 1
+        hq_chunks = _group_chunks(q.chunks[-3], g) if g > 1 else q.chunks[-3]
+        q = q.rechunk(q.chunks[:-3] + (hq_chunks, q.chunks[-2], (E,)))
+        kv_lead = q.chunks[:-3] + (tuple(c // g for c in hq_chunks),)
+    else:
+        q = q.rechunk((q.chunks[-2], (E,)))
+        kv_lead = ()
+    k = k.rechunk(kv_lead + (k.chunks[-2], (E,)))
+    v = v.rechunk(kv_lead + (k.chunks[-2], (Ev,)))
+    if mask is not None:
+        mask = mask.reshape((1,) * (nd - mask.ndim) + mask.shape)
+        want = q.chunks[:-1] + (k.chunks[-2],)
+        mask = mask.rechunk(tuple((1,) if n == 1 else c for n, c in zip(mask.shape, want)))
+    lead_bounds = [_bounds(c) for c in q.chunks[:-2]]            # batch dims, then heads
+    l_bounds, s_bounds = _bounds(q.chunks[-2]), _bounds(k.chunks[-2])
+
+    kw = dict(scale=scale, softcap=softcap, num_threads=num_threads, enable_gqa=bool(enable_gqa))
+    token = tokenize(q.name, k.name, v.name, None if mask is None else mask.name, is_causal, scale,
+                     enable_gqa, num_threads, window_size, alignment, S_b, slopes, softcap, split_every)
+    out_name, lse_name = f"selfattn-sdpa-{token}", f"selfattn-sdpa-lse-{token}"
+    part_name, merge_name = f"selfattn-sdpa-part-{token}", f"selfattn-sdpa-merge-{token}"
+    layer: Dict[Any, Any] = {}
+    finals: Dict[Tuple[int, ...], Any] = {}
+    for lead in np.ndindex(*(len(b) for b in lead_bounds)):
+        lead_sl = tuple(slice(*lead_bounds[d][i]) for d, i in enumerate(lead))
+        S_blk = S_b[lead_sl[:nb]]
+        slopes_blk = None if slopes is None else np.array(slopes[lead_sl])
+        lead_shape = tuple(s.stop - s.start for s in lead_sl)
+        for li, (l0, l1) in enumerate(l_bounds):
+            idx = lead + (li,)
+            keys = []
+            for si, (s0, s1) in enumerate(s_bounds):
+                D = l0 - s0 + (S_blk - L if bottom_right else 0 * S_blk)
+                if not _sees(l1 - l0, s1 - s0, D, np.clip(S_blk - s0, 0, s1 - s0), left, right):
+                    continue
+                fn = functools.partial(_block, l0=l0, s0=s0, L=L, S_b=S_blk, bottom_right=bottom_right,
+                                       left=left, right=right, slopes=slopes_blk, kw=kw, dt=dt)
+                mkey = None
+                if mask is not None:
+                    mi = tuple(0 if n == 1 else i for n, i in zip(mask.shape, idx + (si,)))
+                    mkey = (mask.name,) + mi
+                key_ = (part_name,) + idx + (si,)
+                layer[key_] = (fn, (q.name,) + idx + (0,), (k.name,) + lead + (si, 0),
+                               (v.name,) + lead + (si, 0), mkey)
+                keys.append(key_)
+            if not keys:
+                key_ = (part_name,) + idx + (-1,)
+                layer[key_] = (functools.partial(_nothing_visible, lead_shape + (l1 - l0,), Ev, dt),)
+                keys.append(key_)
+            level = 0
+            while len(keys) > 1:
+                merged = []
+                for gi in range(0, len(keys), split_every):
+                    group = keys[gi:gi + split_every]
+                    if len(group) == 1:
+                        merged.append(group[0])
+                        continue
+                    mk = (f"{merge_name}-{level}",) + idx + (gi // split_every,)
+                    layer[mk] = (_merge_parts, list(group))
+                    merged.append(mk)
+                keys, level = merged, level + 1
+            finals[idx] = keys[0]
+            layer[(out_name,) + idx + (0,)] = (operator.getitem, keys[0], 0)
+
+    deps = [q, k, v] + ([] if mask is None else [mask])
+    graph = HighLevelGraph.from_collections(out_name, layer, dependencies=deps)
+    out = da.Array(graph, out_name, q.chunks[:-1] + ((Ev,),), meta=np.empty((0,) * nd, dtype=dt))
+    if not return_lse:
+        return out
+    lse_layer: Dict[Any, Any] = {(lse_name,) + idx: (operator.getitem, f, 1) for idx, f in finals.items()}
+    lse_graph = HighLevelGraph.from_collections(lse_name, lse_layer, dependencies=[out])
+    lse = da.Array(lse_graph, lse_name, q.chunks[:-1], meta=np.empty((0,) * (nd - 1), dtype=dt))
+    return out, lse

@@ -1,0 +1,344 @@
+"""A preallocated key/value cache for decoding: :class:`KVCache`.
+
+Keys and values live in two arrays of shape (batch, num_kv_heads, max_len, head_dim|value_dim),
+allocated once. :meth:`KVCache.append` writes new positions in place (no reallocation per step),
+per sequence at its own length, so ragged batches are fine; :meth:`KVCache.attend` runs
+:func:`selfattn.scaled_dot_product_attention` on the cache arrays themselves (views, no copy) with
+``key_lengths = lengths``, bottom-right causal alignment (the last query on the last valid key)
+and grouped-query attention when the query has more heads than the cache.
+"""
+
+import numbers
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+from ._api import scaled_dot_product_attention
+
+__all__ = ["KVCache"]
+
+Array = NDArray[Any]
+
+
+def _check_size(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _as_array(x: Any, name: str) -> Array:
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} cannot be read as an array: {exc}") from None
+
+
+class KVCache:
+    """Preallocated keys and values of a batch of sequences, appended in place, attended in place.
+
+    Parameters
+    ----------
+    batch : int
+        Number of sequences B.
+    num_kv_heads : int
+        Key/value heads H (the query may have a multiple of it: grouped-query attention).
+    max_len : int
+        Positions preallocated per sequence (the capacity).
+    head_dim : int
+        E, the key (and query) width.
+    value_dim : int, optional
+        Ev, the value width; defaults to `head_dim`.
+    dtype : {np.float32, np.float64}
+        Of the cached keys and values.
+    grow : bool
+        What :meth:`append` does when a sequence would pass `max_len`: False (the default)
+        raises ``ValueError`` before writing anything, so memory stays exactly what was asked
+        for; True reallocates both arrays with capacity ``max(2 * max_len, needed)`` (amortised
+        doubling: O(1) copies per appended position on average) and copies the valid positions
+        over. Arrays obtained earlier from :attr:`keys` / :attr:`values` then refer to the old
+        buffers.
+
+    Attributes
+    ----------
+    batch, num_kv_heads, head_dim, value_dim : int
+    dtype : numpy.dtype
+    grow : bool
+
+    Notes
+    -----
+    Layout: keys ``(batch, num_kv_heads, max_len, head_dim)``, values ``(batch, num_kv_heads,
+    max_len, value_dim)``, C order, the layout :func:`selfattn.scaled_dot_product_attention`
+    reads. Sequence b's valid positions are ``0 .. lengths[b] - 1``; what lies past them is
+    never read (positions are written in order, and the kernel skips keys past ``key_lengths``).
+
+    Examples
+    --------
+    Prefill a prompt of 5 tokens, then decode 3 more one at a time; every output equals the
+    matching row of one causal call over the whole sequence:
+
+    >>> import numpy as np
+    >>> import selfattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((1, 4, 8, 16))         # 4 query heads
+    >>> k, v = rng.standard_normal((2, 1, 2, 8, 16))   # 2 kv heads (grouped-query attention)
+    >>> cache = selfattn.KVCache(1, 2, 64, 16, dtype=np.float64)
+    >>> cache.append(k[:, :, :5], v[:, :, :5])
+    >>> outs = [cache.attend(q[:, :, :5])]
+    >>> for t in range(5, 8):
+    ...     cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    ...     outs.append(cache.attend(q[:, :, t:t + 1]))
+    >>> cache.lengths, cache.keys.shape
+    (array([8]), (1, 2, 8, 16))
+    >>> full = selfattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    >>> bool(np.allclose(np.concatenate(outs, axis=2), full, rtol=0, atol=1e-12))
+    True
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 value_dim: Optional[int] = None, dtype: DTypeLike = np.float32, *, grow: bool = False) -> None:
+        self.batch = _check_size(batch, "batch", 1)
+        self.num_kv_heads = _check_size(num_kv_heads, "num_kv_heads", 1)
+        cap = _check_size(max_len, "max_len", 0)
+        self.head_dim = _check_size(head_dim, "head_dim", 1)
+        self.value_dim = self.head_dim if value_dim is None else _check_size(value_dim, "value_dim", 1)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        if dt not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        self.dtype = dt
+        if not isinstance(grow, (bool, np.bool_)):
+            raise TypeError(f"grow must be a bool, got {type(grow).__name__}")
+        self.grow = bool(grow)
+        # zeros, not empty: the pages are only touched when written, and a key_lengths-bounded read
+        # never sees them anyway, but a view of the whole buffer holds no garbage
+        self._k = np.zeros((self.batch, self.num_kv_heads, cap, self.head_dim), dtype=dt)
+        self._v = np.zeros((self.batch, self.num_kv_heads, cap, self.value_dim), dtype=dt)
+        self._lengths = np.zeros(self.batch, dtype=np.int64)
+
+    # -------------------------------------------------------------- state
+
+    @property
+    def max_len(self) -> int:
+        """The capacity: positions allocated per sequence."""
+        return int(self._k.shape[2])
+
+    @property
+    def lengths(self) -> Array:
+        """Valid positions per sequence, int64 (batch,) (a copy)."""
+        return self._lengths.copy()
+
+    def _valid(self, a: Array) -> Array:
+        view = a[:, :, :int(self._lengths.max(initial=0))]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def keys(self) -> Array:
+        """Read-only view (batch, num_kv_heads, max(lengths), head_dim) of the cached keys.
+
+        Sequence b's keys are ``keys[b, :, :lengths[b]]``; past that, the rows are not valid.
+        """
+        return self._valid(self._k)
+
+    @property
+    def values(self) -> Array:
+        """Read-only view (batch, num_kv_heads, max(lengths), value_dim) of the cached values."""
+        return self._valid(self._v)
+
+    def reset(self) -> None:
+        """Forget every position (lengths = 0), keeping the memory."""
+        self._lengths[:] = 0
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, max_len={self.max_len}, "
+                f"head_dim={self.head_dim}, value_dim={self.value_dim}, dtype={self.dtype.name}, "
+                f"grow={self.grow}; lengths={self._lengths.tolist()})")
+
+    # -------------------------------------------------------------- append
+
+    def _counts(self, counts: Optional[ArrayLike], n: int, name: str) -> Array:
+        if counts is None:
+            return np.full(self.batch, n, dtype=np.int64)
+        c = _as_array(counts, name)
+        if c.dtype == np.bool_ or c.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be integers, got dtype {c.dtype}")
+        try:
+            c = np.broadcast_to(c, (self.batch,))
+        except ValueError:
+            raise ValueError(f"{name} of shape {c.shape} does not broadcast to (batch,) = ({self.batch},)") from None
+        if c.size and (c.min() < 0 or c.max() > n):
+            raise ValueError(f"{name} must be in [0, n={n}] (the new rows given), got values in "
+                             f"[{c.min()}, {c.max()}]")
+        return c.astype(np.int64)
+
+    def _check_new(self, a: Any, name: str, width: int, what: str) -> Array:
+        a = _as_array(a, name)
+        want = f"(batch, num_kv_heads, n, {what}) = ({self.batch}, {self.num_kv_heads}, n, {width})"
+        if a.ndim != 4 or a.shape[0] != self.batch or a.shape[1] != self.num_kv_heads or a.shape[3] != width:
+            raise ValueError(f"{name} must have shape {want}, got {a.shape}")
+        if a.dtype.kind != "f":
+            raise TypeError(f"{name} has dtype {a.dtype}; the cache holds {self.dtype} (pass floats)")
+        if not np.can_cast(a.dtype, self.dtype, casting="safe"):
+            raise TypeError(f"{name} has dtype {a.dtype}, which does not fit the {self.dtype} cache without "
+                            f"rounding: pass {name}.astype(np.{self.dtype.name}), or make the cache "
+                            f"{a.dtype}")
+        return a
+
+    def append(self, key: ArrayLike, value: ArrayLike, counts: Optional[ArrayLike] = None) -> None:
+        """Write new positions at the end of each sequence, in place.
+
+        Parameters
+        ----------
+        key : array_like, (batch, num_kv_heads, n, head_dim)
+        value : array_like, (batch, num_kv_heads, n, value_dim)
+            n new positions per sequence (n = 1 when decoding one token). Floats that fit the
+            cache's dtype without rounding (float16/float32 into a float32 cache; any float into
+            a float64 one).
+        counts : array_like of int, (batch,), optional
+            Ragged appends: sequence b takes only its first ``counts[b]`` new rows (0 <= counts[b]
+            <= n; the rest, e.g. padding, is ignored), written at positions ``lengths[b] ..
+            lengths[b] + counts[b] - 1``. Default: all n rows for every sequence.
+
+        Raises
+        ------
+        ValueError
+            A shape that does not match the cache (naming it), counts out of range, or, without
+            ``grow``, a sequence that would pass `max_len`. Nothing is written then.
+        TypeError
+            A non-float dtype, or one that does not fit the cache's dtype.
+        """
+        k = self._check_new(key, "key", self.head_dim, "head_dim")
+        v = self._check_new(value, "value", self.value_dim, "value_dim")
+        n = k.shape[2]
+        if v.shape[2] != n:
+            raise ValueError(f"key {k.shape} and value {v.shape} must have the same number of new positions n "
+                             f"(dim 2)")
+        c = self._counts(counts, n, "counts")
+        new = self._lengths + c
+        need = int(new.max(initial=0))
+        if need > self.max_len:
+            if not self.grow:
+                b = int(np.argmax(new))
+                raise ValueError(f"KVCache overflow: sequence {b} has {self._lengths[b]} positions and "
+                                 f"{c[b]} more would pass max_len={self.max_len}; create the cache with a "
+                                 f"larger max_len, or with grow=True to reallocate by doubling")
+            self._reserve(max(2 * self.max_len, need))
+        lo = self._lengths
+        if c.min(initial=0) == c.max(initial=0) and lo.min(initial=0) == lo.max(initial=0):
+            l0, m = int(lo[0]), int(c[0])          # one block for the whole batch (the usual decode step)
+            self._k[:, :, l0:l0 + m] = k[:, :, :m]
+            self._v[:, :, l0:l0 + m] = v[:, :, :m]
+        else:
+            for b in range(self.batch):
+                l0, m = int(lo[b]), int(c[b])
+                self._k[b, :, l0:l0 + m] = k[b, :, :m]
+                self._v[b, :, l0:l0 + m] = v[b, :, :m]
+        self._lengths = new
+
+    def _reserve(self, capacity: int) -> None:
+        used = int(self._lengths.max(initial=0))
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            grown = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], dtype=self.dtype)
+            grown[:, :, :used] = old[:, :, :used]
+            setattr(self, name, grown)
+
+    # -------------------------------------------------------------- attend
+
+    def attend(self, query: ArrayLike, *, counts: Optional[ArrayLike] = None, is_causal: bool = True,
+               alignment: str = "bottom_right", **options: Any) -> Union[Array, Tuple[Array, Array]]:
+        """Attention of `query` to the cached keys and values, read in place.
+
+        ``scaled_dot_product_attention(query, keys, values, is_causal=True,
+        alignment="bottom_right", key_lengths=lengths, enable_gqa=Hq != num_kv_heads, **options)``
+        on views of the cache (no copy): query row i of sequence b sits at position
+        ``lengths[b] - n + i``, i.e. the n queries are the last n cached positions (append their
+        keys and values first), and each sees the positions up to its own.
+
+        Parameters
+        ----------
+        query : array_like, (batch, Hq, n, head_dim)
+            Hq a multiple of num_kv_heads. Its dtype must not be wider than the cache's (a float64
+            query on a float32 cache would convert the whole cache on every call): TypeError.
+        counts : array_like of int, (batch,), optional
+            Ragged queries, as :meth:`append`'s counts: sequence b has ``counts[b]`` valid rows
+            (the first ones), the last counts[b] positions of that sequence; its other rows get
+            zeros (lse -inf). Each sequence is then attended on its own (one call per sequence,
+            still on views).
+        is_causal, alignment : as in scaled_dot_product_attention
+            Defaults: causal, bottom-right.
+        **options
+            Any other option of :func:`selfattn.scaled_dot_product_attention`: ``scale``,
+            ``window_size``, ``alibi_slopes``, ``softcap``, ``return_lse``, ``num_threads``,
+            ``attn_mask`` (broadcastable to (batch, Hq, n, max(lengths)), the width of
+            :attr:`keys`). ``key_lengths`` and ``enable_gqa`` are set by the cache.
+
+        Returns
+        -------
+        out : ndarray, (batch, Hq, n, value_dim), or (out, lse) with ``return_lse=True``.
+        """
+        for name in ("key_lengths", "enable_gqa"):
+            if name in options:
+                raise TypeError(f"KVCache.attend sets {name} itself (from the cache); do not pass it")
+        q = _as_array(query, "query")
+        if q.ndim != 4 or q.shape[0] != self.batch or q.shape[3] != self.head_dim:
+            raise ValueError(f"query must have shape (batch, Hq, n, head_dim) = ({self.batch}, Hq, n, "
+                             f"{self.head_dim}), got {q.shape}")
+        Hq = q.shape[1]
+        if Hq % self.num_kv_heads:
+            raise ValueError(f"query heads Hq={Hq} (query {q.shape}) must be a multiple of the cache's "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.dtype == np.float32 and q.dtype == np.float64:
+            raise TypeError("query is float64 but the cache holds float32: the cache would be converted to "
+                            "float64 on every call; pass query.astype(np.float32), or use a float64 cache")
+        n = q.shape[2]
+        kw = dict(options, is_causal=is_causal, alignment=alignment, enable_gqa=Hq != self.num_kv_heads)
+        S = int(self._lengths.max(initial=0))
+        k, v = self._k[:, :, :S], self._v[:, :, :S]
+        if counts is None:
+            return scaled_dot_product_attention(q, k, v, key_lengths=self._lengths, **kw)
+        c = self._counts(counts, n, "counts")
+        if np.any(c > self._lengths):
+            b = int(np.argmax(c - self._lengths))
+            raise ValueError(f"counts[{b}]={c[b]} query rows but sequence {b} holds only {self._lengths[b]} "
+                             f"positions")
+        return self._attend_ragged(q, k, v, c, kw)
+
+    def _attend_ragged(self, q: Array, k: Array, v: Array, c: Array,
+                       kw: dict) -> Union[Array, Tuple[Array, Array]]:
+        mask = kw.pop("attn_mask", None)
+        slopes = kw.pop("alibi_slopes", None)
+        return_lse = bool(kw.pop("return_lse", False))
+        if mask is not None:
+            mask = _as_array(mask, "attn_mask")
+        if slopes is not None:
+            slopes = _as_array(slopes, "alibi_slopes")
+        # validate everything once, on the whole problem, before any work
+        scaled_dot_product_attention(q[..., :0], k[..., :0], v[..., :0], attn_mask=mask, alibi_slopes=slopes,
+                                     key_lengths=self._lengths, **kw)
+        def pick(a: Optional[Array], lead: int, b: int) -> Optional[Array]:
+            # batch entry b of an option that broadcasts against (batch, ...), its dims kept
+            if a is None or a.ndim < lead or a.shape[a.ndim - lead] == 1:
+                return a
+            return a[(slice(None),) * (a.ndim - lead) + (slice(b, b + 1),)]
+
+        parts = []
+        for b in range(self.batch):
+            m = pick(mask, 4, b)
+            if m is not None and m.shape[-2] != 1:
+                m = m[..., :c[b], :]
+            parts.append(scaled_dot_product_attention(q[b:b + 1, :, :c[b]], k[b:b + 1], v[b:b + 1], attn_mask=m,
+                                                      alibi_slopes=pick(slopes, 2, b), return_lse=True,
+                                                      key_lengths=self._lengths[b:b + 1], **kw))
+        dt = parts[0][0].dtype
+        out = np.zeros(q.shape[:3] + (self.value_dim,), dtype=dt)
+        lse = np.full(q.shape[:3], -np.inf, dtype=dt)
+        for b, (o, l) in enumerate(parts):
+            out[b:b + 1, :, :c[b]] = o
+            lse[b:b + 1, :, :c[b]] = l
+        return (out, lse) if return_lse else out

@@ -1,0 +1,139 @@
+"""Merging attention computed over disjoint key sets: :func:`merge_attention`.
+
+Attention over keys K = K_1 ∪ ... ∪ K_n (disjoint) is a weighted mean of the attentions over
+each part. With ``(out_i, lse_i) = scaled_dot_product_attention(q, k_i, v_i, return_lse=True)``::
+
+    lse = log sum_i exp(lse_i)                    (computed stably: m + log sum_i exp(lse_i - m),
+                                                   m = max_i lse_i)
+    out = sum_i exp(lse_i - lse) * out_i
+
+because softmax over the union renormalises each part's softmax by its share exp(lse_i - lse) of
+the total. The merge is exact (up to rounding) and associative, so parts can be merged in any
+grouping: split-K attention, sequence parallelism (:mod:`selfattn.dask`), a KV cache split in
+pages, or the same query attending to several memories.
+"""
+
+from typing import Any, Sequence, Tuple, Union
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = ["merge_attention"]
+
+Array = NDArray[Any]
+
+
+def _parts(x: Union[ArrayLike, Sequence[ArrayLike]], name: str) -> list:
+    """The parts of `x` as a list of arrays (an array's first axis, or a sequence's items)."""
+    if isinstance(x, np.ndarray) or not isinstance(x, (list, tuple)):
+        try:
+            a = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} cannot be read as an array: {exc}") from None
+        if a.ndim == 0:
+            raise ValueError(f"{name} must be an array with the parts on its first axis, or a sequence "
+                             f"of arrays, got a scalar")
+        return list(a)
+    parts = []
+    for i, p in enumerate(x):
+        try:
+            parts.append(np.asarray(p))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}[{i}] cannot be read as an array: {exc}") from None
+    return parts
+
+
+def _check_dtype(a: Array, name: str) -> None:
+    if a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} has dtype {a.dtype}; merge_attention takes float32 or float64 "
+                        f"(the dtype scaled_dot_product_attention returns)")
+
+
+def merge_attention(outs: Union[ArrayLike, Sequence[ArrayLike]],
+                    lses: Union[ArrayLike, Sequence[ArrayLike]]) -> Tuple[Array, Array]:
+    """Combine attentions over disjoint key sets into the attention over their union.
+
+    Given ``(out_i, lse_i)`` from ``scaled_dot_product_attention(q, k_i, v_i, return_lse=True)``
+    on the same queries and disjoint key/value parts ``i = 1..n`` (with the same options, each
+    part keeping its keys' positions), returns what a single call over all the keys gives::
+
+        lse = log(sum_i exp(lse_i))               stable: m + log(sum_i exp(lse_i - m)), m = max_i lse_i
+        out = sum_i exp(lse_i - lse) * out_i
+
+    A part whose row is fully masked (``lse_i = -inf``, ``out_i = 0``) gets weight 0 in that row;
+    a row masked in every part gives zeros and ``lse = -inf``, like a fully masked row of one
+    call, without NaN or warnings. The merge is associative (up to rounding): parts may be merged
+    in any grouping, e.g. a tree.
+
+    Parameters
+    ----------
+    outs : array_like (n, ..., L, Ev), or a sequence of n arrays (..., L, Ev)
+        The parts' outputs.
+    lses : array_like (n, ..., L), or a sequence of n arrays (..., L)
+        The parts' log-sum-exps, ``lses[i].shape == outs[i].shape[:-1]``.
+
+    Returns
+    -------
+    out : ndarray, (..., L, Ev)
+    lse : ndarray, (..., L)
+        In the dtype of the inputs (float32 or float64). The arithmetic runs in float64 either
+        way and is rounded once at the end. The inputs are never modified.
+
+    Raises
+    ------
+    ValueError
+        No parts (n = 0), a different number of outs and lses, shapes that differ between
+        the parts, or a lse that does not match its out's shape without the last dim.
+    TypeError
+        An input that is not float32/float64, or dtypes that differ between the parts.
+
+    Examples
+    --------
+    Attention over 10 keys, as the merge of attentions over keys 0..5 and 6..9:
+
+    >>> import numpy as np
+    >>> import selfattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 4, 10, 8))
+    >>> full = selfattn.scaled_dot_product_attention(q, k, v)
+    >>> a = selfattn.scaled_dot_product_attention(q, k[..., :6, :], v[..., :6, :], return_lse=True)
+    >>> b = selfattn.scaled_dot_product_attention(q, k[..., 6:, :], v[..., 6:, :], return_lse=True)
+    >>> out, lse = selfattn.merge_attention([a[0], b[0]], [a[1], b[1]])
+    >>> bool(np.allclose(out, full, rtol=0, atol=1e-12))
+    True
+    """
+    out_parts, lse_parts = _parts(outs, "outs"), _parts(lses, "lses")
+    if not out_parts:
+        raise ValueError("merge_attention needs at least one part: outs is empty")
+    if len(out_parts) != len(lse_parts):
+        raise ValueError(f"outs has {len(out_parts)} parts but lses has {len(lse_parts)}")
+    shape = out_parts[0].shape
+    if len(shape) < 2:
+        raise ValueError(f"each part of outs must have at least 2 dims (..., L, Ev), got shape {shape}")
+    for name, parts, want in (("outs", out_parts, shape), ("lses", lse_parts, shape[:-1])):
+        for i, p in enumerate(parts):
+            _check_dtype(p, f"{name}[{i}]")
+            if p.shape != want:
+                what = "outs[0]" if name == "outs" else "outs[0].shape[:-1]"
+                raise ValueError(f"{name}[{i}] has shape {p.shape}, expected {want} ({what}); every part "
+                                 f"covers the same queries")
+    dtype = out_parts[0].dtype
+    for name, parts in (("outs", out_parts), ("lses", lse_parts)):
+        for i, p in enumerate(parts):
+            if p.dtype != dtype:
+                raise TypeError(f"{name}[{i}] has dtype {p.dtype} but outs[0] has {dtype}: merge parts "
+                                f"of one dtype")
+
+    lse_all = np.stack([p.astype(np.float64) for p in lse_parts])       # (n, ..., L), small
+    m = lse_all.max(axis=0)
+    dead = m == -np.inf                                                # masked in every part
+    m_safe = np.where(dead, 0.0, m)
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = np.exp(lse_all - m_safe)                                   # -inf parts -> 0
+        total = w.sum(axis=0)
+        lse = np.where(dead, -np.inf, m_safe + np.log(np.where(dead, 1.0, total)))
+        w = np.where(dead, 0.0, w / np.where(dead, 1.0, total))       # exp(lse_i - lse)
+    out = np.zeros(shape, dtype=np.float64)
+    for wi, oi in zip(w, out_parts):
+        out += wi[..., None] * oi                                      # oi promoted, not copied
+    return out.astype(dtype, copy=False), lse.astype(dtype, copy=False)
