@@ -43,7 +43,7 @@ def available_isas() -> List[str]:
 # The path a call runs = the instruction set forced in the calling context (use_isa, a
 # ContextVar: per thread, per asyncio task), else the process default (SELFATTN_ISA at import,
 # then set_isa). The engine (_core) keeps one instruction set in a module global that each call
-# reads; _IsaGate sets that global to the call's path and keeps it there while any call on that
+# reads; the gate below sets that global to the call's path and keeps it there while any call on that
 # path is in flight: calls on the same path run together, a call on another path waits for
 # them to finish (and, once it waits, later calls on the busy path wait behind it).
 
@@ -67,55 +67,78 @@ def _effective_isa() -> str:
     return _default_isa if forced is None else forced
 
 
-class _IsaGate:
-    """Keeps the engine's instruction-set global equal to the path of every call in flight."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._current = _core.get_isa()
-        self._active = 0                    # calls in flight, all on self._current
-        self._waiting = 0                   # calls waiting for another path
-
-    def enter(self, isa: str) -> None:
-        with self._cond:
-            if not (self._active == 0 or (self._current == isa and self._waiting == 0)):
-                self._waiting += 1
-                try:
-                    while not (self._active == 0 or (self._current == isa and self._waiting == 0)):
-                        self._cond.wait()
-                finally:
-                    self._waiting -= 1
-                    self._cond.notify_all()
-            if self._current != isa:
-                _core.set_isa(isa)
-                self._current = isa
-            self._active += 1
-
-    def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            if self._active == 0:
-                self._cond.notify_all()
-
-    def sync_if_idle(self, isa: str) -> None:
-        """Set the engine's global now if no call is in flight (code that calls selfattn._core
-        directly from one thread then runs the path that the public functions would)."""
-        with self._cond:
-            if self._active == 0 and self._current != isa:
-                _core.set_isa(isa)
-                self._current = isa
+# The gate's state, under _gate_lock: the engine's path, the calls in flight on it, the calls
+# waiting for another one. Module globals and a bare lock: the fast path (the path is already
+# the engine's and nobody waits) costs two lock round trips per call, no Python-level Condition.
+_gate_lock = threading.Lock()
+_gate_cond = threading.Condition(_gate_lock)
+_gate_current: str = _core.get_isa()
+_gate_active = 0
+_gate_waiting = 0
+_gate_waiting_for: Dict[str, int] = {}
 
 
-_gate = _IsaGate()
+def _gate_enter() -> None:
+    """Admit a call on the calling context's path; pair with _gate_leave() in a finally."""
+    global _gate_active
+    forced = _forced_isa.get()
+    isa = _default_isa if forced is None else forced
+    with _gate_lock:
+        if _gate_current == isa and _gate_waiting == 0:
+            _gate_active += 1
+            return
+    _gate_enter_slow(isa)
+
+
+def _gate_enter_slow(isa: str) -> None:
+    global _gate_active, _gate_waiting, _gate_current
+
+    def admitted() -> bool:   # idle, or on this path with nobody waiting for another one
+        return _gate_active == 0 or (_gate_current == isa and _gate_waiting == _gate_waiting_for.get(isa, 0))
+
+    with _gate_cond:
+        if not admitted():
+            _gate_waiting += 1
+            _gate_waiting_for[isa] = _gate_waiting_for.get(isa, 0) + 1
+            try:
+                while not admitted():
+                    _gate_cond.wait()
+            finally:
+                _gate_waiting -= 1
+                _gate_waiting_for[isa] -= 1
+                _gate_cond.notify_all()
+        if _gate_current != isa:
+            _core.set_isa(isa)
+            _gate_current = isa
+        _gate_active += 1
+
+
+def _gate_leave() -> None:
+    global _gate_active
+    with _gate_lock:
+        _gate_active -= 1
+        if _gate_active == 0 and _gate_waiting:
+            _gate_cond.notify_all()
+
+
+def _gate_sync_if_idle() -> None:
+    """Set the engine's path to the calling context's now if no call is in flight: code that calls
+    selfattn._core directly from one thread then runs the path the public functions would."""
+    global _gate_current
+    isa = _effective_isa()
+    with _gate_lock:
+        if _gate_active == 0 and _gate_current != isa:
+            _core.set_isa(isa)
+            _gate_current = isa
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """fn(*args, **kwargs), an engine function (_core.sdpa, _core.varlen), on the calling context's path."""
-    _gate.enter(_effective_isa())
+    _gate_enter()
     try:
         return fn(*args, **kwargs)
     finally:
-        _gate.leave()
+        _gate_leave()
 
 
 def set_isa(name: str) -> str:
@@ -143,7 +166,7 @@ def set_isa(name: str) -> str:
     """
     global _default_isa
     prev, _default_isa = _default_isa, _checked_isa(name)
-    _gate.sync_if_idle(_effective_isa())
+    _gate_sync_if_idle()
     return prev
 
 
@@ -262,10 +285,14 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     >>> lse.shape
     (2, 4, 16)
     """
-    return _run(_core.sdpa, query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
-                window_size=window_size, alignment=alignment, key_lengths=key_lengths,
-                alibi_slopes=alibi_slopes, softcap=softcap)
+    _gate_enter()
+    try:
+        return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                          enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
+                          window_size=window_size, alignment=alignment, key_lengths=key_lengths,
+                          alibi_slopes=alibi_slopes, softcap=softcap)
+    finally:
+        _gate_leave()
 
 
 def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seqlens_q: ArrayLike,
@@ -310,9 +337,13 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
     ...                                                                    is_causal=True)))
     True
     """
-    return _run(_core.varlen, query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
-                window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
-                enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
+    _gate_enter()
+    try:
+        return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
+                            window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
+                            softcap=softcap, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
+    finally:
+        _gate_leave()
 
 
 def _check_heads(value, name):
@@ -582,7 +613,7 @@ def use_isa(name: str) -> Iterator[None]:
     (True, 'generic')
     """
     token = _forced_isa.set(_checked_isa(name))
-    _gate.sync_if_idle(name)
+    _gate_sync_if_idle()
     try:
         yield
     finally:
@@ -590,4 +621,4 @@ def use_isa(name: str) -> Iterator[None]:
             _forced_isa.reset(token)
         except ValueError:       # left in another context than it was entered (a generator moved between tasks)
             _forced_isa.set(token.old_value if token.old_value is not contextvars.Token.MISSING else None)
-        _gate.sync_if_idle(_effective_isa())
+        _gate_sync_if_idle()

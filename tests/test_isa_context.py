@@ -259,3 +259,34 @@ def test_a_call_on_another_path_is_not_starved_by_busy_threads():
         t.join(timeout=90)
     assert not f.is_alive() and ran == [other] * 5, f"the forced thread got {ran} (starved?)"
     assert not errors, errors[:3]
+
+
+@needs_two
+def test_many_threads_switching_paths_call_by_call():
+    """Six threads, each changing its path every call (the gate's slow path all the time): every
+    call runs on its own path, nothing hangs, and the engine is left on the default."""
+    fp = _fingerprints()
+    q, k, v = _inputs()
+    errors = []
+    start = threading.Barrier(6)
+
+    def worker(t):
+        try:
+            start.wait(timeout=60)
+            for i in range(12):
+                name = ISAS[(t + i) % len(ISAS)]
+                with selfattn.use_isa(name):
+                    ran = _which(sdpa(q, k, v, num_threads=1 + (t + i) % 2).tobytes(), fp)
+                if ran != [name]:
+                    errors.append(f"thread {t} call {i}: forced {name}, ran {ran}")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(f"thread {t}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads), "a thread hung"
+    assert not errors, errors[:5]
+    assert _which(sdpa(q, k, v, num_threads=1).tobytes(), fp) == [DEFAULT]
