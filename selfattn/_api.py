@@ -68,9 +68,11 @@ def _effective_isa() -> str:
 
 
 # The gate's state, under _gate_lock: the engine's path, the calls in flight on it, the calls
-# waiting for another one. Module globals and a bare lock: the fast path (the path is already
-# the engine's and nobody waits) costs two lock round trips per call, no Python-level Condition.
+# waiting for another one. Module globals and a bare lock taken with its bound methods (no
+# with-statement): the fast path (the path is already the engine's and nobody waits) costs two
+# lock round trips per call, a few hundred ns; only the slow path uses the Condition.
 _gate_lock = threading.Lock()
+_gate_acquire, _gate_release = _gate_lock.acquire, _gate_lock.release
 _gate_cond = threading.Condition(_gate_lock)
 _gate_current: str = _core.get_isa()
 _gate_active = 0
@@ -83,10 +85,12 @@ def _gate_enter() -> None:
     global _gate_active
     forced = _forced_isa.get()
     isa = _default_isa if forced is None else forced
-    with _gate_lock:
-        if _gate_current == isa and _gate_waiting == 0:
-            _gate_active += 1
-            return
+    _gate_acquire()
+    if _gate_current == isa and _gate_waiting == 0:
+        _gate_active += 1
+        _gate_release()
+        return
+    _gate_release()
     _gate_enter_slow(isa)
 
 
@@ -115,10 +119,15 @@ def _gate_enter_slow(isa: str) -> None:
 
 def _gate_leave() -> None:
     global _gate_active
-    with _gate_lock:
-        _gate_active -= 1
-        if _gate_active == 0 and _gate_waiting:
+    _gate_acquire()
+    _gate_active -= 1
+    if _gate_active == 0 and _gate_waiting:
+        try:
             _gate_cond.notify_all()
+        finally:
+            _gate_release()
+        return
+    _gate_release()
 
 
 def _gate_sync_if_idle() -> None:
