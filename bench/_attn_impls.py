@@ -1,4 +1,4 @@
-"""Shared helpers of the selfattn benchmarks (bench/test_bench_attention.py and bench/ratios.py).
+"""Shared helpers of the selfattn benchmarks (bench/test_bench_*.py, bench/ratios.py, bench/structured.py).
 
 Not a test module and not part of the installed package: the benchmark files put
 bench/ on sys.path (pytest does it for conftest-rooted test files, a script gets
@@ -107,6 +107,105 @@ def make_torch_sdpa(q, k, v, causal=False, scale=None):
     return run
 
 
+# ---------------------------------------------------------------------------- model shapes
+
+# Attention shapes of real models, each against torch SDPA given the equivalent arguments
+# (ratios.py --group models, bench/test_bench_models.py). H is the query heads, Hkv the key/value
+# heads (grouped-query attention when fewer), S the keys (cross-attention when != L),
+# key_lengths the valid keys of each batch entry (padding: selfattn's key_lengths, torch's
+# bool key-padding mask). "quick" replaces some sizes for ratios.py --quick.
+MODEL_CASES = [
+    dict(name="BERT-base", B=8, H=12, L=512, E=64,
+         key_lengths=(512, 512, 448, 384, 320, 256, 200, 128), quick=dict(B=2, key_lengths=(512, 300))),
+    dict(name="Whisper-base encoder", B=1, H=8, L=1500, E=64),           # d_model 512 = 8 heads x 64
+    dict(name="ViT-B/16", B=32, H=12, L=197, E=64, quick=dict(B=4)),      # 196 patches + [CLS]
+    dict(name="Llama prefill GQA", B=1, H=32, Hkv=8, L=2048, E=128, causal=True, quick=dict(L=512)),
+    dict(name="cross-attn L<<S", B=4, H=8, L=64, S=4096, E=64, quick=dict(S=1024)),
+    dict(name="cross-attn L>>S", B=4, H=8, L=4096, S=64, E=64, quick=dict(L=1024)),
+    dict(name="long context", B=1, H=8, L=8192, E=64, causal=True, quick=dict(L=2048)),
+    dict(name="fp64", B=1, H=8, L=1024, E=64, dtype="float64", quick=dict(L=512)),
+]
+
+
+def model_case(case, quick=False, tiny=False):
+    """The case's sizes as a flat dict (B, H, Hkv, L, S, E, dtype, causal, key_lengths or None):
+    as listed, with its "quick" sizes, or tiny (a smoke run: every size <= 128, 2 batch entries,
+    the same structure)."""
+    c = dict(case)
+    quick_sizes = c.pop("quick", {})
+    if quick or tiny:
+        c.update(quick_sizes)
+    c.setdefault("Hkv", c["H"])
+    c.setdefault("S", c["L"])
+    c.setdefault("causal", False)
+    c.setdefault("key_lengths", None)
+    c["dtype"] = np.dtype(c.get("dtype", "float32"))
+    if tiny:
+        group = c["H"] // c["Hkv"]
+        c["Hkv"] = min(c["Hkv"], 2)
+        c["H"] = c["Hkv"] * min(group, 2)
+        c["L"], c["S"], c["B"] = min(c["L"], 96 if c["L"] >= c["S"] else 16), min(c["S"], 96), min(c["B"], 2)
+        if c["key_lengths"] is not None:
+            c["key_lengths"] = tuple(max(1, kl * c["S"] // case["L"]) for kl in c["key_lengths"][:c["B"]])
+    if c["key_lengths"] is not None:
+        assert len(c["key_lengths"]) == c["B"], c
+    return c
+
+
+def model_label(c):
+    lab = f"B{c['B']} H{c['H']}" + (f"/{c['Hkv']}kv" if c["Hkv"] != c["H"] else "") + f" L{c['L']}"
+    lab += (f" S{c['S']}" if c["S"] != c["L"] else "") + f" E{c['E']}"
+    return lab + (" causal" if c["causal"] else "") + (" padded" if c["key_lengths"] is not None else "")
+
+
+def model_problem(c, seed=0):
+    """(q, k, v, selfattn kwargs, torch kwargs as NumPy, useful FLOPs) for model_case(...) c.
+
+    torch's kwargs hold NumPy arrays (the bool mask); make_torch_call wraps them. FLOPs count
+    the keys each query may see: the valid keys of its batch entry, half the square if causal."""
+    rng = np.random.default_rng(seed)
+    B, H, Hkv, L, S, E, dt = c["B"], c["H"], c["Hkv"], c["L"], c["S"], c["E"], c["dtype"]
+    q = rng.standard_normal((B, H, L, E), dtype=dt)
+    k = rng.standard_normal((B, Hkv, S, E), dtype=dt)
+    v = rng.standard_normal((B, Hkv, S, E), dtype=dt)
+    sa_kw, torch_kw = {"is_causal": c["causal"]}, {"is_causal": c["causal"]}
+    if Hkv != H:
+        sa_kw["enable_gqa"] = torch_kw["enable_gqa"] = True
+    if c["key_lengths"] is not None:
+        kl = np.asarray(c["key_lengths"], dtype=np.int64)
+        sa_kw["key_lengths"] = kl                                                    # (B,)
+        torch_kw["attn_mask"] = (np.arange(S)[None, :] < kl[:, None])[:, None, None, :]   # (B, 1, 1, S) bool
+        flops = 2.0 * H * L * (2 * E) * float(kl.sum())
+    else:
+        flops = attn_flops(B, H, L, S, E, c["causal"])
+    return q, k, v, sa_kw, torch_kw, flops
+
+
+def make_selfattn_call(q, k, v, kw, num_threads=None):
+    import selfattn
+
+    sdpa = selfattn.scaled_dot_product_attention
+    return lambda: sdpa(q, k, v, num_threads=num_threads, **kw)
+
+
+def make_torch_call(q, k, v, kw):
+    """torch SDPA on zero-copy views of q, k, v (and of a NumPy mask in kw); None without torch."""
+    torch = try_import_torch()
+    if torch is None:
+        return None
+    F = torch.nn.functional
+    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, k, v))
+    tkw = {n: torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x for n, x in kw.items()}
+
+    def run():
+        with torch.inference_mode():
+            return F.scaled_dot_product_attention(tq, tk, tv, **tkw)
+
+    return run
+
+
+# ---------------------------------------------------------------------------- the machine
+
 def cpu_model():
     """The CPU's model name (Linux /proc/cpuinfo), else what platform knows: say it with every figure."""
     try:
@@ -118,6 +217,40 @@ def cpu_model():
         pass
     import platform
     return platform.processor() or platform.machine()
+
+
+def blas_info():
+    """NumPy's BLAS as threadpoolctl sees it: one line per library (internal_api, version,
+    architecture or core name, threads), or why it cannot tell."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "(threadpoolctl not installed: BLAS unknown, its threads not pinned)"
+    parts = []
+    for d in threadpool_info():
+        if d.get("user_api") == "blas":
+            arch = d.get("architecture") or d.get("corename") or d.get("threading_layer") or "?"
+            parts.append(f"{d.get('internal_api')} {d.get('version')} arch={arch} threads={d.get('num_threads')}")
+    return "; ".join(parts) or "?"
+
+
+def torch_cpu_capability(torch):
+    """The vector ISA torch's CPU kernels dispatch to (AVX512, AVX2, DEFAULT...), '?' if unknown."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # old torch
+        return "?"
+
+
+def torch_blas(torch):
+    """BLAS_INFO of torch's build (mkl, openblas...), '?' if unknown."""
+    try:
+        import re
+
+        m = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+        return m.group(1) if m else "?"
+    except Exception:
+        return "?"
 
 
 def default_threads():

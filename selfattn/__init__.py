@@ -36,7 +36,8 @@ Beside the kernel, one module per concern:
                           key chunks merged by merge_attention (sequence parallelism). Not imported
                           by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
-SELFATTN_ISA=<avx2|generic> forces a lower path; selfattn.show_config() prints what runs.
+SELFATTN_ISA=<avx2|generic> (at import) and set_isa choose the path of the process; use_isa forces one for
+a block in the calling thread or task only (a ContextVar); selfattn.show_config() prints what runs.
 
 Documentation: help(selfattn.attend), help(selfattn.scaled_dot_product_attention), or the API
 reference built from these docstrings (docs/, Sphinx). Command line: selfattn --help

@@ -1,7 +1,9 @@
 """The public functions: thin Python over the Cython engine (_core)."""
 
 import contextlib
+import contextvars
 import sys
+import threading
 from typing import IO, Any, Dict, Iterator, List, Literal, Optional, Tuple, Union, overload
 
 import numpy as np
@@ -36,20 +38,145 @@ def available_isas() -> List[str]:
     return list(_core.available_isas())
 
 
+# ---------------------------------------------------------------- which instruction set runs
+#
+# The path a call runs = the instruction set forced in the calling context (use_isa, a
+# ContextVar: per thread, per asyncio task), else the process default (SELFATTN_ISA at import,
+# then set_isa). The engine (_core) keeps one instruction set in a module global that each call
+# reads; the gate below sets that global to the call's path and keeps it there while any call on that
+# path is in flight: calls on the same path run together, a call on another path waits for
+# them to finish (and, once it waits, later calls on the busy path wait behind it).
+
+_forced_isa: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("selfattn_forced_isa", default=None)
+_default_isa: str = _core.get_isa()        # the engine applied SELFATTN_ISA when it was imported
+
+
+def _checked_isa(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, one of {_core.ISA_NAMES}, got {type(name).__name__}")
+    if name not in _core.ISA_NAMES:
+        raise ValueError(f"unknown instruction set {name!r}; choose one of {_core.ISA_NAMES}")
+    if name not in _core.available_isas():
+        raise ValueError(f"instruction set {name!r} is not available on this CPU/build "
+                         f"(available: {', '.join(_core.available_isas())})")
+    return name
+
+
+def _effective_isa() -> str:
+    forced = _forced_isa.get()
+    return _default_isa if forced is None else forced
+
+
+# The gate's state, under _gate_lock: the engine's path, the calls in flight on it, the calls
+# waiting for another one. Module globals and a bare lock taken with its bound methods (no
+# with-statement): the fast path (the path is already the engine's and nobody waits) costs two
+# lock round trips per call, a few hundred ns; only the slow path uses the Condition.
+_gate_lock = threading.Lock()
+_gate_acquire, _gate_release = _gate_lock.acquire, _gate_lock.release
+_gate_cond = threading.Condition(_gate_lock)
+_gate_current: str = _core.get_isa()
+_gate_active = 0
+_gate_waiting = 0
+_gate_waiting_for: Dict[str, int] = {}
+
+
+def _gate_enter() -> None:
+    """Admit a call on the calling context's path; pair with _gate_leave() in a finally."""
+    global _gate_active
+    forced = _forced_isa.get()
+    isa = _default_isa if forced is None else forced
+    _gate_acquire()
+    if _gate_current == isa and _gate_waiting == 0:
+        _gate_active += 1
+        _gate_release()
+        return
+    _gate_release()
+    _gate_enter_slow(isa)
+
+
+def _gate_enter_slow(isa: str) -> None:
+    global _gate_active, _gate_waiting, _gate_current
+
+    def admitted() -> bool:   # idle, or on this path with nobody waiting for another one
+        return _gate_active == 0 or (_gate_current == isa and _gate_waiting == _gate_waiting_for.get(isa, 0))
+
+    with _gate_cond:
+        if not admitted():
+            _gate_waiting += 1
+            _gate_waiting_for[isa] = _gate_waiting_for.get(isa, 0) + 1
+            try:
+                while not admitted():
+                    _gate_cond.wait()
+            finally:
+                _gate_waiting -= 1
+                _gate_waiting_for[isa] -= 1
+                _gate_cond.notify_all()
+        if _gate_current != isa:
+            _core.set_isa(isa)
+            _gate_current = isa
+        _gate_active += 1
+
+
+def _gate_leave() -> None:
+    global _gate_active
+    _gate_acquire()
+    _gate_active -= 1
+    if _gate_active == 0 and _gate_waiting:
+        try:
+            _gate_cond.notify_all()
+        finally:
+            _gate_release()
+        return
+    _gate_release()
+
+
+def _gate_sync_if_idle() -> None:
+    """Set the engine's path to the calling context's now if no call is in flight: code that calls
+    selfattn._core directly from one thread then runs the path the public functions would."""
+    global _gate_current
+    isa = _effective_isa()
+    with _gate_lock:
+        if _gate_active == 0 and _gate_current != isa:
+            _core.set_isa(isa)
+            _gate_current = isa
+
+
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), an engine function (_core.sdpa, _core.varlen), on the calling context's path."""
+    _gate_enter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _gate_leave()
+
+
 def set_isa(name: str) -> str:
-    """Use instruction set `name` ('avx512', 'avx2' or 'generic') for the following calls.
+    """Make instruction set `name` ('avx512', 'avx2' or 'generic') the process-wide default.
+
+    Every thread and task uses the default, except inside a :func:`use_isa` block, which
+    overrides it for its own context. ``SELFATTN_ISA`` sets the default at import.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`available_isas`.
 
     Returns
     -------
     str
-        The name in use before, so that it can be restored (or use :func:`use_isa`).
+        The default before, so that it can be restored (or use :func:`use_isa` for a block).
 
     Raises
     ------
     ValueError
         If `name` is unknown or this CPU cannot run it.
+    TypeError
+        If `name` is not a str.
     """
-    return str(_core.set_isa(name))
+    global _default_isa
+    prev, _default_isa = _default_isa, _checked_isa(name)
+    _gate_sync_if_idle()
+    return prev
 
 
 @overload
@@ -167,10 +294,14 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     >>> lse.shape
     (2, 4, 16)
     """
-    return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                      enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
-                      window_size=window_size, alignment=alignment, key_lengths=key_lengths,
-                      alibi_slopes=alibi_slopes, softcap=softcap)
+    _gate_enter()
+    try:
+        return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                          enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
+                          window_size=window_size, alignment=alignment, key_lengths=key_lengths,
+                          alibi_slopes=alibi_slopes, softcap=softcap)
+    finally:
+        _gate_leave()
 
 
 def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seqlens_q: ArrayLike,
@@ -215,9 +346,13 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
     ...                                                                    is_causal=True)))
     True
     """
-    return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
-                        window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
-                        enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
+    _gate_enter()
+    try:
+        return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
+                            window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
+                            softcap=softcap, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
+    finally:
+        _gate_leave()
 
 
 def _check_heads(value, name):
@@ -378,8 +513,8 @@ def _attend(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk,
         q, k = rope(q, base=float(rope_base)), rope(k, base=float(rope_base))
     out = np.empty(lead + (L, H * Ev), dtype=dt)
     out_heads = np.swapaxes(out.reshape(lead + (L, H, Ev)), -2, -3)
-    _core.sdpa(q, k, v, is_causal=is_causal, scale=scale, num_threads=num_threads, enable_gqa=Hkv != H,
-               window_size=window_size, key_lengths=key_lengths, out=out_heads)
+    _run(_core.sdpa, q, k, v, is_causal=is_causal, scale=scale, num_threads=num_threads, enable_gqa=Hkv != H,
+         window_size=window_size, key_lengths=key_lengths, out=out_heads)
     if "wo" in arrs:
         out = np.matmul(out, arrs["wo"].astype(dt, copy=False))
     if "bo" in arrs:
@@ -393,8 +528,9 @@ def config() -> Dict[str, Any]:
     Returns
     -------
     dict
-        ``version`` (str), ``isa`` (str, in use), ``isas_available`` (list of str, best first),
-        ``openmp`` (bool), ``default_threads`` (int).
+        ``version`` (str), ``isa`` (str: the path the calling thread or task runs now, its
+        :func:`use_isa` if any, else the process default), ``isas_available`` (list of str,
+        best first), ``openmp`` (bool), ``default_threads`` (int).
 
     Examples
     --------
@@ -408,7 +544,7 @@ def config() -> Dict[str, Any]:
     from . import __version__
     return {
         "version": __version__,
-        "isa": _core.get_isa(),
+        "isa": _effective_isa(),
         "isas_available": _core.available_isas(),
         "openmp": _core.openmp_enabled(),
         "default_threads": _core.default_threads(),
@@ -416,7 +552,7 @@ def config() -> Dict[str, Any]:
 
 
 def show_config(file: Optional[IO[str]] = None) -> None:
-    """Print :func:`config` as one line (to `file`, default stdout).
+    """Print :func:`config` as one line (to `file`, default stdout), for the calling context.
 
     Example output: ``selfattn 0.1.0: isa=avx512 (available: avx512, avx2, generic),
     openmp=yes, default_threads=2``.
@@ -429,7 +565,34 @@ def show_config(file: Optional[IO[str]] = None) -> None:
 
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
-    """Force instruction set `name` ('avx512', 'avx2', 'generic') inside a with block.
+    """Force instruction set `name` ('avx512', 'avx2', 'generic') inside a with block, for this context only.
+
+    The choice is held in a :class:`contextvars.ContextVar`: it applies to the calls made by
+    the thread (or asyncio task) that entered the block, and to nothing else. Other threads
+    keep the process default (:func:`set_isa`, ``SELFATTN_ISA``), or their own ``use_isa``,
+    even while this block runs. Blocks nest; leaving one, by an exception too, restores the
+    path that was in force when it was entered.
+
+    A new thread starts from an empty context: it does not inherit the forced path. To
+    run a thread (or a ``concurrent.futures`` job) on the path in force here, run its
+    function in a copy of the current context, ``contextvars.copy_context().run(fn, ...)``;
+    an asyncio task copies its context when it is created, so it inherits the path of the
+    code that created it.
+
+    Calls on different paths at the same moment take turns inside the engine (which holds
+    one path at a time); calls on the same path run concurrently as always.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`available_isas`.
+
+    Raises
+    ------
+    ValueError
+        If `name` is unknown or this CPU cannot run it (on entering the block).
+    TypeError
+        If `name` is not a str.
 
     Examples
     --------
@@ -438,11 +601,33 @@ def use_isa(name: str) -> Iterator[None]:
     >>> q = np.ones((4, 8))
     >>> with selfattn.use_isa("generic"):
     ...     out = selfattn.scaled_dot_product_attention(q, q, q)
+    ...     selfattn.config()["isa"]
+    'generic'
     >>> bool(np.allclose(out, 1.0))
     True
+
+    A thread started inside the block runs on the process default unless it is handed
+    the context:
+
+    >>> import contextvars, threading
+    >>> seen = {}
+    >>> with selfattn.use_isa("generic"):
+    ...     plain = threading.Thread(target=lambda: seen.update(plain=selfattn.config()["isa"]))
+    ...     ctx = contextvars.copy_context()
+    ...     copied = threading.Thread(target=ctx.run, args=(lambda: seen.update(copied=selfattn.config()["isa"]),))
+    ...     for t in (plain, copied):
+    ...         t.start()
+    ...         t.join()
+    >>> seen["plain"] == selfattn.config()["isa"], seen["copied"]
+    (True, 'generic')
     """
-    prev = _core.set_isa(name)
+    token = _forced_isa.set(_checked_isa(name))
+    _gate_sync_if_idle()
     try:
         yield
     finally:
-        _core.set_isa(prev)
+        try:
+            _forced_isa.reset(token)
+        except ValueError:       # left in another context than it was entered (a generator moved between tasks)
+            _forced_isa.set(token.old_value if token.old_value is not contextvars.Token.MISSING else None)
+        _gate_sync_if_idle()

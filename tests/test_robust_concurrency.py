@@ -2,6 +2,7 @@
 the kernel; a fork()ed child after multi-threaded calls computes correctly (no libgomp hang);
 threadpoolctl's OpenMP limit is respected."""
 
+import contextvars
 import os
 import signal
 import threading
@@ -64,7 +65,9 @@ def test_eight_threads_give_serial_bits(isa):
         except BaseException as exc:  # noqa: BLE001
             errors.append(f"thread {t}: {exc!r}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    # each thread runs in a copy of this context: the path the isa fixture forced (use_isa is
+    # per context; a plain new thread would run the process default)
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(worker, t)) for t in range(n_threads)]
     for th in threads:
         th.start()
     for th in threads:
