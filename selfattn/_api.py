@@ -3,7 +3,6 @@
 import contextlib
 import contextvars
 import sys
-import threading
 from typing import IO, Any, Dict, Iterator, List, Literal, Optional, Tuple, Union, overload
 
 import numpy as np
@@ -40,15 +39,10 @@ def available_isas() -> List[str]:
 
 # ---------------------------------------------------------------- which instruction set runs
 #
-# The path a call runs = the instruction set forced in the calling context (use_isa, a
-# ContextVar: per thread, per asyncio task), else the process default (SELFATTN_ISA at import,
-# then set_isa). The engine (_core) keeps one instruction set in a module global that each call
-# reads; the gate below sets that global to the call's path and keeps it there while any call on that
-# path is in flight: calls on the same path run together, a call on another path waits for
-# them to finish (and, once it waits, later calls on the busy path wait behind it).
-
-_forced_isa: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("selfattn_forced_isa", default=None)
-_default_isa: str = _core.get_isa()        # the engine applied SELFATTN_ISA when it was imported
+# The path a call runs = the instruction set forced in the calling context (use_isa: a
+# ContextVar in the engine, per thread and per asyncio task), else the process default
+# (SELFATTN_ISA at import, then set_isa). The engine reads it once per call, so calls on
+# different paths run side by side without affecting each other.
 
 
 def _checked_isa(name: Any) -> str:
@@ -63,91 +57,7 @@ def _checked_isa(name: Any) -> str:
 
 
 def _effective_isa() -> str:
-    forced = _forced_isa.get()
-    return _default_isa if forced is None else forced
-
-
-# The gate's state, under _gate_lock: the engine's path, the calls in flight on it, the calls
-# waiting for another one. Module globals and a bare lock taken with its bound methods (no
-# with-statement): the fast path (the path is already the engine's and nobody waits) costs two
-# lock round trips per call, a few hundred ns; only the slow path uses the Condition.
-_gate_lock = threading.Lock()
-_gate_acquire, _gate_release = _gate_lock.acquire, _gate_lock.release
-_gate_cond = threading.Condition(_gate_lock)
-_gate_current: str = _core.get_isa()
-_gate_active = 0
-_gate_waiting = 0
-_gate_waiting_for: Dict[str, int] = {}
-
-
-def _gate_enter() -> None:
-    """Admit a call on the calling context's path; pair with _gate_leave() in a finally."""
-    global _gate_active
-    forced = _forced_isa.get()
-    isa = _default_isa if forced is None else forced
-    _gate_acquire()
-    if _gate_current == isa and _gate_waiting == 0:
-        _gate_active += 1
-        _gate_release()
-        return
-    _gate_release()
-    _gate_enter_slow(isa)
-
-
-def _gate_enter_slow(isa: str) -> None:
-    global _gate_active, _gate_waiting, _gate_current
-
-    def admitted() -> bool:   # idle, or on this path with nobody waiting for another one
-        return _gate_active == 0 or (_gate_current == isa and _gate_waiting == _gate_waiting_for.get(isa, 0))
-
-    with _gate_cond:
-        if not admitted():
-            _gate_waiting += 1
-            _gate_waiting_for[isa] = _gate_waiting_for.get(isa, 0) + 1
-            try:
-                while not admitted():
-                    _gate_cond.wait()
-            finally:
-                _gate_waiting -= 1
-                _gate_waiting_for[isa] -= 1
-                _gate_cond.notify_all()
-        if _gate_current != isa:
-            _core.set_isa(isa)
-            _gate_current = isa
-        _gate_active += 1
-
-
-def _gate_leave() -> None:
-    global _gate_active
-    _gate_acquire()
-    _gate_active -= 1
-    if _gate_active == 0 and _gate_waiting:
-        try:
-            _gate_cond.notify_all()
-        finally:
-            _gate_release()
-        return
-    _gate_release()
-
-
-def _gate_sync_if_idle() -> None:
-    """Set the engine's path to the calling context's now if no call is in flight: code that calls
-    selfattn._core directly from one thread then runs the path the public functions would."""
-    global _gate_current
-    isa = _effective_isa()
-    with _gate_lock:
-        if _gate_active == 0 and _gate_current != isa:
-            _core.set_isa(isa)
-            _gate_current = isa
-
-
-def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs), an engine function (_core.sdpa, _core.varlen), on the calling context's path."""
-    _gate_enter()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _gate_leave()
+    return str(_core.current_isa())
 
 
 def set_isa(name: str) -> str:
@@ -173,10 +83,7 @@ def set_isa(name: str) -> str:
     TypeError
         If `name` is not a str.
     """
-    global _default_isa
-    prev, _default_isa = _default_isa, _checked_isa(name)
-    _gate_sync_if_idle()
-    return prev
+    return str(_core.set_isa(_checked_isa(name)))
 
 
 @overload
@@ -294,14 +201,10 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     >>> lse.shape
     (2, 4, 16)
     """
-    _gate_enter()
-    try:
-        return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                          enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
-                          window_size=window_size, alignment=alignment, key_lengths=key_lengths,
-                          alibi_slopes=alibi_slopes, softcap=softcap)
-    finally:
-        _gate_leave()
+    return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                      enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
+                      window_size=window_size, alignment=alignment, key_lengths=key_lengths,
+                      alibi_slopes=alibi_slopes, softcap=softcap)
 
 
 def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seqlens_q: ArrayLike,
@@ -346,13 +249,9 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
     ...                                                                    is_causal=True)))
     True
     """
-    _gate_enter()
-    try:
-        return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
-                            window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
-                            softcap=softcap, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
-    finally:
-        _gate_leave()
+    return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
+                        window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
+                        softcap=softcap, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
 
 
 def _check_heads(value, name):
@@ -513,8 +412,8 @@ def _attend(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk,
         q, k = rope(q, base=float(rope_base)), rope(k, base=float(rope_base))
     out = np.empty(lead + (L, H * Ev), dtype=dt)
     out_heads = np.swapaxes(out.reshape(lead + (L, H, Ev)), -2, -3)
-    _run(_core.sdpa, q, k, v, is_causal=is_causal, scale=scale, num_threads=num_threads, enable_gqa=Hkv != H,
-         window_size=window_size, key_lengths=key_lengths, out=out_heads)
+    _core.sdpa(q, k, v, is_causal=is_causal, scale=scale, num_threads=num_threads, enable_gqa=Hkv != H,
+               window_size=window_size, key_lengths=key_lengths, out=out_heads)
     if "wo" in arrs:
         out = np.matmul(out, arrs["wo"].astype(dt, copy=False))
     if "bo" in arrs:
@@ -621,13 +520,11 @@ def use_isa(name: str) -> Iterator[None]:
     >>> seen["plain"] == selfattn.config()["isa"], seen["copied"]
     (True, 'generic')
     """
-    token = _forced_isa.set(_checked_isa(name))
-    _gate_sync_if_idle()
+    token = _core._force_isa(_checked_isa(name))
     try:
         yield
     finally:
         try:
-            _forced_isa.reset(token)
+            _core._forced_isa.reset(token)
         except ValueError:       # left in another context than it was entered (a generator moved between tasks)
-            _forced_isa.set(token.old_value if token.old_value is not contextvars.Token.MISSING else None)
-        _gate_sync_if_idle()
+            _core._forced_isa.set(token.old_value if token.old_value is not contextvars.Token.MISSING else None)

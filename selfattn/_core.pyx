@@ -7,6 +7,7 @@ the caller's arrays (no broadcast copies, no transposes), allocates the output
 and the kernel's workspace, releases the GIL around the whole computation, and
 turns the kernel's status codes into exceptions.
 """
+import contextvars
 import math
 import os
 import threading
@@ -50,12 +51,41 @@ def available_isas():
     return [ISA_NAMES[i] for i in range(SA_ISA_COUNT - 1, -1, -1) if sa_isa_supported(i)]
 
 
+# The path a call runs: the one forced in the calling context (selfattn.use_isa sets this
+# ContextVar: per thread, per asyncio task), else the process default _isa (SELFATTN_ISA at
+# import, then set_isa). Read once per call, so concurrent calls on different paths never
+# affect each other.
+_forced_isa = contextvars.ContextVar("selfattn_forced_isa", default=None)
+
+
+cdef int _call_isa() except -1:
+    forced = _forced_isa.get()
+    return _isa if forced is None else <int> forced
+
+
 def get_isa():
+    """The process default (what a context that forces nothing runs)."""
     return ISA_NAMES[_isa]
 
 
+def current_isa():
+    """The path a call from the calling context runs."""
+    return ISA_NAMES[_call_isa()]
+
+
+def _force_isa(name):
+    """Force `name` (None: nothing) in the calling context; returns the ContextVar token."""
+    if name is None:
+        return _forced_isa.set(None)
+    cdef int isa = _isa_from_name(name)
+    if not sa_isa_supported(isa):
+        raise ValueError(f"instruction set {name!r} is not available on this CPU/build "
+                         f"(available: {', '.join(available_isas())})")
+    return _forced_isa.set(isa)
+
+
 def set_isa(name):
-    """Use instruction set `name` for the following calls; returns the previous name."""
+    """Make instruction set `name` the process default; returns the previous default."""
     global _isa
     cdef int isa = _isa_from_name(name)
     if not sa_isa_supported(isa):
@@ -563,7 +593,7 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
     cdef int64_t *kvshape = kidx + nkb
     cdef int64_t *oshape = kvshape + nkb
     cdef sa_attn_args args
-    cdef int status, d, j, isa = _isa, isz = dt.itemsize
+    cdef int status, d, j, isa = _call_isa(), isz = dt.itemsize
     cdef int64_t u, off_q, off_o, off_l, off_m, off_kv, ii, c
     try:
         _batch_strides(q, nb, qs)
@@ -842,7 +872,8 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_caus
     args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len)
     args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
     _apply_options(&args, opts)
+    cdef int isa_ = _call_isa()
     if schedule_only:
-        return _schedule_of(&args, _isa, isz_)
-    _run_kernel(&args, _isa, isz_)
+        return _schedule_of(&args, isa_, isz_)
+    _run_kernel(&args, isa_, isz_)
     return (out, lse) if return_lse else out

@@ -185,13 +185,13 @@ def test_nested_blocks_and_exceptions_restore_the_enclosing_path(name):
     with selfattn.use_isa(name):
         with pytest.raises(KeyError):
             with selfattn.use_isa("generic"):
-                assert selfattn.config()["isa"] == _core.get_isa() == "generic"
+                assert selfattn.config()["isa"] == _core.current_isa() == "generic"
                 with selfattn.use_isa(name):
                     assert selfattn.config()["isa"] == name
                 assert selfattn.config()["isa"] == "generic"
                 raise KeyError("boom")
-        assert selfattn.config()["isa"] == _core.get_isa() == name     # the enclosing block, not the default
-    assert selfattn.config()["isa"] == _core.get_isa() == DEFAULT
+        assert selfattn.config()["isa"] == _core.current_isa() == name     # the enclosing block, not the default
+    assert selfattn.config()["isa"] == _core.current_isa() == DEFAULT
 
 
 def test_bad_names_raise_naming_the_choices_and_change_nothing():
@@ -229,7 +229,7 @@ def test_set_isa_is_the_default_that_use_isa_overrides():
 @needs_two
 def test_a_call_on_another_path_is_not_starved_by_busy_threads():
     """Two threads call on the default path back to back; a third, forced to another path,
-    still gets its calls through (the gate lets waiters in)."""
+    still gets its calls through (each call reads its own context's path: nobody waits)."""
     other = ISAS[-1] if DEFAULT != ISAS[-1] else ISAS[0]
     fp = _fingerprints()
     q, k, v = _inputs()
@@ -263,7 +263,7 @@ def test_a_call_on_another_path_is_not_starved_by_busy_threads():
 
 @needs_two
 def test_many_threads_switching_paths_call_by_call():
-    """Six threads, each changing its path every call (the gate's slow path all the time): every
+    """Six threads, each changing its path every call: every
     call runs on its own path, nothing hangs, and the engine is left on the default."""
     fp = _fingerprints()
     q, k, v = _inputs()
