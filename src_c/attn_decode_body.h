@@ -30,6 +30,88 @@
  * number of threads.
  */
 
+/* P.V micro-tile width in vectors: 4 rows x DEC_NV accumulators plus DEC_NV
+ * loaded V vectors fit in the register file (32 zmm; 16 ymm) */
+#define DEC_NV (VW * (int)sizeof(T) >= 64 ? 4 : 2)
+
+/* O[i][0 .. nv*VW) = alpha[i] O[i] + sum_{j in [j0, j1)} P[i][j] V[j][0 .. nv*VW) for the
+ * n rows i of a group (P rows BK apart, O rows evp apart, V rows vs apart): each V
+ * vector loaded once for all the rows. n and nv are constants after inlining. */
+SA_INLINE void FN(decode_pv)(const T *SA_RESTRICT P, const int n, int64_t j0, int64_t j1, const T *SA_RESTRICT vblk,
+                             int64_t vs, T *SA_RESTRICT O, int64_t evp, const T *alpha, const int nv)
+{
+    VT acc[4][4];
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < nv; c++) acc[i][c] = V(zero)();
+    for (int64_t j = j0; j < j1; j++) {
+        const T *vr = vblk + j * vs;
+        VT vv[4];
+        for (int c = 0; c < nv; c++) vv[c] = V(load)(vr + c * VW);
+        for (int i = 0; i < n; i++) {
+            VT pb = V(set1)(P[i * BK + j]);
+            for (int c = 0; c < nv; c++) acc[i][c] = V(fma)(pb, vv[c], acc[i][c]);
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        VT va = V(set1)(alpha[i]);
+        for (int c = 0; c < nv; c++)
+            V(store)(O + i * evp + c * VW, V(fma)(V(load)(O + i * evp + c * VW), va, acc[i][c]));
+    }
+}
+
+/* The same for rows r0 .. r0+n-1 over every column: whole micro-tiles, single
+ * vectors, then scalar columns (Ev not whole vectors, or strided V). */
+SA_INLINE void FN(decode_pv_rows)(const T *P, const int n, int64_t j0, int64_t j1, const T *vblk, int64_t vs,
+                                  int64_t vse, int64_t Ev, T *O, int64_t evp, const T *alpha)
+{
+    int64_t col = 0;
+    if (vse == 1) {
+        for (; col + DEC_NV * VW <= Ev; col += DEC_NV * VW)
+            FN(decode_pv)(P, n, j0, j1, vblk + col, vs, O + col, evp, alpha, DEC_NV);
+        for (; col + VW <= Ev; col += VW) FN(decode_pv)(P, n, j0, j1, vblk + col, vs, O + col, evp, alpha, 1);
+    }
+    for (; col < Ev; col++)
+        for (int i = 0; i < n; i++) {
+            T acc = 0;
+            for (int64_t j = j0; j < j1; j++) acc += P[i * BK + j] * vblk[j * vs + col * vse];
+            O[i * evp + col] = O[i * evp + col] * alpha[i] + acc;
+        }
+}
+
+/* St[r][j] = Qs[r] . K[j] for the rows r of [r0, r0 + n) (n <= 4) that see key j
+ * (vs[r] <= j < ve[r]); kr is K row j. The rows share each load of K (read
+ * from memory once for all of them) and sum independently. */
+SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const T *SA_RESTRICT kr, int64_t kse, int64_t j,
+                               int64_t r0, const int n, const int64_t *vs, const int64_t *ve, T *SA_RESTRICT St)
+{
+    int all = 1;
+    for (int i = 0; i < n; i++) all &= vs[r0 + i] <= j && j < ve[r0 + i];
+    if (all && kse == 1 && E % VW == 0) {
+        VT acc[4];
+        for (int i = 0; i < n; i++) acc[i] = V(zero)();
+        for (int64_t e = 0; e < E; e += VW) {
+            VT kv = V(load)(kr + e);
+            for (int i = 0; i < n; i++) acc[i] = V(fma)(V(load)(Qs + (r0 + i) * E + e), kv, acc[i]);
+        }
+        for (int i = 0; i < n; i++) St[(r0 + i) * BK + j] = V(hsum)(acc[i]);
+        return;
+    }
+    for (int i = 0; i < n; i++) {               /* rows that do not all see j, E not whole vectors */
+        int64_t r = r0 + i;
+        if (j < vs[r] || j >= ve[r]) continue;
+        const T *qr = Qs + r * E;
+        T dot = 0;
+        int64_t e = 0;
+        if (kse == 1 && E >= VW) {
+            VT acc = V(zero)();
+            for (; e + VW <= E; e += VW) acc = V(fma)(V(load)(qr + e), V(load)(kr + e), acc);
+            dot = V(hsum)(acc);
+        }
+        for (; e < E; e++) dot += qr[e] * kr[e * kse];
+        St[r * BK + j] = dot;
+    }
+}
+
 /* Row rr of kv unit g's stacked rows: its unit and its row in that unit. */
 static inline void FN(decode_row)(const sa_attn_args *a, int64_t g, int64_t rr, int64_t *u, int64_t *i)
 {
@@ -91,28 +173,21 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
         }
         if (jmax <= jmin) continue;                          /* no row sees a key of this block */
 
-        /* a. scores: each K row read once for every row that sees it */
+        /* a. scores: key by key, each K row read once for all the rows (four
+         * at a time, sharing its loads) */
         const T *kblk = (const T *)a->k + a->kv_k_off[g] + j0 * a->k_ss;
+        const T *vblk = (const T *)a->v + a->kv_v_off[g] + j0 * a->v_ss;
         for (int64_t j = jmin; j < jmax; j++) {
             const T *kr = kblk + j * a->k_ss;
-            for (int64_t rr = 0; rr < R; rr++) {
-                if (j < vs[rr] || j >= ve[rr]) continue;
-                const T *qr = Qs + rr * E;
-                T dot = 0;
-                int64_t e = 0;
-                if (a->k_se == 1 && E >= VW) {
-                    VT acc = V(zero)();
-                    for (; e + VW <= E; e += VW) acc = V(fma)(V(load)(qr + e), V(load)(kr + e), acc);
-                    dot = V(hsum)(acc);
-                }
-                for (; e < E; e++) dot += qr[e] * kr[e * a->k_se];
-                St[rr * BK + j] = dot;
-            }
+            int64_t r0 = 0;
+            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kr, a->k_se, j, r0, 4, vs, ve, St);
+            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kr, a->k_se, j, r0, 1, vs, ve, St);
         }
 
-        /* b. masks and the online softmax, row by row; c. O += P.V */
-        const T *vblk = (const T *)a->v + a->kv_v_off[g] + j0 * a->v_ss;
+        /* b. masks and the online softmax, row by row */
+        T alph[SA_DECODE_MAX_ROWS];
         for (int64_t rr = 0; rr < R; rr++) {
+            alph[rr] = 1;                                 /* a row that sees no key here: O unchanged */
             if (ve[rr] <= vs[rr]) continue;
             int64_t u, i, rs, re;
             FN(decode_row)(a, g, rr, &u, &i);
@@ -129,7 +204,7 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
              * reaches l through exp2 */
             T mnew = tmax > mp[rr] ? tmax : mp[rr];
             T msafe = mnew == NEG_INF ? 0 : mnew;
-            T alpha = (T)exp2((double)(mp[rr] - msafe));
+            alph[rr] = (T)exp2((double)(mp[rr] - msafe));
             mp[rr] = mnew;
             VT ms = V(set1)(msafe), sum = V(zero)();
             for (int64_t j = rs; j < re; j += VW) {
@@ -137,38 +212,32 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
                 V(store)(s + j, p);
                 sum = V(add)(sum, p);
             }
-            lp[rr] = lp[rr] * alpha + V(hsum)(sum);
-            /* O = alpha O + sum_j p_j v_j over the row's keys, 4 vectors of columns at a time */
-            T *o = Op + rr * evp;
-            int64_t col = 0;
-            if (a->v_se == 1) {
-                VT va = V(set1)(alpha);
-                for (; col + 4 * VW <= Ev; col += 4 * VW) {
-                    VT acc0 = V(zero)(), acc1 = V(zero)(), acc2 = V(zero)(), acc3 = V(zero)();
-                    for (int64_t j = vs[rr]; j < ve[rr]; j++) {
-                        const T *vr = vblk + j * a->v_ss + col;
-                        VT pb = V(set1)(s[j]);
-                        acc0 = V(fma)(pb, V(load)(vr), acc0);
-                        acc1 = V(fma)(pb, V(load)(vr + VW), acc1);
-                        acc2 = V(fma)(pb, V(load)(vr + 2 * VW), acc2);
-                        acc3 = V(fma)(pb, V(load)(vr + 3 * VW), acc3);
-                    }
-                    V(store)(o + col, V(fma)(V(load)(o + col), va, acc0));
-                    V(store)(o + col + VW, V(fma)(V(load)(o + col + VW), va, acc1));
-                    V(store)(o + col + 2 * VW, V(fma)(V(load)(o + col + 2 * VW), va, acc2));
-                    V(store)(o + col + 3 * VW, V(fma)(V(load)(o + col + 3 * VW), va, acc3));
+            lp[rr] = lp[rr] * alph[rr] + V(hsum)(sum);
+        }
+
+        /* c. O = alpha O + P.V, four rows at a time over the union of their keys
+         * (P = 0 on another row's keys), so that each V row is read once for them */
+        for (int64_t r0 = 0; r0 < R; r0 += 4) {
+            int64_t n = R - r0 < 4 ? R - r0 : 4, ulo = BK, uhi = 0;
+            for (int64_t rr = r0; rr < r0 + n; rr++)
+                if (ve[rr] > vs[rr]) {
+                    if (vs[rr] < ulo) ulo = vs[rr];
+                    if (ve[rr] > uhi) uhi = ve[rr];
                 }
-                for (; col + VW <= Ev; col += VW) {
-                    VT acc = V(zero)();
-                    for (int64_t j = vs[rr]; j < ve[rr]; j++)
-                        acc = V(fma)(V(set1)(s[j]), V(load)(vblk + j * a->v_ss + col), acc);
-                    V(store)(o + col, V(fma)(V(load)(o + col), va, acc));
-                }
+            if (uhi <= ulo) continue;
+            for (int64_t rr = r0; rr < r0 + n; rr++) {
+                T *s = St + rr * BK;
+                int64_t a0 = ve[rr] > vs[rr] ? vs[rr] : uhi, b0 = ve[rr] > vs[rr] ? ve[rr] : uhi;
+                for (int64_t j = ulo; j < a0; j++) s[j] = 0;
+                for (int64_t j = b0; j < uhi; j++) s[j] = 0;
             }
-            for (; col < Ev; col++) {
-                T acc = 0;
-                for (int64_t j = vs[rr]; j < ve[rr]; j++) acc += s[j] * vblk[j * a->v_ss + col * a->v_se];
-                o[col] = o[col] * alpha + acc;
+            if (n == 4) {
+                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vblk, a->v_ss, a->v_se, Ev, Op + r0 * evp, evp, alph + r0);
+            } else {
+                for (int64_t rr = r0; rr < r0 + n; rr++)
+                    if (ve[rr] > vs[rr])
+                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vblk, a->v_ss, a->v_se, Ev, Op + rr * evp,
+                                           evp, alph + rr);
             }
         }
     }
@@ -223,3 +292,5 @@ static void FN(decode_merge_task)(void *vctx, int64_t g, int tid)
         if (lse) *lse = (T)(0.6931471805599453 * (double)M + log((double)l));
     }
 }
+
+#undef DEC_NV
