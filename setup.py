@@ -25,7 +25,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-C_SOURCES = ["src_c/dispatch.c", "src_c/attn_generic.c", "src_c/attn_avx2.c", "src_c/attn_avx512.c"]
+C_SOURCES = ["src_c/dispatch.c", "src_c/merge.c", "src_c/attn_generic.c", "src_c/attn_avx2.c", "src_c/attn_avx512.c"]
 
 
 def _flag_works(compiler, flags, link_flags=()):

@@ -745,6 +745,50 @@ cdef int _run_kernel(sa_attn_args *args, int isa, int isz) except -1:
     return 0
 
 
+def merge(list outs, list lses, num_threads=None):
+    """The log-sum-exp merge in C (merge.c): outs, n arrays of one float dtype and shape
+    (..., L, Ev); lses, n arrays (..., L) of that dtype. Validated by selfattn.merge; here they
+    are made contiguous (no copy when they are) and handed over by pointer."""
+    cdef int64_t n = len(outs), nt = _check_threads(num_threads), i
+    if n < 1 or len(lses) != n:
+        raise ValueError("merge needs n >= 1 outs and as many lses")
+    dt = outs[0].dtype
+    shape = outs[0].shape
+    cdef int64_t Ev = shape[-1], rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    os_ = [np.ascontiguousarray(o) for o in outs]
+    ls_ = [np.ascontiguousarray(l) for l in lses]
+    out = np.empty(shape, dtype=dt)
+    lse = np.empty(shape[:-1], dtype=dt)
+    cdef void **po = <void **> _alloc(2 * n * sizeof(void *))
+    cdef void **pl = po + n
+    cdef size_t ws_bytes = sa_merge_workspace_size(n, Ev, <int> nt)
+    cdef void *ws = NULL
+    cdef int status
+    cdef bint f32 = dt == _F32
+    cdef void *pout = cnp.PyArray_DATA(out)
+    cdef void *plse = cnp.PyArray_DATA(lse)
+    try:
+        for i in range(n):
+            po[i] = cnp.PyArray_DATA(os_[i])
+            pl[i] = cnp.PyArray_DATA(ls_[i])
+        ws = _alloc(ws_bytes if ws_bytes > 0 else 64)
+        with nogil:
+            if f32:
+                status = sa_merge_f32(n, rows, Ev, <const float *const *> po, <const float *const *> pl,
+                                      <float *> pout, <float *> plse, ws, ws_bytes, <int> nt)
+            else:
+                status = sa_merge_f64(n, rows, Ev, <const double *const *> po, <const double *const *> pl,
+                                      <double *> pout, <double *> plse, ws, ws_bytes, <int> nt)
+        if status != SA_OK:
+            raise RuntimeError(f"selfattn: merge failed (status {status})")
+    finally:
+        _free(ws)
+        _free(po)
+    return out, lse
+
+
 cdef object _schedule_of(sa_attn_args *args, int isa, int isz):
     cdef sa_schedule sched
     cdef int status = sa_attn_schedule(args, isa, isz, &sched)

@@ -94,5 +94,10 @@ cdef extern from "selfattn.h" nogil:
     int sa_tile_params_get(int isa, int dtype_size, sa_tile_params *params)
     int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule *schedule)
     int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
+    size_t sa_merge_workspace_size(int64_t n, int64_t Ev, int num_threads)
+    int sa_merge_f32(int64_t n, int64_t rows, int64_t Ev, const float *const *outs, const float *const *lses,
+                     float *out, float *lse, void *ws, size_t ws_bytes, int num_threads) nogil
+    int sa_merge_f64(int64_t n, int64_t rows, int64_t Ev, const double *const *outs, const double *const *lses,
+                     double *out, double *lse, void *ws, size_t ws_bytes, int num_threads) nogil
     int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)
     int sa_attn_fwd_f64(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)

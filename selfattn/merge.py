@@ -13,10 +13,12 @@ grouping: split-K attention, sequence parallelism (:mod:`selfattn.dask`), a KV c
 pages, or the same query attending to several memories.
 """
 
-from typing import Any, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from . import _core
 
 __all__ = ["merge_attention"]
 
@@ -50,7 +52,8 @@ def _check_dtype(a: Array, name: str) -> None:
 
 
 def merge_attention(outs: Union[ArrayLike, Sequence[ArrayLike]],
-                    lses: Union[ArrayLike, Sequence[ArrayLike]]) -> Tuple[Array, Array]:
+                    lses: Union[ArrayLike, Sequence[ArrayLike]], *,
+                    num_threads: Optional[int] = None) -> Tuple[Array, Array]:
     """Combine attentions over disjoint key sets into the attention over their union.
 
     Given ``(out_i, lse_i)`` from ``scaled_dot_product_attention(q, k_i, v_i, return_lse=True)``
@@ -71,13 +74,16 @@ def merge_attention(outs: Union[ArrayLike, Sequence[ArrayLike]],
         The parts' outputs.
     lses : array_like (n, ..., L), or a sequence of n arrays (..., L)
         The parts' log-sum-exps, ``lses[i].shape == outs[i].shape[:-1]``.
+    num_threads : int, optional
+        Threads for the merge (rows are split between them); default: selfattn's default.
+        The result does not depend on it.
 
     Returns
     -------
     out : ndarray, (..., L, Ev)
     lse : ndarray, (..., L)
         In the dtype of the inputs (float32 or float64). The arithmetic runs in float64 either
-        way and is rounded once at the end. The inputs are never modified.
+        way (in C, src_c/merge.c) and is rounded once at the end. The inputs are never modified.
 
     Raises
     ------
@@ -124,16 +130,7 @@ def merge_attention(outs: Union[ArrayLike, Sequence[ArrayLike]],
                 raise TypeError(f"{name}[{i}] has dtype {p.dtype} but outs[0] has {dtype}: merge parts "
                                 f"of one dtype")
 
-    lse_all = np.stack([p.astype(np.float64) for p in lse_parts])       # (n, ..., L), small
-    m = lse_all.max(axis=0)
-    dead = m == -np.inf                                                # masked in every part
-    m_safe = np.where(dead, 0.0, m)
-    with np.errstate(over="ignore", invalid="ignore"):
-        w = np.exp(lse_all - m_safe)                                   # -inf parts -> 0
-        total = w.sum(axis=0)
-        lse = np.where(dead, -np.inf, m_safe + np.log(np.where(dead, 1.0, total)))
-        w = np.where(dead, 0.0, w / np.where(dead, 1.0, total))       # exp(lse_i - lse)
-    out = np.zeros(shape, dtype=np.float64)
-    for wi, oi in zip(w, out_parts):
-        out += wi[..., None] * oi                                      # oi promoted, not copied
-    return out.astype(dtype, copy=False), lse.astype(dtype, copy=False)
+    # the C merge (src_c/merge.c): float64 arithmetic, one pass over the parts, rows split over
+    # threads; about 13x the speed of the same formula in vectorised NumPy (bench/README.md)
+    out, lse = _core.merge(out_parts, lse_parts, num_threads)
+    return out, lse

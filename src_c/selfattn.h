@@ -161,6 +161,18 @@ int sa_in_forked_child(void);        /* 1 after fork() in a child: runs 1 thread
  * instruction set is not compiled in (it may still be unsupported by the CPU). */
 int sa_tile_params_get(int isa, int dtype_size, sa_tile_params *params);
 
+/* The log-sum-exp merge of n partial attentions over disjoint key sets of
+ * the same queries (merge.c): part i is out_i [rows][Ev] and lse_i [rows],
+ * contiguous, natural-log lse as sa_attn_fwd_* returns it; the result is
+ * out [rows][Ev], lse [rows] over the union of the key sets. A row masked in
+ * every part (all lse_i = -inf) gives zeros and -inf. float64 arithmetic.
+ * ws: sa_merge_workspace_size(n, Ev, num_threads) bytes. */
+size_t sa_merge_workspace_size(int64_t n, int64_t Ev, int num_threads);
+int sa_merge_f32(int64_t n, int64_t rows, int64_t Ev, const float *const *outs, const float *const *lses,
+                 float *out, float *lse, void *ws, size_t ws_bytes, int num_threads);
+int sa_merge_f64(int64_t n, int64_t rows, int64_t Ev, const double *const *outs, const double *const *lses,
+                 double *out, double *lse, void *ws, size_t ws_bytes, int num_threads);
+
 /* The schedule sa_attn_fwd_* would use for these arguments. */
 int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule *schedule);
 

@@ -278,7 +278,7 @@ def examples(n):
 # ---------------------------------------------------------------- C programs over src_c/
 
 SRC_C = Path(__file__).resolve().parent.parent / "src_c"
-C_SOURCES = ["dispatch.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]
+C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]
 
 
 def c_compiler():

@@ -218,3 +218,26 @@ def test_docstring_example_runs():
     import selfattn.merge
     result = doctest.testmod(selfattn.merge, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.attempted >= 5 and result.failed == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_merge_does_not_depend_on_threads_and_checks_them(dtype):
+    """The C merge splits rows over threads; each row is computed the same way whatever their number."""
+    rng = np.random.default_rng(12)
+    outs = rng.standard_normal((5, 3, 4, 700, 24)).astype(dtype)
+    lses = (10 * rng.standard_normal((5, 3, 4, 700))).astype(dtype)
+    lses[:, 0, 0, :50] = -np.inf                      # rows masked in every part
+    lses[2, 1, :, 100:] = -np.inf                     # a part masked in some rows
+    runs = [selfattn.merge_attention(outs, lses, num_threads=t) for t in (1, 2, 3, None)]
+    for out, lse in runs[1:]:
+        assert np.array_equal(out, runs[0][0]) and np.array_equal(lse, runs[0][1])
+    out, lse = runs[0]
+    assert np.all(out[0, 0, :50] == 0) and np.all(lse[0, 0, :50] == -np.inf)
+    l64 = lses.astype(np.float64)
+    m = l64.max(0)
+    w = np.exp(l64 - np.where(np.isneginf(m), 0, m))
+    ref = np.einsum("n...,n...e->...e", w, outs.astype(np.float64)) / np.where(w.sum(0) == 0, 1, w.sum(0))[..., None]
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="num_threads"):
+        selfattn.merge_attention(outs, lses, num_threads=0)
