@@ -22,7 +22,11 @@ Architecture at a glance
         v
     attn_fwd_<f32|f64>_<avx512|avx2|generic>             src_c/attn_fwd_body.h, written once and compiled
                                                          per target by attn_<target>.c (online softmax
-                                                         over K/V blocks, register-blocked micro-kernels)
+                                                         over K/V blocks, register-blocked micro-kernels;
+                                                         schedules: shared, fused, banded for windows)
+                                                         src_c/attn_decode_body.h: the decode path (few
+                                                         query rows per K/V: nothing packed, split-KV
+                                                         merged by log-sum-exp, GQA heads stacked)
                                                          src_c/attn_mask.h: the one mask machinery --
                                                          causal, window, alignment, key lengths as a
                                                          per-row key interval; tiles outside it skipped
@@ -31,6 +35,7 @@ Beside the kernel, one module per concern:
     selfattn.positional   sinusoidal_encoding, rope (NumPy)
     selfattn.inspection   attention_weights (materialised on purpose), plot_attention (matplotlib)
     selfattn.merge        merge_attention: (out, lse) over disjoint key sets -> attention over their union
+                          (validation here, the arithmetic in src_c/merge.c via _core.merge)
     selfattn.kvcache      KVCache: preallocated K/V appended in place, attended in place (decoding)
     selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,
                           key chunks merged by merge_attention (sequence parallelism). Not imported

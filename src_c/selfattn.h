@@ -10,7 +10,12 @@
  * described by element offsets into the base pointers, so any broadcasting of
  * the leading dimensions (zero strides, GQA head sharing, ...) costs nothing:
  * the kernel packs each distinct K/V pair once and every unit that reads it
- * shares the packed copy.
+ * shares the packed copy -- or, on the decode path (few query rows per
+ * distinct K/V), packs nothing and reads K/V in place once for all of them.
+ *
+ * Entry points: sa_attn_fwd_* (attention, every option, one problem
+ * description: sa_attn_args), sa_attn_schedule (how it would run),
+ * sa_merge_* (the log-sum-exp merge of partial results), CPU/ISA queries.
  */
 #ifndef SELFATTN_H
 #define SELFATTN_H
