@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = "src_c/attn_fwd_body.h"
+DECODE = "src_c/attn_decode_body.h"
 
 # (name, file, exact text, replacement, what the fault is)
 MASK = "src_c/attn_mask.h"
@@ -63,8 +64,16 @@ MUTANTS = [
      "m->offset = 0;", "bottom_right alignment behaves as top_left"),
     ("alibi_sign", BODY, "s[j] -= slope * (d < 0 ? -d : d);", "s[j] += slope * (d < 0 ? -d : d);",
      "ALiBi adds +slope |p - j| instead of subtracting it"),
-    ("key_lengths_read_past_end", BODY, "FN(pack_block)(c, g, kb, hi + 1, Kp);", "FN(pack_block)(c, g, kb, a->S, Kp);",
+    ("key_lengths_read_past_end", BODY, "FN(pack_block)(c, g, kb, hi + 1, Kp + kb * c->lay.blk_elems);",
+     "FN(pack_block)(c, g, kb, a->S, Kp + kb * c->lay.blk_elems);",
      "the fused schedule packs (reads) keys past key_lengths: NaN/Inf there leaks into the packed block"),
+    ("banded_stale_slot", BODY, "if (slot_kb[kb % ring] == kb) continue;", "if (slot_kb[kb % ring] >= 0) continue;",
+     "the banded schedule reuses a ring slot that holds another key block (stale K/V)"),
+    ("decode_no_rescale", DECODE, "alph[rr] = (T)exp2((double)(mp[rr] - msafe));", "alph[rr] = 1;",
+     "the decode path does not rescale O when a later key block raises the running max"),
+    ("decode_merge_unweighted_l", DECODE, "l += w * part[lay->dec_rows * evp + lay->dec_rows + rr];",
+     "l += part[lay->dec_rows * evp + lay->dec_rows + rr];",
+     "the split-KV merge sums the chunks' l without their weights exp(m_c - M)"),
 ]
 
 C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]
