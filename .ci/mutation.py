@@ -67,7 +67,7 @@ MUTANTS = [
      "the fused schedule packs (reads) keys past key_lengths: NaN/Inf there leaks into the packed block"),
 ]
 
-C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]
+C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]
 C_TESTS = [("attn_smoke.c", ["-O2", "-fopenmp"]), ("test_index64.c", ["-O1", "-fopenmp"])]
 
 
