@@ -9,18 +9,25 @@
 
 #define ISUF neon
 
-/* 32 q registers: 6 x 4 accumulators + 4 K (or V) vectors + 1 broadcast = 29.
- * Per step of the Q.K^T loop: 24 FMAs against 4 + 6 loads (ld1r for the
- * broadcasts), so the 4 FP pipes of Neoverse V1 / Apple M1 bound it, not the
- * load ports (bench/README.md, "aarch64: NEON path, llvm-mca estimates"). */
+/* 32 q registers: 5 x 4 accumulators + 4 K (or V) vectors + 5 scalars for
+ * the by-element FMAs = 29. 6 x 4 would need 34 with GCC, which then keeps one
+ * accumulator on the stack (a store-load chain every step). Per step of the
+ * Q.K^T and P.V loops: 20 FMAs against 4 vector + 5 scalar loads, so the FP
+ * pipes bound it, not the load ports: llvm-mca puts both loops at 94%
+ * (GCC 12) and 99% (Clang 19) of the FMA peak on Neoverse V1 and Apple M1
+ * (bench/neon_mca.py; bench/README.md, "aarch64: NEON path, llvm-mca
+ * estimates"). BQ: a multiple of MR and of the 4 float lanes. */
 #ifndef SA_NEON_MR
-#define SA_NEON_MR 6
+#define SA_NEON_MR 5
 #endif
 #ifndef SA_NEON_NRV
 #define SA_NEON_NRV 4
 #endif
 #ifndef SA_NEON_NVV
 #define SA_NEON_NVV 4
+#endif
+#ifndef SA_NEON_BQ
+#define SA_NEON_BQ 40
 #endif
 
 #define T float
@@ -30,7 +37,7 @@
 #define MR SA_NEON_MR
 #define NRV SA_NEON_NRV
 #define NVV SA_NEON_NVV
-#define BQ 48
+#define BQ SA_NEON_BQ
 #define BK 128
 #include "attn_fwd_body.h"
 
@@ -41,7 +48,7 @@
 #define MR SA_NEON_MR
 #define NRV SA_NEON_NRV
 #define NVV SA_NEON_NVV
-#define BQ 48
+#define BQ SA_NEON_BQ
 #define BK 128
 #include "attn_fwd_body.h"
 #endif
