@@ -2,8 +2,10 @@
 
 One extension holds every kernel target; attn_avx2.c and attn_avx512.c enable
 their instruction sets with a target pragma for their own functions only, and
-dispatch.c picks one at run time. The rest is compiled for the baseline of the
-architecture: never -march=native, so one wheel runs on any x86-64.
+dispatch.c picks one at run time. attn_neon.c holds the aarch64 NEON kernels
+(NEON is baseline there: no flags) and compiles to nothing elsewhere, as the
+x86 files do on aarch64. The rest is compiled for the baseline of the
+architecture: never -march=native, so one wheel runs on any x86-64 (or aarch64).
 
 Environment switches:
   SELFATTN_SANITIZE=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
@@ -25,7 +27,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-C_SOURCES = ["src_c/dispatch.c", "src_c/merge.c", "src_c/attn_generic.c", "src_c/attn_avx2.c", "src_c/attn_avx512.c"]
+C_SOURCES = ["src_c/dispatch.c", "src_c/merge.c", "src_c/attn_generic.c", "src_c/attn_avx2.c", "src_c/attn_avx512.c",
+             "src_c/attn_neon.c"]
 
 
 def _flag_works(compiler, flags, link_flags=()):
@@ -123,7 +126,8 @@ ext = Extension(
     include_dirs=["src_c", np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     depends=["src_c/selfattn.h", "src_c/attn_internal.h", "src_c/attn_mask.h", "src_c/attn_fwd_body.h",
-             "src_c/simd_common.h", "src_c/simd_generic.h", "src_c/simd_avx2.h", "src_c/simd_avx512.h"],
+             "src_c/simd_common.h", "src_c/simd_generic.h", "src_c/simd_avx2.h", "src_c/simd_avx512.h",
+             "src_c/simd_neon.h"],
 )
 
 setup(

@@ -76,7 +76,7 @@ MUTANTS = [
      "the split-KV merge sums the chunks' l without their weights exp(m_c - M)"),
 ]
 
-C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]
+C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]
 C_TESTS = [("attn_smoke.c", ["-O2", "-fopenmp"]), ("test_index64.c", ["-O1", "-fopenmp"])]
 
 

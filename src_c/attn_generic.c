@@ -5,24 +5,40 @@
 
 #define ISUF generic
 
+#ifndef SA_GEN_MR
+#define SA_GEN_MR 4
+#endif
+#ifndef SA_GEN_NRV
+#define SA_GEN_NRV 2
+#endif
+#ifndef SA_GEN_NVV
+#define SA_GEN_NVV 2
+#endif
+#ifndef SA_GEN_BQ
+#define SA_GEN_BQ 64
+#endif
+#ifndef SA_GEN_BK
+#define SA_GEN_BK 128
+#endif
+
 #define T float
 #define VP vf
 #define VW VF_W
 #define TSUF f32
-#define MR 4
-#define NRV 2
-#define NVV 2
-#define BQ 64
-#define BK 128
+#define MR SA_GEN_MR
+#define NRV SA_GEN_NRV
+#define NVV SA_GEN_NVV
+#define BQ SA_GEN_BQ
+#define BK SA_GEN_BK
 #include "attn_fwd_body.h"
 
 #define T double
 #define VP vd
 #define VW VD_W
 #define TSUF f64
-#define MR 4
-#define NRV 2
-#define NVV 2
-#define BQ 64
-#define BK 128
+#define MR SA_GEN_MR
+#define NRV SA_GEN_NRV
+#define NVV SA_GEN_NVV
+#define BQ SA_GEN_BQ
+#define BK SA_GEN_BK
 #include "attn_fwd_body.h"

@@ -16,6 +16,12 @@
 #else
 #define SA_HAVE_X86_TARGETS 0
 #endif
+/* NEON is part of every aarch64 CPU: attn_neon.c needs no target flags */
+#if defined(__aarch64__) || defined(_M_ARM64)
+#define SA_HAVE_NEON_TARGET 1
+#else
+#define SA_HAVE_NEON_TARGET 0
+#endif
 
 /* Workspace layout (all sizes in elements of the compute dtype, each piece
  * rounded up to 64 bytes). [packed K/V, or the decode path's partial results]
@@ -76,6 +82,9 @@ SA_DECLARE_TARGET(generic)
 #if SA_HAVE_X86_TARGETS
 SA_DECLARE_TARGET(avx2)
 SA_DECLARE_TARGET(avx512)
+#endif
+#if SA_HAVE_NEON_TARGET
+SA_DECLARE_TARGET(neon)
 #endif
 
 #endif

@@ -88,11 +88,17 @@ static const sa_kernel sa_kernels[SA_ISA_COUNT] = {
     {NULL, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL},
 #endif
+#if SA_HAVE_NEON_TARGET
+    {attn_fwd_f32_neon, attn_fwd_f64_neon, &sa_params_f32_neon, &sa_params_f64_neon},
+#else
+    {NULL, NULL, NULL, NULL},
+#endif
 };
 
 static int sa_cpu_has(int isa)
 {
     if (isa == SA_ISA_GENERIC) return 1;
+    if (isa == SA_ISA_NEON) return SA_HAVE_NEON_TARGET;   /* baseline on aarch64 */
 #if SA_HAVE_X86_TARGETS
     __builtin_cpu_init();
     if (isa == SA_ISA_AVX2)
@@ -123,6 +129,7 @@ const char *sa_isa_name(int isa)
     case SA_ISA_GENERIC: return "generic";
     case SA_ISA_AVX2: return "avx2";
     case SA_ISA_AVX512: return "avx512";
+    case SA_ISA_NEON: return "neon";
     default: return "unknown";
     }
 }

@@ -41,7 +41,8 @@ typedef enum {
     SA_ISA_GENERIC = 0,      /* portable C, builds everywhere                   */
     SA_ISA_AVX2 = 1,         /* x86-64 AVX2 + FMA                               */
     SA_ISA_AVX512 = 2,       /* x86-64 AVX-512 F/DQ/BW/VL                       */
-    SA_ISA_COUNT = 3
+    SA_ISA_NEON = 3,         /* aarch64 Advanced SIMD (every aarch64 CPU)       */
+    SA_ISA_COUNT = 4
 } sa_isa;
 
 /* ---- mask element types ------------------------------------------------ */
@@ -157,7 +158,7 @@ typedef struct {
 /* What this build and this CPU can do. */
 int sa_isa_supported(int isa);       /* 1 if compiled in and the CPU runs it      */
 int sa_isa_best(void);               /* the best supported sa_isa                 */
-const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512"               */
+const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon"       */
 int sa_openmp_enabled(void);         /* 1 if built with OpenMP                    */
 int sa_default_threads(void);        /* omp_get_max_threads(), or 1              */
 int sa_in_forked_child(void);        /* 1 after fork() in a child: runs 1 thread  */

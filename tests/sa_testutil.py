@@ -14,15 +14,17 @@ import selfattn
 from selfattn import reference
 
 ISAS = list(selfattn.config()["isas_available"])
-KNOWN_ISAS = ("avx512", "avx2", "generic")
+KNOWN_ISAS = ("neon", "avx512", "avx2", "generic")   # best first, as available_isas()
 MISSING_ISAS = [name for name in KNOWN_ISAS if name not in ISAS]
 DTYPES = (np.float32, np.float64)
 
 
 def missing_isa_reason(name):
     """The skip reason for a path this CPU (or build) cannot run: loud, so CI's -rs log shows it."""
+    extra = ("; CI runs them through the C kernel test under qemu-aarch64 (.ci/aarch64_qemu.sh)"
+             if name == "neon" else "")
     return (f"PATH NOT TESTED HERE: the {name} kernels cannot run on this CPU/build "
-            f"(runnable: {', '.join(ISAS)})")
+            f"(runnable: {', '.join(ISAS)}){extra}")
 
 
 # ---------------------------------------------------------------- tile edges
@@ -278,7 +280,7 @@ def examples(n):
 # ---------------------------------------------------------------- C programs over src_c/
 
 SRC_C = Path(__file__).resolve().parent.parent / "src_c"
-C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c"]
+C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]
 
 
 def c_compiler():

@@ -29,3 +29,29 @@ def test_c_kernels_against_naive_reference(tmp_path, openmp):
     # every path this CPU runs was run (the C program sees the same CPU), and every case passed
     assert int(info.group(2)) == len(ISAS), r.stdout[-2000:]
     assert int(m.group(1)) == int(info.group(3)) * len(ISAS) > 0, r.stdout[-2000:]
+
+
+def test_c_kernels_aarch64_under_qemu(tmp_path):
+    """The neon and generic paths, cross-compiled for aarch64 and run under qemu-aarch64 (when
+    both tools are installed: CI step 6, .ci/aarch64_qemu.sh, installs them and also runs the
+    OpenMP build; this is the serial one)."""
+    import shutil
+
+    from sa_testutil import C_SOURCES, SRC_C
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if cc is None or qemu is None:
+        pytest.skip("no aarch64 cross compiler / qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    src = SRC_C.parent / "tests" / "c" / "attn_smoke.c"
+    if not src.is_file() or not all((SRC_C / f).is_file() for f in C_SOURCES):
+        pytest.skip(f"the C sources are not at {SRC_C}")
+    exe = tmp_path / "attn_smoke_aarch64"
+    cmd = [cc, "-O2", "-Wall", "-Wno-unknown-pragmas", f"-I{SRC_C}", str(src)] + [str(SRC_C / f) for f in C_SOURCES] \
+        + ["-lm", "-static", "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env_without_sanitizer())
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
+    r = subprocess.run([qemu, str(exe)], capture_output=True, text=True, timeout=600, env=env_without_sanitizer())
+    m = re.search(r"^(\d+) passed, (\d+) failed$", r.stdout, re.M)
+    assert r.returncode == 0 and m and int(m.group(2)) == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    info = re.search(r"best isa: (\w+), openmp: 0, isas tested: (\d+), cases per isa: (\d+)", r.stdout)
+    assert info and info.group(1) == "neon" and info.group(2) == "2", r.stdout[-2000:]
+    assert int(m.group(1)) == 2 * int(info.group(3)) > 0

@@ -1,0 +1,54 @@
+/* attn_neon.c -- the kernels for aarch64 Advanced SIMD (NEON), baseline on
+ * every aarch64 CPU: compiled there without extra flags, and to nothing on
+ * every other architecture. */
+#include <math.h>
+#include "attn_internal.h"
+
+#if SA_HAVE_NEON_TARGET
+#include "simd_neon.h"
+
+#define ISUF neon
+
+/* 32 q registers: 5 x 4 accumulators + 4 K (or V) vectors + 5 scalars for
+ * the by-element FMAs = 29. 6 x 4 would need 34 with GCC, which then keeps one
+ * accumulator on the stack (a store-load chain every step). Per step of the
+ * Q.K^T and P.V loops: 20 FMAs against 4 vector + 5 scalar loads, so the FP
+ * pipes bound it, not the load ports: llvm-mca puts both loops at 94%
+ * (GCC 12) and 99% (Clang 19) of the FMA peak on Neoverse V1 and Apple M1
+ * (bench/neon_mca.py; bench/README.md, "aarch64: NEON path, llvm-mca
+ * estimates"). BQ: a multiple of MR and of the 4 float lanes. */
+#ifndef SA_NEON_MR
+#define SA_NEON_MR 5
+#endif
+#ifndef SA_NEON_NRV
+#define SA_NEON_NRV 4
+#endif
+#ifndef SA_NEON_NVV
+#define SA_NEON_NVV 4
+#endif
+#ifndef SA_NEON_BQ
+#define SA_NEON_BQ 40
+#endif
+
+#define T float
+#define VP vf
+#define VW VF_W
+#define TSUF f32
+#define MR SA_NEON_MR
+#define NRV SA_NEON_NRV
+#define NVV SA_NEON_NVV
+#define BQ SA_NEON_BQ
+#define BK 128
+#include "attn_fwd_body.h"
+
+#define T double
+#define VP vd
+#define VW VD_W
+#define TSUF f64
+#define MR SA_NEON_MR
+#define NRV SA_NEON_NRV
+#define NVV SA_NEON_NVV
+#define BQ SA_NEON_BQ
+#define BK 128
+#include "attn_fwd_body.h"
+#endif
