@@ -20,7 +20,7 @@ Architecture at a glance
         |                                                                   workspace; run tasks on OpenMP
         |                                                                   threads; fork safety)
         v
-    attn_fwd_<f32|f64>_<avx512|avx2|generic>             src_c/attn_fwd_body.h, written once and compiled
+    attn_fwd_<f32|f64>_<avx512|avx2|neon|generic>        src_c/attn_fwd_body.h, written once and compiled
                                                          per target by attn_<target>.c (online softmax
                                                          over K/V blocks, register-blocked micro-kernels;
                                                          schedules: shared, fused, banded for windows)
@@ -41,7 +41,7 @@ Beside the kernel, one module per concern:
                           key chunks merged by merge_attention (sequence parallelism). Not imported
                           by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
-SELFATTN_ISA=<avx2|generic> (at import) and set_isa choose the path of the process; use_isa forces one for
+SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for
 a block in the calling thread or task only (a ContextVar); selfattn.show_config() prints what runs.
 
 Documentation: help(selfattn.attend), help(selfattn.scaled_dot_product_attention), or the API
