@@ -1,5 +1,6 @@
 """Helpers shared by the selfattn tests: tolerances, comparisons, layouts, inputs."""
 
+import contextlib
 import math
 import os
 import shlex
@@ -258,6 +259,18 @@ def run_isas(fn, isas=None):
         with selfattn.use_isa(name):
             out[name] = fn()
     return out
+
+
+@contextlib.contextmanager
+def forced_schedule(name):
+    """Force the kernel's schedule ("shared", "fused", "banded", "decode"; None: automatic) inside
+    the block (selfattn._core._force_schedule, a test hook), restoring the previous one."""
+    from selfattn import _core
+    previous = _core._force_schedule(name)
+    try:
+        yield
+    finally:
+        _core._force_schedule(previous)
 
 
 def optional_import(name):

@@ -7,8 +7,6 @@ chunk and block edges; results identical for every thread count; keys past key_l
 the window never read; and agreement with the tiled path (forced) on the same problem.
 """
 
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given, note, settings
@@ -16,19 +14,10 @@ from hypothesis import strategies as st
 
 import selfattn
 from selfattn import _core, reference
-from sa_testutil import (DTYPES, ISAS, assert_sdpa_close, assert_unchanged, edge, examples, logit_magnitude,
-                         snapshot, vmax_of)
+from sa_testutil import (DTYPES, ISAS, assert_sdpa_close, assert_unchanged, edge, examples, forced_schedule,
+                         logit_magnitude, snapshot, vmax_of)
 
 sdpa = selfattn.scaled_dot_product_attention
-
-
-@contextlib.contextmanager
-def forced_schedule(name):
-    previous = _core._force_schedule(name)
-    try:
-        yield
-    finally:
-        _core._force_schedule(previous)
 
 
 def _schedule(q, k, v, **kw):

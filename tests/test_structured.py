@@ -6,8 +6,6 @@ beyond key_lengths and outside every window leaves the output bit-identical), re
 on the thread count, and windows make the kernel skip work (its schedule and its reads).
 """
 
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given, note, settings
@@ -15,22 +13,12 @@ from hypothesis import strategies as st
 
 import selfattn
 from selfattn import _core, reference
-from sa_testutil import (DTYPES, ISAS, assert_sdpa_close, assert_unchanged, edge, examples, logit_magnitude,
-                         snapshot, vmax_of)
+from sa_testutil import (DTYPES, ISAS, assert_sdpa_close, assert_unchanged, edge, examples, forced_schedule,
+                         logit_magnitude, snapshot, vmax_of)
 
 sdpa = selfattn.scaled_dot_product_attention
 ALIGNMENTS = ("top_left", "bottom_right")
 SCHEDULES = ("shared", "fused", "banded")
-
-
-@contextlib.contextmanager
-def forced_schedule(name):
-    """Force the kernel's schedule (None: automatic) inside the block."""
-    previous = _core._force_schedule(name)
-    try:
-        yield
-    finally:
-        _core._force_schedule(previous)
 
 
 def _check(q, k, v, kw, dtype, ctx="", isas=None):
