@@ -42,13 +42,16 @@ rm -f "$WORK"/src/selfattn/*.so "$WORK/src/selfattn/_core.c"
     > "$WORK/build.log" 2>&1 || { tail -60 "$WORK/build.log"; exit 1; }
 # locate the extension without importing it (it needs the preloaded ASan runtime)
 SO=$(cd "$WORK" && "$VPY" -c "import glob, importlib.util as u, os; d = os.path.dirname(u.find_spec('selfattn').origin); print(glob.glob(os.path.join(d, '_core*.so'))[0])")
-if ! ldd "$SO" | grep -q libasan; then
+# ldd's output is read whole first: `ldd | grep -q` under pipefail fails at random when grep exits
+# on its first match and ldd, still writing, dies of SIGPIPE (this is how CI once failed here)
+DEPS=$(ldd "$SO")
+if ! grep -q libasan <<<"$DEPS"; then
     echo "sanitize.sh: $SO is not linked against libasan: the sanitizer build did not happen"; exit 1
 fi
 echo "sanitized extension: $SO"
 
 PRELOAD="$LIBASAN"
-if ldd "$SO" | grep -q libubsan && [ -f "$LIBUBSAN" ]; then PRELOAD="$LIBASAN:$LIBUBSAN"; fi
+if grep -q libubsan <<<"$DEPS" && [ -f "$LIBUBSAN" ]; then PRELOAD="$LIBASAN:$LIBUBSAN"; fi
 LOGS="$WORK/sanitizer-logs"
 mkdir "$LOGS"
 

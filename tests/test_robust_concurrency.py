@@ -119,42 +119,41 @@ def test_gil_released_during_the_kernel():
     assert max_gap < 0.5 * shortest, msg
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) < 2,
-                    reason="needs 2 CPUs")
 def test_two_threads_overlap_in_time():
-    """2 threads x k single-threaded calls take clearly less wall time than 2k serial calls."""
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if busy > ncpu - 0.5:   # another process holds a core: wall times cannot show the overlap
-        pytest.skip(f"machine busy (load average {busy:.1f} on {ncpu} CPUs): overlap not measurable")
+    """Two Python threads are inside single-threaded calls at the same moment: the call intervals
+    of one thread overlap those of the other. A held GIL would serialise them (no overlap at all).
+    How much faster the pair runs is a speed figure, printed here but not asserted: on a shared
+    VM the two threads may get one core's worth for a moment (this once failed CI that way)."""
     q, k, v = _long_call_inputs(1536)
     sdpa(q, k, v, num_threads=1)
     calls = 4
-    ratios = []
-    for attempt in range(3):
-        t = time.perf_counter()
-        for _ in range(2 * calls):
+    t = time.perf_counter()
+    for _ in range(2 * calls):
+        sdpa(q, k, v, num_threads=1)
+    serial = time.perf_counter() - t
+    barrier = threading.Barrier(2)
+    intervals = [[], []]
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(calls):
+            t0 = time.perf_counter()
             sdpa(q, k, v, num_threads=1)
-        serial = time.perf_counter() - t
-        barrier = threading.Barrier(2)
+            intervals[i].append((t0, time.perf_counter()))
 
-        def worker():
-            barrier.wait()
-            for _ in range(calls):
-                sdpa(q, k, v, num_threads=1)
-
-        ths = [threading.Thread(target=worker) for _ in range(2)]
-        t = time.perf_counter()
-        for th in ths:
-            th.start()
-        for th in ths:
-            th.join()
-        parallel = time.perf_counter() - t
-        ratios.append(parallel / serial)
-        if ratios[-1] < 0.8:
-            break
-    print(f"parallel/serial wall time: {[round(r, 2) for r in ratios]}")
-    assert min(ratios) < 0.8, f"no overlap: parallel/serial wall time ratios {ratios} (a held GIL gives ~1.0)"
+    ths = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    t = time.perf_counter()
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    parallel = time.perf_counter() - t
+    # time during which both threads were inside a call
+    both = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in intervals[0] for b0, b1 in intervals[1])
+    print(f"parallel/serial wall time {parallel / serial:.2f}; both threads in a call for "
+          f"{both / parallel:.0%} of the parallel phase")
+    assert both > 0.5 * parallel, (f"calls barely overlap: both threads inside a call for {both * 1e3:.1f} ms "
+                                   f"of {parallel * 1e3:.1f} ms (a held GIL gives 0)")
 
 
 # ---------------------------------------------------------------- fork
