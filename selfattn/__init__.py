@@ -54,13 +54,13 @@ __version__ = "0.1.0"
 from . import autograd, inspection, positional, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
-from .autograd import scaled_dot_product_attention_vjp, varlen_attention_vjp
+from .autograd import attend_vjp, scaled_dot_product_attention_vjp, varlen_attention_vjp
 from .inspection import attention_weights, plot_attention
 from .kvcache import KVCache
 from .merge import merge_attention
 from .positional import rope, sinusoidal_encoding
 
 __all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_attention", "KVCache",
-           "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "autograd",
+           "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp", "autograd",
            "attention_weights", "plot_attention", "rope", "sinusoidal_encoding", "inspection", "positional",
            "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "__version__"]
