@@ -41,6 +41,10 @@ Beside the kernel, one module per concern:
                           key chunks merged by merge_attention (sequence parallelism). Not imported
                           by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
+    selfattn.autograd     VJPs for training in NumPy: scaled_dot_product_attention_vjp, varlen_attention_vjp,
+                          attend_vjp (the whole layer: projections, heads, RoPE, wo, biases)
+    selfattn.torch        scaled_dot_product_attention as a torch.autograd.Function (CPU tensors). Not
+                          imported by `import selfattn`: `import selfattn.torch` (needs torch)
 SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for
 a block in the calling thread or task only (a ContextVar); selfattn.show_config() prints what runs.
 
