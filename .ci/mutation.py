@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BODY = "src_c/attn_fwd_body.h"
 DECODE = "src_c/attn_decode_body.h"
+BWD = "src_c/attn_bwd_body.h"
+DISPATCH = "src_c/dispatch.c"
 
 # (name, file, exact text, replacement, what the fault is)
 MASK = "src_c/attn_mask.h"
@@ -74,6 +76,16 @@ MUTANTS = [
     ("decode_merge_unweighted_l", DECODE, "l += w * part[lay->dec_rows * evp + lay->dec_rows + rr];",
      "l += part[lay->dec_rows * evp + lay->dec_rows + rr];",
      "the split-KV merge sums the chunks' l without their weights exp(m_c - M)"),
+    ("bwd_no_softcap_derivative", BWD, "ds = V(mul)(ds, V(sub)(one, V(mul)(t, t)));", "(void)t;",
+     "the backward forgets softcap's derivative 1 - tanh^2"),
+    ("bwd_no_delta", BWD, "VT dr = V(set1)(Dr[r]);", "VT dr = V(zero)();",
+     "the backward drops D = rowsum(dO o O) from dS = P (dP - D)"),
+    ("bwd_chunks_follow_threads", DISPATCH,
+     "int64_t nc = a->n_kv > 0 ? (32 + a->n_kv - 1) / a->n_kv : 1;",
+     "int64_t nc = a->n_kv > 0 ? (16 * sa_effective_threads(a->num_threads) + a->n_kv - 1) / a->n_kv : 1;",
+     "the backward's key chunks depend on the thread count: dQ's sums change with it"),
+    ("bwd_stale_dk_block", BWD, "for (int64_t i = 0; i < BK * ep; i++) dKa[i] = 0;", "(void)0;",
+     "the backward does not clear dK's block accumulator: one key block's dK leaks into the next"),
 ]
 
 C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]

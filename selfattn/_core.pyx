@@ -451,6 +451,11 @@ cdef void _apply_options(sa_attn_args *args, tuple opts):
     args.alignment = opts[5]
     args.softcap = opts[6]
     args.schedule = _forced_schedule
+    args.dout = NULL                       # the backward's fields: set by _set_grads
+    args.dq = args.dk = args.dv = NULL
+    args.dq_off = args.dk_off = args.dv_off = NULL
+    args.dout_sl = args.dout_se = args.dq_sl = args.dq_se = 0
+    args.dk_ss = args.dk_se = args.dv_ss = args.dv_se = 0
     args.interrupt = NULL
     if PyThread_get_thread_ident() == threading.main_thread().ident:
         args.interrupt = _check_signals
@@ -470,12 +475,13 @@ cdef tuple _qkv_arrays(object query, object key, object value):
 
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
-         alibi_slopes=None, softcap=None, out=None, schedule_only=False):
+         alibi_slopes=None, softcap=None, out=None, schedule_only=False, _bwd=None):
     """Validate, then run the fused kernel. See selfattn.scaled_dot_product_attention.
 
     Keyword-only past the arrays, so a new parameter can never shift the others.
     schedule_only=True validates and returns the schedule the kernel would use
-    ({'threads', 'fused', 'compute_tasks', 'group'}) without computing (for tests)."""
+    ({'threads', 'fused', 'compute_tasks', 'group'}) without computing (for tests).
+    _bwd=(out, lse, dout): run the backward instead (see sdpa_bwd)."""
     # -- scalars first: cheap, and errors come before any work
     opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
 
@@ -558,6 +564,18 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
     elif out.shape != out_shape or out.dtype != dt:
         raise ValueError(f"out must have shape {out_shape} and dtype {dt}, got {out.shape} {out.dtype}")
     lse = np.empty(tuple(ob) + (L,), dtype=dt) if return_lse else None
+    dout = dq = dk = dv = None
+    if _bwd is not None:                 # the backward: the forward's out and lse, the cotangent
+        out, lse, dout = _bwd
+        for a, nm, shp in ((out, "out", out_shape), (lse, "lse", tuple(ob) + (L,)), (dout, "grad_out", out_shape)):
+            if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != dt:
+                raise ValueError(f"{nm} must be an array of shape {shp} and dtype {dt}, got "
+                                 f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
+        out = np.ascontiguousarray(out)       # dout is read with out's offsets: same layout
+        dout = np.ascontiguousarray(_ready(dout, typenum))
+        dq = np.zeros(tuple(ob) + (L, E), dtype=dt)
+        dk = np.zeros(tuple(kvb) + (S, E), dtype=dt)
+        dv = np.zeros(tuple(kvb) + (S, Ev), dtype=dt)
 
     cdef int64_t n_units = 1, n_kv = 1
     for x in ob:
@@ -567,6 +585,8 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
     if n_units == 0 or L == 0 or (Ev == 0 and lse is None):
         if schedule_only:
             return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
+        if dout is not None:
+            return dq, dk, dv
         return (out, lse) if return_lse else out
 
     # -- unit tables: offsets of each (batch, head) unit and its distinct K/V
@@ -711,27 +731,76 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
         args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len) if k_len is not None else NULL
         args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
         _apply_options(&args, opts)
+        if dout is not None:
+            # gradients: dq per unit (C order of the output batch dims), dk and dv per kv unit
+            # (C order of the kv batch dims), contiguous; the caller sums them back to the inputs' shapes
+            dq_off = np.arange(n_units, dtype=np.int64) * (L * E)
+            dk_off = np.arange(n_kv, dtype=np.int64) * (S * E)
+            dv_off = np.arange(n_kv, dtype=np.int64) * (S * Ev)
+            _set_grads(&args, dout, dq, dq_off, dk, dk_off, dv, dv_off)
 
         if schedule_only:
-            return _schedule_of(&args, isa, isz)
-        _run_kernel(&args, isa, isz)
+            return _schedule_of(&args, isa, isz, dout is not None)
+        _run_kernel(&args, isa, isz, dout is not None)
     finally:
         _free(tab)
+    if dout is not None:
+        return dq, dk, dv
     return (out, lse) if return_lse else out
 
 
-cdef int _run_kernel(sa_attn_args *args, int isa, int isz) except -1:
-    """Workspace, the kernel without the GIL, status codes -> exceptions (Ctrl-C included)."""
+cdef void _set_grads(sa_attn_args *args, object dout, object dq, object dq_off, object dk, object dk_off,
+                     object dv, object dv_off):
+    """The backward's fields of args: the cotangent (laid out like out) and the gradients
+    (3-D or more, rows and columns the last two dims) with per-unit / per-kv-unit offsets."""
+    args.dout = cnp.PyArray_DATA(dout)
+    args.dout_sl = _stride(dout, -2)
+    args.dout_se = _stride(dout, -1)
+    args.dq = cnp.PyArray_DATA(dq)
+    args.dq_off = <const int64_t *> cnp.PyArray_DATA(dq_off)
+    args.dq_sl = _stride(dq, -2)
+    args.dq_se = _stride(dq, -1)
+    args.dk = cnp.PyArray_DATA(dk)
+    args.dk_off = <const int64_t *> cnp.PyArray_DATA(dk_off)
+    args.dk_ss = _stride(dk, -2)
+    args.dk_se = _stride(dk, -1)
+    args.dv = cnp.PyArray_DATA(dv)
+    args.dv_off = <const int64_t *> cnp.PyArray_DATA(dv_off)
+    args.dv_ss = _stride(dv, -2)
+    args.dv_se = _stride(dv, -1)
+
+
+def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal=False, scale=None,
+             enable_gqa=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
+             alibi_slopes=None, softcap=None, schedule_only=False):
+    """The fused backward of sdpa: out and lse are what sdpa(..., return_lse=True) returned for
+    the same arguments, grad_out the cotangent (out's shape and dtype). Returns (dq, dk, dv):
+    dq with the output's batch dims (..., Hq, L, E), dk and dv with the broadcast batch dims of
+    key and value (..., H, S, E / Ev); selfattn.autograd sums them back to the inputs' shapes."""
+    return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa, return_lse=True, num_threads=num_threads, window_size=window_size,
+                alignment=alignment, key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap,
+                schedule_only=schedule_only, _bwd=(out, lse, grad_out))
+
+
+cdef int _run_kernel(sa_attn_args *args, int isa, int isz, bint bwd=False) except -1:
+    """Workspace, the kernel (forward, or backward) without the GIL, status codes -> exceptions
+    (Ctrl-C included)."""
     global _pending_signal_exc
     cdef size_t ws_bytes = 0
     cdef void *ws = NULL
-    cdef int status = sa_attn_workspace_size(args, isa, isz, &ws_bytes)
+    cdef int status = (sa_attn_bwd_workspace_size(args, isa, isz, &ws_bytes) if bwd
+                       else sa_attn_workspace_size(args, isa, isz, &ws_bytes))
     if status != SA_OK:
         raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
     ws = _alloc(ws_bytes)
     try:
         with nogil:
-            if isz == 4:
+            if bwd and isz == 4:
+                status = sa_attn_bwd_f32(args, isa, ws, ws_bytes)
+            elif bwd:
+                status = sa_attn_bwd_f64(args, isa, ws, ws_bytes)
+            elif isz == 4:
                 status = sa_attn_fwd_f32(args, isa, ws, ws_bytes)
             else:
                 status = sa_attn_fwd_f64(args, isa, ws, ws_bytes)
@@ -789,9 +858,10 @@ def merge(list outs, list lses, num_threads=None):
     return out, lse
 
 
-cdef object _schedule_of(sa_attn_args *args, int isa, int isz):
+cdef object _schedule_of(sa_attn_args *args, int isa, int isz, bint bwd=False):
     cdef sa_schedule sched
-    cdef int status = sa_attn_schedule(args, isa, isz, &sched)
+    cdef int status = (sa_attn_bwd_schedule(args, isa, isz, &sched) if bwd
+                       else sa_attn_schedule(args, isa, isz, &sched))
     if status != SA_OK:
         raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
     return {"threads": sched.threads, "fused": bool(sched.fused), "banded": bool(sched.banded),
@@ -815,8 +885,9 @@ def _check_cu_seqlens(cu, str name, int64_t total):
 
 def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False, window_size=None,
            alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False, return_lse=False,
-           num_threads=None, schedule_only=False):
-    """Packed variable-length batches. See selfattn.varlen_attention."""
+           num_threads=None, schedule_only=False, _bwd=None):
+    """Packed variable-length batches. See selfattn.varlen_attention. _bwd=(out, lse, dout):
+    the backward instead (see varlen_bwd)."""
     opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
     q, k, v, typenum_ = _qkv_arrays(query, key, value)
     cdef int typenum = typenum_
@@ -848,9 +919,23 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_caus
     cdef int64_t B = cu_q.size - 1, group = Hq // H if H else 1
     out = np.empty((Hq, Tq, Ev), dtype=dt)
     lse = np.empty((Hq, Tq), dtype=dt) if return_lse else None
+    dout = dq = dk = dv = None
+    if _bwd is not None:
+        out, lse, dout = _bwd
+        for a, nm, shp in ((out, "out", (Hq, Tq, Ev)), (lse, "lse", (Hq, Tq)), (dout, "grad_out", (Hq, Tq, Ev))):
+            if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != dt:
+                raise ValueError(f"{nm} must be an array of shape {shp} and dtype {dt}, got "
+                                 f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
+        out = np.ascontiguousarray(out)
+        dout = np.ascontiguousarray(_ready(dout, typenum))
+        dq = np.zeros((Hq, Tq, E), dtype=dt)
+        dk = np.zeros((H, Tk, E), dtype=dt)
+        dv = np.zeros((H, Tk, Ev), dtype=dt)
     if Hq == 0 or B == 0 or Tq == 0 or (Ev == 0 and lse is None):
         if schedule_only:
             return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
+        if dout is not None:
+            return dq, dk, dv
         return (out, lse) if return_lse else out
     q = _ready(q, typenum)
     k = _ready(k, typenum)
@@ -916,8 +1001,25 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_caus
     args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len)
     args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
     _apply_options(&args, opts)
+    if dout is not None:                 # packed gradients: each unit / kv unit at its sequence's rows
+        dq_off = np.ascontiguousarray(off(dq, cu_q[:-1], hs).reshape(-1))
+        dk_off = np.ascontiguousarray(off(dk, cu_k[:-1], hk).reshape(-1))
+        dv_off = np.ascontiguousarray(off(dv, cu_k[:-1], hk).reshape(-1))
+        _set_grads(&args, dout, dq, dq_off, dk, dk_off, dv, dv_off)
     cdef int isa_ = _call_isa()
     if schedule_only:
-        return _schedule_of(&args, isa_, isz_)
-    _run_kernel(&args, isa_, isz_)
+        return _schedule_of(&args, isa_, isz_, dout is not None)
+    _run_kernel(&args, isa_, isz_, dout is not None)
+    if dout is not None:
+        return dq, dk, dv
     return (out, lse) if return_lse else out
+
+
+def varlen_bwd(query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, grad_out, *, scale=None,
+               is_causal=False, window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
+               enable_gqa=False, num_threads=None, schedule_only=False):
+    """The fused backward of varlen: (dq, dk, dv) in the packed layouts of query, key, value."""
+    return varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
+                  window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
+                  enable_gqa=enable_gqa, return_lse=True, num_threads=num_threads,
+                  schedule_only=schedule_only, _bwd=(out, lse, grad_out))

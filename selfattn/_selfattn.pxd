@@ -85,6 +85,17 @@ cdef extern from "selfattn.h" nogil:
         int schedule
         sa_interrupt_fn interrupt
         void *interrupt_ctx
+        const void *dout
+        int64_t dout_sl, dout_se
+        void *dq
+        const int64_t *dq_off
+        int64_t dq_sl, dq_se
+        void *dk
+        const int64_t *dk_off
+        int64_t dk_ss, dk_se
+        void *dv
+        const int64_t *dv_off
+        int64_t dv_ss, dv_se
 
     int sa_isa_supported(int isa)
     int sa_isa_best()
@@ -102,3 +113,7 @@ cdef extern from "selfattn.h" nogil:
                      double *out, double *lse, void *ws, size_t ws_bytes, int num_threads) nogil
     int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)
     int sa_attn_fwd_f64(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)
+    int sa_attn_bwd_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
+    int sa_attn_bwd_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule *schedule)
+    int sa_attn_bwd_f32(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)
+    int sa_attn_bwd_f64(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes)

@@ -501,6 +501,9 @@ static void FN(banded_task)(void *vctx, int64_t t, int tid)
 /* ---- the decode path: few query rows per K/V ---------------------------- */
 #include "attn_decode_body.h"
 
+/* ---- the backward ------------------------------------------------------- */
+#include "attn_bwd_body.h"
+
 /* ---- driver ------------------------------------------------------------ */
 
 int FN(attn_fwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)

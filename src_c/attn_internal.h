@@ -63,6 +63,27 @@ typedef struct {
 
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dtype_size, sa_layout *lay);
 
+/* Workspace of the backward (attn_bwd_body.h), in elements of the compute
+ * dtype, each piece rounded up to 64 bytes:
+ *   [D: n_units x lp][dQ partials: n_units x nc x lp x ep][scratch of thread 0]...
+ * One thread's scratch: [K^T E x BK][K BK x ep][V^T Ev x BK][dK BK x ep]
+ * [dV BK x evp][Q scaled BQ x ep][Q BQ x ep][dO BQ x evp][P BQ x BK][dS BQ x BK]
+ * [raw scores BQ x BK (softcap)][lse2, D: 2 x BQ]. */
+#define SA_BWD_MAX_CHUNKS 16     /* backward: most key chunks per kv unit (dQ partials) */
+typedef struct {
+    int64_t n_qt, n_kb, lp, ep, evp;   /* query tiles, key blocks; L, E, Ev padded  */
+    int64_t cb, nc;                    /* key blocks per chunk, chunks per kv unit  */
+    int64_t tasks;                     /* n_kv x nc                                 */
+    int64_t part_elems;                /* one unit's dQ partial of one chunk: lp x ep */
+    int64_t part_off, shared_elems;
+    int64_t off_kt, off_kr, off_vt, off_dk, off_dv, off_qs, off_qu, off_do, off_s, off_dp, off_raw, off_rows;
+    int64_t thread_elems;
+    int nt;
+    size_t total_bytes;
+} sa_bwd_layout;
+
+int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dtype_size, sa_bwd_layout *lay);
+
 /* Run fn(ctx, t, tid) for t in [0, n) on nt threads (tasks claimed in order
  * from a shared counter, so scheduling is dynamic; results never depend on
  * which thread ran a task). Thread 0 polls a->interrupt every ~20 ms. */
@@ -76,6 +97,8 @@ int sa_effective_threads(int requested);
 #define SA_DECLARE_TARGET(isuf)                                                              \
     int attn_fwd_f32_##isuf(const sa_attn_args *a, void *ws, size_t ws_bytes);               \
     int attn_fwd_f64_##isuf(const sa_attn_args *a, void *ws, size_t ws_bytes);               \
+    int attn_bwd_f32_##isuf(const sa_attn_args *a, void *ws, size_t ws_bytes);               \
+    int attn_bwd_f64_##isuf(const sa_attn_args *a, void *ws, size_t ws_bytes);               \
     extern const sa_tile_params sa_params_f32_##isuf, sa_params_f64_##isuf;
 
 SA_DECLARE_TARGET(generic)

@@ -76,22 +76,30 @@ int sa_effective_threads(int requested)
 typedef struct {
     int (*f32)(const sa_attn_args *, void *, size_t);
     int (*f64)(const sa_attn_args *, void *, size_t);
+    int (*bwd32)(const sa_attn_args *, void *, size_t);
+    int (*bwd64)(const sa_attn_args *, void *, size_t);
     const sa_tile_params *p32, *p64;
 } sa_kernel;
 
+#define SA_KERNEL_ROW(isuf) \
+    {attn_fwd_f32_##isuf, attn_fwd_f64_##isuf, attn_bwd_f32_##isuf, attn_bwd_f64_##isuf, \
+     &sa_params_f32_##isuf, &sa_params_f64_##isuf}
+#define SA_KERNEL_NONE {NULL, NULL, NULL, NULL, NULL, NULL}
+
+/* one function table: row = instruction set */
 static const sa_kernel sa_kernels[SA_ISA_COUNT] = {
-    {attn_fwd_f32_generic, attn_fwd_f64_generic, &sa_params_f32_generic, &sa_params_f64_generic},
+    SA_KERNEL_ROW(generic),
 #if SA_HAVE_X86_TARGETS
-    {attn_fwd_f32_avx2, attn_fwd_f64_avx2, &sa_params_f32_avx2, &sa_params_f64_avx2},
-    {attn_fwd_f32_avx512, attn_fwd_f64_avx512, &sa_params_f32_avx512, &sa_params_f64_avx512},
+    SA_KERNEL_ROW(avx2),
+    SA_KERNEL_ROW(avx512),
 #else
-    {NULL, NULL, NULL, NULL},
-    {NULL, NULL, NULL, NULL},
+    SA_KERNEL_NONE,
+    SA_KERNEL_NONE,
 #endif
 #if SA_HAVE_NEON_TARGET
-    {attn_fwd_f32_neon, attn_fwd_f64_neon, &sa_params_f32_neon, &sa_params_f64_neon},
+    SA_KERNEL_ROW(neon),
 #else
-    {NULL, NULL, NULL, NULL},
+    SA_KERNEL_NONE,
 #endif
 };
 
@@ -243,6 +251,55 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     return SA_OK;
 }
 
+/* The backward's chunking depends on the shapes only (never on the thread
+ * count, so results do not either): about 32 tasks in all, at most
+ * SA_BWD_MAX_CHUNKS key chunks per kv unit (each chunk keeps a partial dQ). */
+int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_bwd_layout *lay)
+{
+    if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0)
+        return SA_ERR_ARG;
+    int64_t align = 64 / dsize;
+    int64_t bq = p->bq, bk = p->bk;
+    lay->n_qt = (a->L + bq - 1) / bq;
+    lay->n_kb = (a->S + bk - 1) / bk;
+    lay->lp = lay->n_qt * bq;
+    lay->ep = sa_round_up(a->E, p->vw);
+    lay->evp = sa_round_up(a->Ev, p->vw);
+    int64_t nc = a->n_kv > 0 ? (32 + a->n_kv - 1) / a->n_kv : 1;
+    if (nc > SA_BWD_MAX_CHUNKS) nc = SA_BWD_MAX_CHUNKS;
+    if (nc > lay->n_kb) nc = lay->n_kb;
+    if (nc < 1) nc = 1;
+    lay->cb = lay->n_kb > 0 ? (lay->n_kb + nc - 1) / nc : 1;
+    lay->nc = lay->n_kb > 0 ? (lay->n_kb + lay->cb - 1) / lay->cb : 1;
+    lay->tasks = a->n_kv * lay->nc;
+    lay->part_elems = sa_round_up(lay->lp * lay->ep, align);
+    lay->part_off = sa_round_up(a->n_units * lay->lp, align);
+    lay->shared_elems = lay->part_off + a->n_units * lay->nc * lay->part_elems;
+    int64_t o = 0;
+#define SA_PIECE(field, n) do { lay->field = o; o += sa_round_up((n), align); } while (0)
+    SA_PIECE(off_kt, a->E * bk);
+    SA_PIECE(off_kr, bk * lay->ep);
+    SA_PIECE(off_vt, a->Ev * bk);
+    SA_PIECE(off_dk, bk * lay->ep);
+    SA_PIECE(off_dv, bk * lay->evp);
+    SA_PIECE(off_qs, bq * lay->ep);
+    SA_PIECE(off_qu, bq * lay->ep);
+    SA_PIECE(off_do, bq * lay->evp);
+    SA_PIECE(off_s, bq * bk);
+    SA_PIECE(off_dp, bq * bk);
+    SA_PIECE(off_raw, bq * bk);
+    SA_PIECE(off_rows, 2 * bq);
+#undef SA_PIECE
+    lay->thread_elems = o;
+    int nt = sa_effective_threads(a->num_threads);
+    int64_t most = lay->tasks > a->n_units ? lay->tasks : a->n_units;
+    if (most < 1) most = 1;
+    if (nt > most) nt = (int)most;
+    lay->nt = nt;
+    lay->total_bytes = (size_t)((lay->shared_elems + (int64_t)nt * lay->thread_elems) * dsize);
+    return SA_OK;
+}
+
 int sa_tile_params_get(int isa, int dtype_size, sa_tile_params *params)
 {
     if (isa < 0 || isa >= SA_ISA_COUNT || sa_kernels[isa].f32 == NULL) return SA_ERR_ISA;
@@ -280,6 +337,47 @@ int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule
     sch->group = lay.group;
     sch->ring_blocks = lay.ring;
     return SA_OK;
+}
+
+static int sa_bwd_layout_for(const sa_attn_args *a, int isa, int dtype_size, sa_bwd_layout *lay)
+{
+    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
+    if (dtype_size != 4 && dtype_size != 8) return SA_ERR_ARG;
+    return sa_bwd_layout_compute(a, dtype_size == 4 ? sa_kernels[isa].p32 : sa_kernels[isa].p64, dtype_size, lay);
+}
+
+int sa_attn_bwd_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
+{
+    sa_bwd_layout lay;
+    int st = sa_bwd_layout_for(a, isa, dtype_size, &lay);
+    if (st != SA_OK) return st;
+    *bytes = lay.total_bytes;
+    return SA_OK;
+}
+
+int sa_attn_bwd_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule *sch)
+{
+    sa_bwd_layout lay;
+    int st = sa_bwd_layout_for(a, isa, dtype_size, &lay);
+    if (st != SA_OK) return st;
+    sch->threads = lay.nt;
+    sch->fused = sch->banded = sch->decode = 0;
+    sch->compute_tasks = lay.tasks;
+    sch->group = lay.nc;
+    sch->ring_blocks = 0;
+    return SA_OK;
+}
+
+int sa_attn_bwd_f32(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
+{
+    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
+    return sa_kernels[isa].bwd32(a, ws, ws_bytes);
+}
+
+int sa_attn_bwd_f64(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
+{
+    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
+    return sa_kernels[isa].bwd64(a, ws, ws_bytes);
 }
 
 int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)

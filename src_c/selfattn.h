@@ -14,7 +14,8 @@
  * distinct K/V), packs nothing and reads K/V in place once for all of them.
  *
  * Entry points: sa_attn_fwd_* (attention, every option, one problem
- * description: sa_attn_args), sa_attn_schedule (how it would run),
+ * description: sa_attn_args), sa_attn_bwd_* (its fused backward, same
+ * description plus the gradient fields), sa_attn_schedule (how it would run),
  * sa_merge_* (the log-sum-exp merge of partial results), CPU/ISA queries.
  */
 #ifndef SELFATTN_H
@@ -153,6 +154,18 @@ typedef struct {
                          (a bounded window; <= 16 stacked query rows), else AUTO decides */
 
     sa_interrupt_fn interrupt; void *interrupt_ctx;   /* may be NULL; polled on thread 0 */
+
+    /* The backward only (sa_attn_bwd_*; the forward ignores these). Inputs:
+     * out and lse above are the forward's results (lse required), dout is the
+     * cotangent, laid out like out: [L, Ev] at dout + out_off[u], strides
+     * (dout_sl, dout_se). Results: dq [L, E] per unit at dq + dq_off[u];
+     * dk [S, E] and dv [S, Ev] per kv unit g at dk + dk_off[g], dv + dv_off[g],
+     * summed over the units of g. Written: rows i < L_u of dq, rows j < max
+     * S_u (over the units of g) of dk and dv; the caller zero-fills the rest. */
+    const void *dout;  int64_t dout_sl, dout_se;
+    void *dq;          const int64_t *dq_off; int64_t dq_sl, dq_se;
+    void *dk;          const int64_t *dk_off; int64_t dk_ss, dk_se;
+    void *dv;          const int64_t *dv_off; int64_t dv_ss, dv_se;
 } sa_attn_args;
 
 /* What this build and this CPU can do. */
@@ -189,6 +202,15 @@ int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_
 /* The fused forward pass. workspace must be 64-byte aligned. */
 int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes);
 int sa_attn_fwd_f64(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes);
+
+/* The fused backward pass (the gradient fields of sa_attn_args): bytes of
+ * workspace, how it would be scheduled (threads, compute_tasks = kv units x
+ * key chunks), and the pass itself. Same masks and options as the forward;
+ * results do not depend on num_threads. workspace must be 64-byte aligned. */
+int sa_attn_bwd_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes);
+int sa_attn_bwd_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule *schedule);
+int sa_attn_bwd_f32(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes);
+int sa_attn_bwd_f64(const sa_attn_args *a, int isa, void *workspace, size_t workspace_bytes);
 
 #ifdef __cplusplus
 }

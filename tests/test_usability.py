@@ -99,6 +99,12 @@ def test_docstring_examples_run():
     assert result.attempted >= 10 and result.failed == 0
 
 
+def test_autograd_docstring_examples_run():
+    import selfattn.autograd
+    result = doctest.testmod(selfattn.autograd, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted >= 4 and result.failed == 0
+
+
 def test_public_functions_have_returns_and_examples():
     for fn in (selfattn.attend, selfattn.scaled_dot_product_attention, selfattn.config):
         assert "Returns\n    -------" in fn.__doc__ and "Examples\n    --------" in fn.__doc__, fn.__name__

@@ -5,7 +5,9 @@
  * 1 and 2 threads, no mask / bool mask / float mask / causal, structured
  * masks (window, alignment, key lengths with NaN planted past them, ALiBi,
  * softcap) over several units, sizes around each path's own tile edges
- * (sa_tile_params_get).
+ * (sa_tile_params_get); the backward (sa_attn_bwd_*) against naive float64
+ * gradients, with GQA and the structured masks, bit-identical for 1, 2 (and 3)
+ * threads.
  * Prints "N passed, M failed"; exit status 1 on any failure.
  */
 #include <math.h>
@@ -249,6 +251,183 @@ static int guard_case(int isa, int dsize, int nt, int64_t L)
 static int guard_case(int isa, int dsize, int nt, int64_t L) { (void)isa; (void)dsize; (void)nt; (void)L; return 0; }
 #endif
 
+/* ---- the backward ----------------------------------------------------------
+ * naive float64 gradients of one unit (the rules of `naive`), added into
+ * dq [L][E], dk [S][E], dv [S][Ev]: P from the logits, D = rowsum(dO o O),
+ * dS = P (dP - D) (1 - tanh^2 for softcap), dQ = scale dS K, dK = scale dS^T Q,
+ * dV = P^T dO. */
+static void naive_bwd(int64_t L, int64_t S, int64_t Su, int64_t E, int64_t Ev, const double *q, const double *k,
+                      const double *v, const double *dout, int mkind, const double *mask, int causal,
+                      const smoke_opts *o, double slope, double scale, double *dq, double *dk, double *dv)
+{
+    double *s = malloc(sizeof(double) * (S ? S : 1)), *x = malloc(sizeof(double) * (S ? S : 1));
+    for (int64_t i = 0; i < L; i++) {
+        int64_t p = i + (o->align == SA_ALIGN_BOTTOM_RIGHT ? Su - L : 0);
+        double m = -INFINITY;
+        for (int64_t j = 0; j < S; j++) {
+            int visible = j < Su && !(causal && j > p);
+            if (o->window && o->left >= 0 && j < p - o->left) visible = 0;
+            if (o->window && o->right >= 0 && j > p + o->right) visible = 0;
+            if (mkind == 1 && mask[i * S + j] == 0) visible = 0;
+            double d = -INFINITY;
+            x[j] = 0;
+            if (visible) {
+                d = 0;
+                for (int64_t e = 0; e < E; e++) d += q[i * E + e] * k[j * E + e];
+                d *= scale;
+                x[j] = d;
+                if (o->softcap > 0) d = o->softcap * tanh(d / o->softcap);
+                d -= slope * (double)(p > j ? p - j : j - p);
+                if (mkind == 2) d += mask[i * S + j];
+            }
+            s[j] = d;
+            if (d > m) m = d;
+        }
+        if (m == -INFINITY) continue;                     /* every key masked: zero gradients */
+        double l = 0;
+        for (int64_t j = 0; j < S; j++) { s[j] = exp(s[j] - m); l += s[j]; }
+        double D = 0;
+        for (int64_t c = 0; c < Ev; c++) {
+            double oc = 0;
+            for (int64_t j = 0; j < S; j++) if (s[j] != 0) oc += s[j] / l * v[j * Ev + c];
+            D += oc * dout[i * Ev + c];
+        }
+        for (int64_t j = 0; j < S; j++) {
+            double pj = s[j] / l;
+            if (pj == 0) continue;
+            double dp = 0;
+            for (int64_t c = 0; c < Ev; c++) { dp += dout[i * Ev + c] * v[j * Ev + c]; dv[j * Ev + c] += pj * dout[i * Ev + c]; }
+            double ds = pj * (dp - D);
+            if (o->softcap > 0) { double t = tanh(x[j] / o->softcap); ds *= 1 - t * t; }
+            ds *= scale;
+            for (int64_t e = 0; e < E; e++) { dq[i * E + e] += ds * k[j * E + e]; dk[j * E + e] += ds * q[i * E + e]; }
+        }
+    }
+    free(s);
+    free(x);
+}
+
+/* The backward of `G` units per distinct K/V (GQA), 2 distinct K/V, key
+ * lengths S_u = klen - u (different within a K/V's units; NaN planted past
+ * the longest), against naive_bwd; then 1 thread (and 3 where bwd_3_threads:
+ * more threads than the 2 cores CI has make libgomp's barriers spin, slow)
+ * must give the same bits as `nt`. The forward provides out and lse. */
+static int bwd_3_threads = 0;
+static void bwd_case(int isa, int dsize, int nt, int mkind, int causal, int64_t L, int64_t S, int64_t E, int64_t Ev,
+                     int G, const smoke_opts *o)
+{
+    uint64_t seed = (uint64_t)(L * 31 + S * 7 + E * 3 + Ev + G * 101 + causal * 7000 + mkind * 300);
+    n_cases++;
+    const int64_t NKV = 2, U = NKV * G;
+    size_t nq = (size_t)(L * E), nk = (size_t)(S * E), nv = (size_t)(S * Ev), no = (size_t)(L * Ev), nm = (size_t)(L * S);
+    double *qd = calloc(U * nq + 1, 8), *kd = calloc(NKV * nk + 1, 8), *vd = calloc(NKV * nv + 1, 8);
+    double *dod = calloc(U * no + 1, 8), *md = calloc(nm + 1, 8);
+    double *gq = calloc(U * nq + 1, 8), *gk = calloc(NKV * nk + 1, 8), *gv = calloc(NKV * nv + 1, 8);
+    void *q = malloc((size_t)dsize * (U * nq + 1)), *k = malloc((size_t)dsize * (NKV * nk + 1));
+    void *v = malloc((size_t)dsize * (NKV * nv + 1)), *dout = malloc((size_t)dsize * (U * no + 1));
+    void *out = malloc((size_t)dsize * (U * no + 1)), *lse = malloc((size_t)dsize * (U * L + 1));
+    void *mask = malloc(8 * (nm + 1));
+    void *g[3][3];                                    /* [run][dq, dk, dv] */
+    size_t gn[3] = {U * nq, NKV * nk, NKV * nv};
+    for (int r = 0; r < 3; r++)
+        for (int t = 0; t < 3; t++) g[r][t] = calloc(gn[t] + 1, (size_t)dsize);
+    int64_t su[64], offq[64], offo[64], offl[64], units[64], kvstart[3], offk[2], offv[2], zeros[64];
+    double slopes[64];
+    for (size_t i = 0; i < U * nq; i++) { store(q, dsize, i, 2 * urand(&seed)); qd[i] = load(q, dsize, i); }
+    for (size_t i = 0; i < NKV * nk; i++) { store(k, dsize, i, 2 * urand(&seed)); kd[i] = load(k, dsize, i); }
+    for (size_t i = 0; i < NKV * nv; i++) { store(v, dsize, i, urand(&seed)); vd[i] = load(v, dsize, i); }
+    for (size_t i = 0; i < U * no; i++) { store(dout, dsize, i, urand(&seed)); dod[i] = load(dout, dsize, i); }
+    for (size_t i = 0; i < nm; i++) md[i] = mkind == 1 ? (urand(&seed) > -0.6) : 0.5 * urand(&seed);
+    for (size_t i = 0; i < nm; i++) { if (mkind == 1) ((uint8_t *)mask)[i] = md[i] != 0; else ((double *)mask)[i] = md[i]; }
+    double scale = 1.0 / sqrt((double)(E ? E : 1));
+    int64_t smax[2] = {0, 0};
+    for (int64_t u = 0; u < U; u++) {
+        int64_t gkv = u / G;
+        su[u] = o->klen < 0 ? S : (o->klen - u < 0 ? 0 : o->klen - u > S ? S : o->klen - u);
+        if (su[u] > smax[gkv]) smax[gkv] = su[u];
+        slopes[u] = o->slope * (double)(u + 1);
+        offq[u] = u * (int64_t)nq; offo[u] = u * (int64_t)no; offl[u] = u * L; units[u] = u; zeros[u] = 0;
+        naive_bwd(L, S, su[u], E, Ev, qd + offq[u], kd + gkv * nk, vd + gkv * nv, dod + offo[u], mkind, md, causal, o,
+                  slopes[u], scale, gq + offq[u], gk + gkv * nk, gv + gkv * nv);
+    }
+    for (int64_t gkv = 0; gkv < NKV; gkv++) {
+        offk[gkv] = gkv * (int64_t)nk; offv[gkv] = gkv * (int64_t)nv; kvstart[gkv] = gkv * G;
+        for (int64_t j = smax[gkv]; j < S; j++) {          /* never read: NaN / Inf */
+            for (int64_t e = 0; e < E; e++) store(k, dsize, (size_t)(offk[gkv] + j * E + e), NAN);
+            for (int64_t e = 0; e < Ev; e++) store(v, dsize, (size_t)(offv[gkv] + j * Ev + e), INFINITY);
+        }
+    }
+    kvstart[NKV] = U;
+    sa_attn_args a;
+    memset(&a, 0, sizeof a);
+    a.n_units = U; a.n_kv = NKV; a.L = L; a.S = S; a.E = E; a.Ev = Ev;
+    a.q = q; a.q_off = offq; a.q_sl = E; a.q_se = 1;
+    a.k = k; a.kv_k_off = offk; a.k_ss = E; a.k_se = 1;
+    a.v = v; a.kv_v_off = offv; a.v_ss = Ev; a.v_se = 1;
+    a.kv_start = kvstart; a.kv_units = units;
+    a.mask_kind = mkind == 0 ? SA_MASK_NONE : mkind == 1 ? SA_MASK_BOOL : SA_MASK_F64;
+    a.mask = mkind ? mask : NULL; a.mask_off = zeros; a.mask_sl = S; a.mask_ss = 1;
+    a.out = out; a.out_off = offo; a.out_sl = Ev; a.out_se = 1;
+    a.lse = lse; a.lse_off = offl; a.lse_sl = 1;
+    a.scale = scale; a.causal = causal;
+    a.window = o->window; a.window_left = o->left; a.window_right = o->right; a.alignment = o->align;
+    a.k_len = o->klen >= 0 ? su : NULL;
+    a.alibi_slope = o->slope != 0 ? slopes : NULL;
+    a.softcap = o->softcap;
+    a.dout = dout; a.dout_sl = Ev; a.dout_se = 1;
+    a.dq_off = offq; a.dq_sl = E; a.dq_se = 1;
+    a.dk_off = offk; a.dk_ss = E; a.dk_se = 1;
+    a.dv_off = offv; a.dv_ss = Ev; a.dv_se = 1;
+    int st = SA_OK, nts[3] = {nt, 1, 3}, runs = bwd_3_threads ? 3 : 2;
+    for (int r = 0; r < runs && st == SA_OK; r++) {
+        size_t bytes = 0;
+        a.num_threads = nts[r];
+        a.dq = g[r][0]; a.dk = g[r][1]; a.dv = g[r][2];
+        st = r ? SA_OK : sa_attn_workspace_size(&a, isa, dsize, &bytes);
+        void *raw = NULL, *ws;
+        if (st == SA_OK && r == 0) {                   /* the forward gives out and lse */
+            raw = malloc(bytes + 64);
+            ws = (void *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+            st = dsize == 4 ? sa_attn_fwd_f32(&a, isa, ws, bytes) : sa_attn_fwd_f64(&a, isa, ws, bytes);
+            free(raw);
+        }
+        if (st == SA_OK) st = sa_attn_bwd_workspace_size(&a, isa, dsize, &bytes);
+        if (st == SA_OK) {
+            raw = malloc(bytes + 64);
+            ws = (void *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+            st = dsize == 4 ? sa_attn_bwd_f32(&a, isa, ws, bytes) : sa_attn_bwd_f64(&a, isa, ws, bytes);
+            free(raw);
+        }
+    }
+    /* worst error relative to each gradient's largest entry, NaN-propagating */
+    double err = 0, tol = dsize == 4 ? 2e-4 : 1e-10;
+    const double *ref[3] = {gq, gk, gv};
+    for (int t = 0; t < 3; t++) {
+        double big = 1e-3;
+        for (size_t i = 0; i < gn[t]; i++) if (fabs(ref[t][i]) > big) big = fabs(ref[t][i]);
+        for (size_t i = 0; i < gn[t]; i++) {
+            double d = fabs(load(g[0][t], dsize, i) - ref[t][i]) / big;
+            if (!isnan(err) && !(d <= err)) err = d;
+        }
+    }
+    int same = 1;
+    for (int r = 1; r < runs; r++)
+        for (int t = 0; t < 3; t++) same &= memcmp(g[0][t], g[r][t], gn[t] * (size_t)dsize) == 0;
+    if (st == SA_OK && err <= tol && same) n_pass++;
+    else {
+        n_fail++;
+        printf("FAIL backward isa=%s f%d nt=%d mask=%d causal=%d L=%lld S=%lld E=%lld Ev=%lld G=%d window=%d(%lld,%lld) "
+               "align=%d klen=%lld slope=%g softcap=%g status=%d err=%g same-bits-1-3-threads=%d\n",
+               sa_isa_name(isa), dsize * 8, nt, mkind, causal, (long long)L, (long long)S, (long long)E, (long long)Ev,
+               G, o->window, (long long)o->left, (long long)o->right, o->align, (long long)o->klen, o->slope,
+               o->softcap, st, err, same);
+    }
+    free(qd); free(kd); free(vd); free(dod); free(md); free(gq); free(gk); free(gv);
+    free(q); free(k); free(v); free(dout); free(out); free(lse); free(mask);
+    for (int r = 0; r < 3; r++)
+        for (int t = 0; t < 3; t++) free(g[r][t]);
+}
+
 #define N_SHAPES 7
 #define N_STRUCTURED 3
 
@@ -334,6 +513,29 @@ int main(void)
                     run_case(isa, dsize, nt, 1, 0, 4 * p.bq + 1, 6 * p.bk + 7, 16, 16, &bcfg[1]);
                 }
             for (int nt = 1; nt <= 2; nt++) n_guard += guard_case(isa, dsize, nt, 70) + guard_case(isa, dsize, nt, 2);
+            /* the backward: tile edges, GQA (3 query heads per K/V), every structured mask,
+             * bit-identical for 1, 2 and 3 threads */
+            const smoke_opts bplain = {0, -1, -1, 0, -1, 0.0, 0.0, 1, SA_SCHEDULE_AUTO};
+            const smoke_opts bcfg[3] = {
+                {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, p.bk + 9, 0.0, 0.0, 1, SA_SCHEDULE_AUTO},
+                {1, 7, -1, SA_ALIGN_TOP_LEFT, -1, 0.3, 4.0, 1, SA_SCHEDULE_AUTO},
+                {1, 1, 0, SA_ALIGN_BOTTOM_RIGHT, 2 * p.bk, 0.05, 0.0, 1, SA_SCHEDULE_AUTO},
+            };
+            for (int s = 1; s < N_SHAPES; s++) {
+                bwd_case(isa, dsize, 2, 0, 0, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], 1, &bplain);
+                bwd_case(isa, dsize, 2, 1, 1, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], 3, &bplain);
+                bwd_case(isa, dsize, 2, 2, 0, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], 1, &bplain);
+            }
+            /* many key blocks: more blocks than chunks, so each chunk sums several blocks
+             * into its dQ partial (a chunking that followed the thread count shows here) */
+            bwd_3_threads = 1;
+            bwd_case(isa, dsize, 2, 0, 0, 3, 20 * p.bk + 3, 8, 4, 1, &bplain);
+            bwd_case(isa, dsize, 2, 1, 1, p.bq + 3, 2 * p.bk + 5, 17, p.vw + 3, 3, &bcfg[0]);
+            bwd_3_threads = 0;
+            for (int c = 0; c < 3; c++) {
+                bwd_case(isa, dsize, 2, c == 2 ? 1 : 0, c != 1, p.bq + 3, 2 * p.bk + 5, 17, p.vw + 3, 3, &bcfg[c]);
+                bwd_case(isa, dsize, 2, 2, 0, 2 * p.bq + 1, p.bk + 1, 33, 5, 2, &bcfg[c]);
+            }
         }
     }
     /* per isa: 2 dtypes x 2 thread counts x ((4 masking kinds + 5 schedules x N_STRUCTURED) x N_SHAPES

@@ -1,0 +1,327 @@
+/*
+ * attn_bwd_body.h -- the fused attention backward (FlashAttention-2's
+ * algorithm). Included by attn_fwd_body.h (same T, VP, VW, MR, NVV, BQ, BK,
+ * FN, V macros), so it is compiled once per target and dtype like the
+ * forward, and shares its problem description (sa_attn_args), its mask
+ * machinery (attn_mask.h; mask_row: softcap, ALiBi, attn_mask) and its
+ * SIMD layer.
+ *
+ * Shapes, per unit u (one batch x head) of kv unit g:
+ *   Q [L, E], K [S, E], V [S, Ev], O [L, Ev], lse [L], dO [L, Ev]
+ *   -> dQ [L, E] per unit; dK [S, E], dV [S, Ev] per kv unit, summed over
+ *      the units that share it (GQA heads, broadcast batch entries).
+ * With x = scale q.k (natural units), x' = softcap(x) + ALiBi + float mask:
+ *   P = exp(x' - lse), D = rowsum(dO o O), dP = dO V^T, dX' = P o (dP - D),
+ *   dX = dX' (1 - tanh^2(x / softcap)) (or dX'), dQ = scale dX K,
+ *   dK = scale dX^T Q, dV = P^T dO.
+ *
+ * Passes:
+ *   1. task u: D = rowsum(dO o O) (float64 sums), and this unit's dQ
+ *      partials zeroed;
+ *   2. task (g, chunk c): key blocks [c cb, (c + 1) cb) of kv unit g. Per
+ *      block: pack K^T [E][BK] (for S), K [BK][ep] (for dQ) and V^T [Ev][BK]
+ *      (for dP); then for every unit of g and every query tile that sees the
+ *      block (attn_mask.h: blocks and tiles outside every window skipped):
+ *        a. S = Qs K^T in log2 units, masks (mask_row), P = exp2(S - lse2);
+ *        b. dP = dO V^T; dS = scale P o (dP - D) (o softcap's derivative);
+ *        c. dV_blk += P^T dO, dK_blk += dS^T Q  (the block's rows, in the
+ *           thread's scratch: the block belongs to this task alone);
+ *        d. dQ_part[u][c] += dS K  (this chunk's own partial of dQ);
+ *      then dK, dV of the block are written out;
+ *   3. task u: dQ = sum over c of dQ_part[u][c], in chunk order.
+ * The chunking (cb, nc) depends on the shapes only (sa_bwd_layout_compute),
+ * every sum has a fixed order and no two tasks write the same memory: no
+ * atomics, and the results are bit for bit the same for every thread count.
+ * Memory: the workspace holds D and the dQ partials (nc x L x E per unit, nc
+ * <= 16) plus one thread's tiles; never anything of size L x S.
+ */
+
+/* rows of a backward micro-tile: MR where one of MR and VW divides the other
+ * (then key ranges aligned to KAL serve both the score vectors and the
+ * micro-tiles of dK and dV), else 4 */
+#define BMR ((VW % MR == 0 || MR % VW == 0) ? MR : 4)
+#define KAL (VW > BMR ? VW : BMR)
+_Static_assert(KAL % VW == 0 && KAL % BMR == 0 && BK % KAL == 0 && BQ % BMR == 0,
+               "backward tiles: KAL must be a multiple of VW and BMR, and divide BK");
+
+typedef struct {
+    const sa_attn_args *a;
+    sa_bwd_layout lay;
+    T *dbuf;            /* D [n_units][lp]                       */
+    T *part;            /* dQ partials [n_units][nc][lp][ep]     */
+    T *scratch;         /* nt x thread_elems                     */
+    T qscale;           /* scale * log2(e)                       */
+} FN(bctx_t);
+
+/* C[BMR][nv*VW] (= or +=) A[BMR][K] . B[K][nv*VW]: A's element (r, k) at
+ * A[r*ars + k*acs] (so A may be a transposed view), B rows brs apart, C rows
+ * crs apart. nv and accumulate are constants after inlining. */
+SA_INLINE void FN(bwd_mm_tile)(const T *SA_RESTRICT A, int64_t ars, int64_t acs, int64_t K,
+                               const T *SA_RESTRICT B, int64_t brs, T *SA_RESTRICT C, int64_t crs, const int nv,
+                               const int accumulate)
+{
+    VT acc[BMR][NVV];
+    for (int r = 0; r < BMR; r++)
+        for (int c = 0; c < nv; c++) acc[r][c] = accumulate ? V(load)(C + r * crs + c * VW) : V(zero)();
+    for (int64_t k = 0; k < K; k++) {
+        VT b[NVV];
+        for (int c = 0; c < nv; c++) b[c] = V(load)(B + k * brs + c * VW);
+        for (int r = 0; r < BMR; r++) {
+            VT av = V(bcast)(A + r * ars + k * acs);
+            for (int c = 0; c < nv; c++) acc[r][c] = V(fma)(av, b[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < BMR; r++)
+        for (int c = 0; c < nv; c++) V(store)(C + r * crs + c * VW, acc[r][c]);
+}
+
+/* bwd_mm_tile over ncols columns (a multiple of VW) */
+static void FN(bwd_mm)(const T *A, int64_t ars, int64_t acs, int64_t K, const T *B, int64_t brs, T *C, int64_t crs,
+                       int64_t ncols, int accumulate)
+{
+    int64_t c0 = 0;
+    if (accumulate) {
+        for (; c0 + NVV * VW <= ncols; c0 += NVV * VW)
+            FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, NVV, 1);
+        for (; c0 < ncols; c0 += VW) FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, 1, 1);
+    } else {
+        for (; c0 + NVV * VW <= ncols; c0 += NVV * VW)
+            FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, NVV, 0);
+        for (; c0 < ncols; c0 += VW) FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, 1, 0);
+    }
+}
+
+/* ---- pass 1: D = rowsum(dO o O); zero this unit's dQ partials ---------- */
+static void FN(bwd_prep_task)(void *vctx, int64_t u, int tid)
+{
+    FN(bctx_t) *c = (FN(bctx_t) *)vctx;
+    const sa_attn_args *a = c->a;
+    const sa_bwd_layout *lay = &c->lay;
+    (void)tid;
+    int64_t Lu = a->q_len ? a->q_len[u] : a->L;
+    const T *o = (const T *)a->out + a->out_off[u];
+    const T *d = (const T *)a->dout + a->out_off[u];
+    T *D = c->dbuf + u * lay->lp;
+    for (int64_t i = 0; i < lay->lp; i++) {
+        double s = 0;
+        if (i < Lu)
+            for (int64_t e = 0; e < a->Ev; e++)
+                s += (double)o[i * a->out_sl + e * a->out_se] * (double)d[i * a->dout_sl + e * a->dout_se];
+        D[i] = (T)s;
+    }
+    T *p = c->part + u * lay->nc * lay->part_elems;
+    for (int64_t i = 0; i < lay->nc * lay->part_elems; i++) p[i] = 0;
+}
+
+/* ---- pass 2: one (unit, query tile) against one packed key block ------- */
+static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um, int64_t i0, int64_t rows,
+                         int64_t tlo, int64_t thi, int64_t j0, T *ws, T *dqp)
+{
+    const sa_attn_args *a = c->a;
+    const sa_bwd_layout *lay = &c->lay;
+    const int64_t E = a->E, Ev = a->Ev, ep = lay->ep, evp = lay->evp;
+    const T NEG_INF = -(T)INFINITY;
+    const T LOG2E = (T)1.4426950408889634;
+    T *Kt = ws + lay->off_kt, *Kr = ws + lay->off_kr, *Vt = ws + lay->off_vt;
+    T *dKa = ws + lay->off_dk, *dVa = ws + lay->off_dv;
+    T *Qs = ws + lay->off_qs, *Qu = ws + lay->off_qu, *dOt = ws + lay->off_do;
+    T *St = ws + lay->off_s, *dPt = ws + lay->off_dp, *Raw = ws + lay->off_raw;
+    T *lse2 = ws + lay->off_rows, *Dr = lse2 + BQ;
+
+    int64_t kvalid = um->S - j0 < BK ? um->S - j0 : BK;     /* this unit's valid keys of the block */
+    int64_t ka = tlo - j0 > 0 ? tlo - j0 : 0;
+    int64_t kz = thi - j0 + 1 < kvalid ? thi - j0 + 1 : kvalid;
+    if (kz <= ka) return;
+    int64_t cs = ka / KAL * KAL, ce = FN(round_up)(kz, KAL), nk = ce - cs;
+    int64_t rows_eff = FN(round_up)(rows, BMR);
+
+    /* the tile: Q scaled (for S) and as given (for dK), dO, lse in log2 units, D */
+    const T *q = (const T *)a->q + a->q_off[u];
+    const T *dout = (const T *)a->dout + a->out_off[u];
+    const T *lse = (const T *)a->lse + a->lse_off[u];
+    const T *D = c->dbuf + u * lay->lp;
+    for (int64_t r = 0; r < rows_eff; r++) {
+        T *qs = Qs + r * ep, *qu = Qu + r * ep, *d = dOt + r * evp;
+        int64_t e = 0;
+        if (r < rows) {
+            const T *src = q + (i0 + r) * a->q_sl;
+            for (; e < E; e++) { qu[e] = src[e * a->q_se]; qs[e] = qu[e] * c->qscale; }
+            const T *dsrc = dout + (i0 + r) * a->dout_sl;
+            for (int64_t f = 0; f < Ev; f++) d[f] = dsrc[f * a->dout_se];
+            for (int64_t f = Ev; f < evp; f++) d[f] = 0;
+            lse2[r] = lse[(i0 + r) * a->lse_sl] * LOG2E;
+            Dr[r] = D[i0 + r];
+        } else {
+            for (int64_t f = 0; f < evp; f++) d[f] = 0;
+            lse2[r] = NEG_INF;
+            Dr[r] = 0;
+        }
+        for (; e < ep; e++) qu[e] = qs[e] = 0;
+    }
+
+    /* a. scores, masks, probabilities */
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += BMR)
+        FN(bwd_mm)(Qs + r0 * ep, ep, 1, E, Kt + cs, BK, St + r0 * BK + cs, BK, nk, 0);
+    if (a->softcap > 0)
+        for (int64_t r = 0; r < rows_eff; r++)
+            for (int64_t j = cs; j < ce; j += VW) V(store)(Raw + r * BK + j, V(load)(St + r * BK + j));
+    for (int64_t r = 0; r < rows_eff; r++) {
+        T *s = St + r * BK;
+        if (lse2[r] == NEG_INF) {                /* padding row, or every key masked: P = 0 */
+            FN(fill_zero)(s, cs, ce);
+            continue;
+        }
+        int64_t rs, re;
+        FN(mask_row)(a, um, u, i0 + r, j0, cs, ce, kvalid, s, &rs, &re);
+        VT l2 = V(set1)(lse2[r]);
+        for (int64_t j = rs; j < re; j += VW) V(store)(s + j, V(exp2)(V(sub)(V(load)(s + j), l2)));
+    }
+
+    /* b. dP = dO V^T, then dS = scale P o (dP - D) (o softcap's derivative) in place */
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += BMR)
+        FN(bwd_mm)(dOt + r0 * evp, evp, 1, Ev, Vt + cs, BK, dPt + r0 * BK + cs, BK, nk, 0);
+    {
+        VT vscale = V(set1)((T)a->scale);
+        T c2 = (T)(a->softcap * 1.4426950408889634);
+        VT kk = V(set1)(a->softcap > 0 ? (T)(-2.0 * 1.4426950408889634) / c2 : (T)0);
+        VT one = V(set1)((T)1), two = V(set1)((T)2);
+        for (int64_t r = 0; r < rows_eff; r++) {
+            VT dr = V(set1)(Dr[r]);
+            for (int64_t j = cs; j < ce; j += VW) {
+                VT ds = V(mul)(V(load)(St + r * BK + j), V(sub)(V(load)(dPt + r * BK + j), dr));
+                if (a->softcap > 0) {          /* tanh(x / softcap) from the raw log2-unit score */
+                    VT t = V(sub)(V(div)(two, V(add)(one, V(exp2)(V(mul)(V(load)(Raw + r * BK + j), kk)))), one);
+                    ds = V(mul)(ds, V(sub)(one, V(mul)(t, t)));
+                }
+                V(store)(dPt + r * BK + j, V(mul)(ds, vscale));
+            }
+        }
+    }
+
+    /* c. dV_blk += P^T dO, dK_blk += dS^T Q over the keys [cs, ce) */
+    for (int64_t jr = cs; jr < ce; jr += BMR) {
+        FN(bwd_mm)(St + jr, 1, BK, rows_eff, dOt, evp, dVa + jr * evp, evp, evp, 1);
+        FN(bwd_mm)(dPt + jr, 1, BK, rows_eff, Qu, ep, dKa + jr * ep, ep, ep, 1);
+    }
+    /* d. this chunk's dQ partial += dS K */
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += BMR)
+        FN(bwd_mm)(dPt + r0 * BK + cs, BK, 1, nk, Kr + cs * ep, ep, dqp + (i0 + r0) * ep, ep, ep, 1);
+}
+
+/* Pack key block kb of kv unit g (keys below klim; the rest zero): K^T [E][BK],
+ * K [BK][ep] and V^T [Ev][BK]. */
+static void FN(bwd_pack)(const FN(bctx_t) *c, int64_t g, int64_t j0, int64_t klim, T *ws)
+{
+    const sa_attn_args *a = c->a;
+    const sa_bwd_layout *lay = &c->lay;
+    const int64_t E = a->E, Ev = a->Ev, ep = lay->ep;
+    T *Kt = ws + lay->off_kt, *Kr = ws + lay->off_kr, *Vt = ws + lay->off_vt;
+    const T *k = (const T *)a->k + a->kv_k_off[g];
+    const T *v = (const T *)a->v + a->kv_v_off[g];
+    int64_t nvalid = klim - j0 < BK ? klim - j0 : BK;
+    if (nvalid < 0) nvalid = 0;
+    for (int64_t jj = 0; jj < BK; jj++) {
+        T *kr = Kr + jj * ep;
+        int64_t e = 0;
+        if (jj < nvalid) {
+            const T *src = k + (j0 + jj) * a->k_ss;
+            for (; e < E; e++) kr[e] = src[e * a->k_se];
+        }
+        for (; e < ep; e++) kr[e] = 0;
+    }
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t jj = 0; jj < BK; jj++) Kt[e * BK + jj] = Kr[jj * ep + e];
+    for (int64_t e = 0; e < Ev; e++) {
+        const T *vcol = v + j0 * a->v_ss + e * a->v_se;
+        T *dst = Vt + e * BK;
+        int64_t jj = 0;
+        for (; jj < nvalid; jj++) dst[jj] = vcol[jj * a->v_ss];
+        for (; jj < BK; jj++) dst[jj] = 0;
+    }
+}
+
+/* task (g, c): key blocks of chunk c of kv unit g, every unit and tile that sees them */
+static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
+{
+    FN(bctx_t) *c = (FN(bctx_t) *)vctx;
+    const sa_attn_args *a = c->a;
+    const sa_bwd_layout *lay = &c->lay;
+    const int64_t E = a->E, Ev = a->Ev, ep = lay->ep, evp = lay->evp;
+    T *ws = c->scratch + (int64_t)tid * lay->thread_elems;
+    T *dKa = ws + lay->off_dk, *dVa = ws + lay->off_dv;
+    int64_t g = t / lay->nc, ch = t % lay->nc;
+    int64_t kb0 = ch * lay->cb, kb1 = kb0 + lay->cb < lay->n_kb ? kb0 + lay->cb : lay->n_kb;
+    int64_t klo, khi, smax = 0;
+    sa_kv_keys(a, g, &klo, &khi);
+    for (int64_t idx = a->kv_start[g]; idx < a->kv_start[g + 1]; idx++) {
+        int64_t su = a->k_len ? a->k_len[a->kv_units[idx]] : a->S;
+        if (su > smax) smax = su;
+    }
+    T *dk = (T *)a->dk + a->dk_off[g];
+    T *dv = (T *)a->dv + a->dv_off[g];
+    for (int64_t kb = kb0; kb < kb1; kb++) {
+        int64_t j0 = kb * BK, nrows = smax - j0 < BK ? smax - j0 : BK;
+        if (nrows <= 0) break;
+        int seen = khi >= klo && j0 <= khi && j0 + BK > klo;
+        for (int64_t i = 0; i < BK * ep; i++) dKa[i] = 0;
+        for (int64_t i = 0; i < BK * evp; i++) dVa[i] = 0;
+        if (seen) {
+            FN(bwd_pack)(c, g, j0, khi + 1, ws);
+            for (int64_t idx = a->kv_start[g]; idx < a->kv_start[g + 1]; idx++) {
+                int64_t u = a->kv_units[idx];
+                sa_unit_mask um;
+                sa_unit_mask_init(a, u, &um);
+                T *dqp = c->part + (u * lay->nc + ch) * lay->part_elems;
+                for (int64_t i0 = 0; i0 < um.L; i0 += BQ) {
+                    int64_t rows = um.L - i0 < BQ ? um.L - i0 : BQ, tlo, thi;
+                    sa_rows_keys(&um, i0, i0 + rows - 1, &tlo, &thi);
+                    if (thi < tlo || thi < j0 || tlo >= j0 + BK) continue;
+                    FN(bwd_tile)(c, u, &um, i0, rows, tlo, thi, j0, ws, dqp);
+                }
+            }
+        }
+        for (int64_t jj = 0; jj < nrows; jj++) {
+            for (int64_t e = 0; e < E; e++) dk[(j0 + jj) * a->dk_ss + e * a->dk_se] = dKa[jj * ep + e];
+            for (int64_t e = 0; e < Ev; e++) dv[(j0 + jj) * a->dv_ss + e * a->dv_se] = dVa[jj * evp + e];
+        }
+    }
+}
+
+/* ---- pass 3: dQ = sum of the chunks' partials, in chunk order ----------- */
+static void FN(bwd_dq_task)(void *vctx, int64_t u, int tid)
+{
+    FN(bctx_t) *c = (FN(bctx_t) *)vctx;
+    const sa_attn_args *a = c->a;
+    const sa_bwd_layout *lay = &c->lay;
+    (void)tid;
+    int64_t Lu = a->q_len ? a->q_len[u] : a->L;
+    const T *p = c->part + u * lay->nc * lay->part_elems;
+    T *dq = (T *)a->dq + a->dq_off[u];
+    for (int64_t i = 0; i < Lu; i++)
+        for (int64_t e = 0; e < a->E; e++) {
+            T s = p[i * lay->ep + e];
+            for (int64_t ch = 1; ch < lay->nc; ch++) s += p[ch * lay->part_elems + i * lay->ep + e];
+            dq[i * a->dq_sl + e * a->dq_se] = s;
+        }
+}
+
+int FN(attn_bwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
+{
+    FN(bctx_t) c;
+    c.a = a;
+    if (a->lse == NULL || a->out == NULL || a->dout == NULL || a->dq == NULL || a->dk == NULL || a->dv == NULL)
+        return SA_ERR_ARG;
+    if (sa_bwd_layout_compute(a, &FN(sa_params), (int)sizeof(T), &c.lay) != SA_OK) return SA_ERR_ARG;
+    if (ws_bytes < c.lay.total_bytes || ws == NULL) return SA_ERR_WORKSPACE;
+    c.dbuf = (T *)ws;
+    c.part = c.dbuf + c.lay.part_off;
+    c.scratch = c.dbuf + c.lay.shared_elems;
+    c.qscale = (T)(a->scale * 1.4426950408889634);
+    int st = sa_run_tasks(a->n_units, c.lay.nt, FN(bwd_prep_task), &c, a);
+    if (st == SA_OK) st = sa_run_tasks(c.lay.tasks, c.lay.nt, FN(bwd_kv_task), &c, a);
+    if (st == SA_OK) st = sa_run_tasks(a->n_units, c.lay.nt, FN(bwd_dq_task), &c, a);
+    return st;
+}
+
+#undef BMR
+#undef KAL
