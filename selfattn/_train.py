@@ -227,7 +227,8 @@ def _blas_threads(n):
 
 def _loop(params, opt, rng, steps, num_threads, bar, log_every, losses, accs, elapsed, t0):
     for step in range(1, steps + 1):
-        loss, acc, grads = forward_backward(params, *make_batch(rng, BATCH), num_threads=num_threads)
+        keys, values, asked = make_batch(rng, BATCH)
+        loss, acc, grads = forward_backward(params, keys, values, asked, num_threads=num_threads)
         opt.step(params, grads)
         losses.append(loss)
         accs.append(acc)

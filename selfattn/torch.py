@@ -43,7 +43,7 @@ def _as_numpy(t: Any, name: str) -> Any:
 
 class _SDPA(_torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, query: Any, key: Any, value: Any, attn_mask: Any, is_causal: bool,  # type: ignore[override]
+    def forward(ctx: Any, query: Any, key: Any, value: Any, attn_mask: Any, is_causal: bool,  # type: ignore[override, unused-ignore]
                 options: dict) -> Any:
         for t, name in ((query, "query"), (key, "key"), (value, "value")):
             if not t.is_floating_point():
@@ -60,7 +60,7 @@ class _SDPA(_torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: Any) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Any) -> Any:  # type: ignore[override, unused-ignore]
         ctx.saved_tensors                                    # raises if an input was modified in place
         need = ctx.needs_input_grad[:3]
         if not any(need):
