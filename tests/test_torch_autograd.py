@@ -218,3 +218,9 @@ def test_not_imported_by_selfattn():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == "False"
+
+
+def test_docstring_examples_run():
+    import doctest
+    result = doctest.testmod(st, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
