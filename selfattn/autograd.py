@@ -209,7 +209,8 @@ def attend_vjp(x: Any, wq: Any, wk: Any, wv: Any, *, num_heads: int = 1, wo: Opt
     def vjp(dy: Any) -> Tuple[np.ndarray, ...]:
         g = _check_cotangent(dy, y, "dy")
         grads = {}
-        rows = lambda t: t.reshape(-1, t.shape[-1])          # noqa: E731  (..., L, n) -> (tokens, n)
+        tokens = int(np.prod(lead, dtype=np.int64)) * L
+        rows = lambda t: t.reshape(tokens, t.shape[-1])      # noqa: E731  (..., L, n) -> (tokens, n)
         if "bo" in arrs:
             grads["bo"] = rows(g).sum(axis=0)
         if wo_c is not None:

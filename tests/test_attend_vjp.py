@@ -277,3 +277,21 @@ def test_bad_cotangent():
 def test_exported():
     assert selfattn.attend_vjp is selfattn.autograd.attend_vjp
     assert "attend_vjp" in selfattn.__all__ and "attend_vjp" in selfattn.autograd.__all__
+
+
+@pytest.mark.parametrize("shapes", [
+    dict(x=(2, 0, 4), wq=(4, 4), wk=(4, 4), wv=(4, 4)),                        # no tokens
+    dict(x=(0, 3, 4), wq=(4, 4), wk=(4, 4), wv=(4, 4), wo=(4, 2)),             # no sequences
+    dict(x=(2, 3, 4), wq=(4, 4), wk=(4, 4), wv=(4, 0)),                        # Ev = 0
+    dict(x=(2, 3, 4), wq=(4, 0), wk=(4, 0), wv=(4, 4)),                        # E = 0
+    dict(x=(2, 3, 0), wq=(0, 4), wk=(0, 4), wv=(0, 4), bq=(4,), wo=(4, 3), bo=(3,)),   # d_model = 0
+    dict(x=(2, 3, 4), wq=(4, 4), wk=(4, 4), wv=(4, 4), wo=(4, 0), bo=(0,)),    # d_out = 0
+], ids=["L0", "B0", "Ev0", "E0", "d0", "dout0"])
+def test_empty_sizes(shapes):
+    rng = np.random.default_rng(0)
+    a = {n: rng.standard_normal(s) for n, s in shapes.items()}
+    y, vjp = _call(selfattn.attend_vjp, a, {})
+    np.testing.assert_array_equal(y, _call(selfattn.attend, a, {}))
+    grads = vjp(np.ones_like(y))
+    assert [g.shape for g in grads] == [a[n].shape for n in _order(a)]
+    assert all(np.all(np.isfinite(g)) for g in grads)
