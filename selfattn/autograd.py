@@ -150,7 +150,8 @@ def attend_vjp(x: Any, wq: Any, wk: Any, wv: Any, *, num_heads: int = 1, wo: Opt
     ``vjp(dy)`` returns the gradients of ``sum(y * dy)``, in this order:
     ``(dx, dwq, dwk, dwv)``, then ``dwo`` if `wo` was given, then ``dbq, dbk, dbv, dbo`` for
     those of the biases that were given (signature order), each with the shape of its
-    argument and its dtype (integer, bool or float16 arguments get float32 gradients).
+    argument and its dtype (a float16 argument gets a float16 gradient, computed in the layer's
+    dtype; integer or bool arguments get float32 gradients).
 
     The backward mirrors the forward: ``dwo = concat_heads^T @ dy``; the heads' gradients come
     from the fused backward (`scaled_dot_product_attention_vjp`, GQA kv heads summed over their

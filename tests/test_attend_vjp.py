@@ -295,3 +295,13 @@ def test_empty_sizes(shapes):
     grads = vjp(np.ones_like(y))
     assert [g.shape for g in grads] == [a[n].shape for n in _order(a)]
     assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_float16_and_integer_arguments():
+    w = np.eye(4, dtype=np.float32)
+    y, vjp = selfattn.attend_vjp(np.ones((3, 4), np.float16), w, w, w)
+    assert [g.dtype for g in vjp(np.ones_like(y))] == [np.float16] + [np.float32] * 3
+    y, vjp = selfattn.attend_vjp(np.arange(12).reshape(3, 4), w, w, w.astype(np.float64))
+    assert y.dtype == np.float64
+    dx, dwq, dwk, dwv = vjp(np.ones_like(y))
+    assert dx.dtype == np.float32 and dwq.dtype == np.float32 and dwv.dtype == np.float64
