@@ -1,4 +1,4 @@
-"""Vector-Jacobian products: training with selfattn in plain NumPy.
+"""Vector-Jacobian products: training with selfattn in plain NumPy::
 
     out, vjp = scaled_dot_product_attention_vjp(q, k, v, **options)
     dq, dk, dv = vjp(grad_out)
@@ -96,7 +96,8 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
         dout = _check_cotangent(grad_out, out)
         dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, dout, attn_mask=attn_mask, is_causal=is_causal,
                                     **options)
-        return tuple(_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))  # type: ignore
+        gq, gk, gv = (_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))
+        return gq, gk, gv
 
     return out, vjp
 
@@ -130,7 +131,8 @@ def varlen_attention_vjp(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu
     def vjp(grad_out: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         dout = _check_cotangent(grad_out, out)
         grads = _core.varlen_bwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, dout, **options)
-        return tuple(np.asarray(g, dtype=d) for g, d in zip(grads, dtypes))  # type: ignore
+        gq, gk, gv = (np.asarray(g, dtype=d) for g, d in zip(grads, dtypes))
+        return gq, gk, gv
 
     return out, vjp
 
