@@ -61,6 +61,15 @@ reference built from these docstrings (docs/, Sphinx). Command line: selfattn --
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# libgomp's idle worker threads spin for GOMP_SPINCOUNT iterations (default 300000: milliseconds)
+# after each parallel region, taking the cores from whatever runs next -- in a training step, NumPy's
+# BLAS: x @ W right after an attention call ran up to 1.5x slower (2-core Zen 4). 30000 keeps
+# back-to-back calls (a decode loop) on awake threads and lets them sleep soon after. libgomp reads it
+# when it loads (with _core, just below); a value already set by the user wins.
+_os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
 from . import autograd, inspection, positional, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)

@@ -99,6 +99,17 @@ def test_docstring_examples_run():
     assert result.attempted >= 10 and result.failed == 0
 
 
+def test_gomp_spincount_default_and_the_users_choice(tmp_path):
+    """selfattn shortens libgomp's idle spinning (GOMP_SPINCOUNT=30000) unless the user set it."""
+    code = "import os, selfattn; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "30000", r.stderr
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(env, GOMP_SPINCOUNT="7"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "7", r.stderr
+
+
 def test_autograd_docstring_examples_run():
     import selfattn.autograd
     result = doctest.testmod(selfattn.autograd, optionflags=doctest.ELLIPSIS, verbose=False)
