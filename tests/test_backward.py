@@ -161,6 +161,11 @@ CASES = [
     ("bcast_k_only", QS, (1, H, S, E), VS, {}),
     ("bcast_q", (1, H, L, E), (3, H, S, E), (3, H, S, EV), {}),
     ("bcast_q_2d", (L, E), KS, VS, dict(is_causal=True)),
+    ("bcast_q_heads", (B, 1, L, E), KS, VS, dict(alibi_slopes=[0.5, 0.25, 0.125])),
+    ("bcast_q_and_kv", (1, H, L, E), (B, 1, S, E), (B, 1, S, EV), dict(key_lengths=[7, 4])),
+    ("decode_rows", (B, H, 1, E), (B, H, 40, E), (B, H, 40, EV), dict(key_lengths=[40, 23])),
+    ("decode_rows_gqa_bottom_right", (B, 6, 2, E), (B, 2, 40, E), (B, 2, 40, EV),
+     dict(enable_gqa=True, is_causal=True, alignment="bottom_right", window_size=(9, None))),
     ("two_d", (L, E), (S, E), (S, EV), {}),
     ("three_d", (H, L, E), (H, S, E), (H, S, EV), dict(window_size=2)),
     ("five_d", (2, 1, 2, L, E), (1, 3, 2, S, E), (1, 3, 2, S, EV), dict(key_lengths=[[3], [7]])),
@@ -543,7 +548,12 @@ def test_threads_bitwise_identical(isa, case, dtype):
     results = []
     for nt in (1, 2, 3):
         out, vjp = vjp_k(q, k, v, num_threads=nt, **kw)
-        results.append([out.tobytes()] + [g.tobytes() for g in vjp(dout)])
+        grads = vjp(dout)
+        results.append([out.tobytes()] + [g.tobytes() for g in grads])
+        if nt == 1 and isa == ISAS[0]:     # these larger problems are right, too
+            rout, rvjp = vjp_r(q, k, v, **kw)
+            assert_grads_close(grads, rvjp(dout), dtype, logit_magnitude(q, k), f"{case[0]}: ",
+                               nat=natural_scales(q, k, v, dout))
     for nt, r in zip((2, 3), results[1:]):
         for name, a, b in zip(("out",) + NAMES, results[0], r):
             assert a == b, f"{isa}: {name} with {nt} threads differs from 1 thread"
