@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """selfattn performance report: GFLOP/s tables, ratios and the performance targets per ISA.
 
-Three groups of measurements, all in the full run:
+Four groups of measurements, all in the full run:
 
     dense       the GFLOP/s table (B1 H8 L{1024,4096} E{64,128}, causal or not; B1 H1 L16384;
                 B32 H8 L128; fp64) against torch SDPA, NumPy and the BLAS GEMM roof, then the
@@ -10,6 +10,8 @@ Three groups of measurements, all in the full run:
                 BERT-base with key padding, Whisper-base encoder, ViT-B/16, Llama prefill (GQA,
                 causal), cross-attention with L << S and L >> S, long causal L8192, fp64
     structured  bench/structured.py's cases: a causal window, key_lengths, varlen
+    backward    bench/backward.py's cases: forward + backward vs torch's, the backward's GFLOP/s
+                vs the forward's, attend_vjp end to end
 
     python bench/ratios.py                    # every group, 5-10 minutes on 2 cores
     python bench/ratios.py --quick            # every group on fewer/smaller shapes, about 1-2 minutes
@@ -574,6 +576,16 @@ def run_structured(args, timer, torch, T):
     print()
 
 
+def run_backward(args, timer, torch, T):
+    """--group backward: bench/backward.py's cases, timed by this script's timer."""
+    import backward
+
+    print("TRAINING: THE FUSED BACKWARD (bench/backward.py's cases)" + ("  [--quick: reduced shapes]" if args.quick else ""))
+    backward.run_cases(timer.best, T, torch=torch, quick=args.quick, threads=args.threads,
+                       out=lambda line: print(line, flush=True))
+    print()
+
+
 # ---------------------------------------------------------------------------- --isa: both libraries forced
 
 # the environment that makes selfattn, torch (ATen, MKL, oneDNN) and NumPy's OpenBLAS run one ISA;
@@ -671,7 +683,7 @@ def run_plot(path, args, timer, torch, roof):
 
 # ---------------------------------------------------------------------------- main
 
-GROUPS = ("dense", "models", "structured")
+GROUPS = ("dense", "models", "structured", "backward")
 
 
 def main(argv=None):
@@ -747,6 +759,8 @@ def main(argv=None):
         run_models(args, timer, torch, T)
     if "structured" in args.group:
         run_structured(args, timer, torch, T)
+    if "backward" in args.group:
+        run_backward(args, timer, torch, T)
 
     counts = {}
     if not args.no_targets:

@@ -27,11 +27,17 @@ Architecture at a glance
                                                          src_c/attn_decode_body.h: the decode path (few
                                                          query rows per K/V: nothing packed, split-KV
                                                          merged by log-sum-exp, GQA heads stacked)
+                                                         src_c/attn_bwd_body.h: the fused backward
+                                                         (FlashAttention-2: P recomputed per block from
+                                                         lse; dK, dV per key block, dQ per key chunk summed
+                                                         in a fixed order: thread-count invariant)
                                                          src_c/attn_mask.h: the one mask machinery --
                                                          causal, window, alignment, key lengths as a
                                                          per-row key interval; tiles outside it skipped
 
 Beside the kernel, one module per concern:
+    selfattn.autograd     scaled_dot_product_attention_vjp, varlen_attention_vjp: (out, vjp), the
+                          fused backward through _core.sdpa_bwd / varlen_bwd (training in NumPy)
     selfattn.positional   sinusoidal_encoding, rope (NumPy)
     selfattn.inspection   attention_weights (materialised on purpose), plot_attention (matplotlib)
     selfattn.merge        merge_attention: (out, lse) over disjoint key sets -> attention over their union

@@ -860,13 +860,18 @@ def merge(list outs, list lses, num_threads=None):
 
 cdef object _schedule_of(sa_attn_args *args, int isa, int isz, bint bwd=False):
     cdef sa_schedule sched
+    cdef size_t ws_bytes = 0
     cdef int status = (sa_attn_bwd_schedule(args, isa, isz, &sched) if bwd
                        else sa_attn_schedule(args, isa, isz, &sched))
+    if status == SA_OK:
+        status = (sa_attn_bwd_workspace_size(args, isa, isz, &ws_bytes) if bwd
+                  else sa_attn_workspace_size(args, isa, isz, &ws_bytes))
     if status != SA_OK:
         raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
     return {"threads": sched.threads, "fused": bool(sched.fused), "banded": bool(sched.banded),
             "decode": bool(sched.decode),
-            "compute_tasks": sched.compute_tasks, "group": sched.group, "ring_blocks": sched.ring_blocks}
+            "compute_tasks": sched.compute_tasks, "group": sched.group, "ring_blocks": sched.ring_blocks,
+            "workspace_bytes": ws_bytes}
 
 
 def _check_cu_seqlens(cu, str name, int64_t total):

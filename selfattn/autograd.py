@@ -62,8 +62,9 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
     out : ndarray, as `scaled_dot_product_attention` returns it
     vjp : callable
         ``vjp(grad_out) -> (dq, dk, dv)``, the gradients of ``sum(out * grad_out)`` with
-        respect to query, key and value, with their shapes and dtypes (integer, bool or
-        float16 inputs get float32 gradients). Broadcast or GQA-shared key/value get their
+        respect to query, key and value, with their shapes and dtypes (a float16 input gets
+        a float16 gradient, computed in float32; integer or bool inputs get float32
+        gradients). Broadcast or GQA-shared key/value get their
         gradients summed over the units that shared them. Can be called any number of
         times, from any thread; it keeps out and the log-sum-exp (O(L) per row), never the
         attention weights. Keys no query sees, and rows whose keys are all masked, get

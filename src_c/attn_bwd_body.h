@@ -195,6 +195,11 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
                 }
                 V(store)(dPt + r * BK + j, V(mul)(ds, vscale));
             }
+            /* keys of [cs, ce) outside the tile's [ka, kz): P is 0 there, but K and V may
+             * not be finite (keys past this unit's length that another unit sharing
+             * the K/V reads): 0 * NaN must not reach dK or dV */
+            for (int64_t j = cs; j < ka; j++) dPt[r * BK + j] = 0;
+            for (int64_t j = kz; j < ce; j++) dPt[r * BK + j] = 0;
         }
     }
 
@@ -203,9 +208,10 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
         FN(bwd_mm)(St + jr, 1, BK, rows_eff, dOt, evp, dVa + jr * evp, evp, evp, 1);
         FN(bwd_mm)(dPt + jr, 1, BK, rows_eff, Qu, ep, dKa + jr * ep, ep, ep, 1);
     }
-    /* d. this chunk's dQ partial += dS K */
+    /* d. this chunk's dQ partial += dS K, over the tile's keys [ka, kz) only (K rows
+     * outside may be another unit's keys, not finite for this one) */
     for (int64_t r0 = 0; r0 < rows_eff; r0 += BMR)
-        FN(bwd_mm)(dPt + r0 * BK + cs, BK, 1, nk, Kr + cs * ep, ep, dqp + (i0 + r0) * ep, ep, ep, 1);
+        FN(bwd_mm)(dPt + r0 * BK + ka, BK, 1, kz - ka, Kr + ka * ep, ep, dqp + (i0 + r0) * ep, ep, ep, 1);
 }
 
 /* Pack key block kb of kv unit g (keys below klim; the rest zero): K^T [E][BK],
