@@ -436,6 +436,32 @@ def test_kernel_vjp_many_key_chunks_with_a_narrow_window(isa):
             assert a.tobytes() == b.tobytes(), f"{isa}: {n} differs on a second call"
 
 
+@pytest.mark.parametrize("shape", ["many_kv_units", "one_unit_long_keys"])
+def test_kernel_vjp_chunks_of_several_key_blocks(isa, shape):
+    """A task of the backward walks a chunk of consecutive key blocks of one kv unit, reusing its
+    dK/dV block accumulators: chunks hold several blocks when there are many kv units (one chunk
+    each) or very many blocks (at most SA_BWD_MAX_CHUNKS chunks). The schedule's compute_tasks
+    (kv units x chunks) shows that the chunks really hold several blocks here."""
+    rng = np.random.default_rng(31)
+    for dtype in DTYPES:
+        bk = tile_params(isa, dtype)["bk"]
+        if shape == "many_kv_units":
+            qs, ks, vs = (4, 8, 5, 8), (4, 8, 2 * bk + 1, 8), (4, 8, 2 * bk + 1, 3)
+            kw_list = ({}, dict(window_size=(3, 3), alignment="bottom_right"))
+        else:
+            Sx = 17 * bk + 1
+            qs, ks, vs = (1, 1, 8, 4), (1, 1, Sx, 4), (1, 1, Sx, 3)
+            kw_list = ({}, dict(window_size=(bk + 5, 0), alignment="bottom_right", softcap=3.0))
+        q, k, v = inputs(rng, qs, ks, vs, dtype)
+        n_kv, n_kb = int(np.prod(ks[:-2])), -(-ks[-2] // bk)
+        for kw in kw_list:
+            out, lse = selfattn._core.sdpa(q, k, v, return_lse=True, **kw)
+            sched = selfattn._core.sdpa_bwd(q, k, v, out, lse, out, schedule_only=True, **kw)
+            assert sched["compute_tasks"] < n_kv * n_kb, f"{isa}: every chunk is one key block here: {sched}"
+            dout = rng.standard_normal(out.shape).astype(dtype)
+            check_against_reference(q, k, v, kw, dout, dtype, f"{isa} {shape} {np.dtype(dtype)} {kw}: ")
+
+
 # ---------------------------------------------------------------- special values
 
 def test_fully_masked_rows_give_zero_gradients(isa):
