@@ -47,6 +47,10 @@ Beside the kernel, one module per concern:
                           key chunks merged by merge_attention (sequence parallelism). Not imported
                           by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
+    selfattn.autograd     VJPs for training in NumPy: scaled_dot_product_attention_vjp, varlen_attention_vjp,
+                          attend_vjp (the whole layer: projections, heads, RoPE, wo, biases)
+    selfattn.torch        scaled_dot_product_attention as a torch.autograd.Function (CPU tensors). Not
+                          imported by `import selfattn`: `import selfattn.torch` (needs torch)
 SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for
 a block in the calling thread or task only (a ContextVar); selfattn.show_config() prints what runs.
 
@@ -60,13 +64,13 @@ __version__ = "0.1.0"
 from . import autograd, inspection, positional, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
-from .autograd import scaled_dot_product_attention_vjp, varlen_attention_vjp
+from .autograd import attend_vjp, scaled_dot_product_attention_vjp, varlen_attention_vjp
 from .inspection import attention_weights, plot_attention
 from .kvcache import KVCache
 from .merge import merge_attention
 from .positional import rope, sinusoidal_encoding
 
 __all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_attention", "KVCache",
-           "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "autograd",
+           "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp", "autograd",
            "attention_weights", "plot_attention", "rope", "sinusoidal_encoding", "inspection", "positional",
            "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "__version__"]

@@ -3,6 +3,8 @@
 Commands:
     demo   the worked self-attention example (猫 在 草地上 跑) and a speed comparison
            (the default when no command is given)
+    train  learn the projections of an attention layer in plain NumPy (attend_vjp + Adam) on
+           associative recall; a progress bar, the accuracy reached, loss and attention PNGs
 """
 
 import argparse
@@ -33,6 +35,29 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to write the attention weights as a heatmap, when matplotlib is "
                            "installed (default: %(default)s in the current directory)")
     demo.add_argument("--no-heatmap", action="store_true", help="do not write the heatmap")
+    from selfattn import _train
+    train = commands.add_parser(
+        "train", help="train an attention layer in NumPy on associative recall (about half a minute)",
+        description="Learn W_q, W_k, W_v, W_o (and the embeddings) of one multi-head attention layer in "
+                    "plain NumPy -- selfattn.attend_vjp for the gradients, Adam written out -- on "
+                    f"associative recall: {_train.N_PAIRS} pairs 'key=value', then questions 'key?' whose "
+                    "answer is the value paired with that key. Prints a progress bar, then the accuracy on "
+                    f"fresh sequences (target {100 * _train.TARGET_ACCURACY:.0f}%; exit status 1 if not "
+                    "reached), and writes the loss curve and the learned attention as PNGs when "
+                    "matplotlib is installed. Deterministic for a given --seed.")
+    train.add_argument("--steps", type=int, default=_train.DEFAULT_STEPS, metavar="N",
+                       help=f"Adam steps of {_train.BATCH} sequences (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights "
+                                                            "(default: %(default)s)")
+    train.add_argument("--out", default=".", metavar="DIR",
+                       help="directory for selfattn-train-loss.png and selfattn-train-attention.png "
+                            "(default: the current directory)")
+    train.add_argument("--threads", type=int, default=1, metavar="N",
+                       help="threads of the attention kernel and (with threadpoolctl installed) NumPy's BLAS; "
+                            "0 = their defaults (default: 1: each step is small, threads would only wait "
+                            "on each other)")
+    train.add_argument("--no-plots", action="store_true", help="do not write the PNGs")
+    train.add_argument("--quiet", action="store_true", help="no progress bar: only the result lines")
     return parser
 
 
@@ -44,6 +69,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             _parser().error("--rounds must be >= 1")
         heatmap = None if getattr(args, "no_heatmap", False) else getattr(args, "heatmap", "selfattn-demo-attention.png")
         return demo(timing=not getattr(args, "no_timing", False), rounds=getattr(args, "rounds", 9), heatmap=heatmap)
+    if args.command == "train":
+        if args.steps < 1:
+            _parser().error("--steps must be >= 1")
+        if args.threads < 0:
+            _parser().error("--threads must be >= 0")
+        from selfattn._train import main as train
+        return train(steps=args.steps, seed=args.seed, quiet=args.quiet, out=None if args.no_plots else args.out,
+                     num_threads=args.threads or None)
     raise AssertionError(f"unhandled command {args.command!r}")   # pragma: no cover
 
 

@@ -339,8 +339,11 @@ def attend(x: ArrayLike, wq: ArrayLike, wk: ArrayLike, wv: ArrayLike, *, num_hea
                    window_size, key_lengths, rope_base)
 
 
-def _attend(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk, bv, bo, num_kv_heads,
-            window_size, key_lengths, rope_base):   # untyped: rebinds x, w* to arrays
+def _attend_args(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk, bv, bo, num_kv_heads,
+                 window_size, key_lengths, rope_base):
+    """Validate attend's arguments (every error before any work); shared with autograd.attend_vjp.
+    Returns (arrs, dt, H, Hkv, E, Ev, widths): the given arrays by name (as arrays), the compute
+    dtype, the heads, the head dims and the bias widths."""
     H = _check_heads(num_heads, "num_heads")
     Hkv = H if num_kv_heads is None else _check_heads(num_kv_heads, "num_kv_heads")
     if H % Hkv:
@@ -395,7 +398,16 @@ def _attend(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk,
     _core.sdpa(empty_heads(H), empty_heads(Hkv), empty_heads(Hkv), is_causal=is_causal, scale=scale,
                num_threads=num_threads, enable_gqa=Hkv != H, window_size=window_size, key_lengths=key_lengths,
                schedule_only=True)
+    return arrs, dt, H, Hkv, E, Ev, widths
 
+
+def _attend(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk, bv, bo, num_kv_heads,
+            window_size, key_lengths, rope_base):
+    arrs, dt, H, Hkv, E, Ev, widths = _attend_args(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads,
+                                                   bq, bk, bv, bo, num_kv_heads, window_size, key_lengths,
+                                                   rope_base)
+    x, wq, wk, wv = arrs["x"], arrs["wq"], arrs["wk"], arrs["wv"]
+    lead, L = x.shape[:-2], x.shape[-2]
     w = np.concatenate([wq.astype(dt, copy=False), wk.astype(dt, copy=False), wv.astype(dt, copy=False)], axis=1)
     qkv = np.matmul(x.astype(dt, copy=False), w)              # (..., L, H*E + Hkv*E + Hkv*Ev)
     if any(n in arrs for n in ("bq", "bk", "bv")):

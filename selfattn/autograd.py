@@ -1,4 +1,4 @@
-"""Vector-Jacobian products: training with selfattn in plain NumPy.
+"""Vector-Jacobian products: training with selfattn in plain NumPy::
 
     out, vjp = scaled_dot_product_attention_vjp(q, k, v, **options)
     dq, dk, dv = vjp(grad_out)
@@ -15,13 +15,13 @@ is summed over the units that shared it. A float `attn_mask` gets no gradient.
 `vjp` reads query, key and value when it is called (they are kept by reference, not copied):
 do not modify them in place between the forward and the backward.
 """
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
 
-__all__ = ["scaled_dot_product_attention_vjp", "varlen_attention_vjp"]
+__all__ = ["scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp"]
 
 
 def _unbroadcast(g, shape, dtype):
@@ -96,7 +96,8 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
         dout = _check_cotangent(grad_out, out)
         dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, dout, attn_mask=attn_mask, is_causal=is_causal,
                                     **options)
-        return tuple(_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))  # type: ignore
+        gq, gk, gv = (_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))
+        return gq, gk, gv
 
     return out, vjp
 
@@ -130,6 +131,113 @@ def varlen_attention_vjp(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu
     def vjp(grad_out: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         dout = _check_cotangent(grad_out, out)
         grads = _core.varlen_bwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, dout, **options)
-        return tuple(np.asarray(g, dtype=d) for g, d in zip(grads, dtypes))  # type: ignore
+        gq, gk, gv = (np.asarray(g, dtype=d) for g, d in zip(grads, dtypes))
+        return gq, gk, gv
 
     return out, vjp
+
+
+def attend_vjp(x: Any, wq: Any, wk: Any, wv: Any, *, num_heads: int = 1, wo: Optional[Any] = None,
+               is_causal: bool = False, scale: Optional[float] = None, num_threads: Optional[int] = None,
+               bq: Optional[Any] = None, bk: Optional[Any] = None, bv: Optional[Any] = None,
+               bo: Optional[Any] = None, num_kv_heads: Optional[int] = None,
+               window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
+               key_lengths: Optional[Any] = None, rope_base: Optional[float] = None
+               ) -> Tuple[np.ndarray, Callable[[Any], Tuple[np.ndarray, ...]]]:
+    """The forward of `selfattn.attend` and its vector-Jacobian product: a trainable layer.
+
+    Takes exactly the arguments of `selfattn.attend` (same options, same validation, same
+    errors) and returns ``(y, vjp)`` with y as `attend` returns it.
+
+    ``vjp(dy)`` returns the gradients of ``sum(y * dy)``, in this order:
+    ``(dx, dwq, dwk, dwv)``, then ``dwo`` if `wo` was given, then ``dbq, dbk, dbv, dbo`` for
+    those of the biases that were given (signature order), each with the shape of its
+    argument and its dtype (a float16 argument gets a float16 gradient, computed in the layer's
+    dtype; integer or bool arguments get float32 gradients).
+
+    The backward mirrors the forward: ``dwo = concat_heads^T @ dy``; the heads' gradients come
+    from the fused backward (`scaled_dot_product_attention_vjp`, GQA kv heads summed over their
+    query heads); RoPE's backward is the rotation by the negative angle; the three projections
+    get their gradients from one matmul each way on the concatenated weights,
+    ``dW = x^T @ dqkv`` and ``dx = dqkv @ W^T``, and the biases ``dqkv`` summed over tokens.
+    No per-head Python loop, nothing of size L x L kept: `vjp` keeps x, the projections and
+    the attention output (and reads x, wq, wk, wv, wo as they were at the forward: they are
+    converted, not copied, when already of the compute dtype, so do not modify them in place
+    before calling `vjp`).
+
+    Examples
+    --------
+    >>> import numpy as np, selfattn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((2, 5, 8))                       # 2 sequences, 5 tokens, d_model 8
+    >>> wq, wk, wv, wo = (0.3 * rng.standard_normal((8, 8)) for _ in range(4))
+    >>> y, vjp = selfattn.attend_vjp(x, wq, wk, wv, num_heads=2, wo=wo, is_causal=True)
+    >>> bool(np.allclose(y, selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo, is_causal=True)))
+    True
+    >>> dx, dwq, dwk, dwv, dwo = vjp(y)                          # gradients of sum(y**2) / 2
+    >>> dx.shape, dwq.shape, dwo.shape
+    ((2, 5, 8), (8, 8), (8, 8))
+    """
+    from . import _api
+    arrs, dt, H, Hkv, E, Ev, widths = _api._attend_args(x, wq, wk, wv, num_heads, wo, is_causal, scale,
+                                                        num_threads, bq, bk, bv, bo, num_kv_heads, window_size,
+                                                        key_lengths, rope_base)
+    xa = arrs["x"]
+    lead, L, d = xa.shape[:-2], xa.shape[-2], xa.shape[-1]
+    xc = xa.astype(dt, copy=False)
+    w = np.concatenate([arrs[n].astype(dt, copy=False) for n in ("wq", "wk", "wv")], axis=1)
+    qkv = np.matmul(xc, w)                                   # (..., L, H*E + Hkv*E + Hkv*Ev)
+    if any(n in arrs for n in ("bq", "bk", "bv")):
+        qkv += np.concatenate([arrs[n].astype(dt, copy=False) if n in arrs else np.zeros(widths[n], dt)
+                               for n in ("bq", "bk", "bv")])
+    lo_k, lo_v, width = H * E, H * E + Hkv * E, H * E + Hkv * E + Hkv * Ev
+
+    def heads(t, lo, n, hd):   # columns lo:lo+n*hd of t (..., L, width) as a (..., n, L, hd) view
+        return np.swapaxes(t[..., lo:lo + n * hd].reshape(lead + (L, n, hd)), -2, -3)
+
+    q, k, v = heads(qkv, 0, H, E), heads(qkv, lo_k, Hkv, E), heads(qkv, lo_v, Hkv, Ev)
+    if rope_base is not None:
+        from .positional import rope
+        q, k = rope(q, base=float(rope_base)), rope(k, base=float(rope_base))
+    o_heads, attn_vjp = scaled_dot_product_attention_vjp(
+        q, k, v, is_causal=is_causal, scale=scale, num_threads=num_threads, enable_gqa=Hkv != H,
+        window_size=window_size, key_lengths=key_lengths)
+    o = np.swapaxes(o_heads, -2, -3).reshape(lead + (L, H * Ev))      # heads concatenated (one copy)
+    wo_c = arrs["wo"].astype(dt, copy=False) if "wo" in arrs else None
+    y = np.matmul(o, wo_c) if wo_c is not None else o     # o itself is needed later only for dwo
+    if "bo" in arrs:
+        y += arrs["bo"].astype(dt, copy=False)
+    names = ["x", "wq", "wk", "wv"] + [n for n in ("wo", "bq", "bk", "bv", "bo") if n in arrs]
+    grad_dtypes = [_grad_dtype(arrs[n]) for n in names]
+
+    def vjp(dy: Any) -> Tuple[np.ndarray, ...]:
+        g = _check_cotangent(dy, y, "dy")
+        grads = {}
+        tokens = int(np.prod(lead, dtype=np.int64)) * L
+        rows = lambda t: t.reshape(tokens, t.shape[-1])      # noqa: E731  (..., L, n) -> (tokens, n)
+        if "bo" in arrs:
+            grads["bo"] = rows(g).sum(axis=0)
+        if wo_c is not None:
+            grads["wo"] = rows(o).T @ rows(g)
+            do = np.matmul(g, wo_c.T)
+        else:
+            do = g
+        do_heads = np.swapaxes(do.reshape(lead + (L, H, Ev)), -2, -3)
+        dq, dk, dv = attn_vjp(do_heads)
+        if rope_base is not None:                            # y = R(p theta) x  ->  dx = R(-p theta) dy
+            from .positional import rope
+            back = -np.arange(L, dtype=np.float64)
+            dq, dk = rope(dq, positions=back, base=float(rope_base)), rope(dk, positions=back, base=float(rope_base))
+        dqkv = np.empty(lead + (L, width), dtype=dt)
+        heads(dqkv, 0, H, E)[...] = dq
+        heads(dqkv, lo_k, Hkv, E)[...] = dk
+        heads(dqkv, lo_v, Hkv, Ev)[...] = dv
+        dw = rows(xc).T @ rows(dqkv)                         # (d_model, width): dwq | dwk | dwv
+        grads["x"] = np.matmul(dqkv, w.T)
+        grads["wq"], grads["wk"], grads["wv"] = dw[:, :lo_k], dw[:, lo_k:lo_v], dw[:, lo_v:]
+        if any(n in arrs for n in ("bq", "bk", "bv")):
+            db = rows(dqkv).sum(axis=0)
+            grads["bq"], grads["bk"], grads["bv"] = db[:lo_k], db[lo_k:lo_v], db[lo_v:]
+        return tuple(np.ascontiguousarray(grads[n], dtype=t) for n, t in zip(names, grad_dtypes))
+
+    return y, vjp

@@ -1,0 +1,133 @@
+"""selfattn as a differentiable torch op (CPU): ``selfattn.torch.scaled_dot_product_attention``.
+
+    import selfattn.torch
+    out = selfattn.torch.scaled_dot_product_attention(q, k, v, is_causal=True)   # torch tensors
+    out.sum().backward()                                                          # q.grad, k.grad, v.grad
+
+A ``torch.autograd.Function`` over selfattn's fused forward and fused backward (the VJP of
+`selfattn.scaled_dot_product_attention_vjp`). Tensors cross into NumPy and back through the
+array protocols (``tensor.detach().numpy()``, ``torch.from_numpy``): no copy for CPU tensors,
+and the forward keeps only the output and its log-sum-exp, never the L x S weights.
+
+Not imported by ``import selfattn`` (torch is optional): ``import selfattn.torch``.
+"""
+
+from typing import Any, Optional
+
+import numpy as np
+import torch as _torch
+from torch.autograd.function import once_differentiable
+
+from .autograd import scaled_dot_product_attention_vjp
+
+__all__ = ["scaled_dot_product_attention"]
+
+_DTYPES = (_torch.float32, _torch.float64)
+
+
+def _as_numpy(t: Any, name: str) -> Any:
+    """A CPU float32/float64 tensor as an ndarray sharing its memory; other values as they are."""
+    if not isinstance(t, _torch.Tensor):
+        return t
+    if t.device.type != "cpu":
+        raise ValueError(f"selfattn.torch runs on the CPU: {name} is on {t.device}; move it with "
+                         f"{name}.cpu() (for CUDA, torch.nn.functional.scaled_dot_product_attention "
+                         f"is the fused kernel to use)")
+    if t.is_complex() or (t.is_floating_point() and t.dtype not in _DTYPES):
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}"
+                        + (" (convert with .float())" if t.is_floating_point() else ""))
+    if t.layout != _torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    return t.detach().resolve_conj().resolve_neg().numpy()
+
+
+class _SDPA(_torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, query: Any, key: Any, value: Any, attn_mask: Any, is_causal: bool,  # type: ignore[override, unused-ignore]
+                options: dict) -> Any:
+        for t, name in ((query, "query"), (key, "key"), (value, "value")):
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+        q, k, v = _as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value")
+        mask = _as_numpy(attn_mask, "attn_mask")
+        out, vjp = scaled_dot_product_attention_vjp(q, k, v, attn_mask=mask, is_causal=is_causal, **options)
+        result = _torch.from_numpy(out)
+        ctx.vjp = vjp
+        # saved so that autograd's version counters catch in-place changes between forward and
+        # backward (the VJP reads these very buffers)
+        ctx.save_for_backward(query, key, value, result)
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Any) -> Any:  # type: ignore[override, unused-ignore]
+        ctx.saved_tensors                                    # raises if an input was modified in place
+        need = ctx.needs_input_grad[:3]
+        if not any(need):
+            return None, None, None, None, None, None
+        g = _as_numpy(grad_out.contiguous(), "grad_out")
+        grads = ctx.vjp(g)
+        return tuple(_torch.from_numpy(d) if n else None for d, n in zip(grads, need)) + (None, None, None)
+
+
+def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Optional[Any] = None,
+                                 is_causal: bool = False, **options: Any) -> Any:
+    """Fused attention on CPU tensors, differentiable: ``softmax(q k^T * scale + mask) v``.
+
+    Parameters
+    ----------
+    query, key, value : torch.Tensor, float32 or float64, on the CPU
+        (..., Hq, L, E), (..., H, S, E), (..., H, S, Ev), as for
+        `selfattn.scaled_dot_product_attention` (broadcast batch dims allowed).
+    attn_mask : torch.Tensor (bool: True = takes part, or float: added) or array, optional
+        Gets no gradient: a mask that requires grad is an error.
+    is_causal : bool
+    **options
+        Every option of `selfattn.scaled_dot_product_attention` but ``return_lse`` and ``out``:
+        scale, enable_gqa, window_size, alignment, key_lengths, alibi_slopes, softcap,
+        num_threads. ``dropout_p`` (as torch's SDPA takes it) is accepted when 0.
+
+    Returns
+    -------
+    torch.Tensor
+        (..., Hq, L, Ev), float64 if any input is float64 else float32, sharing memory with the
+        array the kernel wrote. Backward gives query, key and value their gradients (summed over
+        broadcast or GQA-shared units), only for the inputs that require them.
+
+    Raises
+    ------
+    ValueError
+        A tensor not on the CPU (CUDA, MPS, meta): move it with ``.cpu()``.
+    TypeError
+        float16/bfloat16/integer tensors; an ``attn_mask`` that requires grad.
+    NotImplementedError
+        ``dropout_p`` other than 0.
+
+    Examples
+    --------
+    >>> import torch, selfattn.torch
+    >>> q, k, v = (torch.randn(2, 4, 8, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    >>> out = selfattn.torch.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> out.shape
+    torch.Size([2, 4, 8, 16])
+    >>> out.sum().backward()
+    >>> q.grad.shape, bool(torch.allclose(v.grad.sum(dim=-2), torch.full((2, 4, 16), 8.0, dtype=torch.float64)))
+    (torch.Size([2, 4, 8, 16]), True)
+    """
+    if "dropout_p" in options:
+        p = options.pop("dropout_p")
+        if p != 0:
+            raise NotImplementedError(f"selfattn.torch has no attention dropout; got dropout_p={p!r} "
+                                      f"(use 0.0, or dropout on the output)")
+    for bad in ("return_lse", "out"):
+        if bad in options:
+            raise TypeError(f"scaled_dot_product_attention() got an unexpected keyword argument {bad!r}")
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        if not isinstance(t, _torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__} (for NumPy arrays use "
+                            f"selfattn.scaled_dot_product_attention)")
+    if isinstance(attn_mask, _torch.Tensor) and attn_mask.requires_grad:
+        raise TypeError("attn_mask requires grad, but selfattn.torch gives the mask no gradient; pass "
+                        "attn_mask.detach() if no gradient is wanted")
+    options = {n: (_as_numpy(o, n) if isinstance(o, _torch.Tensor) else o) for n, o in options.items()}
+    return _SDPA.apply(query, key, value, attn_mask, is_causal, options)
