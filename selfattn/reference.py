@@ -41,6 +41,26 @@ Then::
 
 varlen_attention runs packed variable-length sequences one by one through the above;
 attend adds the projections (with biases), grouped kv heads and rotary embeddings (RoPE).
+
+Backward (vector-Jacobian products)
+-----------------------------------
+scaled_dot_product_attention_vjp, varlen_attention_vjp and attend_vjp return (out, vjp);
+vjp(cotangent) gives the gradients of sum(out * cotangent). With dO the cotangent of out, and
+the logits, P and out of the forward above (P materialised, float64)::
+
+    dV = P^T dO
+    dP = dO V^T
+    D  = rowsum(dO * out)                (= rowsum(P * dP))
+    dS = P * (dP - D)                    (zero where P is zero: masked keys, fully masked rows)
+    dS = dS * (1 - tanh(s / softcap)^2)  if softcap (s the scaled logit before the cap)
+    dQ = scale dS K
+    dK = scale dS^T Q
+
+ALiBi and a float mask add constants to the logits: they change P but add no term. Keys at
+j >= key_lengths are never read, so their dK and dV are zero; a row whose keys are all masked
+contributes nothing. Where an input was broadcast (batch dims of size 1 or missing) or shared
+by several query heads (GQA), its gradient is summed over everything that shared it, so each
+gradient has its input's shape. The float attn_mask, alibi_slopes and key_lengths get none.
 """
 
 import math
@@ -48,7 +68,8 @@ import numbers
 
 import numpy as np
 
-__all__ = ["scaled_dot_product_attention", "attend", "attention_weights", "varlen_attention"]
+__all__ = ["scaled_dot_product_attention", "attend", "attention_weights", "varlen_attention",
+           "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp"]
 
 _ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -360,3 +381,227 @@ def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, 
     if wo is not None:
         o = o @ _as_f64(wo)
     return o if bo is None else o + _as_f64(bo)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: vector-Jacobian products (P materialised, float64)
+
+def _sum_to(g, shape):
+    """Sum g (an array that `shape` was broadcast to) back to `shape`."""
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+def _fold_gqa(g, shape, group):
+    """Undo np.repeat(x, group, axis=-3): sum the gradient of each repeated head back to its
+    kv head, then over the broadcast batch dims, to `shape` (the input's)."""
+    if group > 1:
+        lead = shape[:-3]
+        g = _sum_to(g, lead + (shape[-3] * group,) + shape[-2:])
+        g = g.reshape(lead + (shape[-3], group) + shape[-2:]).sum(axis=-3)
+    return _sum_to(g, shape)
+
+
+def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
+                                     enable_gqa=False, window_size=None, alignment="top_left",
+                                     key_lengths=None, alibi_slopes=None, softcap=None):
+    """(out, vjp) with vjp(dout) -> (dq, dk, dv), float64, shaped like query, key and value.
+
+    Options as in scaled_dot_product_attention (see the module docstring for the math). The
+    forward materialises the logits and P; vjp can be called any number of times.
+    """
+    q, k, v = _as_f64(query), _as_f64(key), _as_f64(value)
+    for a, name in ((q, "query"), (k, "key"), (v, "value")):
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dims, got shape {a.shape}")
+    k_rep, v_rep = _expand_gqa(q, k, v, enable_gqa)
+    group = k_rep.shape[-3] // k.shape[-3] if k_rep is not k else 1
+    L, E, S, Ev = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    if k.shape[-1] != E or v.shape[-2] != S:
+        raise ValueError(f"shapes do not fit: query {q.shape}, key {k.shape}, value {v.shape}")
+    lead = np.broadcast_shapes(q.shape[:-2], k_rep.shape[:-2], v_rep.shape[:-2])     # out.shape[:-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    scale = float(scale)
+    softcap = _check_softcap(softcap)
+    visible, bias, S_b = _structure(L, S, lead, is_causal=is_causal, window_size=window_size,
+                                    alignment=alignment, key_lengths=key_lengths, alibi_slopes=alibi_slopes)
+
+    # every unit (batch entry, query head) gets its own copy of q, k, v: the gradients are
+    # computed on these, then summed back over whatever was shared
+    qb = np.broadcast_to(q, lead + (L, E))
+    keep = np.arange(S).reshape(S, 1) < S_b                                  # lead + (S, 1)
+    kb = np.where(keep, np.broadcast_to(k_rep, lead + (S, E)), 0.0)         # keys >= S_b never read
+    vb = np.where(keep, np.broadcast_to(v_rep, lead + (S, Ev)), 0.0)
+
+    raw = scale * (qb @ np.swapaxes(kb, -1, -2))                             # lead + (L, S)
+    s = raw
+    tanh_c = None
+    if softcap is not None:
+        tanh_c = np.tanh(raw / softcap)
+        s = softcap * tanh_c
+    s = s + bias
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        try:
+            m = np.broadcast_to(m, lead + (L, S))
+        except ValueError:
+            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = "
+                             f"{lead + (L, S)}") from None
+        if m.dtype == np.bool_:
+            visible = visible & m
+        else:
+            s = s + m.astype(np.float64)
+    s = np.where(visible, s, -np.inf)
+    P, _ = _softmax_rows(s)
+    out = P @ vb                                                             # lead + (L, Ev)
+
+    def vjp(dout):
+        dO = _as_f64(dout)
+        if dO.shape != out.shape:
+            raise ValueError(f"dout must have the shape of out {out.shape}, got {dO.shape}")
+        dV = np.swapaxes(P, -1, -2) @ dO                                     # lead + (S, Ev)
+        dP = dO @ np.swapaxes(vb, -1, -2)                                    # lead + (L, S)
+        D = np.sum(dO * out, axis=-1, keepdims=True)                         # lead + (L, 1)
+        dS = P * (dP - D)
+        if tanh_c is not None:
+            dS = dS * (1.0 - tanh_c * tanh_c)
+        dQ = scale * (dS @ kb)                                               # lead + (L, E)
+        dK = scale * (np.swapaxes(dS, -1, -2) @ qb)                          # lead + (S, E)
+        dK = np.where(keep, dK, 0.0)
+        dV = np.where(keep, dV, 0.0)
+        return _sum_to(dQ, q.shape), _fold_gqa(dK, k.shape, group), _fold_gqa(dV, v.shape, group)
+
+    return out, vjp
+
+
+def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
+                         window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
+                         enable_gqa=False):
+    """(out, vjp) of varlen_attention, vjp(dout) -> (dq, dk, dv) in the packed layouts of query
+    (Hq, total_q, E), key (H, total_k, E) and value (H, total_k, Ev): each sequence through
+    scaled_dot_product_attention_vjp."""
+    q, k, v = _as_f64(query), _as_f64(key), _as_f64(value)
+    for a, name in ((q, "query"), (k, "key"), (v, "value")):
+        if a.ndim != 3:
+            raise ValueError(f"{name} must be 3-D (heads, total, dim), got shape {a.shape}")
+    cq = _check_cu_seqlens(cu_seqlens_q, q.shape[1], "cu_seqlens_q")
+    ck = _check_cu_seqlens(cu_seqlens_k, k.shape[1], "cu_seqlens_k")
+    if cq.size != ck.size:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {cq.size - 1} and {ck.size - 1}")
+    out = np.zeros((q.shape[0], q.shape[1], v.shape[-1]))
+    seqs = []
+    for b in range(cq.size - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        o, f = scaled_dot_product_attention_vjp(q[:, qs], k[:, ks], v[:, ks], is_causal=is_causal, scale=scale,
+                                                enable_gqa=enable_gqa, window_size=window_size,
+                                                alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap)
+        out[:, qs] = o
+        seqs.append((qs, ks, f))
+
+    def vjp(dout):
+        dO = _as_f64(dout)
+        if dO.shape != out.shape:
+            raise ValueError(f"dout must have the shape of out {out.shape}, got {dO.shape}")
+        dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+        for qs, ks, f in seqs:
+            dq[:, qs], dk[:, ks], dv[:, ks] = f(dO[:, qs])
+        return dq, dk, dv
+
+    return out, vjp
+
+
+def _rope_rotate_half_vjp(g, base):
+    """The transpose of _rope_rotate_half (a rotation per pair): rotate g by the opposite angle."""
+    L, E = g.shape[-2], g.shape[-1]
+    half = E // 2
+    out = g.copy()
+    p = np.arange(L, dtype=np.float64)
+    for i in range(half):
+        theta = base ** (-2.0 * i / E)
+        cos, sin = np.cos(p * theta), np.sin(p * theta)
+        ga, gb = g[..., :, i], g[..., :, i + half]
+        out[..., :, i] = ga * cos + gb * sin
+        out[..., :, i + half] = gb * cos - ga * sin
+    return out
+
+
+def attend_vjp(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, bq=None, bk=None, bv=None,
+               bo=None, num_kv_heads=None, window_size=None, key_lengths=None, rope_base=None):
+    """(y, vjp) of attend (same arguments); vjp(dy) returns, in this order,
+    (dx, dwq, dwk, dwv[, dwo][, dbq][, dbk][, dbv][, dbo]): the optional ones only for the
+    arguments given (not None). Every gradient is float64 with its argument's shape."""
+    x = _as_f64(x)
+    H = int(num_heads)
+    Hkv = H if num_kv_heads is None else int(num_kv_heads)
+    if H < 1 or Hkv < 1 or H % Hkv:
+        raise ValueError(f"num_kv_heads ({Hkv}) must be >= 1 and divide num_heads ({H})")
+    wq, wk, wv = _as_f64(wq), _as_f64(wk), _as_f64(wv)
+    given = {n: _as_f64(b) for n, b in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)) if b is not None}
+
+    def proj(w, name):
+        t = x @ w
+        return t + given[name] if name in given else t
+
+    q, k, v = proj(wq, "bq"), proj(wk, "bk"), proj(wv, "bv")
+    E, Ev = q.shape[-1] // H, v.shape[-1] // Hkv
+    if q.shape[-1] != H * E or k.shape[-1] != Hkv * E or v.shape[-1] != Hkv * Ev:
+        raise ValueError(f"wq/wk/wv columns ({q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}) do not fit "
+                         f"num_heads={H}, num_kv_heads={Hkv}")
+
+    def heads(t, n, d):      # (..., L, n*d) -> (..., n, L, d)
+        return np.swapaxes(t.reshape(t.shape[:-1] + (n, d)), -2, -3)
+
+    def unheads(t):          # (..., n, L, d) -> (..., L, n*d)
+        t = np.swapaxes(t, -2, -3)
+        return t.reshape(t.shape[:-2] + (t.shape[-2] * t.shape[-1],))
+
+    qh, kh, vh = heads(q, H, E), heads(k, Hkv, E), heads(v, Hkv, Ev)
+    if rope_base is not None:
+        qh, kh = _rope_rotate_half(qh, float(rope_base)), _rope_rotate_half(kh, float(rope_base))
+    oh, sdpa_vjp = scaled_dot_product_attention_vjp(qh, kh, vh, is_causal=is_causal, scale=scale,
+                                                    enable_gqa=Hkv != H, window_size=window_size,
+                                                    key_lengths=key_lengths)
+    o = unheads(oh)                                                          # (..., L, H*Ev)
+    wo64 = None if wo is None else _as_f64(wo)
+    y = o if wo64 is None else o @ wo64
+    if "bo" in given:
+        y = y + given["bo"]
+
+    def flat(t):             # (..., n, c) -> (N, c): every row of every batch entry
+        return t.reshape(-1, t.shape[-1])
+
+    def vjp(dy):
+        dy = _as_f64(dy)
+        if dy.shape != y.shape:
+            raise ValueError(f"dy must have the shape of y {y.shape}, got {dy.shape}")
+        grads = {}
+        if "bo" in given:
+            grads["bo"] = flat(dy).sum(axis=0)
+        if wo64 is not None:
+            grads["wo"] = flat(o).T @ flat(dy)
+            do = dy @ wo64.T
+        else:
+            do = dy
+        dqh, dkh, dvh = sdpa_vjp(heads(do, H, Ev))
+        if rope_base is not None:
+            dqh, dkh = _rope_rotate_half_vjp(dqh, float(rope_base)), _rope_rotate_half_vjp(dkh, float(rope_base))
+        dq, dk, dv = unheads(dqh), unheads(dkh), unheads(dvh)
+        for name, d in (("bq", dq), ("bk", dk), ("bv", dv)):
+            if name in given:
+                grads[name] = flat(d).sum(axis=0)
+        dx = dq @ wq.T + dk @ wk.T + dv @ wv.T
+        xf = flat(x)
+        result = [dx, xf.T @ flat(dq), xf.T @ flat(dk), xf.T @ flat(dv)]
+        if wo64 is not None:
+            result.append(grads["wo"])
+        result += [grads[n] for n in ("bq", "bk", "bv", "bo") if n in given]
+        return tuple(result)
+
+    return y, vjp

@@ -1,6 +1,6 @@
-"""Interrupts: Ctrl-C (SIGINT) stops a long call within about a second with KeyboardInterrupt;
-afterwards the same process computes correctly and has not leaked the interrupted calls'
-workspace and output.
+"""Interrupts: Ctrl-C (SIGINT) stops a long call (the forward, or the backward's vjp) within
+about a second with KeyboardInterrupt; afterwards the same process computes correctly and has
+not leaked the interrupted calls' workspace and output.
 
 The long call (B1 H1 L=S=65536 E=64 float32, seconds of work) runs in a child process that
 prints a marker with time.monotonic() when it starts the call; the parent sends SIGINT about a
@@ -75,11 +75,71 @@ IMPORTED_IN_WORKER = "import threading\n" \
 
 @pytest.mark.parametrize("first_import", ["main_thread", "worker_thread"])
 def test_ctrl_c_stops_a_long_call_quickly(tmp_path, first_import):
+    n_interrupts = N_INTERRUPTS if first_import == "main_thread" else 1
+    latencies, rss = _interrupt_child(tmp_path, (IMPORTED_IN_WORKER if first_import == "worker_thread" else "")
+                                      + CHILD, n_interrupts)
+    assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
+    # each interrupted call holds ~48 MiB (32 MiB packed K/V workspace + 16 MiB output):
+    # had either survived the interrupt, RSS would grow by that much per call
+    if not _UNDER_SANITIZER:     # ASan's quarantine keeps freed blocks resident on purpose
+        assert rss[-1] - rss[0] < 24 * 1024, f"RSS grew over the interrupted calls: {rss} KiB"
+
+
+# The backward: the forward runs once (not interrupted), then vjp(grad_out) -- B1 H1 L=S=24576
+# E=64 float32, about twice the forward's work -- is interrupted. Each interrupted backward holds
+# its workspace (partial dQ per key chunk: up to 16 x L x E, ~100 MiB here) and dq, dk, dv (18 MiB).
+CHILD_VJP = textwrap.dedent(r"""
+    import os, signal, sys, time
+    import numpy as np
+    import selfattn
+    from selfattn import reference
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def rss_kib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+    L, E = 24576, 64
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 1, L, E), dtype=np.float32)
+    k = rng.standard_normal((1, 1, L, E), dtype=np.float32)
+    v = rng.standard_normal((1, 1, L, E), dtype=np.float32)
+    out, vjp = selfattn.scaled_dot_product_attention_vjp(q, k, v)
+    dout = rng.standard_normal(out.shape, dtype=np.float32)
+    for i in range(int(sys.argv[1])):
+        print(f"START {i} {time.monotonic():.6f}", flush=True)
+        try:
+            vjp(dout)
+            print(f"DONE {i} {time.monotonic():.6f}", flush=True)
+        except KeyboardInterrupt:
+            print(f"KI {i} {time.monotonic():.6f} {rss_kib()}", flush=True)
+    # the same process (and the same vjp's forward state) still computes, and correctly
+    qs, ks, vs = q[..., :70, :8], k[..., :130, :8], v[..., :130, :5]
+    o, small = selfattn.scaled_dot_product_attention_vjp(qs, ks, vs, is_causal=True)
+    g = rng.standard_normal(o.shape).astype(np.float32)
+    got = small(g)
+    ref = reference.scaled_dot_product_attention_vjp(qs, ks, vs, is_causal=True)[1](g)
+    err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
+    print(f"SMALL {'OK' if err < 1e-4 else 'BAD'} {err:.3g}", flush=True)
+""")
+
+
+def test_ctrl_c_stops_a_long_backward_quickly(tmp_path):
+    latencies, rss = _interrupt_child(tmp_path, CHILD_VJP, 2, first_wait=240)
+    assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
+    if not _UNDER_SANITIZER:
+        assert rss[-1] - rss[0] < 24 * 1024, f"RSS grew over the interrupted backward calls: {rss} KiB"
+
+
+def _interrupt_child(tmp_path, source, n_interrupts, first_wait=120):
+    """Run `source` in a child (argv[1] = n_interrupts), interrupt each call it STARTs, and
+    return (SIGINT -> KeyboardInterrupt latencies, RSS after each interrupt in KiB), after the
+    child's SMALL OK line and exit 0; skips if a call finished before the signal arrived."""
     script = tmp_path / "long_call.py"
-    script.write_text((IMPORTED_IN_WORKER if first_import == "worker_thread" else "") + CHILD)
+    script.write_text(source)
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
-    n_interrupts = N_INTERRUPTS if first_import == "main_thread" else 1
     proc = subprocess.Popen([sys.executable, str(script), str(n_interrupts)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
     lines = queue.Queue()
@@ -104,7 +164,7 @@ def test_ctrl_c_stops_a_long_call_quickly(tmp_path, first_import):
 
     try:
         for i in range(n_interrupts):
-            line = next_line(120)
+            line = next_line(first_wait if i == 0 else 120)
             if line is None or not line.startswith(f"START {i} "):
                 fail(f"expected 'START {i}', got {line!r}")
             time.sleep(1.0 if i == 0 else 0.5)
@@ -134,8 +194,4 @@ def test_ctrl_c_stops_a_long_call_quickly(tmp_path, first_import):
     print(f"SIGINT -> KeyboardInterrupt latencies: {[f'{x * 1e3:.0f} ms' for x in latencies]}; "
           f"RSS after each: {rss} KiB")
     assert proc.returncode == 0
-    assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
-    # each interrupted call holds ~48 MiB (32 MiB packed K/V workspace + 16 MiB output):
-    # had either survived the interrupt, RSS would grow by that much per call
-    if not _UNDER_SANITIZER:     # ASan's quarantine keeps freed blocks resident on purpose
-        assert rss[-1] - rss[0] < 24 * 1024, f"RSS grew over the interrupted calls: {rss} KiB"
+    return latencies, rss

@@ -1,5 +1,6 @@
 """Leaks: thousands of calls of every entry point (successful ones, validation errors, and
-MemoryError from the debug hook or an impossible workspace) leave memory flat.
+MemoryError from the debug hook or an impossible workspace) leave memory flat; the backward
+(scaled_dot_product_attention_vjp, varlen_attention_vjp and their vjp closures) too.
 
 Two gauges after a warm-up: the resident set size (/proc/self/statm), and glibc's count of
 malloc'ed bytes in use (mallinfo2), which sees even small per-call leaks. Both are compared
@@ -49,6 +50,29 @@ def _malloc_in_use():
     return mi.uordblks + mi.hblkhd
 
 
+def fail_alloc(fn):
+    def call():
+        _core._debug_fail_allocations(1)
+        try:
+            fn()
+        except MemoryError:
+            return
+        finally:
+            _core._debug_fail_allocations(0)
+        raise AssertionError("the debug hook did not raise MemoryError")
+    return call
+
+
+def expect(exc, fn):
+    def call():
+        try:
+            fn()
+        except exc:
+            return
+        raise AssertionError(f"{exc.__name__} expected")
+    return call
+
+
 def _calls():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((2, 4, 33, 16)).astype(np.float32)
@@ -63,27 +87,6 @@ def _calls():
     huge_q = np.broadcast_to(np.float32(0.5), (1, 1 << 40))    # workspace of ~2^49 bytes: MemoryError
     huge_k = np.broadcast_to(np.float32(0.5), (2, 1 << 40))
     huge_v = np.ones((2, 2), np.float32)
-
-    def fail_alloc(fn):
-        def call():
-            _core._debug_fail_allocations(1)
-            try:
-                fn()
-            except MemoryError:
-                return
-            finally:
-                _core._debug_fail_allocations(0)
-            raise AssertionError("the debug hook did not raise MemoryError")
-        return call
-
-    def expect(exc, fn):
-        def call():
-            try:
-                fn()
-            except exc:
-                return
-            raise AssertionError(f"{exc.__name__} expected")
-        return call
 
     ok = {
         "sdpa": lambda: sdpa(q, k, v),
@@ -111,6 +114,42 @@ def _calls():
     return {**ok, **raising}
 
 
+def _backward_calls():
+    """The backward's entry points. One thread each: the workspace does not depend on it, and
+    tiny calls alternating with the threaded ones of _calls() would make OpenMP's workers sleep
+    and wake between them (slow where the cores are shared); test_backward checks the threads."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 4, 33, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 4, 40, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 4, 40, 8)).astype(np.float32)
+    k2, v2 = k[:, :2].astype(np.float64), v[:, :2].astype(np.float64)
+    bmask = rng.random((33, 40)) < 0.6
+    bmask[5] = False
+    fmask = rng.standard_normal((4, 33, 40)).astype(np.float32)
+    dout = rng.standard_normal((2, 4, 33, 8)).astype(np.float32)
+    dout64 = dout.astype(np.float64)
+    cu_q, cu_k = [0, 10, 10, 33], [0, 15, 22, 40]
+    vjp = selfattn.scaled_dot_product_attention_vjp
+    vl = selfattn.varlen_attention_vjp
+    _, kept = vjp(q, k2, v2, enable_gqa=True, softcap=5.0, is_causal=True, num_threads=1)   # called many times
+    return {
+        "vjp_bool_mask_key_lengths": lambda: vjp(q, k, v, attn_mask=bmask, key_lengths=[40, 17], num_threads=1)[1](dout),
+        "vjp_kept_gqa_f64": lambda: kept(dout64),
+        "vjp_float_mask_window_alibi": lambda: vjp(q, k, v, attn_mask=fmask, window_size=(3, 5),
+                                                   alibi_slopes=[0.1, 0.2, 0.3, 0.4], num_threads=1)[1](dout),
+        "vjp_bcast_kv": lambda: vjp(q, k[:1], v[:1], num_threads=1)[1](dout),
+        "vjp_varlen": lambda: vl(q[0], k[0], v[0], cu_q, cu_k, is_causal=True, num_threads=1)[1](dout[0]),
+        "vjp_bad_grad_out": expect(ValueError, lambda: kept(dout64[..., :3])),
+        "vjp_complex_grad_out": expect(TypeError, lambda: kept(dout64.astype(np.complex128))),
+        "vjp_return_lse": expect(TypeError, lambda: vjp(q, k, v, return_lse=True)),
+        "vjp_bad_window": expect(ValueError, lambda: vjp(q, k, v, window_size=-1)),
+        "vjp_varlen_bad_grad_out": expect(ValueError, lambda: vl(q[0], k[0], v[0], cu_q, cu_k,
+                                                                  num_threads=1)[1](dout[0, :3])),
+        "vjp_memerror_hook": fail_alloc(lambda: kept(dout64)),
+        "vjp_memerror_hook_varlen": fail_alloc(lambda: vl(q[0], k[0], v[0], cu_q, cu_k, num_threads=1)[1](dout[0])),
+    }
+
+
 def _rounds(calls, n):
     for i in range(n):
         with selfattn.use_isa(ISAS[i % len(ISAS)]):
@@ -119,8 +158,9 @@ def _rounds(calls, n):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/statm")
-def test_memory_flat_over_thousands_of_calls():
-    calls = _calls()
+@pytest.mark.parametrize("make_calls", [_calls, _backward_calls], ids=["forward", "backward"])
+def test_memory_flat_over_thousands_of_calls(make_calls):
+    calls = make_calls()
     N = 600
     _rounds(calls, 300)                  # warm-up: pools, caches, OpenMP threads, allocator arenas
     gc.collect()

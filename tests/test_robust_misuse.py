@@ -46,6 +46,27 @@ def a_(**kw):
     return A(**args)
 
 
+def G(grad_out, **kw):
+    """vjp(grad_out) of scaled_dot_product_attention_vjp(Q, K, V, **kw): errors of the backward."""
+    def call():
+        out, vjp = selfattn.scaled_dot_product_attention_vjp(Q, K, V, **kw)
+        return vjp(grad_out(out) if callable(grad_out) else grad_out)
+    return call
+
+
+def GV(**kw):
+    """scaled_dot_product_attention_vjp(Q, K, V, **kw): errors of its forward."""
+    return lambda: selfattn.scaled_dot_product_attention_vjp(Q, K, V, **kw)
+
+
+def VL(grad_out=None, cu_q=(0, 2, 5), cu_k=(0, 3, 7), **kw):
+    """varlen_attention_vjp on the packed heads of Q[0], K[0], V[0]; with grad_out, its vjp."""
+    def call():
+        out, vjp = selfattn.varlen_attention_vjp(Q[0], K[0], V[0], list(cu_q), list(cu_k), **kw)
+        return vjp(grad_out(out)) if grad_out is not None else out
+    return call
+
+
 MISUSE = [
     # ---- wrong ndim
     ("query_1d", q_(query=Q[0, 0, 0]), ValueError, r"query must have at least 2 dims .*got shape \(8,\)"),
@@ -163,6 +184,52 @@ MISUSE = [
     ("sdpa_scale_positional", S(Q, K, V, None, False, 0.5), TypeError, r"positional argument"),
     ("attend_heads_positional", A(X, WQ, WK, WV, 2), TypeError, r"positional argument"),
     ("sdpa_unknown_kwarg", q_(dropout_p=0.1), TypeError, r"unexpected keyword argument 'dropout_p'"),
+    # ---- the backward (selfattn.autograd): the cotangent, and the forward's arguments
+    ("vjp_grad_out_wrong_shape", G(lambda o: np.ones(o.shape[:-1] + (5,))), ValueError,
+     r"grad_out must have the shape of the forward's output \(2, 4, 5, 6\), got \(2, 4, 5, 5\)"),
+    ("vjp_grad_out_not_broadcast", G(lambda o: np.ones(o.shape[-2:])), ValueError,
+     r"grad_out must have the shape of the forward's output \(2, 4, 5, 6\), got \(5, 6\)"),
+    ("vjp_grad_out_extra_dim", G(lambda o: np.ones((1,) + o.shape)), ValueError, r"grad_out must have the shape"),
+    ("vjp_grad_out_scalar", G(1.0), ValueError, r"grad_out must have the shape .*got \(\)"),
+    ("vjp_grad_out_complex", G(lambda o: np.ones(o.shape, np.complex128)), TypeError,
+     r"grad_out must be a real array, got dtype complex128"),
+    ("vjp_grad_out_str", G(lambda o: np.full(o.shape, "a")), TypeError, r"grad_out must be a real array, got dtype <U1"),
+    ("vjp_grad_out_object", G(lambda o: np.ones(o.shape, object)), TypeError, r"grad_out must be a real array, got dtype object"),
+    ("vjp_grad_out_ragged", G([[1.0], [1.0, 2.0]]), TypeError, r"grad_out cannot be read as an array"),
+    ("vjp_return_lse", GV(return_lse=True), TypeError,
+     r"scaled_dot_product_attention_vjp\(\) got an unexpected keyword argument 'return_lse'"),
+    ("vjp_return_lse_false", GV(return_lse=False), TypeError, r"unexpected keyword argument 'return_lse'"),
+    ("vjp_out_kwarg", GV(out=np.empty((2, 4, 5, 6))), TypeError, r"unexpected keyword argument 'out'"),
+    ("vjp_unknown_kwarg", GV(dropout_p=0.1), TypeError, r"unexpected keyword argument 'dropout_p'"),
+    ("vjp_positional_scale", lambda: selfattn.scaled_dot_product_attention_vjp(Q, K, V, None, False, 0.5), TypeError,
+     r"positional argument"),
+    ("vjp_threads_str", GV(num_threads="2"), TypeError, r"num_threads must be an int, got str"),
+    ("vjp_threads_0", GV(num_threads=0), ValueError, r"num_threads must be >= 1, got 0"),
+    ("vjp_scale_nan", GV(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
+    ("vjp_window_float", GV(window_size=2.0), TypeError, r"window_size must be None, an int or a \(left, right\) pair"),
+    ("vjp_alignment_unknown", GV(alignment="bottom"), ValueError, r"alignment must be 'top_left' or 'bottom_right'"),
+    ("vjp_key_lengths_float", GV(key_lengths=np.array([3.0, 4.0])), TypeError, r"key_lengths must be integers"),
+    ("vjp_key_lengths_above_S", GV(key_lengths=[3, 8]), ValueError, r"key_lengths must be in \[0, S=7\]"),
+    ("vjp_alibi_shape", GV(alibi_slopes=np.ones(3)), ValueError, r"alibi_slopes of shape \(3,\) does not broadcast"),
+    ("vjp_softcap_str", GV(softcap="30"), TypeError, r"softcap must be a real number > 0 or None, got str"),
+    ("vjp_softcap_zero", GV(softcap=0.0), ValueError, r"softcap must be finite and > 0"),
+    ("vjp_mask_int", GV(attn_mask=np.ones((5, 7), np.int32)), TypeError, r"attn_mask must be bool .*got dtype int32"),
+    ("vjp_gqa_not_divisible", lambda: selfattn.scaled_dot_product_attention_vjp(Q, K[:, :3], V[:, :3], enable_gqa=True),
+     ValueError,
+     r"enable_gqa: query heads Hq=4 must be a multiple of key/value heads H=3"),
+    ("vjp_query_complex", lambda: selfattn.scaled_dot_product_attention_vjp(Q.astype(complex), K, V), TypeError,
+     r"query has dtype complex128, which selfattn cannot compute"),
+    ("vjp_call_kwarg", lambda: selfattn.scaled_dot_product_attention_vjp(Q, K, V)[1](np.ones((2, 4, 5, 6)), num_threads=2),
+     TypeError, r"unexpected keyword argument 'num_threads'"),
+    ("varlen_vjp_return_lse", VL(return_lse=True), TypeError,
+     r"varlen_attention_vjp\(\) got an unexpected keyword argument 'return_lse'"),
+    ("varlen_vjp_grad_out_shape", VL(lambda o: np.ones(o.shape[:-1] + (5,))), ValueError,
+     r"grad_out must have the shape of the forward's output \(4, 5, 6\), got \(4, 5, 5\)"),
+    ("varlen_vjp_grad_out_complex", VL(lambda o: np.ones(o.shape, np.complex64)), TypeError,
+     r"grad_out must be a real array, got dtype complex64"),
+    ("varlen_vjp_cu_end", VL(cu_q=(0, 2, 4)), ValueError, r"cu_seqlens_q must end at the total number of rows 5"),
+    ("varlen_vjp_threads_float", VL(num_threads=1.0), TypeError, r"num_threads must be an int, got float"),
+    ("varlen_vjp_attn_mask", VL(attn_mask=np.ones((5, 7), bool)), TypeError, r"unexpected keyword argument 'attn_mask'"),
 ]
 
 
@@ -260,3 +327,32 @@ def test_torch_cpu_tensors_accepted():
     got = attend(x, w, w, w, num_heads=2, wo=w[:4])
     np.testing.assert_allclose(got, reference.attend(x.numpy(), w.numpy(), w.numpy(), w.numpy(), num_heads=2,
                                                      wo=w[:4].numpy()), rtol=0, atol=1e-10)
+
+
+def test_vjp_accepts_lists_memmaps_and_torch_tensors(tmp_path):
+    """The backward takes every input kind the forward takes (for q, k, v and the cotangent)."""
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 7, 3)).astype(np.float32)
+    out, vjp = selfattn.scaled_dot_product_attention_vjp(q, k, v, is_causal=True)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    expected = vjp(dout)
+    mm = np.memmap(tmp_path / "dout.dat", dtype=np.float32, mode="w+", shape=dout.shape)
+    mm[...] = dout
+    kinds = {"list": lambda a: a.tolist(), "memmap": lambda a: mm if a is dout else a}
+    torch = None
+    try:
+        torch = optional_import("torch")
+    except pytest.skip.Exception:
+        pass
+    if torch is not None:
+        kinds["torch"] = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    for name, make in kinds.items():
+        o2, vjp2 = selfattn.scaled_dot_product_attention_vjp(make(q), make(k), make(v), is_causal=True)
+        got = vjp2(make(dout))
+        assert all(type(g) is np.ndarray for g in got), name
+        dtype = np.float64 if name == "list" else np.float32      # lists of Python floats are float64
+        for g, e in zip(got, expected):
+            assert g.dtype == dtype, name
+            np.testing.assert_allclose(g, e, rtol=0, atol=1e-5, err_msg=name)
