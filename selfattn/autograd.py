@@ -39,7 +39,22 @@ def _grad_dtype(a):
     return a.dtype if a.dtype.kind == "f" else _core._compute_dtype_of(a.dtype, "input")
 
 
+_SDPA_OPTIONS = ("scale", "enable_gqa", "num_threads", "window_size", "alignment", "key_lengths",
+                 "alibi_slopes", "softcap")
+_VARLEN_OPTIONS = ("scale", "is_causal", "window_size", "alignment", "alibi_slopes", "softcap", "enable_gqa",
+                   "num_threads")
+
+
+def _check_options(options, allowed, fn):
+    for name in options:
+        if name not in allowed:
+            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r} "
+                            f"(options: {', '.join(allowed)})")
+
+
 def _check_cotangent(g, out, name="grad_out"):
+    if g is None:
+        raise TypeError(f"{name} must be an array of the forward's output shape {out.shape}, got None")
     g = _core._as_input(g, name)
     if g.shape != out.shape:
         raise ValueError(f"{name} must have the shape of the forward's output {out.shape}, got {g.shape}")
@@ -59,7 +74,9 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
 
     Returns
     -------
-    out : ndarray, as `scaled_dot_product_attention` returns it
+    out : ndarray, as `scaled_dot_product_attention` returns it, read-only
+        ``vjp`` reads it (D = rowsum(grad_out * out)), so it cannot be changed in place:
+        write ``h = x + out``, not ``out += x``.
     vjp : callable
         ``vjp(grad_out) -> (dq, dk, dv)``, the gradients of ``sum(out * grad_out)`` with
         respect to query, key and value, with their shapes and dtypes (a float16 input gets
@@ -82,13 +99,12 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
     >>> bool(np.allclose(dv.sum(axis=-2), 8.0))   # each query's weights sum to 1
     True
     """
-    for bad in ("return_lse", "out"):
-        if bad in options:
-            raise TypeError(f"scaled_dot_product_attention_vjp() got an unexpected keyword argument {bad!r}")
+    _check_options(options, _SDPA_OPTIONS, "scaled_dot_product_attention_vjp")
     q = _core._as_input(query, "query")
     k = _core._as_input(key, "key")
     v = _core._as_input(value, "value")
     out, lse = _core.sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, return_lse=True, **options)
+    out.flags.writeable = False              # vjp reads it (D = rowsum(dO o O)): no in-place changes
     shapes = (q.shape, k.shape, v.shape)
     dtypes = (_grad_dtype(q), _grad_dtype(k), _grad_dtype(v))
 
@@ -107,7 +123,8 @@ def varlen_attention_vjp(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu
                          ) -> Tuple[np.ndarray, Callable[[Any], Tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """The forward of `varlen_attention` and its vector-Jacobian product.
 
-    Takes the arguments of `selfattn.varlen_attention` except `return_lse`. ``vjp(grad_out)``
+    Takes the arguments of `selfattn.varlen_attention` except `return_lse`; `out` is returned
+    read-only (the backward reads it). ``vjp(grad_out)``
     returns ``(dq, dk, dv)`` in the packed layouts of query (Hq, total_q, E), key
     (H, total_k, E) and value (H, total_k, Ev); with GQA, each kv head's gradient is summed
     over its query heads.
@@ -120,12 +137,12 @@ def varlen_attention_vjp(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu
     >>> [g.shape for g in vjp(np.ones_like(out))]
     [(2, 7, 4), (2, 7, 4), (2, 7, 4)]
     """
-    if "return_lse" in options:
-        raise TypeError("varlen_attention_vjp() got an unexpected keyword argument 'return_lse'")
+    _check_options(options, _VARLEN_OPTIONS, "varlen_attention_vjp")
     q = _core._as_input(query, "query")
     k = _core._as_input(key, "key")
     v = _core._as_input(value, "value")
     out, lse = _core.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **options)
+    out.flags.writeable = False              # vjp reads it: no in-place changes
     dtypes = (_grad_dtype(q), _grad_dtype(k), _grad_dtype(v))
 
     def vjp(grad_out: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

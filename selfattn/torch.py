@@ -51,6 +51,7 @@ class _SDPA(_torch.autograd.Function):
         q, k, v = _as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value")
         mask = _as_numpy(attn_mask, "attn_mask")
         out, vjp = scaled_dot_product_attention_vjp(q, k, v, attn_mask=mask, is_causal=is_causal, **options)
+        out.flags.writeable = True       # ours alone; autograd's version counter guards it (below)
         result = _torch.from_numpy(out)
         ctx.vjp = vjp
         # saved so that autograd's version counters catch in-place changes between forward and

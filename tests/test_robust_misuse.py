@@ -200,7 +200,9 @@ MISUSE = [
      r"scaled_dot_product_attention_vjp\(\) got an unexpected keyword argument 'return_lse'"),
     ("vjp_return_lse_false", GV(return_lse=False), TypeError, r"unexpected keyword argument 'return_lse'"),
     ("vjp_out_kwarg", GV(out=np.empty((2, 4, 5, 6))), TypeError, r"unexpected keyword argument 'out'"),
-    ("vjp_unknown_kwarg", GV(dropout_p=0.1), TypeError, r"unexpected keyword argument 'dropout_p'"),
+    ("vjp_unknown_kwarg", GV(dropout_p=0.1), TypeError,
+     r"scaled_dot_product_attention_vjp\(\) got an unexpected keyword argument 'dropout_p'"),
+    ("vjp_grad_out_none", G(None), TypeError, r"grad_out must be an array of the forward's output shape"),
     ("vjp_positional_scale", lambda: selfattn.scaled_dot_product_attention_vjp(Q, K, V, None, False, 0.5), TypeError,
      r"positional argument"),
     ("vjp_threads_str", GV(num_threads="2"), TypeError, r"num_threads must be an int, got str"),
@@ -229,7 +231,8 @@ MISUSE = [
      r"grad_out must be a real array, got dtype complex64"),
     ("varlen_vjp_cu_end", VL(cu_q=(0, 2, 4)), ValueError, r"cu_seqlens_q must end at the total number of rows 5"),
     ("varlen_vjp_threads_float", VL(num_threads=1.0), TypeError, r"num_threads must be an int, got float"),
-    ("varlen_vjp_attn_mask", VL(attn_mask=np.ones((5, 7), bool)), TypeError, r"unexpected keyword argument 'attn_mask'"),
+    ("varlen_vjp_attn_mask", VL(attn_mask=np.ones((5, 7), bool)), TypeError,
+     r"varlen_attention_vjp\(\) got an unexpected keyword argument 'attn_mask'"),
 ]
 
 
