@@ -67,6 +67,26 @@ def main():
                     check(sdpa(qd[..., ::-1, :], np.swapaxes(np.ascontiguousarray(np.swapaxes(kd, -1, -2)), -1, -2),
                                vd[:, :, ::-1], num_threads=nt),
                           reference.scaled_dot_product_attention(q[..., ::-1, :], k, v[:, :, ::-1]), tol)
+                # the fused backward: structured masks composed, GQA, varlen, attend's layer
+                dout = rng.standard_normal((2, 2, 67, 3))
+                for bkw in (dict(is_causal=True), dict(skw, attn_mask=bmask)):
+                    got = selfattn.scaled_dot_product_attention_vjp(qd, kd, vd, num_threads=2, **bkw)[1](dout)
+                    want = reference.scaled_dot_product_attention_vjp(q, k, v, **bkw)[1](dout)
+                    for g, w in zip(got, want):
+                        check(g, w, 10 * tol)
+                got = selfattn.scaled_dot_product_attention_vjp(qd, kd[:, :1], vd[:, :1], enable_gqa=True)[1](dout)
+                want = reference.scaled_dot_product_attention_vjp(q, k[:, :1], v[:, :1], enable_gqa=True)[1](dout)
+                for g, w in zip(got, want):
+                    check(g, w, 10 * tol)
+                got = selfattn.varlen_attention_vjp(qd[0], kd[0], vd[0], cu, cuk, is_causal=True)[1](dout[0])
+                want = reference.varlen_attention_vjp(q[0], k[0], v[0], cu, cuk, is_causal=True)[1](dout[0])
+                for g, w in zip(got, want):
+                    check(g, w, 10 * tol)
+                y, avjp = selfattn.attend_vjp(x.astype(dt), wq, wk, wv, num_heads=2, wo=wo, is_causal=True)
+                ry, ravjp = reference.attend_vjp(x, wq, wk, wv, num_heads=2, wo=wo, is_causal=True)
+                dy = rng.standard_normal(y.shape)
+                for g, w in zip(avjp(dy), ravjp(dy)):
+                    check(g, w, 10 * tol)
                 check(selfattn.attend(x.astype(dt), wq, wk, wv, num_heads=2),
                       reference.attend(x, wq, wk, wv, num_heads=2), tol)
                 check(selfattn.attend(x.astype(dt), wq, wk, wv, num_heads=2, wo=wo, is_causal=True),
@@ -78,6 +98,7 @@ def main():
             expect(ValueError, lambda: sdpa(q, k, v, key_lengths=[200, 1]))
             expect(ValueError, lambda: selfattn.varlen_attention(q[0], k[0], v[0], [0, 60], [0, 131]))
             expect(TypeError, lambda: sdpa(q.astype(np.complex128), k, v))
+            expect(ValueError, lambda: selfattn.scaled_dot_product_attention_vjp(q, k, v)[1](np.ones((2, 3))))
             expect(TypeError, lambda: sdpa(q, k, v, attn_mask=bmask.astype(np.int8)))
             expect(ValueError, lambda: sdpa(q, k, v, scale=float("inf")))
             expect(ValueError, lambda: sdpa(q, k, v, num_threads=0))
