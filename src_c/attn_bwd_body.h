@@ -51,6 +51,8 @@ typedef struct {
     T *part;            /* dQ partials [n_units][nc][lp][ep]     */
     T *scratch;         /* nt x thread_elems                     */
     T qscale;           /* scale * log2(e)                       */
+    double last_poll;   /* thread 0's last Ctrl-C poll inside a task */
+    int stop;           /* set by thread 0 when interrupted: every task returns early */
 } FN(bctx_t);
 
 /* C[BMR][nv*VW] (= or +=) A[BMR][K] . B[K][nv*VW]: A's element (r, k) at
@@ -268,6 +270,16 @@ static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
     for (int64_t kb = kb0; kb < kb1; kb++) {
         int64_t j0 = kb * BK, nrows = smax - j0 < BK ? smax - j0 : BK;
         if (nrows <= 0) break;
+        /* a task covers up to L x cb x BK pairs: Ctrl-C is polled between its blocks too */
+        int halt;
+#pragma omp atomic read
+        halt = c->stop;
+        if (halt) return;
+        if (tid == 0 && sa_poll_interrupt(a, &c->last_poll)) {
+#pragma omp atomic write
+            c->stop = 1;
+            return;
+        }
         int seen = khi >= klo && j0 <= khi && j0 + BK > klo;
         for (int64_t i = 0; i < BK * ep; i++) dKa[i] = 0;
         for (int64_t i = 0; i < BK * evp; i++) dVa[i] = 0;
@@ -323,8 +335,11 @@ int FN(attn_bwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
     c.part = c.dbuf + c.lay.part_off;
     c.scratch = c.dbuf + c.lay.shared_elems;
     c.qscale = (T)(a->scale * 1.4426950408889634);
+    c.last_poll = 0;
+    c.stop = 0;
     int st = sa_run_tasks(a->n_units, c.lay.nt, FN(bwd_prep_task), &c, a);
     if (st == SA_OK) st = sa_run_tasks(c.lay.tasks, c.lay.nt, FN(bwd_kv_task), &c, a);
+    if (st == SA_OK && c.stop) st = SA_ERR_INTERRUPTED;
     if (st == SA_OK) st = sa_run_tasks(a->n_units, c.lay.nt, FN(bwd_dq_task), &c, a);
     return st;
 }

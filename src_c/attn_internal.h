@@ -90,6 +90,13 @@ int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dt
 typedef void (*sa_task_fn)(void *ctx, int64_t task, int tid);
 int sa_run_tasks(int64_t n, int nt, sa_task_fn fn, void *ctx, const sa_attn_args *a);
 
+/* Inside a long task, on thread 0 only (the caller's thread, the one that may
+ * call back into Python): 1 if a->interrupt asks to stop, polled at most every
+ * ~20 ms (*last_poll: the time of the last poll, kept by the caller). A task
+ * that sees 1 tells the others through its context and every task returns
+ * early; the kernel then returns SA_ERR_INTERRUPTED. */
+int sa_poll_interrupt(const sa_attn_args *a, double *last_poll);
+
 /* Threads a call really uses: 1 in a forked child (libgomp's pool does not
  * survive fork), never more than there are tasks. */
 int sa_effective_threads(int requested);

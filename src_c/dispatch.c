@@ -406,6 +406,15 @@ static double sa_now(void)
 #endif
 }
 
+int sa_poll_interrupt(const sa_attn_args *a, double *last_poll)
+{
+    if (!a->interrupt) return 0;
+    double t = sa_now();
+    if (t - *last_poll < SA_POLL_SECONDS) return 0;
+    *last_poll = t;
+    return a->interrupt(a->interrupt_ctx) != 0;
+}
+
 int sa_run_tasks(int64_t n, int nt, sa_task_fn fn, void *ctx, const sa_attn_args *a)
 {
     if (n <= 0) return SA_OK;
