@@ -272,11 +272,15 @@ static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
         if (nrows <= 0) break;
         /* a task covers up to L x cb x BK pairs: Ctrl-C is polled between its blocks too */
         int halt;
+#ifdef _OPENMP
 #pragma omp atomic read
+#endif
         halt = c->stop;
         if (halt) return;
         if (tid == 0 && sa_poll_interrupt(a, &c->last_poll)) {
+#ifdef _OPENMP
 #pragma omp atomic write
+#endif
             c->stop = 1;
             return;
         }
