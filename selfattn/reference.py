@@ -192,6 +192,23 @@ def _structure(L, S, lead, *, is_causal=False, window_size=None, alignment="top_
     return visible, bias, S_b
 
 
+def _masked(s, visible, attn_mask, lead, L, S):
+    """The logits s with attn_mask applied (bool: AND into visible; float: added) and -inf
+    wherever a key is not visible."""
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        try:
+            m = np.broadcast_to(m, lead + (L, S))
+        except ValueError:
+            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = "
+                             f"{lead + (L, S)}") from None
+        if m.dtype == np.bool_:
+            visible = visible & m
+        else:
+            s = s + m.astype(np.float64)
+    return np.where(visible, s, -np.inf)
+
+
 def _logits(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
             window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None, softcap=None):
     """Masked logits s (lead + (L, S), -inf where not visible) and the float64 value array."""
@@ -220,18 +237,7 @@ def _logits(query, key, value, attn_mask=None, is_causal=False, scale=None, enab
     if softcap is not None:
         s = softcap * np.tanh(s / softcap)
     s = s + bias
-    if attn_mask is not None:
-        m = np.asarray(attn_mask)
-        try:
-            m = np.broadcast_to(m, lead + (L, S))
-        except ValueError:
-            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = "
-                             f"{lead + (L, S)}") from None
-        if m.dtype == np.bool_:
-            visible = visible & m
-        else:
-            s = s + m.astype(np.float64)
-    s = np.where(visible, s, -np.inf)
+    s = _masked(s, visible, attn_mask, lead, L, S)
     return s, v
 
 
@@ -446,18 +452,7 @@ def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causa
         tanh_c = np.tanh(raw / softcap)
         s = softcap * tanh_c
     s = s + bias
-    if attn_mask is not None:
-        m = np.asarray(attn_mask)
-        try:
-            m = np.broadcast_to(m, lead + (L, S))
-        except ValueError:
-            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = "
-                             f"{lead + (L, S)}") from None
-        if m.dtype == np.bool_:
-            visible = visible & m
-        else:
-            s = s + m.astype(np.float64)
-    s = np.where(visible, s, -np.inf)
+    s = _masked(s, visible, attn_mask, lead, L, S)
     P, _ = _softmax_rows(s)
     out = P @ vb                                                             # lead + (L, Ev)
 
