@@ -1,4 +1,4 @@
-"""Interrupts: Ctrl-C (SIGINT) stops a long call (the forward, or the backward's vjp) within
+"""Interrupts: Ctrl-C (SIGINT) stops a long call (the forward, the decode path, or the backward's vjp) within
 about a second with KeyboardInterrupt; afterwards the same process computes correctly and has
 not leaked the interrupted calls' workspace and output.
 
@@ -130,6 +130,55 @@ def test_ctrl_c_stops_a_long_backward_quickly(tmp_path):
     assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
     if not _UNDER_SANITIZER:
         assert rss[-1] - rss[0] < 24 * 1024, f"RSS grew over the interrupted backward calls: {rss} KiB"
+
+
+# The decode path (few query rows against long K/V, split-KV chunks, polled between chunks): a
+# decode call of seconds would need gigabytes of K/V, so K and V are one row broadcast along S
+# (stride 0: read in place, never expanded): B1, 4 query heads sharing 1 kv head (GQA, stacked
+# into one tile), L1, S = 2^28 keys, bottom-right causal, about 2.5 s of work. The child asserts
+# that the decode schedule is the one that runs.
+CHILD_DECODE = textwrap.dedent(r"""
+    import os, signal, sys, time
+    import numpy as np
+    import selfattn
+    from selfattn import reference
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def rss_kib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+    S, E = 1 << 28, 64
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, 1, E), dtype=np.float32)
+    k = np.broadcast_to(rng.standard_normal((1, 1, 1, E), dtype=np.float32), (1, 1, S, E))
+    v = np.broadcast_to(rng.standard_normal((1, 1, 1, E), dtype=np.float32), (1, 1, S, E))
+    kw = dict(enable_gqa=True, is_causal=True, alignment="bottom_right")
+    sched = selfattn._core.sdpa(q, k, v, schedule_only=True, **kw)
+    assert sched["decode"] and sched["compute_tasks"] > 2, sched
+    for i in range(int(sys.argv[1])):
+        print(f"START {i} {time.monotonic():.6f}", flush=True)
+        try:
+            selfattn.scaled_dot_product_attention(q, k, v, **kw)
+            print(f"DONE {i} {time.monotonic():.6f}", flush=True)
+        except KeyboardInterrupt:
+            print(f"KI {i} {time.monotonic():.6f} {rss_kib()}", flush=True)
+    # the same process still decodes, and correctly
+    ks = rng.standard_normal((1, 1, 700, E), dtype=np.float32)
+    vs = rng.standard_normal((1, 1, 700, 5), dtype=np.float32)
+    out = selfattn.scaled_dot_product_attention(q, ks, vs, **kw)
+    ref = reference.scaled_dot_product_attention(q, ks, vs, **kw)
+    err = float(np.abs(out - ref).max())
+    print(f"SMALL {'OK' if err < 1e-4 else 'BAD'} {err:.3g}", flush=True)
+""")
+
+
+def test_ctrl_c_stops_a_long_decode_call_quickly(tmp_path):
+    latencies, rss = _interrupt_child(tmp_path, CHILD_DECODE, 2)
+    assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
+    if not _UNDER_SANITIZER:      # a decode call's workspace is small: nothing may pile up either
+        assert rss[-1] - rss[0] < 4 * 1024, f"RSS grew over the interrupted decode calls: {rss} KiB"
 
 
 def _interrupt_child(tmp_path, source, n_interrupts, first_wait=120):
