@@ -47,11 +47,14 @@ CHILD = textwrap.dedent(r"""
     v = rng.standard_normal((1, 1, L, E), dtype=np.float32)
     for i in range(int(sys.argv[1])):
         print(f"START {i} {time.monotonic():.6f}", flush=True)
+        t_ki = None
         try:
             selfattn.scaled_dot_product_attention(q, k, v)
             print(f"DONE {i} {time.monotonic():.6f}", flush=True)
         except KeyboardInterrupt:
-            print(f"KI {i} {time.monotonic():.6f} {rss_kib()}", flush=True)
+            t_ki = time.monotonic()
+        if t_ki is not None:    # RSS once the traceback (and the frames it holds) is gone
+            print(f"KI {i} {t_ki:.6f} {rss_kib()}", flush=True)
     # the same process still computes, and correctly
     qs, ks, vs = q[..., :70, :8], k[..., :130, :8], v[..., :130, :5]
     out = selfattn.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
@@ -79,10 +82,13 @@ def test_ctrl_c_stops_a_long_call_quickly(tmp_path, first_import):
     latencies, rss = _interrupt_child(tmp_path, (IMPORTED_IN_WORKER if first_import == "worker_thread" else "")
                                       + CHILD, n_interrupts)
     assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
-    # each interrupted call holds ~48 MiB (32 MiB packed K/V workspace + 16 MiB output):
-    # had either survived the interrupt, RSS would grow by that much per call
-    if not _UNDER_SANITIZER:     # ASan's quarantine keeps freed blocks resident on purpose
-        assert rss[-1] - rss[0] < 24 * 1024, f"RSS grew over the interrupted calls: {rss} KiB"
+    # each interrupted call holds ~48 MiB (32 MiB packed K/V workspace + 16 MiB output): had
+    # either survived the interrupt, RSS would grow by that much per call. Compared from the
+    # second call on: after the first free of a large block glibc raises its mmap threshold and
+    # serves the next ones from the heap, which keeps their pages (seen once, +25 MiB, on a
+    # 16-core machine; flat after that)
+    if not _UNDER_SANITIZER and len(rss) >= 3:   # ASan's quarantine keeps freed blocks resident
+        assert rss[-1] - rss[1] < 24 * 1024, f"RSS grew over the interrupted calls: {rss} KiB"
 
 
 # The backward: the forward runs once (not interrupted), then vjp(grad_out) -- B1 H1 L=S=24576
@@ -109,11 +115,14 @@ CHILD_VJP = textwrap.dedent(r"""
     dout = rng.standard_normal(out.shape, dtype=np.float32)
     for i in range(int(sys.argv[1])):
         print(f"START {i} {time.monotonic():.6f}", flush=True)
+        t_ki = None
         try:
             vjp(dout)
             print(f"DONE {i} {time.monotonic():.6f}", flush=True)
         except KeyboardInterrupt:
-            print(f"KI {i} {time.monotonic():.6f} {rss_kib()}", flush=True)
+            t_ki = time.monotonic()
+        if t_ki is not None:    # RSS once the traceback (and the frames it holds) is gone
+            print(f"KI {i} {t_ki:.6f} {rss_kib()}", flush=True)
     # the same process (and the same vjp's forward state) still computes, and correctly
     qs, ks, vs = q[..., :70, :8], k[..., :130, :8], v[..., :130, :5]
     o, small = selfattn.scaled_dot_product_attention_vjp(qs, ks, vs, is_causal=True)
@@ -126,10 +135,10 @@ CHILD_VJP = textwrap.dedent(r"""
 
 
 def test_ctrl_c_stops_a_long_backward_quickly(tmp_path):
-    latencies, rss = _interrupt_child(tmp_path, CHILD_VJP, 2, first_wait=240)
+    latencies, rss = _interrupt_child(tmp_path, CHILD_VJP, 3, first_wait=240)
     assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
-    if not _UNDER_SANITIZER:
-        assert rss[-1] - rss[0] < 24 * 1024, f"RSS grew over the interrupted backward calls: {rss} KiB"
+    if not _UNDER_SANITIZER:     # from the second call on, as above
+        assert rss[-1] - rss[1] < 24 * 1024, f"RSS grew over the interrupted backward calls: {rss} KiB"
 
 
 # The decode path (few query rows against long K/V, split-KV chunks, polled between chunks): a
@@ -159,11 +168,14 @@ CHILD_DECODE = textwrap.dedent(r"""
     assert sched["decode"] and sched["compute_tasks"] > 2, sched
     for i in range(int(sys.argv[1])):
         print(f"START {i} {time.monotonic():.6f}", flush=True)
+        t_ki = None
         try:
             selfattn.scaled_dot_product_attention(q, k, v, **kw)
             print(f"DONE {i} {time.monotonic():.6f}", flush=True)
         except KeyboardInterrupt:
-            print(f"KI {i} {time.monotonic():.6f} {rss_kib()}", flush=True)
+            t_ki = time.monotonic()
+        if t_ki is not None:    # RSS once the traceback (and the frames it holds) is gone
+            print(f"KI {i} {t_ki:.6f} {rss_kib()}", flush=True)
     # the same process still decodes, and correctly
     ks = rng.standard_normal((1, 1, 700, E), dtype=np.float32)
     vs = rng.standard_normal((1, 1, 700, 5), dtype=np.float32)
