@@ -10,6 +10,14 @@ architecture: never -march=native, so one wheel runs on any x86-64 (or aarch64).
 Environment switches:
   SELFATTN_SANITIZE=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
   SELFATTN_NO_OPENMP=1  build without OpenMP (single-threaded)
+  SELFATTN_LIBOMP_PREFIX=DIR  where libomp lives (DIR/include/omp.h, DIR/lib/libomp.*) for a compiler
+                        that rejects -fopenmp (Apple's clang); Homebrew's libomp is found without it
+
+OpenMP: -fopenmp where the compiler takes it (GCC; LLVM clang with libomp). Apple's clang rejects
+-fopenmp but compiles OpenMP with "-Xpreprocessor -fopenmp" and links it with -lomp when libomp is
+installed (brew install libomp): that form is tried next, with SELFATTN_LIBOMP_PREFIX, `brew --prefix
+libomp`, /opt/homebrew/opt/libomp and /usr/local/opt/libomp. Without either the build is
+single-threaded, says so, and selfattn.show_config() prints openmp=no, default_threads=1.
   SELFATTN_BUILD_JOBS=N compile at most N sources at once (default: the usable cores)
 
 The extension's sources compile in parallel, one compiler process per core,
@@ -17,6 +25,8 @@ largest first: the Cython-generated _core.c takes about as long as the three
 kernel files together, so on 2 cores the build takes roughly half as long.
 """
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import types
@@ -44,6 +54,36 @@ def _flag_works(compiler, flags, link_flags=()):
             return True
         except Exception:
             return False
+
+
+def _libomp_prefixes():
+    """Where a libomp for Apple-style clang may be: the user's, Homebrew's, the usual Homebrew roots."""
+    found = [os.environ.get("SELFATTN_LIBOMP_PREFIX", "")]
+    if shutil.which("brew"):
+        try:
+            found.append(subprocess.run(["brew", "--prefix", "libomp"], capture_output=True, text=True,
+                                        timeout=60).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    found += ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    seen = []
+    for p in found:
+        if p and os.path.isfile(os.path.join(p, "include", "omp.h")) and p not in seen:
+            seen.append(p)
+    return seen
+
+
+def _openmp_flags(cc):
+    """(compile args, link args) that give this compiler OpenMP, or None (see the docstring above)."""
+    if _flag_works(cc, ["-fopenmp"], ["-fopenmp"]):
+        return ["-fopenmp"], ["-fopenmp"]   # shared libgomp / libomp: threadpoolctl can see it
+    for prefix in _libomp_prefixes():
+        lib = os.path.join(prefix, "lib")
+        cflags = ["-Xpreprocessor", "-fopenmp", "-I" + os.path.join(prefix, "include")]
+        lflags = ["-L" + lib, "-Wl,-rpath," + lib, "-lomp"]
+        if _flag_works(cc, cflags, lflags):
+            return cflags, lflags
+    return None
 
 
 def _build_jobs():
@@ -106,11 +146,14 @@ class BuildExt(build_ext):
                 compile_args += san
                 link_args += san
             if not os.environ.get("SELFATTN_NO_OPENMP"):
-                if _flag_works(cc, ["-fopenmp"], ["-fopenmp"]):
-                    compile_args.append("-fopenmp")
-                    link_args.append("-fopenmp")   # shared libgomp: threadpoolctl can see it
+                omp = _openmp_flags(cc)
+                if omp:
+                    compile_args += omp[0]
+                    link_args += omp[1]
+                    print(f"selfattn: OpenMP with {' '.join(omp[0])} / {' '.join(omp[1])}", file=sys.stderr)
                 else:
-                    print("selfattn: compiler has no OpenMP; building single-threaded", file=sys.stderr)
+                    print("selfattn: compiler has no OpenMP (for Apple's clang: brew install libomp, or set "
+                          "SELFATTN_LIBOMP_PREFIX); building single-threaded", file=sys.stderr)
         for ext in self.extensions:
             ext.extra_compile_args = compile_args + ext.extra_compile_args
             ext.extra_link_args = link_args + ext.extra_link_args
