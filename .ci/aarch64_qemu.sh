@@ -3,6 +3,10 @@
 # (tests/c/attn_smoke.c, every supported ISA vs a naive reference) for aarch64,
 # with and without OpenMP, statically, and run it under qemu-aarch64. There the
 # x86 files compile to nothing and the ISAs tested are neon and generic.
+# Also tests/c/test_index64.c (offsets and strides beyond 2^31 elements, in sparse MAP_NORESERVE
+# regions of several TiB), both builds, under a qemu-aarch64 >= 8 (.ci/qemu_aarch64_new.sh: on
+# Debian 12 the one of bookworm-backports, unpacked into the temp dir): Debian 12's qemu 7.2 keeps
+# ~6 MiB of host memory per GiB that the guest maps, so there it is OOM-killed (rc 137).
 # Installs gcc-aarch64-linux-gnu and qemu-user with apt-get when missing; fails
 # loudly when they cannot be had.
 set -euo pipefail
@@ -17,6 +21,8 @@ if ! command -v "$CC" >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
 fi
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
+QEMU_NEW=$(bash "$ROOT/.ci/qemu_aarch64_new.sh" "$OUT/qemu-new") || { echo "aarch64: no qemu-aarch64 >= 8 for test_index64"; exit 1; }
+"$QEMU_NEW" --version | head -1
 SRCS="src_c/dispatch.c src_c/merge.c src_c/attn_generic.c src_c/attn_avx2.c src_c/attn_avx512.c src_c/attn_neon.c"
 for variant in openmp serial; do
     flags="-O2 -Wall -Wno-unused-function -Werror=implicit-function-declaration"
@@ -31,5 +37,15 @@ for variant in openmp serial; do
     grep -q "isas tested: 2," "$OUT/run.log" || { echo "aarch64 ($variant): expected neon and generic tested"; exit 1; }
     grep -q "best isa: neon" "$OUT/run.log" || { echo "aarch64 ($variant): neon is not the best isa"; exit 1; }
     grep -q " 0 failed" "$OUT/run.log" || { echo "aarch64 ($variant): failures"; exit 1; }
+    # 64-bit index arithmetic: every case run (none skipped for want of address space), all pass
+    # shellcheck disable=SC2086
+    "$CC" $flags -Isrc_c tests/c/test_index64.c $SRCS -lm -static -o "$OUT/index64-$variant" 2> "$OUT/cc.log" \
+        || { cat "$OUT/cc.log"; exit 1; }
+    grep -v "dlopen\|oacc-profiling\|goacc_profiling" "$OUT/cc.log" | grep -i "warning\|error" && { echo "aarch64 build warnings"; exit 1; }
+    "$QEMU_NEW" "$OUT/index64-$variant" > "$OUT/run.log" || { tail -30 "$OUT/run.log"; exit 1; }
+    tail -2 "$OUT/run.log"
+    grep -q "isas tested: 2, openmp: [01], skipped cases: 0$" "$OUT/run.log" \
+        || { echo "aarch64 index64 ($variant): expected neon and generic tested, no case skipped"; exit 1; }
+    grep -qE "^[1-9][0-9]* passed, 0 failed$" "$OUT/run.log" || { echo "aarch64 index64 ($variant): failures"; exit 1; }
 done
-echo "aarch64: neon and generic kernels pass under qemu (OpenMP and serial builds)"
+echo "aarch64: neon and generic kernels pass under qemu (OpenMP and serial builds), test_index64 included"

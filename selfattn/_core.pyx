@@ -469,7 +469,9 @@ cdef tuple _qkv_arrays(object query, object key, object value):
     v = _as_array(value, "value")
     cdef int tq = _compute_typenum(q, "query"), tk = _compute_typenum(k, "key")
     cdef int tv = _compute_typenum(v, "value")
-    cdef int typenum = cnp.NPY_DOUBLE if cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
+    # <int>: with numpy < 2's headers enum NPY_TYPES is unsigned and -Wsign-compare (in Python's
+    # CFLAGS) warns on the comparisons with the int type numbers
+    cdef int typenum = cnp.NPY_DOUBLE if <int>cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
     return q, k, v, typenum
 
 

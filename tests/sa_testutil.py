@@ -22,7 +22,8 @@ DTYPES = (np.float32, np.float64)
 
 def missing_isa_reason(name):
     """The skip reason for a path this CPU (or build) cannot run: loud, so CI's -rs log shows it."""
-    extra = ("; CI runs them through the C kernel test under qemu-aarch64 (.ci/aarch64_qemu.sh)"
+    extra = ("; CI runs them under qemu-aarch64: the C kernel tests (.ci/aarch64_qemu.sh) and this "
+             "suite in an arm64 root (.ci/aarch64_python.sh)"
              if name == "neon" else "")
     return (f"PATH NOT TESTED HERE: the {name} kernels cannot run on this CPU/build "
             f"(runnable: {', '.join(ISAS)}){extra}")
