@@ -72,7 +72,7 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/selfattn-aarch64py.XXXXXX")
 CH=$WORK/root
 BINFMT=/proc/sys/fs/binfmt_misc
-ENTRY=selfattn-aarch64
+ENTRY=selfattn-aarch64-$$    # one per run: concurrent runs never remove each other's entry
 disabled=()
 cleanup() {
     local m e
@@ -104,10 +104,13 @@ trap 'exit 130' INT TERM    # so that cleanup runs on Ctrl-C / kill too
 QEMU=$(bash "$ROOT/.ci/qemu_aarch64_new.sh" "$WORK/qemu") || die "no static qemu-aarch64 >= 8"
 echo "emulator: $QEMU ($("$QEMU" --version | head -1))"
 mountpoint -q "$BINFMT" || mount -t binfmt_misc binfmt_misc "$BINFMT" || die "cannot mount binfmt_misc"
-[ -e "$BINFMT/$ENTRY" ] && echo -1 > "$BINFMT/$ENTRY"      # left by a killed run
+for f in "$BINFMT"/selfattn-aarch64*; do     # entries of killed runs (their pid is gone)
+    pid=${f##*-}
+    [ -e "$f" ] && case "$pid" in *[!0-9]*|'') ;; *) kill -0 "$pid" 2>/dev/null || echo -1 > "$f" ;; esac
+done
 MAGIC='7f454c460201010000000000000000000200b700'
 for f in "$BINFMT"/*; do
-    case "$(basename "$f")" in register|status) continue ;; esac
+    case "$(basename "$f")" in register|status|selfattn-aarch64*) continue ;; esac
     if grep -qx enabled "$f" && grep -q "^magic $MAGIC" "$f"; then
         echo 0 > "$f" && disabled+=("$(basename "$f")")
     fi
