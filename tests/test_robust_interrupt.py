@@ -27,7 +27,9 @@ _UNDER_SANITIZER = "asan" in os.environ.get("LD_PRELOAD", "") or "ASAN_OPTIONS" 
 LATENCY_LIMIT = 6.0 if _UNDER_SANITIZER else 1.5
 N_INTERRUPTS = 3
 
-CHILD = textwrap.dedent(r"""
+# What every child runs first: SIGINT raises KeyboardInterrupt; interrupt_each(call) makes
+# int(argv[1]) calls, printing START before each and DONE or KI (time, RSS in KiB) after it.
+CHILD_PRELUDE = textwrap.dedent(r"""
     import os, signal, sys, time
     import numpy as np
     import selfattn
@@ -40,21 +42,26 @@ CHILD = textwrap.dedent(r"""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
+    def interrupt_each(call):
+        for i in range(int(sys.argv[1])):
+            print(f"START {i} {time.monotonic():.6f}", flush=True)
+            t_ki = None
+            try:
+                call()
+                print(f"DONE {i} {time.monotonic():.6f}", flush=True)
+            except KeyboardInterrupt:
+                t_ki = time.monotonic()
+            if t_ki is not None:    # RSS once the traceback (and the frames it holds) is gone
+                print(f"KI {i} {t_ki:.6f} {rss_kib()}", flush=True)
+""")
+
+CHILD = CHILD_PRELUDE + textwrap.dedent(r"""
     L, E = 65536, 64
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 1, L, E), dtype=np.float32)
     k = rng.standard_normal((1, 1, L, E), dtype=np.float32)
     v = rng.standard_normal((1, 1, L, E), dtype=np.float32)
-    for i in range(int(sys.argv[1])):
-        print(f"START {i} {time.monotonic():.6f}", flush=True)
-        t_ki = None
-        try:
-            selfattn.scaled_dot_product_attention(q, k, v)
-            print(f"DONE {i} {time.monotonic():.6f}", flush=True)
-        except KeyboardInterrupt:
-            t_ki = time.monotonic()
-        if t_ki is not None:    # RSS once the traceback (and the frames it holds) is gone
-            print(f"KI {i} {t_ki:.6f} {rss_kib()}", flush=True)
+    interrupt_each(lambda: selfattn.scaled_dot_product_attention(q, k, v))
     # the same process still computes, and correctly
     qs, ks, vs = q[..., :70, :8], k[..., :130, :8], v[..., :130, :5]
     out = selfattn.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
@@ -94,18 +101,7 @@ def test_ctrl_c_stops_a_long_call_quickly(tmp_path, first_import):
 # The backward: the forward runs once (not interrupted), then vjp(grad_out) -- B1 H1 L=S=24576
 # E=64 float32, about twice the forward's work -- is interrupted. Each interrupted backward holds
 # its workspace (partial dQ per key chunk: up to 16 x L x E, ~100 MiB here) and dq, dk, dv (18 MiB).
-CHILD_VJP = textwrap.dedent(r"""
-    import os, signal, sys, time
-    import numpy as np
-    import selfattn
-    from selfattn import reference
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def rss_kib():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
+CHILD_VJP = CHILD_PRELUDE + textwrap.dedent(r"""
     L, E = 24576, 64
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 1, L, E), dtype=np.float32)
@@ -113,16 +109,7 @@ CHILD_VJP = textwrap.dedent(r"""
     v = rng.standard_normal((1, 1, L, E), dtype=np.float32)
     out, vjp = selfattn.scaled_dot_product_attention_vjp(q, k, v)
     dout = rng.standard_normal(out.shape, dtype=np.float32)
-    for i in range(int(sys.argv[1])):
-        print(f"START {i} {time.monotonic():.6f}", flush=True)
-        t_ki = None
-        try:
-            vjp(dout)
-            print(f"DONE {i} {time.monotonic():.6f}", flush=True)
-        except KeyboardInterrupt:
-            t_ki = time.monotonic()
-        if t_ki is not None:    # RSS once the traceback (and the frames it holds) is gone
-            print(f"KI {i} {t_ki:.6f} {rss_kib()}", flush=True)
+    interrupt_each(lambda: vjp(dout))
     # the same process (and the same vjp's forward state) still computes, and correctly
     qs, ks, vs = q[..., :70, :8], k[..., :130, :8], v[..., :130, :5]
     o, small = selfattn.scaled_dot_product_attention_vjp(qs, ks, vs, is_causal=True)
@@ -146,18 +133,7 @@ def test_ctrl_c_stops_a_long_backward_quickly(tmp_path):
 # (stride 0: read in place, never expanded): B1, 4 query heads sharing 1 kv head (GQA, stacked
 # into one tile), L1, S = 2^28 keys, bottom-right causal, about 2.5 s of work. The child asserts
 # that the decode schedule is the one that runs.
-CHILD_DECODE = textwrap.dedent(r"""
-    import os, signal, sys, time
-    import numpy as np
-    import selfattn
-    from selfattn import reference
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def rss_kib():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
+CHILD_DECODE = CHILD_PRELUDE + textwrap.dedent(r"""
     S, E = 1 << 28, 64
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 4, 1, E), dtype=np.float32)
@@ -166,16 +142,7 @@ CHILD_DECODE = textwrap.dedent(r"""
     kw = dict(enable_gqa=True, is_causal=True, alignment="bottom_right")
     sched = selfattn._core.sdpa(q, k, v, schedule_only=True, **kw)
     assert sched["decode"] and sched["compute_tasks"] > 2, sched
-    for i in range(int(sys.argv[1])):
-        print(f"START {i} {time.monotonic():.6f}", flush=True)
-        t_ki = None
-        try:
-            selfattn.scaled_dot_product_attention(q, k, v, **kw)
-            print(f"DONE {i} {time.monotonic():.6f}", flush=True)
-        except KeyboardInterrupt:
-            t_ki = time.monotonic()
-        if t_ki is not None:    # RSS once the traceback (and the frames it holds) is gone
-            print(f"KI {i} {t_ki:.6f} {rss_kib()}", flush=True)
+    interrupt_each(lambda: selfattn.scaled_dot_product_attention(q, k, v, **kw))
     # the same process still decodes, and correctly
     ks = rng.standard_normal((1, 1, 700, E), dtype=np.float32)
     vs = rng.standard_normal((1, 1, 700, 5), dtype=np.float32)
