@@ -296,15 +296,8 @@ def _check_cu_seqlens(cu, total, name):
     return cu.astype(np.int64)
 
 
-def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
-                     window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
-                     enable_gqa=False, return_lse=False):
-    """Packed variable-length batch: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1].
-
-    query (Hq, total_q, E), key (H, total_k, E), value (H, total_k, Ev) -> (Hq, total_q, Ev)
-    (and lse (Hq, total_q)). Each sequence attends only within itself: the result is
-    scaled_dot_product_attention on each sequence's slices. alibi_slopes: (Hq,) or a scalar.
-    """
+def _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k):
+    """The packed layouts as float64 (heads, total, dim) arrays and both offset arrays, checked."""
     q, k, v = _as_f64(query), _as_f64(key), _as_f64(value)
     for a, name in ((q, "query"), (k, "key"), (v, "value")):
         if a.ndim != 3:
@@ -314,6 +307,19 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
     if cq.size != ck.size:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                          f"got {cq.size - 1} and {ck.size - 1}")
+    return q, k, v, cq, ck
+
+
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
+                     window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
+                     enable_gqa=False, return_lse=False):
+    """Packed variable-length batch: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1].
+
+    query (Hq, total_q, E), key (H, total_k, E), value (H, total_k, Ev) -> (Hq, total_q, Ev)
+    (and lse (Hq, total_q)). Each sequence attends only within itself: the result is
+    scaled_dot_product_attention on each sequence's slices. alibi_slopes: (Hq,) or a scalar.
+    """
+    q, k, v, cq, ck = _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k)
     Hq, total_q = q.shape[0], q.shape[1]
     out = np.zeros((Hq, total_q, v.shape[-1]))
     lse = np.full((Hq, total_q), -np.inf)
@@ -481,15 +487,7 @@ def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale
     """(out, vjp) of varlen_attention, vjp(dout) -> (dq, dk, dv) in the packed layouts of query
     (Hq, total_q, E), key (H, total_k, E) and value (H, total_k, Ev): each sequence through
     scaled_dot_product_attention_vjp."""
-    q, k, v = _as_f64(query), _as_f64(key), _as_f64(value)
-    for a, name in ((q, "query"), (k, "key"), (v, "value")):
-        if a.ndim != 3:
-            raise ValueError(f"{name} must be 3-D (heads, total, dim), got shape {a.shape}")
-    cq = _check_cu_seqlens(cu_seqlens_q, q.shape[1], "cu_seqlens_q")
-    ck = _check_cu_seqlens(cu_seqlens_k, k.shape[1], "cu_seqlens_k")
-    if cq.size != ck.size:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
-                         f"got {cq.size - 1} and {ck.size - 1}")
+    q, k, v, cq, ck = _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k)
     out = np.zeros((q.shape[0], q.shape[1], v.shape[-1]))
     seqs = []
     for b in range(cq.size - 1):
