@@ -433,8 +433,10 @@ def target_memory(T, args, sa):
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(sa.__file__)))
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
+        # cwd too: "python -c" puts the working directory ahead of PYTHONPATH, and run from
+        # a source checkout that would import its unbuilt selfattn/ instead of this one
         res = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(L), str(E), str(args.threads)],
-                             capture_output=True, text=True, env=env, timeout=600)
+                             capture_output=True, text=True, env=env, timeout=600, cwd=pkg_parent)
     except subprocess.TimeoutExpired:
         T.add("memory_mib", what, None, unit=" MiB", note="subprocess timed out")
         return
