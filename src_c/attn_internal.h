@@ -42,7 +42,7 @@ enum { SA_ROW_MAX, SA_ROW_SUM, SA_ROW_MSAFE, SA_ROW_ALPHA, SA_ROW_ARRAYS };
 typedef struct {
     int64_t n_qt, n_kb;          /* query tiles, key blocks                  */
     int64_t s_pad, evp;          /* S and Ev padded to bk and vw             */
-    int v_direct;                /* V rows read in place (contiguous, Ev a multiple of vw): not packed */
+    int v_direct;                /* V read in place (rows back to back, Ev a multiple of vw): not packed */
     int64_t blk_elems;           /* one packed key block: K^T, then V unless v_direct */
     int64_t kv_elems;            /* one kv unit's blocks                     */
     int sched;                   /* SA_SCHEDULE_SHARED, _FUSED or _BANDED    */

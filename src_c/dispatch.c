@@ -158,9 +158,13 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->n_kb = (a->S + p->bk - 1) / p->bk;
     lay->s_pad = lay->n_kb * p->bk;
     lay->evp = sa_round_up(a->Ev, p->vw);
-    /* contiguous V rows whose width is whole vectors are read where they are:
-     * packing them would only copy */
-    lay->v_direct = a->v_se == 1 && a->Ev > 0 && a->Ev % p->vw == 0;
+    /* V rows stored back to back whose width is whole vectors are read where
+     * they are: packing them would only copy. Rows further apart are packed:
+     * P.V reads a block's rows down one column tile at a time, and rows a
+     * multiple of 2 KiB apart (heads viewed in place in a fused (L, 3*H*E)
+     * projection, E64 H8: 6 KiB) fall into 2 of L1's 64 sets: in place was
+     * 3-4 % slower than packed on Zen 4 (B1 H8 L4096 E64, L2048 E128). */
+    lay->v_direct = a->v_se == 1 && a->Ev > 0 && a->Ev % p->vw == 0 && a->v_ss == a->Ev;
     lay->blk_elems = sa_round_up((int64_t)p->bk * a->E + (lay->v_direct ? 0 : (int64_t)p->bk * lay->evp), align);
     lay->kv_elems = lay->n_kb * lay->blk_elems;
     /* the schedule's thresholds count K and V packed, whether or not V is
