@@ -235,7 +235,7 @@ def print_header(args, sa, torch):
     print(f"numpy         : {np.__version__}")
     print("selfattn      : " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     env = ["SELFATTN_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
-           "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+           "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS",
            "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"]
     print("environment   : " + "  ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in env))
     if _targets.TARGETS.get(cfg["isa"]) is None:
@@ -494,6 +494,10 @@ def target_end_to_end(T, args, sa, timer, torch):
         return
     fl = 3 * 2.0 * L * D * D + impls.attn_flops(1, H, L, L, E)
     note += f"; {best['selfattn'] * 1e3:.1f} ms vs {best['torch'] * 1e3:.1f} ms, sa {fl / best['selfattn'] / 1e9:.1f} GFLOP/s"
+    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ and args.threads >= (os.cpu_count() or 1):
+        # the kernel starts while NumPy's OpenBLAS workers still spin after the projection
+        # matmul (README, "Reference, configuration, dispatch"); torch's one runtime has no such gap
+        note += "; OPENBLAS_THREAD_TIMEOUT unset: OpenBLAS's idle spin shares the cores (set it to 4)"
     T.add("end_to_end", what, best["torch"] / best["selfattn"], note=note)
 
 
