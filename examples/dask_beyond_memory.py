@@ -14,7 +14,7 @@ selfattn.scaled_dot_product_attention on the whole arrays, gathered here in this
 
 Run:  python examples/dask_beyond_memory.py [--kv-mib 400] [--memory-limit 256MiB] [--chunk-mib 16]
                                             [--queries 256] [--no-check]
-Needs: pip install "selfattn[dask]"   (dask[array], distributed)
+Needs: pip install "selfattn[dask]"   (dask[array,distributed]: dask and a matching distributed)
 """
 
 import argparse

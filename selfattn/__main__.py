@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                     "answer is the value paired with that key. Prints a progress bar, then the accuracy on "
                     f"fresh sequences (target {100 * _train.TARGET_ACCURACY:.0f}%; exit status 1 if not "
                     "reached), and writes the loss curve and the learned attention as PNGs when "
-                    "matplotlib is installed. Deterministic for a given --seed.")
+                    "matplotlib is installed. Deterministic for a given --seed and --blas-threads: the "
+                    "attention kernels give the same bits on any number of threads; NumPy's BLAS may "
+                    "not, so its thread count is set apart.")
     train.add_argument("--steps", type=int, default=_train.DEFAULT_STEPS, metavar="N",
                        help=f"Adam steps of {_train.BATCH} sequences (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights "
@@ -53,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="directory for selfattn-train-loss.png and selfattn-train-attention.png "
                             "(default: the current directory)")
     train.add_argument("--threads", type=int, default=1, metavar="N",
-                       help="threads of the attention kernel and (with threadpoolctl installed) NumPy's BLAS; "
-                            "0 = their defaults (default: 1: each step is small, threads would only wait "
-                            "on each other)")
+                       help="threads of selfattn's attention kernels; 0 = selfattn's default (default: 1: "
+                            "each step is small, threads would only wait on each other)")
+    train.add_argument("--blas-threads", type=int, default=1, metavar="N",
+                       help="threads of NumPy's BLAS (the matmuls around the attention), set with "
+                            "threadpoolctl when it is installed; 0 = the BLAS's default (default: 1)")
     train.add_argument("--no-plots", action="store_true", help="do not write the PNGs")
     train.add_argument("--quiet", action="store_true", help="no progress bar: only the result lines")
     return parser
@@ -74,9 +78,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             _parser().error("--steps must be >= 1")
         if args.threads < 0:
             _parser().error("--threads must be >= 0")
+        if args.blas_threads < 0:
+            _parser().error("--blas-threads must be >= 0")
         from selfattn._train import main as train
         return train(steps=args.steps, seed=args.seed, quiet=args.quiet, out=None if args.no_plots else args.out,
-                     num_threads=args.threads or None)
+                     num_threads=args.threads or None, blas_threads=args.blas_threads or None)
     raise AssertionError(f"unhandled command {args.command!r}")   # pragma: no cover
 
 

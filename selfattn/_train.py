@@ -187,7 +187,7 @@ class _Progress:
 
 
 def train(steps: int = DEFAULT_STEPS, seed: int = 0, quiet: bool = False, progress_stream=None,
-          log_every: int = 1, num_threads: Optional[int] = 1) -> Dict[str, Any]:
+          log_every: int = 1, num_threads: Optional[int] = 1, blas_threads: Optional[int] = 1) -> Dict[str, Any]:
     """Train from scratch; returns {'params', 'losses', 'accs', 'seconds', 'step_at_target',
     'seconds_at_target'}.
 
@@ -195,10 +195,16 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, quiet: bool = False, progre
     generalisation too). step_at_target: the first step whose accuracy, averaged over the last
     50 steps, reached TARGET_ACCURACY (None if none did).
 
-    num_threads: of the attention kernel and (when threadpoolctl is installed) of NumPy's BLAS.
-    1 by default: a step is far too small to gain from threads, and threads that wait on each
-    other lose a lot when another process shares the cores (5-8x slower steps measured on a busy
-    2-core machine). None = selfattn's and the BLAS's defaults."""
+    num_threads: of selfattn's attention kernels (None: selfattn's default). blas_threads: of
+    NumPy's BLAS (the projections, the embedding and output matmuls), set with threadpoolctl when
+    it is installed (None: the BLAS's default). Both 1 by default: a step is far too small to gain
+    from threads, and threads that wait on each other lose a lot when another process shares the
+    cores (5-8x slower steps measured on a busy 2-core machine).
+
+    Determinism: for a given seed and blas_threads the results are the same bits whatever
+    num_threads is, since selfattn's kernels do not depend on their thread count. The BLAS makes
+    no such promise: OpenBLAS's GEMM gives different bits on 1 and 2 threads on some CPUs (losses
+    differ at 1e-9 from the second step), so the two counts are set apart."""
     rng = np.random.default_rng(seed)
     params = init_params(rng)
     opt = Adam(params)
@@ -207,7 +213,7 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, quiet: bool = False, progre
     accs: List[float] = []
     elapsed: List[float] = []
     t0 = time.perf_counter()
-    with _blas_threads(num_threads):
+    with _blas_threads(blas_threads):
         _loop(params, opt, rng, steps, num_threads, bar, log_every, losses, accs, elapsed, t0)
     at_target = next((i + 1 for i in range(49, len(accs)) if np.mean(accs[i - 49:i + 1]) >= TARGET_ACCURACY), None)
     return {"params": params, "losses": losses, "accs": accs, "seconds": elapsed[-1], "step_at_target": at_target,
@@ -282,7 +288,7 @@ def _plots(result, out_dir, seed):
 
 
 def main(steps: int = DEFAULT_STEPS, seed: int = 0, quiet: bool = False, out: Optional[str] = ".",
-         num_threads: Optional[int] = 1) -> int:
+         num_threads: Optional[int] = 1, blas_threads: Optional[int] = 1) -> int:
     """Run the command; exit status 0 when the accuracy on fresh sequences reaches TARGET_ACCURACY."""
     import selfattn
     if not quiet:
@@ -294,8 +300,8 @@ def main(steps: int = DEFAULT_STEPS, seed: int = 0, quiet: bool = False, out: Op
               f"  model: embeddings + attend(num_heads={HEADS}, head dim {HEAD_DIM}, d_model {D_MODEL}) "
               f"-> logits; {steps} Adam steps of {BATCH} sequences, seed {seed}\n"
               f"  target: {100 * TARGET_ACCURACY:.0f}% on {EVAL_SEQUENCES} fresh sequences")
-    result = train(steps=steps, seed=seed, quiet=quiet, num_threads=num_threads)
-    with _blas_threads(num_threads):
+    result = train(steps=steps, seed=seed, quiet=quiet, num_threads=num_threads, blas_threads=blas_threads)
+    with _blas_threads(blas_threads):
         acc, loss = evaluate(result["params"], np.random.default_rng([seed, 12345]), num_threads=num_threads)
     ok = acc >= TARGET_ACCURACY
     at = result["step_at_target"]

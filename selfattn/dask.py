@@ -1,8 +1,8 @@
 """Attention over Dask arrays: :func:`scaled_dot_product_attention`, lazily, block by block.
 
 ``selfattn.dask`` is not imported by ``import selfattn``; it needs ``pip install "selfattn[dask]"``
-(dask[array], and distributed for clusters). It runs on every Dask scheduler (threads, processes,
-synchronous, distributed).
+(``dask[array,distributed]``: dask's own extra, so that distributed matches dask's version). It
+runs on every Dask scheduler (threads, processes, synchronous, distributed).
 
 How the problem is cut
 ----------------------
@@ -60,8 +60,8 @@ def _import_dask() -> Any:
     try:
         import dask.array as da
     except ImportError as exc:
-        raise ImportError(f"selfattn.dask needs dask: pip install \"selfattn[dask]\" (dask[array], "
-                          f"distributed) ({exc})") from exc
+        raise ImportError(f"selfattn.dask needs dask: pip install \"selfattn[dask]\" "
+                          f"(dask[array,distributed]) ({exc})") from exc
     return da
 
 

@@ -5,7 +5,11 @@
 * registers the hypothesis profiles ("ci" is the default; pick another one with
   SELFATTN_HYPOTHESIS_PROFILE=dev|thorough);
 * exposes ISAS (every instruction set runnable here) as a fixture and a
-  parametrisation helper. The comparison helpers live in sa_testutil.py.
+  parametrisation helper. The comparison helpers live in sa_testutil.py;
+* leaves out the tests marked `slow` (C programs compiled by the test, training runs, a Dask
+  cluster, Ctrl-C children, memory growth over thousands of calls) unless --run-slow is given or
+  SELFATTN_RUN_SLOW=1 is set: the README's `pytest tests` stays short for a newcomer; CI runs them
+  all (its step "slow tests").
 """
 
 import os
@@ -65,6 +69,31 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (or set SELFATTN_RUN_SLOW=1)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes seconds (a compiled C program, a training run, a "
+                                       "cluster, a child process); left out unless --run-slow")
+
+
+def _run_slow(config):
+    return config.getoption("--run-slow") or os.environ.get("SELFATTN_RUN_SLOW", "") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    # `-m slow` asks for them by name: then they run too
+    if _run_slow(config) or "slow" in (config.getoption("-m") or ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config._selfattn_slow_left_out = len(slow)
+
+
 def pytest_report_header(config):
     try:
         cfg = selfattn.config()
@@ -77,11 +106,15 @@ def pytest_report_header(config):
     return lines
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
     # said again at the end of the log, where a reader of CI's output looks first
     terminalreporter.write_line(f"selfattn kernel paths tested: {', '.join(ISAS)}")
     for name in MISSING_ISAS:
         terminalreporter.write_line(f"!!! {missing_isa_reason(name)}", yellow=True, bold=True)
+    n_slow = getattr(config, "_selfattn_slow_left_out", 0)
+    if n_slow:
+        terminalreporter.write_line(f"{n_slow} slow tests left out (deselected): pytest --run-slow runs them "
+                                    f"too, pytest -m slow only them")
 
 
 @pytest.fixture(params=ISAS)

@@ -13,6 +13,7 @@ import pytest
 from sa_testutil import ISAS, build_c_program, env_without_sanitizer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "no-openmp"])
 def test_c_kernels_against_naive_reference(tmp_path, openmp):
     flags = ["-O2"] + ([] if openmp else ["-Wno-unknown-pragmas"])

@@ -73,6 +73,7 @@ def test_demo_without_cjk_output(tmp_path):
     assert "?" not in r.stdout   # nothing was replaced: the demo chose ASCII labels itself
 
 
+@pytest.mark.slow
 def test_no_command_runs_the_demo_with_timings(tmp_path):
     r = _run([], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr

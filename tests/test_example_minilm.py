@@ -81,6 +81,7 @@ def test_embeddings_match_plain_numpy_attention(ex, model, embeddings):
     assert np.max(np.abs(embeddings - want)) <= TOL
 
 
+@pytest.mark.slow
 def test_embeddings_match_sentence_transformers(ex, embeddings):
     optional_import("torch")
     optional_import("sentence_transformers")

@@ -27,6 +27,16 @@ def test_metadata():
     assert any(r.startswith("torch") for r in bench_reqs) and any(r.startswith("threadpoolctl") for r in bench_reqs)
 
 
+def test_dask_extra_keeps_dask_and_distributed_together():
+    """The dask extra is dask's own [distributed] extra (which pins distributed to dask's version),
+    with a floor: two separate requirements let pip pair a new dask with a 2021 distributed."""
+    reqs = [r.split(";")[0].replace(" ", "") for r in DIST.requires or [] if 'extra == "dask"' in r]
+    assert reqs, DIST.requires
+    assert not [r for r in reqs if r.startswith("distributed")], reqs
+    dask_req = [r for r in reqs if r.startswith("dask[")]
+    assert len(dask_req) == 1 and "distributed" in dask_req[0].split("]")[0] and ">=" in dask_req[0], reqs
+
+
 def test_license_file_installed():
     files = [str(f) for f in DIST.files or []]
     assert any(f.endswith("LICENSE") for f in files), files

@@ -115,10 +115,13 @@ def _overlap_view(shape, dtype, gen):
 
 # Problem sizes: at a tile edge of the path under test (derived from its own tile sizes; mostly
 # just past one, since that is where a wrong tail or rescale shows), or small, or (1 draw in 16)
-# zero. Each dimension: its edges, and the small range.
+# zero. Each dimension: its edges, and the small range. Three of S's nine edges lie past two key
+# blocks, one of them first (hypothesis favours the first element of sampled_from): with two of
+# eight, neither first, hypothesis 6.141 (the newest for Python 3.9) drew S > 2 bk in only 8 % of
+# the 120 derandomized examples, under the 10 % floor below (16 % with hypothesis 6.155).
 FUZZ_EDGES = {
     "L": (("bq+1", "2*bq+1", "bq+mr-1", "mr+1", "bq-1", "bq", "2*bq+2"), 9),
-    "S": (("bk+1", "2*bk+1", "bk+nr-1", "nr+1", "bk-1", "bk", "2*bk+3", "nr-1"), 12),
+    "S": (("2*bk+1", "bk+1", "bk+nr-1", "nr+1", "bk-1", "bk", "2*bk+3", "nr-1", "2*bk+nr-1"), 12),
     "E": (("vw+1", "2*vw+1", "vw-1", "vw"), 17),
     "Ev": (("nv+1", "vw+1", "2*nv+1", "nv", "vw-1"), 9),
 }

@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="needs SIGINT and a system-wide monotonic clock")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="needs SIGINT and a system-wide monotonic clock")]
 
 _UNDER_SANITIZER = "asan" in os.environ.get("LD_PRELOAD", "") or "ASAN_OPTIONS" in os.environ
 # -O1 + ASan makes one kernel task (64 query rows x 65536 keys) ~10x slower; polls are between tasks

@@ -23,9 +23,9 @@ from sa_testutil import ISAS
 
 sdpa = selfattn.scaled_dot_product_attention
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     "asan" in os.environ.get("LD_PRELOAD", "") or "ASAN_OPTIONS" in os.environ,
-    reason="RSS is not meaningful under AddressSanitizer (quarantine)")
+    reason="RSS is not meaningful under AddressSanitizer (quarantine)")]
 
 
 def _rss_bytes():

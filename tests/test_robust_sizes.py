@@ -40,6 +40,7 @@ def index64_binary(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_index64_c_program(index64_binary):
     env = dict(os.environ) if os.environ.get("SELFATTN_CTEST_SANITIZE") else env_without_sanitizer()
     r = subprocess.run([str(index64_binary)], capture_output=True, text=True, timeout=500, env=env)
