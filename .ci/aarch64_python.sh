@@ -24,11 +24,11 @@
 #   pass 2  SELFATTN_ISA=generic: the files whose tests run on the process default path (not
 #           parametrised over the ISAs), so that generic runs them too (PASS2_FILES below)
 # Left out, each for a reason of emulation or time, never of a failure on aarch64:
-#   tests/test_c_kernels.py      builds tests/c/attn_smoke.c with gcc twice under emulation and runs
-#                                it (136 s here): the program CI step 6 cross-compiles (OpenMP and
+#   tests/dispatch/test_c_kernels.py  builds tests/c/attn_smoke.c with gcc twice under emulation and
+#                                runs it (136 s here): the program CI step 6 cross-compiles (OpenMP and
 #                                serial) and runs under qemu; its qemu case skips in an aarch64 root
-#   tests/test_robust_interrupt.py  Ctrl-C latency limits (1.5 s) are native-speed figures: under
-#                                emulation a kernel task between two polls takes longer, measured
+#   tests/robustness/test_robust_interrupt.py  Ctrl-C latency limits (1.5 s) are native-speed
+#                                figures: under emulation a kernel task between two polls takes longer, measured
 #                                2.1-4.7 s (the KeyboardInterrupt does come, and the child computes
 #                                correctly afterwards); the backward case's child does not even
 #                                reach its call within the test's 240 s window
@@ -97,7 +97,7 @@ trap 'exit 130' INT TERM    # so that cleanup runs on Ctrl-C / kill too
 # ---- binfmt_misc: aarch64 ELF -> a static qemu-aarch64 >= 8, flag F ----------------------------
 # F: the kernel opens the emulator now, so the chroot needs no copy of it. qemu >= 8, not Debian
 # 12's qemu-user-static 7.2: 7.2 keeps ~6 MiB of host memory per GiB that the guest maps, and
-# tests/test_robust_sizes.py maps 4 TiB (plus test_index64.c's several TiB) sparse: OOM-killed
+# tests/robustness/test_robust_sizes.py maps 4 TiB (plus test_index64.c's several TiB) sparse: OOM-killed
 # there (see .ci/qemu_aarch64_new.sh; on Debian 12 the qemu-user of bookworm-backports, unpacked
 # into the temp dir). Our own entry; any other enabled aarch64 entry is disabled meanwhile and
 # enabled again on exit.
@@ -176,17 +176,19 @@ esac
 
 # ---- the tests ---------------------------------------------------------------------------------
 # deselected (why: in the header)
-DESELECT=(--ignore=/src/tests/test_c_kernels.py --ignore=/src/tests/test_robust_interrupt.py
-          --deselect=tests/test_robust_sizes.py::test_index64_c_program
-          --deselect=tests/test_train.py::test_cli_short_run_writes_the_plots
-          --deselect=tests/test_train.py::test_short_run_learns_the_task)
+DESELECT=(--ignore=/src/tests/dispatch/test_c_kernels.py --ignore=/src/tests/robustness/test_robust_interrupt.py
+          --deselect=tests/robustness/test_robust_sizes.py::test_index64_c_program
+          --deselect=tests/backward/test_train.py::test_cli_short_run_writes_the_plots
+          --deselect=tests/backward/test_train.py::test_short_run_learns_the_task)
 # pass 2: the files with tests that run the process default path; -k drops their tests that are
 # parametrised over the ISAs (ids [neon]/[generic]: run in pass 1) and usability's
 # test_lower_isa_is_used_silently[ Generic ] (the ISA machinery, pass 1)
-PASS2_FILES=(test_attend_vjp.py test_backward.py test_backward_schedule.py test_cnn_as_attention.py
-             test_decode.py test_dtypes_errors.py test_inspection.py test_kvcache.py test_merge.py
-             test_positional.py test_robust_fuzz.py test_robust_inputs.py test_robust_misuse.py
-             test_structured.py test_threads.py test_usability.py)
+PASS2_FILES=(backward/test_attend_vjp.py backward/test_backward.py backward/test_backward_schedule.py
+             forward/test_cnn_as_attention.py forward/test_positional.py
+             decode/test_decode.py decode/test_kvcache.py decode/test_merge.py
+             robustness/test_dtypes_errors.py robustness/test_robust_fuzz.py robustness/test_robust_inputs.py
+             robustness/test_robust_misuse.py structured/test_structured.py dispatch/test_threads.py
+             integration/test_inspection.py integration/test_usability.py)
 stamp "pass 1: the suite, default path neon (parametrised tests: neon and generic)"
 inroot sh -c 'cd /tmp && exec python3 -m pytest /src/tests -q "$@"' sh "${DESELECT[@]}" \
     || die "pass 1 (default path neon) failed"

@@ -32,7 +32,8 @@ build_and_test() {   # $1: label, $2: expected openmp (True/False); CC etc. from
 import selfattn; c = selfattn.config(); print('$1:', c)
 assert c['openmp'] is $2, c
 assert (c['default_threads'] == 1) == (not c['openmp']), c" )
-    ( cd "$W" && "$PY" -P -m pytest "$ROOT/tests/test_threads.py" "$ROOT/tests/test_vs_reference.py" -q -p no:cacheprovider ) | tail -1
+    ( cd "$W" && "$PY" -P -m pytest "$ROOT/tests/dispatch/test_threads.py" "$ROOT/tests/forward/test_vs_reference.py" \
+        -q -p no:cacheprovider ) | tail -1
 }
 
 echo "A. clang-19 without libomp: single-threaded"

@@ -16,7 +16,7 @@ never a silent pass.
 
     python .ci/mutation.py                      # C tests only (CI), about a minute
     python .ci/mutation.py --python             # also the Python suite, every failing test listed
-    python .ci/mutation.py --python --tests tests/test_vs_reference.py -x
+    python .ci/mutation.py --python --tests tests/forward/test_vs_reference.py -x
 
 Exit status 0 when every mutant is killed, 1 otherwise (or on a build error).
 """

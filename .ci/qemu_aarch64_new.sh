@@ -5,7 +5,7 @@
 #
 # Why: qemu-user before 8.0 (Debian 12 ships 7.2) keeps a page descriptor for every guest page
 # of every mapping, reserved or not: about 6 MiB of host memory per GiB that the guest mmaps, so
-# the sparse MAP_NORESERVE regions of tests/c/test_index64.c and tests/test_robust_sizes.py
+# the sparse MAP_NORESERVE regions of tests/c/test_index64.c and tests/robustness/test_robust_sizes.py
 # (several TiB of address space, a few pages touched) cost tens of GiB and the process is
 # OOM-killed (rc 137). qemu 8.0 tracks pages in an interval tree: the same run peaks at ~20 MiB.
 #

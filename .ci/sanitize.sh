@@ -11,7 +11,7 @@
 #   SANITIZE_PYTEST_ARGS           extra pytest arguments (e.g. "-x" or "-k robust")
 #   SANITIZE_KEEP=1                keep the temp dir (venv, logs) for debugging
 # Every dispatch path runs: the suite forces each ISA via selfattn.use_isa, and
-# tests/test_robust_sizes.py also builds tests/c/test_index64.c with the sanitizers.
+# tests/robustness/test_robust_sizes.py also builds tests/c/test_index64.c with the sanitizers.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "${1:-$HERE/..}" && pwd)

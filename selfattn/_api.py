@@ -401,36 +401,49 @@ def _attend_args(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq
     return arrs, dt, H, Hkv, E, Ev, widths
 
 
+def _heads(t, lo, n, width):
+    """Columns lo:lo+n*width of t (..., L, cols) as a (..., n, L, width) view, no copy."""
+    lead, L = t.shape[:-2], t.shape[-2]
+    return np.swapaxes(t[..., lo:lo + n * width].reshape(lead + (L, n, width)), -2, -3)
+
+
+def _project_qkv(arrs, dt, H, Hkv, E, Ev, widths, rope_base):
+    """attend's input side, shared with autograd.attend_vjp: one matmul of x on the concatenated
+    weights [wq | wk | wv] (plus the biases), the heads split off as views, RoPE on q and k.
+    Returns (xc, w, q, k, v): x and w in the compute dtype (the backward reuses them)."""
+    xc = arrs["x"].astype(dt, copy=False)
+    w = np.concatenate([arrs[n].astype(dt, copy=False) for n in ("wq", "wk", "wv")], axis=1)
+    qkv = np.matmul(xc, w)                                   # (..., L, H*E + Hkv*E + Hkv*Ev)
+    if any(n in arrs for n in ("bq", "bk", "bv")):
+        qkv += np.concatenate([arrs[n].astype(dt, copy=False) if n in arrs else np.zeros(widths[n], dt)
+                               for n in ("bq", "bk", "bv")])
+    q, k, v = _heads(qkv, 0, H, E), _heads(qkv, H * E, Hkv, E), _heads(qkv, H * E + Hkv * E, Hkv, Ev)
+    if rope_base is not None:
+        from .positional import rope
+        q, k = rope(q, base=float(rope_base)), rope(k, base=float(rope_base))
+    return xc, w, q, k, v
+
+
+def _project_out(o, arrs, dt):
+    """attend's output side, shared with autograd.attend_vjp: the concatenated heads o (..., L, H*Ev)
+    times wo, plus bo (each when given; without wo, bo is added to o in place)."""
+    y = np.matmul(o, arrs["wo"].astype(dt, copy=False)) if "wo" in arrs else o
+    if "bo" in arrs:
+        y += arrs["bo"].astype(dt, copy=False)
+    return y
+
+
 def _attend(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq, bk, bv, bo, num_kv_heads,
             window_size, key_lengths, rope_base):
     arrs, dt, H, Hkv, E, Ev, widths = _attend_args(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads,
                                                    bq, bk, bv, bo, num_kv_heads, window_size, key_lengths,
                                                    rope_base)
-    x, wq, wk, wv = arrs["x"], arrs["wq"], arrs["wk"], arrs["wv"]
-    lead, L = x.shape[:-2], x.shape[-2]
-    w = np.concatenate([wq.astype(dt, copy=False), wk.astype(dt, copy=False), wv.astype(dt, copy=False)], axis=1)
-    qkv = np.matmul(x.astype(dt, copy=False), w)              # (..., L, H*E + Hkv*E + Hkv*Ev)
-    if any(n in arrs for n in ("bq", "bk", "bv")):
-        qkv += np.concatenate([arrs[n].astype(dt, copy=False) if n in arrs else np.zeros(widths[n], dt)
-                               for n in ("bq", "bk", "bv")])
-
-    def heads(lo, n, width):   # columns lo:lo+n*width as a (..., n, L, width) view, no copy
-        t = qkv[..., lo:lo + n * width].reshape(lead + (L, n, width))
-        return np.swapaxes(t, -2, -3)
-
-    q, k, v = heads(0, H, E), heads(H * E, Hkv, E), heads(H * E + Hkv * E, Hkv, Ev)
-    if rope_base is not None:
-        from .positional import rope
-        q, k = rope(q, base=float(rope_base)), rope(k, base=float(rope_base))
-    out = np.empty(lead + (L, H * Ev), dtype=dt)
-    out_heads = np.swapaxes(out.reshape(lead + (L, H, Ev)), -2, -3)
+    _, _, q, k, v = _project_qkv(arrs, dt, H, Hkv, E, Ev, widths, rope_base)
+    lead, L = arrs["x"].shape[:-2], arrs["x"].shape[-2]
+    out = np.empty(lead + (L, H * Ev), dtype=dt)              # the heads write their columns in place
     _core.sdpa(q, k, v, is_causal=is_causal, scale=scale, num_threads=num_threads, enable_gqa=Hkv != H,
-               window_size=window_size, key_lengths=key_lengths, out=out_heads)
-    if "wo" in arrs:
-        out = np.matmul(out, arrs["wo"].astype(dt, copy=False))
-    if "bo" in arrs:
-        out += arrs["bo"].astype(dt, copy=False)
-    return out
+               window_size=window_size, key_lengths=key_lengths, out=_heads(out, 0, H, Ev))
+    return _project_out(out, arrs, dt)
 
 
 def config() -> Dict[str, Any]:
@@ -490,8 +503,8 @@ def use_isa(name: str) -> Iterator[None]:
     an asyncio task copies its context when it is created, so it inherits the path of the
     code that created it.
 
-    Calls on different paths at the same moment take turns inside the engine (which holds
-    one path at a time); calls on the same path run concurrently as always.
+    Each call reads its path once, when it starts: calls on different paths run concurrently,
+    as calls on the same path do.
 
     Parameters
     ----------

@@ -199,31 +199,15 @@ def attend_vjp(x: Any, wq: Any, wk: Any, wv: Any, *, num_heads: int = 1, wo: Opt
     arrs, dt, H, Hkv, E, Ev, widths = _api._attend_args(x, wq, wk, wv, num_heads, wo, is_causal, scale,
                                                         num_threads, bq, bk, bv, bo, num_kv_heads, window_size,
                                                         key_lengths, rope_base)
-    xa = arrs["x"]
-    lead, L, d = xa.shape[:-2], xa.shape[-2], xa.shape[-1]
-    xc = xa.astype(dt, copy=False)
-    w = np.concatenate([arrs[n].astype(dt, copy=False) for n in ("wq", "wk", "wv")], axis=1)
-    qkv = np.matmul(xc, w)                                   # (..., L, H*E + Hkv*E + Hkv*Ev)
-    if any(n in arrs for n in ("bq", "bk", "bv")):
-        qkv += np.concatenate([arrs[n].astype(dt, copy=False) if n in arrs else np.zeros(widths[n], dt)
-                               for n in ("bq", "bk", "bv")])
+    lead, L = arrs["x"].shape[:-2], arrs["x"].shape[-2]
+    xc, w, q, k, v = _api._project_qkv(arrs, dt, H, Hkv, E, Ev, widths, rope_base)
     lo_k, lo_v, width = H * E, H * E + Hkv * E, H * E + Hkv * E + Hkv * Ev
-
-    def heads(t, lo, n, hd):   # columns lo:lo+n*hd of t (..., L, width) as a (..., n, L, hd) view
-        return np.swapaxes(t[..., lo:lo + n * hd].reshape(lead + (L, n, hd)), -2, -3)
-
-    q, k, v = heads(qkv, 0, H, E), heads(qkv, lo_k, Hkv, E), heads(qkv, lo_v, Hkv, Ev)
-    if rope_base is not None:
-        from .positional import rope
-        q, k = rope(q, base=float(rope_base)), rope(k, base=float(rope_base))
     o_heads, attn_vjp = scaled_dot_product_attention_vjp(
         q, k, v, is_causal=is_causal, scale=scale, num_threads=num_threads, enable_gqa=Hkv != H,
         window_size=window_size, key_lengths=key_lengths)
     o = np.swapaxes(o_heads, -2, -3).reshape(lead + (L, H * Ev))      # heads concatenated (one copy)
     wo_c = arrs["wo"].astype(dt, copy=False) if "wo" in arrs else None
-    y = np.matmul(o, wo_c) if wo_c is not None else o     # o itself is needed later only for dwo
-    if "bo" in arrs:
-        y += arrs["bo"].astype(dt, copy=False)
+    y = _api._project_out(o, arrs, dt)      # o itself is needed later only for dwo (then y is not o)
     names = ["x", "wq", "wk", "wv"] + [n for n in ("wo", "bq", "bk", "bv", "bo") if n in arrs]
     grad_dtypes = [_grad_dtype(arrs[n]) for n in names]
 
@@ -246,9 +230,9 @@ def attend_vjp(x: Any, wq: Any, wk: Any, wv: Any, *, num_heads: int = 1, wo: Opt
             back = -np.arange(L, dtype=np.float64)
             dq, dk = rope(dq, positions=back, base=float(rope_base)), rope(dk, positions=back, base=float(rope_base))
         dqkv = np.empty(lead + (L, width), dtype=dt)
-        heads(dqkv, 0, H, E)[...] = dq
-        heads(dqkv, lo_k, Hkv, E)[...] = dk
-        heads(dqkv, lo_v, Hkv, Ev)[...] = dv
+        _api._heads(dqkv, 0, H, E)[...] = dq
+        _api._heads(dqkv, lo_k, Hkv, E)[...] = dk
+        _api._heads(dqkv, lo_v, Hkv, Ev)[...] = dv
         dw = rows(xc).T @ rows(dqkv)                         # (d_model, width): dwq | dwk | dwv
         grads["x"] = np.matmul(dqkv, w.T)
         grads["wq"], grads["wk"], grads["wv"] = dw[:, :lo_k], dw[:, lo_k:lo_v], dw[:, lo_v:]

@@ -22,24 +22,20 @@ when there is none they are replaced by readable ASCII (cat / at / on the grass 
 """
 
 import math
-import numbers
 import warnings
 
 import numpy as np
+
+from ._spec import check_alignment as _check_alignment, check_softcap as _check_softcap
+from ._spec import is_int as _is_int, window_sides as _check_window
 
 __all__ = ["attention_weights", "plot_attention", "DEFAULT_MAX_ELEMENTS", "DEFAULT_LABEL_FALLBACKS"]
 
 DEFAULT_MAX_ELEMENTS = 2 ** 27
 
-_ALIGNMENTS = ("top_left", "bottom_right")
-
 
 # ---------------------------------------------------------------------------------------------
 # validation (every error names its argument and comes before any work)
-
-def _is_int(x):
-    return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
-
 
 def _as_array(x, name):
     try:
@@ -77,40 +73,6 @@ def _check_scale(scale, E):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
     if not math.isfinite(sc):
         raise ValueError(f"scale must be finite, got {scale!r}")
-    return sc
-
-
-def _check_window(window_size):
-    """None | int w | (left, right) -> (left, right), each None (unbounded) or an int >= 0."""
-    if window_size is None:
-        return None, None
-    sides = (window_size, window_size) if _is_int(window_size) else window_size
-    if not isinstance(sides, (tuple, list)) or len(sides) != 2:
-        raise ValueError(f"window_size must be None, an int or a (left, right) pair, got {window_size!r}")
-    for side in sides:
-        if side is None:
-            continue
-        if not _is_int(side):
-            raise ValueError(f"window_size sides must be None or ints, got {window_size!r}")
-        if side < 0:
-            raise ValueError(f"window_size sides must be >= 0 (the number of keys seen on each side), "
-                             f"got a negative side in {window_size!r}")
-    return tuple(None if side is None else int(side) for side in sides)
-
-
-def _check_alignment(alignment):
-    if not isinstance(alignment, str) or alignment not in _ALIGNMENTS:
-        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
-
-
-def _check_softcap(softcap):
-    if softcap is None:
-        return None
-    if isinstance(softcap, (bool, np.bool_, str, bytes)) or not isinstance(softcap, (numbers.Real, np.number)):
-        raise TypeError(f"softcap must be None or a float > 0, got {type(softcap).__name__}")
-    sc = float(softcap)
-    if not (0.0 < sc < math.inf):          # also False for NaN
-        raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
     return sc
 
 

@@ -64,52 +64,21 @@ gradient has its input's shape. The float attn_mask, alibi_slopes and key_length
 """
 
 import math
-import numbers
 
 import numpy as np
+
+from ._spec import check_alignment as _check_alignment, check_softcap as _check_softcap
+from ._spec import window_sides as _check_window
 
 __all__ = ["scaled_dot_product_attention", "attend", "attention_weights", "varlen_attention",
            "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp"]
 
-_ALIGNMENTS = ("top_left", "bottom_right")
+# the structured options' values are checked by _spec (the same exception types as the engine):
+# _check_window, _check_alignment, _check_softcap above
 
 
 def _as_f64(a):
     return np.asarray(a).astype(np.float64, copy=False)
-
-
-def _is_int(x):
-    return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-# ---------------------------------------------------------------------------------------------
-# light validation of the structured options (the product validates for real, elsewhere)
-
-def _check_window(window_size):
-    """None | int w | (left, right) -> (left, right), each None (unbounded) or an int >= 0."""
-    if window_size is None:
-        return None, None
-    sides = (window_size, window_size) if _is_int(window_size) else window_size
-    if not isinstance(sides, (tuple, list)) or len(sides) != 2:
-        raise ValueError(f"window_size must be None, an int or a (left, right) pair, got {window_size!r}")
-    for side in sides:
-        if side is not None and (not _is_int(side) or side < 0):
-            raise ValueError(f"window_size sides must be None or ints >= 0, got {window_size!r}")
-    return tuple(None if side is None else int(side) for side in sides)
-
-
-def _check_alignment(alignment):
-    if alignment not in _ALIGNMENTS:
-        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
-
-
-def _check_softcap(softcap):
-    if softcap is None:
-        return None
-    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (numbers.Real, np.number)) \
-            or not (0 < float(softcap) < math.inf):
-        raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
-    return float(softcap)
 
 
 # ---------------------------------------------------------------------------------------------

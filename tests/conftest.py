@@ -1,5 +1,22 @@
 """Shared pytest configuration for the selfattn test suite.
 
+The tests are filed by feature, one folder each:
+
+    forward/      the forward kernel against selfattn.reference and closed forms; attend's options,
+                  positions (RoPE, ALiBi), the CNN-as-attention example
+    backward/     the fused backward and every VJP (against the reference, finite differences and
+                  torch), the backward's schedules, `selfattn train`
+    decode/       decoding (L << S, split-KV), KVCache, merge_attention
+    structured/   windows (window_size, alignment), key_lengths, ALiBi, softcap, varlen: in the
+                  kernel on every path and its schedules, and in the reference (independent forms)
+    dispatch/     ISA paths (forced), use_isa contexts, thread counts, config(), the C kernel tests
+    robustness/   fuzzing, bad inputs and misuse, dtypes, sizes, concurrency, Ctrl-C, leaks
+    integration/  torch, Dask, the MiniLM example, plots, the demo and CLI, the README, packaging
+
+Shared by all: sa_testutil.py (the ISA list, tile edges, tolerances, comparison helpers, the C
+program builder, optional imports) and this file. Each test file's basename is unique (pytest
+imports them by basename: no __init__.py).
+
 * makes sure the *installed* selfattn is under test, not the source tree
   (set SELFATTN_ALLOW_SOURCE_TREE=1 to override, e.g. for an in-place build);
 * registers the hypothesis profiles ("ci" is the default; pick another one with

@@ -293,7 +293,8 @@ def examples(n):
 
 # ---------------------------------------------------------------- C programs over src_c/
 
-SRC_C = Path(__file__).resolve().parent.parent / "src_c"
+REPO_ROOT = Path(__file__).resolve().parent.parent     # tests/ sits in the repository root
+SRC_C = REPO_ROOT / "src_c"
 C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]
 
 

@@ -18,7 +18,7 @@
  * and checks every result against a tiny scalar float64 reference.
  * Prints "N passed, 0 failed" and exits 0 when everything matches.
  *
- * Build (what tests/test_robust_sizes.py does):
+ * Build (what tests/robustness/test_robust_sizes.py does):
  *   cc -O1 -fopenmp -Isrc_c tests/c/test_index64.c src_c/dispatch.c src_c/attn_generic.c \
  *      src_c/attn_avx2.c src_c/attn_avx512.c -lm -o test_index64
  */

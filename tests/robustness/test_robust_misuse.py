@@ -243,6 +243,37 @@ def test_misuse(call, exc, match):
     assert type(info.value) is exc, f"raised {type(info.value).__name__}, not exactly {exc.__name__}"
 
 
+# the structured options' mistakes: the engine, the float64 reference and attention_weights (which
+# share selfattn/_spec.py) raise the same exception type with the same message
+OPTION_MISTAKES = {i: (exc, match) for i, _, exc, match in MISUSE
+                   if i.startswith(("window_", "alignment_", "softcap_"))}
+OPTION_KW = {
+    "window_negative": dict(window_size=-1), "window_negative_right": dict(window_size=(3, -2)),
+    "window_float": dict(window_size=2.0), "window_bool": dict(window_size=True),
+    "window_triple": dict(window_size=(1, 2, 3)), "window_side_float": dict(window_size=(1, 2.5)),
+    "window_side_str": dict(window_size=("1", None)), "alignment_unknown": dict(alignment="bottom-right"),
+    "alignment_none": dict(alignment=None), "softcap_zero": dict(softcap=0.0), "softcap_negative": dict(softcap=-5),
+    "softcap_nan": dict(softcap=float("nan")), "softcap_inf": dict(softcap=math.inf),
+    "softcap_str": dict(softcap="30"), "softcap_bool": dict(softcap=True),
+}
+
+
+def test_option_mistakes_table_is_complete():
+    assert sorted(OPTION_KW) == sorted(OPTION_MISTAKES)
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_KW))
+@pytest.mark.parametrize("entry", ["engine", "reference", "attention_weights"])
+def test_option_mistakes_raise_alike_everywhere(name, entry):
+    exc, match = OPTION_MISTAKES[name]
+    fn = {"engine": lambda **kw: sdpa(Q, K, V, **kw),
+          "reference": lambda **kw: reference.scaled_dot_product_attention(Q, K, V, **kw),
+          "attention_weights": lambda **kw: selfattn.attention_weights(Q, K, **kw)}[entry]
+    with pytest.raises(exc, match=match) as info:
+        fn(**OPTION_KW[name])
+    assert type(info.value) is exc, f"{entry}: raised {type(info.value).__name__}, not {exc.__name__}"
+
+
 def test_misuse_ids_unique():
     ids = [m[0] for m in MISUSE]
     assert len(ids) == len(set(ids))

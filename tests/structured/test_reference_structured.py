@@ -440,15 +440,18 @@ def test_attend_defaults_unchanged():
 
 # ----------------------------------------------------------------------------------- light validation
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(alignment="center"), "alignment"), (dict(window_size=-1), "window_size"),
-    (dict(window_size=(1, 2, 3)), "window_size"), (dict(window_size=(1.5, 0)), "window_size"),
-    (dict(key_lengths=7), "key_lengths"), (dict(key_lengths=-1), "key_lengths"),
-    (dict(key_lengths=2.0), "key_lengths"), (dict(key_lengths=np.array([1, 2, 3])), "key_lengths"),
-    (dict(softcap=0.0), "softcap"), (dict(softcap=-1.0), "softcap"), (dict(softcap=np.inf), "softcap"),
-    (dict(alibi_slopes=np.ones(5)), "alibi_slopes"),
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(alignment="center"), ValueError, "alignment"), (dict(window_size=-1), ValueError, "window_size"),
+    # a window of the wrong kind is a TypeError, as in the engine (selfattn/_spec.py)
+    (dict(window_size=(1, 2, 3)), TypeError, "window_size"), (dict(window_size=(1.5, 0)), TypeError, "window_size"),
+    (dict(key_lengths=7), ValueError, "key_lengths"), (dict(key_lengths=-1), ValueError, "key_lengths"),
+    (dict(key_lengths=2.0), ValueError, "key_lengths"),
+    (dict(key_lengths=np.array([1, 2, 3])), ValueError, "key_lengths"),
+    (dict(softcap=0.0), ValueError, "softcap"), (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softcap=np.inf), ValueError, "softcap"), (dict(alibi_slopes=np.ones(5)), ValueError, "alibi_slopes"),
 ])
-def test_reference_rejects_clearly_wrong_values(kw, match):
+def test_reference_rejects_clearly_wrong_values(kw, exc, match):
     q, k, v = _qkv(_rng(19), (2, 3), (2, 3), 4, 6, 2, 2)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match) as info:
         sdpa(q, k, v, **kw)
+    assert type(info.value) is exc

@@ -228,8 +228,8 @@ Q, K = np.zeros((1, 2, 3, 4)), np.zeros((1, 2, 5, 4))
     ({"scale": "1"}, TypeError, "scale"),
     ({"window_size": -1}, ValueError, "window_size"),
     ({"window_size": (1, -2)}, ValueError, "window_size"),
-    ({"window_size": (1, 2, 3)}, ValueError, "window_size"),
-    ({"window_size": 1.5}, ValueError, "window_size"),
+    ({"window_size": (1, 2, 3)}, TypeError, "window_size"),      # the wrong kind: TypeError, as in the engine
+    ({"window_size": 1.5}, TypeError, "window_size"),
     ({"alignment": "center"}, ValueError, "alignment"),
     ({"alignment": None}, ValueError, "alignment"),
     ({"key_lengths": 6}, ValueError, "key_lengths"),

@@ -1,5 +1,5 @@
 """The backward against torch autograd in float64 (an optional oracle: skipped without torch):
-every option case of tests/test_backward.py, on every ISA.
+every option case of tests/backward/test_backward.py, on every ISA.
 
 torch's SDPA has no window, ALiBi, softcap or key_lengths, so the oracle writes attention out in
 torch ops -- logits, softcap's tanh, the ALiBi bias, the masks, softmax, P·V -- and lets autograd

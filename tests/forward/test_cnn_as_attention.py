@@ -1,12 +1,12 @@
 """examples/cnn_as_attention.py: K restricted heads + W_o == a 1-D convolution of width K."""
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
+from sa_testutil import REPO_ROOT
 
-_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cnn_as_attention.py"
+_EXAMPLE = REPO_ROOT / "examples" / "cnn_as_attention.py"
 
 
 @pytest.fixture(scope="module")

