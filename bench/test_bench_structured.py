@@ -96,3 +96,40 @@ def test_varlen(benchmark, threads, impl):
     if benchmark.disabled and impl == "selfattn varlen":
         ref = reference.varlen_attention(qv, kv, vv, cu, cu)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("impl", ["counts: one call", "no counts", "counts: a call per sequence (before)"])
+def test_kvcache_ragged_counts(benchmark, threads, impl, n):
+    """KVCache.attend over 32 sequences of 512..4095 cached positions: with ragged counts (each
+    sequence 0..n new rows; one kernel call, the kernel taking query rows per sequence) against
+    the same call without counts, and against a call per sequence, what it did before."""
+    B, Hq, Hkv, Ev = (4, 4, 2, 64) if benchmark.disabled else (32, 32, 8, 128)
+    rng = np.random.default_rng(1)
+    max_len = 64 if benchmark.disabled else 4096
+    lens = rng.integers(n, max_len, B)
+    counts = rng.integers(0, n + 1, B)
+    cache = selfattn.KVCache(B, Hkv, max_len, Ev, dtype=np.float32)
+    cache.append(rng.standard_normal((B, Hkv, max_len, Ev), dtype=np.float32),
+                 rng.standard_normal((B, Hkv, max_len, Ev), dtype=np.float32), counts=lens)
+    q = rng.standard_normal((B, Hq, n, Ev), dtype=np.float32)
+    benchmark.group = f"KVCache.attend B{B} Hq{Hq} Hkv{Hkv} n{n} S<={max_len} E{Ev}, ragged counts, fp32"
+    if impl == "counts: one call":
+        fn = lambda: cache.attend(q, counts=counts, num_threads=threads)  # noqa: E731
+    elif impl == "no counts":
+        fn = lambda: cache.attend(q, num_threads=threads)  # noqa: E731
+    else:
+        S = int(lens.max())
+
+        def fn():
+            return [selfattn.scaled_dot_product_attention(
+                q[b:b + 1, :, :counts[b]], cache._k[b:b + 1, :, :S], cache._v[b:b + 1, :, :S], is_causal=True,
+                alignment="bottom_right", key_lengths=lens[b:b + 1], enable_gqa=True, num_threads=threads)
+                for b in range(B)]
+    out = benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+    if benchmark.disabled and impl == "counts: one call":
+        for b in range(B):
+            ref = reference.scaled_dot_product_attention(
+                q[b:b + 1, :, :counts[b]], cache._k[b:b + 1, :, :lens[b]], cache._v[b:b + 1, :, :lens[b]],
+                is_causal=True, alignment="bottom_right", enable_gqa=True)
+            np.testing.assert_allclose(out[b:b + 1, :, :counts[b]], ref, rtol=1e-4, atol=1e-5)

@@ -37,7 +37,8 @@ Architecture at a glance
 
 Beside the kernel, one module per concern:
     selfattn.autograd     scaled_dot_product_attention_vjp, varlen_attention_vjp: (out, vjp), the
-                          fused backward through _core.sdpa_bwd / varlen_bwd (training in NumPy)
+                          fused backward through _core.sdpa_bwd / varlen_bwd (training in NumPy);
+                          attend_vjp, the whole layer (its projections shared with attend: _api)
     selfattn.positional   sinusoidal_encoding, rope (NumPy)
     selfattn.inspection   attention_weights (materialised on purpose), plot_attention (matplotlib)
     selfattn.merge        merge_attention: (out, lse) over disjoint key sets -> attention over their union
@@ -47,8 +48,8 @@ Beside the kernel, one module per concern:
                           key chunks merged by merge_attention (sequence parallelism). Not imported
                           by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
-    selfattn.autograd     VJPs for training in NumPy: scaled_dot_product_attention_vjp, varlen_attention_vjp,
-                          attend_vjp (the whole layer: projections, heads, RoPE, wo, biases)
+    selfattn._spec        the structured options' values (window_size, alignment, softcap) checked once,
+                          pure Python: reference and inspection raise what the engine raises
     selfattn.torch        scaled_dot_product_attention as a torch.autograd.Function (CPU tensors). Not
                           imported by `import selfattn`: `import selfattn.torch` (needs torch)
 SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for
@@ -69,6 +70,28 @@ import os as _os
 # back-to-back calls (a decode loop) on awake threads and lets them sleep soon after. libgomp reads it
 # when it loads (with _core, just below); a value already set by the user wins.
 _os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+
+def _import_core():
+    """The compiled engine. Imported from a source checkout that was never built in place (python
+    run in the repository root puts its uncompiled selfattn/ folder first on sys.path), it is
+    missing: say so and what to do, instead of a circular-import message."""
+    try:
+        from . import _core
+    except ImportError as exc:
+        import glob
+        here = _os.path.dirname(_os.path.abspath(__file__))
+        if glob.glob(_os.path.join(here, "_core*.so")) or glob.glob(_os.path.join(here, "_core*.pyd")):
+            raise      # the extension is there but does not load: its own message says why
+        raise ImportError(
+            f"selfattn was imported from {here}, a source folder without the compiled extension "
+            f"(_core). Python looks in the current directory first: run from another directory to use "
+            f"the installed selfattn (pip install . installs it), or build in place with "
+            f"`python setup.py build_ext --inplace`.") from exc
+    return _core
+
+
+_import_core()
 
 from . import autograd, inspection, positional, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,

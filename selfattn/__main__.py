@@ -12,9 +12,14 @@ import sys
 from typing import List, Optional
 
 
+def _started_as_module() -> bool:
+    return sys.argv[0].endswith("__main__.py") or not sys.argv[0]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m selfattn",
+        # the name it was started by: `selfattn` (the console script) or `python -m selfattn`
+        prog="python -m selfattn" if _started_as_module() else "selfattn",
         description="selfattn: fused self-attention for NumPy on the CPU. "
                     "With no command, runs the demo.",
         epilog="Also installed as the `selfattn` command, which works from any directory "
@@ -37,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-heatmap", action="store_true", help="do not write the heatmap")
     from selfattn import _train
     train = commands.add_parser(
-        "train", help="train an attention layer in NumPy on associative recall (about half a minute)",
+        "train", help="train an attention layer in NumPy on associative recall (a few seconds)",
         description="Learn W_q, W_k, W_v, W_o (and the embeddings) of one multi-head attention layer in "
                     "plain NumPy -- selfattn.attend_vjp for the gradients, Adam written out -- on "
                     f"associative recall: {_train.N_PAIRS} pairs 'key=value', then questions 'key?' whose "

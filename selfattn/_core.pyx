@@ -17,6 +17,7 @@ import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 from cpython.pythread cimport PyThread_get_thread_ident
 
 from selfattn._selfattn cimport *
@@ -316,20 +317,34 @@ cdef double _check_softcap(object softcap) except? -1.0:
     return c
 
 
-def _per_unit_lengths(key_lengths, tuple ob, int64_t S):
-    """key_lengths broadcast over the batch dims ob[:-1] -> int64 per unit (C order of ob)."""
-    kl = _as_array(key_lengths, "key_lengths")
+def _per_unit_lengths(key_lengths, tuple ob, int64_t S, name="key_lengths", what="S"):
+    """key_lengths broadcast over the batch dims ob[:-1] -> int64 per unit (C order of ob).
+    Also the query rows per batch entry (name="query_lengths", what="L": KVCache's counts)."""
+    kl = _as_array(key_lengths, name)
     if kl.dtype.kind not in "iu":
-        raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
+        raise TypeError(f"{name} must be integers, got dtype {kl.dtype}")
     batch = ob[:-1]
     try:
         klb = np.broadcast_to(kl, batch)
     except ValueError:
-        raise ValueError(f"key_lengths of shape {kl.shape} does not broadcast to the batch dims {batch} "
+        raise ValueError(f"{name} of shape {kl.shape} does not broadcast to the batch dims {batch} "
                          f"(out.shape[:-3]; a scalar for 2-D/3-D inputs)") from None
     if klb.size and (int(klb.min()) < 0 or int(klb.max()) > S):
-        raise ValueError(f"key_lengths must be in [0, S={S}], got values in [{int(klb.min())}, {int(klb.max())}]")
+        raise ValueError(f"{name} must be in [0, {what}={S}], got values in [{int(klb.min())}, {int(klb.max())}]")
     return np.ascontiguousarray(np.broadcast_to(klb[..., None] if ob else klb, ob), dtype=np.int64).ravel()
+
+
+def _per_unit_offsets(offsets, tuple ob):
+    """query_offsets (any integers) broadcast over the batch dims ob[:-1] -> int64 per unit."""
+    off = _as_array(offsets, "query_offsets")
+    if off.dtype.kind not in "iu":
+        raise TypeError(f"query_offsets must be integers, got dtype {off.dtype}")
+    batch = ob[:-1]
+    try:
+        ob_ = np.broadcast_to(off, batch)
+    except ValueError:
+        raise ValueError(f"query_offsets of shape {off.shape} does not broadcast to the batch dims {batch}") from None
+    return np.ascontiguousarray(np.broadcast_to(ob_[..., None] if ob else ob_, ob), dtype=np.int64).ravel()
 
 
 def _per_unit_slopes(alibi_slopes, tuple ob):
@@ -477,13 +492,20 @@ cdef tuple _qkv_arrays(object query, object key, object value):
 
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
-         alibi_slopes=None, softcap=None, out=None, schedule_only=False, _bwd=None):
+         alibi_slopes=None, softcap=None, out=None, schedule_only=False, _bwd=None, query_lengths=None,
+         query_offsets=None):
     """Validate, then run the fused kernel. See selfattn.scaled_dot_product_attention.
 
     Keyword-only past the arrays, so a new parameter can never shift the others.
     schedule_only=True validates and returns the schedule the kernel would use
     ({'threads', 'fused', 'compute_tasks', 'group'}) without computing (for tests).
-    _bwd=(out, lse, dout): run the backward instead (see sdpa_bwd)."""
+    _bwd=(out, lse, dout): run the backward instead (see sdpa_bwd).
+    query_lengths (forward only; KVCache's ragged counts): like key_lengths, the query rows of each
+    batch entry, its first ones; with alignment="bottom_right" they are the last positions of
+    that entry's keys. The other rows get zeros (lse -inf). One kernel call for the whole batch.
+    query_offsets (selfattn.dask's blocks): per batch entry, like key_lengths, the position of
+    query row 0 among that entry's keys (any integer; row i sits at query_offsets + i): it replaces
+    the alignment, so a block of a longer problem keeps its rows' positions (causal, windows, ALiBi)."""
     # -- scalars first: cheap, and errors come before any work
     opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
 
@@ -553,6 +575,12 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
 
     # -- structured masks: per-unit lengths and slopes (validated before any work)
     k_len = _per_unit_lengths(key_lengths, tuple(ob), S) if key_lengths is not None else None
+    q_len = None
+    if query_lengths is not None:
+        if _bwd is not None or out is not None:
+            raise ValueError("query_lengths is for the forward into a new output only")
+        q_len = _per_unit_lengths(query_lengths, tuple(ob), L, "query_lengths", "L")
+    q_pos = _per_unit_offsets(query_offsets, tuple(ob)) if query_offsets is not None else None
     slopes = _per_unit_slopes(alibi_slopes, tuple(ob)) if alibi_slopes is not None else None
 
     q = _ready(q, typenum)
@@ -561,11 +589,15 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
 
     # -- outputs
     out_shape = tuple(ob) + (L, Ev)
-    if out is None:
-        out = np.empty(out_shape, dtype=dt)
-    elif out.shape != out_shape or out.dtype != dt:
-        raise ValueError(f"out must have shape {out_shape} and dtype {dt}, got {out.shape} {out.dtype}")
-    lse = np.empty(tuple(ob) + (L,), dtype=dt) if return_lse else None
+    if q_len is not None:                # rows past a unit's query_lengths are never written
+        out = np.zeros(out_shape, dtype=dt)
+        lse = np.full(tuple(ob) + (L,), -np.inf, dtype=dt) if return_lse else None
+    else:
+        if out is None:
+            out = np.empty(out_shape, dtype=dt)
+        elif out.shape != out_shape or out.dtype != dt:
+            raise ValueError(f"out must have shape {out_shape} and dtype {dt}, got {out.shape} {out.dtype}")
+        lse = np.empty(tuple(ob) + (L,), dtype=dt) if return_lse else None
     dout = dq = dk = dv = None
     if _bwd is not None:                 # the backward: the forward's out and lse, the cotangent
         out, lse, dout = _bwd
@@ -617,6 +649,7 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
     cdef sa_attn_args args
     cdef int status, d, j, isa = _call_isa(), isz = dt.itemsize
     cdef int64_t u, off_q, off_o, off_l, off_m, off_kv, ii, c
+    memset(&args, 0, sizeof(args))         # fields not set below stay "none" (selfattn.h)
     try:
         _batch_strides(q, nb, qs)
         _batch_strides(out, nb, os_)
@@ -729,8 +762,9 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
         args.lse_off = l_off
         args.lse_sl = _stride(lse, -1) if lse is not None else 0
         args.scale = sc
-        args.q_len = NULL
+        args.q_len = <const int64_t *> cnp.PyArray_DATA(q_len) if q_len is not None else NULL
         args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len) if k_len is not None else NULL
+        args.q_pos = <const int64_t *> cnp.PyArray_DATA(q_pos) if q_pos is not None else NULL
         args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
         _apply_options(&args, opts)
         if dout is not None:
@@ -971,6 +1005,7 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_caus
     zero = np.zeros(1, np.int64)
 
     cdef sa_attn_args args
+    memset(&args, 0, sizeof(args))         # fields not set below stay "none" (selfattn.h)
     args.n_units = Hq * B
     args.n_kv = H * B
     args.L = int(Lb.max()) if B else 0

@@ -244,7 +244,7 @@ def _heatmap(sa, path):
     try:
         import matplotlib
     except ImportError:
-        print("   (a heatmap of these weights needs matplotlib: pip install selfattn[plot])")
+        print("   (a heatmap of these weights needs matplotlib: pip install 'selfattn[plot]')")
         return
     import os
     import warnings

@@ -79,6 +79,7 @@ cdef extern from "selfattn.h" nogil:
         int64_t window_left, window_right
         const int64_t *q_len
         const int64_t *k_len
+        const int64_t *q_pos
         const double *alibi_slope
         double softcap
         int num_threads

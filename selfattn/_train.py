@@ -248,7 +248,7 @@ def _plots(result, out_dir, seed):
     try:
         import matplotlib
     except ImportError:
-        print("(plots need matplotlib: pip install selfattn[plot])")
+        print("(plots need matplotlib: pip install 'selfattn[plot]')")
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,24 +19,12 @@ the blocks; the key/value (and the mask) are rechunked to match, and E/Ev are ma
 
 Positions
 ---------
-A block holds query rows ``l0 .. l0 + Lc - 1`` and keys ``s0 .. s0 + Sc - 1`` of the full problem; the
-kernel numbers them from 0 and places query row i at ``p = i`` (or ``i + S_b - L``), so on its own it
-would misplace them. What the structured options see is the difference ``p - j``: in block indices it
-is ``i - j + d`` with ``d = l0 - s0`` (plus ``S_b - L`` under ``alignment="bottom_right"``), and
-``key_lengths`` becomes ``clip(S_b - s0, 0, Sc)``. Each block is then computed exactly, on views:
-
-* visibility (causal, window, alignment) is an interval ``lo <= j - i <= hi`` shifted by d; the block
-  passes the kernel a top-left window with the same interval, after dropping the leading keys (or
-  query rows) that the interval excludes, so that both window sides are >= 0: one kernel call;
-* ALiBi needs the positions themselves: where ``d = 0`` the kernel applies it; elsewhere the block is
-  split at the diagonal ``p = j`` (by keys, or by query rows) into a part with ``d = 0`` and a part
-  where ``p - j`` keeps one sign, so that ``-slope * |p - j|`` is a per-key bias (a float mask of
-  shape (..., Hq, 1, Sc), broadcast over the rows by the kernel) plus a per-row constant (added to
-  the lse afterwards); the two parts are merged with merge_attention. With a bool or float
-  attn_mask as well, that part's mask is materialised at the block's (..., Hq, Lc, Sc) size.
-
-A kernel option placing the queries at an offset (a per-batch ``query_offset``) would make every
-block a single call on views, ALiBi included.
+A block holds query rows ``l0 .. l0 + Lc - 1`` and keys ``s0 .. s0 + Sc - 1`` of the full problem.
+What the structured options see is the position of a query row among the keys, ``p = i + d`` in
+block indices with ``d = l0 - s0`` (plus ``S_b - L`` under ``alignment="bottom_right"``, per batch
+entry), and ``key_lengths`` becomes ``clip(S_b - s0, 0, Sc)``. The kernel takes ``d`` per batch entry
+(the engine's ``query_offsets``, the C problem's ``q_pos``): causal, windows and ALiBi then act
+on the block exactly as on the full problem, and each block is one kernel call on views.
 """
 
 import functools
@@ -47,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from . import _core
 from ._api import scaled_dot_product_attention as _sdpa
 from .merge import merge_attention
 
@@ -68,124 +57,20 @@ def _import_dask() -> Any:
 # ----------------------------------------------------------------------------------------------------
 # one block, in NumPy (runs on the workers)
 
-def _shift(x: Optional[int], s: int) -> Optional[int]:
-    return None if x is None else x + s
-
-
-def _sl(a: Optional[Array], from_end: int, sl: slice) -> Optional[Array]:
-    """`a` sliced along axis -from_end, unless that axis has size 1 (broadcast)."""
-    if a is None or a.ndim < from_end or a.shape[a.ndim - from_end] == 1:
-        return a
-    idx: List[Any] = [slice(None)] * a.ndim
-    idx[a.ndim - from_end] = sl
-    return a[tuple(idx)]
-
-
-def _empty(q: Array, ev: int, dt: Any) -> Tuple[Array, Array]:
-    return np.zeros(q.shape[:-1] + (ev,), dtype=dt), np.full(q.shape[:-1], -np.inf, dtype=dt)
-
-
-def _call(q: Array, k: Array, v: Array, mask: Optional[Array], kl: Array, lo: Optional[int], hi: Optional[int],
-          alibi: Optional[Array], col: Optional[Array], row: Optional[Array], kw: Dict[str, Any],
-          dt: Any) -> Tuple[Array, Array]:
-    """One kernel call: key j (block index) visible to row i iff j < kl and lo <= j - i <= hi (None:
-    unbounded); alibi (d = 0) in the kernel, or a per-key bias `col` (..., Hq, nk) and a per-row
-    constant `row` (..., Hq, nr) added to the logits."""
-    nr, nk, ev = q.shape[-2], k.shape[-2], v.shape[-1]
-    c = g = 0
-    if lo is not None and lo > 0:           # keys j < lo are excluded for every row i >= 0
-        c, lo, hi = lo, 0, _shift(hi, -lo)
-    if hi is not None and hi < 0:           # rows i < -hi see no key j >= 0
-        g, lo, hi = -hi, _shift(lo, -hi), 0
-    assert alibi is None or c == g == 0
-    if g >= nr or c >= nk or (lo is not None and hi is not None and lo > hi):
-        return _empty(q, ev, dt)
-    q2, k2, v2 = q[..., g:, :], k[..., c:, :], v[..., c:, :]
-    nr2, nk2 = nr - g, nk - c
-    lo = None if lo is not None and lo <= -(nr2 - 1) else lo
-    hi = None if hi is not None and hi >= nk2 - 1 else hi
-    kl2 = np.clip(kl - c, 0, nk2)
-    m2 = _sl(_sl(mask, 2, slice(g, None)), 1, slice(c, None))
-    if col is not None:
-        bias = col[..., None, c:].astype(dt)
-        if m2 is None:
-            m2 = bias
-        elif m2.dtype == np.bool_:
-            m2 = np.where(m2, bias, np.array(-np.inf, dtype=dt))
-        else:
-            m2 = m2 + bias
-    window = None if lo is None and hi is None else (None if lo is None else -lo, hi)
-    o, lse = _sdpa(q2, k2, v2, attn_mask=m2, window_size=window, alibi_slopes=alibi, return_lse=True,
-                   key_lengths=None if np.all(kl2 == nk2) else kl2, **kw)
-    if row is not None:
-        lse = (lse.astype(np.float64) + row[..., g:]).astype(dt)
-    if g:
-        out, full_lse = _empty(q, ev, dt)
-        out[..., g:, :], full_lse[..., g:] = o, lse
-        return out, full_lse
-    return o, lse
-
-
-def _solve(q: Array, k: Array, v: Array, mask: Optional[Array], kl: Array, d: int, lo: Optional[int],
-           hi: Optional[int], slopes: Optional[Array], kw: Dict[str, Any], dt: Any) -> Tuple[Array, Array]:
-    """(out, lse) of a block whose query row i and key j sit at p - j = i - j + d (see the module
-    docstring): visible iff j < kl and lo <= j - i <= hi; ALiBi adds -slopes * |i - j + d|."""
-    if slopes is None or d == 0:
-        return _call(q, k, v, mask, kl, lo, hi, slopes if d == 0 else None, None, None, kw, dt)
-    nr, nk = q.shape[-2], k.shape[-2]
-    s = slopes.astype(np.float64)[..., None]
-    if d > 0:
-        # keys j < a = min(d, nk) lie below every query (p > j): bias -s (p - j) = row(i) + col(j), each
-        # <= 0 and 0 at the nearest key; keys from a on have d' = 0
-        a = min(d, nk)
-        col = -s * (a - 1 - np.arange(a))
-        row = -s * (np.arange(nr) + d - (a - 1))
-        below = _call(q, k[..., :a, :], v[..., :a, :], _sl(mask, 1, slice(0, a)), np.minimum(kl, a), lo, hi,
-                      None, col, row, kw, dt)
-        if a == nk:
-            return below
-        rest = _solve(q, k[..., a:, :], v[..., a:, :], _sl(mask, 1, slice(a, None)), np.clip(kl - a, 0, nk - a),
-                      d - a, _shift(lo, -a), _shift(hi, -a), slopes, kw, dt)
-        return merge_attention([below[0], rest[0]], [below[1], rest[1]])
-    # rows i < r = min(-d, nr) lie before every key (p < j): bias -s (j - p); rows from r on have d' = 0
-    r = min(-d, nr)
-    col = -s * np.arange(nk)
-    row = s * (np.arange(r) + d)
-    above = _call(q[..., :r, :], k, v, _sl(mask, 2, slice(0, r)), kl, lo, hi, None, col, row, kw, dt)
-    if r == nr:
-        return above
-    rest = _solve(q[..., r:, :], k, v, _sl(mask, 2, slice(r, None)), kl, d + r, _shift(lo, r), _shift(hi, r),
-                  slopes, kw, dt)
-    return np.concatenate([above[0], rest[0]], axis=-2), np.concatenate([above[1], rest[1]], axis=-1)
-
-
 def _block(q: Array, k: Array, v: Array, mask: Optional[Array], *, l0: int, s0: int, L: int, S_b: Array,
            bottom_right: bool, left: Optional[int], right: Optional[int], slopes: Optional[Array],
-           kw: Dict[str, Any], dt: Any) -> Tuple[Array, Array]:
-    """(out, lse) of query rows l0.. against keys s0.. of the full problem (q, k, v: the chunks).
+           kw: Dict[str, Any]) -> Tuple[Array, Array]:
+    """(out, lse) of query rows l0.. against keys s0.. of the full problem (q, k, v: the chunks): one
+    kernel call on the views, its rows placed at their positions among the block's keys.
 
     S_b: valid keys per batch entry of the block (its batch shape); left/right: the window sides
     with the causal cut folded in (right = 0), None = unbounded."""
     Sc = k.shape[-2]
-    D = l0 - s0 + (S_b - L if bottom_right else 0 * S_b)
+    D = l0 - s0 + (S_b - L if bottom_right else 0 * S_b)      # position of the block's row 0, per entry
     Kb = np.clip(S_b - s0, 0, Sc)
-    flat = D.ravel()
-    if flat.size == 0 or np.all(flat == flat[0]):
-        d = int(flat[0]) if flat.size else 0
-        return _solve(q, k, v, mask, Kb, d, _shift(-left if left is not None else None, d), _shift(right, d),
-                      slopes, kw, dt)
-    # bottom-right alignment with ragged key_lengths: each batch entry has its own offset
-    out, lse = _empty(q, v.shape[-1], dt)
-    for idx in np.ndindex(*D.shape):
-        sl = tuple(slice(i, i + 1) for i in idx)
-        m = mask
-        if m is not None:
-            m = m[tuple(s if n != 1 else slice(None) for s, n in zip(sl, m.shape))]
-        d = int(D[idx])
-        out[sl], lse[sl] = _solve(q[sl], k[sl], v[sl], m, Kb[sl], d,
-                                  _shift(-left if left is not None else None, d), _shift(right, d),
-                                  None if slopes is None else slopes[sl], kw, dt)
-    return out, lse
+    window = None if left is None and right is None else (left, right)
+    return _core.sdpa(q, k, v, attn_mask=mask, window_size=window, alibi_slopes=slopes, return_lse=True,
+                      key_lengths=Kb, query_offsets=D, **kw)
 
 
 def _sees(Lc: int, Sc: int, D: Array, Kb: Array, left: Optional[int], right: Optional[int]) -> bool:
@@ -397,7 +282,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
                 if not _sees(l1 - l0, s1 - s0, D, np.clip(S_blk - s0, 0, s1 - s0), left, right):
                     continue
                 fn = functools.partial(_block, l0=l0, s0=s0, L=L, S_b=S_blk, bottom_right=bottom_right,
-                                       left=left, right=right, slopes=slopes_blk, kw=kw, dt=dt)
+                                       left=left, right=right, slopes=slopes_blk, kw=kw)
                 mkey = None
                 if mask is not None:
                     mi = tuple(0 if n == 1 else i for n, i in zip(mask.shape, idx + (si,)))

@@ -14,7 +14,7 @@ or at a slice of query rows: rows are independent, but the positional options (i
 window_size, alibi_slopes) place row i at position i, so slice rows only without those.
 
 ``plot_attention`` draws one (L, S) weights matrix as a matplotlib heatmap with token labels.
-matplotlib is optional (``pip install selfattn[plot]``) and imported only when plotting.
+matplotlib is optional (``pip install "selfattn[plot]"``) and imported only when plotting.
 Labels in scripts the default font lacks (the notes' 猫 / 在 / 草地上 / 跑) are drawn with an
 installed font that has the glyphs (Noto Sans CJK, WenQuanYi, Droid Sans Fallback, AR PL, ...);
 when there is none they are replaced by readable ASCII (cat / at / on the grass / runs, or a
@@ -471,7 +471,7 @@ def plot_attention(weights, query_labels=None, key_labels=None, *, ax=None, labe
     -------
     matplotlib.axes.Axes
 
-    Needs matplotlib: ``pip install selfattn[plot]``.
+    Needs matplotlib: ``pip install "selfattn[plot]"``.
     """
     w = _as_array(weights, "weights")
     if w.ndim != 2:
@@ -492,7 +492,7 @@ def plot_attention(weights, query_labels=None, key_labels=None, *, ax=None, labe
         from matplotlib.font_manager import FontProperties
     except ImportError as exc:
         raise ImportError("plot_attention needs matplotlib, an optional dependency of selfattn: "
-                          "pip install selfattn[plot]  (or pip install matplotlib)") from exc
+                          "pip install 'selfattn[plot]'  (or pip install matplotlib)") from exc
 
     if ax is None:
         import matplotlib.pyplot as plt

@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from . import _core
 from ._api import scaled_dot_product_attention
 
 __all__ = ["KVCache"]
@@ -268,23 +269,28 @@ class KVCache:
         counts : array_like of int, (batch,), optional
             Ragged queries, as :meth:`append`'s counts: sequence b has ``counts[b]`` valid rows
             (the first ones), the last counts[b] positions of that sequence; its other rows get
-            zeros (lse -inf). Each sequence is then attended on its own (one call per sequence,
-            still on views).
+            zeros (lse -inf). Still one kernel call for the whole batch, on views: the kernel
+            takes a number of query rows per sequence as it takes a number of keys.
         is_causal, alignment : as in scaled_dot_product_attention
             Defaults: causal, bottom-right.
         **options
             Any other option of :func:`selfattn.scaled_dot_product_attention`: ``scale``,
             ``window_size``, ``alibi_slopes``, ``softcap``, ``return_lse``, ``num_threads``,
             ``attn_mask`` (broadcastable to (batch, Hq, n, max(lengths)), the width of
-            :attr:`keys`). ``key_lengths`` and ``enable_gqa`` are set by the cache.
+            :attr:`keys`). ``key_lengths`` and ``enable_gqa`` are set by the cache; an
+            ``enable_gqa`` that agrees with it (True, or False when Hq equals the cache's
+            kv heads) is accepted, as a torch user passes it, and one that contradicts it is a
+            ValueError.
 
         Returns
         -------
         out : ndarray, (batch, Hq, n, value_dim), or (out, lse) with ``return_lse=True``.
         """
-        for name in ("key_lengths", "enable_gqa"):
-            if name in options:
-                raise TypeError(f"KVCache.attend sets {name} itself (from the cache); do not pass it")
+        if "key_lengths" in options:
+            raise TypeError("KVCache.attend sets key_lengths itself (from the cache); do not pass it")
+        gqa = options.pop("enable_gqa", None)      # the cache sets it; a value that agrees is accepted
+        if gqa is not None and not isinstance(gqa, (bool, np.bool_)):
+            raise TypeError(f"enable_gqa must be a bool, got {type(gqa).__name__}")
         q = _as_array(query, "query")
         if q.ndim != 4 or q.shape[0] != self.batch or q.shape[3] != self.head_dim:
             raise ValueError(f"query must have shape (batch, Hq, n, head_dim) = ({self.batch}, Hq, n, "
@@ -296,6 +302,10 @@ class KVCache:
         if self.dtype == np.float32 and q.dtype == np.float64:
             raise TypeError("query is float64 but the cache holds float32: the cache would be converted to "
                             "float64 on every call; pass query.astype(np.float32), or use a float64 cache")
+        if gqa is not None and not gqa and Hq != self.num_kv_heads:
+            raise ValueError(f"enable_gqa=False contradicts the cache: query has Hq={Hq} heads over its "
+                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention); leave enable_gqa "
+                             f"out, the cache sets it")
         n = q.shape[2]
         kw = dict(options, is_causal=is_causal, alignment=alignment, enable_gqa=Hq != self.num_kv_heads)
         S = int(self._lengths.max(initial=0))
@@ -311,34 +321,8 @@ class KVCache:
 
     def _attend_ragged(self, q: Array, k: Array, v: Array, c: Array,
                        kw: dict) -> Union[Array, Tuple[Array, Array]]:
-        mask = kw.pop("attn_mask", None)
-        slopes = kw.pop("alibi_slopes", None)
-        return_lse = bool(kw.pop("return_lse", False))
-        if mask is not None:
-            mask = _as_array(mask, "attn_mask")
-        if slopes is not None:
-            slopes = _as_array(slopes, "alibi_slopes")
-        # validate everything once, on the whole problem, before any work
-        scaled_dot_product_attention(q[..., :0], k[..., :0], v[..., :0], attn_mask=mask, alibi_slopes=slopes,
-                                     key_lengths=self._lengths, **kw)
-        def pick(a: Optional[Array], lead: int, b: int) -> Optional[Array]:
-            # batch entry b of an option that broadcasts against (batch, ...), its dims kept
-            if a is None or a.ndim < lead or a.shape[a.ndim - lead] == 1:
-                return a
-            return a[(slice(None),) * (a.ndim - lead) + (slice(b, b + 1),)]
-
-        parts = []
-        for b in range(self.batch):
-            m = pick(mask, 4, b)
-            if m is not None and m.shape[-2] != 1:
-                m = m[..., :c[b], :]
-            parts.append(scaled_dot_product_attention(q[b:b + 1, :, :c[b]], k[b:b + 1], v[b:b + 1], attn_mask=m,
-                                                      alibi_slopes=pick(slopes, 2, b), return_lse=True,
-                                                      key_lengths=self._lengths[b:b + 1], **kw))
-        dt = parts[0][0].dtype
-        out = np.zeros(q.shape[:3] + (self.value_dim,), dtype=dt)
-        lse = np.full(q.shape[:3], -np.inf, dtype=dt)
-        for b, (o, l) in enumerate(parts):
-            out[b:b + 1, :, :c[b]] = o
-            lse[b:b + 1, :, :c[b]] = l
-        return (out, lse) if return_lse else out
+        # one kernel call for the whole batch: sequence b's units see c[b] query rows (the first
+        # ones; bottom-right: the last c[b] positions of its lengths[b] keys), the rows past c[b]
+        # are zeros with lse -inf. Options (attn_mask, alibi_slopes, ...) apply per unit as in a
+        # call without counts.
+        return _core.sdpa(q, k, v, key_lengths=self._lengths, query_lengths=c, **kw)

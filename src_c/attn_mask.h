@@ -20,7 +20,7 @@
 /* What the predicate needs of one unit. */
 typedef struct {
     int64_t L, S;           /* query rows and valid keys of the unit (L_u, S_u) */
-    int64_t offset;         /* p(i) = i + offset                                 */
+    int64_t offset;         /* p(i) = i + offset: from q_pos, else the alignment */
     int64_t left, right;    /* window, < 0 = unbounded                           */
     int causal;
 } sa_unit_mask;
@@ -29,7 +29,7 @@ static inline void sa_unit_mask_init(const sa_attn_args *a, int64_t u, sa_unit_m
 {
     m->L = a->q_len ? a->q_len[u] : a->L;
     m->S = a->k_len ? a->k_len[u] : a->S;
-    m->offset = a->alignment == SA_ALIGN_BOTTOM_RIGHT ? m->S - m->L : 0;
+    m->offset = a->q_pos ? a->q_pos[u] : a->alignment == SA_ALIGN_BOTTOM_RIGHT ? m->S - m->L : 0;
     m->left = a->window ? a->window_left : -1;
     m->right = a->window ? a->window_right : -1;
     m->causal = a->causal;

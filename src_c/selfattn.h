@@ -115,8 +115,10 @@ typedef int (*sa_interrupt_fn)(void *ctx);
  * materialised; key blocks no query of a tile can see are neither packed nor
  * computed). Unit u has L_u = q_len[u] query rows (varlen; else L) and
  * S_u = k_len[u] valid keys (key_lengths, varlen; else S): keys j >= S_u are
- * never read. Query row i sits at position p = i (top-left) or
- * p = i + S_u - L_u (bottom-right) and sees key j < S_u when
+ * never read. Query row i sits at position p = i (top-left),
+ * p = i + S_u - L_u (bottom-right), or p = i + q_pos[u] when q_pos is given
+ * (it replaces the alignment: a block of a longer problem, its first query
+ * row at position q_pos[u] of the unit's keys, any value) and sees key j < S_u when
  *     bool mask true  and  (not causal or j <= p)
  *     and (not window or window_left < 0 or j >= p - window_left)
  *     and (not window or window_right < 0 or j <= p + window_right).
@@ -146,6 +148,7 @@ typedef struct {
     int64_t window_left, window_right;         /* with window: < 0 = unbounded  */
     const int64_t *q_len;                      /* [n_units] or NULL (= L)       */
     const int64_t *k_len;                      /* [n_units] or NULL (= S)       */
+    const int64_t *q_pos;                      /* [n_units] or NULL: p of row 0 */
     const double *alibi_slope;                 /* [n_units] or NULL (no ALiBi)  */
     double softcap;                            /* > 0: cap the logits; 0: none  */
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */

@@ -145,6 +145,56 @@ def test_attn_mask_and_ragged_options_per_sequence():
         assert not out[b, :, c:].any()
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_ragged_counts_over_32_sequences_are_one_kernel_call(isa, monkeypatch, dtype, n):
+    """counts over 32 sequences of different lengths: one call of the engine for the whole batch,
+    equal to one call per sequence (its rows sliced; not always the same bits: the decode schedule
+    splits the keys into chunks by the number of kv units in the call) and to the reference, zeros
+    and lse -inf past each count, the same bits on 1 and 3 threads; n = 17 rows leaves the decode
+    schedule (<= 16 stacked rows) for the tiled ones."""
+    rng = np.random.default_rng(10 + n)
+    B, Hq, H, E, Ev = 32, 4, 2, 8, 6
+    lens = rng.integers(n, 40, B)
+    counts = rng.integers(0, n + 1, B)
+    cache = selfattn.KVCache(B, H, 48, E, Ev, dtype=dtype)
+    cache.append(rng.standard_normal((B, H, 40, E)).astype(dtype), rng.standard_normal((B, H, 40, Ev)).astype(dtype),
+                 counts=lens)
+    q = rng.standard_normal((B, Hq, n, E)).astype(dtype)
+    slopes = rng.random((B, Hq))
+    opts = dict(alibi_slopes=slopes, window_size=(7, 0), return_lse=True)
+    calls = []
+    real_sdpa = selfattn.kvcache._core.sdpa
+
+    def counting_sdpa(*args, **kw):
+        calls.append(kw.get("query_lengths") is not None)
+        return real_sdpa(*args, **kw)
+
+    monkeypatch.setattr(selfattn.kvcache._core, "sdpa", counting_sdpa)
+    out, lse = cache.attend(q, counts=counts, **opts)
+    assert calls == [True], calls                                   # one call, the ragged one
+    monkeypatch.undo()
+    for threads in (1, 3):
+        o_t, l_t = cache.attend(q, counts=counts, num_threads=threads, **opts)
+        np.testing.assert_array_equal(o_t, out, err_msg=f"{threads} threads")
+        np.testing.assert_array_equal(l_t, lse, err_msg=f"{threads} threads")
+    close = {np.float64: 1e-13, np.float32: 1e-6}[dtype]
+    S = int(lens.max())
+    for b in range(B):
+        c = int(counts[b])
+        want, want_lse = sdpa(q[b:b + 1, :, :c], cache._k[b:b + 1, :, :S], cache._v[b:b + 1, :, :S],
+                              is_causal=True, alignment="bottom_right", key_lengths=lens[b:b + 1],
+                              enable_gqa=True, alibi_slopes=slopes[b:b + 1], window_size=(7, 0),
+                              return_lse=True)
+        np.testing.assert_allclose(out[b:b + 1, :, :c], want, rtol=close, atol=close, err_msg=f"sequence {b}")
+        np.testing.assert_allclose(lse[b:b + 1, :, :c], want_lse, rtol=close, atol=close, err_msg=f"sequence {b}")
+        assert not out[b, :, c:].any() and np.all(lse[b, :, c:] == -np.inf)
+        ref = reference.scaled_dot_product_attention(
+            q[b:b + 1, :, :c], cache._k[b:b + 1, :, :lens[b]], cache._v[b:b + 1, :, :lens[b]], is_causal=True,
+            alignment="bottom_right", enable_gqa=True, alibi_slopes=slopes[b:b + 1], window_size=(7, 0))
+        np.testing.assert_allclose(out[b:b + 1, :, :c], ref, rtol=TOL[dtype], atol=TOL[dtype])
+
+
 def test_appends_in_place_and_attend_reads_the_cache_without_copying():
     cache = selfattn.KVCache(1, 2, 1 << 16, 32, dtype=np.float32)     # 16 MiB of keys + 16 MiB of values
     ptr = cache._k.__array_interface__["data"][0]
@@ -285,8 +335,18 @@ def test_attend_errors():
         cache.attend(q.astype(np.float64))
     with pytest.raises(TypeError, match="sets key_lengths itself"):
         cache.attend(q, key_lengths=[1, 1])
-    with pytest.raises(TypeError, match="sets enable_gqa itself"):
-        cache.attend(q, enable_gqa=True)
+    # enable_gqa: the cache sets it; a value that agrees is accepted (a torch user's habit), one that
+    # contradicts it is refused
+    np.testing.assert_array_equal(cache.attend(q, enable_gqa=True), cache.attend(q))
+    with pytest.raises(ValueError, match=r"enable_gqa=False contradicts the cache: query has Hq=4 heads"):
+        cache.attend(q, enable_gqa=False)
+    with pytest.raises(TypeError, match="enable_gqa must be a bool, got str"):
+        cache.attend(q, enable_gqa="yes")
+    same_heads = selfattn.KVCache(2, 2, 5, 4, 3)
+    same_heads.append(np.ones((2, 2, 1, 4), np.float32), np.ones((2, 2, 1, 3), np.float32))
+    q2 = np.ones((2, 2, 1, 4), np.float32)
+    for agreeing in (False, True):
+        np.testing.assert_array_equal(same_heads.attend(q2, enable_gqa=agreeing), same_heads.attend(q2))
     c2 = selfattn.KVCache(2, 2, 5, 4, 3)
     c2.append(np.ones((2, 2, 2, 4), np.float32), np.ones((2, 2, 2, 3), np.float32), counts=[2, 1])
     with pytest.raises(ValueError, match=r"counts\[1\]=2 query rows but sequence 1 holds only 1"):

@@ -23,7 +23,7 @@ def _run(args, tmp_path, encoding="utf-8", timeout=120):
 def test_help_prints_usage_and_does_not_run_the_demo(tmp_path):
     r = _run(["--help"], tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("usage:") and "demo" in r.stdout
+    assert r.stdout.startswith("usage: python -m selfattn ") and "demo" in r.stdout
     assert "selfattn demo:" not in r.stdout
 
 
@@ -95,6 +95,7 @@ def test_console_script(tmp_path):
         pytest.skip("no `selfattn` console script next to this Python (not installed by pip?)")
     r = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "demo" in r.stdout
+    assert r.stdout.startswith("usage: selfattn "), r.stdout        # the name it was started by
 
 
 def test_demo_writes_the_heatmap_and_says_where(tmp_path):

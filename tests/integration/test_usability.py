@@ -5,6 +5,7 @@ import inspect
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +110,20 @@ def test_gomp_spincount_default_and_the_users_choice(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(env, GOMP_SPINCOUNT="7"),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "7", r.stderr
+
+
+def test_import_from_an_unbuilt_source_folder_says_what_to_do(tmp_path):
+    """python run where an uncompiled selfattn/ folder sits (the repository root) imports that folder:
+    the error says so and what to do, not "partially initialized module (circular import)"."""
+    import shutil
+    src = Path(selfattn.__file__).resolve().parent
+    dst = tmp_path / "selfattn"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_core*.so", "_core*.pyd", "__pycache__"))
+    r = subprocess.run([sys.executable, "-c", "import selfattn"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "source folder without the compiled extension" in r.stderr and "another directory" in r.stderr, r.stderr
+    assert "circular import" not in r.stderr.splitlines()[-1], r.stderr
 
 
 def test_autograd_docstring_examples_run():

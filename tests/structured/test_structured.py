@@ -343,3 +343,80 @@ def test_varlen_misuse(bad, exc, msg):
     args.update(bad)
     with pytest.raises(exc, match=msg):
         selfattn.varlen_attention(**args)
+
+
+# ---- query_offsets: a block of a longer problem keeps its rows' positions (selfattn.dask's blocks)
+
+BLOCK_CASES = [
+    dict(is_causal=True),
+    dict(is_causal=True, alignment="bottom_right", key_lengths=[70, 45]),
+    dict(window_size=(9, 4)),
+    dict(window_size=(None, 0), alibi_slopes=[[0.5, 0.25, 0.125]]),
+    dict(is_causal=True, alibi_slopes=[[0.3, 0.2, 0.1]], softcap=5.0, alignment="bottom_right"),
+]
+
+
+def _block_of(kw, L, S, l0, l1, s0, s1):
+    """The engine's arguments for block rows [l0, l1) x keys [s0, s1) of the full problem `kw`."""
+    S_b = np.broadcast_to(np.asarray(kw.get("key_lengths", S), dtype=np.int64), (2,))
+    D = l0 - s0 + (S_b - L if kw.get("alignment") == "bottom_right" else 0)
+    left, right = (None, None)
+    w = kw.get("window_size")
+    if w is not None:
+        left, right = w
+    if kw.get("is_causal"):
+        right = 0
+    bk = {n: kw[n] for n in ("alibi_slopes", "softcap") if n in kw}
+    window = None if left is None and right is None else (left, right)
+    return dict(bk, window_size=window, key_lengths=np.clip(S_b - s0, 0, s1 - s0), query_offsets=D)
+
+
+@pytest.mark.parametrize("schedule", [None, "shared", "fused", "banded", "decode"])
+@pytest.mark.parametrize("case", range(len(BLOCK_CASES)))
+def test_query_offsets_place_a_block_at_its_positions(isa, schedule, case):
+    """_core.sdpa(query_offsets=d) on block rows [l0, l1) x keys [s0, s1) equals the full problem's
+    rows l0..l1 restricted to those keys (the reference, a bool mask cutting the other keys), out
+    and lse, for blocks before, across and after the diagonal (d < 0, d = 0, d > 0), on every path
+    and schedule; the backward of the block equals the reference VJP of the same restriction."""
+    kw = BLOCK_CASES[case]
+    rng = np.random.default_rng(40 + case)
+    L, S, E, Ev = 70, 70, 8, 5
+    q = rng.standard_normal((2, 3, L, E))
+    k = rng.standard_normal((2, 3, S, E))
+    v = rng.standard_normal((2, 3, S, Ev))
+    blocks = [(0, 3, 30, 60), (20, 40, 0, 70), (33, 70, 5, 40), (60, 62, 0, 64), (10, 27, 17, 33)]
+    for l0, l1, s0, s1 in blocks:
+        keep = np.zeros((L, S), bool)
+        keep[:, s0:s1] = True
+        ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=keep, return_lse=True, **kw)
+        bk = _block_of(kw, L, S, l0, l1, s0, s1)
+        if schedule == "banded" and bk["window_size"] is None:
+            continue
+        with forced_schedule(schedule):
+            out, lse = _core.sdpa(q[..., l0:l1, :], k[..., s0:s1, :], v[..., s0:s1, :], return_lse=True, **bk)
+        ctx = f"block rows {l0}:{l1} keys {s0}:{s1}: "
+        np.testing.assert_allclose(out, ref[..., l0:l1, :], rtol=1e-12, atol=1e-12, err_msg=ctx)
+        np.testing.assert_allclose(np.nan_to_num(lse, neginf=-1e300), np.nan_to_num(ref_lse[..., l0:l1], neginf=-1e300),
+                                   rtol=1e-12, atol=1e-12, err_msg=ctx)
+        if schedule not in (None, "decode"):
+            continue
+        # the backward of the block problem: the reference VJP over the full rows, restricted
+        dout = rng.standard_normal(out.shape)
+        with forced_schedule(schedule):
+            dq, dk, dv = _core.sdpa(q[..., l0:l1, :], k[..., s0:s1, :], v[..., s0:s1, :],
+                                    _bwd=(out, lse, dout), **bk)
+        full_dout = np.zeros(q.shape[:-1] + (Ev,))
+        full_dout[..., l0:l1, :] = dout
+        _, vjp = reference.scaled_dot_product_attention_vjp(q, k, v, attn_mask=keep, **kw)
+        rq, rk, rv = vjp(full_dout)
+        np.testing.assert_allclose(dq, rq[..., l0:l1, :], rtol=1e-10, atol=1e-10, err_msg=ctx + "dq")
+        np.testing.assert_allclose(dk, rk[..., s0:s1, :], rtol=1e-10, atol=1e-10, err_msg=ctx + "dk")
+        np.testing.assert_allclose(dv, rv[..., s0:s1, :], rtol=1e-10, atol=1e-10, err_msg=ctx + "dv")
+
+
+def test_query_offsets_errors():
+    q = np.zeros((2, 3, 4, 8))
+    with pytest.raises(TypeError, match="query_offsets must be integers, got dtype float64"):
+        _core.sdpa(q, q, q, query_offsets=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"query_offsets of shape \(3,\) does not broadcast to the batch dims \(2,\)"):
+        _core.sdpa(q, q, q, query_offsets=[1, 2, 3])
