@@ -32,8 +32,10 @@ Architecture at a glance
                                                          lse; dK, dV per key block, dQ per key chunk summed
                                                          in a fixed order: thread-count invariant)
                                                          src_c/attn_mask.h: the one mask machinery --
-                                                         causal, window, alignment, key lengths as a
-                                                         per-row key interval; tiles outside it skipped
+                                                         causal, window, alignment (or q_pos: a unit's
+                                                         own query position), query and key lengths
+                                                         as a per-row key interval; tiles outside it
+                                                         skipped
 
 Beside the kernel, one module per concern:
     selfattn.autograd     scaled_dot_product_attention_vjp, varlen_attention_vjp: (out, vjp), the
@@ -43,9 +45,11 @@ Beside the kernel, one module per concern:
     selfattn.inspection   attention_weights (materialised on purpose), plot_attention (matplotlib)
     selfattn.merge        merge_attention: (out, lse) over disjoint key sets -> attention over their union
                           (validation here, the arithmetic in src_c/merge.c via _core.merge)
-    selfattn.kvcache      KVCache: preallocated K/V appended in place, attended in place (decoding)
+    selfattn.kvcache      KVCache: preallocated K/V appended in place, attended in place (decoding);
+                          ragged counts are one kernel call (the engine's query_lengths)
     selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,
-                          key chunks merged by merge_attention (sequence parallelism). Not imported
+                          key chunks merged by merge_attention (sequence parallelism); each block one
+                          kernel call at its rows' positions (the engine's query_offsets). Not imported
                           by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
     selfattn._spec        the structured options' values (window_size, alignment, softcap) checked once,
