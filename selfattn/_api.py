@@ -18,6 +18,7 @@ except ImportError as exc:   # most often: the uncompiled source tree shadows th
         f"(pip install .) and run from another directory (python puts the current directory "
         f"first on sys.path; the installed `selfattn` command works anywhere), or build in place "
         f"(python setup.py build_ext --inplace).") from exc
+from ._spec import ArraySpec
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "attend", "config", "show_config", "use_isa", "set_isa",
            "available_isas"]
@@ -391,13 +392,11 @@ def _attend_args(x, wq, wk, wv, num_heads, wo, is_causal, scale, num_threads, bq
             raise ValueError(f"rope_base must be finite and > 0, got {rope_base!r}")
         if E % 2:
             raise ValueError(f"rope_base needs an even head dim E, got E={E}")
-    # validate everything the kernel will check before the projections (errors before any work)
-    _core._check_args(scale, num_threads)
+    # the attention problem, validated from the heads' shapes before the projections (no work yet)
     lead, L = x.shape[:-2], x.shape[-2]
-    empty_heads = lambda n: np.empty(lead + (n, L, 0), dtype=dt)   # noqa: E731  (no memory: one dim is 0)
-    _core.sdpa(empty_heads(H), empty_heads(Hkv), empty_heads(Hkv), is_causal=is_causal, scale=scale,
-               num_threads=num_threads, enable_gqa=Hkv != H, window_size=window_size, key_lengths=key_lengths,
-               schedule_only=True)
+    heads = lambda n, width: ArraySpec(lead + (n, L, width), dt)   # noqa: E731
+    _core.describe(heads(H, E), heads(Hkv, E), heads(Hkv, Ev), is_causal=is_causal, scale=scale,
+                   num_threads=num_threads, enable_gqa=Hkv != H, window_size=window_size, key_lengths=key_lengths)
     return arrs, dt, H, Hkv, E, Ev, widths
 
 

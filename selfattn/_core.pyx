@@ -21,6 +21,8 @@ from libc.string cimport memset
 from cpython.pythread cimport PyThread_get_thread_ident
 
 from selfattn._selfattn cimport *
+from selfattn import _spec
+from selfattn._spec import ArraySpec
 
 cnp.import_array()
 
@@ -191,30 +193,36 @@ def _force_schedule(name):
 
 
 # ------------------------------------------------------------ validation ----
+# The options' values are checked by selfattn/_spec.py (pure Python, shared with selfattn.reference
+# and selfattn.inspection: one exception type and one message per mistake); here what is C's.
 
 cdef inline object _as_array(object x, str name):
     if type(x) is np.ndarray:
         return x
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
     try:
         return np.asarray(x)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} cannot be read as an array: {exc}") from None
 
 
-cdef int _compute_typenum(object a, str name) except -1:
-    """NPY_FLOAT or NPY_DOUBLE: what an input array computes in; TypeError naming it if nothing."""
-    cdef int t = cnp.PyArray_TYPE(a)
-    if t == cnp.NPY_DOUBLE:
+cdef inline object _meta(object x, str name):
+    """x as an array, or an ArraySpec (shape and dtype, no data) as it is."""
+    if type(x) is ArraySpec:
+        return x
+    return _as_array(x, name)
+
+
+cdef int _compute_typenum(object dt, str name) except -1:
+    """NPY_FLOAT or NPY_DOUBLE: what an input of dtype `dt` computes in; TypeError naming it if nothing."""
+    cdef str kind = dt.kind
+    if kind == "f" and dt.itemsize == 8:
         return cnp.NPY_DOUBLE
-    if t == cnp.NPY_FLOAT or t == cnp.NPY_FLOAT16 or t == cnp.NPY_BOOL or cnp.PyTypeNum_ISINTEGER(t):
+    if (kind == "f" and dt.itemsize <= 4) or kind == "b" or kind == "i" or kind == "u":
         return cnp.NPY_FLOAT
-    raise TypeError(f"{name} has dtype {a.dtype}, which selfattn cannot compute "
+    raise TypeError(f"{name} has dtype {dt}, which selfattn cannot compute "
                     f"(supported: float32, float64; float16, integer and bool compute in float32)")
-
-
-cdef object _compute_dtype(object dt, str name):
-    """float32 or float64: the dtype an input of dtype `dt` computes in."""
-    return _F64 if _compute_typenum(np.empty(0, dtype=dt), name) == cnp.NPY_DOUBLE else _F32
 
 
 cdef object _ready(object a, int typenum):
@@ -243,139 +251,38 @@ cdef tuple _broadcast(tuple a, tuple b):
 
 
 cdef int64_t _check_threads(object num_threads) except -1:
-    if num_threads is None:
-        return sa_default_threads()
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
-    if num_threads <= 0:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    return min(int(num_threads), 1 << 16)
+    nt = _spec.check_threads(num_threads)
+    return sa_default_threads() if nt is None else nt
 
 
-cdef double _check_scale(object scale, int64_t E) except? -1.0:
-    cdef double sc
-    if scale is None:
-        return 1.0 / math.sqrt(E) if E > 0 else 1.0
-    if isinstance(scale, (str, bytes, bool, np.bool_)):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    try:
-        sc = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
-    except OverflowError:
-        raise ValueError(f"scale must be finite, got {scale!r}") from None
-    if not math.isfinite(sc):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    return sc
+cdef tuple _check_options(object num_threads, object is_causal, object window_size, object alignment,
+                          object softcap):
+    """The scalar options every entry point shares, validated before any work:
+    (num_threads, causal, has_window, window_left, window_right, alignment, softcap);
+    -1 = unbounded window side, softcap 0.0 = none."""
+    nt = _check_threads(num_threads)
+    left, right = _spec.window_sides(window_size)
+    has_window = window_size is not None
+    align = SA_ALIGN_TOP_LEFT if _spec.check_alignment(alignment) == "top_left" else SA_ALIGN_BOTTOM_RIGHT
+    cap = _spec.check_softcap(softcap)
+    return (nt, bool(is_causal), has_window, -1 if left is None else min(left, 1 << 62),
+            -1 if right is None else min(right, 1 << 62), align, 0.0 if cap is None else cap)
 
 
-cdef inline bint _is_int(object x):
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-cdef tuple _check_window(object window_size):
-    """window_size -> (has_window, left, right), -1 = unbounded on that side."""
-    if window_size is None:
-        return (0, -1, -1)
-    sides = (window_size, window_size) if _is_int(window_size) else window_size
-    if not isinstance(sides, (tuple, list)) or len(sides) != 2:
-        raise TypeError(f"window_size must be None, an int or a (left, right) pair of ints or None, "
-                        f"got {window_size!r}")
-    out = []
-    for side, name in zip(sides, ("left", "right")):
-        if side is None:
-            out.append(-1)
-        elif not _is_int(side):
-            raise TypeError(f"window_size {name} side must be an int or None, got {type(side).__name__} "
-                            f"({window_size!r})")
-        elif side < 0:
-            raise ValueError(f"window_size must be >= 0 on each side (None = unbounded), got {window_size!r}")
-        else:
-            out.append(min(int(side), 1 << 62))
-    return (1, out[0], out[1])
-
-
-cdef int _check_alignment(object alignment) except -1:
-    if isinstance(alignment, str) and alignment in ("top_left", "bottom_right"):
-        return SA_ALIGN_TOP_LEFT if alignment == "top_left" else SA_ALIGN_BOTTOM_RIGHT
-    raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
-
-
-cdef double _check_softcap(object softcap) except? -1.0:
-    """softcap -> 0.0 (none) or a finite value > 0."""
-    cdef double c
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, (str, bytes, bool, np.bool_)):
-        raise TypeError(f"softcap must be a real number > 0 or None, got {type(softcap).__name__}")
-    try:
-        c = float(softcap)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"softcap must be a real number > 0 or None, got {softcap!r}") from None
-    if not (c > 0 and math.isfinite(c)):
-        raise ValueError(f"softcap must be finite and > 0, got {softcap!r}")
-    return c
-
-
-def _per_unit_lengths(key_lengths, tuple ob, int64_t S, name="key_lengths", what="S"):
-    """key_lengths broadcast over the batch dims ob[:-1] -> int64 per unit (C order of ob).
-    Also the query rows per batch entry (name="query_lengths", what="L": KVCache's counts)."""
-    kl = _as_array(key_lengths, name)
-    if kl.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integers, got dtype {kl.dtype}")
-    batch = ob[:-1]
-    try:
-        klb = np.broadcast_to(kl, batch)
-    except ValueError:
-        raise ValueError(f"{name} of shape {kl.shape} does not broadcast to the batch dims {batch} "
-                         f"(out.shape[:-3]; a scalar for 2-D/3-D inputs)") from None
-    if klb.size and (int(klb.min()) < 0 or int(klb.max()) > S):
-        raise ValueError(f"{name} must be in [0, {what}={S}], got values in [{int(klb.min())}, {int(klb.max())}]")
-    return np.ascontiguousarray(np.broadcast_to(klb[..., None] if ob else klb, ob), dtype=np.int64).ravel()
-
-
-def _per_unit_offsets(offsets, tuple ob):
-    """query_offsets (any integers) broadcast over the batch dims ob[:-1] -> int64 per unit."""
-    off = _as_array(offsets, "query_offsets")
-    if off.dtype.kind not in "iu":
-        raise TypeError(f"query_offsets must be integers, got dtype {off.dtype}")
-    batch = ob[:-1]
-    try:
-        ob_ = np.broadcast_to(off, batch)
-    except ValueError:
-        raise ValueError(f"query_offsets of shape {off.shape} does not broadcast to the batch dims {batch}") from None
-    return np.ascontiguousarray(np.broadcast_to(ob_[..., None] if ob else ob_, ob), dtype=np.int64).ravel()
-
-
-def _per_unit_slopes(alibi_slopes, tuple ob):
-    """alibi_slopes broadcast to (..., Hq) = ob -> float64 per unit (C order of ob)."""
-    a = _as_array(alibi_slopes, "alibi_slopes")
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"alibi_slopes must be real numbers, got dtype {a.dtype}")
-    try:
-        ab = np.broadcast_to(a, ob)
-    except ValueError:
-        raise ValueError(f"alibi_slopes of shape {a.shape} does not broadcast to (..., Hq) = {ob}") from None
-    ab = np.ascontiguousarray(ab, dtype=np.float64).ravel()
-    if not np.isfinite(ab).all():
-        raise ValueError("alibi_slopes must be finite")
-    return ab
+cdef object _per_unit(object per_batch, tuple ob, object dtype):
+    """An array of the batch dims ob[:-1] -> one value per unit (C order of ob), contiguous."""
+    return np.ascontiguousarray(np.broadcast_to(per_batch[..., None] if ob else per_batch, ob),
+                                dtype=dtype).ravel()
 
 
 def _as_input(x, name):
-    """np.asarray with a TypeError naming the argument (for attend)."""
+    """np.asarray with a TypeError naming the argument (for attend and autograd)."""
     return _as_array(x, name)
 
 
 def _compute_dtype_of(dt, name):
     """The dtype an input of dtype `dt` computes in; TypeError naming `name` if none."""
-    return _compute_dtype(dt, name)
-
-
-def _check_args(scale, num_threads):
-    """Validate scale and num_threads early (attend checks them before projecting)."""
-    _check_threads(num_threads)
-    _check_scale(scale, 1)
+    return _F64 if _compute_typenum(np.dtype(dt), name) == cnp.NPY_DOUBLE else _F32
 
 
 # ------------------------------------------------------------ workspace -----
@@ -417,7 +324,300 @@ cdef int _check_signals(void *ctx) noexcept nogil:
     return 0
 
 
-# ------------------------------------------------------------ the call ------
+# ------------------------------------------------------------ the problem ---
+#
+#   describe(q, k, v, **options)                 dense: SDPA, attend, KVCache (ragged counts too),
+#                                                selfattn.dask's blocks (query_offsets)
+#   describe_varlen(q, k, v, cu_q, cu_k, **options)      packed variable-length sequences
+#       -> Problem: every argument validated once, before any work; an ArraySpec (shape and
+#          dtype) stands in for data that is not there yet (attend before its projections, Dask)
+#   Problem.run(out=None, return_lse=False)      the forward
+#   Problem.backward(out, lse, grad_out)         the backward: (dq, dk, dv)
+#   Problem.schedule(backward=False)             the kernel's plan, nothing computed (tests)
+#
+# The three fill sa_attn_args in one place, _fill_args, from a _Units table: one unit per
+# (batch, query head) [x sequence for varlen], each with element offsets into the caller's
+# arrays (no broadcast copies, no transposes), and the units grouped by the K/V they read.
+
+cdef struct _Units:
+    int64_t n_units, n_kv
+    int64_t *q_off                   # per unit: element offset of its query, output, lse, mask
+    int64_t *o_off
+    int64_t *l_off
+    int64_t *m_off
+    int64_t *kv_k                    # per distinct K/V: element offset of its key, value
+    int64_t *kv_v
+    int64_t *kv_start                # n_kv + 1: kv_units[kv_start[g]:kv_start[g+1]] read K/V g
+    int64_t *kv_units
+    int64_t *dq_off                  # the backward: per unit into dq, per K/V into dk and dv
+    int64_t *dk_off
+    int64_t *dv_off
+
+
+cdef class Problem:
+    """One attention problem, validated: dtype, shapes, options and per-unit arrays.
+    Built by describe / describe_varlen; run, backward and schedule bind outputs and call C."""
+    cdef readonly object dtype           # float32 or float64: what it computes in
+    cdef readonly tuple batch            # the output's batch dims (..., Hq)
+    cdef readonly tuple kv_batch         # the distinct K/V's batch dims (..., H)
+    cdef readonly tuple out_shape, lse_shape, dq_shape, dk_shape, dv_shape
+    cdef readonly int64_t L, S, E, Ev, group, n_units
+    cdef readonly double scale
+    cdef readonly bint varlen
+    cdef bint ragged_rows                # dense with query_lengths: rows past them are not computed
+    cdef tuple opts                      # _check_options
+    cdef int typenum, mask_kind
+    cdef object q, k, v, mask            # the data; None when described from ArraySpecs
+    cdef object q_len, k_len, q_pos, slopes   # per unit (C order of the units), or None
+    cdef object cu_q, cu_k               # varlen: cumulative rows of the sequences
+
+    @property
+    def has_data(self):
+        return self.q is not None
+
+    cdef bint _empty(self, bint with_lse):
+        return self.n_units == 0 or self.L == 0 or (self.Ev == 0 and not with_lse)
+
+    cdef _need_data(self):
+        if self.q is None:
+            raise RuntimeError("this Problem was described from ArraySpecs (no data): describe it "
+                               "again with the arrays to run it")
+
+    def run(self, out=None, bint return_lse=False):
+        """The forward into `out` (a new array when None): out, or (out, lse)."""
+        self._need_data()
+        if self.ragged_rows:                 # rows past a unit's query_lengths are never written
+            if out is not None:
+                raise ValueError("query_lengths is for the forward into a new output only")
+            out = np.zeros(self.out_shape, dtype=self.dtype)
+            lse = np.full(self.lse_shape, -np.inf, dtype=self.dtype) if return_lse else None
+        else:
+            if out is None:
+                out = np.empty(self.out_shape, dtype=self.dtype)
+            elif not isinstance(out, np.ndarray) or out.shape != self.out_shape or out.dtype != self.dtype:
+                raise ValueError(f"out must have shape {self.out_shape} and dtype {self.dtype}, got "
+                                 f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}")
+            lse = np.empty(self.lse_shape, dtype=self.dtype) if return_lse else None
+        if not self._empty(return_lse):
+            self._call(out, lse, None, None, None, None, False)
+        return (out, lse) if return_lse else out
+
+    def backward(self, out, lse, grad_out):
+        """The fused backward from the forward's out and lse and the cotangent: (dq, dk, dv),
+        dq with the output's batch dims, dk and dv with the distinct K/V's (varlen: packed)."""
+        self._need_data()
+        if self.ragged_rows:
+            raise ValueError("query_lengths is for the forward into a new output only")
+        for a, nm, shp in ((out, "out", self.out_shape), (lse, "lse", self.lse_shape),
+                           (grad_out, "grad_out", self.out_shape)):
+            if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != self.dtype:
+                raise ValueError(f"{nm} must be an array of shape {shp} and dtype {self.dtype}, got "
+                                 f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
+        out = np.ascontiguousarray(out)        # dout is read with out's offsets: same layout
+        dout = np.ascontiguousarray(_ready(grad_out, self.typenum))
+        dq = np.zeros(self.dq_shape, dtype=self.dtype)
+        dk = np.zeros(self.dk_shape, dtype=self.dtype)
+        dv = np.zeros(self.dv_shape, dtype=self.dtype)
+        if not self._empty(True):
+            self._call(out, lse, dout, dq, dk, dv, False)
+        return dq, dk, dv
+
+    def schedule(self, bint backward=False, bint return_lse=False):
+        """The kernel's plan for this problem, nothing computed: {'threads', 'fused', 'banded',
+        'decode', 'compute_tasks', 'group', 'ring_blocks', 'workspace_bytes'}."""
+        self._need_data()
+        if self._empty(backward or return_lse):
+            return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
+        empty = lambda shape: np.empty(shape, dtype=self.dtype)   # noqa: E731 (never touched)
+        out = empty(self.out_shape)
+        lse = empty(self.lse_shape) if (backward or return_lse) else None
+        if not backward:
+            return self._call(out, lse, None, None, None, None, True)
+        return self._call(out, lse, empty(self.out_shape), empty(self.dq_shape), empty(self.dk_shape),
+                          empty(self.dv_shape), True)
+
+    cdef object _call(self, out, lse, dout, dq, dk, dv, bint schedule_only):
+        cdef sa_attn_args args
+        cdef _Units t
+        cdef int isa = _call_isa(), isz = self.dtype.itemsize
+        cdef int64_t *tab = NULL
+        memset(&t, 0, sizeof(t))
+        try:
+            if self.varlen:
+                keep = _varlen_units(self, &t, out, lse, dq, dk, dv)     # noqa: F841 (t points into it)
+            else:
+                tab = _dense_units(self, &t, out, lse, dq is not None)
+            _fill_args(&args, self, &t, out, lse, dout, dq, dk, dv)
+            if schedule_only:
+                return _schedule_of(&args, isa, isz, dout is not None)
+            _run_kernel(&args, isa, isz, dout is not None)
+        finally:
+            _free(tab)
+        return None
+
+
+cdef tuple _qkv(object query, object key, object value):
+    """query, key, value as arrays (or ArraySpecs), and the type they compute in (float64 if any is)."""
+    q = _meta(query, "query")
+    k = _meta(key, "key")
+    v = _meta(value, "value")
+    cdef int tq = _compute_typenum(q.dtype, "query"), tk = _compute_typenum(k.dtype, "key")
+    cdef int tv = _compute_typenum(v.dtype, "value")
+    # <int>: with numpy < 2's headers enum NPY_TYPES is unsigned and -Wsign-compare (in Python's
+    # CFLAGS) warns on the comparisons with the int type numbers
+    cdef int typenum = cnp.NPY_DOUBLE if <int>cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
+    return q, k, v, typenum
+
+
+cdef _set_data(Problem p, q, k, v, m):
+    """Keep the data (converted to the compute type) when every input is an array."""
+    if type(q) is ArraySpec or type(k) is ArraySpec or type(v) is ArraySpec or type(m) is ArraySpec:
+        return
+    p.q = _ready(q, p.typenum)
+    p.k = _ready(k, p.typenum)
+    p.v = _ready(v, p.typenum)
+    p.mask = m
+
+
+def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+             num_threads=None, window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
+             softcap=None, query_lengths=None, query_offsets=None):
+    """The dense problem (see selfattn.scaled_dot_product_attention), validated -> Problem.
+
+    Arrays, or ArraySpecs where the data is not there yet (then run/backward refuse).
+    query_lengths (KVCache's ragged counts): like key_lengths, the query rows of each batch entry,
+    its first ones; with alignment="bottom_right" they are the last positions of that entry's keys;
+    the other rows get zeros (lse -inf). query_offsets (selfattn.dask's blocks): per batch entry,
+    the position of query row 0 among that entry's keys (any integer; row i sits at
+    query_offsets + i): it replaces the alignment, so a block of a longer problem keeps its rows'
+    positions (causal, windows, ALiBi)."""
+    cdef Problem p = Problem.__new__(Problem)
+    p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
+    q, k, v, p.typenum = _qkv(query, key, value)
+    p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
+    for a, nm in ((q, "query"), (k, "key"), (v, "value")):
+        if a.ndim < 2:
+            raise ValueError(f"{nm} must have at least 2 dims (..., {'L' if nm == 'query' else 'S'}, "
+                             f"{'Ev' if nm == 'value' else 'E'}), got shape {a.shape}")
+    p.L, p.E, p.S, p.Ev = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    if k.shape[-1] != p.E:
+        raise ValueError(f"query and key must have the same last dim E: query {q.shape} has E={p.E}, "
+                         f"key {k.shape} has E={k.shape[-1]}")
+    if v.shape[-2] != p.S:
+        raise ValueError(f"key and value must have the same number of keys S (dim -2): key {k.shape}, "
+                         f"value {v.shape}")
+    p.scale = _spec.check_scale(scale, p.E)
+
+    # -- batch (and head) dims: broadcast, or grouped-query heads
+    p.group = 1
+    qb, kb, vb = tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2])
+    gqa = bool(enable_gqa) and len(qb) >= 1 and len(kb) >= 1 and len(vb) >= 1
+    kvb = _broadcast(kb, vb)
+    if gqa:
+        hq, hk = qb[-1], kb[-1]
+        if hk != vb[-1]:
+            raise ValueError(f"enable_gqa: key {k.shape} and value {v.shape} must have the same number "
+                             f"of heads (dim -3)")
+        if hk == 0 or hq % hk:
+            raise ValueError(f"enable_gqa: query heads Hq={hq} must be a multiple of key/value heads "
+                             f"H={hk}: query {q.shape}, key {k.shape}, value {v.shape}")
+        p.group = hq // hk
+        ob = _broadcast(qb, kvb[:-1] + (hq,)) if kvb is not None else None
+    else:
+        ob = _broadcast(qb, kvb) if kvb is not None else None
+    if ob is None:
+        hint = "" if gqa else " (for grouped-query attention with fewer kv heads, pass enable_gqa=True)"
+        raise ValueError(f"the leading (batch/head) dims of query {q.shape}, key {k.shape} and value "
+                         f"{v.shape} do not broadcast{hint}")
+    p.batch, p.kv_batch = ob, kvb
+    p.n_units = math.prod(ob)
+    p.out_shape, p.lse_shape = ob + (p.L, p.Ev), ob + (p.L,)
+    p.dq_shape, p.dk_shape, p.dv_shape = ob + (p.L, p.E), kvb + (p.S, p.E), kvb + (p.S, p.Ev)
+
+    # -- mask: read in place with its own strides, never broadcast out
+    p.mask_kind = SA_MASK_NONE
+    m = None
+    if attn_mask is not None:
+        m = _meta(attn_mask, "attn_mask")
+        mdt = m.dtype
+        if mdt == _BOOL:
+            p.mask_kind = SA_MASK_BOOL
+            m = m.view(_U8) if type(m) is not ArraySpec else m
+        elif mdt.kind == "f" and mdt.itemsize <= 8:
+            p.mask_kind = SA_MASK_F64 if mdt.itemsize == 8 else SA_MASK_F32
+            if type(m) is not ArraySpec:
+                m = _ready(m, cnp.NPY_DOUBLE if mdt.itemsize == 8 else cnp.NPY_FLOAT)
+        else:
+            raise TypeError(f"attn_mask must be bool (True = takes part) or floating (added to the "
+                            f"scores), got dtype {mdt}")
+        full = ob + (p.L, p.S)
+        if not (m.ndim <= len(full) and all(md == 1 or md == fd for md, fd in zip(m.shape[::-1], full[::-1]))):
+            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = {full}")
+
+    # -- structured masks: per-unit lengths, positions and slopes
+    if key_lengths is not None:
+        p.k_len = _per_unit(_spec.batch_lengths(key_lengths, ob[:-1], p.S), ob, np.int64)
+    if query_lengths is not None:
+        p.ragged_rows = True
+        p.q_len = _per_unit(_spec.batch_lengths(query_lengths, ob[:-1], p.L, "query_lengths", "L"), ob, np.int64)
+    if query_offsets is not None:
+        p.q_pos = _per_unit(_spec.batch_offsets(query_offsets, ob[:-1]), ob, np.int64)
+    if alibi_slopes is not None:
+        p.slopes = np.ascontiguousarray(_spec.head_slopes(alibi_slopes, ob)).ravel()
+    _set_data(p, q, k, v, m)
+    return p
+
+
+def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
+                    window_size=None, alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False,
+                    num_threads=None):
+    """Packed variable-length sequences (see selfattn.varlen_attention), validated -> Problem.
+    Units: (query head h, sequence b) -> h * B + b."""
+    cdef Problem p = Problem.__new__(Problem)
+    p.varlen = True
+    p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
+    q, k, v, p.typenum = _qkv(query, key, value)
+    p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
+    for a, nm, dims in ((q, "query", "(Hq, total_q, E)"), (k, "key", "(H, total_k, E)"),
+                        (v, "value", "(H, total_k, Ev)")):
+        if a.ndim != 3:
+            raise ValueError(f"varlen_attention: {nm} must be 3-D {dims}, got shape {a.shape}")
+    cdef int64_t Hq = q.shape[0], Tq = q.shape[1], H = k.shape[0], Tk = k.shape[1]
+    p.E, p.Ev = q.shape[2], v.shape[2]
+    if k.shape[2] != p.E:
+        raise ValueError(f"query and key must have the same last dim E: query {q.shape}, key {k.shape}")
+    if v.shape[0] != H or v.shape[1] != Tk:
+        raise ValueError(f"key {k.shape} and value {v.shape} must have the same heads and rows (H, total_k)")
+    if enable_gqa:
+        if H == 0 or Hq % H:
+            raise ValueError(f"enable_gqa: query heads Hq={Hq} must be a multiple of key/value heads H={H}")
+    elif Hq != H:
+        raise ValueError(f"query has {Hq} heads and key/value {H}: they must be equal "
+                         f"(for grouped-query attention with fewer kv heads, pass enable_gqa=True)")
+    p.scale = _spec.check_scale(scale, p.E)
+    p.cu_q = _spec.cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq)
+    p.cu_k = _spec.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", Tk)
+    if p.cu_q.size != p.cu_k.size:
+        raise ValueError(f"cu_seqlens_q ({p.cu_q.size - 1} sequences) and cu_seqlens_k ({p.cu_k.size - 1}) "
+                         f"must describe the same number of sequences")
+    cdef int64_t B = p.cu_q.size - 1
+    p.group = Hq // H if H else 1
+    p.batch, p.kv_batch = (Hq, B), (H, B)
+    p.n_units = Hq * B
+    p.out_shape, p.lse_shape = (Hq, Tq, p.Ev), (Hq, Tq)
+    p.dq_shape, p.dk_shape, p.dv_shape = (Hq, Tq, p.E), (H, Tk, p.E), (H, Tk, p.Ev)
+    Lb, Sb = np.diff(p.cu_q), np.diff(p.cu_k)
+    p.L = int(Lb.max()) if B else 0
+    p.S = int(Sb.max()) if B else 0
+    p.q_len = np.ascontiguousarray(np.broadcast_to(Lb[None, :], (Hq, B)).reshape(-1), dtype=np.int64)
+    p.k_len = np.ascontiguousarray(np.broadcast_to(Sb[None, :], (Hq, B)).reshape(-1), dtype=np.int64)
+    if alibi_slopes is not None:
+        p.slopes = np.ascontiguousarray(np.broadcast_to(_spec.head_slopes(alibi_slopes, (Hq,))[:, None],
+                                                        (Hq, B))).reshape(-1)
+    p.mask_kind = SA_MASK_NONE
+    _set_data(p, q, k, v, None)
+    return p
+
 
 cdef inline void _batch_strides(object a, int nb, int64_t *dst):
     """Element strides of a's batch dims, right-aligned to nb dims; 0 where broadcast."""
@@ -439,371 +639,196 @@ cdef inline int64_t _stride(object a, int axis):
     return cnp.PyArray_STRIDES(a)[ax] // cnp.PyArray_ITEMSIZE(a)
 
 
-def _broadcast_error(q, k, v, gqa):
-    hint = "" if gqa else " (for grouped-query attention with fewer kv heads, pass enable_gqa=True)"
-    return ValueError(f"the leading (batch/head) dims of query {q.shape}, key {k.shape} and value "
-                      f"{v.shape} do not broadcast{hint}")
+cdef void _index_offsets(int64_t n, int nd, const int64_t *shape, const int64_t *strides, int64_t *idx,
+                         int64_t *dst, int group_last) noexcept:
+    """dst[u] = sum_d idx_d(u) * strides[d] over the C-order multi-indices idx(u) of `shape`, u < n;
+    group_last > 1 divides the last index by it (query head h reads kv head h // group)."""
+    cdef int64_t u, off, ii
+    cdef int d
+    for d in range(nd):
+        idx[d] = 0
+    for u in range(n):
+        off = 0
+        for d in range(nd):
+            ii = idx[d]
+            if d == nd - 1 and group_last > 1:
+                ii = ii // group_last
+            off += ii * strides[d]
+        dst[u] = off
+        d = nd - 1
+        while d >= 0:
+            idx[d] += 1
+            if idx[d] < shape[d]:
+                break
+            idx[d] = 0
+            d -= 1
 
 
-cdef tuple _check_options(object num_threads, object is_causal, object window_size, object alignment,
-                          object softcap):
-    """The scalar options every entry point shares, validated before any work:
-    (num_threads, causal, has_window, window_left, window_right, alignment, softcap)."""
-    nt = _check_threads(num_threads)
-    has_window, win_left, win_right = _check_window(window_size)
-    return (nt, bool(is_causal), has_window, win_left, win_right, _check_alignment(alignment),
-            _check_softcap(softcap))
+cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint grads) except NULL:
+    """The unit table of a dense problem, in one allocation (the caller frees it): units in C
+    order of the output's batch dims, each K/V once (C order of kv_batch), units grouped by K/V."""
+    q, k, v, m = p.q, p.k, p.v, p.mask
+    cdef tuple ob = p.batch, kvb = p.kv_batch
+    cdef int nb = len(ob), nkb = len(kvb), d, j
+    cdef int64_t n_units = p.n_units, n_kv = math.prod(kvb), u, c
+    cdef int64_t *tab = <int64_t *> _alloc(sizeof(int64_t) * (9 * n_units + 5 * n_kv + 1 + 8 * (nb + nkb + 1)))
+    t.n_units, t.n_kv = n_units, n_kv
+    t.q_off = tab
+    t.o_off = t.q_off + n_units
+    t.l_off = t.o_off + n_units
+    t.m_off = t.l_off + n_units
+    cdef int64_t *u_kv = t.m_off + n_units      # the distinct K/V of each unit
+    t.kv_units = u_kv + n_units
+    t.dq_off = t.kv_units + n_units
+    t.kv_k = t.dq_off + n_units
+    t.kv_v = t.kv_k + n_kv
+    t.dk_off = t.kv_v + n_kv
+    t.dv_off = t.dk_off + n_kv
+    t.kv_start = t.dv_off + n_kv
+    cdef int64_t *oshape = t.kv_start + n_kv + 1     # per-dim tables: 6 of nb, then 4 of nkb
+    cdef int64_t *idx = oshape + nb
+    cdef int64_t *st = idx + nb                 # element strides per output batch dim
+    cdef int64_t *kvs = st + nb                 # index of the distinct K/V per output batch dim
+    cdef int64_t *kvshape = kvs + nb
+    cdef int64_t *ks = kvshape + nkb
+    for d in range(nb):
+        oshape[d] = ob[d]
+        kvs[d] = 0
+    for d in range(nkb):
+        kvshape[d] = kvb[d]
+    _batch_strides(q, nb, st)
+    _index_offsets(n_units, nb, oshape, st, idx, t.q_off, 1)
+    _batch_strides(out, nb, st)
+    _index_offsets(n_units, nb, oshape, st, idx, t.o_off, 1)
+    for d in range(nb):
+        st[d] = 0
+    if lse is not None:
+        _batch_strides(lse[..., None], nb, st)
+    _index_offsets(n_units, nb, oshape, st, idx, t.l_off, 1)
+    for d in range(nb):                         # mask batch dims, right-aligned; missing/1 -> 0
+        j = d - (nb - (m.ndim - 2)) if m is not None else -1
+        st[d] = 0 if (j < 0 or m.shape[j] == 1) else m.strides[j] // m.itemsize
+    _index_offsets(n_units, nb, oshape, st, idx, t.m_off, 1)
+    c = 1                                       # the kv batch shape's contiguous strides, on ob's dims
+    for d in range(nkb - 1, -1, -1):
+        if kvb[d] != 1:
+            kvs[d + (nb - nkb)] = c
+        c *= kvb[d]
+    _index_offsets(n_units, nb, oshape, kvs, idx, u_kv, <int> p.group)
+    _batch_strides(k, nkb, ks)
+    _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_k, 1)
+    _batch_strides(v, nkb, ks)
+    _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_v, 1)
+    for u in range(n_kv + 1):                   # units grouped by K/V (counting sort)
+        t.kv_start[u] = 0
+    for u in range(n_units):
+        t.kv_start[u_kv[u] + 1] += 1
+    for u in range(n_kv):
+        t.kv_start[u + 1] += t.kv_start[u]
+    for u in range(n_units):
+        t.kv_units[t.kv_start[u_kv[u]]] = u
+        t.kv_start[u_kv[u]] += 1
+    for u in range(n_kv, 0, -1):
+        t.kv_start[u] = t.kv_start[u - 1]
+    t.kv_start[0] = 0
+    if grads:           # dq per unit, dk and dv per K/V: contiguous arrays of the problem's shapes
+        for u in range(n_units):
+            t.dq_off[u] = u * p.L * p.E
+        for u in range(n_kv):
+            t.dk_off[u] = u * p.S * p.E
+            t.dv_off[u] = u * p.S * p.Ev
+    return tab
 
 
-cdef void _apply_options(sa_attn_args *args, tuple opts):
-    """Write _check_options' values into args, and the Ctrl-C hook: only the main thread sees
-    signals, and which thread that is is asked at call time, not at import."""
-    args.num_threads = <int> opts[0]
-    args.causal = opts[1]
-    args.window = opts[2]
-    args.window_left = opts[3]
-    args.window_right = opts[4]
-    args.alignment = opts[5]
-    args.softcap = opts[6]
-    args.schedule = _forced_schedule
-    args.dout = NULL                       # the backward's fields: set by _set_grads
-    args.dq = args.dk = args.dv = NULL
-    args.dq_off = args.dk_off = args.dv_off = NULL
-    args.dout_sl = args.dout_se = args.dq_sl = args.dq_se = 0
-    args.dk_ss = args.dk_se = args.dv_ss = args.dv_se = 0
-    args.interrupt = NULL
+cdef inline int64_t *_p64(object a):
+    return <int64_t *> cnp.PyArray_DATA(a)
+
+
+cdef list _varlen_units(Problem p, _Units *t, object out, object lse, object dq, object dk, object dv):
+    """The unit table of a varlen problem: unit h * B + b is query head h at sequence b, reading
+    K/V hk * B + b (hk = h // group); each at its sequence's first row. Returns the arrays
+    the table points into (the caller keeps them alive)."""
+    cdef int64_t Hq = p.batch[0], B = p.batch[1], H = p.kv_batch[0], group = p.group
+    cu_q, cu_k = p.cu_q[:-1], p.cu_k[:-1]
+    hs, hk = np.arange(Hq, dtype=np.int64)[:, None], np.arange(H, dtype=np.int64)[:, None]
+
+    def off(a, rows_start, h):   # element offset of (head h, first row of the sequence), C order
+        if a is None:
+            return np.zeros(h.shape[0] * B, np.int64)
+        return np.ascontiguousarray((h * (a.strides[0] // a.itemsize)
+                                     + rows_start[None, :] * (a.strides[1] // a.itemsize)).reshape(-1),
+                                    dtype=np.int64)
+
+    keep = [off(p.q, cu_q, hs), off(out, cu_q, hs), off(lse, cu_q, hs), np.zeros(Hq * B, np.int64),
+            off(p.k, cu_k, hk), off(p.v, cu_k, hk), np.arange(H * B + 1, dtype=np.int64) * group,
+            np.ascontiguousarray(((hk[:, :, None] * group + np.arange(group)[None, None, :]) * B
+                                  + np.arange(B)[None, :, None]).reshape(-1), dtype=np.int64),
+            off(dq, cu_q, hs), off(dk, cu_k, hk), off(dv, cu_k, hk)]
+    t.q_off, t.o_off, t.l_off, t.m_off = _p64(keep[0]), _p64(keep[1]), _p64(keep[2]), _p64(keep[3])
+    t.kv_k, t.kv_v, t.kv_start, t.kv_units = _p64(keep[4]), _p64(keep[5]), _p64(keep[6]), _p64(keep[7])
+    t.dq_off, t.dk_off, t.dv_off = _p64(keep[8]), _p64(keep[9]), _p64(keep[10])
+    t.n_units, t.n_kv = Hq * B, H * B
+    return keep
+
+
+cdef inline const int64_t *_i64(object a):
+    return <const int64_t *> cnp.PyArray_DATA(a) if a is not None else NULL
+
+
+cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object lse, object dout, object dq,
+                     object dk, object dv):
+    """sa_attn_args for a problem, its unit table and the outputs (the backward's when dout is
+    given): the one place it is written. Fields not set stay "none" (selfattn.h)."""
+    memset(a, 0, sizeof(a[0]))
+    q, k, v, m = p.q, p.k, p.v, p.mask
+    a.n_units, a.n_kv = t.n_units, t.n_kv
+    a.L, a.S, a.E, a.Ev = p.L, p.S, p.E, p.Ev
+    a.q, a.q_off, a.q_sl, a.q_se = cnp.PyArray_DATA(q), t.q_off, _stride(q, -2), _stride(q, -1)
+    a.k, a.kv_k_off, a.k_ss, a.k_se = cnp.PyArray_DATA(k), t.kv_k, _stride(k, -2), _stride(k, -1)
+    a.v, a.kv_v_off, a.v_ss, a.v_se = cnp.PyArray_DATA(v), t.kv_v, _stride(v, -2), _stride(v, -1)
+    a.kv_start, a.kv_units = t.kv_start, t.kv_units
+    a.mask_kind, a.mask_off = p.mask_kind, t.m_off
+    if m is not None:
+        a.mask = cnp.PyArray_DATA(m)
+        a.mask_sl = _stride(m, -2) if m.ndim >= 2 else 0
+        a.mask_ss = _stride(m, -1) if m.ndim >= 1 else 0
+    a.out, a.out_off, a.out_sl, a.out_se = cnp.PyArray_DATA(out), t.o_off, _stride(out, -2), _stride(out, -1)
+    a.lse_off = t.l_off
+    if lse is not None:
+        a.lse, a.lse_sl = cnp.PyArray_DATA(lse), _stride(lse, -1)
+    a.scale = p.scale
+    a.q_len, a.k_len, a.q_pos = _i64(p.q_len), _i64(p.k_len), _i64(p.q_pos)
+    a.alibi_slope = <const double *> cnp.PyArray_DATA(p.slopes) if p.slopes is not None else NULL
+    o = p.opts
+    a.num_threads, a.causal, a.window, a.window_left, a.window_right = o[0], o[1], o[2], o[3], o[4]
+    a.alignment, a.softcap = o[5], o[6]
+    a.schedule = _forced_schedule
     if PyThread_get_thread_ident() == threading.main_thread().ident:
-        args.interrupt = _check_signals
-    args.interrupt_ctx = NULL
+        a.interrupt = _check_signals      # only the main thread sees signals (asked now, not at import)
+    if dout is not None:    # the cotangent (laid out like out) and the gradients, rows x columns last
+        a.dout, a.dout_sl, a.dout_se = cnp.PyArray_DATA(dout), _stride(dout, -2), _stride(dout, -1)
+        a.dq, a.dq_off, a.dq_sl, a.dq_se = cnp.PyArray_DATA(dq), t.dq_off, _stride(dq, -2), _stride(dq, -1)
+        a.dk, a.dk_off, a.dk_ss, a.dk_se = cnp.PyArray_DATA(dk), t.dk_off, _stride(dk, -2), _stride(dk, -1)
+        a.dv, a.dv_off, a.dv_ss, a.dv_se = cnp.PyArray_DATA(dv), t.dv_off, _stride(dv, -2), _stride(dv, -1)
 
 
-cdef tuple _qkv_arrays(object query, object key, object value):
-    """query, key, value as arrays, and the type they compute in (float64 if any is)."""
-    q = _as_array(query, "query")
-    k = _as_array(key, "key")
-    v = _as_array(value, "value")
-    cdef int tq = _compute_typenum(q, "query"), tk = _compute_typenum(k, "key")
-    cdef int tv = _compute_typenum(v, "value")
-    # <int>: with numpy < 2's headers enum NPY_TYPES is unsigned and -Wsign-compare (in Python's
-    # CFLAGS) warns on the comparisons with the int type numbers
-    cdef int typenum = cnp.NPY_DOUBLE if <int>cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
-    return q, k, v, typenum
-
+# ------------------------------------------------------------ entry points --
+# What the Python modules call: each one problem, described once.
 
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
-         alibi_slopes=None, softcap=None, out=None, schedule_only=False, _bwd=None, query_lengths=None,
+         alibi_slopes=None, softcap=None, out=None, schedule_only=False, query_lengths=None,
          query_offsets=None):
-    """Validate, then run the fused kernel. See selfattn.scaled_dot_product_attention.
-
-    Keyword-only past the arrays, so a new parameter can never shift the others.
-    schedule_only=True validates and returns the schedule the kernel would use
-    ({'threads', 'fused', 'compute_tasks', 'group'}) without computing (for tests).
-    _bwd=(out, lse, dout): run the backward instead (see sdpa_bwd).
-    query_lengths (forward only; KVCache's ragged counts): like key_lengths, the query rows of each
-    batch entry, its first ones; with alignment="bottom_right" they are the last positions of
-    that entry's keys. The other rows get zeros (lse -inf). One kernel call for the whole batch.
-    query_offsets (selfattn.dask's blocks): per batch entry, like key_lengths, the position of
-    query row 0 among that entry's keys (any integer; row i sits at query_offsets + i): it replaces
-    the alignment, so a block of a longer problem keeps its rows' positions (causal, windows, ALiBi)."""
-    # -- scalars first: cheap, and errors come before any work
-    opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
-
-    # -- arrays and dtypes
-    q, k, v, typenum_ = _qkv_arrays(query, key, value)
-    cdef int typenum = typenum_
-    dt = _F64 if typenum == cnp.NPY_DOUBLE else _F32
-    for a, nm in ((q, "query"), (k, "key"), (v, "value")):
-        if cnp.PyArray_NDIM(a) < 2:
-            raise ValueError(f"{nm} must have at least 2 dims (..., {'L' if nm == 'query' else 'S'}, "
-                             f"{'Ev' if nm == 'value' else 'E'}), got shape {a.shape}")
-    cdef int64_t L = q.shape[-2], E = q.shape[-1], S = k.shape[-2], Ev = v.shape[-1]
-    if k.shape[-1] != E:
-        raise ValueError(f"query and key must have the same last dim E: query {q.shape} has E={E}, "
-                         f"key {k.shape} has E={k.shape[-1]}")
-    if v.shape[-2] != S:
-        raise ValueError(f"key and value must have the same number of keys S (dim -2): key {k.shape}, "
-                         f"value {v.shape}")
-    cdef double sc = _check_scale(scale, E)
-
-    # -- batch (and head) dims: broadcast, or grouped-query heads
-    cdef int64_t group = 1
-    qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
-    gqa = bool(enable_gqa) and len(qb) >= 1 and len(kb) >= 1 and len(vb) >= 1
-    if gqa:
-        hq, hk, hv = qb[-1], kb[-1], vb[-1]
-        if hk != hv:
-            raise ValueError(f"enable_gqa: key {k.shape} and value {v.shape} must have the same number "
-                             f"of heads (dim -3)")
-        if hk == 0 or hq % hk:
-            raise ValueError(f"enable_gqa: query heads Hq={hq} must be a multiple of key/value heads "
-                             f"H={hk}: query {q.shape}, key {k.shape}, value {v.shape}")
-        group = hq // hk
-        kvb = _broadcast(kb, vb)
-        ob = _broadcast(qb, kvb[:-1] + (hq,)) if kvb is not None else None
-    else:
-        kvb = _broadcast(kb, vb)
-        ob = _broadcast(qb, kvb) if kvb is not None else None
-    if ob is None:
-        raise _broadcast_error(q, k, v, gqa)
-    cdef int nb = len(ob), nkb = len(kvb)
-
-    # -- mask: read in place with its own strides, never broadcast out
-    cdef int mask_kind = SA_MASK_NONE
-    m = None
-    if attn_mask is not None:
-        m = _as_array(attn_mask, "attn_mask")
-        mdt = m.dtype
-        if mdt == _BOOL:
-            mask_kind = SA_MASK_BOOL
-            m = m.view(_U8)
-        elif mdt.kind == "f" and mdt.itemsize <= 8:
-            if mdt.itemsize == 8:
-                mask_kind = SA_MASK_F64
-                m = _ready(m, cnp.NPY_DOUBLE)
-            else:
-                mask_kind = SA_MASK_F32
-                m = _ready(m, cnp.NPY_FLOAT)
-        else:
-            raise TypeError(f"attn_mask must be bool (True = takes part) or floating (added to the "
-                            f"scores), got dtype {mdt}")
-        full = tuple(ob) + (L, S)
-        ok = m.ndim <= len(full) and all(
-            md == 1 or md == fd for md, fd in zip(m.shape[::-1], full[::-1]))
-        if not ok:
-            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = {full}")
-
-    # -- structured masks: per-unit lengths and slopes (validated before any work)
-    k_len = _per_unit_lengths(key_lengths, tuple(ob), S) if key_lengths is not None else None
-    q_len = None
-    if query_lengths is not None:
-        if _bwd is not None or out is not None:
-            raise ValueError("query_lengths is for the forward into a new output only")
-        q_len = _per_unit_lengths(query_lengths, tuple(ob), L, "query_lengths", "L")
-    q_pos = _per_unit_offsets(query_offsets, tuple(ob)) if query_offsets is not None else None
-    slopes = _per_unit_slopes(alibi_slopes, tuple(ob)) if alibi_slopes is not None else None
-
-    q = _ready(q, typenum)
-    k = _ready(k, typenum)
-    v = _ready(v, typenum)
-
-    # -- outputs
-    out_shape = tuple(ob) + (L, Ev)
-    if q_len is not None:                # rows past a unit's query_lengths are never written
-        out = np.zeros(out_shape, dtype=dt)
-        lse = np.full(tuple(ob) + (L,), -np.inf, dtype=dt) if return_lse else None
-    else:
-        if out is None:
-            out = np.empty(out_shape, dtype=dt)
-        elif out.shape != out_shape or out.dtype != dt:
-            raise ValueError(f"out must have shape {out_shape} and dtype {dt}, got {out.shape} {out.dtype}")
-        lse = np.empty(tuple(ob) + (L,), dtype=dt) if return_lse else None
-    dout = dq = dk = dv = None
-    if _bwd is not None:                 # the backward: the forward's out and lse, the cotangent
-        out, lse, dout = _bwd
-        for a, nm, shp in ((out, "out", out_shape), (lse, "lse", tuple(ob) + (L,)), (dout, "grad_out", out_shape)):
-            if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != dt:
-                raise ValueError(f"{nm} must be an array of shape {shp} and dtype {dt}, got "
-                                 f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
-        out = np.ascontiguousarray(out)       # dout is read with out's offsets: same layout
-        dout = np.ascontiguousarray(_ready(dout, typenum))
-        dq = np.zeros(tuple(ob) + (L, E), dtype=dt)
-        dk = np.zeros(tuple(kvb) + (S, E), dtype=dt)
-        dv = np.zeros(tuple(kvb) + (S, Ev), dtype=dt)
-
-    cdef int64_t n_units = 1, n_kv = 1
-    for x in ob:
-        n_units *= x
-    for x in kvb:
-        n_kv *= x
-    if n_units == 0 or L == 0 or (Ev == 0 and lse is None):
-        if schedule_only:
-            return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
-        if dout is not None:
-            return dq, dk, dv
-        return (out, lse) if return_lse else out
-
-    # -- unit tables: offsets of each (batch, head) unit and its distinct K/V
-    cdef int64_t *tab = <int64_t *> _alloc(sizeof(int64_t) * (6 * n_units + 3 * n_kv + 1 + 12 * (nb + nkb + 1)))
-    cdef int64_t *q_off = tab
-    cdef int64_t *o_off = q_off + n_units
-    cdef int64_t *l_off = o_off + n_units
-    cdef int64_t *m_off = l_off + n_units
-    cdef int64_t *u_kv = m_off + n_units
-    cdef int64_t *kv_units = u_kv + n_units
-    cdef int64_t *kv_k = kv_units + n_units
-    cdef int64_t *kv_v = kv_k + n_kv
-    cdef int64_t *kv_start = kv_v + n_kv
-    cdef int64_t *st = kv_start + n_kv + 1          # per-dim tables: 7 arrays of nb, then 4 of nkb
-    cdef int64_t *qs = st                  # element strides per output batch dim: query
-    cdef int64_t *os_ = st + nb            # out
-    cdef int64_t *ls = st + 2 * nb         # lse
-    cdef int64_t *ms = st + 3 * nb         # mask
-    cdef int64_t *kvs = st + 4 * nb        # index of the distinct K/V
-    cdef int64_t *idx = st + 5 * nb        # multi-index of the current unit
-    cdef int64_t *ks = st + 6 * nb         # per kv batch dim: key strides
-    cdef int64_t *vs = ks + nkb            # value strides
-    cdef int64_t *kidx = vs + nkb          # multi-index of the current K/V
-    cdef int64_t *kvshape = kidx + nkb
-    cdef int64_t *oshape = kvshape + nkb
-    cdef sa_attn_args args
-    cdef int status, d, j, isa = _call_isa(), isz = dt.itemsize
-    cdef int64_t u, off_q, off_o, off_l, off_m, off_kv, ii, c
-    memset(&args, 0, sizeof(args))         # fields not set below stay "none" (selfattn.h)
-    try:
-        _batch_strides(q, nb, qs)
-        _batch_strides(out, nb, os_)
-        for d in range(nb):
-            oshape[d] = ob[d]
-            idx[d] = 0
-            ls[d] = 0
-            ms[d] = 0
-            kvs[d] = 0
-        if lse is not None:
-            _batch_strides(lse[..., None], nb, ls)
-        if m is not None:
-            for d in range(nb):            # mask batch dims, right-aligned; missing/1 -> 0
-                j = d - (nb - (m.ndim - 2))
-                ms[d] = 0 if (j < 0 or m.shape[j] == 1) else m.strides[j] // m.itemsize
-        # contiguous strides of the kv batch shape, mapped onto the output batch dims
-        c = 1
-        for d in range(nkb - 1, -1, -1):
-            kvshape[d] = kvb[d]
-            j = d + (nb - nkb)
-            if kvb[d] != 1:
-                kvs[j] = c
-            c *= kvb[d]
-        for u in range(n_units):
-            off_q = off_o = off_l = off_m = off_kv = 0
-            for d in range(nb):
-                ii = idx[d]
-                off_q += ii * qs[d]
-                off_o += ii * os_[d]
-                off_l += ii * ls[d]
-                off_m += ii * ms[d]
-                if d == nb - 1 and group > 1:
-                    ii = ii // group        # query head h reads kv head h // group
-                off_kv += ii * kvs[d]
-            q_off[u] = off_q
-            o_off[u] = off_o
-            l_off[u] = off_l
-            m_off[u] = off_m
-            u_kv[u] = off_kv
-            d = nb - 1
-            while d >= 0:
-                idx[d] += 1
-                if idx[d] < oshape[d]:
-                    break
-                idx[d] = 0
-                d -= 1
-        # offsets of each distinct K/V
-        _batch_strides(k, nkb, ks)
-        _batch_strides(v, nkb, vs)
-        for d in range(nkb):
-            kidx[d] = 0
-        for u in range(n_kv):
-            off_q = off_o = 0
-            for d in range(nkb):
-                off_q += kidx[d] * ks[d]
-                off_o += kidx[d] * vs[d]
-            kv_k[u] = off_q
-            kv_v[u] = off_o
-            d = nkb - 1
-            while d >= 0:
-                kidx[d] += 1
-                if kidx[d] < kvshape[d]:
-                    break
-                kidx[d] = 0
-                d -= 1
-        # units grouped by K/V (counting sort)
-        for u in range(n_kv + 1):
-            kv_start[u] = 0
-        for u in range(n_units):
-            kv_start[u_kv[u] + 1] += 1
-        for u in range(n_kv):
-            kv_start[u + 1] += kv_start[u]
-        for u in range(n_units):
-            kv_units[kv_start[u_kv[u]]] = u
-            kv_start[u_kv[u]] += 1
-        for u in range(n_kv, 0, -1):
-            kv_start[u] = kv_start[u - 1]
-        kv_start[0] = 0
-
-        args.n_units = n_units
-        args.n_kv = n_kv
-        args.L = L
-        args.S = S
-        args.E = E
-        args.Ev = Ev
-        args.q = cnp.PyArray_DATA(q)
-        args.q_off = q_off
-        args.q_sl = _stride(q, -2)
-        args.q_se = _stride(q, -1)
-        args.k = cnp.PyArray_DATA(k)
-        args.kv_k_off = kv_k
-        args.k_ss = _stride(k, -2)
-        args.k_se = _stride(k, -1)
-        args.v = cnp.PyArray_DATA(v)
-        args.kv_v_off = kv_v
-        args.v_ss = _stride(v, -2)
-        args.v_se = _stride(v, -1)
-        args.kv_start = kv_start
-        args.kv_units = kv_units
-        args.mask_kind = mask_kind
-        args.mask = cnp.PyArray_DATA(m) if m is not None else NULL
-        args.mask_off = m_off
-        args.mask_sl = _stride(m, -2) if (m is not None and m.ndim >= 2) else 0
-        args.mask_ss = _stride(m, -1) if (m is not None and m.ndim >= 1) else 0
-        args.out = cnp.PyArray_DATA(out)
-        args.out_off = o_off
-        args.out_sl = _stride(out, -2)
-        args.out_se = _stride(out, -1)
-        args.lse = cnp.PyArray_DATA(lse) if lse is not None else NULL
-        args.lse_off = l_off
-        args.lse_sl = _stride(lse, -1) if lse is not None else 0
-        args.scale = sc
-        args.q_len = <const int64_t *> cnp.PyArray_DATA(q_len) if q_len is not None else NULL
-        args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len) if k_len is not None else NULL
-        args.q_pos = <const int64_t *> cnp.PyArray_DATA(q_pos) if q_pos is not None else NULL
-        args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
-        _apply_options(&args, opts)
-        if dout is not None:
-            # gradients: dq per unit (C order of the output batch dims), dk and dv per kv unit
-            # (C order of the kv batch dims), contiguous; the caller sums them back to the inputs' shapes
-            dq_off = np.arange(n_units, dtype=np.int64) * (L * E)
-            dk_off = np.arange(n_kv, dtype=np.int64) * (S * E)
-            dv_off = np.arange(n_kv, dtype=np.int64) * (S * Ev)
-            _set_grads(&args, dout, dq, dq_off, dk, dk_off, dv, dv_off)
-
-        if schedule_only:
-            return _schedule_of(&args, isa, isz, dout is not None)
-        _run_kernel(&args, isa, isz, dout is not None)
-    finally:
-        _free(tab)
-    if dout is not None:
-        return dq, dk, dv
-    return (out, lse) if return_lse else out
-
-
-cdef void _set_grads(sa_attn_args *args, object dout, object dq, object dq_off, object dk, object dk_off,
-                     object dv, object dv_off):
-    """The backward's fields of args: the cotangent (laid out like out) and the gradients
-    (3-D or more, rows and columns the last two dims) with per-unit / per-kv-unit offsets."""
-    args.dout = cnp.PyArray_DATA(dout)
-    args.dout_sl = _stride(dout, -2)
-    args.dout_se = _stride(dout, -1)
-    args.dq = cnp.PyArray_DATA(dq)
-    args.dq_off = <const int64_t *> cnp.PyArray_DATA(dq_off)
-    args.dq_sl = _stride(dq, -2)
-    args.dq_se = _stride(dq, -1)
-    args.dk = cnp.PyArray_DATA(dk)
-    args.dk_off = <const int64_t *> cnp.PyArray_DATA(dk_off)
-    args.dk_ss = _stride(dk, -2)
-    args.dk_se = _stride(dk, -1)
-    args.dv = cnp.PyArray_DATA(dv)
-    args.dv_off = <const int64_t *> cnp.PyArray_DATA(dv_off)
-    args.dv_ss = _stride(dv, -2)
-    args.dv_se = _stride(dv, -1)
+    """The fused forward (see selfattn.scaled_dot_product_attention; query_lengths and
+    query_offsets: see describe). Keyword-only past the arrays, so a new parameter can never shift
+    the others. schedule_only=True validates and returns the kernel's plan without computing."""
+    p = describe(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                 enable_gqa=enable_gqa, num_threads=num_threads, window_size=window_size, alignment=alignment,
+                 key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap,
+                 query_lengths=query_lengths, query_offsets=query_offsets)
+    if schedule_only:
+        return p.schedule(return_lse=return_lse)
+    return p.run(out, return_lse)
 
 
 def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal=False, scale=None,
@@ -813,10 +838,36 @@ def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal
     the same arguments, grad_out the cotangent (out's shape and dtype). Returns (dq, dk, dv):
     dq with the output's batch dims (..., Hq, L, E), dk and dv with the broadcast batch dims of
     key and value (..., H, S, E / Ev); selfattn.autograd sums them back to the inputs' shapes."""
-    return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                enable_gqa=enable_gqa, return_lse=True, num_threads=num_threads, window_size=window_size,
-                alignment=alignment, key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap,
-                schedule_only=schedule_only, _bwd=(out, lse, grad_out))
+    p = describe(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                 enable_gqa=enable_gqa, num_threads=num_threads, window_size=window_size, alignment=alignment,
+                 key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap)
+    if schedule_only:
+        return p.schedule(backward=True)
+    return p.backward(out, lse, grad_out)
+
+
+def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False, window_size=None,
+           alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False, return_lse=False,
+           num_threads=None, schedule_only=False):
+    """Packed variable-length batches. See selfattn.varlen_attention."""
+    p = describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
+                        window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
+                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads)
+    if schedule_only:
+        return p.schedule(return_lse=return_lse)
+    return p.run(None, return_lse)
+
+
+def varlen_bwd(query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, grad_out, *, scale=None,
+               is_causal=False, window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
+               enable_gqa=False, num_threads=None, schedule_only=False):
+    """The fused backward of varlen: (dq, dk, dv) in the packed layouts of query, key, value."""
+    p = describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
+                        window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
+                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads)
+    if schedule_only:
+        return p.schedule(backward=True)
+    return p.backward(out, lse, grad_out)
 
 
 cdef int _run_kernel(sa_attn_args *args, int isa, int isz, bint bwd=False) except -1:
@@ -909,159 +960,3 @@ cdef object _schedule_of(sa_attn_args *args, int isa, int isz, bint bwd=False):
             "compute_tasks": sched.compute_tasks, "group": sched.group, "ring_blocks": sched.ring_blocks,
             "workspace_bytes": ws_bytes}
 
-
-def _check_cu_seqlens(cu, str name, int64_t total):
-    a = _as_array(cu, name)
-    if a.ndim != 1 or a.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be a 1-D integer array, got {'dtype ' + str(a.dtype) if a.ndim == 1 else 'shape ' + str(a.shape)}")
-    if a.size == 0 or a[0] != 0:
-        raise ValueError(f"{name} must start at 0 (cumulative sequence lengths), got {a[:4].tolist()}...")
-    a = a.astype(np.int64)
-    if a.size > 1 and (np.diff(a) < 0).any():
-        raise ValueError(f"{name} must be non-decreasing, got {a.tolist()[:16]}")
-    if a[-1] != total:
-        raise ValueError(f"{name} must end at the total number of rows {total}, got {int(a[-1])}")
-    return a
-
-
-def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False, window_size=None,
-           alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False, return_lse=False,
-           num_threads=None, schedule_only=False, _bwd=None):
-    """Packed variable-length batches. See selfattn.varlen_attention. _bwd=(out, lse, dout):
-    the backward instead (see varlen_bwd)."""
-    opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
-    q, k, v, typenum_ = _qkv_arrays(query, key, value)
-    cdef int typenum = typenum_
-    dt = _F64 if typenum == cnp.NPY_DOUBLE else _F32
-    for a, nm, dims in ((q, "query", "(Hq, total_q, E)"), (k, "key", "(H, total_k, E)"),
-                        (v, "value", "(H, total_k, Ev)")):
-        if cnp.PyArray_NDIM(a) != 3:
-            raise ValueError(f"varlen_attention: {nm} must be 3-D {dims}, got shape {a.shape}")
-    cdef int64_t Hq = q.shape[0], Tq = q.shape[1], E = q.shape[2]
-    cdef int64_t H = k.shape[0], Tk = k.shape[1], Ev = v.shape[2]
-    if k.shape[2] != E:
-        raise ValueError(f"query and key must have the same last dim E: query {q.shape}, key {k.shape}")
-    if v.shape[0] != H or v.shape[1] != Tk:
-        raise ValueError(f"key {k.shape} and value {v.shape} must have the same heads and rows (H, total_k)")
-    if enable_gqa:
-        if H == 0 or Hq % H:
-            raise ValueError(f"enable_gqa: query heads Hq={Hq} must be a multiple of key/value heads H={H}")
-    elif Hq != H:
-        raise ValueError(f"query has {Hq} heads and key/value {H}: they must be equal "
-                         f"(for grouped-query attention with fewer kv heads, pass enable_gqa=True)")
-    cdef double sc = _check_scale(scale, E)
-    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq)
-    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", Tk)
-    if cu_q.size != cu_k.size:
-        raise ValueError(f"cu_seqlens_q ({cu_q.size - 1} sequences) and cu_seqlens_k ({cu_k.size - 1}) must "
-                         f"describe the same number of sequences")
-    slopes_h = _per_unit_slopes(alibi_slopes, (Hq,)) if alibi_slopes is not None else None
-
-    cdef int64_t B = cu_q.size - 1, group = Hq // H if H else 1
-    out = np.empty((Hq, Tq, Ev), dtype=dt)
-    lse = np.empty((Hq, Tq), dtype=dt) if return_lse else None
-    dout = dq = dk = dv = None
-    if _bwd is not None:
-        out, lse, dout = _bwd
-        for a, nm, shp in ((out, "out", (Hq, Tq, Ev)), (lse, "lse", (Hq, Tq)), (dout, "grad_out", (Hq, Tq, Ev))):
-            if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != dt:
-                raise ValueError(f"{nm} must be an array of shape {shp} and dtype {dt}, got "
-                                 f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
-        out = np.ascontiguousarray(out)
-        dout = np.ascontiguousarray(_ready(dout, typenum))
-        dq = np.zeros((Hq, Tq, E), dtype=dt)
-        dk = np.zeros((H, Tk, E), dtype=dt)
-        dv = np.zeros((H, Tk, Ev), dtype=dt)
-    if Hq == 0 or B == 0 or Tq == 0 or (Ev == 0 and lse is None):
-        if schedule_only:
-            return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
-        if dout is not None:
-            return dq, dk, dv
-        return (out, lse) if return_lse else out
-    q = _ready(q, typenum)
-    k = _ready(k, typenum)
-    v = _ready(v, typenum)
-
-    # units: (query head h, sequence b) -> u = h * B + b; kv units: (kv head, b) -> g = hk * B + b
-    Lb, Sb = np.diff(cu_q), np.diff(cu_k)
-    hs, bs = np.arange(Hq, dtype=np.int64)[:, None], np.arange(B, dtype=np.int64)[None, :]
-    isz_ = dt.itemsize
-    def off(a, rows_start, h):   # element offset of (head h, first row of the sequence)
-        return (h * (a.strides[0] // a.itemsize) + rows_start[None, :] * (a.strides[1] // a.itemsize)).astype(np.int64)
-    q_off = np.ascontiguousarray(off(q, cu_q[:-1], hs).reshape(-1))
-    o_off = np.ascontiguousarray(off(out, cu_q[:-1], hs).reshape(-1))
-    l_off = np.ascontiguousarray(off(lse, cu_q[:-1], hs).reshape(-1)) if lse is not None else np.zeros(Hq * B, np.int64)
-    hk = np.arange(H, dtype=np.int64)[:, None]
-    kv_k = np.ascontiguousarray(off(k, cu_k[:-1], hk).reshape(-1))
-    kv_v = np.ascontiguousarray(off(v, cu_k[:-1], hk).reshape(-1))
-    kv_start = np.arange(H * B + 1, dtype=np.int64) * group
-    # the units of g = hk * B + b are query heads hk*group .. hk*group+group-1 at sequence b
-    kv_units = np.ascontiguousarray(((hk[:, :, None] * group + np.arange(group)[None, None, :]) * B
-                                     + bs[:, :, None]).reshape(-1), dtype=np.int64)
-    q_len = np.ascontiguousarray(np.broadcast_to(Lb[None, :], (Hq, B)).reshape(-1), dtype=np.int64)
-    k_len = np.ascontiguousarray(np.broadcast_to(Sb[None, :], (Hq, B)).reshape(-1), dtype=np.int64)
-    slopes = (np.ascontiguousarray(np.broadcast_to(slopes_h[:, None], (Hq, B)).reshape(-1))
-              if slopes_h is not None else None)
-    zero = np.zeros(1, np.int64)
-
-    cdef sa_attn_args args
-    memset(&args, 0, sizeof(args))         # fields not set below stay "none" (selfattn.h)
-    args.n_units = Hq * B
-    args.n_kv = H * B
-    args.L = int(Lb.max()) if B else 0
-    args.S = int(Sb.max()) if B else 0
-    args.E = E
-    args.Ev = Ev
-    args.q = cnp.PyArray_DATA(q)
-    args.q_off = <const int64_t *> cnp.PyArray_DATA(q_off)
-    args.q_sl = q.strides[1] // q.itemsize
-    args.q_se = q.strides[2] // q.itemsize
-    args.k = cnp.PyArray_DATA(k)
-    args.kv_k_off = <const int64_t *> cnp.PyArray_DATA(kv_k)
-    args.k_ss = k.strides[1] // k.itemsize
-    args.k_se = k.strides[2] // k.itemsize
-    args.v = cnp.PyArray_DATA(v)
-    args.kv_v_off = <const int64_t *> cnp.PyArray_DATA(kv_v)
-    args.v_ss = v.strides[1] // v.itemsize
-    args.v_se = v.strides[2] // v.itemsize
-    args.kv_start = <const int64_t *> cnp.PyArray_DATA(kv_start)
-    args.kv_units = <const int64_t *> cnp.PyArray_DATA(kv_units)
-    args.mask_kind = SA_MASK_NONE
-    args.mask = NULL
-    args.mask_off = <const int64_t *> cnp.PyArray_DATA(zero)
-    args.mask_sl = 0
-    args.mask_ss = 0
-    args.out = cnp.PyArray_DATA(out)
-    args.out_off = <const int64_t *> cnp.PyArray_DATA(o_off)
-    args.out_sl = out.strides[1] // out.itemsize
-    args.out_se = out.strides[2] // out.itemsize
-    args.lse = cnp.PyArray_DATA(lse) if lse is not None else NULL
-    args.lse_off = <const int64_t *> cnp.PyArray_DATA(l_off)
-    args.lse_sl = lse.strides[1] // lse.itemsize if lse is not None else 0
-    args.scale = sc
-    args.q_len = <const int64_t *> cnp.PyArray_DATA(q_len)
-    args.k_len = <const int64_t *> cnp.PyArray_DATA(k_len)
-    args.alibi_slope = <const double *> cnp.PyArray_DATA(slopes) if slopes is not None else NULL
-    _apply_options(&args, opts)
-    if dout is not None:                 # packed gradients: each unit / kv unit at its sequence's rows
-        dq_off = np.ascontiguousarray(off(dq, cu_q[:-1], hs).reshape(-1))
-        dk_off = np.ascontiguousarray(off(dk, cu_k[:-1], hk).reshape(-1))
-        dv_off = np.ascontiguousarray(off(dv, cu_k[:-1], hk).reshape(-1))
-        _set_grads(&args, dout, dq, dq_off, dk, dk_off, dv, dv_off)
-    cdef int isa_ = _call_isa()
-    if schedule_only:
-        return _schedule_of(&args, isa_, isz_, dout is not None)
-    _run_kernel(&args, isa_, isz_, dout is not None)
-    if dout is not None:
-        return dq, dk, dv
-    return (out, lse) if return_lse else out
-
-
-def varlen_bwd(query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, grad_out, *, scale=None,
-               is_causal=False, window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
-               enable_gqa=False, num_threads=None, schedule_only=False):
-    """The fused backward of varlen: (dq, dk, dv) in the packed layouts of query, key, value."""
-    return varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
-                  window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
-                  enable_gqa=enable_gqa, return_lse=True, num_threads=num_threads,
-                  schedule_only=schedule_only, _bwd=(out, lse, grad_out))

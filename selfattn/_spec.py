@@ -2,14 +2,13 @@
 
 One exception type per mistake, the same wherever the option is taken: a value of the wrong kind
 is a TypeError, a value of the right kind out of range a ValueError. The compiled engine
-(``_core.pyx``: ``_check_window``, ``_check_alignment``, ``_check_softcap``) raises the same types
-with the same words; :mod:`selfattn.reference` and :mod:`selfattn.inspection` call these functions,
-and ``tests/robustness/test_robust_misuse.py`` holds all three to it.
+(``_core.pyx``'s problem builder), :mod:`selfattn.reference` and :mod:`selfattn.inspection` call these
+functions, and ``tests/robustness/test_robust_misuse.py`` holds all three to it.
 """
 
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -63,3 +62,107 @@ def check_softcap(softcap: object) -> Optional[float]:
     if not (c > 0 and math.isfinite(c)):       # also False for NaN
         raise ValueError(f"softcap must be finite and > 0, got {softcap!r}")
     return c
+
+
+def check_threads(num_threads: object) -> Optional[int]:
+    """None (the default thread count) or an int >= 1 (capped at 65536)."""
+    if num_threads is None:
+        return None
+    if not is_int(num_threads):
+        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
+    if num_threads < 1:     # type: ignore[operator]
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return min(int(num_threads), 1 << 16)   # type: ignore[call-overload]
+
+
+def check_scale(scale: object, E: int) -> float:
+    """The score scale: 1/sqrt(E) for None, else a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(E) if E > 0 else 1.0
+    if isinstance(scale, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    try:
+        sc = float(scale)       # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
+    except OverflowError:
+        raise ValueError(f"scale must be finite, got {scale!r}") from None
+    if not math.isfinite(sc):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return sc
+
+
+def _array(x: object, name: str) -> "np.ndarray[Any, Any]":
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} cannot be read as an array: {exc}") from None
+
+
+def batch_lengths(lengths: object, batch: Tuple[int, ...], upper: int, name: str = "key_lengths",
+                  what: str = "S") -> "np.ndarray[Any, Any]":
+    """key_lengths (or query_lengths, with what="L") broadcast to the batch dims out.shape[:-3]:
+    int64 of shape `batch`, each in [0, upper]."""
+    a = _array(lengths, name)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {a.dtype}")
+    try:
+        b = np.broadcast_to(a, batch)
+    except ValueError:
+        raise ValueError(f"{name} of shape {a.shape} does not broadcast to the batch dims {batch} "
+                         f"(out.shape[:-3]; a scalar for 2-D/3-D inputs)") from None
+    if b.size and (int(b.min()) < 0 or int(b.max()) > upper):
+        raise ValueError(f"{name} must be in [0, {what}={upper}], got values in [{int(b.min())}, {int(b.max())}]")
+    return b.astype(np.int64)
+
+
+def batch_offsets(offsets: object, batch: Tuple[int, ...]) -> "np.ndarray[Any, Any]":
+    """query_offsets (any integers: the position of query row 0) broadcast to the batch dims."""
+    a = _array(offsets, "query_offsets")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"query_offsets must be integers, got dtype {a.dtype}")
+    try:
+        return np.broadcast_to(a, batch).astype(np.int64)
+    except ValueError:
+        raise ValueError(f"query_offsets of shape {a.shape} does not broadcast to the batch dims {batch}") from None
+
+
+def head_slopes(alibi_slopes: object, lead: Tuple[int, ...]) -> "np.ndarray[Any, Any]":
+    """alibi_slopes broadcast to (..., Hq) = `lead`: float64, finite."""
+    a = _array(alibi_slopes, "alibi_slopes")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"alibi_slopes must be real numbers, got dtype {a.dtype}")
+    try:
+        b = np.broadcast_to(a, lead).astype(np.float64)
+    except ValueError:
+        raise ValueError(f"alibi_slopes of shape {a.shape} does not broadcast to (..., Hq) = {lead}") from None
+    if not np.isfinite(b).all():
+        raise ValueError("alibi_slopes must be finite")
+    return b
+
+
+class ArraySpec(NamedTuple):
+    """An array's shape and dtype without its data: what the problem builder validates when the
+    data is not there yet (attend before its projections, Dask before its blocks)."""
+    shape: Tuple[int, ...]
+    dtype: "np.dtype[Any]"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def cu_seqlens(cu: object, name: str, total: int) -> "np.ndarray[Any, Any]":
+    """Cumulative sequence lengths: 1-D integers from 0, non-decreasing, ending at `total` -> int64."""
+    a = _array(cu, name)
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        what = f"dtype {a.dtype}" if a.ndim == 1 else f"shape {a.shape}"
+        raise TypeError(f"{name} must be a 1-D integer array, got {what}")
+    if a.size == 0 or a[0] != 0:
+        raise ValueError(f"{name} must start at 0 (cumulative sequence lengths), got {a[:4].tolist()}...")
+    a = a.astype(np.int64)
+    if a.size > 1 and (np.diff(a) < 0).any():
+        raise ValueError(f"{name} must be non-decreasing, got {a.tolist()[:16]}")
+    if a[-1] != total:
+        raise ValueError(f"{name} must end at the total number of rows {total}, got {int(a[-1])}")
+    return a

@@ -35,8 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _core
-from ._api import scaled_dot_product_attention as _sdpa
+from . import _core, _spec
 from .merge import merge_attention
 
 __all__ = ["scaled_dot_product_attention"]
@@ -114,11 +113,6 @@ def _as_dask(da: Any, x: Any, name: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} cannot be read as an array: {exc}") from None
     return da.from_array(a, chunks=tuple(max(n, 1) for n in a.shape) if a.shape else ())
-
-
-def _dummy(a: Any, dtype: Any, shape: Optional[Tuple[int, ...]] = None) -> Array:
-    """A zero-memory stand-in of `a` (a broadcast scalar) for validating the full problem."""
-    return np.broadcast_to(np.zeros((), dtype=dtype), a.shape if shape is None else shape)
 
 
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
@@ -204,20 +198,13 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     q, k, v = (_as_dask(da, x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
     mask = None if attn_mask is None else _as_dask(da, attn_mask, "attn_mask")
 
-    # -- validate everything as the NumPy function does, on zero-memory stand-ins of the full arrays
-    dt = _sdpa(np.empty((0, 0), q.dtype), np.empty((0, 0), k.dtype), np.empty((0, 0), v.dtype)).dtype
-    if v.ndim >= 2 and k.ndim >= 2 and v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"key and value must have the same number of keys S (dim -2): key {k.shape}, "
-                         f"value {v.shape}")
-    mdt = None
-    if mask is not None:
-        mdt = mask.dtype
-        if mdt.kind == "f":
-            mdt = np.float64 if mdt.itemsize == 8 else np.float32
-    _sdpa(_dummy(q, dt), _dummy(k, dt), _dummy(v, dt, v.shape[:-1] + (0,)) if v.ndim else _dummy(v, dt),
-          attn_mask=None if mask is None else _dummy(mask, mdt), is_causal=is_causal, scale=scale,
-          enable_gqa=enable_gqa, num_threads=num_threads, window_size=window_size, alignment=alignment,
-          key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap)
+    # -- validate everything as the NumPy function does, from the shapes and dtypes (the engine's
+    # problem builder: ArraySpec stands in for the data)
+    spec = lambda a: None if a is None else _spec.ArraySpec(tuple(a.shape), a.dtype)   # noqa: E731
+    dt = _core.describe(spec(q), spec(k), spec(v), attn_mask=spec(mask), is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa, num_threads=num_threads, window_size=window_size,
+                        alignment=alignment, key_lengths=key_lengths, alibi_slopes=alibi_slopes,
+                        softcap=softcap).dtype
     nd = q.ndim
     if not (k.ndim == v.ndim == nd) or k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
         raise ValueError(f"selfattn.dask needs query {q.shape}, key {k.shape} and value {v.shape} with the same "

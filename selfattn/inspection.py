@@ -26,8 +26,9 @@ import warnings
 
 import numpy as np
 
+from . import _spec
 from ._spec import check_alignment as _check_alignment, check_softcap as _check_softcap
-from ._spec import is_int as _is_int, window_sides as _check_window
+from ._spec import check_scale as _check_scale, is_int as _is_int, window_sides as _check_window
 
 __all__ = ["attention_weights", "plot_attention", "DEFAULT_MAX_ELEMENTS", "DEFAULT_LABEL_FALLBACKS"]
 
@@ -62,56 +63,12 @@ def _broadcast_shapes(*shapes):
         return None
 
 
-def _check_scale(scale, E):
-    if scale is None:
-        return 1.0 / math.sqrt(E) if E > 0 else 1.0
-    if isinstance(scale, (str, bytes, bool, np.bool_)):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    try:
-        sc = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
-    if not math.isfinite(sc):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    return sc
-
-
 def _check_max_elements(max_elements):
     if max_elements is None:
         return None
     if not _is_int(max_elements) or max_elements < 0:
         raise ValueError(f"max_elements must be None (no limit) or an int >= 0, got {max_elements!r}")
     return int(max_elements)
-
-
-def _check_key_lengths(key_lengths, batch, S):
-    """key_lengths as int64 of shape `batch` (= out.shape[:-3]), each in [0, S]."""
-    kl = _as_array(key_lengths, "key_lengths")
-    if kl.dtype == np.bool_ or not np.issubdtype(kl.dtype, np.integer):
-        raise TypeError(f"key_lengths must be an integer array, got dtype {kl.dtype}")
-    try:
-        kl = np.broadcast_to(kl, batch)
-    except ValueError:
-        raise ValueError(f"key_lengths of shape {kl.shape} does not broadcast to the batch dims "
-                         f"out.shape[:-3] = {batch}") from None
-    if kl.size and (kl.min() < 0 or kl.max() > S):
-        raise ValueError(f"key_lengths must lie in [0, S={S}], got values in [{kl.min()}, {kl.max()}]")
-    return kl.astype(np.int64)
-
-
-def _check_alibi(alibi_slopes, lead):
-    """alibi_slopes as float64 broadcast to `lead` (= out.shape[:-2] = (..., Hq))."""
-    sl = _as_array(alibi_slopes, "alibi_slopes")
-    if sl.dtype == np.bool_ or not (np.issubdtype(sl.dtype, np.floating) or np.issubdtype(sl.dtype, np.integer)):
-        raise TypeError(f"alibi_slopes must be a real (float) array, got dtype {sl.dtype}")
-    try:
-        sl = np.broadcast_to(sl, lead)
-    except ValueError:
-        raise ValueError(f"alibi_slopes of shape {sl.shape} does not broadcast to (..., Hq) = {lead}") from None
-    sl = sl.astype(np.float64)
-    if not np.all(np.isfinite(sl)):
-        raise ValueError("alibi_slopes must be finite")
-    return sl
 
 
 def _fmt_bytes(n):
@@ -268,8 +225,8 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
         if _broadcast_shapes(mask.shape, out_shape) != out_shape:
             raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to (..., Hq, L, S) = "
                              f"{out_shape}")
-    kl = None if key_lengths is None else _check_key_lengths(key_lengths, batch, S)
-    slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, lead)
+    kl = None if key_lengths is None else _spec.batch_lengths(key_lengths, batch, S)
+    slopes = None if alibi_slopes is None else _spec.head_slopes(alibi_slopes, lead)
 
     n = math.prod(out_shape)
     if max_elements is not None and n > max_elements:

@@ -67,6 +67,7 @@ import math
 
 import numpy as np
 
+from . import _spec
 from ._spec import check_alignment as _check_alignment, check_softcap as _check_softcap
 from ._spec import window_sides as _check_window
 
@@ -107,19 +108,9 @@ def _valid_keys(key_lengths, lead, S):
     """
     if key_lengths is None:
         return np.full(lead + (1, 1), S, dtype=np.int64)
-    kl = np.asarray(key_lengths)
-    if kl.dtype == np.bool_ or not np.issubdtype(kl.dtype, np.integer):
-        raise ValueError(f"key_lengths must be integers, got dtype {kl.dtype}")
     batch = lead[:-1]
-    try:
-        kl = np.broadcast_to(kl, batch)
-    except ValueError:
-        raise ValueError(f"key_lengths of shape {kl.shape} does not broadcast to the batch dims "
-                         f"out.shape[:-3] = {batch}") from None
-    if kl.size and (kl.min() < 0 or kl.max() > S):
-        raise ValueError(f"key_lengths must lie in [0, S={S}], got values in [{kl.min()}, {kl.max()}]")
     heads_axis = (1,) * (len(lead) - len(batch))         # () for a 2-D query, else (1,) for Hq
-    return kl.astype(np.int64).reshape(batch + heads_axis + (1, 1))
+    return _spec.batch_lengths(key_lengths, batch, S).reshape(batch + heads_axis + (1, 1))
 
 
 def _structure(L, S, lead, *, is_causal=False, window_size=None, alignment="top_left",
@@ -151,12 +142,7 @@ def _structure(L, S, lead, *, is_causal=False, window_size=None, alignment="top_
 
     bias = 0.0
     if alibi_slopes is not None:
-        slopes = _as_f64(alibi_slopes)
-        try:
-            slopes = np.broadcast_to(slopes, lead)       # one slope per (batch..., query head)
-        except ValueError:
-            raise ValueError(f"alibi_slopes of shape {slopes.shape} does not broadcast to "
-                             f"(..., Hq) = {lead}") from None
+        slopes = _spec.head_slopes(alibi_slopes, lead)   # one slope per (batch..., query head)
         bias = -slopes.reshape(lead + (1, 1)) * np.abs(p - j)
     return visible, bias, S_b
 
@@ -256,23 +242,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     return (out, lse) if return_lse else out
 
 
-def _check_cu_seqlens(cu, total, name):
-    cu = np.asarray(cu)
-    if cu.ndim != 1 or cu.size < 1 or cu.dtype == np.bool_ or not np.issubdtype(cu.dtype, np.integer):
-        raise ValueError(f"{name} must be a 1-D integer array [0, ..., total], got {cu!r}")
-    if cu[0] != 0 or cu[-1] != total or np.any(np.diff(cu) < 0):
-        raise ValueError(f"{name} must start at 0, be non-decreasing and end at total={total}, got {cu}")
-    return cu.astype(np.int64)
-
-
 def _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k):
     """The packed layouts as float64 (heads, total, dim) arrays and both offset arrays, checked."""
     q, k, v = _as_f64(query), _as_f64(key), _as_f64(value)
     for a, name in ((q, "query"), (k, "key"), (v, "value")):
         if a.ndim != 3:
             raise ValueError(f"{name} must be 3-D (heads, total, dim), got shape {a.shape}")
-    cq = _check_cu_seqlens(cu_seqlens_q, q.shape[1], "cu_seqlens_q")
-    ck = _check_cu_seqlens(cu_seqlens_k, k.shape[1], "cu_seqlens_k")
+    cq = _spec.cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[1])
+    ck = _spec.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[1])
     if cq.size != ck.size:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                          f"got {cq.size - 1} and {ck.size - 1}")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import selfattn
 from selfattn import reference
 
 sdpa = reference.scaled_dot_product_attention
@@ -361,14 +362,18 @@ def test_varlen_single_sequence_is_plain_call():
     _close(reference.varlen_attention(q, k, v, [0, 5], [0, 6], is_causal=True), sdpa(q, k, v, is_causal=True), 0)
 
 
-@pytest.mark.parametrize("cu_q,cu_k,match", [([1, 5], [0, 6], "cu_seqlens_q"), ([0, 4], [0, 6], "cu_seqlens_q"),
-                                             ([0, 3, 2, 5], [0, 2, 4, 6], "cu_seqlens_q"),
-                                             ([0, 5], [0, 2, 6], "same number"),
-                                             ([0.0, 5.0], [0, 6], "cu_seqlens_q")])
-def test_varlen_bad_cu_seqlens(cu_q, cu_k, match):
+@pytest.mark.parametrize("cu_q,cu_k,exc,match", [
+    ([1, 5], [0, 6], ValueError, "cu_seqlens_q"), ([0, 4], [0, 6], ValueError, "cu_seqlens_q"),
+    ([0, 3, 2, 5], [0, 2, 4, 6], ValueError, "cu_seqlens_q"), ([0, 5], [0, 2, 6], ValueError, "same number"),
+    # not integers: a TypeError, as in the engine (selfattn/_spec.py validates both)
+    ([0.0, 5.0], [0, 6], TypeError, "cu_seqlens_q")])
+def test_varlen_bad_cu_seqlens(cu_q, cu_k, exc, match):
     q, k, v = _qkv(_rng(16), (2,), (2,), 5, 6, 3, 3)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match) as info:
         reference.varlen_attention(q, k, v, cu_q, cu_k)
+    assert type(info.value) is exc
+    with pytest.raises(exc, match=match):
+        selfattn.varlen_attention(q, k, v, cu_q, cu_k)
 
 
 # ---------------------------------------------------------------------------------------------- attend
@@ -445,13 +450,14 @@ def test_attend_defaults_unchanged():
     # a window of the wrong kind is a TypeError, as in the engine (selfattn/_spec.py)
     (dict(window_size=(1, 2, 3)), TypeError, "window_size"), (dict(window_size=(1.5, 0)), TypeError, "window_size"),
     (dict(key_lengths=7), ValueError, "key_lengths"), (dict(key_lengths=-1), ValueError, "key_lengths"),
-    (dict(key_lengths=2.0), ValueError, "key_lengths"),
+    (dict(key_lengths=2.0), TypeError, "key_lengths"),          # not integers: TypeError, as in the engine
     (dict(key_lengths=np.array([1, 2, 3])), ValueError, "key_lengths"),
     (dict(softcap=0.0), ValueError, "softcap"), (dict(softcap=-1.0), ValueError, "softcap"),
     (dict(softcap=np.inf), ValueError, "softcap"), (dict(alibi_slopes=np.ones(5)), ValueError, "alibi_slopes"),
 ])
 def test_reference_rejects_clearly_wrong_values(kw, exc, match):
     q, k, v = _qkv(_rng(19), (2, 3), (2, 3), 4, 6, 2, 2)
-    with pytest.raises(exc, match=match) as info:
-        sdpa(q, k, v, **kw)
-    assert type(info.value) is exc
+    for fn in (sdpa, selfattn.scaled_dot_product_attention):     # the same mistake, the same exception
+        with pytest.raises(exc, match=match) as info:
+            fn(q, k, v, **kw)
+        assert type(info.value) is exc

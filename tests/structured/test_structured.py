@@ -403,8 +403,8 @@ def test_query_offsets_place_a_block_at_its_positions(isa, schedule, case):
         # the backward of the block problem: the reference VJP over the full rows, restricted
         dout = rng.standard_normal(out.shape)
         with forced_schedule(schedule):
-            dq, dk, dv = _core.sdpa(q[..., l0:l1, :], k[..., s0:s1, :], v[..., s0:s1, :],
-                                    _bwd=(out, lse, dout), **bk)
+            dq, dk, dv = _core.describe(q[..., l0:l1, :], k[..., s0:s1, :], v[..., s0:s1, :],
+                                        **bk).backward(out, lse, dout)
         full_dout = np.zeros(q.shape[:-1] + (Ev,))
         full_dout[..., l0:l1, :] = dout
         _, vjp = reference.scaled_dot_product_attention_vjp(q, k, v, attn_mask=keep, **kw)
