@@ -115,6 +115,73 @@ def _as_dask(da: Any, x: Any, name: str) -> Any:
     return da.from_array(a, chunks=tuple(max(n, 1) for n in a.shape) if a.shape else ())
 
 
+def _rechunk(q: Any, k: Any, v: Any, mask: Any, enable_gqa: bool) -> Tuple[Any, Any, Any, Any]:
+    """The blocks' chunks: the query decides batch/heads/L, the key S; E and Ev whole; with
+    grouped-query heads the query's head chunks are multiples of the group (whole kv heads)."""
+    nd, E, Ev = q.ndim, q.shape[-1], v.shape[-1]
+    if nd >= 3:
+        Hq, H = q.shape[-3], k.shape[-3]
+        g = Hq // H if (enable_gqa and H and Hq != H) else 1
+        hq_chunks = _group_chunks(q.chunks[-3], g) if g > 1 else q.chunks[-3]
+        q = q.rechunk(q.chunks[:-3] + (hq_chunks, q.chunks[-2], (E,)))
+        kv_lead = q.chunks[:-3] + (tuple(c // g for c in hq_chunks),)
+    else:
+        q = q.rechunk((q.chunks[-2], (E,)))
+        kv_lead = ()
+    k = k.rechunk(kv_lead + (k.chunks[-2], (E,)))
+    v = v.rechunk(kv_lead + (k.chunks[-2], (Ev,)))
+    if mask is not None:
+        mask = mask.reshape((1,) * (nd - mask.ndim) + mask.shape)
+        want = q.chunks[:-1] + (k.chunks[-2],)
+        mask = mask.rechunk(tuple((1,) if n == 1 else c for n, c in zip(mask.shape, want)))
+    return q, k, v, mask
+
+
+def _merge_tree(layer: Dict[Any, Any], keys: List[Any], merge_name: str, idx: Tuple[int, ...],
+                split_every: int) -> Any:
+    """Merge the blocks' (out, lse) `keys` in a tree of fan-in split_every; the root's key."""
+    level = 0
+    while len(keys) > 1:
+        merged = []
+        for gi in range(0, len(keys), split_every):
+            group = keys[gi:gi + split_every]
+            if len(group) == 1:
+                merged.append(group[0])
+                continue
+            mk = (f"{merge_name}-{level}",) + idx + (gi // split_every,)
+            layer[mk] = (_merge_parts, list(group))
+            merged.append(mk)
+        keys, level = merged, level + 1
+    return keys[0]
+
+
+def _validated(da: Any, query: Any, key: Any, value: Any, attn_mask: Any, split_every: Any,
+               **options: Any) -> Tuple[Any, Any, Any, Any, Any, int]:
+    """The inputs as Dask arrays, validated as the NumPy function validates them, from their shapes
+    and dtypes (the engine's problem builder; ArraySpec stands in for the data): (q, k, v, mask,
+    compute dtype, split_every)."""
+    if split_every is None:
+        split_every = 8
+    if isinstance(split_every, (bool, np.bool_)) or not isinstance(split_every, (int, np.integer)):
+        raise TypeError(f"split_every must be an int >= 2, got {type(split_every).__name__}")
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    q, k, v = (_as_dask(da, x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
+    mask = None if attn_mask is None else _as_dask(da, attn_mask, "attn_mask")
+
+    # -- validate everything as the NumPy function does, from the shapes and dtypes (the engine's
+    # problem builder: ArraySpec stands in for the data)
+    spec = lambda a: None if a is None else _spec.ArraySpec(tuple(a.shape), a.dtype)   # noqa: E731
+    dt = _core.describe(spec(q), spec(k), spec(v), attn_mask=spec(mask), **options).dtype
+    nd = q.ndim
+    if not (k.ndim == v.ndim == nd) or k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
+        raise ValueError(f"selfattn.dask needs query {q.shape}, key {k.shape} and value {v.shape} with the same "
+                         f"number of dims and the same leading (batch) dims; broadcast them first "
+                         f"(dask.array.broadcast_to)")
+
+    return q, k, v, mask, dt, int(split_every)
+
+
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
                                  is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False, return_lse: bool = False,
@@ -189,39 +256,17 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    if split_every is None:
-        split_every = 8
-    if isinstance(split_every, (bool, np.bool_)) or not isinstance(split_every, (int, np.integer)):
-        raise TypeError(f"split_every must be an int >= 2, got {type(split_every).__name__}")
-    if split_every < 2:
-        raise ValueError(f"split_every must be >= 2, got {split_every}")
-    q, k, v = (_as_dask(da, x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
-    mask = None if attn_mask is None else _as_dask(da, attn_mask, "attn_mask")
-
-    # -- validate everything as the NumPy function does, from the shapes and dtypes (the engine's
-    # problem builder: ArraySpec stands in for the data)
-    spec = lambda a: None if a is None else _spec.ArraySpec(tuple(a.shape), a.dtype)   # noqa: E731
-    dt = _core.describe(spec(q), spec(k), spec(v), attn_mask=spec(mask), is_causal=is_causal, scale=scale,
-                        enable_gqa=enable_gqa, num_threads=num_threads, window_size=window_size,
-                        alignment=alignment, key_lengths=key_lengths, alibi_slopes=alibi_slopes,
-                        softcap=softcap).dtype
+    q, k, v, mask, dt, split_every = _validated(da, query, key, value, attn_mask, split_every, is_causal=is_causal,
+                                                scale=scale, enable_gqa=enable_gqa, num_threads=num_threads,
+                                                window_size=window_size, alignment=alignment,
+                                                key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap)
     nd = q.ndim
-    if not (k.ndim == v.ndim == nd) or k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
-        raise ValueError(f"selfattn.dask needs query {q.shape}, key {k.shape} and value {v.shape} with the same "
-                         f"number of dims and the same leading (batch) dims; broadcast them first "
-                         f"(dask.array.broadcast_to)")
 
     # -- the structure, normalised: window sides with the causal cut, valid keys per batch entry
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     batch = q.shape[:-3]
     nb = len(batch)
-    if window_size is None:
-        left: Optional[int] = None
-        right: Optional[int] = None
-    elif isinstance(window_size, (int, np.integer)):
-        left = right = int(window_size)
-    else:
-        left, right = (None if w is None else int(w) for w in window_size)
+    left, right = _spec.window_sides(window_size)
     if is_causal:
         right = 0                                    # right >= 0 is validated: min(right, 0)
     S_b = np.broadcast_to(np.asarray(S if key_lengths is None else key_lengths, dtype=np.int64), batch)
@@ -230,22 +275,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
         slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), q.shape[:-2])
     bottom_right = alignment == "bottom_right"
 
-    # -- chunks: the query decides batch/heads/L, the key S; GQA head chunks meet whole kv heads
-    if nd >= 3:
-        Hq, H = q.shape[-3], k.shape[-3]
-        g = Hq // H if (enable_gqa and H and Hq != H) else 1
-        hq_chunks = _group_chunks(q.chunks[-3], g) if g > 1 else q.chunks[-3]
-        q = q.rechunk(q.chunks[:-3] + (hq_chunks, q.chunks[-2], (E,)))
-        kv_lead = q.chunks[:-3] + (tuple(c // g for c in hq_chunks),)
-    else:
-        q = q.rechunk((q.chunks[-2], (E,)))
-        kv_lead = ()
-    k = k.rechunk(kv_lead + (k.chunks[-2], (E,)))
-    v = v.rechunk(kv_lead + (k.chunks[-2], (Ev,)))
-    if mask is not None:
-        mask = mask.reshape((1,) * (nd - mask.ndim) + mask.shape)
-        want = q.chunks[:-1] + (k.chunks[-2],)
-        mask = mask.rechunk(tuple((1,) if n == 1 else c for n, c in zip(mask.shape, want)))
+    q, k, v, mask = _rechunk(q, k, v, mask, enable_gqa)
     lead_bounds = [_bounds(c) for c in q.chunks[:-2]]            # batch dims, then heads
     l_bounds, s_bounds = _bounds(q.chunks[-2]), _bounds(k.chunks[-2])
 
@@ -282,20 +312,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
                 key_ = (part_name,) + idx + (-1,)
                 layer[key_] = (functools.partial(_nothing_visible, lead_shape + (l1 - l0,), Ev, dt),)
                 keys.append(key_)
-            level = 0
-            while len(keys) > 1:
-                merged = []
-                for gi in range(0, len(keys), split_every):
-                    group = keys[gi:gi + split_every]
-                    if len(group) == 1:
-                        merged.append(group[0])
-                        continue
-                    mk = (f"{merge_name}-{level}",) + idx + (gi // split_every,)
-                    layer[mk] = (_merge_parts, list(group))
-                    merged.append(mk)
-                keys, level = merged, level + 1
-            finals[idx] = keys[0]
-            layer[(out_name,) + idx + (0,)] = (operator.getitem, keys[0], 0)
+            finals[idx] = _merge_tree(layer, keys, f"{merge_name}", idx, split_every)
+            layer[(out_name,) + idx + (0,)] = (operator.getitem, finals[idx], 0)
 
     deps = [q, k, v] + ([] if mask is None else [mask])
     graph = HighLevelGraph.from_collections(out_name, layer, dependencies=deps)

@@ -127,6 +127,22 @@ def _structure(L, S, lead, batch, *, is_causal, window, alignment, key_lengths, 
 # ---------------------------------------------------------------------------------------------
 # attention_weights
 
+def _softmax_rows(s):
+    """Softmax over the last axis, in place; a row with no visible key (all -inf) gives zeros."""
+    if s.shape[-1] == 0:
+        return s
+    m = np.max(s, axis=-1, keepdims=True)
+    dead = m == -np.inf
+    m[dead] = 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        s -= m
+        np.exp(s, out=s)
+        tot = np.sum(s, axis=-1, keepdims=True)
+        tot[dead] = 1
+        s /= tot
+    return s
+
+
 def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None, enable_gqa=False,
                       window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
                       softcap=None, max_elements=DEFAULT_MAX_ELEMENTS):
@@ -275,19 +291,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
     if visible is not None:
         np.copyto(s, dt.type(-np.inf), where=~np.asarray(visible))
 
-    # -- row softmax; a row with no visible key (all -inf) gives zeros
-    if S == 0:
-        return s
-    m = np.max(s, axis=-1, keepdims=True)
-    dead = m == -np.inf
-    m[dead] = 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        s -= m
-        np.exp(s, out=s)
-        tot = np.sum(s, axis=-1, keepdims=True)
-        tot[dead] = 1
-        s /= tot
-    return s
+    return _softmax_rows(s)
 
 
 # ---------------------------------------------------------------------------------------------
