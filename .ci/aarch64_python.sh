@@ -21,6 +21,9 @@
 # The tests, both passes with -rs and the hypothesis "ci" profile (conftest.py):
 #   pass 1  the whole suite, default path neon; the tests parametrised over the ISAs (the `isa`
 #           fixture, sa_testutil.ISAS) run neon and generic each
+#   pass 1b the slow tests of robustness/ (large sizes, leaks): the kernels' slow tests, neon; the
+#           other slow tests (the demo and training CLIs, Dask, the MiniLM example) are Python-level
+#           and run natively (CI step 3) and under ASan (step 12), not under emulation (minutes each)
 #   pass 2  SELFATTN_ISA=generic: the files whose tests run on the process default path (not
 #           parametrised over the ISAs), so that generic runs them too (PASS2_FILES below)
 # Left out, each for a reason of emulation or time, never of a failure on aarch64:
@@ -192,6 +195,9 @@ PASS2_FILES=(backward/test_attend_vjp.py backward/test_backward.py backward/test
 stamp "pass 1: the suite, default path neon (parametrised tests: neon and generic)"
 inroot sh -c 'cd /tmp && exec python3 -m pytest /src/tests -q "$@"' sh "${DESELECT[@]}" \
     || die "pass 1 (default path neon) failed"
+stamp "pass 1b: the kernels' slow tests (robustness/: sizes, leaks), default path neon"
+inroot sh -c 'cd /tmp && exec python3 -m pytest /src/tests/robustness -q -m slow "$@"' sh "${DESELECT[@]}" \
+    || die "pass 1b (slow kernel tests, neon) failed"
 stamp "pass 2: SELFATTN_ISA=generic, the tests that run the default path"
 inroot env SELFATTN_ISA=generic sh -c 'cd /tmp && python3 -c "import selfattn; selfattn.show_config()" \
     && exec python3 -m pytest -q -k "not neon and not generic" "$@"' sh "${PASS2_FILES[@]/#//src/tests/}" \

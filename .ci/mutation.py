@@ -31,6 +31,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,13 +121,25 @@ def apply(tree, mutant):
 
 
 def run_c_tests(tree, workdir):
-    """{test program: (killed?, summary line)} for the C tests built against tree/src_c."""
+    """{test program: (killed?, summary line)} for the C tests built against tree/src_c.
+    The kernel sources are compiled once (-O2 -fopenmp, two at a time) and linked into each test."""
     src = Path(tree) / "src_c"
+    objs = [Path(workdir) / f.replace(".c", ".o") for f in C_SOURCES]
+
+    def compile_one(pair):
+        c_file, obj = pair
+        cmd = compiler() + ["-O2", "-fopenmp", f"-I{src}", "-c", str(src / c_file), "-o", str(obj)]
+        return cmd, subprocess.run(cmd, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for cmd, r in pool.map(compile_one, zip(C_SOURCES, objs)):
+            if r.returncode != 0:
+                raise SystemExit(f"compiling failed:\n$ {' '.join(cmd)}\n{r.stderr[-3000:]}")
     results = {}
     for test, flags in C_TESTS:
         exe = Path(workdir) / test.replace(".c", "")
         cmd = compiler() + flags + [f"-I{src}", str(Path(tree) / "tests" / "c" / test)] + \
-            [str(src / f) for f in C_SOURCES] + ["-lm", "-lpthread", "-o", str(exe)]
+            [str(o) for o in objs] + ["-lm", "-lpthread", "-o", str(exe)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"building {test} failed:\n$ {' '.join(cmd)}\n{r.stderr[-3000:]}")
@@ -137,11 +150,46 @@ def run_c_tests(tree, workdir):
     return results
 
 
-def run_python_tests(tree, workdir, test_args, python):
-    """Build the extension from tree into a private target dir, run pytest; (killed?, failed ids)."""
+# The Cython part of the extension (_core.pyx -> _core.c -> _core.o) is the same for every mutant
+# (the faults are planted in src_c/): it is generated and compiled once, by the unmutated build,
+# and reused. CC points at this wrapper, which serves _core.c's object from a cache keyed by the
+# file's bytes and the compiler's flags (paths of the temporary trees left out), and runs the real
+# compiler for everything else.
+def cached_cc(workroot):
+    """A CC value that caches the compile of selfattn/_core.c under workroot/cc-cache."""
+    wrapper = Path(workroot) / "cc_cache.py"
+    wrapper.write_text(
+        "import hashlib, os, shutil, subprocess, sys\n"
+        "cache, root, n = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+        "real, args = sys.argv[4:4 + n], sys.argv[4 + n:]\n"
+        "src = next((a for a in args if a.endswith('_core.c')), None)\n"
+        "out = args[args.index('-o') + 1] if '-o' in args and '-c' in args else None\n"
+        "if src is None or out is None:\n"
+        "    sys.exit(subprocess.call(real + args))\n"
+        "h = hashlib.sha256(open(src, 'rb').read())\n"
+        "h.update(' '.join(real + [a for a in args if root not in a]).encode())\n"
+        "hit = os.path.join(cache, h.hexdigest() + '.o')\n"
+        "if not os.path.exists(hit):\n"
+        "    rc = subprocess.call(real + args)\n"
+        "    if rc:\n"
+        "        sys.exit(rc)\n"
+        "    os.makedirs(cache, exist_ok=True)\n"
+        "    shutil.copyfile(out, hit + '.tmp')\n"
+        "    os.replace(hit + '.tmp', hit)\n"
+        "else:\n"
+        "    shutil.copyfile(hit, out)\n")
+    real = compiler()
+    return " ".join(shlex.quote(a) for a in [sys.executable, str(wrapper), str(Path(workroot) / "cc-cache"),
+                                             str(workroot), str(len(real))] + real)
+
+
+def run_python_tests(tree, workdir, test_args, python, cc=None):
+    """Build the extension from tree into a private target dir, run pytest; (killed?, failed ids).
+    cc: the CC for the build (cached_cc: _core.c compiled once for all mutants)."""
     target = Path(workdir) / "site"
+    build_env = dict(os.environ, **({"CC": cc} if cc else {}))
     r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-                        "--target", str(target), str(tree)], capture_output=True, text=True)
+                        "--target", str(target), str(tree)], capture_output=True, text=True, env=build_env)
     if r.returncode != 0:
         raise SystemExit(f"building the extension failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     env = dict(os.environ, PYTHONPATH=str(target))
@@ -172,6 +220,8 @@ def main(argv=None):
     test_args = {"files": args.tests, "extra": ["-x"] if args.x else []}
     survivors, rows = [], []
     with tempfile.TemporaryDirectory(prefix="selfattn-mutation-") as tmp:
+        cc = cached_cc(tmp)
+        core_c = Path(tmp) / "unmutated" / "repo" / "selfattn" / "_core.c"
         for mutant in [None] + mutants:
             name = "unmutated" if mutant is None else mutant[0]
             t0 = time.time()
@@ -179,6 +229,8 @@ def main(argv=None):
             copy_tree(tree)
             if mutant is not None:
                 apply(tree, mutant)
+                if core_c.exists():        # the unmutated build's _core.c: not generated again
+                    shutil.copy2(core_c, tree / "selfattn" / "_core.c")
             work = Path(tmp) / name / "work"
             work.mkdir()
             c = run_c_tests(tree, work)
@@ -186,7 +238,7 @@ def main(argv=None):
             line = f"{name:22s} C: " + "; ".join(f"{t}: {s}" for t, (_, s) in c.items())
             py_failed = []
             if args.python:
-                py_killed, py_failed, py_summary = run_python_tests(tree, work, test_args, args.interpreter)
+                py_killed, py_failed, py_summary = run_python_tests(tree, work, test_args, args.interpreter, cc)
                 killed = killed or py_killed
                 line += f" | pytest: {py_summary}"
             line += f"  [{time.time() - t0:.0f}s]"
