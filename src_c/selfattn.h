@@ -92,8 +92,12 @@ typedef struct {
     int decode;               /* 1: decode path (few query rows, split-KV)   */
     int64_t compute_tasks;    /* fused: distinct K/V; banded: distinct K/V x runs
                                  of query tiles; decode: distinct K/V x key chunks;
-                                 shared: units x query tiles                 */
-    int64_t group;            /* shared: distinct K/V packed at once         */
+                                 shared: units x query tiles; backward: distinct
+                                 K/V x key chunks                            */
+    int64_t packed_kv;        /* forward, shared: distinct K/V packed at once
+                                 (given for every forward schedule; 0 backward) */
+    int64_t key_chunks;       /* backward: key chunks per distinct K/V (each
+                                 keeps a partial dQ); 0 forward              */
     int64_t ring_blocks;      /* banded: key blocks packed per thread        */
 } sa_schedule;
 
