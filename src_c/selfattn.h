@@ -17,6 +17,22 @@
  * description: sa_attn_args), sa_attn_bwd_* (its fused backward, same
  * description plus the gradient fields), sa_attn_schedule (how it would run),
  * sa_merge_* (the log-sum-exp merge of partial results), CPU/ISA queries.
+ *
+ * Files (src_c/):
+ *   selfattn.h        this interface;  attn_internal.h: layouts, task runner
+ *   dispatch.c        the one function table [ISA][dtype] -> forward, decode,
+ *                     backward kernel; workspace layouts; threads
+ *   attn_<isa>.c      generic | avx2 | avx512 | neon: tile sizes, then
+ *                     attn_kernels.h once per dtype (float, double)
+ *   attn_kernels.h    what is compiled per ISA and dtype, in order:
+ *     shared:   attn_pack.h (K/V packing), attn_micro.h (micro-kernels),
+ *               attn_rows.h (softcap, ALiBi, attn_mask, online softmax),
+ *               lse_merge.h (the log-sum-exp merge; merge.c's too)
+ *     bodies:   attn_fwd_body.h (shared, fused, banded schedules),
+ *               attn_decode_body.h (decode: split-KV), attn_bwd_body.h
+ *   attn_mask.h       causal / window / lengths / positions as key intervals
+ *   simd_<isa>.h      the vector layer (simd_common.h: the names)
+ *   merge.c           sa_merge_* (lse_merge.h in float64)
  */
 #ifndef SELFATTN_H
 #define SELFATTN_H
