@@ -9,7 +9,8 @@
  *
  * Shapes, per kv unit g (one distinct K/V) with its units u (the GQA query
  * heads, or batch entries, that share it) stacked:
- *   Q [R = units x L, E] (R <= SA_DECODE_MAX_ROWS), K [S, E], V [S, Ev]
+ *   Q [R = units x dec_l, E] (dec_l: L, or the most rows a unit has, max
+ *   q_len; R <= SA_DECODE_MAX_ROWS), K [S, E], V [S, Ev]
  *   -> O [R, Ev], lse [R]
  * A decode step is memory-bound: each K/V byte must be read once, at the
  * machine's bandwidth, by every core. So nothing is packed (packing one
@@ -41,11 +42,12 @@ typedef struct {
     T qscale;           /* scale * log2(e)                       */
 } FN(dctx_t);
 
-/* Row rr of kv unit g's stacked rows: its unit and its row in that unit. */
-static inline void FN(decode_row)(const sa_attn_args *a, int64_t g, int64_t rr, int64_t *u, int64_t *i)
+/* Row rr of kv unit g's stacked rows (dec_l per unit): its unit and its row in that unit. */
+static inline void FN(decode_row)(const sa_attn_args *a, const sa_layout *lay, int64_t g, int64_t rr, int64_t *u,
+                                  int64_t *i)
 {
-    *u = a->kv_units[a->kv_start[g] + rr / a->L];
-    *i = rr % a->L;
+    *u = a->kv_units[a->kv_start[g] + rr / lay->dec_l];
+    *i = rr % lay->dec_l;
 }
 
 /* decode task t: chunk t % dec_chunks of kv unit t / dec_chunks */
@@ -57,7 +59,7 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
     const int64_t E = a->E, Ev = a->Ev, evp = lay->evp;
     const T NEG_INF = -(T)INFINITY;
     const int64_t g = t / lay->dec_chunks, ch = t % lay->dec_chunks;
-    const int64_t R = (a->kv_start[g + 1] - a->kv_start[g]) * a->L;
+    const int64_t R = (a->kv_start[g + 1] - a->kv_start[g]) * lay->dec_l;
 
     /* this chunk's partial result: O [R][evp], then m [R], l [R] */
     T *Op = c->parts + t * lay->dec_part_elems;
@@ -77,7 +79,7 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
 
     for (int64_t rr = 0; rr < R; rr++) {
         int64_t u, i;
-        FN(decode_row)(a, g, rr, &u, &i);
+        FN(decode_row)(a, lay, g, rr, &u, &i);
         sa_unit_mask_init(a, u, &um[rr]);
         mp[rr] = NEG_INF;
         lp[rr] = 0;
@@ -119,7 +121,7 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
             alph[rr] = 1;                                 /* a row that sees no key here: O unchanged */
             if (ve[rr] <= vs[rr]) continue;
             int64_t u, i, rs, re;
-            FN(decode_row)(a, g, rr, &u, &i);
+            FN(decode_row)(a, lay, g, rr, &u, &i);
             T *s = St + rr * BK;
             int64_t cs = vs[rr] / VW * VW, ce = sa_round_up(ve[rr], VW);
             for (int64_t j = cs; j < vs[rr]; j++) s[j] = 0;
@@ -170,14 +172,14 @@ static void FN(decode_merge_task)(void *vctx, int64_t g, int tid)
     const sa_attn_args *a = c->a;
     const sa_layout *lay = c->lay;
     const int64_t evp = lay->evp, nch = lay->dec_chunks, rows = lay->dec_rows;
-    const int64_t R = (a->kv_start[g + 1] - a->kv_start[g]) * a->L;
+    const int64_t R = (a->kv_start[g + 1] - a->kv_start[g]) * lay->dec_l;
     const T *parts[SA_DECODE_MAX_CHUNKS];       /* chunk ch: O [rows][evp], m [rows], l [rows] */
     T w[SA_DECODE_MAX_CHUNKS];
     (void)tid;
     for (int64_t ch = 0; ch < nch; ch++) parts[ch] = c->parts + (g * nch + ch) * lay->dec_part_elems;
     for (int64_t rr = 0; rr < R; rr++) {
         int64_t u, i;
-        FN(decode_row)(a, g, rr, &u, &i);
+        FN(decode_row)(a, lay, g, rr, &u, &i);
         int64_t Lu = a->q_len ? a->q_len[u] : a->L;
         if (i >= Lu) continue;
         T *dst = (T *)a->out + a->out_off[u] + i * a->out_sl;

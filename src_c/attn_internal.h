@@ -63,6 +63,7 @@ typedef struct {
     int64_t packed_kv;           /* shared mode: kv units packed at once (reported for every schedule) */
     int64_t ring;                /* banded mode: block slots per thread      */
     int64_t chunk, n_chunks;     /* banded mode: query tiles per task, tasks per kv unit */
+    int64_t dec_l;               /* decode: rows stacked per unit: max q_len (or L) */
     int64_t dec_rows;            /* decode: stacked query rows of the largest kv group */
     int64_t dec_ck, dec_chunks;  /* decode: keys per chunk (a multiple of bk), chunks per kv unit */
     int64_t dec_part_elems;      /* decode: one chunk's partial result, O [dec_rows][evp], m, l */

@@ -205,11 +205,21 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     /* Decode path when each distinct K/V has few query rows, its GQA heads
      * (or batch entries sharing it) stacked: nothing is packed, and the keys
      * are split into chunks that depend on the shapes only (so the merged
-     * result does not depend on the thread count): about 64 tasks in all. */
+     * result does not depend on the thread count): about 64 tasks in all.
+     * A unit stacks the rows it really has (q_len: at most their max, so a
+     * ragged KV-cache call of one new token per sequence padded to L rows
+     * is still a decode step). */
     int64_t gmax = 0;
     for (int64_t g = 0; g < a->n_kv; g++)
         if (a->kv_start[g + 1] - a->kv_start[g] > gmax) gmax = a->kv_start[g + 1] - a->kv_start[g];
-    lay->dec_rows = gmax * a->L;
+    lay->dec_l = a->L;
+    if (a->q_len) {
+        lay->dec_l = 0;
+        for (int64_t u = 0; u < a->n_units; u++)
+            if (a->q_len[u] > lay->dec_l) lay->dec_l = a->q_len[u];
+        if (lay->dec_l > a->L) lay->dec_l = a->L;
+    }
+    lay->dec_rows = gmax * lay->dec_l;
     int64_t ck = a->n_kv > 0 ? (a->S * a->n_kv + 63) / 64 : a->S;
     if (ck < 256) ck = 256;
     lay->dec_ck = sa_round_up(ck, p->bk);
