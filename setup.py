@@ -168,8 +168,9 @@ ext = Extension(
     sources=["selfattn/_core.pyx"] + C_SOURCES,
     include_dirs=["src_c", np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    depends=["src_c/selfattn.h", "src_c/attn_internal.h", "src_c/attn_mask.h", "src_c/attn_fwd_body.h", "src_c/attn_decode_body.h",
-             "src_c/attn_bwd_body.h",
+    depends=["src_c/selfattn.h", "src_c/attn_internal.h", "src_c/attn_mask.h", "src_c/attn_kernels.h",
+             "src_c/attn_pack.h", "src_c/attn_micro.h", "src_c/attn_rows.h", "src_c/lse_merge.h",
+             "src_c/attn_fwd_body.h", "src_c/attn_decode_body.h", "src_c/attn_bwd_body.h",
              "src_c/simd_common.h", "src_c/simd_generic.h", "src_c/simd_avx2.h", "src_c/simd_avx512.h",
              "src_c/simd_neon.h"],
 )

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BODY = "src_c/attn_fwd_body.h"
 DECODE = "src_c/attn_decode_body.h"
 BWD = "src_c/attn_bwd_body.h"
+ROWS = "src_c/attn_rows.h"
+MERGE = "src_c/lse_merge.h"
 DISPATCH = "src_c/dispatch.c"
 
 # (name, file, exact text, replacement, what the fault is)
@@ -50,13 +52,13 @@ MUTANTS = [
     ("off_by_one_tile_edge", BODY, "int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK;",
      "int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK - 1;",
      "the last key of every full key block is dropped (only a problem with S >= BK)"),
-    ("dropped_mask_bit", BODY, "if (!m[j * ss]) s[j] = NEG_INF;",
+    ("dropped_mask_bit", ROWS, "if (!m[j * ss]) s[j] = NEG_INF;",
      "if (!m[j * ss] && j != ve - 1) s[j] = NEG_INF;",
      "a False in a bool mask is ignored at the last visible key of each row and block"),
-    ("wrong_lse", BODY, "(T)(0.6931471805599453 * (double)m[r] + log((double)l[r]))",
+    ("wrong_lse", BODY, "(T)(SA_LN2 * (double)m[r] + log((double)l[r]))",
      "(T)((double)m[r] + log((double)l[r]))",
      "lse mixes log2 and natural-log units (the running max is not converted)"),
-    ("float_mask_units", BODY, "s[j] += (T)(m[j * ss] * 1.4426950408889634);", "s[j] += (T)m[j * ss];",
+    ("float_mask_units", ROWS, "s[j] += (T)(m[j * ss] * SA_LOG2E);", "s[j] += (T)m[j * ss];",
      "a float64 mask is added in natural-log units to log2-unit scores"),
     ("causal_off_by_one", MASK, "if (m->causal && p < h) h = p;", "if (m->causal && p + 1 < h) h = p + 1;",
      "under is_causal, query p also sees key p + 1"),
@@ -65,17 +67,17 @@ MUTANTS = [
      "a window (left, .) sees one key less on the left"),
     ("alignment_ignored", MASK, ": a->alignment == SA_ALIGN_BOTTOM_RIGHT ? m->S - m->L : 0;",
      ": 0;", "bottom_right alignment behaves as top_left"),
-    ("alibi_sign", BODY, "s[j] -= slope * (d < 0 ? -d : d);", "s[j] += slope * (d < 0 ? -d : d);",
+    ("alibi_sign", ROWS, "s[j] -= slope * (d < 0 ? -d : d);", "s[j] += slope * (d < 0 ? -d : d);",
      "ALiBi adds +slope |p - j| instead of subtracting it"),
-    ("key_lengths_read_past_end", BODY, "FN(pack_block)(c, g, kb, hi + 1, Kp + kb * c->lay.blk_elems);",
-     "FN(pack_block)(c, g, kb, a->S, Kp + kb * c->lay.blk_elems);",
+    ("key_lengths_read_past_end", BODY, "FN(pack_block)(c, g, kb, hi + 1, Kp + kb * c->lay->blk_elems);",
+     "FN(pack_block)(c, g, kb, a->S, Kp + kb * c->lay->blk_elems);",
      "the fused schedule packs (reads) keys past key_lengths: NaN/Inf there leaks into the packed block"),
     ("banded_stale_slot", BODY, "if (slot_kb[kb % ring] == kb) continue;", "if (slot_kb[kb % ring] >= 0) continue;",
      "the banded schedule reuses a ring slot that holds another key block (stale K/V)"),
     ("decode_no_rescale", DECODE, "alph[rr] = (T)exp2((double)(mp[rr] - msafe));", "alph[rr] = 1;",
      "the decode path does not rescale O when a later key block raises the running max"),
-    ("decode_merge_unweighted_l", DECODE, "l += w * part[lay->dec_rows * evp + lay->dec_rows + rr];",
-     "l += part[lay->dec_rows * evp + lay->dec_rows + rr];",
+    ("decode_merge_unweighted_l", MERGE, "total += w[c] * l[c][l_off];",
+     "total += l[c][l_off];",
      "the split-KV merge sums the chunks' l without their weights exp(m_c - M)"),
     ("bwd_no_softcap_derivative", BWD, "ds = V(mul)(ds, V(sub)(one, V(mul)(t, t)));", "(void)t;",
      "the backward forgets softcap's derivative 1 - tanh^2"),

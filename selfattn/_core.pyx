@@ -957,6 +957,7 @@ cdef object _schedule_of(sa_attn_args *args, int isa, int isz, bint bwd=False):
         raise RuntimeError(f"selfattn: kernel rejected the problem (status {status})")
     return {"threads": sched.threads, "fused": bool(sched.fused), "banded": bool(sched.banded),
             "decode": bool(sched.decode),
-            "compute_tasks": sched.compute_tasks, "group": sched.group, "ring_blocks": sched.ring_blocks,
+            "compute_tasks": sched.compute_tasks, "group": sched.key_chunks if bwd else sched.packed_kv,
+            "ring_blocks": sched.ring_blocks,
             "workspace_bytes": ws_bytes}
 

@@ -43,7 +43,8 @@ cdef extern from "selfattn.h" nogil:
         int banded
         int decode
         int64_t compute_tasks
-        int64_t group
+        int64_t packed_kv
+        int64_t key_chunks
         int64_t ring_blocks
 
     ctypedef int (*sa_interrupt_fn)(void *ctx) noexcept

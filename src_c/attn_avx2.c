@@ -41,7 +41,7 @@
 #define NVV SA_AVX2_NVV
 #define BQ SA_AVX2_BQ
 #define BK 128
-#include "attn_fwd_body.h"
+#include "attn_kernels.h"
 
 #ifndef SA_AVX2_MR64
 #define SA_AVX2_MR64 4
@@ -58,7 +58,7 @@
 #define NVV 2
 #define BQ SA_AVX2_BQ64
 #define BK 128
-#include "attn_fwd_body.h"
+#include "attn_kernels.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -24,7 +24,7 @@
 #define NVV 2
 #define BQ 64
 #define BK 128
-#include "attn_fwd_body.h"
+#include "attn_kernels.h"
 
 #define T double
 #define VP vd
@@ -35,7 +35,7 @@
 #define NVV 2
 #define BQ 64
 #define BK 128
-#include "attn_fwd_body.h"
+#include "attn_kernels.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop

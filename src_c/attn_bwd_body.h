@@ -1,10 +1,10 @@
 /*
  * attn_bwd_body.h -- the fused attention backward (FlashAttention-2's
- * algorithm). Included by attn_fwd_body.h (same T, VP, VW, MR, NVV, BQ, BK,
- * FN, V macros), so it is compiled once per target and dtype like the
- * forward, and shares its problem description (sa_attn_args), its mask
- * machinery (attn_mask.h; mask_row: softcap, ALiBi, attn_mask) and its
- * SIMD layer.
+ * algorithm). A template of attn_kernels.h (T, VW, MR, NVV, BQ, BK, FN, V):
+ * it defines attn_bwd_<TSUF>_<ISUF>, which dispatch.c calls with the layout
+ * sa_bwd_layout_compute made. Same problem description (sa_attn_args), mask
+ * machinery (attn_mask.h; attn_rows.h's mask_row: softcap, ALiBi,
+ * attn_mask), packing (attn_pack.h) and SIMD layer as the forward.
  *
  * Shapes, per unit u (one batch x head) of kv unit g:
  *   Q [L, E], K [S, E], V [S, Ev], O [L, Ev], lse [L], dO [L, Ev]
@@ -36,17 +36,9 @@
  * <= 16) plus one thread's tiles; never anything of size L x S.
  */
 
-/* rows of a backward micro-tile: MR where one of MR and VW divides the other
- * (then key ranges aligned to KAL serve both the score vectors and the
- * micro-tiles of dK and dV), else 4 */
-#define BMR ((VW % MR == 0 || MR % VW == 0) ? MR : 4)
-#define KAL (VW > BMR ? VW : BMR)
-_Static_assert(KAL % VW == 0 && KAL % BMR == 0 && BK % KAL == 0 && BQ % BMR == 0,
-               "backward tiles: KAL must be a multiple of VW and BMR, and divide BK");
-
 typedef struct {
     const sa_attn_args *a;
-    sa_bwd_layout lay;
+    const sa_bwd_layout *lay;
     T *dbuf;            /* D [n_units][lp]                       */
     T *part;            /* dQ partials [n_units][nc][lp][ep]     */
     T *scratch;         /* nt x thread_elems                     */
@@ -55,50 +47,12 @@ typedef struct {
     int stop;           /* set by thread 0 when interrupted: every task returns early */
 } FN(bctx_t);
 
-/* C[BMR][nv*VW] (= or +=) A[BMR][K] . B[K][nv*VW]: A's element (r, k) at
- * A[r*ars + k*acs] (so A may be a transposed view), B rows brs apart, C rows
- * crs apart. nv and accumulate are constants after inlining. */
-SA_INLINE void FN(bwd_mm_tile)(const T *SA_RESTRICT A, int64_t ars, int64_t acs, int64_t K,
-                               const T *SA_RESTRICT B, int64_t brs, T *SA_RESTRICT C, int64_t crs, const int nv,
-                               const int accumulate)
-{
-    VT acc[BMR][NVV];
-    for (int r = 0; r < BMR; r++)
-        for (int c = 0; c < nv; c++) acc[r][c] = accumulate ? V(load)(C + r * crs + c * VW) : V(zero)();
-    for (int64_t k = 0; k < K; k++) {
-        VT b[NVV];
-        for (int c = 0; c < nv; c++) b[c] = V(load)(B + k * brs + c * VW);
-        for (int r = 0; r < BMR; r++) {
-            VT av = V(bcast)(A + r * ars + k * acs);
-            for (int c = 0; c < nv; c++) acc[r][c] = V(fma)(av, b[c], acc[r][c]);
-        }
-    }
-    for (int r = 0; r < BMR; r++)
-        for (int c = 0; c < nv; c++) V(store)(C + r * crs + c * VW, acc[r][c]);
-}
-
-/* bwd_mm_tile over ncols columns (a multiple of VW) */
-static void FN(bwd_mm)(const T *A, int64_t ars, int64_t acs, int64_t K, const T *B, int64_t brs, T *C, int64_t crs,
-                       int64_t ncols, int accumulate)
-{
-    int64_t c0 = 0;
-    if (accumulate) {
-        for (; c0 + NVV * VW <= ncols; c0 += NVV * VW)
-            FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, NVV, 1);
-        for (; c0 < ncols; c0 += VW) FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, 1, 1);
-    } else {
-        for (; c0 + NVV * VW <= ncols; c0 += NVV * VW)
-            FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, NVV, 0);
-        for (; c0 < ncols; c0 += VW) FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, 1, 0);
-    }
-}
-
 /* ---- pass 1: D = rowsum(dO o O); zero this unit's dQ partials ---------- */
 static void FN(bwd_prep_task)(void *vctx, int64_t u, int tid)
 {
     FN(bctx_t) *c = (FN(bctx_t) *)vctx;
     const sa_attn_args *a = c->a;
-    const sa_bwd_layout *lay = &c->lay;
+    const sa_bwd_layout *lay = c->lay;
     (void)tid;
     int64_t Lu = a->q_len ? a->q_len[u] : a->L;
     const T *o = (const T *)a->out + a->out_off[u];
@@ -120,10 +74,9 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
                          int64_t tlo, int64_t thi, int64_t j0, T *ws, T *dqp)
 {
     const sa_attn_args *a = c->a;
-    const sa_bwd_layout *lay = &c->lay;
+    const sa_bwd_layout *lay = c->lay;
     const int64_t E = a->E, Ev = a->Ev, ep = lay->ep, evp = lay->evp;
     const T NEG_INF = -(T)INFINITY;
-    const T LOG2E = (T)1.4426950408889634;
     T *Kt = ws + lay->off_kt, *Kr = ws + lay->off_kr, *Vt = ws + lay->off_vt;
     T *dKa = ws + lay->off_dk, *dVa = ws + lay->off_dv;
     T *Qs = ws + lay->off_qs, *Qu = ws + lay->off_qu, *dOt = ws + lay->off_do;
@@ -134,8 +87,8 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     int64_t ka = tlo - j0 > 0 ? tlo - j0 : 0;
     int64_t kz = thi - j0 + 1 < kvalid ? thi - j0 + 1 : kvalid;
     if (kz <= ka) return;
-    int64_t cs = ka / KAL * KAL, ce = FN(round_up)(kz, KAL), nk = ce - cs;
-    int64_t rows_eff = FN(round_up)(rows, BMR);
+    int64_t cs = ka / BWD_KEY_ALIGN * BWD_KEY_ALIGN, ce = sa_round_up(kz, BWD_KEY_ALIGN), nk = ce - cs;
+    int64_t rows_eff = sa_round_up(rows, BWD_MR);
 
     /* the tile: Q scaled (for S) and as given (for dK), dO, lse in log2 units, D */
     const T *q = (const T *)a->q + a->q_off[u];
@@ -151,7 +104,7 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
             const T *dsrc = dout + (i0 + r) * a->dout_sl;
             for (int64_t f = 0; f < Ev; f++) d[f] = dsrc[f * a->dout_se];
             for (int64_t f = Ev; f < evp; f++) d[f] = 0;
-            lse2[r] = lse[(i0 + r) * a->lse_sl] * LOG2E;
+            lse2[r] = lse[(i0 + r) * a->lse_sl] * (T)SA_LOG2E;
             Dr[r] = D[i0 + r];
         } else {
             for (int64_t f = 0; f < evp; f++) d[f] = 0;
@@ -162,7 +115,7 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     }
 
     /* a. scores, masks, probabilities */
-    for (int64_t r0 = 0; r0 < rows_eff; r0 += BMR)
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
         FN(bwd_mm)(Qs + r0 * ep, ep, 1, E, Kt + cs, BK, St + r0 * BK + cs, BK, nk, 0);
     if (a->softcap > 0)
         for (int64_t r = 0; r < rows_eff; r++)
@@ -180,19 +133,18 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     }
 
     /* b. dP = dO V^T, then dS = scale P o (dP - D) (o softcap's derivative) in place */
-    for (int64_t r0 = 0; r0 < rows_eff; r0 += BMR)
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
         FN(bwd_mm)(dOt + r0 * evp, evp, 1, Ev, Vt + cs, BK, dPt + r0 * BK + cs, BK, nk, 0);
     {
         VT vscale = V(set1)((T)a->scale);
-        T c2 = (T)(a->softcap * 1.4426950408889634);
-        VT kk = V(set1)(a->softcap > 0 ? (T)(-2.0 * 1.4426950408889634) / c2 : (T)0);
-        VT one = V(set1)((T)1), two = V(set1)((T)2);
+        VT kk = V(set1)(a->softcap > 0 ? FN(softcap_k)(FN(log2_units)(a->softcap)) : (T)0);
+        VT one = V(set1)((T)1);
         for (int64_t r = 0; r < rows_eff; r++) {
             VT dr = V(set1)(Dr[r]);
             for (int64_t j = cs; j < ce; j += VW) {
                 VT ds = V(mul)(V(load)(St + r * BK + j), V(sub)(V(load)(dPt + r * BK + j), dr));
                 if (a->softcap > 0) {          /* tanh(x / softcap) from the raw log2-unit score */
-                    VT t = V(sub)(V(div)(two, V(add)(one, V(exp2)(V(mul)(V(load)(Raw + r * BK + j), kk)))), one);
+                    VT t = FN(softcap_tanh)(V(load)(Raw + r * BK + j), kk);
                     ds = V(mul)(ds, V(sub)(one, V(mul)(t, t)));
                 }
                 V(store)(dPt + r * BK + j, V(mul)(ds, vscale));
@@ -206,46 +158,27 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     }
 
     /* c. dV_blk += P^T dO, dK_blk += dS^T Q over the keys [cs, ce) */
-    for (int64_t jr = cs; jr < ce; jr += BMR) {
+    for (int64_t jr = cs; jr < ce; jr += BWD_MR) {
         FN(bwd_mm)(St + jr, 1, BK, rows_eff, dOt, evp, dVa + jr * evp, evp, evp, 1);
         FN(bwd_mm)(dPt + jr, 1, BK, rows_eff, Qu, ep, dKa + jr * ep, ep, ep, 1);
     }
     /* d. this chunk's dQ partial += dS K, over the tile's keys [ka, kz) only (K rows
      * outside may be another unit's keys, not finite for this one) */
-    for (int64_t r0 = 0; r0 < rows_eff; r0 += BMR)
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
         FN(bwd_mm)(dPt + r0 * BK + ka, BK, 1, kz - ka, Kr + ka * ep, ep, dqp + (i0 + r0) * ep, ep, ep, 1);
 }
 
-/* Pack key block kb of kv unit g (keys below klim; the rest zero): K^T [E][BK],
+/* Pack key block j0 of kv unit g (keys below klim; the rest zero): K^T [E][BK],
  * K [BK][ep] and V^T [Ev][BK]. */
 static void FN(bwd_pack)(const FN(bctx_t) *c, int64_t g, int64_t j0, int64_t klim, T *ws)
 {
     const sa_attn_args *a = c->a;
-    const sa_bwd_layout *lay = &c->lay;
-    const int64_t E = a->E, Ev = a->Ev, ep = lay->ep;
-    T *Kt = ws + lay->off_kt, *Kr = ws + lay->off_kr, *Vt = ws + lay->off_vt;
-    const T *k = (const T *)a->k + a->kv_k_off[g];
-    const T *v = (const T *)a->v + a->kv_v_off[g];
-    int64_t nvalid = klim - j0 < BK ? klim - j0 : BK;
-    if (nvalid < 0) nvalid = 0;
-    for (int64_t jj = 0; jj < BK; jj++) {
-        T *kr = Kr + jj * ep;
-        int64_t e = 0;
-        if (jj < nvalid) {
-            const T *src = k + (j0 + jj) * a->k_ss;
-            for (; e < E; e++) kr[e] = src[e * a->k_se];
-        }
-        for (; e < ep; e++) kr[e] = 0;
-    }
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t jj = 0; jj < BK; jj++) Kt[e * BK + jj] = Kr[jj * ep + e];
-    for (int64_t e = 0; e < Ev; e++) {
-        const T *vcol = v + j0 * a->v_ss + e * a->v_se;
-        T *dst = Vt + e * BK;
-        int64_t jj = 0;
-        for (; jj < nvalid; jj++) dst[jj] = vcol[jj * a->v_ss];
-        for (; jj < BK; jj++) dst[jj] = 0;
-    }
+    const sa_bwd_layout *lay = c->lay;
+    const T *k = (const T *)a->k + a->kv_k_off[g] + j0 * a->k_ss;
+    int64_t nvalid = FN(block_keys)(klim, j0);
+    FN(pack_rows)(k, a->k_ss, a->k_se, nvalid, a->E, lay->ep, ws + lay->off_kr);
+    FN(pack_t)(k, a->k_ss, a->k_se, nvalid, a->E, ws + lay->off_kt);
+    FN(pack_t)((const T *)a->v + a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, ws + lay->off_vt);
 }
 
 /* task (g, c): key blocks of chunk c of kv unit g, every unit and tile that sees them */
@@ -253,7 +186,7 @@ static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
 {
     FN(bctx_t) *c = (FN(bctx_t) *)vctx;
     const sa_attn_args *a = c->a;
-    const sa_bwd_layout *lay = &c->lay;
+    const sa_bwd_layout *lay = c->lay;
     const int64_t E = a->E, Ev = a->Ev, ep = lay->ep, evp = lay->evp;
     T *ws = c->scratch + (int64_t)tid * lay->thread_elems;
     T *dKa = ws + lay->off_dk, *dVa = ws + lay->off_dv;
@@ -314,7 +247,7 @@ static void FN(bwd_dq_task)(void *vctx, int64_t u, int tid)
 {
     FN(bctx_t) *c = (FN(bctx_t) *)vctx;
     const sa_attn_args *a = c->a;
-    const sa_bwd_layout *lay = &c->lay;
+    const sa_bwd_layout *lay = c->lay;
     (void)tid;
     int64_t Lu = a->q_len ? a->q_len[u] : a->L;
     const T *p = c->part + u * lay->nc * lay->part_elems;
@@ -327,26 +260,20 @@ static void FN(bwd_dq_task)(void *vctx, int64_t u, int tid)
         }
 }
 
-int FN(attn_bwd)(const sa_attn_args *a, void *ws, size_t ws_bytes)
+int FN(attn_bwd)(const sa_attn_args *a, const sa_bwd_layout *lay, void *ws)
 {
     FN(bctx_t) c;
     c.a = a;
-    if (a->lse == NULL || a->out == NULL || a->dout == NULL || a->dq == NULL || a->dk == NULL || a->dv == NULL)
-        return SA_ERR_ARG;
-    if (sa_bwd_layout_compute(a, &FN(sa_params), (int)sizeof(T), &c.lay) != SA_OK) return SA_ERR_ARG;
-    if (ws_bytes < c.lay.total_bytes || ws == NULL) return SA_ERR_WORKSPACE;
+    c.lay = lay;
     c.dbuf = (T *)ws;
-    c.part = c.dbuf + c.lay.part_off;
-    c.scratch = c.dbuf + c.lay.shared_elems;
-    c.qscale = (T)(a->scale * 1.4426950408889634);
+    c.part = c.dbuf + lay->part_off;
+    c.scratch = c.dbuf + lay->shared_elems;
+    c.qscale = FN(log2_units)(a->scale);
     c.last_poll = 0;
     c.stop = 0;
-    int st = sa_run_tasks(a->n_units, c.lay.nt, FN(bwd_prep_task), &c, a);
-    if (st == SA_OK) st = sa_run_tasks(c.lay.tasks, c.lay.nt, FN(bwd_kv_task), &c, a);
+    int st = sa_run_tasks(a->n_units, lay->nt, FN(bwd_prep_task), &c, a);
+    if (st == SA_OK) st = sa_run_tasks(lay->tasks, lay->nt, FN(bwd_kv_task), &c, a);
     if (st == SA_OK && c.stop) st = SA_ERR_INTERRUPTED;
-    if (st == SA_OK) st = sa_run_tasks(a->n_units, c.lay.nt, FN(bwd_dq_task), &c, a);
+    if (st == SA_OK) st = sa_run_tasks(a->n_units, lay->nt, FN(bwd_dq_task), &c, a);
     return st;
 }
-
-#undef BMR
-#undef KAL

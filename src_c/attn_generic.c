@@ -30,7 +30,7 @@
 #define NVV SA_GEN_NVV
 #define BQ SA_GEN_BQ
 #define BK SA_GEN_BK
-#include "attn_fwd_body.h"
+#include "attn_kernels.h"
 
 #define T double
 #define VP vd
@@ -41,4 +41,4 @@
 #define NVV SA_GEN_NVV
 #define BQ SA_GEN_BQ
 #define BK SA_GEN_BK
-#include "attn_fwd_body.h"
+#include "attn_kernels.h"

@@ -1,6 +1,8 @@
 /*
- * attn_internal.h -- what the dispatcher (dispatch.c) and the per-target
- * kernels (attn_<target>.c, each including attn_fwd_body.h twice) share.
+ * attn_internal.h -- what the dispatcher (dispatch.c), merge.c and the
+ * per-target kernels (attn_<target>.c, each including attn_kernels.h once per
+ * dtype) share: the workspace layouts (computed once, in dispatch.c, and
+ * handed to the kernels), the task runner, the kernels' declarations.
  * Not part of the public interface (that is selfattn.h).
  */
 #ifndef SELFATTN_INTERNAL_H
@@ -10,6 +12,13 @@
 #include <stdint.h>
 #include "selfattn.h"
 #include "attn_mask.h"
+
+/* log2(e) and ln(2): the kernels keep logits in log2 units (exp2 is cheaper
+ * than exp); these convert scores, masks, slopes and softcap in, lse out. */
+#define SA_LOG2E 1.4426950408889634
+#define SA_LN2 0.6931471805599453
+
+static inline int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define SA_HAVE_X86_TARGETS 1
@@ -23,36 +32,42 @@
 #define SA_HAVE_NEON_TARGET 0
 #endif
 
-/* Workspace layout (all sizes in elements of the compute dtype, each piece
- * rounded up to 64 bytes). [packed K/V, or the decode path's partial results]
+/* Workspace layout of the forward (all sizes in elements of the compute dtype,
+ * each piece rounded up to 64 bytes), computed by sa_layout_compute only:
+ * [packed K/V, or the decode path's partial results: packed_elems]
  * [scratch of thread 0][scratch of thread 1]...
  * Packed K/V is a sequence of key blocks, each [E][BK] K^T then [BK][evp] V
  * (no V part when V is read in place), in one of three schedules:
- *   shared: `group` whole kv units, block kb of unit gi at gi*kv_elems + kb*blk_elems;
+ *   shared: `packed_kv` whole kv units, block kb of unit gi at gi*kv_elems + kb*blk_elems;
  *   fused:  one whole kv unit per thread;
  *   banded: a ring of `ring` block slots per thread (block kb in slot kb % ring),
  *           for windows: a tile sees at most ring-1 consecutive blocks, so only
  *           those are packed, while they are hot, by the thread that uses them.
+ * The decode schedule packs nothing: its region holds n_kv x dec_chunks
+ * partial results (split-KV), each O [dec_rows][evp], then m, l [dec_rows].
  * One thread's scratch, carved by the kernel with these offsets only (so the
  * size computed here and the carving cannot disagree):
- *   [Q tile bq x E][scores bq x bk][O accumulator bq x evp][SA_ROW_ARRAYS x bq] */
+ *   [Q tile bq x E][scores bq x bk][O accumulator bq x evp][SA_ROW_ARRAYS x bq]
+ * (decode: its stacked rows' Q and scores, dec_rows <= bq, in the first two). */
 enum { SA_ROW_MAX, SA_ROW_SUM, SA_ROW_MSAFE, SA_ROW_ALPHA, SA_ROW_ARRAYS };
 #define SA_RING_MAX 64           /* banded: most block slots per thread      */
 #define SA_DECODE_MAX_ROWS 16    /* decode: most stacked query rows per K/V   */
+#define SA_DECODE_MAX_CHUNKS 64  /* decode: most key chunks per K/V (sa_layout_compute) */
 typedef struct {
     int64_t n_qt, n_kb;          /* query tiles, key blocks                  */
-    int64_t s_pad, evp;          /* S and Ev padded to bk and vw             */
+    int64_t evp;                 /* Ev padded to vw                          */
     int v_direct;                /* V read in place (rows back to back, Ev a multiple of vw): not packed */
     int64_t blk_elems;           /* one packed key block: K^T, then V unless v_direct */
     int64_t kv_elems;            /* one kv unit's blocks                     */
-    int sched;                   /* SA_SCHEDULE_SHARED, _FUSED or _BANDED    */
-    int fused;                   /* sched == SA_SCHEDULE_FUSED               */
-    int64_t group;               /* shared mode: kv units packed at once     */
+    int sched;                   /* SA_SCHEDULE_SHARED, _FUSED, _BANDED or _DECODE */
+    int64_t packed_kv;           /* shared mode: kv units packed at once (reported for every schedule) */
     int64_t ring;                /* banded mode: block slots per thread      */
     int64_t chunk, n_chunks;     /* banded mode: query tiles per task, tasks per kv unit */
+    int64_t dec_l;               /* decode: rows stacked per unit: max q_len (or L) */
     int64_t dec_rows;            /* decode: stacked query rows of the largest kv group */
     int64_t dec_ck, dec_chunks;  /* decode: keys per chunk (a multiple of bk), chunks per kv unit */
     int64_t dec_part_elems;      /* decode: one chunk's partial result, O [dec_rows][evp], m, l */
+    int64_t packed_elems;        /* the packed K/V (or decode partials) region: the scratch follows */
     int64_t tasks;               /* compute tasks (per group in shared mode: units x tiles) */
     int64_t qp_elems, st_elems, oacc_elems, row_elems;  /* per-thread pieces */
     int64_t off_st, off_oacc, off_rows;  /* their offsets in a thread's scratch */
@@ -63,7 +78,7 @@ typedef struct {
 
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dtype_size, sa_layout *lay);
 
-/* Workspace of the backward (attn_bwd_body.h), in elements of the compute
+/* Workspace of the backward (attn_bwd_body.h; sa_bwd_layout_compute), in elements of the compute
  * dtype, each piece rounded up to 64 bytes:
  *   [D: n_units x lp][dQ partials: n_units x nc x lp x ep][scratch of thread 0]...
  * One thread's scratch: [K^T E x BK][K BK x ep][V^T Ev x BK][dK BK x ep]
@@ -101,12 +116,19 @@ int sa_poll_interrupt(const sa_attn_args *a, double *last_poll);
  * survive fork), never more than there are tasks. */
 int sa_effective_threads(int requested);
 
-#define SA_DECLARE_TARGET(isuf)                                                              \
-    int attn_fwd_f32_##isuf(const sa_attn_args *a, void *ws, size_t ws_bytes);               \
-    int attn_fwd_f64_##isuf(const sa_attn_args *a, void *ws, size_t ws_bytes);               \
-    int attn_bwd_f32_##isuf(const sa_attn_args *a, void *ws, size_t ws_bytes);               \
-    int attn_bwd_f64_##isuf(const sa_attn_args *a, void *ws, size_t ws_bytes);               \
-    extern const sa_tile_params sa_params_f32_##isuf, sa_params_f64_##isuf;
+/* The kernels of one (instruction set, dtype): attn_kernels.h defines them,
+ * dispatch.c's function table lists them. Each gets the layout dispatch.c
+ * computed (sa_layout_compute / sa_bwd_layout_compute with sa_params_*) and a
+ * workspace of at least its total_bytes, 64-byte aligned. */
+typedef int (*sa_fwd_fn)(const sa_attn_args *a, const sa_layout *lay, void *ws);
+typedef int (*sa_bwd_fn)(const sa_attn_args *a, const sa_bwd_layout *lay, void *ws);
+#define SA_DECLARE_KERNELS(tsuf, isuf)                                                        \
+    int attn_fwd_##tsuf##_##isuf(const sa_attn_args *a, const sa_layout *lay, void *ws);      \
+    int attn_decode_##tsuf##_##isuf(const sa_attn_args *a, const sa_layout *lay, void *ws);   \
+    int attn_bwd_##tsuf##_##isuf(const sa_attn_args *a, const sa_bwd_layout *lay, void *ws);  \
+    extern const sa_tile_params sa_params_##tsuf##_##isuf;
+/* one line per dtype */
+#define SA_DECLARE_TARGET(isuf) SA_DECLARE_KERNELS(f32, isuf) SA_DECLARE_KERNELS(f64, isuf)
 
 SA_DECLARE_TARGET(generic)
 #if SA_HAVE_X86_TARGETS

@@ -1,6 +1,6 @@
 /*
- * attn_mask.h -- the one mask machinery of every kernel (forward now;
- * backward and decode reuse it): which keys a query row may see, as a
+ * attn_mask.h -- the one mask machinery of every kernel (forward, decode
+ * and backward): which keys a query row may see, as a
  * predicate on positions evaluated per row and per tile, never materialised.
  *
  * Every structured mask (causal, window, key_lengths / varlen lengths, and
@@ -9,7 +9,7 @@
  * tile of rows i0..i1 sees at most keys [lo(i0), hi(i1)]: key blocks outside
  * are skipped whole (not packed, not computed), and within a block a group
  * of rows computes only its own interval. The bool / float attn_mask, ALiBi
- * and softcap then act inside the interval (attn_fwd_body.h, mask_row).
+ * and softcap then act inside the interval (attn_rows.h, mask_row).
  */
 #ifndef SELFATTN_ATTN_MASK_H
 #define SELFATTN_ATTN_MASK_H

@@ -39,7 +39,7 @@
 #define NVV SA_NEON_NVV
 #define BQ SA_NEON_BQ
 #define BK 128
-#include "attn_fwd_body.h"
+#include "attn_kernels.h"
 
 #define T double
 #define VP vd
@@ -50,5 +50,5 @@
 #define NVV SA_NEON_NVV
 #define BQ SA_NEON_BQ
 #define BK 128
-#include "attn_fwd_body.h"
+#include "attn_kernels.h"
 #endif

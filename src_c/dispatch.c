@@ -1,7 +1,8 @@
 /*
- * dispatch.c -- picks the kernel for the CPU, sizes the workspace, runs
- * tasks on threads. The kernels themselves live in attn_<target>.c, all
- * compiled from attn_fwd_body.h.
+ * dispatch.c -- picks the kernel for the CPU (the one function table),
+ * computes the workspace layouts (the only place they are computed: the
+ * kernels get them from here), runs tasks on threads. The kernels themselves
+ * live in attn_<target>.c, each compiled from attn_kernels.h once per dtype.
  */
 #include <math.h>
 #include <string.h>
@@ -73,21 +74,23 @@ int sa_effective_threads(int requested)
 }
 
 /* ---- instruction sets -------------------------------------------------- */
+/* The kernels of one (instruction set, dtype): the forward (shared, fused and
+ * banded schedules), the decode schedule, the backward, and their tile sizes. */
 typedef struct {
-    int (*f32)(const sa_attn_args *, void *, size_t);
-    int (*f64)(const sa_attn_args *, void *, size_t);
-    int (*bwd32)(const sa_attn_args *, void *, size_t);
-    int (*bwd64)(const sa_attn_args *, void *, size_t);
-    const sa_tile_params *p32, *p64;
+    sa_fwd_fn fwd, decode;
+    sa_bwd_fn bwd;
+    const sa_tile_params *params;
 } sa_kernel;
 
-#define SA_KERNEL_ROW(isuf) \
-    {attn_fwd_f32_##isuf, attn_fwd_f64_##isuf, attn_bwd_f32_##isuf, attn_bwd_f64_##isuf, \
-     &sa_params_f32_##isuf, &sa_params_f64_##isuf}
-#define SA_KERNEL_NONE {NULL, NULL, NULL, NULL, NULL, NULL}
+enum { SA_DT_F32, SA_DT_F64, SA_DT_COUNT };   /* columns of the table */
 
-/* one function table: row = instruction set */
-static const sa_kernel sa_kernels[SA_ISA_COUNT] = {
+#define SA_KERNEL_SET(tsuf, isuf) \
+    {attn_fwd_##tsuf##_##isuf, attn_decode_##tsuf##_##isuf, attn_bwd_##tsuf##_##isuf, &sa_params_##tsuf##_##isuf}
+#define SA_KERNEL_ROW(isuf) {SA_KERNEL_SET(f32, isuf), SA_KERNEL_SET(f64, isuf)}
+#define SA_KERNEL_NONE {{NULL, NULL, NULL, NULL}, {NULL, NULL, NULL, NULL}}
+
+/* one function table: row = instruction set, column = dtype */
+static const sa_kernel sa_kernels[SA_ISA_COUNT][SA_DT_COUNT] = {
     SA_KERNEL_ROW(generic),
 #if SA_HAVE_X86_TARGETS
     SA_KERNEL_ROW(avx2),
@@ -120,7 +123,7 @@ static int sa_cpu_has(int isa)
 
 int sa_isa_supported(int isa)
 {
-    if (isa < 0 || isa >= SA_ISA_COUNT || sa_kernels[isa].f32 == NULL) return 0;
+    if (isa < 0 || isa >= SA_ISA_COUNT || sa_kernels[isa][SA_DT_F32].fwd == NULL) return 0;
     return sa_cpu_has(isa);
 }
 
@@ -146,8 +149,6 @@ const char *sa_isa_name(int isa)
 #define SA_PACK_BUDGET_BYTES ((int64_t)8 << 20)   /* shared mode: packed K/V held at once */
 #define SA_FUSED_MAX_KV_BYTES ((int64_t)4 << 20)   /* fused mode: one packed K/V per thread */
 
-static int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
 {
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
@@ -156,7 +157,6 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     int64_t align = 64 / dsize;                    /* elements per 64 bytes */
     lay->n_qt = (a->L + p->bq - 1) / p->bq;
     lay->n_kb = (a->S + p->bk - 1) / p->bk;
-    lay->s_pad = lay->n_kb * p->bk;
     lay->evp = sa_round_up(a->Ev, p->vw);
     /* V rows stored back to back whose width is whole vectors are read where
      * they are: packing them would only copy. Rows further apart are packed:
@@ -173,7 +173,7 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     int64_t group = kv_bytes > 0 ? SA_PACK_BUDGET_BYTES / kv_bytes : a->n_kv;
     if (group < 1) group = 1;
     if (group > a->n_kv) group = a->n_kv > 0 ? a->n_kv : 1;
-    lay->group = group;
+    lay->packed_kv = group;
     lay->qp_elems = sa_round_up((int64_t)p->bq * a->E, align);
     lay->st_elems = sa_round_up((int64_t)p->bq * p->bk, align);
     lay->oacc_elems = sa_round_up((int64_t)p->bq * lay->evp, align);
@@ -205,17 +205,28 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     /* Decode path when each distinct K/V has few query rows, its GQA heads
      * (or batch entries sharing it) stacked: nothing is packed, and the keys
      * are split into chunks that depend on the shapes only (so the merged
-     * result does not depend on the thread count): about 64 tasks in all. */
+     * result does not depend on the thread count): about 64 tasks in all.
+     * A unit stacks the rows it really has (q_len: at most their max, so a
+     * ragged KV-cache call of one new token per sequence padded to L rows
+     * is still a decode step). */
     int64_t gmax = 0;
     for (int64_t g = 0; g < a->n_kv; g++)
         if (a->kv_start[g + 1] - a->kv_start[g] > gmax) gmax = a->kv_start[g + 1] - a->kv_start[g];
-    lay->dec_rows = gmax * a->L;
-    int decode_ok = a->L > 0 && a->S > 0 && lay->dec_rows >= 1 && lay->dec_rows <= SA_DECODE_MAX_ROWS
-                    && lay->dec_rows <= p->bq;
+    lay->dec_l = a->L;
+    if (a->q_len) {
+        lay->dec_l = 0;
+        for (int64_t u = 0; u < a->n_units; u++)
+            if (a->q_len[u] > lay->dec_l) lay->dec_l = a->q_len[u];
+        if (lay->dec_l > a->L) lay->dec_l = a->L;
+    }
+    lay->dec_rows = gmax * lay->dec_l;
     int64_t ck = a->n_kv > 0 ? (a->S * a->n_kv + 63) / 64 : a->S;
     if (ck < 256) ck = 256;
     lay->dec_ck = sa_round_up(ck, p->bk);
+    /* at most 64 chunks: ck >= S n_kv / 64 >= S / 64, or ck >= 256 > S / 64 */
     lay->dec_chunks = a->S > 0 ? (a->S + lay->dec_ck - 1) / lay->dec_ck : 1;
+    int decode_ok = a->L > 0 && a->S > 0 && lay->dec_rows >= 1 && lay->dec_rows <= SA_DECODE_MAX_ROWS
+                    && lay->dec_rows <= p->bq && lay->dec_chunks <= SA_DECODE_MAX_CHUNKS;
     lay->dec_part_elems = sa_round_up(lay->dec_rows * (lay->evp + 2), align);
     if (a->schedule == SA_SCHEDULE_SHARED || a->schedule == SA_SCHEDULE_FUSED) {
         lay->sched = a->schedule;
@@ -230,7 +241,6 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     } else {
         lay->sched = SA_SCHEDULE_SHARED;
     }
-    lay->fused = lay->sched == SA_SCHEDULE_FUSED;
     lay->ring = lay->sched == SA_SCHEDULE_BANDED ? ring : 0;
     /* banded: about 4 tasks per thread, runs of at least 4 tiles (a run
      * re-packs the ring - 2 blocks its predecessor ended on) */
@@ -247,11 +257,11 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     int64_t tasks = lay->tasks < 1 ? 1 : lay->tasks;
     if (nt > tasks) nt = (int)tasks;
     lay->nt = nt;
-    int64_t packed = lay->sched == SA_SCHEDULE_FUSED ? (int64_t)nt * lay->kv_elems
-                   : lay->sched == SA_SCHEDULE_BANDED ? (int64_t)nt * lay->ring * lay->blk_elems
-                   : lay->sched == SA_SCHEDULE_DECODE ? a->n_kv * lay->dec_chunks * lay->dec_part_elems
-                   : group * lay->kv_elems;
-    lay->total_bytes = (size_t)((packed + (int64_t)nt * lay->thread_elems) * dsize);
+    lay->packed_elems = lay->sched == SA_SCHEDULE_FUSED ? (int64_t)nt * lay->kv_elems
+                      : lay->sched == SA_SCHEDULE_BANDED ? (int64_t)nt * lay->ring * lay->blk_elems
+                      : lay->sched == SA_SCHEDULE_DECODE ? a->n_kv * lay->dec_chunks * lay->dec_part_elems
+                      : group * lay->kv_elems;
+    lay->total_bytes = (size_t)((lay->packed_elems + (int64_t)nt * lay->thread_elems) * dsize);
     return SA_OK;
 }
 
@@ -306,17 +316,24 @@ int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int ds
 
 int sa_tile_params_get(int isa, int dtype_size, sa_tile_params *params)
 {
-    if (isa < 0 || isa >= SA_ISA_COUNT || sa_kernels[isa].f32 == NULL) return SA_ERR_ISA;
+    if (isa < 0 || isa >= SA_ISA_COUNT || sa_kernels[isa][SA_DT_F32].fwd == NULL) return SA_ERR_ISA;
     if (dtype_size != 4 && dtype_size != 8) return SA_ERR_ARG;
-    *params = dtype_size == 4 ? *sa_kernels[isa].p32 : *sa_kernels[isa].p64;
+    *params = *sa_kernels[isa][dtype_size == 4 ? SA_DT_F32 : SA_DT_F64].params;
     return SA_OK;
+}
+
+/* The kernels for (isa, dtype_size), NULL where there are none (status in *st). */
+static const sa_kernel *sa_kernel_for(int isa, int dtype_size, int *st)
+{
+    *st = !sa_isa_supported(isa) ? SA_ERR_ISA : dtype_size != 4 && dtype_size != 8 ? SA_ERR_ARG : SA_OK;
+    return *st == SA_OK ? &sa_kernels[isa][dtype_size == 4 ? SA_DT_F32 : SA_DT_F64] : NULL;
 }
 
 static int sa_layout_for(const sa_attn_args *a, int isa, int dtype_size, sa_layout *lay)
 {
-    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
-    if (dtype_size != 4 && dtype_size != 8) return SA_ERR_ARG;
-    return sa_layout_compute(a, dtype_size == 4 ? sa_kernels[isa].p32 : sa_kernels[isa].p64, dtype_size, lay);
+    int st;
+    const sa_kernel *k = sa_kernel_for(isa, dtype_size, &st);
+    return k ? sa_layout_compute(a, k->params, dtype_size, lay) : st;
 }
 
 int sa_attn_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
@@ -338,16 +355,17 @@ int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule
     sch->banded = lay.sched == SA_SCHEDULE_BANDED;
     sch->decode = lay.sched == SA_SCHEDULE_DECODE;
     sch->compute_tasks = lay.tasks;
-    sch->group = lay.group;
+    sch->packed_kv = lay.packed_kv;
+    sch->key_chunks = 0;
     sch->ring_blocks = lay.ring;
     return SA_OK;
 }
 
 static int sa_bwd_layout_for(const sa_attn_args *a, int isa, int dtype_size, sa_bwd_layout *lay)
 {
-    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
-    if (dtype_size != 4 && dtype_size != 8) return SA_ERR_ARG;
-    return sa_bwd_layout_compute(a, dtype_size == 4 ? sa_kernels[isa].p32 : sa_kernels[isa].p64, dtype_size, lay);
+    int st;
+    const sa_kernel *k = sa_kernel_for(isa, dtype_size, &st);
+    return k ? sa_bwd_layout_compute(a, k->params, dtype_size, lay) : st;
 }
 
 int sa_attn_bwd_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
@@ -367,33 +385,56 @@ int sa_attn_bwd_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_sche
     sch->threads = lay.nt;
     sch->fused = sch->banded = sch->decode = 0;
     sch->compute_tasks = lay.tasks;
-    sch->group = lay.nc;
+    sch->packed_kv = 0;
+    sch->key_chunks = lay.nc;
     sch->ring_blocks = 0;
     return SA_OK;
 }
 
-int sa_attn_bwd_f32(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
+/* The forward: the layout (which also picks the schedule), the workspace
+ * check, then the forward kernel, or the decode kernel on the decode schedule. */
+static int sa_attn_fwd(const sa_attn_args *a, int isa, int dtype_size, void *ws, size_t ws_bytes)
 {
-    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
-    return sa_kernels[isa].bwd32(a, ws, ws_bytes);
+    int st;
+    const sa_kernel *k = sa_kernel_for(isa, dtype_size, &st);
+    if (!k) return st;
+    sa_layout lay;
+    if (sa_layout_compute(a, k->params, dtype_size, &lay) != SA_OK) return SA_ERR_ARG;
+    if (ws_bytes < lay.total_bytes || ws == NULL) return SA_ERR_WORKSPACE;
+    return (lay.sched == SA_SCHEDULE_DECODE ? k->decode : k->fwd)(a, &lay, ws);
 }
 
-int sa_attn_bwd_f64(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
+static int sa_attn_bwd(const sa_attn_args *a, int isa, int dtype_size, void *ws, size_t ws_bytes)
 {
-    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
-    return sa_kernels[isa].bwd64(a, ws, ws_bytes);
+    int st;
+    const sa_kernel *k = sa_kernel_for(isa, dtype_size, &st);
+    if (!k) return st;
+    if (a->lse == NULL || a->out == NULL || a->dout == NULL || a->dq == NULL || a->dk == NULL || a->dv == NULL)
+        return SA_ERR_ARG;
+    sa_bwd_layout lay;
+    if (sa_bwd_layout_compute(a, k->params, dtype_size, &lay) != SA_OK) return SA_ERR_ARG;
+    if (ws_bytes < lay.total_bytes || ws == NULL) return SA_ERR_WORKSPACE;
+    return k->bwd(a, &lay, ws);
 }
 
 int sa_attn_fwd_f32(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
 {
-    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
-    return sa_kernels[isa].f32(a, ws, ws_bytes);
+    return sa_attn_fwd(a, isa, 4, ws, ws_bytes);
 }
 
 int sa_attn_fwd_f64(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
 {
-    if (!sa_isa_supported(isa)) return SA_ERR_ISA;
-    return sa_kernels[isa].f64(a, ws, ws_bytes);
+    return sa_attn_fwd(a, isa, 8, ws, ws_bytes);
+}
+
+int sa_attn_bwd_f32(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
+{
+    return sa_attn_bwd(a, isa, 4, ws, ws_bytes);
+}
+
+int sa_attn_bwd_f64(const sa_attn_args *a, int isa, void *ws, size_t ws_bytes)
+{
+    return sa_attn_bwd(a, isa, 8, ws, ws_bytes);
 }
 
 /* ---- task runner ---------------------------------------------------------- */

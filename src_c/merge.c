@@ -7,8 +7,9 @@
  *   m   = max_i lse_i            (a row with m = -inf: masked in every part)
  *   w_i = exp(lse_i - m)         (a part with lse_i = -inf: weight 0)
  *   lse = m + log(sum_i w_i),   out = sum_i w_i out_i / sum_i w_i
- * The arithmetic runs in float64 (the row accumulates in the thread's
- * scratch) and is rounded once. Rows are split into tasks of SA_MERGE_ROWS;
+ * The arithmetic (lse_merge.h, shared with the decode schedule's split-KV
+ * merge) runs in float64 (the row accumulates in the thread's scratch) and
+ * is rounded once. Rows are split into tasks of SA_MERGE_ROWS;
  * each row is computed the same way whatever the thread count.
  */
 #include <math.h>
@@ -22,6 +23,24 @@ size_t sa_merge_workspace_size(int64_t n, int64_t Ev, int num_threads)
     int nt = sa_effective_threads(num_threads);
     return (size_t)nt * (size_t)(n + (Ev > 0 ? Ev : 0)) * sizeof(double);
 }
+
+/* The merge itself is lse_merge.h's, the one the decode schedule uses for its
+ * key chunks: here on finished results (normalised, natural-log lse), in
+ * float64. */
+#define LM_FN(name) name##_f32
+#define LM_T float
+#define LM_ACC double
+#define LM_EXP exp
+#define LM_LN_UNIT 1.0
+#define LM_NORMALISED 1
+#include "lse_merge.h"
+#define LM_FN(name) name##_f64
+#define LM_T double
+#define LM_ACC double
+#define LM_EXP exp
+#define LM_LN_UNIT 1.0
+#define LM_NORMALISED 1
+#include "lse_merge.h"
 
 #define SA_MERGE_BODY(T, SUF)                                                                          \
     typedef struct {                                                                                   \
@@ -38,32 +57,9 @@ size_t sa_merge_workspace_size(int64_t n, int64_t Ev, int num_threads)
         const int64_t n = c->n, Ev = c->Ev;                                                            \
         double *w = c->ws + (int64_t)tid * (n + Ev), *acc = w + n;                                     \
         int64_t r1 = (t + 1) * SA_MERGE_ROWS < c->rows ? (t + 1) * SA_MERGE_ROWS : c->rows;            \
-        for (int64_t r = t * SA_MERGE_ROWS; r < r1; r++) {                                             \
-            double m = -INFINITY;                                                                      \
-            for (int64_t i = 0; i < n; i++) {                                                          \
-                double l = (double)c->lses[i][r];                                                      \
-                if (l > m) m = l;                                                                      \
-            }                                                                                          \
-            T *dst = c->out + r * Ev;                                                                  \
-            if (m == -INFINITY) {               /* masked in every part: zeros, lse = -inf */          \
-                for (int64_t e = 0; e < Ev; e++) dst[e] = 0;                                           \
-                c->lse[r] = (T)-INFINITY;                                                              \
-                continue;                                                                              \
-            }                                                                                          \
-            double total = 0;                                                                          \
-            for (int64_t i = 0; i < n; i++) {                                                          \
-                w[i] = exp((double)c->lses[i][r] - m);                                                 \
-                total += w[i];                                                                         \
-            }                                                                                          \
-            for (int64_t e = 0; e < Ev; e++) acc[e] = 0;                                               \
-            for (int64_t i = 0; i < n; i++) {                                                          \
-                const T *src = c->outs[i] + r * Ev;                                                    \
-                double wi = w[i] / total;                                                              \
-                for (int64_t e = 0; e < Ev; e++) acc[e] += wi * (double)src[e];                        \
-            }                                                                                          \
-            for (int64_t e = 0; e < Ev; e++) dst[e] = (T)acc[e];                                       \
-            c->lse[r] = (T)(m + log(total));                                                           \
-        }                                                                                              \
+        for (int64_t r = t * SA_MERGE_ROWS; r < r1; r++)                                               \
+            lse_merge_row_##SUF(n, c->outs, r * Ev, c->lses, r, NULL, 0, Ev, w, acc, c->out + r * Ev, 1, \
+                                c->lse + r);                                                           \
     }                                                                                                  \
                                                                                                        \
     int sa_merge_##SUF(int64_t n, int64_t rows, int64_t Ev, const T *const *outs, const T *const *lses, \

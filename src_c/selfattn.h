@@ -17,6 +17,22 @@
  * description: sa_attn_args), sa_attn_bwd_* (its fused backward, same
  * description plus the gradient fields), sa_attn_schedule (how it would run),
  * sa_merge_* (the log-sum-exp merge of partial results), CPU/ISA queries.
+ *
+ * Files (src_c/):
+ *   selfattn.h        this interface;  attn_internal.h: layouts, task runner
+ *   dispatch.c        the one function table [ISA][dtype] -> forward, decode,
+ *                     backward kernel; workspace layouts; threads
+ *   attn_<isa>.c      generic | avx2 | avx512 | neon: tile sizes, then
+ *                     attn_kernels.h once per dtype (float, double)
+ *   attn_kernels.h    what is compiled per ISA and dtype, in order:
+ *     shared:   attn_pack.h (K/V packing), attn_micro.h (micro-kernels),
+ *               attn_rows.h (softcap, ALiBi, attn_mask, online softmax),
+ *               lse_merge.h (the log-sum-exp merge; merge.c's too)
+ *     bodies:   attn_fwd_body.h (shared, fused, banded schedules),
+ *               attn_decode_body.h (decode: split-KV), attn_bwd_body.h
+ *   attn_mask.h       causal / window / lengths / positions as key intervals
+ *   simd_<isa>.h      the vector layer (simd_common.h: the names)
+ *   merge.c           sa_merge_* (lse_merge.h in float64)
  */
 #ifndef SELFATTN_H
 #define SELFATTN_H
@@ -92,8 +108,12 @@ typedef struct {
     int decode;               /* 1: decode path (few query rows, split-KV)   */
     int64_t compute_tasks;    /* fused: distinct K/V; banded: distinct K/V x runs
                                  of query tiles; decode: distinct K/V x key chunks;
-                                 shared: units x query tiles                 */
-    int64_t group;            /* shared: distinct K/V packed at once         */
+                                 shared: units x query tiles; backward: distinct
+                                 K/V x key chunks                            */
+    int64_t packed_kv;        /* forward, shared: distinct K/V packed at once
+                                 (given for every forward schedule; 0 backward) */
+    int64_t key_chunks;       /* backward: key chunks per distinct K/V (each
+                                 keeps a partial dQ); 0 forward              */
     int64_t ring_blocks;      /* banded: key blocks packed per thread        */
 } sa_schedule;
 

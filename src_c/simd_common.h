@@ -13,7 +13,8 @@
  *                          AVX-512 (vscalef) keeps subnormals, 0 below -150 / -1080.
  *                          x >= 128 (float) / 1024 (double) gives +inf.
  *   vf_transpose(src, ss, dst, ds)   dst[c*ds + r] = src[r*ss + c], r, c < VF_W
- * The kernel body (attn_fwd_body.h) is written once against these names.
+ * The kernels (attn_kernels.h and the headers it includes) are written once
+ * against these names.
  */
 #ifndef SELFATTN_SIMD_COMMON_H
 #define SELFATTN_SIMD_COMMON_H

@@ -1,0 +1,199 @@
+/*
+ * attn_micro.h -- the register-blocked micro-kernels of the three bodies (a
+ * template of attn_kernels.h): each keeps a small block of results in
+ * vector registers while it streams one operand.
+ *   forward:  qk_range (S = Q.K^T over a group's keys, MR x NRV*VW tiles),
+ *             pv_rows  (O = alpha O + P.V, MR x NVV*VW tiles);
+ *   decode:   decode_dots (q.k of up to 4 rows sharing each K load),
+ *             decode_pv_rows (O = alpha O + P.V, each V load shared);
+ *   backward: bwd_mm (C = or += A.B, A possibly transposed, BWD_MR rows).
+ */
+
+/* ---- forward ------------------------------------------------------------ */
+
+/* St[MR][nr*VW] = Q[MR][E] . Kb[E][..]; rows of St are BK apart. nr is NRV,
+ * or 1 at the ends of a group's key range; a constant after inlining. */
+SA_INLINE void FN(qk_tile)(const T *SA_RESTRICT Q, int64_t E, const T *SA_RESTRICT Kb, T *SA_RESTRICT St,
+                           const int nr)
+{
+    VT acc[MR][NRV];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nr; c++) acc[r][c] = V(zero)();
+    for (int64_t e = 0; e < E; e++) {
+        VT kv[NRV];
+        for (int c = 0; c < nr; c++) kv[c] = V(load)(Kb + e * BK + c * VW);
+        for (int r = 0; r < MR; r++) {
+            VT qb = V(bcast)(Q + r * E + e);
+            for (int c = 0; c < nr; c++) acc[r][c] = V(fma)(qb, kv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nr; c++) V(store)(St + r * BK + c * VW, acc[r][c]);
+}
+
+/* Scores of a group of MR rows over block keys [c0, c1), whole vectors: full
+ * micro-tiles where they fit, single-vector ones at the ends. */
+static inline void FN(qk_range)(const T *Q, int64_t E, const T *Kb, T *St, int64_t c0, int64_t c1)
+{
+    while (c0 < c1) {
+        if (c0 % KEYS_PER_TILE == 0 && c0 + KEYS_PER_TILE <= c1) {
+            FN(qk_tile)(Q, E, Kb + c0, St + c0, NRV);
+            c0 += KEYS_PER_TILE;
+        } else {
+            FN(qk_tile)(Q, E, Kb + c0, St + c0, 1);
+            c0 += VW;
+        }
+    }
+}
+
+/* O[MR][nv*VW] = alpha[r] * O + P[MR][nk] . Vb[nk][..]; P rows are BK apart,
+ * V rows vs apart, O rows evp apart. nv is a compile-time constant after inlining. */
+SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTRICT Vb, int64_t vs, int64_t evp,
+                           T *SA_RESTRICT O, const T *SA_RESTRICT alpha, const int nv)
+{
+    /* the block's sum starts from zero and is added to O once: a two-level
+     * summation (BK keys, then blocks) keeps fp32 error near torch's */
+    VT acc[MR][NVV];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nv; c++) acc[r][c] = V(zero)();
+    for (int64_t j = 0; j < nk; j++) {
+        VT vv[NVV];
+        for (int c = 0; c < nv; c++) vv[c] = V(load)(Vb + j * vs + c * VW);
+        for (int r = 0; r < MR; r++) {
+            VT pb = V(bcast)(P + r * BK + j);
+            for (int c = 0; c < nv; c++) acc[r][c] = V(fma)(pb, vv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        VT al = V(bcast)(alpha + r);
+        for (int c = 0; c < nv; c++)
+            V(store)(O + r * evp + c * VW, V(fma)(V(load)(O + r * evp + c * VW), al, acc[r][c]));
+    }
+}
+
+static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t vs, int64_t evp, T *O, const T *alpha)
+{
+    int64_t c0 = 0;
+    for (; c0 + NVV * VW <= evp; c0 += NVV * VW) FN(pv_tile)(P, nk, Vb + c0, vs, evp, O + c0, alpha, NVV);
+    for (; c0 < evp; c0 += VW) FN(pv_tile)(P, nk, Vb + c0, vs, evp, O + c0, alpha, 1);
+}
+
+/* ---- decode ------------------------------------------------------------- */
+
+/* O[i][0 .. nv*VW) = alpha[i] O[i] + sum_{j in [j0, j1)} P[i][j] V[j][0 .. nv*VW) for the
+ * n rows i of a group (P rows BK apart, O rows evp apart, V rows vs apart): each V
+ * vector loaded once for all the rows. n and nv are constants after inlining. */
+SA_INLINE void FN(decode_pv)(const T *SA_RESTRICT P, const int n, int64_t j0, int64_t j1, const T *SA_RESTRICT vblk,
+                             int64_t vs, T *SA_RESTRICT O, int64_t evp, const T *alpha, const int nv)
+{
+    VT acc[4][4];
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < nv; c++) acc[i][c] = V(zero)();
+    for (int64_t j = j0; j < j1; j++) {
+        const T *vr = vblk + j * vs;
+        VT vv[4];
+        for (int c = 0; c < nv; c++) vv[c] = V(load)(vr + c * VW);
+        for (int i = 0; i < n; i++) {
+            VT pb = V(set1)(P[i * BK + j]);
+            for (int c = 0; c < nv; c++) acc[i][c] = V(fma)(pb, vv[c], acc[i][c]);
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        VT va = V(set1)(alpha[i]);
+        for (int c = 0; c < nv; c++)
+            V(store)(O + i * evp + c * VW, V(fma)(V(load)(O + i * evp + c * VW), va, acc[i][c]));
+    }
+}
+
+/* The same for rows r0 .. r0+n-1 over every column: whole micro-tiles, single
+ * vectors, then scalar columns (Ev not whole vectors, or strided V). */
+SA_INLINE void FN(decode_pv_rows)(const T *P, const int n, int64_t j0, int64_t j1, const T *vblk, int64_t vs,
+                                  int64_t vse, int64_t Ev, T *O, int64_t evp, const T *alpha)
+{
+    int64_t col = 0;
+    if (vse == 1) {
+        for (; col + DEC_NV * VW <= Ev; col += DEC_NV * VW)
+            FN(decode_pv)(P, n, j0, j1, vblk + col, vs, O + col, evp, alpha, DEC_NV);
+        for (; col + VW <= Ev; col += VW) FN(decode_pv)(P, n, j0, j1, vblk + col, vs, O + col, evp, alpha, 1);
+    }
+    for (; col < Ev; col++)
+        for (int i = 0; i < n; i++) {
+            T acc = 0;
+            for (int64_t j = j0; j < j1; j++) acc += P[i * BK + j] * vblk[j * vs + col * vse];
+            O[i * evp + col] = O[i * evp + col] * alpha[i] + acc;
+        }
+}
+
+/* St[r][j] = Qs[r] . K[j] for the rows r of [r0, r0 + n) (n <= 4) that see key j
+ * (vs[r] <= j < ve[r]); kr is K row j. The rows share each load of K (read
+ * from memory once for all of them) and sum independently. */
+SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const T *SA_RESTRICT kr, int64_t kse, int64_t j,
+                               int64_t r0, const int n, const int64_t *vs, const int64_t *ve, T *SA_RESTRICT St)
+{
+    int all = 1;
+    for (int i = 0; i < n; i++) all &= vs[r0 + i] <= j && j < ve[r0 + i];
+    if (all && kse == 1 && E % VW == 0) {
+        VT acc[4];
+        for (int i = 0; i < n; i++) acc[i] = V(zero)();
+        for (int64_t e = 0; e < E; e += VW) {
+            VT kv = V(load)(kr + e);
+            for (int i = 0; i < n; i++) acc[i] = V(fma)(V(load)(Qs + (r0 + i) * E + e), kv, acc[i]);
+        }
+        for (int i = 0; i < n; i++) St[(r0 + i) * BK + j] = V(hsum)(acc[i]);
+        return;
+    }
+    for (int i = 0; i < n; i++) {               /* rows that do not all see j, E not whole vectors */
+        int64_t r = r0 + i;
+        if (j < vs[r] || j >= ve[r]) continue;
+        const T *qr = Qs + r * E;
+        T dot = 0;
+        int64_t e = 0;
+        if (kse == 1 && E >= VW) {
+            VT acc = V(zero)();
+            for (; e + VW <= E; e += VW) acc = V(fma)(V(load)(qr + e), V(load)(kr + e), acc);
+            dot = V(hsum)(acc);
+        }
+        for (; e < E; e++) dot += qr[e] * kr[e * kse];
+        St[r * BK + j] = dot;
+    }
+}
+
+/* ---- backward ----------------------------------------------------------- */
+
+/* C[BWD_MR][nv*VW] (= or +=) A[BWD_MR][K] . B[K][nv*VW]: A's element (r, k) at
+ * A[r*ars + k*acs] (so A may be a transposed view), B rows brs apart, C rows
+ * crs apart. nv and accumulate are constants after inlining. */
+SA_INLINE void FN(bwd_mm_tile)(const T *SA_RESTRICT A, int64_t ars, int64_t acs, int64_t K,
+                               const T *SA_RESTRICT B, int64_t brs, T *SA_RESTRICT C, int64_t crs, const int nv,
+                               const int accumulate)
+{
+    VT acc[BWD_MR][NVV];
+    for (int r = 0; r < BWD_MR; r++)
+        for (int c = 0; c < nv; c++) acc[r][c] = accumulate ? V(load)(C + r * crs + c * VW) : V(zero)();
+    for (int64_t k = 0; k < K; k++) {
+        VT b[NVV];
+        for (int c = 0; c < nv; c++) b[c] = V(load)(B + k * brs + c * VW);
+        for (int r = 0; r < BWD_MR; r++) {
+            VT av = V(bcast)(A + r * ars + k * acs);
+            for (int c = 0; c < nv; c++) acc[r][c] = V(fma)(av, b[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < BWD_MR; r++)
+        for (int c = 0; c < nv; c++) V(store)(C + r * crs + c * VW, acc[r][c]);
+}
+
+/* bwd_mm_tile over ncols columns (a multiple of VW) */
+static void FN(bwd_mm)(const T *A, int64_t ars, int64_t acs, int64_t K, const T *B, int64_t brs, T *C, int64_t crs,
+                       int64_t ncols, int accumulate)
+{
+    int64_t c0 = 0;
+    if (accumulate) {
+        for (; c0 + NVV * VW <= ncols; c0 += NVV * VW)
+            FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, NVV, 1);
+        for (; c0 < ncols; c0 += VW) FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, 1, 1);
+    } else {
+        for (; c0 + NVV * VW <= ncols; c0 += NVV * VW)
+            FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, NVV, 0);
+        for (; c0 < ncols; c0 += VW) FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, 1, 0);
+    }
+}
