@@ -53,7 +53,7 @@ for l in lines:
 if cur:
     records.append(cur)
 # a selfattn frame: the extension's file, its Cython functions, the C kernels
-ours = re.compile(r"selfattn/_core|_core\.cpython|__pyx_\w*selfattn|\bsa_[a-z_]+\b|\battn_fwd_\w+")
+ours = re.compile(r"selfattn/_core|_core\.cpython|__pyx_\w*selfattn|\bsa_[a-z_]+\b|\battn_(fwd|decode|bwd)_\w+")
 kinds = re.compile(r"definitely lost|Invalid (read|write|free)|uninitialised|Mismatched free|"
                    r"overlap|Source and destination|Syscall param|Argument .* of function malloc")
 bad = []
