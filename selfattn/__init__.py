@@ -6,36 +6,38 @@ Architecture at a glance
 ------------------------
 
     selfattn.attend / scaled_dot_product_attention      _api.py     (Python: docs, attend's projections,
-             / varlen_attention                                      biases, GQA heads, RoPE)
+             / varlen_attention / KVCache / dask                     biases, GQA heads, RoPE)
         |
         v
-    selfattn._core.sdpa / varlen                         _core.pyx   (Cython: validate every argument,
-        |                                                             convert dtypes, describe the broadcast
-        |                                                             problem as units with element offsets,
-        |                                                             allocate out + workspace, release the GIL,
-        |                                                             status codes -> exceptions, Ctrl-C)
+    _core.describe / describe_varlen -> Problem          _core.pyx   (Cython: the one problem builder.
+        .run / .backward / .schedule                                  Validates once, before any work (the
+        |                                                             option checks in _spec.py, shared with
+        |                                                             reference and inspection; an ArraySpec
+        |                                                             stands in for data not there yet);
+        |                                                             units (batch x head [x sequence]) with
+        |                                                             element offsets, per-unit lengths,
+        |                                                             positions, slopes; sa_attn_args filled
+        |                                                             in one place; GIL released, status
+        |                                                             codes -> exceptions, Ctrl-C)
         v
-    sa_attn_fwd_f32 / _f64                               src_c/dispatch.c   (pick the kernel: AVX-512,
-        |                                                                   AVX2+FMA or portable; size the
-        |                                                                   workspace; run tasks on OpenMP
-        |                                                                   threads; fork safety)
+    sa_attn_fwd_* / sa_attn_bwd_* (f32, f64)             src_c/dispatch.c   (the one function table
+        |                                                                   [ISA][dtype] -> forward, decode,
+        |                                                                   backward; schedule, workspace
+        |                                                                   layouts; OpenMP tasks)
         v
-    attn_fwd_<f32|f64>_<avx512|avx2|neon|generic>        src_c/attn_fwd_body.h, written once and compiled
-                                                         per target by attn_<target>.c (online softmax
-                                                         over K/V blocks, register-blocked micro-kernels;
-                                                         schedules: shared, fused, banded for windows)
-                                                         src_c/attn_decode_body.h: the decode path (few
-                                                         query rows per K/V: nothing packed, split-KV
-                                                         merged by log-sum-exp, GQA heads stacked)
-                                                         src_c/attn_bwd_body.h: the fused backward
-                                                         (FlashAttention-2: P recomputed per block from
-                                                         lse; dK, dV per key block, dQ per key chunk summed
-                                                         in a fixed order: thread-count invariant)
-                                                         src_c/attn_mask.h: the one mask machinery --
-                                                         causal, window, alignment (or q_pos: a unit's
-                                                         own query position), query and key lengths
-                                                         as a per-row key interval; tiles outside it
-                                                         skipped
+    attn_<fwd|decode|bwd>_<f32|f64>_<isa>                src_c/attn_<isa>.c compiles attn_kernels.h once per
+                                                         dtype: the shared pieces (attn_pack.h packing,
+                                                         attn_micro.h micro-kernels, attn_rows.h softcap,
+                                                         ALiBi, attn_mask, online softmax; lse_merge.h),
+                                                         then the bodies: attn_fwd_body.h (schedules
+                                                         shared, fused, banded), attn_decode_body.h
+                                                         (few rows per K/V: split-KV, merged by lse),
+                                                         attn_bwd_body.h (FlashAttention-2: P recomputed
+                                                         from lse; dQ partials summed in a fixed order:
+                                                         thread-count invariant). attn_mask.h: causal,
+                                                         window, alignment / q_pos, query and key
+                                                         lengths as one key interval per row; tiles
+                                                         outside it skipped
 
 Beside the kernel, one module per concern:
     selfattn.autograd     scaled_dot_product_attention_vjp, varlen_attention_vjp: (out, vjp), the
@@ -52,8 +54,9 @@ Beside the kernel, one module per concern:
                           kernel call at its rows' positions (the engine's query_offsets). Not imported
                           by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
-    selfattn._spec        the structured options' values (window_size, alignment, softcap) checked once,
-                          pure Python: reference and inspection raise what the engine raises
+    selfattn._spec        the options and per-batch arrays (window_size, alignment, softcap, scale, threads,
+                          key_lengths, alibi_slopes, cu_seqlens) checked once, pure Python, for the
+                          engine, the reference and inspection alike; ArraySpec (shape + dtype)
     selfattn.torch        scaled_dot_product_attention as a torch.autograd.Function (CPU tensors). Not
                           imported by `import selfattn`: `import selfattn.torch` (needs torch)
 SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for

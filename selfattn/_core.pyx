@@ -506,7 +506,7 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
     if v.shape[-2] != p.S:
         raise ValueError(f"key and value must have the same number of keys S (dim -2): key {k.shape}, "
                          f"value {v.shape}")
-    p.scale = _spec.check_scale(scale, p.E)
+    p.scale = _spec.check_scale(scale, p.E, p.dtype)
 
     # -- batch (and head) dims: broadcast, or grouped-query heads
     p.group = 1
@@ -594,7 +594,7 @@ def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None
     elif Hq != H:
         raise ValueError(f"query has {Hq} heads and key/value {H}: they must be equal "
                          f"(for grouped-query attention with fewer kv heads, pass enable_gqa=True)")
-    p.scale = _spec.check_scale(scale, p.E)
+    p.scale = _spec.check_scale(scale, p.E, p.dtype)
     p.cu_q = _spec.cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq)
     p.cu_k = _spec.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", Tk)
     if p.cu_q.size != p.cu_k.size:

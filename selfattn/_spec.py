@@ -75,8 +75,9 @@ def check_threads(num_threads: object) -> Optional[int]:
     return min(int(num_threads), 1 << 16)   # type: ignore[call-overload]
 
 
-def check_scale(scale: object, E: int) -> float:
-    """The score scale: 1/sqrt(E) for None, else a finite real number."""
+def check_scale(scale: object, E: int, dtype: Any = None) -> float:
+    """The score scale: 1/sqrt(E) for None, else a finite real number (with `dtype`, one that
+    dtype can hold: float32 rounds 1e300 to inf, and every score would be NaN)."""
     if scale is None:
         return 1.0 / math.sqrt(E) if E > 0 else 1.0
     if isinstance(scale, (str, bytes, bool, np.bool_)):
@@ -89,6 +90,9 @@ def check_scale(scale: object, E: int) -> float:
         raise ValueError(f"scale must be finite, got {scale!r}") from None
     if not math.isfinite(sc):
         raise ValueError(f"scale must be finite, got {scale!r}")
+    if dtype is not None and abs(sc) > float(np.finfo(dtype).max):
+        raise ValueError(f"scale={scale!r} does not fit the compute dtype {np.dtype(dtype)} "
+                         f"(largest {float(np.finfo(dtype).max):.4g}): the scores would overflow to inf")
     return sc
 
 

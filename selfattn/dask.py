@@ -263,7 +263,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     nd = q.ndim
 
     # -- the structure, normalised: window sides with the causal cut, valid keys per batch entry
-    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
     batch = q.shape[:-3]
     nb = len(batch)
     left, right = _spec.window_sides(window_size)

@@ -299,6 +299,34 @@ def _rope_rotate_half(x, base):
     return out
 
 
+def _attend_heads(x, wq, wk, wv, given, num_heads, num_kv_heads, rope_base):
+    """attend's input side in float64, for attend and attend_vjp: the projections (plus the biases
+    in `given`), split into heads (..., n, L, d), RoPE'd when rope_base is set.
+    Returns (H, Hkv, Ev, qh, kh, vh)."""
+    H = int(num_heads)
+    Hkv = H if num_kv_heads is None else int(num_kv_heads)
+    if H < 1 or Hkv < 1 or H % Hkv:
+        raise ValueError(f"num_kv_heads ({Hkv}) must be >= 1 and divide num_heads ({H})")
+
+    def proj(w, name):
+        t = x @ w
+        return t + given[name] if name in given else t
+
+    q, k, v = proj(wq, "bq"), proj(wk, "bk"), proj(wv, "bv")
+    E, Ev = q.shape[-1] // H, v.shape[-1] // Hkv
+    if q.shape[-1] != H * E or k.shape[-1] != Hkv * E or v.shape[-1] != Hkv * Ev:
+        raise ValueError(f"wq/wk/wv columns ({q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}) do not fit "
+                         f"num_heads={H}, num_kv_heads={Hkv}")
+
+    def heads(t, n, d):  # (..., L, n*d) -> (..., n, L, d)
+        return np.swapaxes(t.reshape(t.shape[:-1] + (n, d)), -2, -3)
+
+    qh, kh, vh = heads(q, H, E), heads(k, Hkv, E), heads(v, Hkv, Ev)
+    if rope_base is not None:
+        qh, kh = _rope_rotate_half(qh, float(rope_base)), _rope_rotate_half(kh, float(rope_base))
+    return H, Hkv, Ev, qh, kh, vh
+
+
 def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, bq=None, bk=None, bv=None,
            bo=None, num_kv_heads=None, window_size=None, key_lengths=None, rope_base=None):
     """Multi-head self-attention of x (..., L, d_model) with (in, out)-layout weights.
@@ -311,34 +339,16 @@ def attend(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=None, 
     (..., L, H*Ev), then (@ wo if given) + bo if given. key_lengths broadcasts to x.shape[:-2].
     """
     x = _as_f64(x)
-    H = int(num_heads)
-    Hkv = H if num_kv_heads is None else int(num_kv_heads)
-    if H < 1 or Hkv < 1 or H % Hkv:
-        raise ValueError(f"num_kv_heads ({Hkv}) must be >= 1 and divide num_heads ({H})")
-
-    def proj(w, b):
-        t = x @ _as_f64(w)
-        return t if b is None else t + _as_f64(b)
-
-    q, k, v = proj(wq, bq), proj(wk, bk), proj(wv, bv)
-    E, Ev = q.shape[-1] // H, v.shape[-1] // Hkv
-    if q.shape[-1] != H * E or k.shape[-1] != Hkv * E or v.shape[-1] != Hkv * Ev:
-        raise ValueError(f"wq/wk/wv columns ({q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}) do not fit "
-                         f"num_heads={H}, num_kv_heads={Hkv}")
-
-    def heads(t, n, d):  # (..., L, n*d) -> (..., n, L, d)
-        return np.swapaxes(t.reshape(t.shape[:-1] + (n, d)), -2, -3)
-
-    qh, kh, vh = heads(q, H, E), heads(k, Hkv, E), heads(v, Hkv, Ev)
-    if rope_base is not None:
-        qh, kh = _rope_rotate_half(qh, float(rope_base)), _rope_rotate_half(kh, float(rope_base))
+    given = {n: _as_f64(b) for n, b in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)) if b is not None}
+    H, Hkv, Ev, qh, kh, vh = _attend_heads(x, _as_f64(wq), _as_f64(wk), _as_f64(wv), given, num_heads,
+                                           num_kv_heads, rope_base)
     o = scaled_dot_product_attention(qh, kh, vh, is_causal=is_causal, scale=scale, enable_gqa=Hkv != H,
                                      window_size=window_size, key_lengths=key_lengths)
     o = np.swapaxes(o, -2, -3)
     o = o.reshape(o.shape[:-2] + (H * Ev,))
     if wo is not None:
         o = o @ _as_f64(wo)
-    return o if bo is None else o + _as_f64(bo)
+    return o if bo is None else o + given["bo"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,33 +487,14 @@ def attend_vjp(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=No
     (dx, dwq, dwk, dwv[, dwo][, dbq][, dbk][, dbv][, dbo]): the optional ones only for the
     arguments given (not None). Every gradient is float64 with its argument's shape."""
     x = _as_f64(x)
-    H = int(num_heads)
-    Hkv = H if num_kv_heads is None else int(num_kv_heads)
-    if H < 1 or Hkv < 1 or H % Hkv:
-        raise ValueError(f"num_kv_heads ({Hkv}) must be >= 1 and divide num_heads ({H})")
     wq, wk, wv = _as_f64(wq), _as_f64(wk), _as_f64(wv)
     given = {n: _as_f64(b) for n, b in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)) if b is not None}
-
-    def proj(w, name):
-        t = x @ w
-        return t + given[name] if name in given else t
-
-    q, k, v = proj(wq, "bq"), proj(wk, "bk"), proj(wv, "bv")
-    E, Ev = q.shape[-1] // H, v.shape[-1] // Hkv
-    if q.shape[-1] != H * E or k.shape[-1] != Hkv * E or v.shape[-1] != Hkv * Ev:
-        raise ValueError(f"wq/wk/wv columns ({q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}) do not fit "
-                         f"num_heads={H}, num_kv_heads={Hkv}")
-
-    def heads(t, n, d):      # (..., L, n*d) -> (..., n, L, d)
-        return np.swapaxes(t.reshape(t.shape[:-1] + (n, d)), -2, -3)
+    H, Hkv, Ev, qh, kh, vh = _attend_heads(x, wq, wk, wv, given, num_heads, num_kv_heads, rope_base)
 
     def unheads(t):          # (..., n, L, d) -> (..., L, n*d)
         t = np.swapaxes(t, -2, -3)
         return t.reshape(t.shape[:-2] + (t.shape[-2] * t.shape[-1],))
 
-    qh, kh, vh = heads(q, H, E), heads(k, Hkv, E), heads(v, Hkv, Ev)
-    if rope_base is not None:
-        qh, kh = _rope_rotate_half(qh, float(rope_base)), _rope_rotate_half(kh, float(rope_base))
     oh, sdpa_vjp = scaled_dot_product_attention_vjp(qh, kh, vh, is_causal=is_causal, scale=scale,
                                                     enable_gqa=Hkv != H, window_size=window_size,
                                                     key_lengths=key_lengths)
@@ -528,7 +519,7 @@ def attend_vjp(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=No
             do = dy @ wo64.T
         else:
             do = dy
-        dqh, dkh, dvh = sdpa_vjp(heads(do, H, Ev))
+        dqh, dkh, dvh = sdpa_vjp(np.swapaxes(do.reshape(do.shape[:-1] + (H, Ev)), -2, -3))   # the heads
         if rope_base is not None:
             dqh, dkh = _rope_rotate_half_vjp(dqh, float(rope_base)), _rope_rotate_half_vjp(dkh, float(rope_base))
         dq, dk, dv = unheads(dqh), unheads(dkh), unheads(dvh)

@@ -14,7 +14,6 @@ Not imported by ``import selfattn`` (torch is optional): ``import selfattn.torch
 
 from typing import Any, Optional
 
-import numpy as np
 import torch as _torch
 from torch.autograd.function import once_differentiable
 

@@ -141,6 +141,9 @@ MISUSE = [
     ("scale_inf", q_(scale=math.inf), ValueError, r"scale must be finite, got inf"),
     ("scale_neg_inf", q_(scale=-math.inf), ValueError, r"scale must be finite, got -inf"),
     ("scale_np_nan", q_(scale=np.float32("nan")), ValueError, r"scale must be finite"),
+    # float32 cannot hold 1e300: every score would be NaN (the float64 reference stays finite)
+    ("scale_over_float32", q_(query=Q.astype(np.float32), key=K.astype(np.float32), value=V.astype(np.float32),
+                              scale=1e300), ValueError, r"scale=1e\+300 does not fit the compute dtype float32"),
     ("scale_str", q_(scale="1"), TypeError, r"scale must be a real number, got str"),
     ("scale_bytes", q_(scale=b"1"), TypeError, r"scale must be a real number, got bytes"),
     ("scale_complex", q_(scale=1 + 0j), TypeError, r"scale must be a real number, got complex"),
