@@ -148,6 +148,11 @@ const char *sa_isa_name(int isa)
 /* ---- workspace ----------------------------------------------------------- */
 #define SA_PACK_BUDGET_BYTES ((int64_t)8 << 20)   /* shared mode: packed K/V held at once */
 #define SA_FUSED_MAX_KV_BYTES ((int64_t)4 << 20)   /* fused mode: one packed K/V per thread */
+/* Below this much work (units * L * S * (E + Ev) multiply-adds) a forward runs on one thread: a
+ * second thread does not pay for its wake-up (measured on 2 vCPUs of a Sapphire Rapids Xeon:
+ * 2 threads first win at about 5e5, B1 H4 L32 E64 in 32 us vs 38 us; equal below), and on a
+ * loaded machine waiting for it costs milliseconds. Results do not depend on the thread count. */
+#define SA_SMALL_WORK ((int64_t)1 << 19)
 
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
 {
@@ -256,6 +261,8 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     }
     int64_t tasks = lay->tasks < 1 ? 1 : lay->tasks;
     if (nt > tasks) nt = (int)tasks;
+    if ((double)a->n_units * (double)a->L * (double)a->S * (double)(a->E + a->Ev) < (double)SA_SMALL_WORK)
+        nt = 1;
     lay->nt = nt;
     lay->packed_elems = lay->sched == SA_SCHEDULE_FUSED ? (int64_t)nt * lay->kv_elems
                       : lay->sched == SA_SCHEDULE_BANDED ? (int64_t)nt * lay->ring * lay->blk_elems

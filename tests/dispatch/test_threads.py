@@ -201,3 +201,20 @@ def test_schedule_switch_is_bitwise_invisible(shape):
                     for n in (1, 2, 3, 5)]
         for out, lse in runs[1:]:
             assert np.array_equal(out, runs[0][0]) and np.array_equal(lse, runs[0][1]), isa
+
+
+def test_small_problems_run_on_one_thread():
+    """Below about 5e5 multiply-adds (units * L * S * (E + Ev)) a call runs on one thread whatever
+    num_threads asks (a second thread costs more than it saves, and milliseconds on a loaded
+    machine); above it the threads asked for are used. The results are the same either way."""
+    if not selfattn.config()["openmp"]:
+        pytest.skip("built without OpenMP: always one thread")
+    rng = np.random.default_rng(5)
+    small = [rng.standard_normal(s) for s in ((2, 32, 32), (2, 32, 32), (2, 32, 32))]       # 2*32*32*64 = 1.3e5
+    large = [rng.standard_normal(s) for s in ((8, 64, 64), (8, 64, 64), (8, 64, 64))]       # 8*64*64*128 = 4.2e6
+    assert _core.sdpa(*small, num_threads=2, schedule_only=True)["threads"] == 1
+    assert _core.sdpa(*large, num_threads=2, schedule_only=True)["threads"] == 2
+    for q, k, v in (small, large):
+        a = selfattn.scaled_dot_product_attention(q, k, v, num_threads=1)
+        b = selfattn.scaled_dot_product_attention(q, k, v, num_threads=2)
+        assert np.array_equal(a, b)
