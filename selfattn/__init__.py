@@ -75,8 +75,12 @@ import os as _os
 # after each parallel region, taking the cores from whatever runs next -- in a training step, NumPy's
 # BLAS: x @ W right after an attention call ran up to 1.5x slower (2-core Zen 4). 30000 keeps
 # back-to-back calls (a decode loop) on awake threads and lets them sleep soon after. libgomp reads it
-# when it loads (with _core, just below); a value already set by the user wins.
-_os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+# once, when it loads (with _core, below): the variable is set for that moment only and removed
+# again, so subprocesses and OpenMP runtimes loaded later (torch's) see the user's environment as it
+# was. A value the user set wins (and stays). If libgomp was loaded before selfattn, it keeps its own.
+_SPINCOUNT_SET = "GOMP_SPINCOUNT" not in _os.environ
+if _SPINCOUNT_SET:
+    _os.environ["GOMP_SPINCOUNT"] = "30000"
 
 
 def _import_core():
@@ -98,7 +102,11 @@ def _import_core():
     return _core
 
 
-_import_core()
+try:
+    _import_core()
+finally:
+    if _SPINCOUNT_SET:
+        _os.environ.pop("GOMP_SPINCOUNT", None)
 
 from . import autograd, inspection, positional, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
