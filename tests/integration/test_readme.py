@@ -1,4 +1,4 @@
-"""The README's Python examples run and their assertions hold."""
+"""The README's and the user docs' Python examples run and their assertions hold."""
 
 import re
 
@@ -17,6 +17,30 @@ def _python_blocks():
 @pytest.mark.parametrize("code", _python_blocks() or [pytest.param(None, marks=pytest.mark.skip("no README"))])
 def test_readme_example_runs(code):
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
+
+
+DOCS = sorted((REPO_ROOT / "docs").glob("*.rst")) if (REPO_ROOT / "docs").is_dir() else []
+
+
+def _docs_blocks():
+    """The `.. code-block:: python` blocks of docs/*.rst (the guide's examples), dedented."""
+    out = []
+    for path in DOCS:
+        for m in re.finditer(r"^\.\. code-block:: python\n\n((?:   .*\n|\n)+)", path.read_text(encoding="utf-8"), re.M):
+            code = "\n".join(line[3:] for line in m.group(1).splitlines())
+            out.append(pytest.param(code, id=f"{path.stem}-{len(out)}"))
+    return out
+
+
+@pytest.mark.parametrize("code", _docs_blocks() or [pytest.param(None, marks=pytest.mark.skip("no docs"))])
+def test_docs_example_runs(code):
+    exec(compile(code, "docs", "exec"), {"__name__": "docs_example"})
+
+
+def test_docs_have_the_guide_examples():
+    if not DOCS:
+        pytest.skip("docs not found (tests run without the repository)")
+    assert len(_docs_blocks()) >= 10
 
 
 def test_readme_has_examples():
