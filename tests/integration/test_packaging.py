@@ -54,3 +54,16 @@ def test_installed_files_are_the_package_only():
 def test_console_script_entry_point():
     eps = [ep for ep in DIST.entry_points if ep.group == "console_scripts"]
     assert [(ep.name, ep.value) for ep in eps] == [("selfattn", "selfattn.__main__:main")]
+
+
+def test_one_version_source():
+    """The version is written once, in selfattn/__init__.py; pyproject.toml reads it (dynamic) and the
+    CHANGELOG names it."""
+    from sa_testutil import REPO_ROOT
+    pyproject = REPO_ROOT / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("pyproject.toml not found (tests run without the repository)")
+    text = pyproject.read_text()
+    assert 'dynamic = ["version"]' in text and 'version = { attr = "selfattn.__version__" }' in text
+    assert "\nversion = " not in text.split("[project]")[1].split("\n[")[0]
+    assert f"## {selfattn.__version__} " in (REPO_ROOT / "CHANGELOG.md").read_text()
