@@ -81,14 +81,14 @@ def _long_call_inputs(L):
     return tuple(rng.standard_normal((1, L, 64)).astype(np.float32) for _ in range(3))
 
 
-def test_gil_released_during_the_kernel():
-    """While a worker thread is inside a single-threaded call, the main thread keeps running
-    Python: its longest stall is far shorter than one call."""
-    q, k, v = _long_call_inputs(6144)
-    t0 = time.perf_counter()
-    sdpa(q, k, v, num_threads=1)
-    one_call = time.perf_counter() - t0
-    reps = max(2, int(0.6 / max(one_call, 1e-3)))
+# A held GIL fails these every time (no overlap; the main thread stalls for whole calls); a busy
+# machine (another job on the second core) can fail one attempt by chance: each test takes the best
+# of ATTEMPTS measurements and reports them all.
+ATTEMPTS = 3
+
+
+def _gil_stall_once(q, k, v, reps):
+    """(longest main-thread stall, shortest call, longest call, spins) while a worker calls reps times."""
     durations, done = [], threading.Event()
     started = threading.Event()
 
@@ -110,27 +110,32 @@ def test_gil_released_during_the_kernel():
         last = now
         spins += 1
     th.join()
-    shortest = min(durations)
-    msg = (f"{reps} calls of {shortest * 1e3:.1f}..{max(durations) * 1e3:.1f} ms; the main thread's longest "
-           f"stall {max_gap * 1e3:.1f} ms over {spins} spins")
-    print(msg)
-    if shortest < 0.02:
-        pytest.skip(f"calls too short to tell ({msg})")
-    assert max_gap < 0.5 * shortest, msg
+    return max_gap, min(durations), max(durations), spins
 
 
-def test_two_threads_overlap_in_time():
-    """Two Python threads are inside single-threaded calls at the same moment: the call intervals
-    of one thread overlap those of the other. A held GIL would serialise them (no overlap at all).
-    How much faster the pair runs is a speed figure, printed here but not asserted: on a shared
-    VM the two threads may get one core's worth for a moment (this once failed CI that way)."""
-    q, k, v = _long_call_inputs(1536)
+def test_gil_released_during_the_kernel():
+    """While a worker thread is inside a single-threaded call, the main thread keeps running
+    Python: its longest stall is far shorter than one call (best of ATTEMPTS)."""
+    q, k, v = _long_call_inputs(6144)
+    t0 = time.perf_counter()
     sdpa(q, k, v, num_threads=1)
-    calls = 4
-    t = time.perf_counter()
-    for _ in range(2 * calls):
-        sdpa(q, k, v, num_threads=1)
-    serial = time.perf_counter() - t
+    one_call = time.perf_counter() - t0
+    reps = max(2, int(0.6 / max(one_call, 1e-3)))
+    msgs = []
+    for _ in range(ATTEMPTS):
+        max_gap, shortest, longest, spins = _gil_stall_once(q, k, v, reps)
+        msgs.append(f"{reps} calls of {shortest * 1e3:.1f}..{longest * 1e3:.1f} ms; the main thread's longest "
+                    f"stall {max_gap * 1e3:.1f} ms over {spins} spins")
+        print(msgs[-1])
+        if shortest < 0.02:
+            pytest.skip(f"calls too short to tell ({msgs[-1]})")
+        if max_gap < 0.5 * shortest:
+            return
+    pytest.fail("the main thread stalled for half a call or more in every attempt: " + "; ".join(msgs))
+
+
+def _overlap_once(q, k, v, calls):
+    """(time both threads were inside a call, wall time of the parallel phase)."""
     barrier = threading.Barrier(2)
     intervals = [[], []]
 
@@ -148,12 +153,32 @@ def test_two_threads_overlap_in_time():
     for th in ths:
         th.join()
     parallel = time.perf_counter() - t
-    # time during which both threads were inside a call
     both = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in intervals[0] for b0, b1 in intervals[1])
-    print(f"parallel/serial wall time {parallel / serial:.2f}; both threads in a call for "
-          f"{both / parallel:.0%} of the parallel phase")
-    assert both > 0.5 * parallel, (f"calls barely overlap: both threads inside a call for {both * 1e3:.1f} ms "
-                                   f"of {parallel * 1e3:.1f} ms (a held GIL gives 0)")
+    return both, parallel
+
+
+def test_two_threads_overlap_in_time():
+    """Two Python threads are inside single-threaded calls at the same moment: the call intervals
+    of one thread overlap those of the other. A held GIL would serialise them (no overlap at all).
+    How much faster the pair runs is a speed figure, printed here but not asserted: on a shared
+    VM the two threads may get one core's worth for a moment (this once failed CI that way; so
+    did the overlap itself once, with another job on the second core: best of ATTEMPTS)."""
+    q, k, v = _long_call_inputs(1536)
+    sdpa(q, k, v, num_threads=1)
+    calls = 4
+    t = time.perf_counter()
+    for _ in range(2 * calls):
+        sdpa(q, k, v, num_threads=1)
+    serial = time.perf_counter() - t
+    msgs = []
+    for _ in range(ATTEMPTS):
+        both, parallel = _overlap_once(q, k, v, calls)
+        msgs.append(f"both threads inside a call for {both * 1e3:.1f} ms of {parallel * 1e3:.1f} ms "
+                    f"(parallel/serial wall time {parallel / serial:.2f})")
+        print(msgs[-1])
+        if both > 0.5 * parallel:
+            return
+    pytest.fail("calls barely overlap in every attempt (a held GIL gives 0): " + "; ".join(msgs))
 
 
 # ---------------------------------------------------------------- fork
