@@ -37,6 +37,10 @@
 #                                reach its call within the test's 240 s window
 #   test_robust_sizes.py::test_index64_c_program  gcc under emulation again; CI step 6 runs
 #                                test_index64.c (both builds) under the same qemu >= 8
+#   tests/integration/test_readme.py, test_demo_cli.py  the README's and the user guide's examples and
+#                                the demo/CLI: Python-level programs over the same kernels (1024-long
+#                                sequences, training loops: minutes each under emulation), run
+#                                natively in CI steps 1-3, 5, 6 and under ASan (step 12)
 #   test_train.py::test_cli_short_run_writes_the_plots, ::test_short_run_learns_the_task
 #                                time: 155 s and 94 s under emulation (250 and 160 training steps);
 #                                the training's forward/backward kernels are checked by
@@ -180,6 +184,7 @@ esac
 # ---- the tests ---------------------------------------------------------------------------------
 # deselected (why: in the header)
 DESELECT=(--ignore=/src/tests/dispatch/test_c_kernels.py --ignore=/src/tests/robustness/test_robust_interrupt.py
+          --ignore=/src/tests/integration/test_readme.py --ignore=/src/tests/integration/test_demo_cli.py
           --deselect=tests/robustness/test_robust_sizes.py::test_index64_c_program
           --deselect=tests/backward/test_train.py::test_cli_short_run_writes_the_plots
           --deselect=tests/backward/test_train.py::test_short_run_learns_the_task)

@@ -9,13 +9,15 @@ of src_c/, listed in MUTANTS) it builds the kernel with that fault and runs
   * with --python, the Python test suite (or the files given with --tests) against the
     extension built from the mutated sources,
 
-and requires every mutant to be "killed" (some test fails). The unmutated sources are run
+and requires every mutant to be "killed" (some test fails). Each mutant is compiled once: with
+--python the C tests link the object files of the extension's build; the Cython part
+(_core.pyx -> _core.c -> _core.o), the same for every mutant, is compiled once for all (cached_cc). The unmutated sources are run
 first: they must pass, or a failure would prove nothing. A mutation whose text no longer
 occurs exactly once in its file is an error (the source moved on: update the list here),
 never a silent pass.
 
-    python .ci/mutation.py                      # C tests only (CI), about a minute
-    python .ci/mutation.py --python             # also the Python suite, every failing test listed
+    python .ci/mutation.py                      # C tests only, about 4 minutes on 2 cores
+    python .ci/mutation.py --python             # also the Python suite (CI: some files, -x)
     python .ci/mutation.py --python --tests tests/forward/test_vs_reference.py -x
 
 Exit status 0 when every mutant is killed, 1 otherwise (or on a build error).
@@ -122,10 +124,21 @@ def apply(tree, mutant):
     path.write_text(text.replace(old, new))
 
 
-def run_c_tests(tree, workdir):
+def extension_objects(tree):
+    """The kernel's object files the extension build left in tree/build (pip builds in the tree),
+    in C_SOURCES order; None if any is missing."""
+    found = {p.name: p for p in Path(tree).glob("build/temp.*/src_c/*.o")}
+    objs = [found.get(f.replace(".c", ".o")) for f in C_SOURCES]
+    return None if None in objs else objs
+
+
+def run_c_tests(tree, workdir, objs=None):
     """{test program: (killed?, summary line)} for the C tests built against tree/src_c.
-    The kernel sources are compiled once (-O2 -fopenmp, two at a time) and linked into each test."""
+    The kernel sources are compiled once (-O2 -fopenmp, two at a time) and linked into each test;
+    objs: the extension build's objects of the same sources (with --python), linked instead."""
     src = Path(tree) / "src_c"
+    if objs is not None:
+        return link_c_tests(tree, workdir, objs)
     objs = [Path(workdir) / f.replace(".c", ".o") for f in C_SOURCES]
 
     def compile_one(pair):
@@ -137,6 +150,11 @@ def run_c_tests(tree, workdir):
         for cmd, r in pool.map(compile_one, zip(C_SOURCES, objs)):
             if r.returncode != 0:
                 raise SystemExit(f"compiling failed:\n$ {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return link_c_tests(tree, workdir, objs)
+
+
+def link_c_tests(tree, workdir, objs):
+    src = Path(tree) / "src_c"
     results = {}
     for test, flags in C_TESTS:
         exe = Path(workdir) / test.replace(".c", "")
@@ -235,13 +253,13 @@ def main(argv=None):
                     shutil.copy2(core_c, tree / "selfattn" / "_core.c")
             work = Path(tmp) / name / "work"
             work.mkdir()
-            c = run_c_tests(tree, work)
-            killed = any(k for k, _ in c.values())
-            line = f"{name:22s} C: " + "; ".join(f"{t}: {s}" for t, (_, s) in c.items())
-            py_failed = []
-            if args.python:
+            py_failed, py_killed = [], False
+            if args.python:         # first: the C tests then link the objects this build leaves
                 py_killed, py_failed, py_summary = run_python_tests(tree, work, test_args, args.interpreter, cc)
-                killed = killed or py_killed
+            c = run_c_tests(tree, work, extension_objects(tree) if args.python else None)
+            killed = py_killed or any(k for k, _ in c.values())
+            line = f"{name:22s} C: " + "; ".join(f"{t}: {s}" for t, (_, s) in c.items())
+            if args.python:
                 line += f" | pytest: {py_summary}"
             line += f"  [{time.time() - t0:.0f}s]"
             if mutant is None:

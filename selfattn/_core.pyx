@@ -8,7 +8,6 @@ and the kernel's workspace, releases the GIL around the whole computation, and
 turns the kernel's status codes into exceptions.
 """
 import contextvars
-import math
 import os
 import threading
 import warnings
@@ -18,7 +17,9 @@ cimport numpy as cnp
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
+from libc.math cimport sqrt
 from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.contextvars cimport get_value
 
 from selfattn._selfattn cimport *
 from selfattn import _spec
@@ -59,10 +60,11 @@ def available_isas():
 # import, then set_isa). Read once per call, so concurrent calls on different paths never
 # affect each other.
 _forced_isa = contextvars.ContextVar("selfattn_forced_isa", default=None)
+cdef object _forced_isa_var = _forced_isa      # the same, read through the C API (no lookups)
 
 
 cdef int _call_isa() except -1:
-    forced = _forced_isa.get()
+    forced = get_value(_forced_isa_var, None)
     return _isa if forced is None else <int> forced
 
 
@@ -214,6 +216,16 @@ cdef inline object _meta(object x, str name):
     return _as_array(x, name)
 
 
+cdef inline int _typenum_of(object a, str name) except -1:
+    """_compute_typenum of a's dtype; float32 and float64 arrays without asking the dtype object."""
+    cdef int t
+    if type(a) is np.ndarray:
+        t = cnp.PyArray_TYPE(a)
+        if t == <int>cnp.NPY_FLOAT or t == <int>cnp.NPY_DOUBLE:
+            return t
+    return _compute_typenum(a.dtype, name)
+
+
 cdef int _compute_typenum(object dt, str name) except -1:
     """NPY_FLOAT or NPY_DOUBLE: what an input of dtype `dt` computes in; TypeError naming it if nothing."""
     cdef str kind = dt.kind
@@ -260,6 +272,11 @@ cdef tuple _check_options(object num_threads, object is_causal, object window_si
     """The scalar options every entry point shares, validated before any work:
     (num_threads, causal, has_window, window_left, window_right, alignment, softcap);
     -1 = unbounded window side, softcap 0.0 = none."""
+    if num_threads is None and window_size is None and softcap is None and type(alignment) is str:
+        # the common call, answered without _spec (the same values its checks would give)
+        if alignment == "top_left" or alignment == "bottom_right":
+            return (sa_default_threads(), bool(is_causal), False, -1, -1,
+                    SA_ALIGN_TOP_LEFT if alignment == "top_left" else SA_ALIGN_BOTTOM_RIGHT, 0.0)
     nt = _check_threads(num_threads)
     left, right = _spec.window_sides(window_size)
     has_window = window_size is not None
@@ -309,6 +326,17 @@ cdef void _free(void *p) noexcept:
 
 
 cdef object _pending_signal_exc = None   # set by _check_signals, main thread only
+cdef unsigned long _main_ident = threading.main_thread().ident   # the thread that sees signals
+
+
+def _note_main_thread():
+    """After a fork the child's main thread is the one that forked (threading says so first)."""
+    global _main_ident
+    _main_ident = threading.main_thread().ident
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_note_main_thread)
 
 
 cdef int _check_signals(void *ctx) noexcept nogil:
@@ -360,8 +388,9 @@ cdef class Problem:
     cdef readonly object dtype           # float32 or float64: what it computes in
     cdef readonly tuple batch            # the output's batch dims (..., Hq)
     cdef readonly tuple kv_batch         # the distinct K/V's batch dims (..., H)
-    cdef readonly tuple out_shape, lse_shape, dq_shape, dk_shape, dv_shape
+    cdef readonly tuple out_shape, lse_shape
     cdef readonly int64_t L, S, E, Ev, group, n_units
+    cdef int64_t k_rows                  # varlen: total_k (the packed key rows)
     cdef readonly double scale
     cdef readonly bint varlen
     cdef bint ragged_rows                # dense with query_lengths: rows past them are not computed
@@ -383,8 +412,27 @@ cdef class Problem:
             raise RuntimeError("this Problem was described from ArraySpecs (no data): describe it "
                                "again with the arrays to run it")
 
+    # the gradients' shapes (made when asked: a forward never needs them). dq is laid out like
+    # the output, dk and dv like the distinct K/V (varlen: packed, k_rows = total_k)
+    @property
+    def dq_shape(self):
+        return self.out_shape[:-1] + (self.E,)
+
+    @property
+    def dk_shape(self):
+        return self.kv_batch[:-1] + (self.k_rows, self.E) if self.varlen else self.kv_batch + (self.S, self.E)
+
+    @property
+    def dv_shape(self):
+        return self.kv_batch[:-1] + (self.k_rows, self.Ev) if self.varlen else self.kv_batch + (self.S, self.Ev)
+
     def run(self, out=None, bint return_lse=False):
         """The forward into `out` (a new array when None): out, or (out, lse)."""
+        return self._run(out, return_lse)
+
+    cdef object _run(self, object out, bint return_lse):
+        cdef cnp.npy_intp dims[64]
+        cdef int nd, d
         self._need_data()
         if self.ragged_rows:                 # rows past a unit's query_lengths are never written
             if out is not None:
@@ -393,7 +441,13 @@ cdef class Problem:
             lse = np.full(self.lse_shape, -np.inf, dtype=self.dtype) if return_lse else None
         else:
             if out is None:
-                out = np.empty(self.out_shape, dtype=self.dtype)
+                nd = len(self.out_shape)
+                if nd <= 64:        # NumPy's limit (NPY_MAXDIMS; 32 before NumPy 2)
+                    for d in range(nd):
+                        dims[d] = self.out_shape[d]
+                    out = cnp.PyArray_EMPTY(nd, dims, self.typenum, 0)
+                else:
+                    out = np.empty(self.out_shape, dtype=self.dtype)
             elif not isinstance(out, np.ndarray) or out.shape != self.out_shape or out.dtype != self.dtype:
                 raise ValueError(f"out must have shape {self.out_shape} and dtype {self.dtype}, got "
                                  f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}")
@@ -461,8 +515,7 @@ cdef tuple _qkv(object query, object key, object value):
     q = _meta(query, "query")
     k = _meta(key, "key")
     v = _meta(value, "value")
-    cdef int tq = _compute_typenum(q.dtype, "query"), tk = _compute_typenum(k.dtype, "key")
-    cdef int tv = _compute_typenum(v.dtype, "value")
+    cdef int tq = _typenum_of(q, "query"), tk = _typenum_of(k, "key"), tv = _typenum_of(v, "value")
     # <int>: with numpy < 2's headers enum NPY_TYPES is unsigned and -Wsign-compare (in Python's
     # CFLAGS) warns on the comparisons with the int type numbers
     cdef int typenum = cnp.NPY_DOUBLE if <int>cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
@@ -491,26 +544,36 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
     the position of query row 0 among that entry's keys (any integer; row i sits at
     query_offsets + i): it replaces the alignment, so a block of a longer problem keeps its rows'
     positions (causal, windows, ALiBi)."""
+    return _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
+                     alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets)
+
+
+cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
+                       alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets):
     cdef Problem p = Problem.__new__(Problem)
+    cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
     q, k, v, p.typenum = _qkv(query, key, value)
     p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
-    for a, nm in ((q, "query"), (k, "key"), (v, "value")):
-        if a.ndim < 2:
+    cdef tuple qs = tuple(q.shape), ks = tuple(k.shape), vs = tuple(v.shape)
+    for shp, nm in ((qs, "query"), (ks, "key"), (vs, "value")):
+        if len(shp) < 2:
             raise ValueError(f"{nm} must have at least 2 dims (..., {'L' if nm == 'query' else 'S'}, "
-                             f"{'Ev' if nm == 'value' else 'E'}), got shape {a.shape}")
-    p.L, p.E, p.S, p.Ev = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
-    if k.shape[-1] != p.E:
-        raise ValueError(f"query and key must have the same last dim E: query {q.shape} has E={p.E}, "
-                         f"key {k.shape} has E={k.shape[-1]}")
-    if v.shape[-2] != p.S:
-        raise ValueError(f"key and value must have the same number of keys S (dim -2): key {k.shape}, "
-                         f"value {v.shape}")
-    p.scale = _spec.check_scale(scale, p.E, p.dtype)
+                             f"{'Ev' if nm == 'value' else 'E'}), got shape {shp}")
+    p.L, p.E, p.S, p.Ev = qs[-2], qs[-1], ks[-2], vs[-1]
+    if ks[-1] != p.E:
+        raise ValueError(f"query and key must have the same last dim E: query {qs} has E={p.E}, "
+                         f"key {ks} has E={ks[-1]}")
+    if vs[-2] != p.S:
+        raise ValueError(f"key and value must have the same number of keys S (dim -2): key {ks}, "
+                         f"value {vs}")
+    # scale None: _spec.check_scale's default, without the call (C's sqrt is correctly rounded too)
+    p.scale = _spec.check_scale(scale, p.E, p.dtype) if scale is not None else (1.0 / sqrt(<double> p.E)
+                                                                                 if p.E > 0 else 1.0)
 
     # -- batch (and head) dims: broadcast, or grouped-query heads
     p.group = 1
-    qb, kb, vb = tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2])
+    qb, kb, vb = qs[:-2], ks[:-2], vs[:-2]
     gqa = bool(enable_gqa) and len(qb) >= 1 and len(kb) >= 1 and len(vb) >= 1
     kvb = _broadcast(kb, vb)
     if gqa:
@@ -530,9 +593,10 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
         raise ValueError(f"the leading (batch/head) dims of query {q.shape}, key {k.shape} and value "
                          f"{v.shape} do not broadcast{hint}")
     p.batch, p.kv_batch = ob, kvb
-    p.n_units = math.prod(ob)
+    for d in ob:
+        n_units *= <int64_t> d
+    p.n_units = n_units
     p.out_shape, p.lse_shape = ob + (p.L, p.Ev), ob + (p.L,)
-    p.dq_shape, p.dk_shape, p.dv_shape = ob + (p.L, p.E), kvb + (p.S, p.E), kvb + (p.S, p.Ev)
 
     # -- mask: read in place with its own strides, never broadcast out
     p.mask_kind = SA_MASK_NONE
@@ -605,7 +669,7 @@ def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None
     p.batch, p.kv_batch = (Hq, B), (H, B)
     p.n_units = Hq * B
     p.out_shape, p.lse_shape = (Hq, Tq, p.Ev), (Hq, Tq)
-    p.dq_shape, p.dk_shape, p.dv_shape = (Hq, Tq, p.E), (H, Tk, p.E), (H, Tk, p.Ev)
+    p.k_rows = Tk
     Lb, Sb = np.diff(p.cu_q), np.diff(p.cu_k)
     p.L = int(Lb.max()) if B else 0
     p.S = int(Sb.max()) if B else 0
@@ -670,7 +734,9 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
     q, k, v, m = p.q, p.k, p.v, p.mask
     cdef tuple ob = p.batch, kvb = p.kv_batch
     cdef int nb = len(ob), nkb = len(kvb), d, j
-    cdef int64_t n_units = p.n_units, n_kv = math.prod(kvb), u, c
+    cdef int64_t n_units = p.n_units, n_kv = 1, u, c
+    for d in range(nkb):
+        n_kv *= <int64_t> kvb[d]
     cdef int64_t *tab = <int64_t *> _alloc(sizeof(int64_t) * (9 * n_units + 5 * n_kv + 1 + 8 * (nb + nkb + 1)))
     t.n_units, t.n_kv = n_units, n_kv
     t.q_off = tab
@@ -803,7 +869,7 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
     a.num_threads, a.causal, a.window, a.window_left, a.window_right = o[0], o[1], o[2], o[3], o[4]
     a.alignment, a.softcap = o[5], o[6]
     a.schedule = _forced_schedule
-    if PyThread_get_thread_ident() == threading.main_thread().ident:
+    if PyThread_get_thread_ident() == _main_ident:
         a.interrupt = _check_signals      # only the main thread sees signals (asked now, not at import)
     if dout is not None:    # the cotangent (laid out like out) and the gradients, rows x columns last
         a.dout, a.dout_sl, a.dout_se = cnp.PyArray_DATA(dout), _stride(dout, -2), _stride(dout, -1)
@@ -822,13 +888,12 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
     """The fused forward (see selfattn.scaled_dot_product_attention; query_lengths and
     query_offsets: see describe). Keyword-only past the arrays, so a new parameter can never shift
     the others. schedule_only=True validates and returns the kernel's plan without computing."""
-    p = describe(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                 enable_gqa=enable_gqa, num_threads=num_threads, window_size=window_size, alignment=alignment,
-                 key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap,
-                 query_lengths=query_lengths, query_offsets=query_offsets)
+    cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
+                               window_size, alignment, key_lengths, alibi_slopes, softcap, query_lengths,
+                               query_offsets)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
-    return p.run(out, return_lse)
+    return p._run(out, return_lse)
 
 
 def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal=False, scale=None,
@@ -838,9 +903,8 @@ def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal
     the same arguments, grad_out the cotangent (out's shape and dtype). Returns (dq, dk, dv):
     dq with the output's batch dims (..., Hq, L, E), dk and dv with the broadcast batch dims of
     key and value (..., H, S, E / Ev); selfattn.autograd sums them back to the inputs' shapes."""
-    p = describe(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                 enable_gqa=enable_gqa, num_threads=num_threads, window_size=window_size, alignment=alignment,
-                 key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap)
+    cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
+                               window_size, alignment, key_lengths, alibi_slopes, softcap, None, None)
     if schedule_only:
         return p.schedule(backward=True)
     return p.backward(out, lse, grad_out)
