@@ -152,13 +152,19 @@ inroot() {
 }
 
 # ---- build requirements bookworm lacks, as aarch64 wheels fetched here --------------------------
-stamp "wheels: setuptools>=77, packaging>=24.2, Cython>=3 (aarch64, cp311)"
+stamp "wheels: setuptools>=77, packaging>=24.2, Cython>=3, ml_dtypes (aarch64, cp311)"
 pyver=$(inroot python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 mkdir "$CH/wheels"
 "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$CH/wheels" \
     --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --python-version "$pyver" \
     --implementation cp --abi "cp$pyver" "setuptools>=77" "packaging>=24.2" "Cython>=3.0" \
     || die "pip download of the build requirements failed"
+# ml_dtypes: bfloat16 arrays, for the 16-bit storage tests (float16 needs nothing): optional, the
+# bfloat16 cases skip without it
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$CH/wheels" \
+    --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --python-version "$pyver" \
+    --implementation cp --abi "cp$pyver" "ml_dtypes>=0.4,<0.6" \
+    || echo "no aarch64 ml_dtypes wheel: the bfloat16 tests skip in the arm64 root"
 ls "$CH/wheels"
 inroot sh -c 'python3 -m pip install -q --break-system-packages --no-deps /wheels/*.whl' \
     || die "installing the wheels in the root failed"

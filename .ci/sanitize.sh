@@ -32,6 +32,8 @@ stamp "venv in $WORK/venv"
 VPY="$WORK/venv/bin/python"
 "$VPY" -m pip install -q numpy pytest hypothesis pytest-benchmark Cython "setuptools>=77" wheel
 "$VPY" -m pip install -q threadpoolctl || echo "sanitize.sh: optional threadpoolctl not installed"
+# bfloat16 arrays (the 16-bit storage path's tests; float16 ones run without it)
+"$VPY" -m pip install -q "ml_dtypes>=0.4" || echo "sanitize.sh: optional ml_dtypes not installed"
 
 stamp "build + install with SELFATTN_SANITIZE=1 from $ROOT"
 # a private copy: the build never touches the caller's tree (build/, in-place .so files)

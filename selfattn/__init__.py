@@ -37,7 +37,12 @@ Architecture at a glance
                                                          thread-count invariant). attn_mask.h: causal,
                                                          window, alignment / q_pos, query and key
                                                          lengths as one key interval per row; tiles
-                                                         outside it skipped
+                                                         outside it skipped. bfloat16 / float16 inputs
+                                                         (sa_attn_args.storage) run the f32 kernels:
+                                                         widened where loaded or packed, out rounded
+                                                         where written (attn_pack.h; the conversions in
+                                                         simd_<isa>.h, half.h); the backward, for now,
+                                                         on float32 copies (Problem.backward)
 
 Beside the kernel, one module per concern:
     selfattn.autograd     scaled_dot_product_attention_vjp, varlen_attention_vjp: (out, vjp), the

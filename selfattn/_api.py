@@ -453,21 +453,25 @@ def config() -> Dict[str, Any]:
     dict
         ``version`` (str), ``isa`` (str: the path the calling thread or task runs now, its
         :func:`use_isa` if any, else the process default), ``isas_available`` (list of str,
-        best first), ``openmp`` (bool), ``default_threads`` (int).
+        best first), ``openmp`` (bool), ``default_threads`` (int), ``half`` (dict: how
+        bfloat16 and float16 inputs are widened to float32 for the float32 kernels on that
+        instruction set, e.g. ``{'bfloat16': 'shifts', 'float16': 'F16C vcvtph2ps'}``).
 
     Examples
     --------
     >>> import selfattn
     >>> c = selfattn.config()
     >>> sorted(c)
-    ['default_threads', 'isa', 'isas_available', 'openmp', 'version']
+    ['default_threads', 'half', 'isa', 'isas_available', 'openmp', 'version']
     >>> c["isa"] in c["isas_available"]
     True
     """
     from . import __version__
+    isa = _effective_isa()
     return {
         "version": __version__,
-        "isa": _effective_isa(),
+        "isa": isa,
+        "half": _core.storage_paths(isa),
         "isas_available": _core.available_isas(),
         "openmp": _core.openmp_enabled(),
         "default_threads": _core.default_threads(),
@@ -478,12 +482,16 @@ def show_config(file: Optional[IO[str]] = None) -> None:
     """Print :func:`config` as one line (to `file`, default stdout), for the calling context.
 
     Example output: ``selfattn 0.1.0: isa=avx512 (available: avx512, avx2, generic),
-    openmp=yes, default_threads=2``.
+    openmp=yes, default_threads=2, bfloat16/float16: float32 kernels, widened by shifts / AVX-512
+    vcvtph2ps``.
     """
     c = config()
     file = sys.stdout if file is None else file
     print(f"selfattn {c['version']}: isa={c['isa']} (available: {', '.join(c['isas_available'])}), "
-          f"openmp={'yes' if c['openmp'] else 'no'}, default_threads={c['default_threads']}", file=file)
+          f"openmp={'yes' if c['openmp'] else 'no'}, default_threads={c['default_threads']}, "
+          f"bfloat16/float16: float32 kernels, widened by {c['half']['bfloat16']} / {c['half']['float16']}",
+          file=file)
+
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)
 cdef object _BOOL = np.dtype(np.bool_)
 cdef object _U8 = np.dtype(np.uint8)
+cdef object _F16 = np.dtype(np.float16)
 cdef int _isa = sa_isa_best()
 cdef int _forced_schedule = SA_SCHEDULE_AUTO   # test hook: _force_schedule
 cdef long _fail_allocs = 0         # debug hook: make N allocations fail ...
@@ -66,6 +67,14 @@ cdef object _forced_isa_var = _forced_isa      # the same, read through the C AP
 cdef int _call_isa() except -1:
     forced = get_value(_forced_isa_var, None)
     return _isa if forced is None else <int> forced
+
+
+def storage_paths(isa_name):
+    """{'bfloat16': ..., 'float16': ...}: how 16-bit inputs are widened to float32 (for the
+    float32 kernels) on that instruction set, e.g. 'shifts', 'F16C vcvtph2ps'."""
+    cdef int isa = _isa_from_name(isa_name)
+    return {"bfloat16": sa_storage_path(isa, SA_STORE_BF16).decode(),
+            "float16": sa_storage_path(isa, SA_STORE_F16).decode()}
 
 
 def get_isa():
@@ -231,10 +240,26 @@ cdef int _compute_typenum(object dt, str name) except -1:
     cdef str kind = dt.kind
     if kind == "f" and dt.itemsize == 8:
         return cnp.NPY_DOUBLE
-    if (kind == "f" and dt.itemsize <= 4) or kind == "b" or kind == "i" or kind == "u":
+    if (kind == "f" and dt.itemsize <= 4) or kind == "b" or kind == "i" or kind == "u" or _storage_of(dt):
         return cnp.NPY_FLOAT
-    raise TypeError(f"{name} has dtype {dt}, which selfattn cannot compute "
-                    f"(supported: float32, float64; float16, integer and bool compute in float32)")
+    raise TypeError(f"{name} has dtype {dt}, which selfattn cannot compute (supported: float32, float64, "
+                    f"bfloat16 (ml_dtypes) and float16; integer and bool compute in float32)")
+
+
+cdef inline int _storage_of(object dt):
+    """SA_STORE_BF16 for ml_dtypes.bfloat16 (recognised by name: ml_dtypes is not imported
+    here), SA_STORE_F16 for float16, else SA_STORE_NATIVE."""
+    if dt.itemsize != 2:
+        return SA_STORE_NATIVE
+    if dt == _F16:
+        return SA_STORE_F16
+    return SA_STORE_BF16 if dt.name == "bfloat16" else SA_STORE_NATIVE
+
+
+def _storage_name(dt):
+    """'bfloat16' / 'float16' for the 16-bit dtypes the kernels store natively, else None."""
+    cdef int s = _storage_of(np.dtype(dt))
+    return "bfloat16" if s == SA_STORE_BF16 else "float16" if s == SA_STORE_F16 else None
 
 
 cdef object _ready(object a, int typenum):
@@ -385,7 +410,9 @@ cdef struct _Units:
 cdef class Problem:
     """One attention problem, validated: dtype, shapes, options and per-unit arrays.
     Built by describe / describe_varlen; run, backward and schedule bind outputs and call C."""
-    cdef readonly object dtype           # float32 or float64: what it computes in
+    cdef readonly object dtype           # float32 or float64: what it computes in (and lse's dtype)
+    cdef readonly object out_dtype       # the output's (and gradients'): dtype, or the 16-bit input dtype
+    cdef readonly int storage            # SA_STORE_*: how q, k, v and out are stored
     cdef readonly tuple batch            # the output's batch dims (..., Hq)
     cdef readonly tuple kv_batch         # the distinct K/V's batch dims (..., H)
     cdef readonly tuple out_shape, lse_shape
@@ -437,19 +464,19 @@ cdef class Problem:
         if self.ragged_rows:                 # rows past a unit's query_lengths are never written
             if out is not None:
                 raise ValueError("query_lengths is for the forward into a new output only")
-            out = np.zeros(self.out_shape, dtype=self.dtype)
+            out = np.zeros(self.out_shape, dtype=self.out_dtype)
             lse = np.full(self.lse_shape, -np.inf, dtype=self.dtype) if return_lse else None
         else:
             if out is None:
                 nd = len(self.out_shape)
-                if nd <= 64:        # NumPy's limit (NPY_MAXDIMS; 32 before NumPy 2)
+                if nd <= 64 and self.storage == SA_STORE_NATIVE:   # NumPy's limit (NPY_MAXDIMS; 32 before 2.0)
                     for d in range(nd):
                         dims[d] = self.out_shape[d]
                     out = cnp.PyArray_EMPTY(nd, dims, self.typenum, 0)
                 else:
-                    out = np.empty(self.out_shape, dtype=self.dtype)
-            elif not isinstance(out, np.ndarray) or out.shape != self.out_shape or out.dtype != self.dtype:
-                raise ValueError(f"out must have shape {self.out_shape} and dtype {self.dtype}, got "
+                    out = np.empty(self.out_shape, dtype=self.out_dtype)
+            elif not isinstance(out, np.ndarray) or out.shape != self.out_shape or out.dtype != self.out_dtype:
+                raise ValueError(f"out must have shape {self.out_shape} and dtype {self.out_dtype}, got "
                                  f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}")
             lse = np.empty(self.lse_shape, dtype=self.dtype) if return_lse else None
         if not self._empty(return_lse):
@@ -462,11 +489,16 @@ cdef class Problem:
         self._need_data()
         if self.ragged_rows:
             raise ValueError("query_lengths is for the forward into a new output only")
-        for a, nm, shp in ((out, "out", self.out_shape), (lse, "lse", self.lse_shape),
-                           (grad_out, "grad_out", self.out_shape)):
-            if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != self.dtype:
-                raise ValueError(f"{nm} must be an array of shape {shp} and dtype {self.dtype}, got "
+        for a, nm, shp, dt in ((out, "out", self.out_shape, self.out_dtype), (lse, "lse", self.lse_shape, self.dtype),
+                               (grad_out, "grad_out", self.out_shape, self.out_dtype)):
+            if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != dt:
+                raise ValueError(f"{nm} must be an array of shape {shp} and dtype {dt}, got "
                                  f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
+        if self.storage != SA_STORE_NATIVE:
+            # the 16-bit backward runs in float32 on float32 copies (the kernels' backward reads
+            # native storage only, for now); the gradients are rounded to the inputs' dtype
+            dq, dk, dv = self._widened().backward(out.astype(_F32), lse, grad_out.astype(_F32))
+            return dq.astype(self.out_dtype), dk.astype(self.out_dtype), dv.astype(self.out_dtype)
         out = np.ascontiguousarray(out)        # dout is read with out's offsets: same layout
         dout = np.ascontiguousarray(_ready(grad_out, self.typenum))
         dq = np.zeros(self.dq_shape, dtype=self.dtype)
@@ -482,13 +514,29 @@ cdef class Problem:
         self._need_data()
         if self._empty(backward or return_lse):
             return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
+        if backward and self.storage != SA_STORE_NATIVE:
+            return self._widened().schedule(backward=True)       # what backward runs
         empty = lambda shape: np.empty(shape, dtype=self.dtype)   # noqa: E731 (never touched)
-        out = empty(self.out_shape)
+        out = np.empty(self.out_shape, dtype=self.out_dtype)
         lse = empty(self.lse_shape) if (backward or return_lse) else None
         if not backward:
             return self._call(out, lse, None, None, None, None, True)
         return self._call(out, lse, empty(self.out_shape), empty(self.dq_shape), empty(self.dk_shape),
                           empty(self.dv_shape), True)
+
+    cdef Problem _widened(self):
+        """This problem on float32 copies of its 16-bit data (the backward's path, for now)."""
+        cdef Problem w = Problem.__new__(Problem)
+        w.dtype, w.out_dtype, w.storage = self.dtype, self.dtype, SA_STORE_NATIVE
+        w.batch, w.kv_batch, w.out_shape, w.lse_shape = self.batch, self.kv_batch, self.out_shape, self.lse_shape
+        w.L, w.S, w.E, w.Ev, w.group, w.n_units, w.k_rows = self.L, self.S, self.E, self.Ev, self.group, \
+            self.n_units, self.k_rows
+        w.scale, w.varlen, w.ragged_rows, w.opts = self.scale, self.varlen, self.ragged_rows, self.opts
+        w.typenum, w.mask_kind, w.mask = self.typenum, self.mask_kind, self.mask
+        w.q, w.k, w.v = self.q.astype(_F32), self.k.astype(_F32), self.v.astype(_F32)
+        w.q_len, w.k_len, w.q_pos, w.slopes, w.cu_q, w.cu_k = self.q_len, self.k_len, self.q_pos, self.slopes, \
+            self.cu_q, self.cu_k
+        return w
 
     cdef object _call(self, out, lse, dout, dq, dk, dv, bint schedule_only):
         cdef sa_attn_args args
@@ -510,8 +558,16 @@ cdef class Problem:
         return None
 
 
+cdef inline int _storage_in(object a, int typenum):
+    """_storage_of a's dtype; float32 and float64 arrays without asking the dtype object."""
+    if typenum == <int>cnp.NPY_DOUBLE or (type(a) is np.ndarray and cnp.PyArray_TYPE(a) == <int>cnp.NPY_FLOAT):
+        return SA_STORE_NATIVE
+    return _storage_of(a.dtype)
+
+
 cdef tuple _qkv(object query, object key, object value):
-    """query, key, value as arrays (or ArraySpecs), and the type they compute in (float64 if any is)."""
+    """query, key, value as arrays (or ArraySpecs), the type they compute in (float64 if any is)
+    and their storage (SA_STORE_BF16 / _F16: all three bfloat16, or all float16)."""
     q = _meta(query, "query")
     k = _meta(key, "key")
     v = _meta(value, "value")
@@ -519,16 +575,34 @@ cdef tuple _qkv(object query, object key, object value):
     # <int>: with numpy < 2's headers enum NPY_TYPES is unsigned and -Wsign-compare (in Python's
     # CFLAGS) warns on the comparisons with the int type numbers
     cdef int typenum = cnp.NPY_DOUBLE if <int>cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
-    return q, k, v, typenum
+    cdef int sq = _storage_in(q, tq), sk = _storage_in(k, tk), sv = _storage_in(v, tv)
+    if sq or sk or sv:
+        if not (q.dtype == k.dtype and k.dtype == v.dtype):
+            raise TypeError(f"query, key and value must have one dtype when one of them is bfloat16 or float16 "
+                            f"(the kernels read them as they are stored): got query {q.dtype}, key {k.dtype}, "
+                            f"value {v.dtype}")
+    return q, k, v, typenum, sq
+
+
+cdef object _ready16(object a):
+    """A 16-bit input as it is stored (the kernels convert it), native-endian and aligned."""
+    if not cnp.PyArray_ISNOTSWAPPED(a):
+        return a.astype(a.dtype.newbyteorder("="))
+    if not cnp.PyArray_ISALIGNED(a):
+        return a.copy()
+    return a
 
 
 cdef _set_data(Problem p, q, k, v, m):
-    """Keep the data (converted to the compute type) when every input is an array."""
+    """Keep the data (converted to the compute type, or as stored: 16 bits) when every input is an array."""
     if type(q) is ArraySpec or type(k) is ArraySpec or type(v) is ArraySpec or type(m) is ArraySpec:
         return
-    p.q = _ready(q, p.typenum)
-    p.k = _ready(k, p.typenum)
-    p.v = _ready(v, p.typenum)
+    if p.storage != SA_STORE_NATIVE:
+        p.q, p.k, p.v = _ready16(q), _ready16(k), _ready16(v)
+    else:
+        p.q = _ready(q, p.typenum)
+        p.k = _ready(k, p.typenum)
+        p.v = _ready(v, p.typenum)
     p.mask = m
 
 
@@ -553,8 +627,9 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
     cdef Problem p = Problem.__new__(Problem)
     cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
-    q, k, v, p.typenum = _qkv(query, key, value)
+    q, k, v, p.typenum, p.storage = _qkv(query, key, value)
     p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
+    p.out_dtype = q.dtype if p.storage != SA_STORE_NATIVE else p.dtype
     cdef tuple qs = tuple(q.shape), ks = tuple(k.shape), vs = tuple(v.shape)
     for shp, nm in ((qs, "query"), (ks, "key"), (vs, "value")):
         if len(shp) < 2:
@@ -607,8 +682,8 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
         if mdt == _BOOL:
             p.mask_kind = SA_MASK_BOOL
             m = m.view(_U8) if type(m) is not ArraySpec else m
-        elif mdt.kind == "f" and mdt.itemsize <= 8:
-            p.mask_kind = SA_MASK_F64 if mdt.itemsize == 8 else SA_MASK_F32
+        elif (mdt.kind == "f" and mdt.itemsize <= 8) or _storage_of(mdt) == SA_STORE_BF16:
+            p.mask_kind = SA_MASK_F64 if mdt.itemsize == 8 else SA_MASK_F32     # 16 bits: read as float32
             if type(m) is not ArraySpec:
                 m = _ready(m, cnp.NPY_DOUBLE if mdt.itemsize == 8 else cnp.NPY_FLOAT)
         else:
@@ -640,8 +715,9 @@ def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None
     cdef Problem p = Problem.__new__(Problem)
     p.varlen = True
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
-    q, k, v, p.typenum = _qkv(query, key, value)
+    q, k, v, p.typenum, p.storage = _qkv(query, key, value)
     p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
+    p.out_dtype = q.dtype if p.storage != SA_STORE_NATIVE else p.dtype
     for a, nm, dims in ((q, "query", "(Hq, total_q, E)"), (k, "key", "(H, total_k, E)"),
                         (v, "value", "(H, total_k, Ev)")):
         if a.ndim != 3:
@@ -853,6 +929,7 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
     a.k, a.kv_k_off, a.k_ss, a.k_se = cnp.PyArray_DATA(k), t.kv_k, _stride(k, -2), _stride(k, -1)
     a.v, a.kv_v_off, a.v_ss, a.v_se = cnp.PyArray_DATA(v), t.kv_v, _stride(v, -2), _stride(v, -1)
     a.kv_start, a.kv_units = t.kv_start, t.kv_units
+    a.storage = p.storage
     a.mask_kind, a.mask_off = p.mask_kind, t.m_off
     if m is not None:
         a.mask = cnp.PyArray_DATA(m)

@@ -17,6 +17,11 @@ cdef extern from "selfattn.h" nogil:
         SA_ISA_NEON
         SA_ISA_COUNT
 
+    ctypedef enum sa_storage:
+        SA_STORE_NATIVE
+        SA_STORE_BF16
+        SA_STORE_F16
+
     ctypedef enum sa_mask_kind:
         SA_MASK_NONE
         SA_MASK_BOOL
@@ -63,6 +68,7 @@ cdef extern from "selfattn.h" nogil:
         int64_t v_ss, v_se
         const int64_t *kv_start
         const int64_t *kv_units
+        int storage
         int mask_kind
         const void *mask
         const int64_t *mask_off
@@ -102,6 +108,7 @@ cdef extern from "selfattn.h" nogil:
     int sa_isa_supported(int isa)
     int sa_isa_best()
     const char *sa_isa_name(int isa)
+    const char *sa_storage_path(int isa, int storage)
     int sa_openmp_enabled()
     int sa_default_threads()
     int sa_in_forked_child()

@@ -29,14 +29,15 @@ def _unbroadcast(g, shape, dtype):
     extra = g.ndim - len(shape)
     axes = tuple(range(extra)) + tuple(extra + i for i, n in enumerate(shape) if n == 1 and g.shape[extra + i] != 1)
     if axes:
-        g = g.sum(axis=axes, keepdims=True)
+        # 16-bit gradients are summed in float32 (then rounded once more, below)
+        g = g.sum(axis=axes, keepdims=True, dtype=np.float32 if g.dtype.itemsize == 2 else None)
         g = g.reshape(g.shape[extra:]) if extra else g
     return np.ascontiguousarray(g, dtype=dtype).reshape(shape)
 
 
 def _grad_dtype(a):
-    """The dtype of a's gradient: a's own if floating, else the dtype it computes in."""
-    return a.dtype if a.dtype.kind == "f" else _core._compute_dtype_of(a.dtype, "input")
+    """The dtype of a's gradient: a's own if floating (bfloat16 too), else the dtype it computes in."""
+    return a.dtype if a.dtype.kind == "f" or _core._storage_name(a.dtype) else _core._compute_dtype_of(a.dtype, "input")
 
 
 _SDPA_OPTIONS = ("scale", "enable_gqa", "num_threads", "window_size", "alignment", "key_lengths",
@@ -58,7 +59,7 @@ def _check_cotangent(g, out, name="grad_out"):
     g = _core._as_input(g, name)
     if g.shape != out.shape:
         raise ValueError(f"{name} must have the shape of the forward's output {out.shape}, got {g.shape}")
-    if g.dtype.kind not in "fiub":
+    if g.dtype.kind not in "fiub" and not _core._storage_name(g.dtype):
         raise TypeError(f"{name} must be a real array, got dtype {g.dtype}")
     return np.ascontiguousarray(g, dtype=out.dtype)
 
@@ -79,9 +80,9 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
         write ``h = x + out``, not ``out += x``.
     vjp : callable
         ``vjp(grad_out) -> (dq, dk, dv)``, the gradients of ``sum(out * grad_out)`` with
-        respect to query, key and value, with their shapes and dtypes (a float16 input gets
-        a float16 gradient, computed in float32; integer or bool inputs get float32
-        gradients). Broadcast or GQA-shared key/value get their
+        respect to query, key and value, with their shapes and dtypes (a bfloat16 or float16
+        input gets a gradient of its dtype, computed in float32; integer or bool inputs get
+        float32 gradients). Broadcast or GQA-shared key/value get their
         gradients summed over the units that shared them. Can be called any number of
         times, from any thread; it keeps out and the log-sum-exp (O(L) per row), never the
         attention weights. Keys no query sees, and rows whose keys are all masked, get

@@ -85,8 +85,8 @@ def _merge_parts(parts: Sequence[Tuple[Array, Array]]) -> Tuple[Array, Array]:
     return merge_attention([p[0] for p in parts], [p[1] for p in parts])
 
 
-def _nothing_visible(shape: Tuple[int, ...], ev: int, dt: Any) -> Tuple[Array, Array]:
-    return np.zeros(shape + (ev,), dtype=dt), np.full(shape, -np.inf, dtype=dt)
+def _nothing_visible(shape: Tuple[int, ...], ev: int, dt: Any, lse_dt: Any) -> Tuple[Array, Array]:
+    return np.zeros(shape + (ev,), dtype=dt), np.full(shape, -np.inf, dtype=lse_dt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def _validated(da: Any, query: Any, key: Any, value: Any, attn_mask: Any, split_
                **options: Any) -> Tuple[Any, Any, Any, Any, Any, int]:
     """The inputs as Dask arrays, validated as the NumPy function validates them, from their shapes
     and dtypes (the engine's problem builder; ArraySpec stands in for the data): (q, k, v, mask,
-    compute dtype, split_every)."""
+    (out dtype, lse dtype), split_every)."""
     if split_every is None:
         split_every = 8
     if isinstance(split_every, (bool, np.bool_)) or not isinstance(split_every, (int, np.integer)):
@@ -172,7 +172,8 @@ def _validated(da: Any, query: Any, key: Any, value: Any, attn_mask: Any, split_
     # -- validate everything as the NumPy function does, from the shapes and dtypes (the engine's
     # problem builder: ArraySpec stands in for the data)
     spec = lambda a: None if a is None else _spec.ArraySpec(tuple(a.shape), a.dtype)   # noqa: E731
-    dt = _core.describe(spec(q), spec(k), spec(v), attn_mask=spec(mask), **options).dtype
+    p = _core.describe(spec(q), spec(k), spec(v), attn_mask=spec(mask), **options)
+    dt = (p.out_dtype, p.dtype)       # the output's and lse's (they differ for 16-bit inputs)
     nd = q.ndim
     if not (k.ndim == v.ndim == nd) or k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
         raise ValueError(f"selfattn.dask needs query {q.shape}, key {k.shape} and value {v.shape} with the same "
@@ -225,7 +226,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     -------
     out : dask.array.Array, (..., Hq, L, Ev)
         Chunked like the query along its leading dims and L, one chunk along Ev; float64 if any
-        input is float64, else float32.
+        input is float64, bfloat16 / float16 for such inputs (lse float32: the key chunks'
+        parts are merged from their rounded outputs), else float32.
     lse : dask.array.Array, (..., Hq, L)
         Only with ``return_lse=True``, as ``(out, lse)``.
 
@@ -256,7 +258,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    q, k, v, mask, dt, split_every = _validated(da, query, key, value, attn_mask, split_every, is_causal=is_causal,
+    q, k, v, mask, (dt, lse_dt), split_every = _validated(da, query, key, value, attn_mask, split_every, is_causal=is_causal,
                                                 scale=scale, enable_gqa=enable_gqa, num_threads=num_threads,
                                                 window_size=window_size, alignment=alignment,
                                                 key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap)
@@ -310,7 +312,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
                 keys.append(key_)
             if not keys:
                 key_ = (part_name,) + idx + (-1,)
-                layer[key_] = (functools.partial(_nothing_visible, lead_shape + (l1 - l0,), Ev, dt),)
+                layer[key_] = (functools.partial(_nothing_visible, lead_shape + (l1 - l0,), Ev, dt, lse_dt),)
                 keys.append(key_)
             finals[idx] = _merge_tree(layer, keys, f"{merge_name}", idx, split_every)
             layer[(out_name,) + idx + (0,)] = (operator.getitem, finals[idx], 0)
@@ -322,5 +324,5 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
         return out
     lse_layer: Dict[Any, Any] = {(lse_name,) + idx: (operator.getitem, f, 1) for idx, f in finals.items()}
     lse_graph = HighLevelGraph.from_collections(lse_name, lse_layer, dependencies=[out])
-    lse = da.Array(lse_graph, lse_name, q.chunks[:-1], meta=np.empty((0,) * (nd - 1), dtype=dt))
+    lse = da.Array(lse_graph, lse_name, q.chunks[:-1], meta=np.empty((0,) * (nd - 1), dtype=lse_dt))
     return out, lse

@@ -46,14 +46,15 @@ def _as_array(x, name):
 
 
 def _compute_dtype(a, name):
-    """float64 for float64 input; float32 for float32/float16/integer/bool (as the kernel)."""
+    """float64 for float64 input; float32 for float32/float16/bfloat16/integer/bool (as the kernel)."""
     dt = a.dtype
     if dt == np.float64:
         return np.dtype(np.float64)
-    if dt in (np.float32, np.float16) or dt == np.bool_ or np.issubdtype(dt, np.integer):
+    if (dt in (np.float32, np.float16) or dt == np.bool_ or np.issubdtype(dt, np.integer)
+            or (dt.name == "bfloat16" and dt.itemsize == 2)):
         return np.dtype(np.float32)
     raise TypeError(f"{name} has dtype {dt}, which selfattn cannot compute (supported: float32, "
-                    f"float64; float16, integer and bool compute in float32)")
+                    f"float64, bfloat16 and float16; integer and bool compute in float32)")
 
 
 def _broadcast_shapes(*shapes):

@@ -30,6 +30,15 @@ def _check_size(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
+def _fits(src: np.dtype, dst: np.dtype) -> bool:
+    """Every value of src is a value of dst (16-bit floats: exactly in float32 and float64)."""
+    if _core._storage_name(dst):
+        return False                  # a 16-bit cache takes its own dtype only
+    if _core._storage_name(src):
+        return True                   # float16 and bfloat16 widen exactly to float32 / float64
+    return bool(np.can_cast(src, dst, casting="safe"))
+
+
 def _as_array(x: Any, name: str) -> Array:
     try:
         return np.asarray(x)
@@ -52,8 +61,10 @@ class KVCache:
         E, the key (and query) width.
     value_dim : int, optional
         Ev, the value width; defaults to `head_dim`.
-    dtype : {np.float32, np.float64}
-        Of the cached keys and values.
+    dtype : {np.float32, np.float64, np.float16, ml_dtypes.bfloat16}
+        Of the cached keys and values. A 16-bit cache holds half the bytes, and the kernel
+        reads it as it is stored (each value widened to float32 where it is loaded): its
+        queries have its dtype, and so has the output.
     grow : bool
         What :meth:`append` does when a sequence would pass `max_len`: False (the default)
         raises ``ValueError`` before writing anything, so memory stays exactly what was asked
@@ -108,9 +119,9 @@ class KVCache:
         try:
             dt = np.dtype(dtype)
         except TypeError:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dt not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype!r}") from None
+        if dt not in (np.float32, np.float64) and not _core._storage_name(dt):
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dt}")
         self.dtype = dt
         if not isinstance(grow, (bool, np.bool_)):
             raise TypeError(f"grow must be a bool, got {type(grow).__name__}")
@@ -182,9 +193,9 @@ class KVCache:
         want = f"(batch, num_kv_heads, n, {what}) = ({self.batch}, {self.num_kv_heads}, n, {width})"
         if a.ndim != 4 or a.shape[0] != self.batch or a.shape[1] != self.num_kv_heads or a.shape[3] != width:
             raise ValueError(f"{name} must have shape {want}, got {a.shape}")
-        if a.dtype.kind != "f":
+        if a.dtype.kind != "f" and not _core._storage_name(a.dtype):
             raise TypeError(f"{name} has dtype {a.dtype}; the cache holds {self.dtype} (pass floats)")
-        if not np.can_cast(a.dtype, self.dtype, casting="safe"):
+        if a.dtype != self.dtype and not _fits(a.dtype, self.dtype):
             raise TypeError(f"{name} has dtype {a.dtype}, which does not fit the {self.dtype} cache without "
                             f"rounding: pass {name}.astype(np.{self.dtype.name}), or make the cache "
                             f"{a.dtype}")
@@ -198,8 +209,8 @@ class KVCache:
         key : array_like, (batch, num_kv_heads, n, head_dim)
         value : array_like, (batch, num_kv_heads, n, value_dim)
             n new positions per sequence (n = 1 when decoding one token). Floats that fit the
-            cache's dtype without rounding (float16/float32 into a float32 cache; any float into
-            a float64 one).
+            cache's dtype without rounding (float16, bfloat16 or float32 into a float32 cache;
+            any of them into a float64 one; a 16-bit cache takes its own dtype only).
         counts : array_like of int, (batch,), optional
             Ragged appends: sequence b takes only its first ``counts[b]`` new rows (0 <= counts[b]
             <= n; the rest, e.g. padding, is ignored), written at positions ``lengths[b] ..
@@ -302,6 +313,10 @@ class KVCache:
         if self.dtype == np.float32 and q.dtype == np.float64:
             raise TypeError("query is float64 but the cache holds float32: the cache would be converted to "
                             "float64 on every call; pass query.astype(np.float32), or use a float64 cache")
+        if _core._storage_name(self.dtype) and q.dtype != self.dtype:
+            raise TypeError(f"query is {q.dtype} but the cache holds {self.dtype}: the kernel reads the "
+                            f"cache as it is stored, with queries of its dtype; pass "
+                            f"query.astype(cache.dtype)")
         if gqa is not None and not gqa and Hq != self.num_kv_heads:
             raise ValueError(f"enable_gqa=False contradicts the cache: query has Hq={Hq} heads over its "
                              f"num_kv_heads={self.num_kv_heads} (grouped-query attention); leave enable_gqa "

@@ -46,9 +46,10 @@ def _parts(x: Union[ArrayLike, Sequence[ArrayLike]], name: str) -> list:
 
 
 def _check_dtype(a: Array, name: str) -> None:
-    if a.dtype not in (np.float32, np.float64):
+    if a.dtype not in (np.float32, np.float64) and not (name.startswith("outs") and _core._storage_name(a.dtype)):
         raise TypeError(f"{name} has dtype {a.dtype}; merge_attention takes float32 or float64 "
-                        f"(the dtype scaled_dot_product_attention returns)")
+                        f"(outs also bfloat16 or float16, with float32 lses: what "
+                        f"scaled_dot_product_attention returns)")
 
 
 def merge_attention(outs: Union[ArrayLike, Sequence[ArrayLike]],
@@ -82,8 +83,10 @@ def merge_attention(outs: Union[ArrayLike, Sequence[ArrayLike]],
     -------
     out : ndarray, (..., L, Ev)
     lse : ndarray, (..., L)
-        In the dtype of the inputs (float32 or float64). The arithmetic runs in float64 either
-        way (in C, src_c/merge.c) and is rounded once at the end. The inputs are never modified.
+        In the dtype of the inputs (float32 or float64; bfloat16 or float16 outs give an out
+        of their dtype and a float32 lse). The arithmetic runs in float64 either way (in C,
+        src_c/merge.c) and is rounded once at the end (16-bit outs: to float32, then to
+        their dtype). The inputs are never modified.
 
     Raises
     ------
@@ -124,11 +127,15 @@ def merge_attention(outs: Union[ArrayLike, Sequence[ArrayLike]],
                 raise ValueError(f"{name}[{i}] has shape {p.shape}, expected {want} ({what}); every part "
                                  f"covers the same queries")
     dtype = out_parts[0].dtype
-    for name, parts in (("outs", out_parts), ("lses", lse_parts)):
+    half = _core._storage_name(dtype) is not None        # 16-bit outs come with float32 lses
+    for name, parts, want in (("outs", out_parts, dtype), ("lses", lse_parts, np.dtype(np.float32) if half else dtype)):
         for i, p in enumerate(parts):
-            if p.dtype != dtype:
+            if p.dtype != want:
                 raise TypeError(f"{name}[{i}] has dtype {p.dtype} but outs[0] has {dtype}: merge parts "
-                                f"of one dtype")
+                                f"of one dtype" + (" (and float32 lses)" if half else ""))
+    if half:   # widened exactly to float32 for the C merge, the result rounded back
+        out, lse = _core.merge([p.astype(np.float32) for p in out_parts], lse_parts, num_threads)
+        return out.astype(dtype), lse
 
     # the C merge (src_c/merge.c): float64 arithmetic, one pass over the parts, rows split over
     # threads; about 13x the speed of the same formula in vectorised NumPy (bench/README.md)

@@ -14,6 +14,7 @@ Not imported by ``import selfattn`` (torch is optional): ``import selfattn.torch
 
 from typing import Any, Optional
 
+import numpy as _np
 import torch as _torch
 from torch.autograd.function import once_differentiable
 
@@ -21,11 +22,29 @@ from .autograd import scaled_dot_product_attention_vjp
 
 __all__ = ["scaled_dot_product_attention"]
 
-_DTYPES = (_torch.float32, _torch.float64)
+_DTYPES = (_torch.float32, _torch.float64, _torch.float16, _torch.bfloat16)
+
+
+def _bfloat16(name: str) -> Any:
+    """NumPy's bfloat16 dtype (ml_dtypes), or a TypeError saying where to get it."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(f"{name} is a bfloat16 tensor: NumPy sees bfloat16 through ml_dtypes, which is not "
+                        f"installed (pip install 'selfattn[bf16]', or pip install ml_dtypes)") from None
+    return ml_dtypes.bfloat16
+
+
+def _to_torch(a: Any) -> Any:
+    """torch.from_numpy, bfloat16 included (viewed through int16: no copy)."""
+    if a.dtype.name == "bfloat16":
+        return _torch.from_numpy(a.view(_np.int16)).view(_torch.bfloat16)
+    return _torch.from_numpy(a)
 
 
 def _as_numpy(t: Any, name: str) -> Any:
-    """A CPU float32/float64 tensor as an ndarray sharing its memory; other values as they are."""
+    """A CPU float32/float64/float16/bfloat16 tensor as an ndarray sharing its memory (bfloat16
+    as ml_dtypes.bfloat16); other values as they are."""
     if not isinstance(t, _torch.Tensor):
         return t
     if t.device.type != "cpu":
@@ -33,11 +52,14 @@ def _as_numpy(t: Any, name: str) -> Any:
                          f"{name}.cpu() (for CUDA, torch.nn.functional.scaled_dot_product_attention "
                          f"is the fused kernel to use)")
     if t.is_complex() or (t.is_floating_point() and t.dtype not in _DTYPES):
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}"
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
                         + (" (convert with .float())" if t.is_floating_point() else ""))
     if t.layout != _torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    return t.detach().resolve_conj().resolve_neg().numpy()
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.dtype == _torch.bfloat16:
+        return t.view(_torch.int16).numpy().view(_bfloat16(name))
+    return t.numpy()
 
 
 class _SDPA(_torch.autograd.Function):
@@ -46,12 +68,12 @@ class _SDPA(_torch.autograd.Function):
                 options: dict) -> Any:
         for t, name in ((query, "query"), (key, "key"), (value, "value")):
             if not t.is_floating_point():
-                raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+                raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
         q, k, v = _as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value")
         mask = _as_numpy(attn_mask, "attn_mask")
         out, vjp = scaled_dot_product_attention_vjp(q, k, v, attn_mask=mask, is_causal=is_causal, **options)
         out.flags.writeable = True       # ours alone; autograd's version counter guards it (below)
-        result = _torch.from_numpy(out)
+        result = _to_torch(out)
         ctx.vjp = vjp
         # saved so that autograd's version counters catch in-place changes between forward and
         # backward (the VJP reads these very buffers)
@@ -67,7 +89,7 @@ class _SDPA(_torch.autograd.Function):
             return None, None, None, None, None, None
         g = _as_numpy(grad_out.contiguous(), "grad_out")
         grads = ctx.vjp(g)
-        return tuple(_torch.from_numpy(d) if n else None for d, n in zip(grads, need)) + (None, None, None)
+        return tuple(_to_torch(d) if n else None for d, n in zip(grads, need)) + (None, None, None)
 
 
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Optional[Any] = None,
@@ -76,9 +98,11 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
 
     Parameters
     ----------
-    query, key, value : torch.Tensor, float32 or float64, on the CPU
+    query, key, value : torch.Tensor, float32, float64, float16 or bfloat16, on the CPU
         (..., Hq, L, E), (..., H, S, E), (..., H, S, Ev), as for
-        `selfattn.scaled_dot_product_attention` (broadcast batch dims allowed).
+        `selfattn.scaled_dot_product_attention` (broadcast batch dims allowed). float16 and
+        bfloat16 (all three the same) are read as stored, computed in float32 and returned in
+        their dtype; bfloat16 crosses into NumPy through ml_dtypes (the ``bf16`` extra).
     attn_mask : torch.Tensor (bool: True = takes part, or float: added) or array, optional
         Gets no gradient: a mask that requires grad is an error.
     is_causal : bool
@@ -90,8 +114,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
     Returns
     -------
     torch.Tensor
-        (..., Hq, L, Ev), float64 if any input is float64 else float32, sharing memory with the
-        array the kernel wrote. Backward gives query, key and value their gradients (summed over
+        (..., Hq, L, Ev), float64 if any input is float64, the inputs' dtype if they are
+        float16 or bfloat16, else float32, sharing memory with the array the kernel wrote. Backward gives query, key and value their gradients (summed over
         broadcast or GQA-shared units), only for the inputs that require them.
 
     Raises
@@ -99,7 +123,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
     ValueError
         A tensor not on the CPU (CUDA, MPS, meta): move it with ``.cpu()``.
     TypeError
-        float16/bfloat16/integer tensors; an ``attn_mask`` that requires grad.
+        integer tensors, mixed 16-bit dtypes, bfloat16 without ml_dtypes; an ``attn_mask``
+        that requires grad.
     NotImplementedError
         ``dropout_p`` other than 0.
 

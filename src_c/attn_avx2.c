@@ -1,14 +1,14 @@
-/* attn_avx2.c -- the kernels compiled for x86-64 AVX2 + FMA (selected at run
+/* attn_avx2.c -- the kernels compiled for x86-64 AVX2 + FMA + F16C (selected at run
  * time by dispatch.c; the rest of the extension stays baseline x86-64). */
 #include <math.h>
 #include "attn_internal.h"
 
 #if SA_HAVE_X86_TARGETS
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #endif
 #include "simd_avx2.h"
 

@@ -174,11 +174,11 @@ static void FN(bwd_pack)(const FN(bctx_t) *c, int64_t g, int64_t j0, int64_t kli
 {
     const sa_attn_args *a = c->a;
     const sa_bwd_layout *lay = c->lay;
-    const T *k = (const T *)a->k + a->kv_k_off[g] + j0 * a->k_ss;
+    int64_t koff = a->kv_k_off[g] + j0 * a->k_ss, voff = a->kv_v_off[g] + j0 * a->v_ss;
     int64_t nvalid = FN(block_keys)(klim, j0);
-    FN(pack_rows)(k, a->k_ss, a->k_se, nvalid, a->E, lay->ep, ws + lay->off_kr);
-    FN(pack_t)(k, a->k_ss, a->k_se, nvalid, a->E, ws + lay->off_kt);
-    FN(pack_t)((const T *)a->v + a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, ws + lay->off_vt);
+    FN(pack_rows)(a->k, a->storage, koff, a->k_ss, a->k_se, nvalid, a->E, lay->ep, ws + lay->off_kr);
+    FN(pack_t)(a->k, a->storage, koff, a->k_ss, a->k_se, nvalid, a->E, ws + lay->off_kt);
+    FN(pack_t)(a->v, a->storage, voff, a->v_ss, a->v_se, nvalid, a->Ev, ws + lay->off_vt);
 }
 
 /* task (g, c): key blocks of chunk c of kv unit g, every unit and tile that sees them */

@@ -69,6 +69,7 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
     T *ws = c->scratch + (int64_t)tid * lay->thread_elems;
     T *Qs = ws;                                              /* [R][E]  */
     T *St = ws + lay->off_st;                                /* [R][BK] */
+    T *Kc = ws + lay->off_conv, *Vc = Kc + BK * E;           /* 16-bit storage: [BK][E], [BK][evp] */
     int64_t lo[SA_DECODE_MAX_ROWS], hi[SA_DECODE_MAX_ROWS], vs[SA_DECODE_MAX_ROWS], ve[SA_DECODE_MAX_ROWS];
     sa_unit_mask um[SA_DECODE_MAX_ROWS];
 
@@ -88,8 +89,8 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
         hi[rr] = -1;                                          /* rows past L_u (varlen) see nothing */
         if (i >= um[rr].L) continue;
         sa_row_keys(&um[rr], i, &lo[rr], &hi[rr]);
-        const T *q = (const T *)a->q + a->q_off[u] + i * a->q_sl;
-        for (int64_t e = 0; e < E; e++) Qs[rr * E + e] = q[e * a->q_se] * c->qscale;
+        FN(load_row)(a->q, a->storage, a->q_off[u] + i * a->q_sl, a->q_se, E, Qs + rr * E);
+        for (int64_t e = 0; e < E; e++) Qs[rr * E + e] *= c->qscale;
     }
 
     for (int64_t j0 = c0 / BK * BK; j0 < c1; j0 += BK) {
@@ -104,15 +105,28 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
         }
         if (jmax <= jmin) continue;                          /* no row sees a key of this block */
 
+        /* K and V rows of the block: in place; 16-bit storage converted first,
+         * the rows some row sees, once for all the rows (attn_pack.h) */
+        const T *kblk, *vblk;
+        int64_t kss = a->k_ss, kse = a->k_se, vss = a->v_ss, vse = a->v_se;
+        if (a->storage == SA_STORE_NATIVE) {
+            kblk = (const T *)a->k + a->kv_k_off[g] + j0 * a->k_ss;
+            vblk = (const T *)a->v + a->kv_v_off[g] + j0 * a->v_ss;
+        } else {
+            for (int64_t j = jmin; j < jmax; j++) {
+                FN(load_row)(a->k, a->storage, a->kv_k_off[g] + (j0 + j) * a->k_ss, a->k_se, E, Kc + j * E);
+                FN(load_row)(a->v, a->storage, a->kv_v_off[g] + (j0 + j) * a->v_ss, a->v_se, Ev, Vc + j * evp);
+            }
+            kblk = Kc, kss = E, kse = 1, vblk = Vc, vss = evp, vse = 1;
+        }
+
         /* a. scores: key by key, each K row read once for all the rows (four
          * at a time, sharing its loads) */
-        const T *kblk = (const T *)a->k + a->kv_k_off[g] + j0 * a->k_ss;
-        const T *vblk = (const T *)a->v + a->kv_v_off[g] + j0 * a->v_ss;
         for (int64_t j = jmin; j < jmax; j++) {
-            const T *kr = kblk + j * a->k_ss;
+            const T *kr = kblk + j * kss;
             int64_t r0 = 0;
-            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kr, a->k_se, j, r0, 4, vs, ve, St);
-            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kr, a->k_se, j, r0, 1, vs, ve, St);
+            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kr, kse, j, r0, 4, vs, ve, St);
+            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kr, kse, j, r0, 1, vs, ve, St);
         }
 
         /* b. masks and the online softmax, row by row */
@@ -153,12 +167,12 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
                 for (int64_t j = b0; j < uhi; j++) s[j] = 0;
             }
             if (n == 4) {
-                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vblk, a->v_ss, a->v_se, Ev, Op + r0 * evp, evp, alph + r0);
+                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vblk, vss, vse, Ev, Op + r0 * evp, evp, alph + r0);
             } else {
                 for (int64_t rr = r0; rr < r0 + n; rr++)
                     if (ve[rr] > vs[rr])
-                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vblk, a->v_ss, a->v_se, Ev, Op + rr * evp,
-                                           evp, alph + rr);
+                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vblk, vss, vse, Ev, Op + rr * evp, evp,
+                                           alph + rr);
             }
         }
     }
@@ -182,10 +196,17 @@ static void FN(decode_merge_task)(void *vctx, int64_t g, int tid)
         FN(decode_row)(a, lay, g, rr, &u, &i);
         int64_t Lu = a->q_len ? a->q_len[u] : a->L;
         if (i >= Lu) continue;
-        T *dst = (T *)a->out + a->out_off[u] + i * a->out_sl;
+        int64_t off = a->out_off[u] + i * a->out_sl;
         T *lse = a->lse ? (T *)a->lse + a->lse_off[u] + i * a->lse_sl : NULL;
-        FN(lse_merge_row)(nch, parts, rr * evp, parts, rows * evp + rr, parts, rows * evp + rows + rr, a->Ev, w,
-                          c->parts + g * nch * lay->dec_part_elems + rr * evp, dst, a->out_se, lse);
+        T *acc = c->parts + g * nch * lay->dec_part_elems + rr * evp;   /* chunk 0's row: summed into */
+        if (a->storage == SA_STORE_NATIVE) {
+            FN(lse_merge_row)(nch, parts, rr * evp, parts, rows * evp + rr, parts, rows * evp + rows + rr, a->Ev, w,
+                              acc, (T *)a->out + off, a->out_se, lse);
+        } else {        /* the merged row finished in place, then rounded into out (attn_pack.h) */
+            FN(lse_merge_row)(nch, parts, rr * evp, parts, rows * evp + rr, parts, rows * evp + rows + rr, a->Ev, w,
+                              acc, acc, 1, lse);
+            FN(store_row)(a->out, a->storage, off, a->out_se, a->Ev, acc, (T)1);
+        }
     }
 }
 

@@ -55,9 +55,9 @@ static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t kl
 {
     const sa_attn_args *a = c->a;
     int64_t j0 = kb * BK, nvalid = FN(block_keys)(klim, j0);
-    FN(pack_t)((const T *)a->k + a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, blk);
+    FN(pack_t)(a->k, a->storage, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, blk);
     if (!c->lay->v_direct)
-        FN(pack_rows)((const T *)a->v + a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
+        FN(pack_rows)(a->v, a->storage, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
                       blk + a->E * BK);
 }
 
@@ -103,12 +103,11 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
     int64_t rows_eff = sa_round_up(rows, MR);
 
     /* Q tile, pre-scaled into log2 units; pad rows are zero */
-    const T *q = (const T *)a->q + a->q_off[u];
     for (int64_t r = 0; r < rows_eff; r++) {
         T *dst = Qp + r * E;
         if (r < rows) {
-            const T *src = q + (i0 + r) * a->q_sl;
-            for (int64_t e = 0; e < E; e++) dst[e] = src[e * a->q_se] * c->qscale;
+            FN(load_row)(a->q, a->storage, a->q_off[u] + (i0 + r) * a->q_sl, a->q_se, E, dst);
+            for (int64_t e = 0; e < E; e++) dst[e] *= c->qscale;
         } else {
             for (int64_t e = 0; e < E; e++) dst[e] = 0;
         }
@@ -182,25 +181,15 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
         }
     }
 
-    /* 3. normalise and write out */
-    T *out = (T *)a->out + a->out_off[u];
+    /* 3. normalise and write out (attn_pack.h's store_row: in out's storage) */
     T *lse = a->lse ? (T *)a->lse + a->lse_off[u] : NULL;
     for (int64_t r = 0; r < rows; r++) {
-        T *dst = out + (i0 + r) * a->out_sl;
-        const T *o = Oacc + r * evp;
+        int64_t off = a->out_off[u] + (i0 + r) * a->out_sl;
         if (l[r] == 0) {                         /* every key masked: zeros, lse = -inf */
-            for (int64_t col = 0; col < Ev; col++) dst[col * a->out_se] = 0;
+            FN(store_zero_row)(a->out, a->storage, off, a->out_se, Ev);
             if (lse) lse[(i0 + r) * a->lse_sl] = NEG_INF;
         } else {
-            T inv = (T)1 / l[r];
-            if (a->out_se == 1) {
-                int64_t col = 0;
-                VT vi = V(set1)(inv);
-                for (; col + VW <= Ev; col += VW) V(store)(dst + col, V(mul)(V(load)(o + col), vi));
-                for (; col < Ev; col++) dst[col] = o[col] * inv;
-            } else {
-                for (int64_t col = 0; col < Ev; col++) dst[col * a->out_se] = o[col] * inv;
-            }
+            FN(store_row)(a->out, a->storage, off, a->out_se, Ev, Oacc + r * evp, (T)1 / l[r]);
             if (lse) lse[(i0 + r) * a->lse_sl] = (T)(SA_LN2 * (double)m[r] + log((double)l[r]));
         }
     }

@@ -48,7 +48,9 @@ static inline int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m
  * One thread's scratch, carved by the kernel with these offsets only (so the
  * size computed here and the carving cannot disagree):
  *   [Q tile bq x E][scores bq x bk][O accumulator bq x evp][SA_ROW_ARRAYS x bq]
- * (decode: its stacked rows' Q and scores, dec_rows <= bq, in the first two). */
+ *   [16-bit storage only: K bk x E, V bk x evp]
+ * (decode: its stacked rows' Q and scores, dec_rows <= bq, in the first two,
+ * and a key block's K and V rows converted from 16 bits in the last). */
 enum { SA_ROW_MAX, SA_ROW_SUM, SA_ROW_MSAFE, SA_ROW_ALPHA, SA_ROW_ARRAYS };
 #define SA_RING_MAX 64           /* banded: most block slots per thread      */
 #define SA_DECODE_MAX_ROWS 16    /* decode: most stacked query rows per K/V   */
@@ -71,6 +73,7 @@ typedef struct {
     int64_t tasks;               /* compute tasks (per group in shared mode: units x tiles) */
     int64_t qp_elems, st_elems, oacc_elems, row_elems;  /* per-thread pieces */
     int64_t off_st, off_oacc, off_rows;  /* their offsets in a thread's scratch */
+    int64_t off_conv;            /* decode, 16-bit storage: a block's K [bk][E], V [bk][evp] as T */
     int64_t thread_elems;
     int nt;                      /* threads the scratch is sized for         */
     size_t total_bytes;

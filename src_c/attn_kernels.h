@@ -11,7 +11,9 @@
  * function table lists them) and sa_params_<TSUF>_<ISUF>, and undefines the
  * macros above. The pieces, in order (each a template on these macros; no
  * body includes another):
- *   attn_pack.h         K/V packing: a key block transposed or as rows
+ *   attn_pack.h         K/V packing (a key block transposed or as rows) and the
+ *                       arrays' storage: 16-bit q, k, v widened where loaded,
+ *                       out rounded where written (sa_attn_args.storage)
  *   attn_micro.h        register-blocked micro-kernels of the three bodies
  *   attn_rows.h         score rows: softcap, ALiBi, attn_mask (mask_row),
  *                       the online-softmax step
@@ -19,8 +21,10 @@
  *   attn_fwd_body.h     the forward: shared, fused and banded schedules
  *   attn_decode_body.h  the forward's decode schedule (split-KV)
  *   attn_bwd_body.h     the backward
- * A new mask kind is one branch of attn_rows.h's mask_row; a new dtype one
- * more inclusion per target (and a column of dispatch.c's table).
+ * A new mask kind is one branch of attn_rows.h's mask_row; a new compute
+ * dtype one more inclusion per target (and a column of dispatch.c's table);
+ * a new storage dtype (computed in float32) a case of attn_pack.h's load_row
+ * and store_row, with its row conversions in simd_<target>.h.
  */
 
 #define FN(name) SA_CAT(name, SA_CAT(_, SA_CAT(TSUF, SA_CAT(_, ISUF))))

@@ -113,7 +113,8 @@ static int sa_cpu_has(int isa)
 #if SA_HAVE_X86_TARGETS
     __builtin_cpu_init();
     if (isa == SA_ISA_AVX2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");   /* float16 storage: vcvtph2ps */
     if (isa == SA_ISA_AVX512)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
@@ -145,6 +146,21 @@ const char *sa_isa_name(int isa)
     }
 }
 
+/* How 16-bit storage runs on each target: the float32 kernels, each value
+ * widened where it is loaded or packed (attn_pack.h, simd_<isa>.h's
+ * vf_from_*_row) by this. */
+const char *sa_storage_path(int isa, int storage)
+{
+    if (storage == SA_STORE_BF16) return "shifts";
+    if (storage != SA_STORE_F16) return "native";
+    switch (isa) {
+    case SA_ISA_AVX2: return "F16C vcvtph2ps";
+    case SA_ISA_AVX512: return "AVX-512 vcvtph2ps";
+    case SA_ISA_NEON: return "NEON fcvtl";
+    default: return "portable C";
+    }
+}
+
 /* ---- workspace ----------------------------------------------------------- */
 #define SA_PACK_BUDGET_BYTES ((int64_t)8 << 20)   /* shared mode: packed K/V held at once */
 #define SA_FUSED_MAX_KV_BYTES ((int64_t)4 << 20)   /* fused mode: one packed K/V per thread */
@@ -157,7 +173,8 @@ const char *sa_isa_name(int isa)
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
 {
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
-        || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_DECODE)
+        || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_DECODE
+        || a->storage < SA_STORE_NATIVE || a->storage > SA_STORE_F16 || (a->storage != SA_STORE_NATIVE && dsize != 4))
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;                    /* elements per 64 bytes */
     lay->n_qt = (a->L + p->bq - 1) / p->bq;
@@ -169,7 +186,8 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
      * multiple of 2 KiB apart (heads viewed in place in a fused (L, 3*H*E)
      * projection, E64 H8: 6 KiB) fall into 2 of L1's 64 sets: in place was
      * 3-4 % slower than packed on Zen 4 (B1 H8 L4096 E64, L2048 E128). */
-    lay->v_direct = a->v_se == 1 && a->Ev > 0 && a->Ev % p->vw == 0 && a->v_ss == a->Ev;
+    lay->v_direct = a->storage == SA_STORE_NATIVE && a->v_se == 1 && a->Ev > 0 && a->Ev % p->vw == 0
+                    && a->v_ss == a->Ev;
     lay->blk_elems = sa_round_up((int64_t)p->bk * a->E + (lay->v_direct ? 0 : (int64_t)p->bk * lay->evp), align);
     lay->kv_elems = lay->n_kb * lay->blk_elems;
     /* the schedule's thresholds count K and V packed, whether or not V is
@@ -186,7 +204,10 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->off_st = lay->qp_elems;
     lay->off_oacc = lay->off_st + lay->st_elems;
     lay->off_rows = lay->off_oacc + lay->oacc_elems;
-    lay->thread_elems = lay->off_rows + SA_ROW_ARRAYS * lay->row_elems;
+    lay->off_conv = lay->off_rows + SA_ROW_ARRAYS * lay->row_elems;
+    /* 16-bit storage, decode: one key block's K and V rows converted (the other schedules convert while packing) */
+    lay->thread_elems = lay->off_conv
+                      + (a->storage != SA_STORE_NATIVE ? sa_round_up((int64_t)p->bk * (a->E + lay->evp), align) : 0);
     int nt = sa_effective_threads(a->num_threads);
 
     /* A window bounded on both sides (the right side by causal, or by
@@ -277,7 +298,9 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
  * SA_BWD_MAX_CHUNKS key chunks per kv unit (each chunk keeps a partial dQ). */
 int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_bwd_layout *lay)
 {
-    if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0)
+    /* 16-bit storage: the forward only, for now (selfattn.h) */
+    if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
+        || a->storage != SA_STORE_NATIVE)
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;
     int64_t bq = p->bq, bk = p->bk;

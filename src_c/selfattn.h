@@ -25,13 +25,16 @@
  *   attn_<isa>.c      generic | avx2 | avx512 | neon: tile sizes, then
  *                     attn_kernels.h once per dtype (float, double)
  *   attn_kernels.h    what is compiled per ISA and dtype, in order:
- *     shared:   attn_pack.h (K/V packing), attn_micro.h (micro-kernels),
+ *     shared:   attn_pack.h (K/V packing; 16-bit storage widened there, the
+ *               output rounded there), attn_micro.h (micro-kernels),
  *               attn_rows.h (softcap, ALiBi, attn_mask, online softmax),
  *               lse_merge.h (the log-sum-exp merge; merge.c's too)
  *     bodies:   attn_fwd_body.h (shared, fused, banded schedules),
  *               attn_decode_body.h (decode: split-KV), attn_bwd_body.h
  *   attn_mask.h       causal / window / lengths / positions as key intervals
- *   simd_<isa>.h      the vector layer (simd_common.h: the names)
+ *   simd_<isa>.h      the vector layer (simd_common.h: the names), with the
+ *                     16-bit row conversions; half.h: the same one value at
+ *                     a time, in plain C
  *   merge.c           sa_merge_* (lse_merge.h in float64)
  */
 #ifndef SELFATTN_H
@@ -56,7 +59,7 @@ enum {
 /* ---- instruction sets, best last --------------------------------------- */
 typedef enum {
     SA_ISA_GENERIC = 0,      /* portable C, builds everywhere                   */
-    SA_ISA_AVX2 = 1,         /* x86-64 AVX2 + FMA                               */
+    SA_ISA_AVX2 = 1,         /* x86-64 AVX2 + FMA + F16C                        */
     SA_ISA_AVX512 = 2,       /* x86-64 AVX-512 F/DQ/BW/VL                       */
     SA_ISA_NEON = 3,         /* aarch64 Advanced SIMD (every aarch64 CPU)       */
     SA_ISA_COUNT = 4
@@ -69,6 +72,13 @@ typedef enum {
     SA_MASK_F32 = 2,         /* float32, added to the logits                    */
     SA_MASK_F64 = 3          /* float64, added to the logits                    */
 } sa_mask_kind;
+
+/* ---- storage of q, k, v and out (and the backward's dout, dq, dk, dv) ------ */
+typedef enum {
+    SA_STORE_NATIVE = 0,     /* the compute dtype (float32 / float64 kernels)    */
+    SA_STORE_BF16 = 1,       /* bfloat16 (uint16 bits), computed in float32      */
+    SA_STORE_F16 = 2         /* IEEE float16 (uint16 bits), computed in float32  */
+} sa_storage;
 
 /* ---- structured masks ---------------------------------------------------- */
 typedef enum {
@@ -156,6 +166,12 @@ typedef struct {
     const int64_t *kv_start;                   /* [n_kv + 1]                  */
     const int64_t *kv_units;                   /* [n_units], grouped by kv    */
 
+    int storage;      /* sa_storage: how q, k, v and out are stored. 16-bit storage
+                         runs the float32 kernels (dtype_size 4): each value is
+                         converted to float32 where it is loaded or packed, out
+                         rounded (to nearest even) where it is written; lse and a
+                         float mask stay float32. The forward only (for now): the
+                         backward refuses it (SA_ERR_ARG) */
     int mask_kind;    const void *mask; const int64_t *mask_off; int64_t mask_sl, mask_ss;
 
     void *out;        const int64_t *out_off; int64_t out_sl, out_se;
@@ -195,6 +211,8 @@ typedef struct {
 int sa_isa_supported(int isa);       /* 1 if compiled in and the CPU runs it      */
 int sa_isa_best(void);               /* the best supported sa_isa                 */
 const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon"       */
+const char *sa_storage_path(int isa, int storage);  /* 16-bit storage on isa: the float32
+                                        kernels, values widened by this ("shifts", "F16C ...") */
 int sa_openmp_enabled(void);         /* 1 if built with OpenMP                    */
 int sa_default_threads(void);        /* omp_get_max_threads(), or 1              */
 int sa_in_forked_child(void);        /* 1 after fork() in a child: runs 1 thread  */

@@ -2,6 +2,7 @@
  * attn_avx2.c, after its target pragma. */
 #include <immintrin.h>
 #include "simd_common.h"
+#include "half.h"
 
 /* ---- float ---- */
 #define VF_W 8
@@ -63,6 +64,26 @@ SA_INLINE void vf_transpose(const float *src, int64_t ss, float *dst, int64_t ds
         _mm256_storeu_ps(dst + k * ds, _mm256_permute2f128_ps(s[k], s[4 + k], 0x20));
         _mm256_storeu_ps(dst + (4 + k) * ds, _mm256_permute2f128_ps(s[k], s[4 + k], 0x31));
     }
+}
+
+/* 16-bit storage rows (simd_common.h): F16C for float16, shifts for bfloat16 */
+SA_INLINE void vf_from_f16_row(const uint16_t *s, float *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+    for (; i < n; i++) d[i] = sa_f16_to_f32(s[i]);
+}
+SA_INLINE void vf_from_bf16_row(const uint16_t *s, float *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i))), 16)));
+    for (; i < n; i++) d[i] = sa_bf16_to_f32(s[i]);
+}
+SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) d[i] = sa_f32_to_f16(s[i]);
 }
 
 /* ---- double ---- */

@@ -2,6 +2,7 @@
  * only by attn_avx512.c, after its target pragma. */
 #include <immintrin.h>
 #include "simd_common.h"
+#include "half.h"
 
 /* ---- float ---- */
 #define VF_W 16
@@ -60,6 +61,26 @@ SA_INLINE void vf_transpose(const float *src, int64_t ss, float *dst, int64_t ds
         _mm512_storeu_ps(dst + (8 + k) * ds, _mm512_shuffle_f32x4(xh, yh, 0x88));
         _mm512_storeu_ps(dst + (12 + k) * ds, _mm512_shuffle_f32x4(xh, yh, 0xDD));
     }
+}
+
+/* 16-bit storage rows (simd_common.h): vcvtph2ps for float16, shifts for bfloat16 */
+SA_INLINE void vf_from_f16_row(const uint16_t *s, float *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
+    for (; i < n; i++) d[i] = sa_f16_to_f32(s[i]);
+}
+SA_INLINE void vf_from_bf16_row(const uint16_t *s, float *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(d + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i))), 16)));
+    for (; i < n; i++) d[i] = sa_bf16_to_f32(s[i]);
+}
+SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) d[i] = sa_f32_to_f16(s[i]);
 }
 
 /* ---- double ---- */

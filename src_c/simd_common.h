@@ -13,6 +13,11 @@
  *                          AVX-512 (vscalef) keeps subnormals, 0 below -150 / -1080.
  *                          x >= 128 (float) / 1024 (double) gives +inf.
  *   vf_transpose(src, ss, dst, ds)   dst[c*ds + r] = src[r*ss + c], r, c < VF_W
+ * and, for the 16-bit storage of sa_attn_args.storage (float only; half.h for
+ * the values that do not fill a vector, and the targets without a native form):
+ *   vf_from_f16_row(s, d, n)  vf_from_bf16_row(s, d, n)   d[i] = (float)s[i], exact
+ *   vf_to_f16_row(s, d, n)    d[i] = s[i] rounded to float16, to nearest even
+ *                             (bfloat16 is written by half.h's sa_f32_to_bf16)
  * The kernels (attn_kernels.h and the headers it includes) are written once
  * against these names.
  */

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "simd_common.h"
+#include "half.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(SA_GENERIC_SCALAR)
 #define SA_GENERIC_VECEXT 1
@@ -191,3 +192,15 @@ SA_INLINE vd_t vd_exp2(vd_t v) {
 }
 
 #endif
+
+/* 16-bit storage rows (simd_common.h): half.h, one value at a time (the
+ * bfloat16 shift is a loop the compiler vectorises) */
+static inline void vf_from_f16_row(const uint16_t *s, float *d, int64_t n) {
+    for (int64_t i = 0; i < n; i++) d[i] = sa_f16_to_f32(s[i]);
+}
+static inline void vf_from_bf16_row(const uint16_t *s, float *d, int64_t n) {
+    for (int64_t i = 0; i < n; i++) d[i] = sa_bf16_to_f32(s[i]);
+}
+static inline void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
+    for (int64_t i = 0; i < n; i++) d[i] = sa_f32_to_f16(s[i]);
+}

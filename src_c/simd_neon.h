@@ -3,6 +3,7 @@
  * target flags needed. 128-bit vectors: 4 floats, 2 doubles. */
 #include <arm_neon.h>
 #include "simd_common.h"
+#include "half.h"
 
 /* ---- float ---- */
 #define VF_W 4
@@ -70,6 +71,24 @@ SA_INLINE void vf_transpose(const float *src, int64_t ss, float *dst, int64_t ds
     vst1q_f32(dst + ds, vreinterpretq_f32_f64(vtrn1q_f64(t1, t3)));
     vst1q_f32(dst + 2 * ds, vreinterpretq_f32_f64(vtrn2q_f64(t0, t2)));
     vst1q_f32(dst + 3 * ds, vreinterpretq_f32_f64(vtrn2q_f64(t1, t3)));
+}
+
+/* 16-bit storage rows (simd_common.h): fcvtl / fcvtn (ARMv8.0; FPCR's default
+ * rounding, to nearest even) for float16, shifts for bfloat16 */
+SA_INLINE void vf_from_f16_row(const uint16_t *s, float *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(d + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + i))));
+    for (; i < n; i++) d[i] = sa_f16_to_f32(s[i]);
+}
+SA_INLINE void vf_from_bf16_row(const uint16_t *s, float *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(d + i, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(s + i), 16)));
+    for (; i < n; i++) d[i] = sa_bf16_to_f32(s[i]);
+}
+SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(d + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(s + i))));
+    for (; i < n; i++) d[i] = sa_f32_to_f16(s[i]);
 }
 
 /* ---- double ---- */

@@ -9,6 +9,8 @@ The tests are filed by feature, one folder each:
     decode/       decoding (L << S, split-KV), KVCache, merge_attention
     structured/   windows (window_size, alignment), key_lengths, ALiBi, softcap, varlen: in the
                   kernel on every path and its schedules, and in the reference (independent forms)
+    dtypes/       bfloat16 and float16 (read as stored, computed in float32): bit for bit the float32
+                  path rounded, every 16-bit pattern, accuracy against float64 and torch
     dispatch/     ISA paths (forced), use_isa contexts, thread counts, config(), the C kernel tests
     robustness/   fuzzing, bad inputs and misuse, dtypes, sizes, concurrency, Ctrl-C, leaks
     integration/  torch, Dask, the MiniLM example, plots, the demo and CLI, the README, packaging

@@ -739,13 +739,11 @@ def test_gradient_dtypes(dt_in, dt_grad):
     _, rvjp = vjp_r(q, k, v, is_causal=True)
     ref = rvjp(dout)
     if dt_grad is np.float16:
-        # computed in float32, rounded once to float16: within an ulp of float16 (or the float32 error)
+        # computed in float32 from the float16 output, rounded once to float16: within a few ulps
+        # of float16 (bit for bit: tests/dtypes/test_half_precision.py)
         for g, r, n in zip(grads, ref, NAMES):
             scale = float(np.abs(r).max())
-            np.testing.assert_allclose(g.astype(np.float64), r, rtol=1e-3, atol=1e-5 * scale, err_msg=n)
-        f32 = vjp_k(*(a.astype(np.float32) for a in (q, k, v)), is_causal=True)[1](dout)
-        for g, h, n in zip(grads, f32, NAMES):
-            assert g.tobytes() == h.astype(np.float16).tobytes(), f"{n}: not the float32 gradient rounded"
+            np.testing.assert_allclose(g.astype(np.float64), r, rtol=4e-3, atol=4e-3 * scale, err_msg=n)
     else:
         assert_grads_close(grads, ref, out.dtype, logit_magnitude(q, k))
 
@@ -754,11 +752,13 @@ def test_mixed_dtypes_each_gradient_has_its_inputs_dtype():
     rng = np.random.default_rng(24)
     q = rng.standard_normal((2, 4, 3)).astype(np.float32)
     k = rng.standard_normal((2, 6, 3)).astype(np.float64)
-    v = rng.standard_normal((2, 6, 5)).astype(np.float16)
+    v = rng.integers(-3, 4, (2, 6, 5)).astype(np.int32)
     out, vjp = vjp_k(q, k, v)
     assert out.dtype == np.float64
     dq, dk, dv = vjp(rng.standard_normal(out.shape).astype(np.float32))      # a cotangent of another dtype
-    assert (dq.dtype, dk.dtype, dv.dtype) == (np.float32, np.float64, np.float16)   # float16 stays float16
+    assert (dq.dtype, dk.dtype, dv.dtype) == (np.float32, np.float64, np.float32)   # integers: float32
+    with pytest.raises(TypeError, match="query float32, key float64, value float16"):   # 16 bits: one dtype
+        vjp_k(q, k, v.astype(np.float16))
 
 
 def test_cotangent_as_list_and_int():

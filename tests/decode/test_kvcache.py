@@ -262,7 +262,7 @@ def test_constructor_errors():
         selfattn.KVCache(2, 1, -1, 4)
     with pytest.raises(TypeError, match="head_dim must be an int"):
         selfattn.KVCache(2, 1, 5, True)
-    with pytest.raises(TypeError, match="dtype must be float32 or float64, got int32"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16, got int32"):
         selfattn.KVCache(2, 1, 5, 4, dtype=np.int32)
     with pytest.raises(TypeError, match="grow must be a bool"):
         selfattn.KVCache(2, 1, 5, 4, grow="yes")

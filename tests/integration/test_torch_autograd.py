@@ -133,11 +133,9 @@ def test_non_contiguous_inputs():
 
 def test_errors():
     q = _t((1, 2, 4, 4))
-    with pytest.raises(TypeError, match="float32 or float64"):
-        st.scaled_dot_product_attention(q.half(), q.half(), q.half())
-    with pytest.raises(TypeError, match="float32 or float64"):
-        st.scaled_dot_product_attention(q.to(torch.bfloat16), q, q)
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match=f"query float16, key {str(q.dtype)[6:]}"):    # 16 bits: all three
+        st.scaled_dot_product_attention(q.half(), q, q)
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         st.scaled_dot_product_attention(torch.ones(1, 4, 4, dtype=torch.int64), q, q)
     with pytest.raises(TypeError, match="attn_mask requires grad"):
         st.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(4, 4, dtype=torch.float64, requires_grad=True))

@@ -143,7 +143,8 @@ def problems(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     main = draw(st.sampled_from([np.float32, np.float64]))
-    other = [np.float16, np.int8, np.float32] if main == np.float32 else [np.float32, np.float64]
+    # (16-bit inputs are all-or-nothing, so not mixed in here: their own fuzz is in tests/dtypes/)
+    other = [np.int16, np.int8, np.float32] if main == np.float32 else [np.float32, np.float64]
 
     def dtype_for():
         return np.dtype(draw(st.sampled_from([main, main, main] + other)))
@@ -179,12 +180,8 @@ def problems(draw):
     qk_specials = draw(st.lists(st.sampled_from(SPECIALS_QK), max_size=3))
     v_specials = draw(st.lists(st.sampled_from(
         SPECIALS_V_FINITE + (SPECIALS_V_NONFINITE if (v_may_nonfinite and not qk_specials) else ())), max_size=2))
-    if any(s in SPECIALS_V_NONFINITE for s in v_specials) or (dv == np.float16 and v_specials):
+    if any(s in SPECIALS_V_NONFINITE for s in v_specials):
         qk_specials = [s for s in qk_specials if s == "denormal"]   # keep the logits finite and moderate
-        if dv == np.float16:
-            v_specials = [s for s in v_specials if s != "denormal"] # +-1e30 is inf in float16
-            if not v_may_nonfinite:
-                v_specials = []
 
     def gen_for(dtype, specials, scale_amp):
         def gen(shape):
@@ -456,7 +453,8 @@ def _check_outcome(fn):
                              f"MemoryError are allowed)") from exc
     outs = res if isinstance(res, tuple) else (res,)
     for o in outs:
-        assert isinstance(o, np.ndarray) and o.dtype in (np.float32, np.float64), type(o)
+        # float16 in, float16 out (read as stored: tests/dtypes/)
+        assert isinstance(o, np.ndarray) and o.dtype in (np.float32, np.float64, np.float16), type(o)
     return res
 
 
