@@ -46,8 +46,10 @@ DISPATCH = "src_c/dispatch.c"
 
 # (name, file, exact text, replacement, what the fault is)
 MASK = "src_c/attn_mask.h"
+PACK = "src_c/attn_pack.h"
+HALF = "src_c/half.h"
 MUTANTS = [
-    ("nan_output", BODY, "T inv = (T)1 / l[r];", "T inv = (T)NAN;",
+    ("nan_output", BODY, "Oacc + r * evp, (T)1 / l[r]);", "Oacc + r * evp, (T)NAN);",
      "every output row is NaN (the fmax() blind spot of the old C smoke test)"),
     ("wrong_rescale", BODY, "alpha[r] = m[r] - msafe[r];", "alpha[r] = (m[r] - msafe[r]) * (T)0.5;",
      "online softmax rescales O and l by 2^(d/2) instead of 2^d when the running max moves by d"),
@@ -91,6 +93,13 @@ MUTANTS = [
      "the backward's key chunks depend on the thread count: dQ's sums change with it"),
     ("bwd_stale_dk_block", BWD, "for (int64_t i = 0; i < BK * ep; i++) dKa[i] = 0;", "(void)0;",
      "the backward does not clear dK's block accumulator: one key block's dK leaks into the next"),
+    ("f16_store_truncates", HALF, "uint32_t r = a + 0xfffu + ((a >> 13) & 1u);", "uint32_t r = a;",
+     "float16 output truncated instead of rounded to nearest even (the portable conversion: the generic "
+     "path, and every path's last values of a row)"),
+    ("half_load_ignores_stride", PACK,
+     "dst[e] = (T)(storage == SA_STORE_BF16 ? sa_bf16_to_f32(s[e * se]) : sa_f16_to_f32(s[e * se]));",
+     "dst[e] = (T)(storage == SA_STORE_BF16 ? sa_bf16_to_f32(s[e]) : sa_f16_to_f32(s[e]));",
+     "a 16-bit row read with stride 1 whatever its stride (strided or transposed q, k, v)"),
 ]
 
 C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]
