@@ -64,6 +64,8 @@ Beside the kernel, one module per concern:
                           engine, the reference and inspection alike; ArraySpec (shape + dtype)
     selfattn.torch        scaled_dot_product_attention as a torch.autograd.Function (CPU tensors). Not
                           imported by `import selfattn`: `import selfattn.torch` (needs torch)
+    selfattn.transformers register(): attn_implementation="selfattn" for Hugging Face transformers'
+                          models, every layer through selfattn.torch (needs transformers >= 4.53)
 SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for
 a block in the calling thread or task only (a ContextVar); selfattn.show_config() prints what runs.
 

@@ -259,14 +259,14 @@ def test_mixed_dtypes_are_refused(dt):
         selfattn._core.sdpa(q, q, q, out=np.empty((2, 4), np.float32))
 
 
-def test_float16_without_ml_dtypes():
+def test_float16_without_ml_dtypes(tmp_path):
     """float16 needs nothing beyond NumPy: importing selfattn and running a float16 call never
     imports ml_dtypes."""
     code = ("import sys, numpy as np, selfattn\n"
             "q = np.ones((3, 4), np.float16)\n"
             "assert selfattn.scaled_dot_product_attention(q, q, q).dtype == np.float16\n"
             "assert 'ml_dtypes' not in sys.modules, 'ml_dtypes imported'\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)     # not the source tree
 
 
 

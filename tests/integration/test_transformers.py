@@ -1,0 +1,128 @@
+"""selfattn inside Hugging Face transformers: attn_implementation="selfattn" against "sdpa" / "eager".
+
+Small randomly initialised models of the architectures the registration must serve (Llama with
+grouped-query heads, Mistral's sliding window, Gemma 2's softcap), built from their configs: no
+download. The same weights run with transformers' own attention and with selfattn's; logits agree to
+float32 noise, greedy generation token for token, gradients of a training step to float32 noise.
+"""
+
+import numpy as np
+import pytest
+
+from sa_testutil import optional_import
+
+torch = optional_import("torch")
+transformers = optional_import("transformers")
+
+import selfattn.transformers as sat  # noqa: E402
+
+NAME = sat.register()
+
+
+def _model(cls_name, cfg_name, dtype=torch.float32, **cfg):
+    torch.manual_seed(0)
+    config = getattr(transformers, cfg_name)(vocab_size=97, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                                             max_position_embeddings=256, **cfg)
+    model = getattr(transformers, cls_name)(config).to(dtype).eval()
+    return model
+
+
+def _with(model, impl):
+    model.set_attn_implementation(impl)
+    return model
+
+
+def _batch(B=3, L=21, pad=(0, 5, 11), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    for b, p in enumerate(pad):
+        mask[b, :p] = 0                        # left padding, as for batched generation
+    return ids, mask
+
+
+CASES = [
+    ("llama_gqa", "LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=2), "sdpa"),
+    ("mistral_window", "MistralForCausalLM", "MistralConfig", dict(num_key_value_heads=2, sliding_window=6), "sdpa"),
+    ("gemma2_softcap", "Gemma2ForCausalLM", "Gemma2Config",
+     dict(num_key_value_heads=2, attn_logit_softcapping=5.0, final_logit_softcapping=None, sliding_window=8),
+     "eager"),   # transformers' sdpa refuses softcap: eager is the peer
+]
+
+
+@pytest.mark.parametrize("name,cls,cfg_name,cfg,peer", CASES, ids=[c[0] for c in CASES])
+def test_logits_match_transformers_attention(name, cls, cfg_name, cfg, peer, monkeypatch):
+    model = _model(cls, cfg_name, **cfg)
+    ids, mask = _batch()
+    calls = []
+    inner = sat._sdpa
+    monkeypatch.setattr(sat, "_sdpa", lambda *a, **k: calls.append(k) or inner(*a, **k))
+    with torch.no_grad():
+        ref = _with(model, peer)(input_ids=ids, attention_mask=mask).logits
+        assert not calls
+        got = _with(model, NAME)(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == model.config.num_hidden_layers            # every layer ran selfattn's kernel
+    assert all(k["enable_gqa"] for k in calls)                     # 4 query heads over 2 kv heads, not repeated
+    if name == "gemma2_softcap":
+        assert all(k["softcap"] == 5.0 for k in calls)
+    valid = mask.bool()                         # padded positions' logits are garbage in both
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,cls,cfg_name,cfg,peer", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_greedy_generation_matches(name, cls, cfg_name, cfg, peer):
+    model = _model(cls, cfg_name, **cfg)
+    ids, mask = _batch(L=9, pad=(0, 3, 6))
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = _with(model, peer).generate(ids, **kw)
+        got = _with(model, NAME).generate(ids, **kw)
+    assert torch.equal(got, ref)
+
+
+def test_training_gradients_match():
+    model = _model("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2).train()
+    ids, mask = _batch()
+    grads = {}
+    for impl in ("sdpa", NAME):
+        model.zero_grad()
+        out = _with(model, impl)(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[NAME].keys() == grads["sdpa"].keys() and grads[NAME]
+    for n in grads["sdpa"]:
+        torch.testing.assert_close(grads[NAME][n], grads["sdpa"][n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_models(dtype):
+    if dtype == torch.bfloat16:
+        optional_import("ml_dtypes")
+    model = _model("LlamaForCausalLM", "LlamaConfig", dtype=dtype, num_key_value_heads=2)
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = _with(model, "sdpa")(input_ids=ids, attention_mask=mask).logits.float()
+        got = _with(model, NAME)(input_ids=ids, attention_mask=mask).logits.float()
+    valid = mask.bool()
+    assert got.dtype == ref.dtype
+    # 16-bit activations: the two differ by their roundings; the top-1 tokens agree almost everywhere
+    agree = (got[valid].argmax(-1) == ref[valid].argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
+    scale = ref[valid].abs().max().item()
+    assert (got[valid] - ref[valid]).abs().max().item() <= 0.05 * scale
+
+
+def test_output_attentions_is_a_clear_error():
+    model = _with(_model("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2), NAME)
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+
+
+def test_register_is_idempotent_and_named():
+    assert sat.register() == "selfattn" and sat.register("selfattn") == "selfattn"
+    from transformers import AttentionInterface
+    assert AttentionInterface._global_mapping["selfattn"] is sat.attention_forward
+    assert sat._version_tuple("4.52.3") < sat.MIN_VERSION <= sat._version_tuple(transformers.__version__)
+    np.testing.assert_equal(sat._version_tuple("5.25.0.dev0"), (5, 25))
