@@ -45,8 +45,9 @@ def _parts(x: Union[ArrayLike, Sequence[ArrayLike]], name: str) -> list:
     return parts
 
 
-def _check_dtype(a: Array, name: str) -> None:
-    if a.dtype not in (np.float32, np.float64) and not (name.startswith("outs") and _core._storage_name(a.dtype)):
+def _check_dtype(a: Array, name: str, half_ok: bool) -> None:
+    """float32 / float64; bfloat16 / float16 too where half_ok (the outs)."""
+    if a.dtype not in (np.float32, np.float64) and not (half_ok and _core._storage_name(a.dtype)):
         raise TypeError(f"{name} has dtype {a.dtype}; merge_attention takes float32 or float64 "
                         f"(outs also bfloat16 or float16, with float32 lses: what "
                         f"scaled_dot_product_attention returns)")
@@ -121,7 +122,7 @@ def merge_attention(outs: Union[ArrayLike, Sequence[ArrayLike]],
         raise ValueError(f"each part of outs must have at least 2 dims (..., L, Ev), got shape {shape}")
     for name, parts, want in (("outs", out_parts, shape), ("lses", lse_parts, shape[:-1])):
         for i, p in enumerate(parts):
-            _check_dtype(p, f"{name}[{i}]")
+            _check_dtype(p, f"{name}[{i}]", half_ok=name == "outs")
             if p.shape != want:
                 what = "outs[0]" if name == "outs" else "outs[0].shape[:-1]"
                 raise ValueError(f"{name}[{i}] has shape {p.shape}, expected {want} ({what}); every part "
