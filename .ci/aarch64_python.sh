@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The Python test suite on aarch64, without ARM hardware: a Debian 12 (bookworm) arm64 root made
 # with debootstrap, run through a static qemu-aarch64 (binfmt_misc, flag F: the emulator is opened
-# here, so the chroot needs no copy of it). Inside the root, under emulation, with Debian's native
-# aarch64 gcc and Python, selfattn is built and installed from this checkout's HEAD (git archive)
-# and the test suite runs against that extension: the neon path (the best there) and generic.
+# here, so the chroot needs no copy of it). selfattn is built from this checkout's HEAD (git archive)
+# outside the emulator, by Debian's cross gcc 12 (the root's native compiler is the same gcc 12)
+# against the root's Python and NumPy headers and its sysconfig data, into a linux_aarch64 wheel
+# that the root's pip installs; the test suite runs in the root against that extension: the neon
+# path (the best there) and generic.
 # CI step 6 (.ci/aarch64_qemu.sh) runs the C kernel tests cross-compiled; this step runs the
 # Cython layer, the Python API and the whole test suite on the aarch64 build.
 #
 #   .ci/aarch64_python.sh [REPO_ROOT]     (default: the directory above this script)
 #
 # What comes from where (Debian's arm64 packages are far faster than pip-building under
-# emulation): python3, numpy 1.24, pytest 7.2, hypothesis, gcc 12 from bookworm (debootstrap
-# --include). pyproject.toml needs setuptools >= 77 (SPDX license string; that needs
-# packaging >= 24.2) and Cython >= 3, which bookworm lacks (66 / 0.29): their aarch64 / pure-Python
-# wheels are fetched here with the host's pip (pip download --platform) and installed in the root
-# with --no-index. numpy 1.24 is below the package's numpy>=1.25 pin (the install uses --no-deps):
-# the suite passes with it. torch, dask, matplotlib, threadpoolctl are not installed: the tests
-# that need them skip (listed by -rs).
+# emulation): python3 (3.11) and its headers, numpy 1.24, pytest 7.2, hypothesis from bookworm
+# (debootstrap --include); no compiler in the root. The build runs in a venv of a host Python of
+# the root's version (3.11: $PYTHON, python3.11 or pyenv's) with setuptools >= 77, Cython >= 3 and
+# the root's numpy version from pip (the root's NumPy headers are the ones compiled against). numpy 1.24 is below the
+# package's numpy>=1.25 pin (the install uses --no-deps): the suite passes with it. ml_dtypes comes
+# as an aarch64 wheel; torch, dask, matplotlib, threadpoolctl are not installed: the tests that need
+# them skip (listed by -rs).
 #
 # The tests, both passes with -rs and the hypothesis "ci" profile (conftest.py):
 #   pass 1  the whole suite, default path neon; the tests parametrised over the ISAs (the `isa`
@@ -46,7 +48,7 @@
 #                                the training's forward/backward kernels are checked by
 #                                test_backward.py and test_train's finite-difference gradient test
 # Measured on the 2-core CI VM (nice 19, a machine shared with other work): debootstrap 252 s,
-# wheels 13 s, build 189 s, pass 1 619 s (2584 passed, 92 skipped: torch/dask/matplotlib/
+# wheels 13 s, build 189 s (under emulation, before the cross build), pass 1 619 s (2584 passed, 92 skipped: torch/dask/matplotlib/
 # threadpoolctl/safetensors absent, the avx2/avx512 paths, and test_demo_cli's console-script test:
 # Debian's pip puts scripts in /usr/local/bin, not next to /usr/bin/python3), pass 2 64 s
 # (841 passed, 23 skipped); the whole step 1149 s (19 min).
@@ -56,7 +58,7 @@
 # (mounted when needed) for the run and unregistered on exit; fails loudly when any of it cannot
 # be had. Caches nothing: the root lives in a temp dir, unmounted and removed on exit.
 # Environment: AARCH64_PY_KEEP=1 keeps the root (printed) for debugging; AARCH64_PY_PYTEST_ARGS
-# extra pytest arguments for both passes.
+# extra pytest arguments for both passes; AARCH64_PY_STOP_AFTER_BUILD=1 stops after the install.
 set -euo pipefail
 ROOT=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 cd "$ROOT"
@@ -132,7 +134,9 @@ grep -qx enabled "$BINFMT/$ENTRY" && grep -q '^flags:.*F' "$BINFMT/$ENTRY" || di
 MIRROR=$(grep -hsoE '^(deb|URIs:)[[:space:]]+(\[[^]]*\][[:space:]]+)?https?://[^[:space:]]+' \
              /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
          | grep -oE 'https?://[^[:space:]]+/debian/?$' | head -1 || true)
-PKGS=python3,python3-dev,python3-numpy,python3-pytest,python3-hypothesis,python3-pip,gcc,libc6-dev
+# no gcc: selfattn is cross-built outside the emulator (below); python3-dev for its headers, libgomp1
+# for OpenMP at run time
+PKGS=python3,python3-dev,python3-numpy,python3-pytest,python3-hypothesis,python3-pip,libgomp1
 stamp "debootstrap $SUITE arm64 into $CH (${MIRROR:-default mirror})"
 # shellcheck disable=SC2086
 debootstrap --arch=arm64 --variant=minbase --include="$PKGS" "$SUITE" "$CH" $MIRROR > "$WORK/debootstrap.log" 2>&1 \
@@ -151,35 +155,73 @@ inroot() {
         chroot "$CH" "$@"
 }
 
-# ---- build requirements bookworm lacks, as aarch64 wheels fetched here --------------------------
-stamp "wheels: setuptools>=77, packaging>=24.2, Cython>=3, ml_dtypes (aarch64, cp311)"
+# ---- ml_dtypes (bfloat16 arrays, for the 16-bit storage tests; float16 needs nothing), an aarch64
+# wheel fetched here: optional, the bfloat16 cases skip without it
 pyver=$(inroot python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 mkdir "$CH/wheels"
-"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$CH/wheels" \
+if "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$CH/wheels" \
     --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --python-version "$pyver" \
-    --implementation cp --abi "cp$pyver" "setuptools>=77" "packaging>=24.2" "Cython>=3.0" \
-    || die "pip download of the build requirements failed"
-# ml_dtypes: bfloat16 arrays, for the 16-bit storage tests (float16 needs nothing): optional, the
-# bfloat16 cases skip without it
-"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$CH/wheels" \
-    --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --python-version "$pyver" \
-    --implementation cp --abi "cp$pyver" "ml_dtypes>=0.4,<0.6" \
-    || echo "no aarch64 ml_dtypes wheel: the bfloat16 tests skip in the arm64 root"
-ls "$CH/wheels"
-inroot sh -c 'python3 -m pip install -q --break-system-packages --no-deps /wheels/*.whl' \
-    || die "installing the wheels in the root failed"
+    --implementation cp --abi "cp$pyver" "ml_dtypes>=0.4,<0.6"; then
+    ls "$CH/wheels"
+    inroot sh -c 'python3 -m pip install -q --break-system-packages --no-deps /wheels/*.whl' \
+        || die "installing ml_dtypes in the root failed"
+else
+    echo "no aarch64 ml_dtypes wheel: the bfloat16 tests skip in the arm64 root"
+fi
 
-# ---- build selfattn in the root (native aarch64 gcc, under emulation) ----------------------------
-stamp "build + install selfattn in the root from HEAD ($(git rev-parse --short HEAD))"
-mkdir "$CH/src"
-git archive HEAD | tar -x -C "$CH/src"
-inroot sh -c 'cd /src && python3 -m pip install -v --break-system-packages --no-build-isolation --no-deps .' \
-    > "$WORK/build.log" 2>&1 || { tail -60 "$WORK/build.log"; die "building selfattn in the arm64 root failed"; }
-grep -E "^ *(aarch64-linux-gnu-)?gcc .*_core\.c" "$WORK/build.log" | head -1 || true
-# no compiler warning from any source (-Wall, and Debian's Python CFLAGS: -Wsign-compare ...)
+# ---- build selfattn for the root here, with the cross gcc; install the wheel in the root ---------
+# Not under emulation: gcc and Cython under qemu took 189 s on a quiet machine and ~600 s beside the
+# other CI steps (the arm64 root is the longest step). Debian's aarch64-linux-gnu-gcc is the same
+# gcc 12 as the root's native one; the build reads the root's own sysconfig data (its compiler
+# name, flags and extension suffix: _PYTHON_SYSCONFIGDATA_NAME, as crossenv does), the root's
+# Python and NumPy headers, and makes a linux_aarch64 wheel that pip installs in the root.
+stamp "build selfattn for aarch64 from HEAD ($(git rev-parse --short HEAD)), cross gcc, root's headers"
+XCC=aarch64-linux-gnu-gcc
+command -v "$XCC" >/dev/null || { apt-get install -y -q gcc-aarch64-linux-gnu >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q gcc-aarch64-linux-gnu >/dev/null; }; } \
+    || die "no $XCC and apt-get install gcc-aarch64-linux-gnu failed"
+pyxy=$(inroot python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+# a host Python of the root's version (the sysconfig data and the C API are per minor version)
+XPY=""
+for p in "$PY" "python$pyxy" "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/"$pyxy".*/bin/python; do
+    if command -v "$p" >/dev/null 2>&1 && [ "$("$p" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)" = "$pyxy" ]; then
+        XPY=$(command -v "$p"); break
+    fi
+done
+[ -n "$XPY" ] || die "no host Python $pyxy (the root's version) for the cross build: PATH, pyenv"
+# the root's NumPy version on the host too: Cython's `cimport numpy` reads the host NumPy's .pxd,
+# which must match the headers compiled against (NumPy 2's declares macros 1.24's headers lack)
+npver=$(inroot python3 -c 'import numpy; print(numpy.__version__)')
+"$XPY" -m venv "$WORK/xbuild" && "$WORK/xbuild/bin/pip" install -q --disable-pip-version-check \
+    "setuptools>=77" "packaging>=24.2" "Cython>=3.0" "numpy==$npver" > "$WORK/xbuild.log" 2>&1 \
+    || { cat "$WORK/xbuild.log"; die "the cross build's venv (setuptools, Cython, numpy) failed"; }
+sysdata=$(cd "$CH/usr/lib/python$pyxy" && ls _sysconfigdata__linux_aarch64-linux-gnu.py 2>/dev/null) \
+    || die "no _sysconfigdata__linux_aarch64-linux-gnu.py in the root's /usr/lib/python$pyxy"
+mkdir -p "$WORK/xsys" "$WORK/xinc/aarch64-linux-gnu" "$WORK/xsrc" "$WORK/xwhl"
+cp "$CH/usr/lib/python$pyxy/$sysdata" "$WORK/xsys/"
+# Debian's pyconfig.h includes <aarch64-linux-gnu/python3.X/pyconfig.h>: that directory alone
+ln -s "$CH/usr/include/aarch64-linux-gnu/python$pyxy" "$WORK/xinc/aarch64-linux-gnu/python$pyxy"
+NPINC=$(inroot python3 -c 'import numpy; print(numpy.get_include())')
+[ -f "$CH$NPINC/numpy/arrayobject.h" ] && [ -f "$CH/usr/include/python$pyxy/Python.h" ] \
+    || die "the root lacks the Python or NumPy headers ($CH/usr/include/python$pyxy, $CH$NPINC)"
+git archive HEAD | tar -x -C "$WORK/xsrc"
+# these -I come before setup.py's own (the host's NumPy, the sysconfig's /usr/include/python3.X)
+( cd "$WORK/xsrc" && env _PYTHON_HOST_PLATFORM=linux-aarch64 \
+      _PYTHON_SYSCONFIGDATA_NAME="${sysdata%.py}" PYTHONPATH="$WORK/xsys" \
+      CFLAGS="-I$CH/usr/include/python$pyxy -I$WORK/xinc -I$CH$NPINC" \
+      "$WORK/xbuild/bin/python" -c "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))" \
+      "$WORK/xwhl" ) > "$WORK/build.log" 2>&1 || { tail -60 "$WORK/build.log"; die "building selfattn for aarch64 failed"; }
+grep -E "^ *aarch64-linux-gnu-gcc .*_core\.c" "$WORK/build.log" | head -1 || true
+# no compiler warning from any source (-Wall, plus what the root's sysconfig data adds)
 if grep -E "\.(c|h|pyx|pxd):[0-9]+(:[0-9]+)?: warning" "$WORK/build.log"; then
     die "compiler warnings in the aarch64 build (above)"
 fi
+whl=$(ls "$WORK"/xwhl/selfattn-*-cp"${pyxy/./}"-cp"${pyxy/./}"-linux_aarch64.whl) || die "no linux_aarch64 wheel built"
+mkdir "$CH/selfattn-wheel" && cp "$whl" "$CH/selfattn-wheel/"
+stamp "install $(basename "$whl") in the root"
+inroot sh -c 'python3 -m pip install -q --break-system-packages --no-deps /selfattn-wheel/*.whl' \
+    || die "installing the selfattn wheel in the root failed"
+[ "${AARCH64_PY_STOP_AFTER_BUILD:-0}" = 1 ] && { inroot sh -c 'cd /tmp && python3 -c "import selfattn; selfattn.show_config()"'; stamp "stopping after the build (AARCH64_PY_STOP_AFTER_BUILD=1)"; exit 0; }
 cfg=$(inroot sh -c 'cd /tmp && python3 -c "import selfattn; selfattn.show_config()"')
 echo "$cfg"
 case "$cfg" in

@@ -48,6 +48,7 @@ DISPATCH = "src_c/dispatch.c"
 MASK = "src_c/attn_mask.h"
 PACK = "src_c/attn_pack.h"
 HALF = "src_c/half.h"
+MICRO = "src_c/attn_micro.h"
 MUTANTS = [
     ("nan_output", BODY, "Oacc + r * evp, (T)1 / l[r]);", "Oacc + r * evp, (T)NAN);",
      "every output row is NaN (the fmax() blind spot of the old C smoke test)"),
@@ -100,6 +101,10 @@ MUTANTS = [
      "dst[e] = (T)(storage == SA_STORE_BF16 ? sa_bf16_to_f32(s[e * se]) : sa_f16_to_f32(s[e * se]));",
      "dst[e] = (T)(storage == SA_STORE_BF16 ? sa_bf16_to_f32(s[e]) : sa_f16_to_f32(s[e]));",
      "a 16-bit row read with stride 1 whatever its stride (strided or transposed q, k, v)"),
+    ("decode_f16_read_as_bf16", MICRO,
+     "if (st == SA_STORE_F16) return V(load_f16)((const uint16_t *)base + i);",
+     "if (st == SA_STORE_F16) return V(load_bf16)((const uint16_t *)base + i);",
+     "the decode schedule widens float16 K/V, read in place, as bfloat16 (every ISA)"),
 ]
 
 C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]

@@ -454,8 +454,10 @@ def config() -> Dict[str, Any]:
         ``version`` (str), ``isa`` (str: the path the calling thread or task runs now, its
         :func:`use_isa` if any, else the process default), ``isas_available`` (list of str,
         best first), ``openmp`` (bool), ``default_threads`` (int), ``half`` (dict: how
-        bfloat16 and float16 inputs are widened to float32 for the float32 kernels on that
-        instruction set, e.g. ``{'bfloat16': 'shifts', 'float16': 'F16C vcvtph2ps'}``).
+        bfloat16 and float16 inputs run on that instruction set: widened to float32 for the
+        float32 kernels by e.g. ``'shifts'`` or ``'F16C vcvtph2ps'``, or ``'vdpbf16ps'``: the
+        avx512bf16 path's bfloat16 forward multiplies bfloat16 pairs, its decode and backward
+        widen).
 
     Examples
     --------
@@ -481,15 +483,21 @@ def config() -> Dict[str, Any]:
 def show_config(file: Optional[IO[str]] = None) -> None:
     """Print :func:`config` as one line (to `file`, default stdout), for the calling context.
 
-    Example output: ``selfattn 0.1.0: isa=avx512 (available: avx512, avx2, generic),
+    Example output: ``selfattn 0.1.0: isa=avx512 (available: avx512, avx512bf16, avx2, generic),
     openmp=yes, default_threads=2, bfloat16/float16: float32 kernels, widened by shifts / AVX-512
-    vcvtph2ps``.
+    vcvtph2ps``; on AMD's Zen 4 / Zen 5 (isa=avx512bf16): ``bfloat16: vdpbf16ps (forward; decode and
+    backward widened by shifts), float16: float32 kernels, widened by AVX-512 vcvtph2ps``.
     """
     c = config()
     file = sys.stdout if file is None else file
+    bf, f16 = c["half"]["bfloat16"], c["half"]["float16"]
+    if bf == "vdpbf16ps":
+        half = (f"bfloat16: vdpbf16ps (forward; decode and backward widened by shifts), "
+                f"float16: float32 kernels, widened by {f16}")
+    else:
+        half = f"bfloat16/float16: float32 kernels, widened by {bf} / {f16}"
     print(f"selfattn {c['version']}: isa={c['isa']} (available: {', '.join(c['isas_available'])}), "
-          f"openmp={'yes' if c['openmp'] else 'no'}, default_threads={c['default_threads']}, "
-          f"bfloat16/float16: float32 kernels, widened by {c['half']['bfloat16']} / {c['half']['float16']}",
+          f"openmp={'yes' if c['openmp'] else 'no'}, default_threads={c['default_threads']}, {half}",
           file=file)
 
 

@@ -30,7 +30,7 @@ cnp.import_array()
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
 
-ISA_NAMES = ("generic", "avx2", "avx512", "neon")
+ISA_NAMES = ("generic", "avx2", "avx512", "neon", "avx512bf16")   # sa_isa values
 
 cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)
@@ -52,8 +52,12 @@ def _isa_from_name(name):
 
 
 def available_isas():
-    """Instruction sets this build can run on this CPU, best first."""
-    return [ISA_NAMES[i] for i in range(SA_ISA_COUNT - 1, -1, -1) if sa_isa_supported(i)]
+    """Instruction sets this build can run on this CPU: the best (the default) first, then the
+    others from the most capable down (avx512bf16, where supported but slower than avx512 for
+    bfloat16 -- Intel's -- comes second)."""
+    cdef int best = sa_isa_best()
+    return [ISA_NAMES[best]] + [ISA_NAMES[i] for i in range(SA_ISA_COUNT - 1, -1, -1)
+                                if i != best and sa_isa_supported(i)]
 
 
 # The path a call runs: the one forced in the calling context (selfattn.use_isa sets this
@@ -125,7 +129,7 @@ def _env_isa_choice(value, best, supported):
     if name not in supported:
         return best, (f"{where} asks for {name!r}, which this CPU does not support "
                       f"(available: {', '.join(supported)}); using {ISA_NAMES[best]!r}")
-    return min(ISA_NAMES.index(name), best), None
+    return ISA_NAMES.index(name), None
 
 
 def _warn_at_import_site(message):
@@ -147,8 +151,9 @@ def _warn_at_import_site(message):
 
 
 def _apply_env_isa():
-    """SELFATTN_ISA=<name> at import forces a lower path (never a higher one); a name that is
-    unknown or that this CPU lacks warns and keeps the best path."""
+    """SELFATTN_ISA=<name> at import forces a path this CPU runs (a lower one, or avx512bf16
+    where it is not the default); a name that is unknown or that this CPU lacks warns and keeps
+    the best path."""
     global _isa
     _isa, message = _env_isa_choice(os.environ.get("SELFATTN_ISA", ""), _isa, available_isas())
     if message:

@@ -36,6 +36,7 @@
 #define VP vf
 #define VW VF_W
 #define TSUF f32
+#define STORE16 1
 #define MR SA_AVX2_MR
 #define NRV SA_AVX2_NRV
 #define NVV SA_AVX2_NVV
@@ -53,6 +54,7 @@
 #define VP vd
 #define VW VD_W
 #define TSUF f64
+#define STORE16 0
 #define MR SA_AVX2_MR64
 #define NRV 2
 #define NVV 2

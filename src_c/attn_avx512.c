@@ -1,6 +1,7 @@
 /* attn_avx512.c -- the kernels compiled for x86-64 AVX-512 F/DQ/BW/VL
  * (selected at run time by dispatch.c). */
 #include <math.h>
+#include <string.h>
 #include "attn_internal.h"
 
 #if SA_HAVE_X86_TARGETS
@@ -19,6 +20,7 @@
 #define VP vf
 #define VW VF_W
 #define TSUF f32
+#define STORE16 1
 #define MR 8
 #define NRV 2
 #define NVV 2
@@ -30,6 +32,39 @@
 #define VP vd
 #define VW VD_W
 #define TSUF f64
+#define STORE16 0
+#define MR 8
+#define NRV 2
+#define NVV 2
+#define BQ 64
+#define BK 128
+#include "attn_kernels.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+/* The avx512bf16 target (AVX-512 above plus AVX512_BF16: Cooper Lake,
+ * Sapphire Rapids and later, Zen 4, Zen 5): the bfloat16 forward on
+ * vdpbf16ps, its functions alone compiled with that extension (dispatch.c
+ * runs them only where the CPU reports it). Same tiles as avx512's float. */
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,avx512bf16"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,avx512bf16")
+#endif
+#undef ISUF
+#define ISUF avx512bf16
+#define T float
+#define VP vf
+#define VW VF_W
+#define TSUF f32
+#define STORE16 1
+#define BF16_DOT 1
 #define MR 8
 #define NRV 2
 #define NVV 2

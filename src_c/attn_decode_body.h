@@ -21,7 +21,8 @@
  *      blocks of BK keys, for every stacked row:
  *        a. s = q.k for the row's visible keys of the block (attn_mask.h),
  *           K rows read in place, each once per block for all rows
- *           (attn_micro.h, decode_dots);
+ *           (attn_micro.h, decode_dots); bfloat16 / float16 K and V are
+ *           read as they are and widened in registers (decode_task_st);
  *        b. softcap, ALiBi, attn_mask, -inf outside the row's interval
  *           (mask_row, as in the forward); online softmax (m, l);
  *        c. O = alpha O + P.V, V rows read in place (decode_pv_rows);
@@ -50,8 +51,11 @@ static inline void FN(decode_row)(const sa_attn_args *a, const sa_layout *lay, i
     *i = rr % lay->dec_l;
 }
 
-/* decode task t: chunk t % dec_chunks of kv unit t / dec_chunks */
-static void FN(decode_task)(void *vctx, int64_t t, int tid)
+/* decode task t: chunk t % dec_chunks of kv unit t / dec_chunks. st: how K
+ * and V are read -- SA_STORE_NATIVE (T: the arrays, or rows converted into
+ * scratch), or 16-bit storage widened in registers (decode_task picks; one
+ * specialisation each, st being a constant after inlining) */
+SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
 {
     FN(dctx_t) *c = (FN(dctx_t) *)vctx;
     const sa_attn_args *a = c->a;
@@ -105,28 +109,27 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
         }
         if (jmax <= jmin) continue;                          /* no row sees a key of this block */
 
-        /* K and V rows of the block: in place; 16-bit storage converted first,
+        /* K and V rows of the block, in place (st: T, or 16-bit widened in
+         * registers); 16-bit storage with strided columns is converted first,
          * the rows some row sees, once for all the rows (attn_pack.h) */
-        const T *kblk, *vblk;
+        const void *kb = a->k, *vb = a->v;
+        int64_t ko = a->kv_k_off[g] + j0 * a->k_ss, vo = a->kv_v_off[g] + j0 * a->v_ss;
         int64_t kss = a->k_ss, kse = a->k_se, vss = a->v_ss, vse = a->v_se;
-        if (a->storage == SA_STORE_NATIVE) {
-            kblk = (const T *)a->k + a->kv_k_off[g] + j0 * a->k_ss;
-            vblk = (const T *)a->v + a->kv_v_off[g] + j0 * a->v_ss;
-        } else {
+        if (st == SA_STORE_NATIVE && a->storage != SA_STORE_NATIVE) {
             for (int64_t j = jmin; j < jmax; j++) {
-                FN(load_row)(a->k, a->storage, a->kv_k_off[g] + (j0 + j) * a->k_ss, a->k_se, E, Kc + j * E);
-                FN(load_row)(a->v, a->storage, a->kv_v_off[g] + (j0 + j) * a->v_ss, a->v_se, Ev, Vc + j * evp);
+                FN(load_row)(a->k, a->storage, ko + j * a->k_ss, a->k_se, E, Kc + j * E);
+                FN(load_row)(a->v, a->storage, vo + j * a->v_ss, a->v_se, Ev, Vc + j * evp);
             }
-            kblk = Kc, kss = E, kse = 1, vblk = Vc, vss = evp, vse = 1;
+            kb = Kc, ko = 0, kss = E, kse = 1, vb = Vc, vo = 0, vss = evp, vse = 1;
         }
 
         /* a. scores: key by key, each K row read once for all the rows (four
          * at a time, sharing its loads) */
         for (int64_t j = jmin; j < jmax; j++) {
-            const T *kr = kblk + j * kss;
+            int64_t kr = ko + j * kss;
             int64_t r0 = 0;
-            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kr, kse, j, r0, 4, vs, ve, St);
-            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kr, kse, j, r0, 1, vs, ve, St);
+            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
+            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st);
         }
 
         /* b. masks and the online softmax, row by row */
@@ -167,15 +170,34 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
                 for (int64_t j = b0; j < uhi; j++) s[j] = 0;
             }
             if (n == 4) {
-                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vblk, vss, vse, Ev, Op + r0 * evp, evp, alph + r0);
+                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vb, vo, vss, vse, Ev, Op + r0 * evp, evp, alph + r0,
+                                   st);
             } else {
                 for (int64_t rr = r0; rr < r0 + n; rr++)
                     if (ve[rr] > vs[rr])
-                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vblk, vss, vse, Ev, Op + rr * evp, evp,
-                                           alph + rr);
+                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vb, vo, vss, vse, Ev, Op + rr * evp,
+                                           evp, alph + rr, st);
             }
         }
     }
+}
+
+static void FN(decode_task)(void *vctx, int64_t t, int tid)
+{
+#if STORE16
+    /* 16-bit K and V with unit column strides: read as they are, widened in
+     * registers (half the bytes of float32: decode is bound by them); the
+     * same values, and so the same bits, as converting them first */
+    const sa_attn_args *a = ((const FN(dctx_t) *)vctx)->a;
+    if (a->storage != SA_STORE_NATIVE && a->k_se == 1 && a->v_se == 1) {
+        if (a->storage == SA_STORE_BF16)
+            FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16);
+        else
+            FN(decode_task_st)(vctx, t, tid, SA_STORE_F16);
+        return;
+    }
+#endif
+    FN(decode_task_st)(vctx, t, tid, SA_STORE_NATIVE);
 }
 
 /* merge task g: every stacked row of kv unit g, its chunks in order, summed

@@ -55,6 +55,13 @@ static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t kl
 {
     const sa_attn_args *a = c->a;
     int64_t j0 = kb * BK, nvalid = FN(block_keys)(klim, j0);
+#if BF16_DOT
+    /* bfloat16 pairs (attn_bf16dot_avx512.h): V always packed, after K's E x BK */
+    FN(pack_k_pairs)(a->k, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, (uint32_t *)(void *)blk);
+    FN(pack_v_pairs)(a->v, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
+                     (uint32_t *)(void *)(blk + a->E * BK));
+    return;
+#endif
     FN(pack_t)(a->k, a->storage, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, blk);
     if (!c->lay->v_direct)
         FN(pack_rows)(a->v, a->storage, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
@@ -102,7 +109,19 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
     int64_t rows = um.L - i0 < BQ ? um.L - i0 : BQ;
     int64_t rows_eff = sa_round_up(rows, MR);
 
-    /* Q tile, pre-scaled into log2 units; pad rows are zero */
+    /* Q tile, pre-scaled into log2 units; pad rows are zero (BF16_DOT: the
+     * stored bfloat16 pairs, E2 words a row; the scores are scaled instead) */
+#if BF16_DOT
+    const int64_t E2 = (E + 1) / 2;
+    uint32_t *Qw = (uint32_t *)(void *)Qp;
+    for (int64_t r = 0; r < rows_eff; r++) {
+        if (r < rows)
+            FN(load_q_pairs)(a->q, a->q_off[u] + (i0 + r) * a->q_sl, a->q_se, E, Qw + r * E2);
+        else
+            for (int64_t e = 0; e < E2; e++) Qw[r * E2 + e] = 0;
+        for (int64_t col = 0; col < evp; col++) Oacc[r * evp + col] = 0;
+    }
+#else
     for (int64_t r = 0; r < rows_eff; r++) {
         T *dst = Qp + r * E;
         if (r < rows) {
@@ -113,6 +132,7 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
         }
         for (int64_t col = 0; col < evp; col++) Oacc[r * evp + col] = 0;
     }
+#endif
     for (int64_t r = 0; r < BQ; r++) { m[r] = NEG_INF; l[r] = 0; msafe[r] = 0; alpha[r] = 0; }
 
     /* keys the tile can see (attn_mask.h): blocks outside are skipped whole */
@@ -146,7 +166,12 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
 
         /* a. scores, each group over its own micro-tiles */
         for (int64_t r0 = 0; r0 < rows_eff; r0 += MR)
+#if BF16_DOT
+            FN(qk_range_pairs)(Qw + r0 * E2, E2, (const uint32_t *)(const void *)Kb, St + r0 * BK, cs[r0 / MR],
+                               ce[r0 / MR], c->qscale);
+#else
             FN(qk_range)(Qp + r0 * E, E, Kb, St + r0 * BK, cs[r0 / MR], ce[r0 / MR]);
+#endif
 
         /* b. masks, row max (over the row's own keys), new running max */
         int64_t rs[BQ], re[BQ];
@@ -176,8 +201,19 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
          * group sees is never read from V (a group with none still rescales) */
         for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
             int64_t g = r0 / MR;
+#if BF16_DOT
+            /* whole key pairs: [ga, gb) widened to even ends (inside [cs, ce):
+             * probabilities 0 where no row of the group sees the key) */
+            int64_t a0 = ga[g] & ~(int64_t)1, b0 = (gb[g] + 1) & ~(int64_t)1;
+            for (int64_t r = r0; r < r0 + MR; r++) FN(p_to_bf16)(St + r * BK, a0, b0);
+            FN(pv_rows_pairs)(St + r0 * BK, a0 / 2, b0 / 2, (const uint32_t *)(const void *)(Kb + E * BK), evp,
+                              Oacc + r0 * evp, alpha + r0);
+            (void)Vb;
+            (void)vstride;
+#else
             FN(pv_rows)(St + r0 * BK + ga[g], gb[g] - ga[g], Vb + ga[g] * vstride, vstride, evp, Oacc + r0 * evp,
                         alpha + r0);
+#endif
         }
     }
 
@@ -275,6 +311,10 @@ static void FN(banded_task)(void *vctx, int64_t t, int tid)
 
 int FN(attn_fwd)(const sa_attn_args *a, const sa_layout *lay, void *ws)
 {
+#if BF16_DOT
+    /* this target's own forward is bfloat16's; the rest runs avx512's */
+    if (a->storage != SA_STORE_BF16) return attn_fwd_f32_avx512(a, lay, ws);
+#endif
     FN(ctx_t) c;
     c.a = a;
     c.lay = lay;

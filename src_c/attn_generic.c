@@ -25,6 +25,7 @@
 #define VP vf
 #define VW VF_W
 #define TSUF f32
+#define STORE16 1
 #define MR SA_GEN_MR
 #define NRV SA_GEN_NRV
 #define NVV SA_GEN_NVV
@@ -36,6 +37,7 @@
 #define VP vd
 #define VW VD_W
 #define TSUF f64
+#define STORE16 0
 #define MR SA_GEN_MR
 #define NRV SA_GEN_NRV
 #define NVV SA_GEN_NVV

@@ -137,6 +137,8 @@ SA_DECLARE_TARGET(generic)
 #if SA_HAVE_X86_TARGETS
 SA_DECLARE_TARGET(avx2)
 SA_DECLARE_TARGET(avx512)
+/* avx512bf16: its own forward only (attn_avx512.c) */
+int attn_fwd_f32_avx512bf16(const sa_attn_args *a, const sa_layout *lay, void *ws);
 #endif
 #if SA_HAVE_NEON_TARGET
 SA_DECLARE_TARGET(neon)

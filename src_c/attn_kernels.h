@@ -7,6 +7,11 @@
  *   MR    rows of a micro-tile      NRV  key vectors of a Q.K^T micro-tile
  *   NVV   value vectors of a P.V micro-tile
  *   BQ    query rows per task       BK   keys per block
+ *   STORE16  1 where 16-bit storage may be given (T float), else 0
+ *   BF16_DOT 1 for the avx512bf16 target (optional, default 0): the forward
+ *            only, its bfloat16 storage computed by vdpbf16ps on bfloat16
+ *            pairs (attn_bf16dot_avx512.h); every other storage, the decode
+ *            schedule and the backward are avx512's (dispatch.c's table)
  * It defines attn_fwd_, attn_decode_, attn_bwd_<TSUF>_<ISUF> (dispatch.c's
  * function table lists them) and sa_params_<TSUF>_<ISUF>, and undefines the
  * macros above. The pieces, in order (each a template on these macros; no
@@ -57,9 +62,17 @@ const sa_tile_params FN(sa_params) = {VW, MR, KEYS_PER_TILE, NVV * VW, BQ, BK};
 /* x (natural-log units) in the kernels' log2 units, rounded once to T */
 static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 
+#ifndef BF16_DOT
+#define BF16_DOT 0
+#endif
+
 #include "attn_pack.h"
 #include "attn_micro.h"
 #include "attn_rows.h"
+#if BF16_DOT
+#include "attn_bf16dot_avx512.h"
+#include "attn_fwd_body.h"
+#else
 
 /* the split-KV merge of the decode schedule: unnormalised partials (O, m, l)
  * in log2 units, summed in T */
@@ -74,10 +87,13 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #include "attn_fwd_body.h"
 #include "attn_decode_body.h"
 #include "attn_bwd_body.h"
+#endif
 
 #undef FN
 #undef V
 #undef VT
+#undef STORE16
+#undef BF16_DOT
 #undef KEYS_PER_TILE
 #undef DEC_NV
 #undef BWD_MR

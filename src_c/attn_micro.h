@@ -80,19 +80,41 @@ static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t vs, int64_t
 
 /* ---- decode ------------------------------------------------------------- */
 
+/* K and V as the decode schedule reads them, in place: element i of base,
+ * stored as st -- T, or (float kernels, STORE16) bfloat16 / float16 widened
+ * in registers, so the bytes read from memory are the 16-bit ones. st is a
+ * constant after inlining: one specialisation per storage. */
+SA_INLINE VT FN(vload_st)(const void *base, int64_t i, const int st)
+{
+#if STORE16
+    if (st == SA_STORE_BF16) return V(load_bf16)((const uint16_t *)base + i);
+    if (st == SA_STORE_F16) return V(load_f16)((const uint16_t *)base + i);
+#endif
+    (void)st;
+    return V(load)((const T *)base + i);
+}
+
+SA_INLINE T FN(elem_st)(const void *base, int64_t i, const int st)
+{
+    if (st == SA_STORE_NATIVE) return ((const T *)base)[i];
+    uint16_t h = ((const uint16_t *)base)[i];
+    return (T)(st == SA_STORE_BF16 ? sa_bf16_to_f32(h) : sa_f16_to_f32(h));
+}
+
 /* O[i][0 .. nv*VW) = alpha[i] O[i] + sum_{j in [j0, j1)} P[i][j] V[j][0 .. nv*VW) for the
- * n rows i of a group (P rows BK apart, O rows evp apart, V rows vs apart): each V
- * vector loaded once for all the rows. n and nv are constants after inlining. */
-SA_INLINE void FN(decode_pv)(const T *SA_RESTRICT P, const int n, int64_t j0, int64_t j1, const T *SA_RESTRICT vblk,
-                             int64_t vs, T *SA_RESTRICT O, int64_t evp, const T *alpha, const int nv)
+ * n rows i of a group (P rows BK apart, O rows evp apart; V row j at element
+ * vo + j * vs of vb, stored as st): each V vector loaded once for all the rows.
+ * n, nv and st are constants after inlining. */
+SA_INLINE void FN(decode_pv)(const T *SA_RESTRICT P, const int n, int64_t j0, int64_t j1, const void *vb, int64_t vo,
+                             int64_t vs, T *SA_RESTRICT O, int64_t evp, const T *alpha, const int nv, const int st)
 {
     VT acc[4][4];
     for (int i = 0; i < n; i++)
         for (int c = 0; c < nv; c++) acc[i][c] = V(zero)();
     for (int64_t j = j0; j < j1; j++) {
-        const T *vr = vblk + j * vs;
+        int64_t vr = vo + j * vs;
         VT vv[4];
-        for (int c = 0; c < nv; c++) vv[c] = V(load)(vr + c * VW);
+        for (int c = 0; c < nv; c++) vv[c] = FN(vload_st)(vb, vr + c * VW, st);
         for (int i = 0; i < n; i++) {
             VT pb = V(set1)(P[i * BK + j]);
             for (int c = 0; c < nv; c++) acc[i][c] = V(fma)(pb, vv[c], acc[i][c]);
@@ -105,30 +127,39 @@ SA_INLINE void FN(decode_pv)(const T *SA_RESTRICT P, const int n, int64_t j0, in
     }
 }
 
-/* The same for rows r0 .. r0+n-1 over every column: whole micro-tiles, single
- * vectors, then scalar columns (Ev not whole vectors, or strided V). */
-SA_INLINE void FN(decode_pv_rows)(const T *P, const int n, int64_t j0, int64_t j1, const T *vblk, int64_t vs,
-                                  int64_t vse, int64_t Ev, T *O, int64_t evp, const T *alpha)
+/* The same for rows r0 .. r0+n-1 over every column (V columns vse apart):
+ * whole micro-tiles, single vectors, then scalar columns (Ev not whole
+ * vectors, or strided V). */
+SA_INLINE void FN(decode_pv_rows)(const T *P, const int n, int64_t j0, int64_t j1, const void *vb, int64_t vo,
+                                  int64_t vs, int64_t vse, int64_t Ev, T *O, int64_t evp, const T *alpha,
+                                  const int st)
 {
     int64_t col = 0;
     if (vse == 1) {
         for (; col + DEC_NV * VW <= Ev; col += DEC_NV * VW)
-            FN(decode_pv)(P, n, j0, j1, vblk + col, vs, O + col, evp, alpha, DEC_NV);
-        for (; col + VW <= Ev; col += VW) FN(decode_pv)(P, n, j0, j1, vblk + col, vs, O + col, evp, alpha, 1);
+            FN(decode_pv)(P, n, j0, j1, vb, vo + col, vs, O + col, evp, alpha, DEC_NV, st);
+        for (; col + VW <= Ev; col += VW) FN(decode_pv)(P, n, j0, j1, vb, vo + col, vs, O + col, evp, alpha, 1, st);
     }
-    for (; col < Ev; col++)
+    /* the column is gathered into T first, so that the sums below are the same
+     * code for every storage (the compiler may vectorise them; alike, then) */
+    T vcol[BK];
+    for (; col < Ev; col++) {
+        for (int64_t j = j0; j < j1; j++) vcol[j] = FN(elem_st)(vb, vo + j * vs + col * vse, st);
         for (int i = 0; i < n; i++) {
             T acc = 0;
-            for (int64_t j = j0; j < j1; j++) acc += P[i * BK + j] * vblk[j * vs + col * vse];
+            for (int64_t j = j0; j < j1; j++) acc += P[i * BK + j] * vcol[j];
             O[i * evp + col] = O[i * evp + col] * alpha[i] + acc;
         }
+    }
 }
 
 /* St[r][j] = Qs[r] . K[j] for the rows r of [r0, r0 + n) (n <= 4) that see key j
- * (vs[r] <= j < ve[r]); kr is K row j. The rows share each load of K (read
- * from memory once for all of them) and sum independently. */
-SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const T *SA_RESTRICT kr, int64_t kse, int64_t j,
-                               int64_t r0, const int n, const int64_t *vs, const int64_t *ve, T *SA_RESTRICT St)
+ * (vs[r] <= j < ve[r]); K row j at element ko of kb, columns kse apart, stored
+ * as st. The rows share each load of K (read from memory once for all of
+ * them) and sum independently. */
+SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const void *kb, int64_t ko, int64_t kse, int64_t j,
+                               int64_t r0, const int n, const int64_t *vs, const int64_t *ve, T *SA_RESTRICT St,
+                               const int st)
 {
     int all = 1;
     for (int i = 0; i < n; i++) all &= vs[r0 + i] <= j && j < ve[r0 + i];
@@ -136,24 +167,33 @@ SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const T *SA_R
         VT acc[4];
         for (int i = 0; i < n; i++) acc[i] = V(zero)();
         for (int64_t e = 0; e < E; e += VW) {
-            VT kv = V(load)(kr + e);
+            VT kv = FN(vload_st)(kb, ko + e, st);
             for (int i = 0; i < n; i++) acc[i] = V(fma)(V(load)(Qs + (r0 + i) * E + e), kv, acc[i]);
         }
         for (int i = 0; i < n; i++) St[(r0 + i) * BK + j] = V(hsum)(acc[i]);
         return;
     }
-    for (int i = 0; i < n; i++) {               /* rows that do not all see j, E not whole vectors */
+    /* rows that do not all see j, E not whole vectors: whole vectors, then the
+     * elements left (fewer than VW), gathered into T first, so that their sums
+     * are the same code for every storage (16-bit K comes here with kse 1) */
+    const int64_t ev = kse == 1 ? E / VW * VW : 0;
+    T kt[VW];
+    if (kse == 1)
+        for (int64_t e = ev; e < E; e++) kt[e - ev] = FN(elem_st)(kb, ko + e, st);
+    for (int i = 0; i < n; i++) {
         int64_t r = r0 + i;
         if (j < vs[r] || j >= ve[r]) continue;
         const T *qr = Qs + r * E;
         T dot = 0;
-        int64_t e = 0;
-        if (kse == 1 && E >= VW) {
+        if (ev > 0) {
             VT acc = V(zero)();
-            for (; e + VW <= E; e += VW) acc = V(fma)(V(load)(qr + e), V(load)(kr + e), acc);
+            for (int64_t e = 0; e < ev; e += VW) acc = V(fma)(V(load)(qr + e), FN(vload_st)(kb, ko + e, st), acc);
             dot = V(hsum)(acc);
         }
-        for (; e < E; e++) dot += qr[e] * kr[e * kse];
+        if (kse == 1)
+            for (int64_t e = ev; e < E; e++) dot += qr[e] * kt[e - ev];
+        else
+            for (int64_t e = 0; e < E; e++) dot += qr[e] * FN(elem_st)(kb, ko + e * kse, st);
         St[r * BK + j] = dot;
     }
 }

@@ -34,6 +34,7 @@
 #define VP vf
 #define VW VF_W
 #define TSUF f32
+#define STORE16 1
 #define MR SA_NEON_MR
 #define NRV SA_NEON_NRV
 #define NVV SA_NEON_NVV
@@ -45,6 +46,7 @@
 #define VP vd
 #define VW VD_W
 #define TSUF f64
+#define STORE16 0
 #define MR SA_NEON_MR
 #define NRV SA_NEON_NRV
 #define NVV SA_NEON_NVV

@@ -56,13 +56,15 @@ enum {
     SA_ERR_ISA = 4           /* the requested instruction set is not available  */
 };
 
-/* ---- instruction sets, best last --------------------------------------- */
+/* ---- instruction sets (sa_isa_best: the highest value the CPU runs) ------ */
 typedef enum {
     SA_ISA_GENERIC = 0,      /* portable C, builds everywhere                   */
     SA_ISA_AVX2 = 1,         /* x86-64 AVX2 + FMA + F16C                        */
     SA_ISA_AVX512 = 2,       /* x86-64 AVX-512 F/DQ/BW/VL                       */
     SA_ISA_NEON = 3,         /* aarch64 Advanced SIMD (every aarch64 CPU)       */
-    SA_ISA_COUNT = 4
+    SA_ISA_AVX512BF16 = 4,   /* AVX-512 above + AVX512_BF16: bfloat16's forward on
+                                vdpbf16ps; every other kernel is avx512's     */
+    SA_ISA_COUNT = 5
 } sa_isa;
 
 /* ---- mask element types ------------------------------------------------ */
@@ -210,7 +212,7 @@ typedef struct {
 /* What this build and this CPU can do. */
 int sa_isa_supported(int isa);       /* 1 if compiled in and the CPU runs it      */
 int sa_isa_best(void);               /* the best supported sa_isa                 */
-const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon"       */
+const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon", "avx512bf16" */
 const char *sa_storage_path(int isa, int storage);  /* 16-bit storage on isa: the float32
                                         kernels, values widened by this ("shifts", "F16C ...") */
 int sa_openmp_enabled(void);         /* 1 if built with OpenMP                    */

@@ -79,6 +79,11 @@ SA_INLINE void vf_from_bf16_row(const uint16_t *s, float *d, int64_t n) {
                                     _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i))), 16)));
     for (; i < n; i++) d[i] = sa_bf16_to_f32(s[i]);
 }
+/* one vector of 16-bit storage, widened in registers (the decode schedule reads K/V this way) */
+SA_INLINE vf_t vf_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+SA_INLINE vf_t vf_load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
 SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)

@@ -16,6 +16,7 @@
  * and, for the 16-bit storage of sa_attn_args.storage (float only; half.h for
  * the values that do not fill a vector, and the targets without a native form):
  *   vf_from_f16_row(s, d, n)  vf_from_bf16_row(s, d, n)   d[i] = (float)s[i], exact
+ *   vf_load_f16(p)  vf_load_bf16(p)   VF_W 16-bit values at p widened to a vector, exact
  *   vf_to_f16_row(s, d, n)    d[i] = s[i] rounded to float16, to nearest even
  *                             (bfloat16 is written by half.h's sa_f32_to_bf16)
  * The kernels (attn_kernels.h and the headers it includes) are written once

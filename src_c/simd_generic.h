@@ -201,6 +201,17 @@ static inline void vf_from_f16_row(const uint16_t *s, float *d, int64_t n) {
 static inline void vf_from_bf16_row(const uint16_t *s, float *d, int64_t n) {
     for (int64_t i = 0; i < n; i++) d[i] = sa_bf16_to_f32(s[i]);
 }
+/* one vector of 16-bit storage, widened (the decode schedule reads K/V this way) */
+static inline vf_t vf_load_f16(const uint16_t *p) {
+    float t[VF_W];
+    vf_from_f16_row(p, t, VF_W);
+    return vf_load(t);
+}
+static inline vf_t vf_load_bf16(const uint16_t *p) {
+    float t[VF_W];
+    vf_from_bf16_row(p, t, VF_W);
+    return vf_load(t);
+}
 static inline void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     for (int64_t i = 0; i < n; i++) d[i] = sa_f32_to_f16(s[i]);
 }

@@ -85,6 +85,9 @@ SA_INLINE void vf_from_bf16_row(const uint16_t *s, float *d, int64_t n) {
     for (; i + 4 <= n; i += 4) vst1q_f32(d + i, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(s + i), 16)));
     for (; i < n; i++) d[i] = sa_bf16_to_f32(s[i]);
 }
+/* one vector of 16-bit storage, widened in registers (the decode schedule reads K/V this way) */
+SA_INLINE vf_t vf_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+SA_INLINE vf_t vf_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
 SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) vst1_u16(d + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(s + i))));

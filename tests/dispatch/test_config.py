@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import selfattn
-from sa_testutil import ISAS, KNOWN_ISAS
+from sa_testutil import ALL_KNOWN_ISAS, ISAS, KNOWN_ISAS
 
 
 def test_config_keys_and_types():
@@ -28,9 +28,11 @@ def test_config_keys_and_types():
     assert isinstance(avail, list) and all(isinstance(n, str) for n in avail)
     assert avail and avail[-1] == "generic"
     assert len(set(avail)) == len(avail)
-    assert set(avail) <= set(KNOWN_ISAS), avail
-    # best first: the order of KNOWN_ISAS
-    assert avail == [n for n in KNOWN_ISAS if n in avail]
+    assert set(avail) <= set(ALL_KNOWN_ISAS), avail
+    # the best first (the default: test_default_isa_is_best_unless_forced), then the most capable
+    # down (avx512bf16 where it is not the best: Intel's)
+    assert avail[1:] == [n for n in ALL_KNOWN_ISAS if n in avail[1:]]
+    assert avail[0] == "avx512bf16" or "avx512bf16" not in avail[1:] or avail[0] == "avx512"
     assert cfg["isa"] in avail
 
 

@@ -7,7 +7,9 @@ rounded once: that is checked on every ISA, schedule and option. The rounding it
 on every 16-bit pattern, and the accuracy against selfattn.reference (float64) and, where torch
 is installed, against torch's own bfloat16 / float16 SDPA on the same inputs.
 
-bfloat16 comes from ml_dtypes (the `bf16` extra); without it those cases skip.
+bfloat16 comes from ml_dtypes (the `bf16` extra); without it those cases skip. The avx512bf16
+path's bfloat16 forward (vdpbf16ps on bfloat16 pairs, probabilities rounded to bfloat16) has its
+own contract: test_bf16_dot.py.
 """
 
 import importlib
@@ -45,6 +47,18 @@ HALF_IDS = [d.name for d in HALF]
 EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 
 sdpa = selfattn.scaled_dot_product_attention
+
+
+@pytest.fixture(autouse=True)
+def _widening_path():
+    """This module's contract is the widening one: the process default set to the best path that
+    widens (avx512bf16, the default on AMD's Zen 4 / Zen 5, multiplies bfloat16 pairs instead:
+    test_bf16_dot.py). Process-wide, not use_isa: the Dask test's worker threads run it too."""
+    previous = selfattn.set_isa(ISAS[0])
+    try:
+        yield
+    finally:
+        selfattn.set_isa(previous)
 
 
 def randh(rng, shape, dt, amp=1.0):

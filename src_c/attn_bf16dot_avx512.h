@@ -1,0 +1,174 @@
+/*
+ * attn_bf16dot_avx512.h -- the bfloat16 forward's own pieces on AVX512_BF16
+ * (a template of attn_kernels.h, included for the avx512bf16 target only:
+ * T float, VW 16, BF16_DOT 1). attn_fwd_body.h calls these instead of the
+ * float32 packing and micro-kernels; the rest of the forward (masks, online
+ * softmax, schedules, output) is the float32 one.
+ *
+ * vdpbf16ps multiplies pairs of bfloat16 and adds both products to a float32
+ * lane: acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1]. So operands are kept in
+ * 32-bit words of two bfloat16, paired along the dimension being summed:
+ *   Q tile   [BQ][E2] words: (q[2e], q[2e+1]) -- the stored row, E2 = ceil(E/2)
+ *   K block  [E2][BK] words: word (e2, j) = (k[j][2e2], k[j][2e2+1])
+ *   V block  [BK/2][evp] words: word (jp, c) = (v[2jp][c], v[2jp+1][c])
+ *   P row    the block's probabilities rounded to bfloat16 (to nearest even,
+ *            as flash attention does) in place, in the first half of the
+ *            row's float32 slots: word jp = (p[2jp], p[2jp+1])
+ * An odd E or key count is padded with zeros. Scores are the exact products
+ * summed in float32 (vdpbf16ps treats subnormal inputs as zero and flushes
+ * subnormal results: far below what a softmax can see), times scale*log2(e).
+ */
+
+static inline uint32_t FN(word_at)(const void *p)
+{
+    uint32_t w;
+    memcpy(&w, p, sizeof w);
+    return w;
+}
+
+/* Q row (E values at element off of base, se apart) as E2 words */
+static void FN(load_q_pairs)(const void *base, int64_t off, int64_t se, int64_t E, uint32_t *dst)
+{
+    const uint16_t *s = (const uint16_t *)base + off;
+    if (se == 1 && E % 2 == 0) {
+        memcpy(dst, s, (size_t)E * sizeof(uint16_t));
+        return;
+    }
+    for (int64_t e2 = 0; e2 < (E + 1) / 2; e2++) {
+        uint32_t lo = s[2 * e2 * se], hi = 2 * e2 + 1 < E ? s[(2 * e2 + 1) * se] : 0;
+        dst[e2] = lo | hi << 16;
+    }
+}
+
+/* K block: keys [0, nvalid) at element off of base (rows ss apart, columns se
+ * apart) -> [E2][BK] words; keys nvalid .. BK are zero. Rows of E (even)
+ * contiguous values an even number apart are rows of E2 words: 16 x 16 word
+ * transposes (vf_transpose moves bits, never rounds), then the rest one by one. */
+static void FN(pack_k_pairs)(const void *base, int64_t off, int64_t ss, int64_t se, int64_t nvalid, int64_t E,
+                             uint32_t *dst)
+{
+    const uint16_t *src = (const uint16_t *)base + off;
+    const int64_t E2 = (E + 1) / 2;
+    int64_t jv = 0, cv = 0;
+    if (se == 1 && E % 2 == 0 && ss % 2 == 0) {
+        jv = nvalid / VW * VW;
+        cv = E2 / VW * VW;
+        for (int64_t jj = 0; jj < jv; jj += VW)
+            for (int64_t c = 0; c < cv; c += VW)
+                vf_transpose((const float *)(const void *)(src + jj * ss + 2 * c), ss / 2,
+                             (float *)(void *)(dst + c * BK + jj), BK);
+    }
+    for (int64_t e2 = 0; e2 < E2; e2++) {
+        uint32_t *d = dst + e2 * BK;
+        for (int64_t jj = e2 < cv ? jv : 0; jj < nvalid; jj++) {
+            const uint16_t *row = src + jj * ss;
+            uint32_t lo = row[2 * e2 * se], hi = 2 * e2 + 1 < E ? row[(2 * e2 + 1) * se] : 0;
+            d[jj] = lo | hi << 16;
+        }
+        for (int64_t jj = nvalid; jj < BK; jj++) d[jj] = 0;
+    }
+}
+
+/* V block: keys [0, nvalid) -> [BK/2][evp] words, zero past nvalid and Ev:
+ * two rows interleaved (each widened to 32 bits, the second shifted up). */
+static void FN(pack_v_pairs)(const void *base, int64_t off, int64_t ss, int64_t se, int64_t nvalid, int64_t Ev,
+                             int64_t evp, uint32_t *dst)
+{
+    const uint16_t *src = (const uint16_t *)base + off;
+    static const uint16_t zeros[1] = {0};
+    for (int64_t jp = 0; jp < BK / 2; jp++) {
+        uint32_t *d = dst + jp * evp;
+        int64_t j = 2 * jp, c = 0;
+        const uint16_t *ra = j < nvalid ? src + j * ss : zeros, *rb = j + 1 < nvalid ? src + (j + 1) * ss : zeros;
+        int64_t sa = j < nvalid ? se : 0, sb = j + 1 < nvalid ? se : 0;   /* a missing row reads zeros[0] */
+        if (sa == 1 && sb == 1)
+            for (; c + VW <= Ev; c += VW) {
+                __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(ra + c)));
+                __m512i y = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(rb + c)));
+                _mm512_storeu_si512((void *)(d + c), _mm512_or_si512(x, _mm512_slli_epi32(y, 16)));
+            }
+        for (; c < Ev; c++) d[c] = (uint32_t)ra[c * sa] | (uint32_t)rb[c * sb] << 16;
+        for (; c < evp; c++) d[c] = 0;
+    }
+}
+
+/* St[MR][nr*VW] = qs * (Qw[MR][E2] . Kw[E2][..]), St rows BK apart */
+SA_INLINE void FN(qk_tile_pairs)(const uint32_t *SA_RESTRICT Qw, int64_t E2, const uint32_t *SA_RESTRICT Kw,
+                                 T *SA_RESTRICT St, const int nr, __m512 qs)
+{
+    __m512 acc[MR][NRV];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nr; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < E2; e++) {
+        __m512bh kv[NRV];
+        for (int c = 0; c < nr; c++) kv[c] = (__m512bh)_mm512_loadu_si512((const void *)(Kw + e * BK + c * VW));
+        for (int r = 0; r < MR; r++) {
+            __m512bh qb = (__m512bh)_mm512_set1_epi32((int)Qw[r * E2 + e]);
+            for (int c = 0; c < nr; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, kv[c]);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nr; c++) _mm512_storeu_ps(St + r * BK + c * VW, _mm512_mul_ps(acc[r][c], qs));
+}
+
+/* scores of a group of MR rows over block keys [c0, c1), whole vectors (as qk_range) */
+static inline void FN(qk_range_pairs)(const uint32_t *Qw, int64_t E2, const uint32_t *Kw, T *St, int64_t c0,
+                                      int64_t c1, T qscale)
+{
+    __m512 qs = _mm512_set1_ps(qscale);
+    while (c0 < c1) {
+        if (c0 % KEYS_PER_TILE == 0 && c0 + KEYS_PER_TILE <= c1) {
+            FN(qk_tile_pairs)(Qw, E2, Kw + c0, St + c0, NRV, qs);
+            c0 += KEYS_PER_TILE;
+        } else {
+            FN(qk_tile_pairs)(Qw, E2, Kw + c0, St + c0, 1, qs);
+            c0 += VW;
+        }
+    }
+}
+
+/* probabilities s[a0 .. b0) (a0 even) rounded to bfloat16 in place: value j
+ * to 16-bit slot j of the row (slot j lies in float slot j/2 <= j, read
+ * before it is written) */
+static inline void FN(p_to_bf16)(T *s, int64_t a0, int64_t b0)
+{
+    uint16_t *h = (uint16_t *)(void *)s;
+    int64_t j = a0;
+    for (; j + VW <= b0; j += VW)
+        _mm256_storeu_si256((__m256i *)(void *)(h + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
+    if (j < b0) {
+        __mmask16 m = (__mmask16)((1u << (b0 - j)) - 1u);
+        _mm256_mask_storeu_epi16((void *)(h + j), m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + j)));
+    }
+}
+
+/* O[MR][nv*VW] = alpha[r] O + P[MR] . V over key pairs [jp0, jp1): P rows BK
+ * floats apart (their bfloat16 words, p_to_bf16), V rows evp words apart */
+SA_INLINE void FN(pv_tile_pairs)(const T *SA_RESTRICT P, int64_t jp0, int64_t jp1, const uint32_t *SA_RESTRICT Vw,
+                                 int64_t evp, T *SA_RESTRICT O, const T *SA_RESTRICT alpha, const int nv)
+{
+    __m512 acc[MR][NVV];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nv; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t jp = jp0; jp < jp1; jp++) {
+        __m512bh vv[NVV];
+        for (int c = 0; c < nv; c++) vv[c] = (__m512bh)_mm512_loadu_si512((const void *)(Vw + jp * evp + c * VW));
+        for (int r = 0; r < MR; r++) {
+            __m512bh pb = (__m512bh)_mm512_set1_epi32((int)FN(word_at)(P + r * BK + jp));
+            for (int c = 0; c < nv; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, vv[c]);
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        __m512 al = _mm512_set1_ps(alpha[r]);
+        for (int c = 0; c < nv; c++)
+            _mm512_storeu_ps(O + r * evp + c * VW, _mm512_fmadd_ps(_mm512_loadu_ps(O + r * evp + c * VW), al, acc[r][c]));
+    }
+}
+
+static void FN(pv_rows_pairs)(const T *P, int64_t jp0, int64_t jp1, const uint32_t *Vw, int64_t evp, T *O,
+                              const T *alpha)
+{
+    int64_t c0 = 0;
+    for (; c0 + NVV * VW <= evp; c0 += NVV * VW) FN(pv_tile_pairs)(P, jp0, jp1, Vw + c0, evp, O + c0, alpha, NVV);
+    for (; c0 < evp; c0 += VW) FN(pv_tile_pairs)(P, jp0, jp1, Vw + c0, evp, O + c0, alpha, 1);
+}

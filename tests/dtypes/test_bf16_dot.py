@@ -1,0 +1,162 @@
+"""The avx512bf16 path's bfloat16 forward: vdpbf16ps on bfloat16 pairs (src_c/attn_bf16dot_avx512.h).
+
+Scores are the exact products of the stored bfloat16 values summed in float32; the probabilities
+are rounded to bfloat16 for P.V (as flash attention does), their sums kept in float32. So the error
+against float64 is the output's rounding plus at most 2^-9 of max|v| from the probabilities'
+rounding: bounded here on every option and schedule, and no larger than torch's own bfloat16 SDPA
+where torch is installed. The packing is exact, so any layout of q, k, v gives the same bits as
+contiguous copies, and any thread count the same bits. The default on AMD's Zen 4 / Zen 5; on
+Intel's CPUs (slower vdpbf16ps) it runs when forced, as here. Its decode schedule and the backward
+are avx512's (widening): checked bit for bit against it.
+"""
+
+import numpy as np
+import pytest
+
+import selfattn
+from sa_testutil import AVAILABLE_ISAS, forced_schedule, optional_import
+
+pytestmark = pytest.mark.skipif("avx512bf16" not in AVAILABLE_ISAS,
+                                reason="the avx512bf16 kernels cannot run on this CPU/build (no AVX512_BF16)")
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    return np.dtype(optional_import("ml_dtypes").bfloat16)
+
+
+sdpa = selfattn.scaled_dot_product_attention
+EPS = 2.0 ** -7     # one bfloat16 ulp at 1.0
+
+
+def rand(rng, shape, dt, amp=1.0):
+    return (rng.standard_normal(shape) * amp).astype(dt)
+
+
+def dot(*args, **kw):
+    with selfattn.use_isa("avx512bf16"):
+        return sdpa(*args, **kw)
+
+
+def assert_bits(a, b, ctx=""):
+    assert a.dtype == b.dtype and a.shape == b.shape, ctx
+    bad = a.view(np.uint16) != b.view(np.uint16) if a.itemsize == 2 else a.view(np.uint32) != b.view(np.uint32)
+    assert not bad.any(), f"{ctx}: {int(bad.sum())} of {a.size} differ, first at {np.argwhere(bad)[0]}"
+
+
+def check_bound(out, q, k, v, kw, ctx):
+    ref = selfattn.reference.scaled_dot_product_attention(*(a.astype(np.float64) for a in (q, k, v)), **kw)
+    vmax = np.abs(v.astype(np.float64)).max()
+    err = np.abs(out.astype(np.float64) - ref)
+    bound = EPS * np.abs(ref) + 2.0 ** -8 * vmax + 1e-5
+    assert (err <= bound).all(), f"{ctx}: worst {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
+    return err
+
+
+CASES = [  # (name, q shape, k shape, v shape, options): odd E, odd key counts, Ev off the vector width
+    ("plain", (2, 3, 37, 40), (2, 3, 150, 40), (2, 3, 150, 24), {}),
+    ("odd_e", (1, 2, 70, 33), (1, 2, 129, 33), (1, 2, 129, 17), {}),
+    ("causal", (1, 2, 130, 64), (1, 2, 130, 64), (1, 2, 130, 64), dict(is_causal=True)),
+    ("causal_bottom_right", (1, 2, 50, 32), (1, 2, 301, 32), (1, 2, 301, 32),
+     dict(is_causal=True, alignment="bottom_right")),
+    ("gqa", (1, 8, 20, 64), (1, 2, 200, 64), (1, 2, 200, 64), dict(enable_gqa=True)),
+    ("window", (1, 2, 300, 32), (1, 2, 300, 32), (1, 2, 300, 32), dict(window_size=(21, 4))),
+    ("key_lengths", (3, 2, 17, 16), (3, 2, 91, 16), (3, 2, 91, 16), dict(key_lengths=np.array([91, 1, 45]))),
+    ("alibi_softcap", (2, 4, 33, 32), (2, 4, 70, 32), (2, 4, 70, 32),
+     dict(alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]), softcap=5.0)),
+    ("bool_mask", (1, 2, 40, 64), (1, 2, 77, 64), (1, 2, 77, 64), "bool"),
+    ("float_mask", (1, 2, 40, 64), (1, 2, 77, 64), (1, 2, 77, 64), "float"),
+]
+
+
+@pytest.mark.parametrize("name,qs,ks,vs,kw", CASES, ids=[c[0] for c in CASES])
+def test_error_bound_every_option(bf16, name, qs, ks, vs, kw):
+    rng = np.random.default_rng(len(name))
+    q, k, v = rand(rng, qs, bf16, 2.0), rand(rng, ks, bf16, 2.0), rand(rng, vs, bf16)
+    if kw in ("bool", "float"):
+        keep = rng.random((qs[-2], ks[-2])) < 0.7
+        kw = dict(attn_mask=keep if kw == "bool" else np.where(keep, rng.standard_normal(keep.shape), -np.inf))
+    out, lse = dot(q, k, v, return_lse=True, **kw)
+    assert out.dtype == bf16 and lse.dtype == np.float32
+    check_bound(out, q, k, v, kw, name)
+    # the log-sum-exp is float32's: the scores are exact products summed in float32
+    _, lse_widened = sdpa(q, k, v, return_lse=True, **kw)
+    finite = np.isfinite(lse_widened)
+    assert np.array_equal(finite, np.isfinite(lse))
+    assert np.allclose(lse[finite], lse_widened[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["shared", "fused", "banded"])
+def test_every_schedule(bf16, schedule):
+    rng = np.random.default_rng(1)
+    q, k, v = rand(rng, (2, 2, 150, 48), bf16, 2.0), rand(rng, (2, 2, 333, 48), bf16, 2.0), rand(rng, (2, 2, 333, 48), bf16)
+    kw = dict(window_size=(64, 0)) if schedule == "banded" else {}
+    with forced_schedule(schedule):
+        out = dot(q, k, v, **kw)
+    check_bound(out, q, k, v, kw, schedule)
+
+
+def test_same_bits_any_layout_and_thread_count(bf16):
+    """Packing pairs is exact: strided, transposed, Fortran-ordered inputs give the bits of
+    contiguous copies; and the thread count changes nothing."""
+    rng = np.random.default_rng(2)
+    base = rand(rng, (2, 3, 64, 2 * 41), bf16, 2.0)
+    q = base[..., ::2]                                       # strided last dim, odd E
+    k = rand(rng, (2, 3, 41, 100), bf16, 2.0).swapaxes(-1, -2)   # column-major rows
+    v = np.asfortranarray(rand(rng, (2, 3, 100, 24), bf16))
+    before = [a.copy() for a in (q, k, v)]
+    for kw in ({}, dict(is_causal=True)):
+        want = dot(*(np.ascontiguousarray(a) for a in (q, k, v)), num_threads=1, **kw)
+        for nt in (1, 2, 3):
+            assert_bits(dot(q, k, v, num_threads=nt, **kw), want, f"{kw} threads={nt}")
+    for a, b in zip((q, k, v), before):
+        assert_bits(a, b, "inputs untouched")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(is_causal=True)], ids=["plain", "causal"])
+def test_error_no_larger_than_torch(bf16, kw):
+    torch = optional_import("torch")
+    rng = np.random.default_rng(7)
+    q, k, v = rand(rng, (1, 4, 256, 64), bf16, 2), rand(rng, (1, 4, 256, 64), bf16, 2), rand(rng, (1, 4, 256, 64), bf16)
+    ref = selfattn.reference.scaled_dot_product_attention(*(a.astype(np.float64) for a in (q, k, v)), **kw)
+    ours = np.abs(dot(q, k, v, **kw).astype(np.float64) - ref)
+    tq, tk, tv = (torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16) for a in (q, k, v))
+    theirs = np.abs(torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, **kw).float().numpy() - ref)
+    assert ours.max() <= theirs.max() and ours.mean() <= theirs.mean(), (ours.max(), theirs.max(), ours.mean(),
+                                                                            theirs.mean())
+
+
+def test_nonfinite_and_fully_masked_rows(bf16):
+    rng = np.random.default_rng(5)
+    q, k, v = rand(rng, (1, 1, 4, 16), bf16), rand(rng, (1, 1, 50, 16), bf16), rand(rng, (1, 1, 50, 8), bf16)
+    q[0, 0, 1, 3] = np.nan
+    mask = np.ones((4, 50), bool)
+    mask[2] = False
+    out, lse = dot(q, k, v, attn_mask=mask, return_lse=True)
+    o = out.astype(np.float32)
+    assert np.isnan(o[0, 0, 1]).all() and np.isnan(lse[0, 0, 1])
+    assert (o[0, 0, 2] == 0).all() and lse[0, 0, 2] == -np.inf
+    assert np.isfinite(o[0, 0, [0, 3]]).all() and np.isfinite(lse[0, 0, [0, 3]]).all()
+
+
+def test_decode_float16_and_float32_are_avx512s(bf16):
+    """avx512bf16's own kernel is the bfloat16 forward: its decode schedule, its float16 and
+    float32 calls are avx512's functions (the same bits)."""
+    rng = np.random.default_rng(3)
+    for dt in (bf16, np.dtype(np.float16), np.dtype(np.float32)):
+        q, k, v = rand(rng, (1, 8, 1, 64), dt), rand(rng, (1, 2, 900, 64), dt), rand(rng, (1, 2, 900, 64), dt)
+        got = dot(q, k, v, enable_gqa=True)
+        with selfattn.use_isa("avx512"):
+            want = sdpa(q, k, v, enable_gqa=True)
+        assert_bits(got, want, f"decode {dt}")
+        if dt != bf16:
+            q = rand(rng, (1, 8, 100, 64), dt)
+            got = dot(q, k, v, enable_gqa=True)
+            with selfattn.use_isa("avx512"):
+                assert_bits(got, sdpa(q, k, v, enable_gqa=True), f"forward {dt}")
+
+
+def test_the_path_is_named():
+    paths = selfattn._core.storage_paths("avx512bf16")
+    assert paths["bfloat16"] == "vdpbf16ps" and paths["float16"] == "AVX-512 vcvtph2ps"
+    assert selfattn._core.storage_paths("avx512")["bfloat16"] == "shifts"
