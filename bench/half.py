@@ -8,7 +8,9 @@
 For each shape: GFLOP/s of selfattn in fp32, bf16 and fp16 and of torch's SDPA in the same three
 dtypes (inputs made once in float32 and rounded, so every implementation sees the same values),
 timed interleaved (ratios.Timer: best of the rounds), and the ratios the issue asks for:
-bf16 / own fp32 and bf16 / torch bf16 (fp16 likewise). Decode rows time one query row per head
+bf16 / own fp32 and bf16 / torch bf16 (fp16 likewise); where the CPU has AVX512_BF16, bfloat16's
+other path too (bf16@avx512bf16: vdpbf16ps, forced where not the default; bf16@avx512: widening,
+where vdpbf16ps is the default). Decode rows time one query row per head
 against S keys (memory-bound: GB/s of K and V read are printed too). FLOPs count only the keys a
 query may see (4 B H L S E, half for causal). The CPU and the path taken are printed first.
 """
@@ -73,7 +75,12 @@ def main(argv=None):
     tdts = {} if torch is None else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     timer = Timer(args.min_rounds, args.min_time, 60.0)
     shapes = QUICK if args.quick else DENSE + MODELS + DECODE
-    cols = [f"sa {d}" for d in dts] + [f"torch {d}" for d in tdts]
+    # bfloat16's other path where this CPU has both: vdpbf16ps (avx512bf16, forced where it is not
+    # the default: Intel's) or, where it is the default (AMD's), the widening one (avx512)
+    cfg = selfattn.config()
+    alt = ("avx512bf16" if "avx512bf16" in cfg["isas_available"] and cfg["isa"] != "avx512bf16"
+           else "avx512" if cfg["isa"] == "avx512bf16" else None)
+    cols = [f"sa {d}" for d in dts] + ([f"bf16@{alt}"] if alt else []) + [f"torch {d}" for d in tdts]
     print(f"\nGFLOP/s (best of >= {args.min_rounds} interleaved rounds)")
     print(f"{'shape':<44}" + "".join(f"{c:>11}" for c in cols)
           + f"{'bf16/fp32':>10}{'bf16/tch':>9}{'fp16/fp32':>10}{'fp16/tch':>9}")
@@ -85,6 +92,12 @@ def main(argv=None):
             a = tuple(np.ascontiguousarray(x.astype(dt)) for x in (q, k, v))
             fns[f"sa {d}"] = (lambda a=a: selfattn.scaled_dot_product_attention(
                 *a, is_causal=s["causal"], enable_gqa=gqa, num_threads=args.threads))
+            if d == "bf16" and alt:
+                def run_alt(a=a):
+                    with selfattn.use_isa(alt):
+                        return selfattn.scaled_dot_product_attention(*a, is_causal=s["causal"], enable_gqa=gqa,
+                                                                     num_threads=args.threads)
+                fns[f"bf16@{alt}"] = run_alt
         for d, tdt in tdts.items():
             t = tuple(torch.from_numpy(x).to(tdt) for x in (q, k, v))
 

@@ -205,7 +205,8 @@ def _cpu_flags():
 
 
 # selfattn's ISA name -> what torch.backends.cpu.get_cpu_capability() says for the same vectors
-TORCH_CAPABILITY = {"avx512": "AVX512", "avx2": "AVX2", "generic": "DEFAULT"}
+# avx512bf16: avx512's kernels for float32 / float64 (its own is bfloat16's forward)
+TORCH_CAPABILITY = {"avx512bf16": "AVX512", "avx512": "AVX512", "avx2": "AVX2", "generic": "DEFAULT"}
 
 
 def print_header(args, sa, torch):

@@ -39,10 +39,14 @@ Architecture at a glance
                                                          lengths as one key interval per row; tiles
                                                          outside it skipped. bfloat16 / float16 inputs
                                                          (sa_attn_args.storage) run the f32 kernels:
-                                                         widened where loaded or packed, out rounded
-                                                         where written (attn_pack.h; the conversions in
-                                                         simd_<isa>.h, half.h); the backward, for now,
-                                                         on float32 copies (Problem.backward)
+                                                         widened where loaded or packed (decode: in
+                                                         registers), out rounded where written
+                                                         (attn_pack.h; the conversions in simd_<isa>.h,
+                                                         half.h); the avx512bf16 path's bfloat16 forward
+                                                         multiplies bfloat16 pairs (vdpbf16ps:
+                                                         attn_bf16dot_avx512.h; default on AMD); the
+                                                         backward, for now, on float32 copies
+                                                         (Problem.backward)
 
 Beside the kernel, one module per concern:
     selfattn.autograd     scaled_dot_product_attention_vjp, varlen_attention_vjp: (out, vjp), the

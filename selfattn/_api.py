@@ -62,7 +62,7 @@ def _effective_isa() -> str:
 
 
 def set_isa(name: str) -> str:
-    """Make instruction set `name` ('avx512', 'avx2', 'neon' or 'generic') the process-wide default.
+    """Make instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neon' or 'generic') the process-wide default.
 
     Every thread and task uses the default, except inside a :func:`use_isa` block, which
     overrides it for its own context. ``SELFATTN_ISA`` sets the default at import.
@@ -504,7 +504,7 @@ def show_config(file: Optional[IO[str]] = None) -> None:
 
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
-    """Force instruction set `name` ('avx512', 'avx2', 'neon', 'generic') inside a with block, for this context only.
+    """Force instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neon', 'generic') in a with block, this context only.
 
     The choice is held in a :class:`contextvars.ContextVar`: it applies to the calls made by
     the thread (or asyncio task) that entered the block, and to nothing else. Other threads

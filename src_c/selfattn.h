@@ -23,7 +23,10 @@
  *   dispatch.c        the one function table [ISA][dtype] -> forward, decode,
  *                     backward kernel; workspace layouts; threads
  *   attn_<isa>.c      generic | avx2 | avx512 | neon: tile sizes, then
- *                     attn_kernels.h once per dtype (float, double)
+ *                     attn_kernels.h once per dtype (float, double);
+ *                     attn_avx512.c also holds the avx512bf16 target: the
+ *                     bfloat16 forward on vdpbf16ps (attn_bf16dot_avx512.h:
+ *                     bfloat16 pairs packed, multiplied), the rest avx512's
  *   attn_kernels.h    what is compiled per ISA and dtype, in order:
  *     shared:   attn_pack.h (K/V packing; 16-bit storage widened there, the
  *               output rounded there), attn_micro.h (micro-kernels),
