@@ -218,6 +218,9 @@ if grep -E "\.(c|h|pyx|pxd):[0-9]+(:[0-9]+)?: warning" "$WORK/build.log"; then
 fi
 whl=$(ls "$WORK"/xwhl/selfattn-*-cp"${pyxy/./}"-cp"${pyxy/./}"-linux_aarch64.whl) || die "no linux_aarch64 wheel built"
 mkdir "$CH/selfattn-wheel" && cp "$whl" "$CH/selfattn-wheel/"
+# the tests (and the rest of the tree they read: README, docs, src_c) at /src: run from /tmp, against
+# the installed wheel
+mkdir "$CH/src" && git archive HEAD | tar -x -C "$CH/src"
 stamp "install $(basename "$whl") in the root"
 inroot sh -c 'python3 -m pip install -q --break-system-packages --no-deps /selfattn-wheel/*.whl' \
     || die "installing the selfattn wheel in the root failed"

@@ -18,6 +18,7 @@ except ImportError as exc:   # most often: the uncompiled source tree shadows th
         f"(pip install .) and run from another directory (python puts the current directory "
         f"first on sys.path; the installed `selfattn` command works anywhere), or build in place "
         f"(python setup.py build_ext --inplace).") from exc
+from . import _spec
 from ._spec import ArraySpec
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "attend", "config", "show_config", "use_isa", "set_isa",
@@ -89,16 +90,16 @@ def set_isa(name: str) -> str:
 
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
-                                 attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., *,
-                                 scale: Optional[float] = ..., enable_gqa: bool = ...,
+                                 attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
+                                 is_causal: bool = ..., *, scale: Optional[float] = ..., enable_gqa: bool = ...,
                                  return_lse: Literal[False] = ..., num_threads: Optional[int] = ...,
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...) -> Array: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
-                                 attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., *,
-                                 scale: Optional[float] = ..., enable_gqa: bool = ...,
+                                 attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
+                                 is_causal: bool = ..., *, scale: Optional[float] = ..., enable_gqa: bool = ...,
                                  return_lse: Literal[True], num_threads: Optional[int] = ...,
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
@@ -106,8 +107,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  ) -> Tuple[Array, Array]: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
-                                 attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., *,
-                                 scale: Optional[float] = ..., enable_gqa: bool = ...,
+                                 attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
+                                 is_causal: bool = ..., *, scale: Optional[float] = ..., enable_gqa: bool = ...,
                                  return_lse: bool = ..., num_threads: Optional[int] = ...,
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
@@ -116,8 +117,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
 
 
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
-                                 attn_mask: Optional[ArrayLike] = None, is_causal: bool = False, *,
-                                 scale: Optional[float] = None, enable_gqa: bool = False,
+                                 attn_mask: Optional[ArrayLike] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, *, scale: Optional[float] = None, enable_gqa: bool = False,
                                  return_lse: bool = False, num_threads: Optional[int] = None,
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
                                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
@@ -125,7 +126,9 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  ) -> Union[Array, Tuple[Array, Array]]:
     """softmax(query @ key^T * scale + mask) @ value, fused: the L x S scores never exist.
 
-    Same names, layout and semantics as ``torch.nn.functional.scaled_dot_product_attention``.
+    Same names, order, layout and semantics as ``torch.nn.functional.scaled_dot_product_attention``
+    (query, key, value, attn_mask, dropout_p, is_causal positional; scale, enable_gqa and the rest
+    keyword-only, as torch's own).
 
     Parameters
     ----------
@@ -137,8 +140,12 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         bool (True = the key takes part) or float (added to the scores), broadcastable
         to (..., Hq, L, S). Read in place with its own strides, never expanded. Composes
         with every structured mask below.
+    dropout_p : float
+        0.0 (torch's default): selfattn has no attention dropout yet; another value in (0, 1) is a
+        NotImplementedError.
     is_causal : bool
-        The query at position p sees keys j <= p (see `alignment`).
+        The query at position p sees keys j <= p (see `alignment`). A bool: anything else is a
+        TypeError (a string, or a number given in is_causal's place).
     scale : float, optional
         Defaults to 1/sqrt(E).
     enable_gqa : bool
@@ -181,7 +188,10 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         Shapes that do not fit (naming them), ``num_threads <= 0``, a non-finite ``scale``, a
         negative window, an unknown alignment, key_lengths outside [0, S], softcap <= 0.
     TypeError
-        A dtype that cannot be computed (complex, object, string), naming the argument.
+        A dtype that cannot be computed (complex, object, string), naming the argument; an
+        is_causal that is not a bool, a dropout_p that is not a number.
+    NotImplementedError
+        ``dropout_p > 0``.
 
     Examples
     --------
@@ -202,6 +212,10 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     >>> lse.shape
     (2, 4, 16)
     """
+    if is_causal is not False and is_causal is not True:
+        is_causal = _spec.check_is_causal(is_causal)
+    if dropout_p.__class__ is not float or dropout_p != 0.0:
+        _spec.check_dropout_p(dropout_p)
     return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                       enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
                       window_size=window_size, alignment=alignment, key_lengths=key_lengths,

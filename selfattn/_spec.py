@@ -50,6 +50,35 @@ def check_alignment(alignment: object) -> str:
     return alignment
 
 
+_TORCH_ORDER = "torch's order is (query, key, value, attn_mask, dropout_p, is_causal, *, scale, enable_gqa)"
+
+
+def check_is_causal(is_causal: object) -> bool:
+    """A bool (Python's or NumPy's). Anything else is a TypeError: a string such as "no" or a
+    float (a dropout_p written where is_causal was, in an older order) would count as true."""
+    if is_causal is True or is_causal is False or isinstance(is_causal, np.bool_):
+        return bool(is_causal)
+    raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r} "
+                    f"({_TORCH_ORDER})")
+
+
+def check_dropout_p(dropout_p: object) -> float:
+    """0.0: selfattn has no attention dropout yet. A real number in (0, 1) is NotImplementedError, one
+    outside [0, 1) a ValueError, anything else (a bool: is_causal written where dropout_p is) a
+    TypeError."""
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, (numbers.Real, np.floating,
+                                                                              np.integer)):
+        raise TypeError(f"dropout_p must be a real number in [0, 1), got {type(dropout_p).__name__} "
+                        f"{dropout_p!r} ({_TORCH_ORDER}: is_causal is the 6th positional argument)")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if p != 0.0:
+        raise NotImplementedError(f"dropout_p={dropout_p!r}: selfattn has no attention dropout yet (pass 0.0, "
+                                  f"or apply dropout to the output)")
+    return p
+
+
 def check_softcap(softcap: object) -> Optional[float]:
     """None, or a finite float > 0."""
     if softcap is None:

@@ -184,7 +184,7 @@ def _validated(da: Any, query: Any, key: Any, value: Any, attn_mask: Any, split_
 
 
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
-                                 is_causal: bool = False, *, scale: Optional[float] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False, return_lse: bool = False,
                                  num_threads: Optional[int] = None, window_size: Window = None,
                                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
@@ -210,8 +210,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     attn_mask : dask or array_like, optional
         bool or float, broadcastable to (..., Hq, L, S); chunked along with query and key (its
         size-1 dims stay whole).
-    is_causal, scale, enable_gqa, num_threads, window_size, alignment, softcap
-        As in :func:`selfattn.scaled_dot_product_attention`. `num_threads` is per block call:
+    dropout_p, is_causal, scale, enable_gqa, num_threads, window_size, alignment, softcap
+        As in :func:`selfattn.scaled_dot_product_attention` (torch's signature). `num_threads` is per block call:
         with several tasks running at once per machine (Dask's threaded scheduler, or workers
         with several threads), ``num_threads=1`` avoids oversubscribing the cores.
     key_lengths, alibi_slopes : array_like, optional
@@ -257,6 +257,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     da = _import_dask()
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
+    is_causal = _spec.check_is_causal(is_causal)
+    _spec.check_dropout_p(dropout_p)
 
     q, k, v, mask, (dt, lse_dt), split_every = _validated(da, query, key, value, attn_mask, split_every, is_causal=is_causal,
                                                 scale=scale, enable_gqa=enable_gqa, num_threads=num_threads,

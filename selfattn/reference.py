@@ -223,11 +223,14 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
     return _softmax_rows(s)[0]
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False, return_lse=False, window_size=None,
                                  alignment="top_left", key_lengths=None, alibi_slopes=None,
                                  softcap=None):
     """softmax(logits) V in float64 (see the module docstring). Returns out, or (out, lse).
+
+    torch's signature: (query, key, value, attn_mask, dropout_p, is_causal) positional, the rest
+    keyword-only; dropout_p must be 0 and is_causal a bool (selfattn._spec).
 
     attn_mask (bool: True = takes part, or float: added) and is_causal compose: a key must pass both.
     window_size: None | int w | (left, right), None = unbounded side. alignment: "top_left" |
@@ -235,6 +238,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     broadcastable to out.shape[:-3], 0 <= S_b <= S. alibi_slopes: floats broadcastable to
     out.shape[:-2] = (..., Hq). softcap: float > 0.
     """
+    is_causal = _spec.check_is_causal(is_causal)
+    _spec.check_dropout_p(dropout_p)
     s, v = _logits(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size,
                    alignment, key_lengths, alibi_slopes, softcap)
     p, lse = _softmax_rows(s)

@@ -18,6 +18,7 @@ import numpy as _np
 import torch as _torch
 from torch.autograd.function import once_differentiable
 
+from . import _spec
 from .autograd import scaled_dot_product_attention_vjp
 
 __all__ = ["scaled_dot_product_attention"]
@@ -93,7 +94,8 @@ class _SDPA(_torch.autograd.Function):
 
 
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Optional[Any] = None,
-                                 is_causal: bool = False, **options: Any) -> Any:
+                                 dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, **options: Any) -> Any:
     """Fused attention on CPU tensors, differentiable: ``softmax(q k^T * scale + mask) v``.
 
     Parameters
@@ -105,11 +107,15 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
         their dtype; bfloat16 crosses into NumPy through ml_dtypes (the ``bf16`` extra).
     attn_mask : torch.Tensor (bool: True = takes part, or float: added) or array, optional
         Gets no gradient: a mask that requires grad is an error.
+    dropout_p : float
+        0.0: no attention dropout yet (another value is a NotImplementedError).
     is_causal : bool
+    scale, enable_gqa
+        Keyword-only, as in torch: ``(query, key, value, attn_mask=None, dropout_p=0.0,
+        is_causal=False, *, scale=None, enable_gqa=False)``.
     **options
-        Every option of `selfattn.scaled_dot_product_attention` but ``return_lse`` and ``out``:
-        scale, enable_gqa, window_size, alignment, key_lengths, alibi_slopes, softcap,
-        num_threads. ``dropout_p`` (as torch's SDPA takes it) is accepted when 0.
+        Every other option of `selfattn.scaled_dot_product_attention` but ``return_lse`` and
+        ``out``: window_size, alignment, key_lengths, alibi_slopes, softcap, num_threads.
 
     Returns
     -------
@@ -124,7 +130,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
         A tensor not on the CPU (CUDA, MPS, meta): move it with ``.cpu()``.
     TypeError
         integer tensors, mixed 16-bit dtypes, bfloat16 without ml_dtypes; an ``attn_mask``
-        that requires grad.
+        that requires grad; an is_causal that is not a bool.
     NotImplementedError
         ``dropout_p`` other than 0.
 
@@ -139,11 +145,12 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
     >>> q.grad.shape, bool(torch.allclose(v.grad.sum(dim=-2), torch.full((2, 4, 16), 8.0, dtype=torch.float64)))
     (torch.Size([2, 4, 8, 16]), True)
     """
-    if "dropout_p" in options:
-        p = options.pop("dropout_p")
-        if p != 0:
-            raise NotImplementedError(f"selfattn.torch has no attention dropout; got dropout_p={p!r} "
-                                      f"(use 0.0, or dropout on the output)")
+    is_causal = _spec.check_is_causal(is_causal)
+    _spec.check_dropout_p(dropout_p)
+    if scale is not None:
+        options["scale"] = scale
+    if enable_gqa is not False:
+        options["enable_gqa"] = enable_gqa
     for bad in ("return_lse", "out"):
         if bad in options:
             raise TypeError(f"scaled_dot_product_attention() got an unexpected keyword argument {bad!r}")

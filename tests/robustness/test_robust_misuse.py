@@ -184,9 +184,15 @@ MISUSE = [
     ("num_heads_str", a_(num_heads="2"), TypeError, r"num_heads must be an int, got str"),
     ("num_heads_none", a_(num_heads=None), TypeError, r"num_heads must be an int, got NoneType"),
     # ---- positional-only misuse of keyword-only arguments
-    ("sdpa_scale_positional", S(Q, K, V, None, False, 0.5), TypeError, r"positional argument"),
+    ("sdpa_scale_positional", S(Q, K, V, None, 0.0, False, 0.5), TypeError, r"positional argument"),
+    # torch's order (attn_mask, dropout_p, is_causal): a value in the wrong place is an error
+    ("sdpa_is_causal_in_dropouts_place", S(Q, K, V, None, True), TypeError,
+     r"dropout_p must be a real number in \[0, 1\), got bool True .*is_causal is the 6th positional argument"),
+    ("sdpa_is_causal_not_bool", q_(is_causal="no"), TypeError, r"is_causal must be a bool, got str 'no'"),
+    ("sdpa_dropout", q_(dropout_p=0.1), NotImplementedError, r"dropout_p=0.1: selfattn has no attention dropout"),
+    ("sdpa_dropout_out_of_range", q_(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
     ("attend_heads_positional", A(X, WQ, WK, WV, 2), TypeError, r"positional argument"),
-    ("sdpa_unknown_kwarg", q_(dropout_p=0.1), TypeError, r"unexpected keyword argument 'dropout_p'"),
+    ("sdpa_unknown_kwarg", q_(dropout=0.1), TypeError, r"unexpected keyword argument 'dropout'"),
     # ---- the backward (selfattn.autograd): the cotangent, and the forward's arguments
     ("vjp_grad_out_wrong_shape", G(lambda o: np.ones(o.shape[:-1] + (5,))), ValueError,
      r"grad_out must have the shape of the forward's output \(2, 4, 5, 6\), got \(2, 4, 5, 5\)"),
