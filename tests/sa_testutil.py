@@ -241,6 +241,13 @@ def snapshot(*arrays):
             for a in arrays]
 
 
+def assert_bits(a, b, ctx=""):
+    """Same dtype, shape and bits (16- or 32-bit elements): the 16-bit storage contracts."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (ctx, a.dtype, b.dtype, a.shape, b.shape)
+    bad = a.view(np.uint16) != b.view(np.uint16) if a.itemsize == 2 else a.view(np.uint32) != b.view(np.uint32)
+    assert not bad.any(), f"{ctx}: {int(bad.sum())} of {a.size} differ, first at {np.argwhere(bad)[0]}"
+
+
 def assert_unchanged(arrays, snaps, ctx=""):
     for i, (a, s) in enumerate(zip(arrays, snaps)):
         if a is None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import selfattn
-from sa_testutil import AVAILABLE_ISAS, forced_schedule, optional_import
+from sa_testutil import AVAILABLE_ISAS, assert_bits, forced_schedule, optional_import, randn
 
 pytestmark = pytest.mark.skipif("avx512bf16" not in AVAILABLE_ISAS,
                                 reason="the avx512bf16 kernels cannot run on this CPU/build (no AVX512_BF16)")
@@ -29,19 +29,9 @@ sdpa = selfattn.scaled_dot_product_attention
 EPS = 2.0 ** -7     # one bfloat16 ulp at 1.0
 
 
-def rand(rng, shape, dt, amp=1.0):
-    return (rng.standard_normal(shape) * amp).astype(dt)
-
-
 def dot(*args, **kw):
     with selfattn.use_isa("avx512bf16"):
         return sdpa(*args, **kw)
-
-
-def assert_bits(a, b, ctx=""):
-    assert a.dtype == b.dtype and a.shape == b.shape, ctx
-    bad = a.view(np.uint16) != b.view(np.uint16) if a.itemsize == 2 else a.view(np.uint32) != b.view(np.uint32)
-    assert not bad.any(), f"{ctx}: {int(bad.sum())} of {a.size} differ, first at {np.argwhere(bad)[0]}"
 
 
 def check_bound(out, q, k, v, kw, ctx):
@@ -72,7 +62,7 @@ CASES = [  # (name, q shape, k shape, v shape, options): odd E, odd key counts, 
 @pytest.mark.parametrize("name,qs,ks,vs,kw", CASES, ids=[c[0] for c in CASES])
 def test_error_bound_every_option(bf16, name, qs, ks, vs, kw):
     rng = np.random.default_rng(len(name))
-    q, k, v = rand(rng, qs, bf16, 2.0), rand(rng, ks, bf16, 2.0), rand(rng, vs, bf16)
+    q, k, v = randn(rng, qs, bf16, 2.0), randn(rng, ks, bf16, 2.0), randn(rng, vs, bf16)
     if kw in ("bool", "float"):
         keep = rng.random((qs[-2], ks[-2])) < 0.7
         kw = dict(attn_mask=keep if kw == "bool" else np.where(keep, rng.standard_normal(keep.shape), -np.inf))
@@ -89,7 +79,7 @@ def test_error_bound_every_option(bf16, name, qs, ks, vs, kw):
 @pytest.mark.parametrize("schedule", ["shared", "fused", "banded"])
 def test_every_schedule(bf16, schedule):
     rng = np.random.default_rng(1)
-    q, k, v = rand(rng, (2, 2, 150, 48), bf16, 2.0), rand(rng, (2, 2, 333, 48), bf16, 2.0), rand(rng, (2, 2, 333, 48), bf16)
+    q, k, v = randn(rng, (2, 2, 150, 48), bf16, 2.0), randn(rng, (2, 2, 333, 48), bf16, 2.0), randn(rng, (2, 2, 333, 48), bf16)
     kw = dict(window_size=(64, 0)) if schedule == "banded" else {}
     with forced_schedule(schedule):
         out = dot(q, k, v, **kw)
@@ -100,10 +90,10 @@ def test_same_bits_any_layout_and_thread_count(bf16):
     """Packing pairs is exact: strided, transposed, Fortran-ordered inputs give the bits of
     contiguous copies; and the thread count changes nothing."""
     rng = np.random.default_rng(2)
-    base = rand(rng, (2, 3, 64, 2 * 41), bf16, 2.0)
+    base = randn(rng, (2, 3, 64, 2 * 41), bf16, 2.0)
     q = base[..., ::2]                                       # strided last dim, odd E
-    k = rand(rng, (2, 3, 41, 100), bf16, 2.0).swapaxes(-1, -2)   # column-major rows
-    v = np.asfortranarray(rand(rng, (2, 3, 100, 24), bf16))
+    k = randn(rng, (2, 3, 41, 100), bf16, 2.0).swapaxes(-1, -2)   # column-major rows
+    v = np.asfortranarray(randn(rng, (2, 3, 100, 24), bf16))
     before = [a.copy() for a in (q, k, v)]
     for kw in ({}, dict(is_causal=True)):
         want = dot(*(np.ascontiguousarray(a) for a in (q, k, v)), num_threads=1, **kw)
@@ -117,7 +107,7 @@ def test_same_bits_any_layout_and_thread_count(bf16):
 def test_error_no_larger_than_torch(bf16, kw):
     torch = optional_import("torch")
     rng = np.random.default_rng(7)
-    q, k, v = rand(rng, (1, 4, 256, 64), bf16, 2), rand(rng, (1, 4, 256, 64), bf16, 2), rand(rng, (1, 4, 256, 64), bf16)
+    q, k, v = randn(rng, (1, 4, 256, 64), bf16, 2), randn(rng, (1, 4, 256, 64), bf16, 2), randn(rng, (1, 4, 256, 64), bf16)
     ref = selfattn.reference.scaled_dot_product_attention(*(a.astype(np.float64) for a in (q, k, v)), **kw)
     ours = np.abs(dot(q, k, v, **kw).astype(np.float64) - ref)
     tq, tk, tv = (torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16) for a in (q, k, v))
@@ -128,7 +118,7 @@ def test_error_no_larger_than_torch(bf16, kw):
 
 def test_nonfinite_and_fully_masked_rows(bf16):
     rng = np.random.default_rng(5)
-    q, k, v = rand(rng, (1, 1, 4, 16), bf16), rand(rng, (1, 1, 50, 16), bf16), rand(rng, (1, 1, 50, 8), bf16)
+    q, k, v = randn(rng, (1, 1, 4, 16), bf16), randn(rng, (1, 1, 50, 16), bf16), randn(rng, (1, 1, 50, 8), bf16)
     q[0, 0, 1, 3] = np.nan
     mask = np.ones((4, 50), bool)
     mask[2] = False
@@ -144,13 +134,13 @@ def test_decode_float16_and_float32_are_avx512s(bf16):
     float32 calls are avx512's functions (the same bits)."""
     rng = np.random.default_rng(3)
     for dt in (bf16, np.dtype(np.float16), np.dtype(np.float32)):
-        q, k, v = rand(rng, (1, 8, 1, 64), dt), rand(rng, (1, 2, 900, 64), dt), rand(rng, (1, 2, 900, 64), dt)
+        q, k, v = randn(rng, (1, 8, 1, 64), dt), randn(rng, (1, 2, 900, 64), dt), randn(rng, (1, 2, 900, 64), dt)
         got = dot(q, k, v, enable_gqa=True)
         with selfattn.use_isa("avx512"):
             want = sdpa(q, k, v, enable_gqa=True)
         assert_bits(got, want, f"decode {dt}")
         if dt != bf16:
-            q = rand(rng, (1, 8, 100, 64), dt)
+            q = randn(rng, (1, 8, 100, 64), dt)
             got = dot(q, k, v, enable_gqa=True)
             with selfattn.use_isa("avx512"):
                 assert_bits(got, sdpa(q, k, v, enable_gqa=True), f"forward {dt}")

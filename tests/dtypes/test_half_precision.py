@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import selfattn
-from sa_testutil import ISAS, edge, examples, forced_schedule, run_isas
+from sa_testutil import ISAS, assert_bits, edge, examples, forced_schedule, run_isas
 
 
 def _maybe_import(name):
@@ -75,12 +75,6 @@ def widened_call(fn, dt, *arrays, **kw):
     if isinstance(res, tuple):
         return (res[0].astype(dt),) + res[1:]
     return res.astype(dt)
-
-
-def assert_bits(a, b, ctx=""):
-    assert a.dtype == b.dtype and a.shape == b.shape, (ctx, a.dtype, b.dtype, a.shape, b.shape)
-    bad = a.view(np.uint16) != b.view(np.uint16) if a.itemsize == 2 else a.view(np.uint32) != b.view(np.uint32)
-    assert not bad.any(), f"{ctx}: {int(bad.sum())} of {a.size} differ, first at {np.argwhere(bad)[0]}"
 
 
 CASES = [  # (name, q shape, k shape, v shape, options)
