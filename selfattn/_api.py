@@ -95,7 +95,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  return_lse: Literal[False] = ..., num_threads: Optional[int] = ...,
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
-                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...) -> Array: ...
+                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
+                                 sinks: Optional[ArrayLike] = ...) -> Array: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
@@ -103,8 +104,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  return_lse: Literal[True], num_threads: Optional[int] = ...,
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
-                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...
-                                 ) -> Tuple[Array, Array]: ...
+                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
+                                 sinks: Optional[ArrayLike] = ...) -> Tuple[Array, Array]: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
@@ -112,8 +113,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  return_lse: bool = ..., num_threads: Optional[int] = ...,
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
-                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...
-                                 ) -> Union[Array, Tuple[Array, Array]]: ...
+                                 alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
+                                 sinks: Optional[ArrayLike] = ...) -> Union[Array, Tuple[Array, Array]]: ...
 
 
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
@@ -122,8 +123,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  return_lse: bool = False, num_threads: Optional[int] = None,
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
                                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
-                                 alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None
-                                 ) -> Union[Array, Tuple[Array, Array]]:
+                                 alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None,
+                                 sinks: Optional[ArrayLike] = None) -> Union[Array, Tuple[Array, Array]]:
     """softmax(query @ key^T * scale + mask) @ value, fused: the L x S scores never exist.
 
     Same names, order, layout and semantics as ``torch.nn.functional.scaled_dot_product_attention``
@@ -173,6 +174,12 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     softcap : float > 0, optional
         The scaled logit s becomes softcap * tanh(s / softcap), before ALiBi and the mask
         are added (Gemma 2).
+    sinks : array_like of float, optional
+        Broadcastable to (..., Hq): an attention sink per query head (gpt-oss; FlashAttention's
+        learnable sink), one more logit in every row's softmax denominator with a value of
+        zero, ``out = sum_j e^(s_j) v_j / (e^sink + sum_j e^(s_j))``; lse includes it. In the
+        logits' units (after scale). -inf is no sink; NaN and +inf are a ValueError. Its
+        gradient comes from the VJPs and the torch bridge.
 
     Returns
     -------
@@ -180,7 +187,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         float64 if any of query/key/value is float64, else float32. A row whose keys are all
         masked gives zeros.
     lse : ndarray, (..., Hq, L)
-        Only with ``return_lse=True``, as ``(out, lse)``; -inf for a row whose keys are all masked.
+        Only with ``return_lse=True``, as ``(out, lse)``; -inf for a row whose keys are all masked
+        (with sinks: the sink).
 
     Raises
     ------
@@ -219,7 +227,7 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                       enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
                       window_size=window_size, alignment=alignment, key_lengths=key_lengths,
-                      alibi_slopes=alibi_slopes, softcap=softcap)
+                      alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
 
 
 def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seqlens_q: ArrayLike,
@@ -227,7 +235,8 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
                      window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
                      alignment: str = "top_left", alibi_slopes: Optional[ArrayLike] = None,
                      softcap: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
-                     num_threads: Optional[int] = None) -> Union[Array, Tuple[Array, Array]]:
+                     num_threads: Optional[int] = None, sinks: Optional[ArrayLike] = None
+                     ) -> Union[Array, Tuple[Array, Array]]:
     """Attention over a packed batch of variable-length sequences: no padding is computed.
 
     Sequence b occupies rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of the queries and
@@ -246,8 +255,8 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
     scale, is_causal, window_size, alignment, softcap, enable_gqa, return_lse, num_threads
         As in `scaled_dot_product_attention`, per sequence (bottom_right aligns each
         sequence's last query with its last key).
-    alibi_slopes : array_like of float, optional
-        Broadcastable to (Hq,).
+    alibi_slopes, sinks : array_like of float, optional
+        Broadcastable to (Hq,) (sinks: see `scaled_dot_product_attention`).
 
     Returns
     -------
@@ -266,7 +275,8 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
     """
     return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
                         window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
-                        softcap=softcap, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads)
+                        softcap=softcap, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
+                        sinks=sinks)
 
 
 def _check_heads(value, name):

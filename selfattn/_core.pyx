@@ -429,7 +429,7 @@ cdef class Problem:
     cdef tuple opts                      # _check_options
     cdef int typenum, mask_kind
     cdef object q, k, v, mask            # the data; None when described from ArraySpecs
-    cdef object q_len, k_len, q_pos, slopes   # per unit (C order of the units), or None
+    cdef object q_len, k_len, q_pos, slopes, sinks   # per unit (C order of the units), or None
     cdef object cu_q, cu_k               # varlen: cumulative rows of the sequences
 
     @property
@@ -541,6 +541,7 @@ cdef class Problem:
         w.q, w.k, w.v = self.q.astype(_F32), self.k.astype(_F32), self.v.astype(_F32)
         w.q_len, w.k_len, w.q_pos, w.slopes, w.cu_q, w.cu_k = self.q_len, self.k_len, self.q_pos, self.slopes, \
             self.cu_q, self.cu_k
+        w.sinks = self.sinks
         return w
 
     cdef object _call(self, out, lse, dout, dq, dk, dv, bint schedule_only):
@@ -613,7 +614,7 @@ cdef _set_data(Problem p, q, k, v, m):
 
 def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
              num_threads=None, window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
-             softcap=None, query_lengths=None, query_offsets=None):
+             softcap=None, query_lengths=None, query_offsets=None, sinks=None):
     """The dense problem (see selfattn.scaled_dot_product_attention), validated -> Problem.
 
     Arrays, or ArraySpecs where the data is not there yet (then run/backward refuse).
@@ -624,11 +625,11 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
     query_offsets + i): it replaces the alignment, so a block of a longer problem keeps its rows'
     positions (causal, windows, ALiBi)."""
     return _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
-                     alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets)
+                     alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks)
 
 
 cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
-                       alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets):
+                       alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks):
     cdef Problem p = Problem.__new__(Problem)
     cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
@@ -708,13 +709,15 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
         p.q_pos = _per_unit(_spec.batch_offsets(query_offsets, ob[:-1]), ob, np.int64)
     if alibi_slopes is not None:
         p.slopes = np.ascontiguousarray(_spec.head_slopes(alibi_slopes, ob)).ravel()
+    if sinks is not None:
+        p.sinks = np.ascontiguousarray(_spec.head_sinks(sinks, ob)).ravel()
     _set_data(p, q, k, v, m)
     return p
 
 
 def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
                     window_size=None, alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False,
-                    num_threads=None):
+                    num_threads=None, sinks=None):
     """Packed variable-length sequences (see selfattn.varlen_attention), validated -> Problem.
     Units: (query head h, sequence b) -> h * B + b."""
     cdef Problem p = Problem.__new__(Problem)
@@ -759,6 +762,9 @@ def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None
     if alibi_slopes is not None:
         p.slopes = np.ascontiguousarray(np.broadcast_to(_spec.head_slopes(alibi_slopes, (Hq,))[:, None],
                                                         (Hq, B))).reshape(-1)
+    if sinks is not None:
+        p.sinks = np.ascontiguousarray(np.broadcast_to(_spec.head_sinks(sinks, (Hq,))[:, None],
+                                                       (Hq, B))).reshape(-1)
     p.mask_kind = SA_MASK_NONE
     _set_data(p, q, k, v, None)
     return p
@@ -947,6 +953,7 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
     a.scale = p.scale
     a.q_len, a.k_len, a.q_pos = _i64(p.q_len), _i64(p.k_len), _i64(p.q_pos)
     a.alibi_slope = <const double *> cnp.PyArray_DATA(p.slopes) if p.slopes is not None else NULL
+    a.sink = <const double *> cnp.PyArray_DATA(p.sinks) if p.sinks is not None else NULL
     o = p.opts
     a.num_threads, a.causal, a.window, a.window_left, a.window_right = o[0], o[1], o[2], o[3], o[4]
     a.alignment, a.softcap = o[5], o[6]
@@ -966,13 +973,13 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
          alibi_slopes=None, softcap=None, out=None, schedule_only=False, query_lengths=None,
-         query_offsets=None):
+         query_offsets=None, sinks=None):
     """The fused forward (see selfattn.scaled_dot_product_attention; query_lengths and
     query_offsets: see describe). Keyword-only past the arrays, so a new parameter can never shift
     the others. schedule_only=True validates and returns the kernel's plan without computing."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, query_lengths,
-                               query_offsets)
+                               query_offsets, sinks)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
     return p._run(out, return_lse)
@@ -980,13 +987,13 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
 
 def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal=False, scale=None,
              enable_gqa=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
-             alibi_slopes=None, softcap=None, schedule_only=False):
+             alibi_slopes=None, softcap=None, schedule_only=False, sinks=None):
     """The fused backward of sdpa: out and lse are what sdpa(..., return_lse=True) returned for
     the same arguments, grad_out the cotangent (out's shape and dtype). Returns (dq, dk, dv):
     dq with the output's batch dims (..., Hq, L, E), dk and dv with the broadcast batch dims of
     key and value (..., H, S, E / Ev); selfattn.autograd sums them back to the inputs' shapes."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
-                               window_size, alignment, key_lengths, alibi_slopes, softcap, None, None)
+                               window_size, alignment, key_lengths, alibi_slopes, softcap, None, None, sinks)
     if schedule_only:
         return p.schedule(backward=True)
     return p.backward(out, lse, grad_out)
@@ -994,11 +1001,11 @@ def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal
 
 def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False, window_size=None,
            alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False, return_lse=False,
-           num_threads=None, schedule_only=False):
+           num_threads=None, schedule_only=False, sinks=None):
     """Packed variable-length batches. See selfattn.varlen_attention."""
     p = describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
                         window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
-                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads)
+                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads, sinks=sinks)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
     return p.run(None, return_lse)
@@ -1006,11 +1013,11 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_caus
 
 def varlen_bwd(query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, grad_out, *, scale=None,
                is_causal=False, window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
-               enable_gqa=False, num_threads=None, schedule_only=False):
+               enable_gqa=False, num_threads=None, schedule_only=False, sinks=None):
     """The fused backward of varlen: (dq, dk, dv) in the packed layouts of query, key, value."""
     p = describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
                         window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
-                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads)
+                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads, sinks=sinks)
     if schedule_only:
         return p.schedule(backward=True)
     return p.backward(out, lse, grad_out)

@@ -90,6 +90,7 @@ cdef extern from "selfattn.h" nogil:
         const int64_t *q_pos
         const double *alibi_slope
         double softcap
+        const double *sink
         int num_threads
         int schedule
         sa_interrupt_fn interrupt

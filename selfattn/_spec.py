@@ -176,6 +176,21 @@ def head_slopes(alibi_slopes: object, lead: Tuple[int, ...]) -> "np.ndarray[Any,
     return b
 
 
+def head_sinks(sinks: object, lead: Tuple[int, ...]) -> "np.ndarray[Any, Any]":
+    """sinks (one logit per query head, in every row's softmax denominator) broadcast to
+    (..., Hq) = `lead`: float64, each finite or -inf (no sink for that head)."""
+    a = _array(sinks, "sinks")
+    if a.dtype.kind not in "fiu" and a.dtype.name != "bfloat16":
+        raise TypeError(f"sinks must be real numbers (one logit per query head), got dtype {a.dtype}")
+    try:
+        b = np.broadcast_to(a.astype(np.float64), lead)
+    except ValueError:
+        raise ValueError(f"sinks of shape {a.shape} does not broadcast to (..., Hq) = {lead}") from None
+    if np.isnan(b).any() or (b == np.inf).any():
+        raise ValueError("sinks must be finite or -inf (no sink), got NaN or +inf")
+    return b
+
+
 class ArraySpec(NamedTuple):
     """An array's shape and dtype without its data: what the problem builder validates when the
     data is not there yet (attend before its projections, Dask before its blocks)."""

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, _spec
 
 __all__ = ["scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp"]
 
@@ -41,9 +41,23 @@ def _grad_dtype(a):
 
 
 _SDPA_OPTIONS = ("scale", "enable_gqa", "num_threads", "window_size", "alignment", "key_lengths",
-                 "alibi_slopes", "softcap")
+                 "alibi_slopes", "softcap", "sinks")
 _VARLEN_OPTIONS = ("scale", "is_causal", "window_size", "alignment", "alibi_slopes", "softcap", "enable_gqa",
-                   "num_threads")
+                   "num_threads", "sinks")
+
+
+def _dsinks(sinks, out, lse, dout, lead):
+    """The sinks' gradient: dsink = -sum over rows of P_sink * D, P_sink = exp(sink - lse),
+    D = rowsum(dout * out) (float64), summed to sinks' shape. out (lead + (L, Ev)), lse (lead + (L,)),
+    lead = the (..., Hq) the sinks broadcast to."""
+    s = np.asarray(sinks)
+    sb = _spec.head_sinks(s, lead)
+    D = np.einsum("...e,...e->...", np.asarray(dout, dtype=np.float64), np.asarray(out, dtype=np.float64))
+    with np.errstate(invalid="ignore"):     # a row without sink or keys: lse = -inf, D = 0
+        p = np.exp(sb[..., None] - np.asarray(lse, dtype=np.float64))
+        g = -np.sum(np.where(D == 0, 0.0, p * D), axis=-1)
+    dt = s.dtype if (s.dtype.kind == "f" or s.dtype.name == "bfloat16") else np.dtype(np.float32)
+    return _unbroadcast(g, s.shape, dt)
 
 
 def _check_options(options, allowed, fn):
@@ -105,16 +119,19 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
     k = _core._as_input(key, "key")
     v = _core._as_input(value, "value")
     out, lse = _core.sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, return_lse=True, **options)
+    sinks = options.get("sinks")
     out.flags.writeable = False              # vjp reads it (D = rowsum(dO o O)): no in-place changes
     shapes = (q.shape, k.shape, v.shape)
     dtypes = (_grad_dtype(q), _grad_dtype(k), _grad_dtype(v))
 
-    def vjp(grad_out: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def vjp(grad_out: Any) -> Tuple[np.ndarray, ...]:
         dout = _check_cotangent(grad_out, out)
         dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, dout, attn_mask=attn_mask, is_causal=is_causal,
                                     **options)
         gq, gk, gv = (_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))
-        return gq, gk, gv
+        if sinks is None:
+            return gq, gk, gv
+        return gq, gk, gv, _dsinks(sinks, out, lse, dout, out.shape[:-2])
 
     return out, vjp
 
@@ -143,14 +160,17 @@ def varlen_attention_vjp(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu
     k = _core._as_input(key, "key")
     v = _core._as_input(value, "value")
     out, lse = _core.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **options)
+    sinks = options.get("sinks")
     out.flags.writeable = False              # vjp reads it: no in-place changes
     dtypes = (_grad_dtype(q), _grad_dtype(k), _grad_dtype(v))
 
-    def vjp(grad_out: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def vjp(grad_out: Any) -> Tuple[np.ndarray, ...]:
         dout = _check_cotangent(grad_out, out)
         grads = _core.varlen_bwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, dout, **options)
         gq, gk, gv = (np.asarray(g, dtype=d) for g, d in zip(grads, dtypes))
-        return gq, gk, gv
+        if sinks is None:
+            return gq, gk, gv
+        return gq, gk, gv, _dsinks(sinks, out, lse, dout, out.shape[:1])
 
     return out, vjp
 

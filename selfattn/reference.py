@@ -39,6 +39,12 @@ Then::
     out = P @ V
     lse = log(sum_j exp(s_j))           (-inf for a fully masked row)
 
+With sinks (one logit per query head h: gpt-oss's attention sink), the sink is one more logit
+of every row, with a value of zero::
+
+    P   = exp(s_j) / (exp(sink[h]) + sum_j exp(s_j))      (rows sum to less than 1)
+    lse = log(exp(sink[h]) + sum_j exp(s_j))              (= sink[h] for a fully masked row)
+
 varlen_attention runs packed variable-length sequences one by one through the above;
 attend adds the projections (with biases), grouped kv heads and rotary embeddings (RoPE).
 
@@ -55,6 +61,8 @@ the logits, P and out of the forward above (P materialised, float64)::
     dS = dS * (1 - tanh(s / softcap)^2)  if softcap (s the scaled logit before the cap)
     dQ = scale dS K
     dK = scale dS^T Q
+    dsink[h] = -sum_i P_sink,i D_i       if sinks (P_sink = exp(sink[h] - lse_i)), summed over the
+                                         rows and batch entries of head h
 
 ALiBi and a float mask add constants to the logits: they change P but add no term. Keys at
 j >= key_lengths are never read, so their dK and dV are zero; a row whose keys are all masked
@@ -196,6 +204,21 @@ def _logits(query, key, value, attn_mask=None, is_causal=False, scale=None, enab
     return s, v
 
 
+def _sink_column(s, sinks, lead):
+    """s with the sinks appended as one more logit column (lead + (L, S + 1))."""
+    sk = _spec.head_sinks(sinks, lead).reshape(lead + (1, 1))
+    return np.concatenate([s, np.broadcast_to(sk, s.shape[:-1] + (1,))], axis=-1)
+
+
+def _softmax_sinks(s, sinks, lead):
+    """(P over the keys, P of the sink column or None, lse): the row softmax with the sinks."""
+    if sinks is None:
+        p, lse = _softmax_rows(s)
+        return p, None, lse
+    p, lse = _softmax_rows(_sink_column(s, sinks, lead))
+    return p[..., :-1], p[..., -1], lse
+
+
 def _softmax_rows(scores):
     """Row softmax; rows whose logits are all -inf give zeros (and lse = -inf)."""
     m = np.max(scores, axis=-1, keepdims=True) if scores.shape[-1] else np.full(scores.shape[:-1] + (1,), -np.inf)
@@ -214,19 +237,19 @@ def _softmax_rows(scores):
 
 def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None, enable_gqa=False,
                       window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
-                      softcap=None):
+                      softcap=None, sinks=None):
     """The softmax matrix P, shape (..., Hq, L, S), float64 (options as in scaled_dot_product_attention)."""
     k = np.asarray(key)
     dummy_v = np.zeros(k.shape[:-1] + (0,))            # P does not depend on V
     s, _ = _logits(query, key, dummy_v, attn_mask, is_causal, scale, enable_gqa, window_size,
                    alignment, key_lengths, alibi_slopes, softcap)
-    return _softmax_rows(s)[0]
+    return _softmax_sinks(s, sinks, s.shape[:-2])[0]
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False, return_lse=False, window_size=None,
                                  alignment="top_left", key_lengths=None, alibi_slopes=None,
-                                 softcap=None):
+                                 softcap=None, sinks=None):
     """softmax(logits) V in float64 (see the module docstring). Returns out, or (out, lse).
 
     torch's signature: (query, key, value, attn_mask, dropout_p, is_causal) positional, the rest
@@ -236,13 +259,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     window_size: None | int w | (left, right), None = unbounded side. alignment: "top_left" |
     "bottom_right" (applies to is_causal, window_size and alibi_slopes). key_lengths: ints
     broadcastable to out.shape[:-3], 0 <= S_b <= S. alibi_slopes: floats broadcastable to
-    out.shape[:-2] = (..., Hq). softcap: float > 0.
+    out.shape[:-2] = (..., Hq). softcap: float > 0. sinks: floats (or -inf: none) broadcastable
+    to out.shape[:-2] = (..., Hq), one more logit in each row's denominator.
     """
     is_causal = _spec.check_is_causal(is_causal)
     _spec.check_dropout_p(dropout_p)
     s, v = _logits(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size,
                    alignment, key_lengths, alibi_slopes, softcap)
-    p, lse = _softmax_rows(s)
+    p, _, lse = _softmax_sinks(s, sinks, s.shape[:-2])
     out = p @ v
     return (out, lse) if return_lse else out
 
@@ -263,12 +287,12 @@ def _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k):
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
                      window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
-                     enable_gqa=False, return_lse=False):
+                     enable_gqa=False, return_lse=False, sinks=None):
     """Packed variable-length batch: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1].
 
     query (Hq, total_q, E), key (H, total_k, E), value (H, total_k, Ev) -> (Hq, total_q, Ev)
     (and lse (Hq, total_q)). Each sequence attends only within itself: the result is
-    scaled_dot_product_attention on each sequence's slices. alibi_slopes: (Hq,) or a scalar.
+    scaled_dot_product_attention on each sequence's slices. alibi_slopes, sinks: (Hq,) or a scalar.
     """
     q, k, v, cq, ck = _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k)
     Hq, total_q = q.shape[0], q.shape[1]
@@ -278,7 +302,8 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         o, l = scaled_dot_product_attention(q[:, qs], k[:, ks], v[:, ks], is_causal=is_causal, scale=scale,
                                             enable_gqa=enable_gqa, return_lse=True, window_size=window_size,
-                                            alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap)
+                                            alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
+                                            sinks=sinks)
         out[:, qs], lse[:, qs] = o, l
     return (out, lse) if return_lse else out
 
@@ -382,8 +407,9 @@ def _fold_gqa(g, shape, group):
 
 def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
                                      enable_gqa=False, window_size=None, alignment="top_left",
-                                     key_lengths=None, alibi_slopes=None, softcap=None):
-    """(out, vjp) with vjp(dout) -> (dq, dk, dv), float64, shaped like query, key and value.
+                                     key_lengths=None, alibi_slopes=None, softcap=None, sinks=None):
+    """(out, vjp) with vjp(dout) -> (dq, dk, dv), float64, shaped like query, key and value;
+    with sinks, (dq, dk, dv, dsinks), dsinks shaped like sinks.
 
     Options as in scaled_dot_product_attention (see the module docstring for the math). The
     forward materialises the logits and P; vjp can be called any number of times.
@@ -420,7 +446,7 @@ def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causa
         s = softcap * tanh_c
     s = s + bias
     s = _masked(s, visible, attn_mask, lead, L, S)
-    P, _ = _softmax_rows(s)
+    P, P_sink, _ = _softmax_sinks(s, sinks, lead)
     out = P @ vb                                                             # lead + (L, Ev)
 
     def vjp(dout):
@@ -437,17 +463,21 @@ def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causa
         dK = scale * (np.swapaxes(dS, -1, -2) @ qb)                          # lead + (S, E)
         dK = np.where(keep, dK, 0.0)
         dV = np.where(keep, dV, 0.0)
-        return _sum_to(dQ, q.shape), _fold_gqa(dK, k.shape, group), _fold_gqa(dV, v.shape, group)
+        grads = (_sum_to(dQ, q.shape), _fold_gqa(dK, k.shape, group), _fold_gqa(dV, v.shape, group))
+        if P_sink is None:
+            return grads
+        dsink = -np.sum(P_sink * D[..., 0], axis=-1)                        # lead
+        return grads + (_sum_to(dsink, np.shape(sinks)),)
 
     return out, vjp
 
 
 def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
                          window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
-                         enable_gqa=False):
+                         enable_gqa=False, sinks=None):
     """(out, vjp) of varlen_attention, vjp(dout) -> (dq, dk, dv) in the packed layouts of query
-    (Hq, total_q, E), key (H, total_k, E) and value (H, total_k, Ev): each sequence through
-    scaled_dot_product_attention_vjp."""
+    (Hq, total_q, E), key (H, total_k, E) and value (H, total_k, Ev) (and dsinks shaped like
+    sinks, when given): each sequence through scaled_dot_product_attention_vjp."""
     q, k, v, cq, ck = _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k)
     out = np.zeros((q.shape[0], q.shape[1], v.shape[-1]))
     seqs = []
@@ -455,7 +485,8 @@ def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         o, f = scaled_dot_product_attention_vjp(q[:, qs], k[:, ks], v[:, ks], is_causal=is_causal, scale=scale,
                                                 enable_gqa=enable_gqa, window_size=window_size,
-                                                alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap)
+                                                alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
+                                                sinks=sinks)
         out[:, qs] = o
         seqs.append((qs, ks, f))
 
@@ -464,9 +495,13 @@ def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale
         if dO.shape != out.shape:
             raise ValueError(f"dout must have the shape of out {out.shape}, got {dO.shape}")
         dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+        dsinks = np.zeros(np.shape(sinks))
         for qs, ks, f in seqs:
-            dq[:, qs], dk[:, ks], dv[:, ks] = f(dO[:, qs])
-        return dq, dk, dv
+            g = f(dO[:, qs])
+            dq[:, qs], dk[:, ks], dv[:, ks] = g[:3]
+            if sinks is not None:
+                dsinks = dsinks + g[3]
+        return (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
 
     return out, vjp
 

@@ -221,12 +221,13 @@ static void FN(decode_merge_task)(void *vctx, int64_t g, int tid)
         int64_t off = a->out_off[u] + i * a->out_sl;
         T *lse = a->lse ? (T *)a->lse + a->lse_off[u] + i * a->lse_sl : NULL;
         T *acc = c->parts + g * nch * lay->dec_part_elems + rr * evp;   /* chunk 0's row: summed into */
+        T sink2 = a->sink ? (T)(a->sink[u] * SA_LOG2E) : -(T)INFINITY;   /* the sink joins here */
         if (a->storage == SA_STORE_NATIVE) {
             FN(lse_merge_row)(nch, parts, rr * evp, parts, rows * evp + rr, parts, rows * evp + rows + rr, a->Ev, w,
-                              acc, (T *)a->out + off, a->out_se, lse);
+                              acc, (T *)a->out + off, a->out_se, lse, sink2);
         } else {        /* the merged row finished in place, then rounded into out (attn_pack.h) */
             FN(lse_merge_row)(nch, parts, rr * evp, parts, rows * evp + rr, parts, rows * evp + rows + rr, a->Ev, w,
-                              acc, acc, 1, lse);
+                              acc, acc, 1, lse, sink2);
             FN(store_row)(a->out, a->storage, off, a->out_se, a->Ev, acc, (T)1);
         }
     }

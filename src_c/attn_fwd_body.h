@@ -32,7 +32,8 @@
  *      d. P = exp2(S - m_new) in place, row sums, l = l*alpha + sum;
  *      e. O = alpha*O + P.V in a register-blocked micro-kernel (MR x NVV*VW),
  *         the block's P.V summed from zero first (two-level summation);
- *   3. out = O / l, lse; a row with l == 0 (all keys masked) gives 0, -inf.
+ *   3. out = O / l, lse; a row with l == 0 (all keys masked) gives 0, -inf
+ *      (with a sink: l and lse count it, such a row gives 0, sink).
  * The score tile never leaves the thread's scratch: memory is
  * O(threads x tile + packed K/V), never O(L x S).
  */
@@ -217,11 +218,21 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
         }
     }
 
-    /* 3. normalise and write out (attn_pack.h's store_row: in out's storage) */
+    /* 3. normalise and write out (attn_pack.h's store_row: in out's storage);
+     * a sink (log2 units here) joins the denominator as one more weight */
     T *lse = a->lse ? (T *)a->lse + a->lse_off[u] : NULL;
+    const double sink2 = a->sink ? a->sink[u] * SA_LOG2E : -INFINITY;
     for (int64_t r = 0; r < rows; r++) {
         int64_t off = a->out_off[u] + (i0 + r) * a->out_sl;
-        if (l[r] == 0) {                         /* every key masked: zeros, lse = -inf */
+        if (sink2 > -INFINITY) {                 /* w = 2^(m - M): the keys' share */
+            double mr = l[r] == 0 ? -INFINITY : (double)m[r], M = mr > sink2 ? mr : sink2;
+            double w = l[r] == 0 ? 0.0 : exp2(mr - M), tot = (double)l[r] * w + exp2(sink2 - M);
+            if (l[r] == 0)
+                FN(store_zero_row)(a->out, a->storage, off, a->out_se, Ev);
+            else
+                FN(store_row)(a->out, a->storage, off, a->out_se, Ev, Oacc + r * evp, (T)(w / tot));
+            if (lse) lse[(i0 + r) * a->lse_sl] = (T)(SA_LN2 * M + log(tot));
+        } else if (l[r] == 0) {                         /* every key masked: zeros, lse = -inf */
             FN(store_zero_row)(a->out, a->storage, off, a->out_se, Ev);
             if (lse) lse[(i0 + r) * a->lse_sl] = NEG_INF;
         } else {

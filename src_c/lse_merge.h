@@ -26,14 +26,16 @@
  * Part c's row is o[c] + o_off, its m_c is m[c][m_off], its l_c l[c][l_off]
  * (unused when normalised). w: n scratch values; acc: Ev, may be part 0's
  * row (each element is read before it is written). The result goes to
- * dst[e * dst_se] and *lse (lse may be NULL).
+ * dst[e * dst_se] and *lse (lse may be NULL). sink: one more part of
+ * log-weight `sink` (m's units) and weight 1 whose row is zero (the decode's
+ * attention sink); -inf for none, which leaves every bit as without it.
  */
 
 static void LM_FN(lse_merge_row)(int64_t n, const LM_T *const *o, int64_t o_off, const LM_T *const *m, int64_t m_off,
                                  const LM_T *const *l, int64_t l_off, int64_t Ev, LM_ACC *w, LM_ACC *acc, LM_T *dst,
-                                 int64_t dst_se, LM_T *lse)
+                                 int64_t dst_se, LM_T *lse, LM_ACC sink)
 {
-    LM_ACC M = -(LM_ACC)INFINITY;
+    LM_ACC M = sink;
     for (int64_t c = 0; c < n; c++) {
         LM_ACC x = (LM_ACC)m[c][m_off];
         if (x > M) M = x;
@@ -54,6 +56,7 @@ static void LM_FN(lse_merge_row)(int64_t n, const LM_T *const *o, int64_t o_off,
         total += w[c] * l[c][l_off];
 #endif
     }
+    total += (LM_ACC)LM_EXP((double)(sink - Msafe));     /* + 0 exactly without a sink */
 #if !LM_NORMALISED
     if (total == 0) goto empty;
 #endif

@@ -59,7 +59,7 @@ size_t sa_merge_workspace_size(int64_t n, int64_t Ev, int num_threads)
         int64_t r1 = (t + 1) * SA_MERGE_ROWS < c->rows ? (t + 1) * SA_MERGE_ROWS : c->rows;            \
         for (int64_t r = t * SA_MERGE_ROWS; r < r1; r++)                                               \
             lse_merge_row_##SUF(n, c->outs, r * Ev, c->lses, r, NULL, 0, Ev, w, acc, c->out + r * Ev, 1, \
-                                c->lse + r);                                                           \
+                                c->lse + r, -INFINITY);                                                \
     }                                                                                                  \
                                                                                                        \
     int sa_merge_##SUF(int64_t n, int64_t rows, int64_t Ev, const T *const *outs, const T *const *lses, \

@@ -160,6 +160,11 @@ typedef int (*sa_interrupt_fn)(void *ctx);
  * A zero-initialised sa_attn_args has none of these (plain attention).
  * Its logit is s = scale q.k, then softcap * tanh(s / softcap) if softcap > 0,
  * then - alibi_slope[u] * |p - j| if alibi_slope, then + the float mask.
+ * A sink (sink[u], natural-log units like s; gpt-oss's and FlashAttention's
+ * learnable sink) is one more logit in every row's softmax denominator, with
+ * a value of zero: out = sum_j e^(s_j) v_j / (e^sink + sum_j e^(s_j)), and
+ * lse includes it (so the backward, which reads lse, needs nothing else; a
+ * row that sees no key gives zeros and lse = sink).
  */
 typedef struct {
     int64_t n_units, n_kv;
@@ -192,6 +197,8 @@ typedef struct {
     const int64_t *q_pos;                      /* [n_units] or NULL: p of row 0 */
     const double *alibi_slope;                 /* [n_units] or NULL (no ALiBi)  */
     double softcap;                            /* > 0: cap the logits; 0: none  */
+    const double *sink;                        /* [n_units] or NULL: a logit in every
+                                                  denominator (-inf: none)       */
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
     int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED and
                          DECODE are only taken where the problem allows them
