@@ -105,6 +105,12 @@ MUTANTS = [
      "if (st == SA_STORE_F16) return V(load_f16)((const uint16_t *)base + i);",
      "if (st == SA_STORE_F16) return V(load_bf16)((const uint16_t *)base + i);",
      "the decode schedule widens float16 K/V, read in place, as bfloat16 (every ISA)"),
+    ("sink_left_out_of_lse", BODY, "if (lse) lse[(i0 + r) * a->lse_sl] = (T)(SA_LN2 * M + log(tot));",
+     "if (lse) lse[(i0 + r) * a->lse_sl] = (T)(SA_LN2 * mr + log((double)l[r]));",
+     "the forward's lse leaves the sink out (the backward, which reads lse, then gets P wrong)"),
+    ("decode_sink_ignored", DECODE, "T sink2 = a->sink ? (T)(a->sink[u] * SA_LOG2E) : -(T)INFINITY;",
+     "T sink2 = -(T)INFINITY;",
+     "the decode schedule's merge drops the attention sink"),
 ]
 
 C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]

@@ -37,7 +37,11 @@ Architecture at a glance
                                                          thread-count invariant). attn_mask.h: causal,
                                                          window, alignment / q_pos, query and key
                                                          lengths as one key interval per row; tiles
-                                                         outside it skipped. bfloat16 / float16 inputs
+                                                         outside it skipped. Sinks (sa_attn_args.sink)
+                                                         join each row's denominator where it is
+                                                         normalised (forward step 3, decode merge);
+                                                         lse includes them, so the backward reads them
+                                                         from lse (dsinks: autograd). bfloat16 / float16 inputs
                                                          (sa_attn_args.storage) run the f32 kernels:
                                                          widened where loaded or packed (decode: in
                                                          registers), out rounded where written
@@ -64,7 +68,7 @@ Beside the kernel, one module per concern:
                           by `import selfattn`: `import selfattn.dask` (needs selfattn[dask])
     selfattn.reference    the same math in plain float64 NumPy, every option: the tests' oracle.
     selfattn._spec        the options and per-batch arrays (window_size, alignment, softcap, scale, threads,
-                          key_lengths, alibi_slopes, cu_seqlens) checked once, pure Python, for the
+                          key_lengths, alibi_slopes, sinks, cu_seqlens) checked once, pure Python, for the
                           engine, the reference and inspection alike; ArraySpec (shape + dtype)
     selfattn.torch        scaled_dot_product_attention as a torch.autograd.Function (CPU tensors). Not
                           imported by `import selfattn`: `import selfattn.torch` (needs torch)

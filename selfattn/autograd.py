@@ -80,7 +80,7 @@ def _check_cotangent(g, out, name="grad_out"):
 
 def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask: Optional[Any] = None,
                                      is_causal: bool = False, **options: Any
-                                     ) -> Tuple[np.ndarray, Callable[[Any], Tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+                                     ) -> Tuple[np.ndarray, Callable[[Any], Tuple[np.ndarray, ...]]]:
     """The forward of `scaled_dot_product_attention` and its vector-Jacobian product.
 
     Takes exactly the arguments of `selfattn.scaled_dot_product_attention` (every option:
@@ -100,7 +100,9 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
         gradients summed over the units that shared them. Can be called any number of
         times, from any thread; it keeps out and the log-sum-exp (O(L) per row), never the
         attention weights. Keys no query sees, and rows whose keys are all masked, get
-        zero gradients. A float `attn_mask` gets no gradient.
+        zero gradients. A float `attn_mask` gets no gradient. With ``sinks``, a fourth
+        result: ``dsinks`` (sinks' shape; its dtype if floating, else float32),
+        ``-sum_i exp(sink - lse_i) * rowsum(grad_out * out)_i`` over what shares each sink.
 
     Examples
     --------
@@ -138,14 +140,14 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
 
 def varlen_attention_vjp(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
                          **options: Any
-                         ) -> Tuple[np.ndarray, Callable[[Any], Tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+                         ) -> Tuple[np.ndarray, Callable[[Any], Tuple[np.ndarray, ...]]]:
     """The forward of `varlen_attention` and its vector-Jacobian product.
 
     Takes the arguments of `selfattn.varlen_attention` except `return_lse`; `out` is returned
     read-only (the backward reads it). ``vjp(grad_out)``
     returns ``(dq, dk, dv)`` in the packed layouts of query (Hq, total_q, E), key
     (H, total_k, E) and value (H, total_k, Ev); with GQA, each kv head's gradient is summed
-    over its query heads.
+    over its query heads; with ``sinks``, a fourth result ``dsinks`` (sinks' shape).
 
     Examples
     --------

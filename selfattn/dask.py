@@ -58,18 +58,19 @@ def _import_dask() -> Any:
 
 def _block(q: Array, k: Array, v: Array, mask: Optional[Array], *, l0: int, s0: int, L: int, S_b: Array,
            bottom_right: bool, left: Optional[int], right: Optional[int], slopes: Optional[Array],
-           kw: Dict[str, Any]) -> Tuple[Array, Array]:
+           kw: Dict[str, Any], sinks: Optional[Array] = None) -> Tuple[Array, Array]:
     """(out, lse) of query rows l0.. against keys s0.. of the full problem (q, k, v: the chunks): one
     kernel call on the views, its rows placed at their positions among the block's keys.
 
     S_b: valid keys per batch entry of the block (its batch shape); left/right: the window sides
-    with the causal cut folded in (right = 0), None = unbounded."""
+    with the causal cut folded in (right = 0), None = unbounded. sinks: given to one block of each
+    row chunk only (the merge then counts them once)."""
     Sc = k.shape[-2]
     D = l0 - s0 + (S_b - L if bottom_right else 0 * S_b)      # position of the block's row 0, per entry
     Kb = np.clip(S_b - s0, 0, Sc)
     window = None if left is None and right is None else (left, right)
     return _core.sdpa(q, k, v, attn_mask=mask, window_size=window, alibi_slopes=slopes, return_lse=True,
-                      key_lengths=Kb, query_offsets=D, **kw)
+                      key_lengths=Kb, query_offsets=D, sinks=sinks, **kw)
 
 
 def _sees(Lc: int, Sc: int, D: Array, Kb: Array, left: Optional[int], right: Optional[int]) -> bool:
@@ -85,8 +86,13 @@ def _merge_parts(parts: Sequence[Tuple[Array, Array]]) -> Tuple[Array, Array]:
     return merge_attention([p[0] for p in parts], [p[1] for p in parts])
 
 
-def _nothing_visible(shape: Tuple[int, ...], ev: int, dt: Any, lse_dt: Any) -> Tuple[Array, Array]:
-    return np.zeros(shape + (ev,), dtype=dt), np.full(shape, -np.inf, dtype=lse_dt)
+def _nothing_visible(shape: Tuple[int, ...], ev: int, dt: Any, lse_dt: Any,
+                     sinks: Optional[Array] = None) -> Tuple[Array, Array]:
+    """A row chunk that sees no key: zeros, lse -inf (or the sink's, when there is one)."""
+    lse = np.full(shape, -np.inf, dtype=lse_dt)
+    if sinks is not None:
+        lse[...] = sinks[..., None]
+    return np.zeros(shape + (ev,), dtype=dt), lse
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,7 +195,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
                                  num_threads: Optional[int] = None, window_size: Window = None,
                                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
                                  alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None,
-                                 split_every: Optional[int] = None) -> Any:
+                                 sinks: Optional[ArrayLike] = None, split_every: Optional[int] = None) -> Any:
     """:func:`selfattn.scaled_dot_product_attention` over Dask arrays: lazy, chunk by chunk.
 
     Same arguments and results as the NumPy function (equal to its result up to rounding, for every
@@ -214,9 +220,10 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
         As in :func:`selfattn.scaled_dot_product_attention` (torch's signature). `num_threads` is per block call:
         with several tasks running at once per machine (Dask's threaded scheduler, or workers
         with several threads), ``num_threads=1`` avoids oversubscribing the cores.
-    key_lengths, alibi_slopes : array_like, optional
+    key_lengths, alibi_slopes, sinks : array_like, optional
         As in :func:`selfattn.scaled_dot_product_attention`; small, read when the graph is built
-        (key_lengths decides which blocks exist).
+        (key_lengths decides which blocks exist; the sinks go to one key chunk's block of each
+        query chunk, so the merge counts them once).
     return_lse : bool
         Also return the lse (a Dask array (..., Hq, L)).
     split_every : int >= 2, optional
@@ -263,7 +270,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     q, k, v, mask, (dt, lse_dt), split_every = _validated(da, query, key, value, attn_mask, split_every, is_causal=is_causal,
                                                 scale=scale, enable_gqa=enable_gqa, num_threads=num_threads,
                                                 window_size=window_size, alignment=alignment,
-                                                key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap)
+                                                key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap,
+                                                sinks=sinks)
     nd = q.ndim
 
     # -- the structure, normalised: window sides with the causal cut, valid keys per batch entry
@@ -277,6 +285,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     slopes = None
     if alibi_slopes is not None:
         slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), q.shape[:-2])
+    sink_all = None if sinks is None else _spec.head_sinks(sinks, q.shape[:-2])
     bottom_right = alignment == "bottom_right"
 
     q, k, v, mask = _rechunk(q, k, v, mask, enable_gqa)
@@ -285,7 +294,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
 
     kw = dict(scale=scale, softcap=softcap, num_threads=num_threads, enable_gqa=bool(enable_gqa))
     token = tokenize(q.name, k.name, v.name, None if mask is None else mask.name, is_causal, scale,
-                     enable_gqa, num_threads, window_size, alignment, S_b, slopes, softcap, split_every)
+                     enable_gqa, num_threads, window_size, alignment, S_b, slopes, softcap, sink_all, split_every)
     out_name, lse_name = f"selfattn-sdpa-{token}", f"selfattn-sdpa-lse-{token}"
     part_name, merge_name = f"selfattn-sdpa-part-{token}", f"selfattn-sdpa-merge-{token}"
     layer: Dict[Any, Any] = {}
@@ -294,16 +303,18 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
         lead_sl = tuple(slice(*lead_bounds[d][i]) for d, i in enumerate(lead))
         S_blk = S_b[lead_sl[:nb]]
         slopes_blk = None if slopes is None else np.array(slopes[lead_sl])
+        sinks_blk = None if sink_all is None else np.array(sink_all[lead_sl])
         lead_shape = tuple(s.stop - s.start for s in lead_sl)
         for li, (l0, l1) in enumerate(l_bounds):
             idx = lead + (li,)
-            keys = []
+            keys: List[Any] = []
             for si, (s0, s1) in enumerate(s_bounds):
                 D = l0 - s0 + (S_blk - L if bottom_right else 0 * S_blk)
                 if not _sees(l1 - l0, s1 - s0, D, np.clip(S_blk - s0, 0, s1 - s0), left, right):
                     continue
                 fn = functools.partial(_block, l0=l0, s0=s0, L=L, S_b=S_blk, bottom_right=bottom_right,
-                                       left=left, right=right, slopes=slopes_blk, kw=kw)
+                                       left=left, right=right, slopes=slopes_blk, kw=kw,
+                                       sinks=sinks_blk if not keys else None)
                 mkey = None
                 if mask is not None:
                     mi = tuple(0 if n == 1 else i for n, i in zip(mask.shape, idx + (si,)))
@@ -314,7 +325,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
                 keys.append(key_)
             if not keys:
                 key_ = (part_name,) + idx + (-1,)
-                layer[key_] = (functools.partial(_nothing_visible, lead_shape + (l1 - l0,), Ev, dt, lse_dt),)
+                layer[key_] = (functools.partial(_nothing_visible, lead_shape + (l1 - l0,), Ev, dt, lse_dt,
+                                                 sinks_blk),)
                 keys.append(key_)
             finals[idx] = _merge_tree(layer, keys, f"{merge_name}", idx, split_every)
             layer[(out_name,) + idx + (0,)] = (operator.getitem, finals[idx], 0)

@@ -128,17 +128,22 @@ def _structure(L, S, lead, batch, *, is_causal, window, alignment, key_lengths, 
 # ---------------------------------------------------------------------------------------------
 # attention_weights
 
-def _softmax_rows(s):
-    """Softmax over the last axis, in place; a row with no visible key (all -inf) gives zeros."""
+def _softmax_rows(s, sinks=None):
+    """Softmax over the last axis, in place; a row with no visible key (all -inf) gives zeros.
+    sinks (broadcastable to s.shape[:-2] + (1, 1)): one more logit per row, of value zero."""
     if s.shape[-1] == 0:
         return s
     m = np.max(s, axis=-1, keepdims=True)
+    if sinks is not None:
+        m = np.maximum(m, sinks)
     dead = m == -np.inf
     m[dead] = 0
     with np.errstate(invalid="ignore", over="ignore"):
         s -= m
         np.exp(s, out=s)
         tot = np.sum(s, axis=-1, keepdims=True)
+        if sinks is not None:
+            tot += np.exp(sinks - m)
         tot[dead] = 1
         s /= tot
     return s
@@ -146,7 +151,7 @@ def _softmax_rows(s):
 
 def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None, enable_gqa=False,
                       window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
-                      softcap=None, max_elements=DEFAULT_MAX_ELEMENTS):
+                      softcap=None, sinks=None, max_elements=DEFAULT_MAX_ELEMENTS):
     """The attention probabilities softmax(logits), shape (..., Hq, L, S), materialised.
 
     Same arguments and semantics as ``selfattn.scaled_dot_product_attention`` (without value),
@@ -181,6 +186,9 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
         Broadcastable to out.shape[:-2] = (..., Hq): adds ``-slope * |p(i) - j|`` to the logits.
     softcap : float > 0, optional
         The scaled logit s becomes softcap * tanh(s / softcap), before ALiBi and the mask are added.
+    sinks : float array_like, optional
+        Broadcastable to (..., Hq): one more logit in each row's denominator (an attention sink);
+        the rows then sum to less than 1 (the sink's share is what they lack).
     max_elements : int or None
         Refuse (ValueError) to build a result of more elements than this (default 2**27).
         None = no limit.
@@ -188,7 +196,8 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
     Returns
     -------
     ndarray (..., Hq, L, S), float64 if query or key is float64, else float32. Each row sums
-    to 1, except rows whose keys are all masked: those are all zeros (as the kernel's output).
+    to 1 (less with sinks), except rows whose keys are all masked: those are all zeros (as the
+    kernel's output).
 
     Raises
     ------
@@ -244,6 +253,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
                              f"{out_shape}")
     kl = None if key_lengths is None else _spec.batch_lengths(key_lengths, batch, S)
     slopes = None if alibi_slopes is None else _spec.head_slopes(alibi_slopes, lead)
+    sk = None if sinks is None else _spec.head_sinks(sinks, lead).astype(dt)[..., None, None]
 
     n = math.prod(out_shape)
     if max_elements is not None and n > max_elements:
@@ -292,7 +302,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
     if visible is not None:
         np.copyto(s, dt.type(-np.inf), where=~np.asarray(visible))
 
-    return _softmax_rows(s)
+    return _softmax_rows(s, sk)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -286,7 +286,7 @@ class KVCache:
             Defaults: causal, bottom-right.
         **options
             Any other option of :func:`selfattn.scaled_dot_product_attention`: ``scale``,
-            ``window_size``, ``alibi_slopes``, ``softcap``, ``return_lse``, ``num_threads``,
+            ``window_size``, ``alibi_slopes``, ``softcap``, ``sinks``, ``return_lse``, ``num_threads``,
             ``attn_mask`` (broadcastable to (batch, Hq, n, max(lengths)), the width of
             :attr:`keys`). ``key_lengths`` and ``enable_gqa`` are set by the cache; an
             ``enable_gqa`` that agrees with it (True, or False when Hq equals the cache's

@@ -65,13 +65,15 @@ def _as_numpy(t: Any, name: str) -> Any:
 
 class _SDPA(_torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, query: Any, key: Any, value: Any, attn_mask: Any, is_causal: bool,  # type: ignore[override, unused-ignore]
-                options: dict) -> Any:
+    def forward(ctx: Any, query: Any, key: Any, value: Any, attn_mask: Any, sinks: Any,  # type: ignore[override, unused-ignore]
+                is_causal: bool, options: dict) -> Any:
         for t, name in ((query, "query"), (key, "key"), (value, "value")):
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
         q, k, v = _as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value")
         mask = _as_numpy(attn_mask, "attn_mask")
+        if sinks is not None:            # an input of the Function (so that it gets a gradient)
+            options = dict(options, sinks=_as_numpy(sinks, "sinks"))
         out, vjp = scaled_dot_product_attention_vjp(q, k, v, attn_mask=mask, is_causal=is_causal, **options)
         out.flags.writeable = True       # ours alone; autograd's version counter guards it (below)
         result = _to_torch(out)
@@ -86,11 +88,13 @@ class _SDPA(_torch.autograd.Function):
     def backward(ctx: Any, grad_out: Any) -> Any:  # type: ignore[override, unused-ignore]
         ctx.saved_tensors                                    # raises if an input was modified in place
         need = ctx.needs_input_grad[:3]
-        if not any(need):
-            return None, None, None, None, None, None
+        need_sinks = ctx.needs_input_grad[4]
+        if not any(need) and not need_sinks:
+            return None, None, None, None, None, None, None
         g = _as_numpy(grad_out.contiguous(), "grad_out")
         grads = ctx.vjp(g)
-        return tuple(_to_torch(d) if n else None for d, n in zip(grads, need)) + (None, None, None)
+        dsinks = _to_torch(_np.ascontiguousarray(grads[3])) if need_sinks else None
+        return tuple(_to_torch(d) if n else None for d, n in zip(grads[:3], need)) + (None, dsinks, None, None)
 
 
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Optional[Any] = None,
@@ -115,7 +119,9 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
         is_causal=False, *, scale=None, enable_gqa=False)``.
     **options
         Every other option of `selfattn.scaled_dot_product_attention` but ``return_lse`` and
-        ``out``: window_size, alignment, key_lengths, alibi_slopes, softcap, num_threads.
+        ``out``: window_size, alignment, key_lengths, alibi_slopes, softcap, num_threads, and
+        ``sinks`` (a tensor (..., Hq) that gets its gradient when it requires one, as gpt-oss's
+        learnable sinks).
 
     Returns
     -------
@@ -161,5 +167,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
     if isinstance(attn_mask, _torch.Tensor) and attn_mask.requires_grad:
         raise TypeError("attn_mask requires grad, but selfattn.torch gives the mask no gradient; pass "
                         "attn_mask.detach() if no gradient is wanted")
+    sinks = options.pop("sinks", None)
+    if sinks is not None and not isinstance(sinks, _torch.Tensor):
+        sinks = _torch.as_tensor(_np.asarray(sinks))
     options = {n: (_as_numpy(o, n) if isinstance(o, _torch.Tensor) else o) for n, o in options.items()}
-    return _SDPA.apply(query, key, value, attn_mask, is_causal, options)
+    return _SDPA.apply(query, key, value, attn_mask, sinks, is_causal, options)

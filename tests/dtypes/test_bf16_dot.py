@@ -56,6 +56,8 @@ CASES = [  # (name, q shape, k shape, v shape, options): odd E, odd key counts, 
      dict(alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]), softcap=5.0)),
     ("bool_mask", (1, 2, 40, 64), (1, 2, 77, 64), (1, 2, 77, 64), "bool"),
     ("float_mask", (1, 2, 40, 64), (1, 2, 77, 64), (1, 2, 77, 64), "float"),
+    ("sinks", (2, 4, 45, 32), (2, 2, 120, 32), (2, 2, 120, 32),
+     dict(enable_gqa=True, is_causal=True, sinks=np.array([1.0, -2.0, 4.0, -np.inf]), key_lengths=[120, 0])),
 ]
 
 
