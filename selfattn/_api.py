@@ -96,7 +96,7 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
-                                 sinks: Optional[ArrayLike] = ...) -> Array: ...
+                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...) -> Array: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
@@ -105,7 +105,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
-                                 sinks: Optional[ArrayLike] = ...) -> Tuple[Array, Array]: ...
+                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...
+                                 ) -> Tuple[Array, Array]: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
@@ -114,7 +115,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
-                                 sinks: Optional[ArrayLike] = ...) -> Union[Array, Tuple[Array, Array]]: ...
+                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...
+                                 ) -> Union[Array, Tuple[Array, Array]]: ...
 
 
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
@@ -124,7 +126,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
                                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
                                  alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None,
-                                 sinks: Optional[ArrayLike] = None) -> Union[Array, Tuple[Array, Array]]:
+                                 sinks: Optional[ArrayLike] = None, num_sink_tokens: Optional[int] = None
+                                 ) -> Union[Array, Tuple[Array, Array]]:
     """softmax(query @ key^T * scale + mask) @ value, fused: the L x S scores never exist.
 
     Same names, order, layout and semantics as ``torch.nn.functional.scaled_dot_product_attention``
@@ -180,6 +183,11 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         zero, ``out = sum_j e^(s_j) v_j / (e^sink + sum_j e^(s_j))``; lse includes it. In the
         logits' units (after scale). -inf is no sink; NaN and +inf are a ValueError. Its
         gradient comes from the VJPs and the torch bridge.
+    num_sink_tokens : int >= 0, optional
+        With a window bounded on the left: the first n keys stay visible to every query beside
+        its window (StreamingLLM's attention sinks; subject to is_causal, the right side and
+        key_lengths), and the key blocks between them and the window are skipped. No effect
+        without such a window.
 
     Returns
     -------
@@ -227,7 +235,7 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                       enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
                       window_size=window_size, alignment=alignment, key_lengths=key_lengths,
-                      alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
+                      alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, num_sink_tokens=num_sink_tokens)
 
 
 def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seqlens_q: ArrayLike,
@@ -235,8 +243,8 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
                      window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
                      alignment: str = "top_left", alibi_slopes: Optional[ArrayLike] = None,
                      softcap: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
-                     num_threads: Optional[int] = None, sinks: Optional[ArrayLike] = None
-                     ) -> Union[Array, Tuple[Array, Array]]:
+                     num_threads: Optional[int] = None, sinks: Optional[ArrayLike] = None,
+                     num_sink_tokens: Optional[int] = None) -> Union[Array, Tuple[Array, Array]]:
     """Attention over a packed batch of variable-length sequences: no padding is computed.
 
     Sequence b occupies rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of the queries and
@@ -252,7 +260,7 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
         ``np.swapaxes(x, 0, 1)`` (a view, read in place with its strides).
     cu_seqlens_q, cu_seqlens_k : array_like of int, (B + 1,)
         Cumulative lengths: start at 0, non-decreasing, end at total_q / total_k.
-    scale, is_causal, window_size, alignment, softcap, enable_gqa, return_lse, num_threads
+    scale, is_causal, window_size, alignment, softcap, enable_gqa, return_lse, num_threads, num_sink_tokens
         As in `scaled_dot_product_attention`, per sequence (bottom_right aligns each
         sequence's last query with its last key).
     alibi_slopes, sinks : array_like of float, optional
@@ -276,7 +284,7 @@ def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seql
     return _core.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
                         window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
                         softcap=softcap, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
-                        sinks=sinks)
+                        sinks=sinks, num_sink_tokens=num_sink_tokens)
 
 
 def _check_heads(value, name):

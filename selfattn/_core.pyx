@@ -430,6 +430,7 @@ cdef class Problem:
     cdef int typenum, mask_kind
     cdef object q, k, v, mask            # the data; None when described from ArraySpecs
     cdef object q_len, k_len, q_pos, slopes, sinks   # per unit (C order of the units), or None
+    cdef int64_t sink_tokens             # num_sink_tokens (0: none)
     cdef object cu_q, cu_k               # varlen: cumulative rows of the sequences
 
     @property
@@ -541,7 +542,7 @@ cdef class Problem:
         w.q, w.k, w.v = self.q.astype(_F32), self.k.astype(_F32), self.v.astype(_F32)
         w.q_len, w.k_len, w.q_pos, w.slopes, w.cu_q, w.cu_k = self.q_len, self.k_len, self.q_pos, self.slopes, \
             self.cu_q, self.cu_k
-        w.sinks = self.sinks
+        w.sinks, w.sink_tokens = self.sinks, self.sink_tokens
         return w
 
     cdef object _call(self, out, lse, dout, dq, dk, dv, bint schedule_only):
@@ -614,7 +615,7 @@ cdef _set_data(Problem p, q, k, v, m):
 
 def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
              num_threads=None, window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
-             softcap=None, query_lengths=None, query_offsets=None, sinks=None):
+             softcap=None, query_lengths=None, query_offsets=None, sinks=None, num_sink_tokens=None):
     """The dense problem (see selfattn.scaled_dot_product_attention), validated -> Problem.
 
     Arrays, or ArraySpecs where the data is not there yet (then run/backward refuse).
@@ -625,14 +626,17 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
     query_offsets + i): it replaces the alignment, so a block of a longer problem keeps its rows'
     positions (causal, windows, ALiBi)."""
     return _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
-                     alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks)
+                     alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
+                     num_sink_tokens)
 
 
 cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
-                       alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks):
+                       alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
+                       num_sink_tokens):
     cdef Problem p = Problem.__new__(Problem)
     cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
+    p.sink_tokens = _spec.check_sink_tokens(num_sink_tokens) if num_sink_tokens is not None else 0
     q, k, v, p.typenum, p.storage = _qkv(query, key, value)
     p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
     p.out_dtype = q.dtype if p.storage != SA_STORE_NATIVE else p.dtype
@@ -717,12 +721,13 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
 
 def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
                     window_size=None, alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False,
-                    num_threads=None, sinks=None):
+                    num_threads=None, sinks=None, num_sink_tokens=None):
     """Packed variable-length sequences (see selfattn.varlen_attention), validated -> Problem.
     Units: (query head h, sequence b) -> h * B + b."""
     cdef Problem p = Problem.__new__(Problem)
     p.varlen = True
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
+    p.sink_tokens = _spec.check_sink_tokens(num_sink_tokens) if num_sink_tokens is not None else 0
     q, k, v, p.typenum, p.storage = _qkv(query, key, value)
     p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
     p.out_dtype = q.dtype if p.storage != SA_STORE_NATIVE else p.dtype
@@ -954,6 +959,7 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
     a.q_len, a.k_len, a.q_pos = _i64(p.q_len), _i64(p.k_len), _i64(p.q_pos)
     a.alibi_slope = <const double *> cnp.PyArray_DATA(p.slopes) if p.slopes is not None else NULL
     a.sink = <const double *> cnp.PyArray_DATA(p.sinks) if p.sinks is not None else NULL
+    a.sink_tokens = p.sink_tokens
     o = p.opts
     a.num_threads, a.causal, a.window, a.window_left, a.window_right = o[0], o[1], o[2], o[3], o[4]
     a.alignment, a.softcap = o[5], o[6]
@@ -973,13 +979,13 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
          alibi_slopes=None, softcap=None, out=None, schedule_only=False, query_lengths=None,
-         query_offsets=None, sinks=None):
+         query_offsets=None, sinks=None, num_sink_tokens=None):
     """The fused forward (see selfattn.scaled_dot_product_attention; query_lengths and
     query_offsets: see describe). Keyword-only past the arrays, so a new parameter can never shift
     the others. schedule_only=True validates and returns the kernel's plan without computing."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, query_lengths,
-                               query_offsets, sinks)
+                               query_offsets, sinks, num_sink_tokens)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
     return p._run(out, return_lse)
@@ -987,13 +993,14 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
 
 def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal=False, scale=None,
              enable_gqa=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
-             alibi_slopes=None, softcap=None, schedule_only=False, sinks=None):
+             alibi_slopes=None, softcap=None, schedule_only=False, sinks=None, num_sink_tokens=None):
     """The fused backward of sdpa: out and lse are what sdpa(..., return_lse=True) returned for
     the same arguments, grad_out the cotangent (out's shape and dtype). Returns (dq, dk, dv):
     dq with the output's batch dims (..., Hq, L, E), dk and dv with the broadcast batch dims of
     key and value (..., H, S, E / Ev); selfattn.autograd sums them back to the inputs' shapes."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
-                               window_size, alignment, key_lengths, alibi_slopes, softcap, None, None, sinks)
+                               window_size, alignment, key_lengths, alibi_slopes, softcap, None, None, sinks,
+                               num_sink_tokens)
     if schedule_only:
         return p.schedule(backward=True)
     return p.backward(out, lse, grad_out)
@@ -1001,11 +1008,12 @@ def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal
 
 def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False, window_size=None,
            alignment="top_left", alibi_slopes=None, softcap=None, enable_gqa=False, return_lse=False,
-           num_threads=None, schedule_only=False, sinks=None):
+           num_threads=None, schedule_only=False, sinks=None, num_sink_tokens=None):
     """Packed variable-length batches. See selfattn.varlen_attention."""
     p = describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
                         window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
-                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads, sinks=sinks)
+                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads, sinks=sinks,
+                        num_sink_tokens=num_sink_tokens)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
     return p.run(None, return_lse)
@@ -1013,11 +1021,12 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_caus
 
 def varlen_bwd(query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, grad_out, *, scale=None,
                is_causal=False, window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
-               enable_gqa=False, num_threads=None, schedule_only=False, sinks=None):
+               enable_gqa=False, num_threads=None, schedule_only=False, sinks=None, num_sink_tokens=None):
     """The fused backward of varlen: (dq, dk, dv) in the packed layouts of query, key, value."""
     p = describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
                         window_size=window_size, alignment=alignment, alibi_slopes=alibi_slopes,
-                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads, sinks=sinks)
+                        softcap=softcap, enable_gqa=enable_gqa, num_threads=num_threads, sinks=sinks,
+                        num_sink_tokens=num_sink_tokens)
     if schedule_only:
         return p.schedule(backward=True)
     return p.backward(out, lse, grad_out)

@@ -91,6 +91,7 @@ cdef extern from "selfattn.h" nogil:
         const double *alibi_slope
         double softcap
         const double *sink
+        int64_t sink_tokens
         int num_threads
         int schedule
         sa_interrupt_fn interrupt

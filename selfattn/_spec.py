@@ -176,6 +176,15 @@ def head_slopes(alibi_slopes: object, lead: Tuple[int, ...]) -> "np.ndarray[Any,
     return b
 
 
+def check_sink_tokens(n: object) -> int:
+    """num_sink_tokens: an int >= 0 (the first n keys stay visible beside a window)."""
+    if not is_int(n):
+        raise TypeError(f"num_sink_tokens must be an int >= 0, got {type(n).__name__}")
+    if int(n) < 0:  # type: ignore[call-overload]
+        raise ValueError(f"num_sink_tokens must be >= 0, got {n}")
+    return int(n)  # type: ignore[call-overload]
+
+
 def head_sinks(sinks: object, lead: Tuple[int, ...]) -> "np.ndarray[Any, Any]":
     """sinks (one logit per query head, in every row's softmax denominator) broadcast to
     (..., Hq) = `lead`: float64, each finite or -inf (no sink for that head)."""

@@ -41,9 +41,9 @@ def _grad_dtype(a):
 
 
 _SDPA_OPTIONS = ("scale", "enable_gqa", "num_threads", "window_size", "alignment", "key_lengths",
-                 "alibi_slopes", "softcap", "sinks")
+                 "alibi_slopes", "softcap", "sinks", "num_sink_tokens")
 _VARLEN_OPTIONS = ("scale", "is_causal", "window_size", "alignment", "alibi_slopes", "softcap", "enable_gqa",
-                   "num_threads", "sinks")
+                   "num_threads", "sinks", "num_sink_tokens")
 
 
 def _dsinks(sinks, out, lse, dout, lead):

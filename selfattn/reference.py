@@ -22,7 +22,8 @@ Visibility (key j takes part in query row i's softmax) is the conjunction of::
     attn_mask[i, j]                    if attn_mask is a bool array
     j <= p(i)                          if is_causal
     p(i) - left <= j <= p(i) + right   if window_size = (left, right)   (None = unbounded side;
-                                                                         an int w means (w, w))
+                                                                         an int w means (w, w);
+                                       j < num_sink_tokens escapes the left bound: StreamingLLM)
     j < S_b                            always (keys j >= S_b are never read: NaN there is harmless)
 
 Logits, in this order::
@@ -122,7 +123,7 @@ def _valid_keys(key_lengths, lead, S):
 
 
 def _structure(L, S, lead, *, is_causal=False, window_size=None, alignment="top_left",
-               key_lengths=None, alibi_slopes=None):
+               key_lengths=None, alibi_slopes=None, num_sink_tokens=None):
     """The structured part of the mask, written out with positions.
 
     Returns (visible, bias, S_b):
@@ -142,10 +143,11 @@ def _structure(L, S, lead, *, is_causal=False, window_size=None, alignment="top_
     visible = j < S_b
     if is_causal:
         visible = visible & (j <= p)
-    if left is not None:
-        visible = visible & (j >= p - left)
     if right is not None:
         visible = visible & (j <= p + right)
+    if left is not None:
+        ns = 0 if num_sink_tokens is None else _spec.check_sink_tokens(num_sink_tokens)
+        visible = visible & ((j >= p - left) | (j < ns))    # the first ns keys escape the left bound
     visible = np.broadcast_to(visible, lead + (L, S))
 
     bias = 0.0
@@ -173,7 +175,8 @@ def _masked(s, visible, attn_mask, lead, L, S):
 
 
 def _logits(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-            window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None, softcap=None):
+            window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None, softcap=None,
+            num_sink_tokens=None):
     """Masked logits s (lead + (L, S), -inf where not visible) and the float64 value array."""
     q, k, v = _as_f64(query), _as_f64(key), _as_f64(value)
     for a, name in ((q, "query"), (k, "key"), (v, "value")):
@@ -188,7 +191,7 @@ def _logits(query, key, value, attn_mask=None, is_causal=False, scale=None, enab
 
     visible, bias, S_b = _structure(L, S, lead, is_causal=is_causal, window_size=window_size,
                                     alignment=alignment, key_lengths=key_lengths,
-                                    alibi_slopes=alibi_slopes)
+                                    alibi_slopes=alibi_slopes, num_sink_tokens=num_sink_tokens)
     if key_lengths is not None:
         # keys j >= S_b are never read: zero those K and V rows. (Their logits become -inf below
         # anyway; V must be zeroed because P = 0 there and 0 * NaN would still be NaN.)
@@ -237,19 +240,19 @@ def _softmax_rows(scores):
 
 def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None, enable_gqa=False,
                       window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
-                      softcap=None, sinks=None):
+                      softcap=None, sinks=None, num_sink_tokens=None):
     """The softmax matrix P, shape (..., Hq, L, S), float64 (options as in scaled_dot_product_attention)."""
     k = np.asarray(key)
     dummy_v = np.zeros(k.shape[:-1] + (0,))            # P does not depend on V
     s, _ = _logits(query, key, dummy_v, attn_mask, is_causal, scale, enable_gqa, window_size,
-                   alignment, key_lengths, alibi_slopes, softcap)
+                   alignment, key_lengths, alibi_slopes, softcap, num_sink_tokens)
     return _softmax_sinks(s, sinks, s.shape[:-2])[0]
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False, return_lse=False, window_size=None,
                                  alignment="top_left", key_lengths=None, alibi_slopes=None,
-                                 softcap=None, sinks=None):
+                                 softcap=None, sinks=None, num_sink_tokens=None):
     """softmax(logits) V in float64 (see the module docstring). Returns out, or (out, lse).
 
     torch's signature: (query, key, value, attn_mask, dropout_p, is_causal) positional, the rest
@@ -260,12 +263,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     "bottom_right" (applies to is_causal, window_size and alibi_slopes). key_lengths: ints
     broadcastable to out.shape[:-3], 0 <= S_b <= S. alibi_slopes: floats broadcastable to
     out.shape[:-2] = (..., Hq). softcap: float > 0. sinks: floats (or -inf: none) broadcastable
-    to out.shape[:-2] = (..., Hq), one more logit in each row's denominator.
+    to out.shape[:-2] = (..., Hq), one more logit in each row's denominator. num_sink_tokens:
+    with a window bounded on the left, the first n keys stay visible beside it (StreamingLLM).
     """
     is_causal = _spec.check_is_causal(is_causal)
     _spec.check_dropout_p(dropout_p)
     s, v = _logits(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size,
-                   alignment, key_lengths, alibi_slopes, softcap)
+                   alignment, key_lengths, alibi_slopes, softcap, num_sink_tokens)
     p, _, lse = _softmax_sinks(s, sinks, s.shape[:-2])
     out = p @ v
     return (out, lse) if return_lse else out
@@ -287,7 +291,7 @@ def _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k):
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
                      window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
-                     enable_gqa=False, return_lse=False, sinks=None):
+                     enable_gqa=False, return_lse=False, sinks=None, num_sink_tokens=None):
     """Packed variable-length batch: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1].
 
     query (Hq, total_q, E), key (H, total_k, E), value (H, total_k, Ev) -> (Hq, total_q, Ev)
@@ -303,7 +307,7 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
         o, l = scaled_dot_product_attention(q[:, qs], k[:, ks], v[:, ks], is_causal=is_causal, scale=scale,
                                             enable_gqa=enable_gqa, return_lse=True, window_size=window_size,
                                             alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
-                                            sinks=sinks)
+                                            sinks=sinks, num_sink_tokens=num_sink_tokens)
         out[:, qs], lse[:, qs] = o, l
     return (out, lse) if return_lse else out
 
@@ -407,7 +411,8 @@ def _fold_gqa(g, shape, group):
 
 def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
                                      enable_gqa=False, window_size=None, alignment="top_left",
-                                     key_lengths=None, alibi_slopes=None, softcap=None, sinks=None):
+                                     key_lengths=None, alibi_slopes=None, softcap=None, sinks=None,
+                                     num_sink_tokens=None):
     """(out, vjp) with vjp(dout) -> (dq, dk, dv), float64, shaped like query, key and value;
     with sinks, (dq, dk, dv, dsinks), dsinks shaped like sinks.
 
@@ -429,7 +434,8 @@ def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causa
     scale = float(scale)
     softcap = _check_softcap(softcap)
     visible, bias, S_b = _structure(L, S, lead, is_causal=is_causal, window_size=window_size,
-                                    alignment=alignment, key_lengths=key_lengths, alibi_slopes=alibi_slopes)
+                                    alignment=alignment, key_lengths=key_lengths, alibi_slopes=alibi_slopes,
+                                    num_sink_tokens=num_sink_tokens)
 
     # every unit (batch entry, query head) gets its own copy of q, k, v: the gradients are
     # computed on these, then summed back over whatever was shared
@@ -474,7 +480,7 @@ def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causa
 
 def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, is_causal=False,
                          window_size=None, alignment="top_left", alibi_slopes=None, softcap=None,
-                         enable_gqa=False, sinks=None):
+                         enable_gqa=False, sinks=None, num_sink_tokens=None):
     """(out, vjp) of varlen_attention, vjp(dout) -> (dq, dk, dv) in the packed layouts of query
     (Hq, total_q, E), key (H, total_k, E) and value (H, total_k, Ev) (and dsinks shaped like
     sinks, when given): each sequence through scaled_dot_product_attention_vjp."""
@@ -486,7 +492,7 @@ def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale
         o, f = scaled_dot_product_attention_vjp(q[:, qs], k[:, ks], v[:, ks], is_causal=is_causal, scale=scale,
                                                 enable_gqa=enable_gqa, window_size=window_size,
                                                 alignment=alignment, alibi_slopes=alibi_slopes, softcap=softcap,
-                                                sinks=sinks)
+                                                sinks=sinks, num_sink_tokens=num_sink_tokens)
         out[:, qs] = o
         seqs.append((qs, ks, f))
 

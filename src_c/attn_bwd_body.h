@@ -71,7 +71,7 @@ static void FN(bwd_prep_task)(void *vctx, int64_t u, int tid)
 
 /* ---- pass 2: one (unit, query tile) against one packed key block ------- */
 static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um, int64_t i0, int64_t rows,
-                         int64_t tlo, int64_t thi, int64_t j0, T *ws, T *dqp)
+                         int64_t tlo, int64_t thi, int64_t tshi, int64_t j0, T *ws, T *dqp)
 {
     const sa_attn_args *a = c->a;
     const sa_bwd_layout *lay = c->lay;
@@ -84,8 +84,8 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     T *lse2 = ws + lay->off_rows, *Dr = lse2 + BQ;
 
     int64_t kvalid = um->S - j0 < BK ? um->S - j0 : BK;     /* this unit's valid keys of the block */
-    int64_t ka = tlo - j0 > 0 ? tlo - j0 : 0;
-    int64_t kz = thi - j0 + 1 < kvalid ? thi - j0 + 1 : kvalid;
+    int64_t ka, kz;                                         /* the tile's keys of the block (attn_mask.h) */
+    sa_block_span(tshi, tlo, thi, j0, kvalid, &ka, &kz);
     if (kz <= ka) return;
     int64_t cs = ka / BWD_KEY_ALIGN * BWD_KEY_ALIGN, ce = sa_round_up(kz, BWD_KEY_ALIGN), nk = ce - cs;
     int64_t rows_eff = sa_round_up(rows, BWD_MR);
@@ -228,10 +228,11 @@ static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
                 sa_unit_mask_init(a, u, &um);
                 T *dqp = c->part + (u * lay->nc + ch) * lay->part_elems;
                 for (int64_t i0 = 0; i0 < um.L; i0 += BQ) {
-                    int64_t rows = um.L - i0 < BQ ? um.L - i0 : BQ, tlo, thi;
-                    sa_rows_keys(&um, i0, i0 + rows - 1, &tlo, &thi);
-                    if (thi < tlo || thi < j0 || tlo >= j0 + BK) continue;
-                    FN(bwd_tile)(c, u, &um, i0, rows, tlo, thi, j0, ws, dqp);
+                    int64_t rows = um.L - i0 < BQ ? um.L - i0 : BQ, tlo, thi, tshi, ka, kz;
+                    sa_rows_keys2(&um, i0, i0 + rows - 1, &tlo, &thi, &tshi);
+                    sa_block_span(tshi, tlo, thi, j0, BK, &ka, &kz);
+                    if (kz <= ka) continue;                  /* the tile sees no key of this block */
+                    FN(bwd_tile)(c, u, &um, i0, rows, tlo, thi, tshi, j0, ws, dqp);
                 }
             }
         }

@@ -74,7 +74,8 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
     T *Qs = ws;                                              /* [R][E]  */
     T *St = ws + lay->off_st;                                /* [R][BK] */
     T *Kc = ws + lay->off_conv, *Vc = Kc + BK * E;           /* 16-bit storage: [BK][E], [BK][evp] */
-    int64_t lo[SA_DECODE_MAX_ROWS], hi[SA_DECODE_MAX_ROWS], vs[SA_DECODE_MAX_ROWS], ve[SA_DECODE_MAX_ROWS];
+    int64_t lo[SA_DECODE_MAX_ROWS], hi[SA_DECODE_MAX_ROWS], shi[SA_DECODE_MAX_ROWS];   /* attn_mask.h */
+    int64_t vs[SA_DECODE_MAX_ROWS], ve[SA_DECODE_MAX_ROWS];
     sa_unit_mask um[SA_DECODE_MAX_ROWS];
 
     int64_t klo, khi;
@@ -90,9 +91,10 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
         lp[rr] = 0;
         for (int64_t col = 0; col < evp; col++) Op[rr * evp + col] = 0;
         lo[rr] = 0;
-        hi[rr] = -1;                                          /* rows past L_u (varlen) see nothing */
+        hi[rr] = shi[rr] = -1;                                /* rows past L_u (varlen) see nothing */
         if (i >= um[rr].L) continue;
         sa_row_keys(&um[rr], i, &lo[rr], &hi[rr]);
+        shi[rr] = sa_sink_hi(&um[rr], lo[rr], hi[rr]);
         FN(load_row)(a->q, a->storage, a->q_off[u] + i * a->q_sl, a->q_se, E, Qs + rr * E);
         for (int64_t e = 0; e < E; e++) Qs[rr * E + e] *= c->qscale;
     }
@@ -101,9 +103,8 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
         const int64_t kvalid = c1 - j0 < BK ? c1 - j0 : BK;  /* the block's keys in this chunk */
         int64_t jmin = BK, jmax = 0;
         for (int64_t rr = 0; rr < R; rr++) {
-            vs[rr] = lo[rr] - j0 > 0 ? lo[rr] - j0 : 0;
-            ve[rr] = hi[rr] - j0 + 1 < kvalid ? hi[rr] - j0 + 1 : kvalid;
-            if (ve[rr] <= vs[rr]) { vs[rr] = ve[rr] = 0; continue; }
+            sa_block_span(shi[rr], lo[rr], hi[rr], j0, kvalid, &vs[rr], &ve[rr]);
+            if (ve[rr] <= vs[rr]) continue;
             if (vs[rr] < jmin) jmin = vs[rr];
             if (ve[rr] > jmax) jmax = ve[rr];
         }

@@ -136,18 +136,20 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
 #endif
     for (int64_t r = 0; r < BQ; r++) { m[r] = NEG_INF; l[r] = 0; msafe[r] = 0; alpha[r] = 0; }
 
-    /* keys the tile can see (attn_mask.h): blocks outside are skipped whole */
-    int64_t tlo, thi;
-    sa_rows_keys(&um, i0, i0 + rows - 1, &tlo, &thi);
-    /* per group of MR rows: its visible keys [glo, ghi] (padding rows see none) */
-    int64_t glo[BQ / MR], ghi[BQ / MR];
+    /* keys the tile can see (attn_mask.h): [tlo, thi] and the sink keys
+     * [0, tshi]; blocks outside both are skipped whole */
+    int64_t tlo, thi, tshi;
+    sa_rows_keys2(&um, i0, i0 + rows - 1, &tlo, &thi, &tshi);
+    /* per group of MR rows: its visible keys [glo, ghi], [0, gshi] (padding rows see none) */
+    int64_t glo[BQ / MR], ghi[BQ / MR], gshi[BQ / MR];
     for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
         int64_t last = r0 + MR < rows ? r0 + MR : rows;
-        sa_rows_keys(&um, i0 + r0, i0 + last - 1, &glo[r0 / MR], &ghi[r0 / MR]);
+        sa_rows_keys2(&um, i0 + r0, i0 + last - 1, &glo[r0 / MR], &ghi[r0 / MR], &gshi[r0 / MR]);
     }
 
-    int64_t kb_last = thi < tlo ? -1 : thi / BK;    /* -1: no row of the tile sees a key */
-    for (int64_t kb = tlo / BK; kb <= kb_last; kb++) {
+    int64_t kb_last = sa_blocks_last(tshi, tlo, thi, BK);    /* -1: no row of the tile sees a key */
+    for (int64_t kb = sa_blocks_first(tshi, tlo, thi, BK); kb <= kb_last;
+         kb = sa_blocks_next(tshi, tlo, thi, BK, kb)) {
         int64_t j0 = kb * BK;
         int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK;
         const T *Kb = Kp + (ring ? kb % ring : kb) * lay->blk_elems;
@@ -158,8 +160,7 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
          * vectors [cs, ce) for the scores */
         int64_t ga[BQ / MR], gb[BQ / MR], cs[BQ / MR], ce[BQ / MR];
         for (int64_t g = 0; g < rows_eff / MR; g++) {
-            ga[g] = glo[g] - j0 > 0 ? glo[g] - j0 : 0;
-            gb[g] = ghi[g] - j0 + 1 < kvalid ? ghi[g] - j0 + 1 : kvalid;
+            sa_block_span(gshi[g], glo[g], ghi[g], j0, kvalid, &ga[g], &gb[g]);
             if (gb[g] <= ga[g]) { ga[g] = gb[g] = cs[g] = ce[g] = 0; continue; }
             cs[g] = ga[g] / VW * VW;
             ce[g] = sa_round_up(gb[g], VW);

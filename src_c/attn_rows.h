@@ -75,10 +75,11 @@ static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t 
                          int64_t cs, int64_t ce, int64_t kvalid, T *s, int64_t *rs, int64_t *re)
 {
     const T NEG_INF = -(T)INFINITY;
-    int64_t lo, hi;
+    int64_t lo, hi, vs, ve;
     sa_row_keys(um, i, &lo, &hi);
-    int64_t vs = lo - j0 > cs ? lo - j0 : cs;              /* visible: [vs, ve) */
-    int64_t ve = hi - j0 + 1 < kvalid ? hi - j0 + 1 : kvalid;
+    const int64_t shi = sa_sink_hi(um, lo, hi);              /* sink keys [0, shi] (attn_mask.h) */
+    sa_block_span(shi, lo, hi, j0, kvalid, &vs, &ve);       /* visible: [vs, ve), */
+    if (vs < cs) vs = cs;                                    /* within the computed [cs, ce) */
     if (ve > ce) ve = ce;
     if (ve <= vs) {
         FN(fill_zero)(s, cs, ce);
@@ -90,6 +91,8 @@ static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t 
     if (a->softcap > 0) FN(softcap_row)(s, *rs, *re, FN(log2_units)(a->softcap));
     if (a->alibi_slope) FN(alibi_row)(s, vs, ve, j0, i + um->offset, FN(log2_units)(a->alibi_slope[u]));
     if (a->mask_kind != SA_MASK_NONE) FN(attn_mask_row)(a, u, i, j0, vs, ve, s);
+    if (shi >= 0)                                            /* the keys between sinks and interval */
+        for (int64_t j = shi + 1 - j0 > vs ? shi + 1 - j0 : vs; j < lo - j0 && j < ve; j++) s[j] = NEG_INF;
     for (int64_t j = *rs; j < vs; j++) s[j] = NEG_INF;
     for (int64_t j = ve; j < *re; j++) s[j] = NEG_INF;
     FN(fill_zero)(s, cs, *rs);

@@ -205,7 +205,7 @@ const char *sa_storage_path(int isa, int storage)
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
 {
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
-        || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_DECODE
+        || a->sink_tokens < 0 || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_DECODE
         || a->storage < SA_STORE_NATIVE || a->storage > SA_STORE_F16 || (a->storage != SA_STORE_NATIVE && dsize != 4))
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;                    /* elements per 64 bytes */
@@ -245,8 +245,8 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     /* A window bounded on both sides (the right side by causal, or by
      * window_right) lets a query tile see at most `band` consecutive keys,
      * which span at most `ring` key blocks. */
-    int64_t ring = 0;
-    if (a->window && a->window_left >= 0 && (a->causal || a->window_right >= 0)) {
+    int64_t ring = 0;       /* (sink tokens: blocks far before the window too, no ring) */
+    if (a->window && a->window_left >= 0 && (a->causal || a->window_right >= 0) && a->sink_tokens <= 0) {
         int64_t right = a->causal ? 0 : a->window_right;   /* causal: keys j <= p */
         int64_t band = a->window_left + right + p->bq;
         ring = (band - 1) / p->bk + 2;
@@ -332,7 +332,7 @@ int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int ds
 {
     /* 16-bit storage: the forward only, for now (selfattn.h) */
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
-        || a->storage != SA_STORE_NATIVE)
+        || a->sink_tokens < 0 || a->storage != SA_STORE_NATIVE)
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;
     int64_t bq = p->bq, bk = p->bk;

@@ -155,8 +155,11 @@ typedef int (*sa_interrupt_fn)(void *ctx);
  * (it replaces the alignment: a block of a longer problem, its first query
  * row at position q_pos[u] of the unit's keys, any value) and sees key j < S_u when
  *     bool mask true  and  (not causal or j <= p)
- *     and (not window or window_left < 0 or j >= p - window_left)
- *     and (not window or window_right < 0 or j <= p + window_right).
+ *     and (not window or window_left < 0 or j >= p - window_left
+ *          or j < sink_tokens)
+ *     and (not window or window_right < 0 or j <= p + window_right):
+ * the first sink_tokens keys stay visible beside a window (StreamingLLM's
+ * attention sinks), the keys between are skipped.
  * A zero-initialised sa_attn_args has none of these (plain attention).
  * Its logit is s = scale q.k, then softcap * tanh(s / softcap) if softcap > 0,
  * then - alibi_slope[u] * |p - j| if alibi_slope, then + the float mask.
@@ -199,6 +202,8 @@ typedef struct {
     double softcap;                            /* > 0: cap the logits; 0: none  */
     const double *sink;                        /* [n_units] or NULL: a logit in every
                                                   denominator (-inf: none)       */
+    int64_t sink_tokens;                       /* >= 0: keys j < sink_tokens escape
+                                                  window_left (0: none)          */
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
     int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED and
                          DECODE are only taken where the problem allows them
