@@ -111,6 +111,11 @@ MUTANTS = [
     ("decode_sink_ignored", DECODE, "T sink2 = a->sink ? (T)(a->sink[u] * SA_LOG2E) : -(T)INFINITY;",
      "T sink2 = -(T)INFINITY;",
      "the decode schedule's merge drops the attention sink"),
+    ("sink_tokens_gap_visible", ROWS, "    if (shi >= 0)                                            /* the keys between sinks and interval */",
+     "    if (0)",
+     "the keys between the sink tokens and the window, inside one block, stay visible"),
+    ("sink_token_blocks_skipped", MASK, "return shi >= 0 || hi < lo ? 0 : lo / bk;", "return hi < lo ? 0 : lo / bk;",
+     "the blocks of the sink tokens are not visited when a window follows them"),
 ]
 
 C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]

@@ -41,6 +41,9 @@ TARGET_KEYS = {
     "key_lengths": (11, ">=", "key_lengths half invalid: all-valid time / half-valid time"),
     "varlen_dense": (12, ">=", "varlen GFLOP/s / dense batch of the same work GFLOP/s"),
     "varlen_torch": (12, ">=", "torch on the padded batch / varlen (time)"),
+    # [16] sinks (bench/structured.py's case 4)
+    "sinks_cost": (16, "<=", "sinks=: time with a sink per head / without"),
+    "sink_tokens_window": (16, "<=", "decode with 4 sink tokens beside a window / the window alone (time)"),
     # [13]-[15] training (ratios.py --group backward, bench/backward.py)
     "bwd_torch": (13, ">=", "forward + backward / torch's forward + backward (time)"),
     "bwd_fwd": (14, ">=", "backward GFLOP/s (10 BHLSE) / forward GFLOP/s, same shape"),
@@ -48,7 +51,7 @@ TARGET_KEYS = {
 }
 
 _STRUCTURED = {"window_ideal": 1.3, "window_torch": 20.0, "key_lengths": 1.8, "varlen_dense": 0.8,
-               "varlen_torch": 1.0}
+               "varlen_torch": 1.0, "sinks_cost": 1.05, "sink_tokens_window": 1.15}
 _NOT_ISA_BOUND = {"overhead": 0.5, "scaling": 1.85, "memory_mib": 64.0, "accuracy": 2.0}
 _TRAINING = {"bwd_torch": 1.3, "bwd_fwd": 0.6, "attend_vjp_torch": 1.2}
 

@@ -22,6 +22,11 @@ targets, none on the portable "generic" path):
   3. varlen over 64 sequences of random lengths 16..1024 vs one dense batch of the same
      total work -- target >= 0.8x its GFLOP/s -- and vs torch on the padded equivalent
      -- target >= 1x.
+  4. sinks: ``sinks=`` (a logit per head, B1 H8 L4096 E64 causal) vs the same call without --
+     target <= 1.05x the time; ``num_sink_tokens=4`` beside a causal window of 4096 (StreamingLLM)
+     decoding over S = 32768 cached keys (B1 Hq32 Hkv8 E128) vs the window alone -- target <=
+     1.15x the time (the 4 sink keys and their block are the only extra work; the blocks
+     between are skipped).
 """
 
 import argparse
@@ -153,7 +158,30 @@ def case_varlen(best, torch=None, quick=False, threads=None):
     return lines, values
 
 
-CASES = (case_causal_window, case_key_lengths, case_varlen)
+def case_sinks(best, torch=None, quick=False, threads=None):
+    sdpa = selfattn.scaled_dot_product_attention
+    L = 1024 if quick else 4096
+    q, k, v = impls.make_qkv(1, H, L, E)
+    sinks = np.linspace(-1.0, 1.0, H)
+    t = best({"plain": lambda: sdpa(q, k, v, is_causal=True, num_threads=threads),
+              "sinks": lambda: sdpa(q, k, v, is_causal=True, sinks=sinks, num_threads=threads)})
+    S, w = (8192, 1024) if quick else (32768, 4096)
+    rng = np.random.default_rng(1)
+    qd = rng.standard_normal((1, 32, 1, 128), dtype=np.float32)
+    kd, vd = (rng.standard_normal((1, 8, S, 128), dtype=np.float32) for _ in range(2))
+    kw = dict(enable_gqa=True, is_causal=True, alignment="bottom_right", window_size=(w, 0), num_threads=threads)
+    td = best({"window": lambda: sdpa(qd, kd, vd, **kw),
+               "window + 4 sink tokens": lambda: sdpa(qd, kd, vd, num_sink_tokens=4, **kw)})
+    lab = f"sinks B1 H{H} L{L} E{E} causal"
+    labd = f"decode B1 Hq32 Hkv8 S{S} E128, causal window {w}"
+    lines = [f"4. {lab}: {t['plain'] * 1e3:.1f} ms without, {t['sinks'] * 1e3:.1f} ms with sinks=",
+             f"   {labd}: {td['window'] * 1e3:.2f} ms, with 4 sink tokens {td['window + 4 sink tokens'] * 1e3:.2f} ms"]
+    return lines, {"sinks_cost": (f"{lab}: time with sinks / without", t["sinks"] / t["plain"]),
+                   "sink_tokens_window": (f"{labd}: time with 4 sink tokens / window alone",
+                                          td["window + 4 sink tokens"] / td["window"])}
+
+
+CASES = (case_causal_window, case_key_lengths, case_varlen, case_sinks)
 
 
 def run_cases(best, T, torch=None, quick=False, threads=None, out=print):

@@ -36,8 +36,9 @@ Architecture at a glance
                                                          from lse; dQ partials summed in a fixed order:
                                                          thread-count invariant). attn_mask.h: causal,
                                                          window, alignment / q_pos, query and key
-                                                         lengths as one key interval per row; tiles
-                                                         outside it skipped. Sinks (sa_attn_args.sink)
+                                                         lengths as one key interval per row (and
+                                                         num_sink_tokens a second one, [0, shi]); tiles
+                                                         outside both skipped. Sinks (sa_attn_args.sink)
                                                          join each row's denominator where it is
                                                          normalised (forward step 3, decode merge);
                                                          lse includes them, so the backward reads them

@@ -195,7 +195,8 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
                                  num_threads: Optional[int] = None, window_size: Window = None,
                                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
                                  alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None,
-                                 sinks: Optional[ArrayLike] = None, split_every: Optional[int] = None) -> Any:
+                                 sinks: Optional[ArrayLike] = None, num_sink_tokens: Optional[int] = None,
+                                 split_every: Optional[int] = None) -> Any:
     """:func:`selfattn.scaled_dot_product_attention` over Dask arrays: lazy, chunk by chunk.
 
     Same arguments and results as the NumPy function (equal to its result up to rounding, for every
@@ -216,7 +217,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     attn_mask : dask or array_like, optional
         bool or float, broadcastable to (..., Hq, L, S); chunked along with query and key (its
         size-1 dims stay whole).
-    dropout_p, is_causal, scale, enable_gqa, num_threads, window_size, alignment, softcap
+    dropout_p, is_causal, scale, enable_gqa, num_threads, window_size, alignment, softcap, num_sink_tokens
         As in :func:`selfattn.scaled_dot_product_attention` (torch's signature). `num_threads` is per block call:
         with several tasks running at once per machine (Dask's threaded scheduler, or workers
         with several threads), ``num_threads=1`` avoids oversubscribing the cores.
@@ -271,7 +272,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
                                                 scale=scale, enable_gqa=enable_gqa, num_threads=num_threads,
                                                 window_size=window_size, alignment=alignment,
                                                 key_lengths=key_lengths, alibi_slopes=alibi_slopes, softcap=softcap,
-                                                sinks=sinks)
+                                                sinks=sinks, num_sink_tokens=num_sink_tokens)
     nd = q.ndim
 
     # -- the structure, normalised: window sides with the causal cut, valid keys per batch entry
@@ -293,8 +294,10 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     l_bounds, s_bounds = _bounds(q.chunks[-2]), _bounds(k.chunks[-2])
 
     kw = dict(scale=scale, softcap=softcap, num_threads=num_threads, enable_gqa=bool(enable_gqa))
+    n_sink = 0 if num_sink_tokens is None or left is None else _spec.check_sink_tokens(num_sink_tokens)
     token = tokenize(q.name, k.name, v.name, None if mask is None else mask.name, is_causal, scale,
-                     enable_gqa, num_threads, window_size, alignment, S_b, slopes, softcap, sink_all, split_every)
+                     enable_gqa, num_threads, window_size, alignment, S_b, slopes, softcap, sink_all, n_sink,
+                     split_every)
     out_name, lse_name = f"selfattn-sdpa-{token}", f"selfattn-sdpa-lse-{token}"
     part_name, merge_name = f"selfattn-sdpa-part-{token}", f"selfattn-sdpa-merge-{token}"
     layer: Dict[Any, Any] = {}
@@ -310,10 +313,14 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
             keys: List[Any] = []
             for si, (s0, s1) in enumerate(s_bounds):
                 D = l0 - s0 + (S_blk - L if bottom_right else 0 * S_blk)
-                if not _sees(l1 - l0, s1 - s0, D, np.clip(S_blk - s0, 0, s1 - s0), left, right):
+                # sink tokens in this key chunk: its first ns - s0 keys escape the left bound
+                ns_blk = int(min(max(n_sink - s0, 0), s1 - s0))
+                if not _sees(l1 - l0, s1 - s0, D, np.clip(S_blk - s0, 0, s1 - s0), None if ns_blk else left,
+                             right):
                     continue
                 fn = functools.partial(_block, l0=l0, s0=s0, L=L, S_b=S_blk, bottom_right=bottom_right,
-                                       left=left, right=right, slopes=slopes_blk, kw=kw,
+                                       left=left, right=right, slopes=slopes_blk,
+                                       kw=dict(kw, num_sink_tokens=ns_blk) if ns_blk else kw,
                                        sinks=sinks_blk if not keys else None)
                 mkey = None
                 if mask is not None:

@@ -82,7 +82,7 @@ def _fmt_bytes(n):
 # ---------------------------------------------------------------------------------------------
 # the structure of the mask, written out with positions
 
-def _structure(L, S, lead, batch, *, is_causal, window, alignment, key_lengths, slopes):
+def _structure(L, S, lead, batch, *, is_causal, window, alignment, key_lengths, slopes, sink_tokens=0):
     """Visibility and bias of key j for query row i, as arrays broadcastable to lead + (L, S).
 
     Query row i sits at position p(i) = i (top_left) or i + S_b - L (bottom_right), where
@@ -90,7 +90,8 @@ def _structure(L, S, lead, batch, *, is_causal, window, alignment, key_lengths, 
 
         j < S_b                                    (always)
         j <= p(i)                                  (is_causal)
-        p(i) - left <= j <= p(i) + right           (window_size; a None side is unbounded)
+        p(i) - left <= j <= p(i) + right           (window_size; a None side is unbounded;
+                                                    j < sink_tokens escapes the left side)
 
     and ALiBi adds  -slope[..., h] * |p(i) - j|  to its logit.
     Returns (visible: bool or None for "all visible", bias: float64 array or None).
@@ -115,7 +116,7 @@ def _structure(L, S, lead, batch, *, is_causal, window, alignment, key_lengths, 
     if is_causal:
         visible = both(visible, j <= p)
     if left is not None:
-        visible = both(visible, j >= p - left)
+        visible = both(visible, (j >= p - left) | (j < sink_tokens))
     if right is not None:
         visible = both(visible, j <= p + right)
 
@@ -151,7 +152,7 @@ def _softmax_rows(s, sinks=None):
 
 def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None, enable_gqa=False,
                       window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
-                      softcap=None, sinks=None, max_elements=DEFAULT_MAX_ELEMENTS):
+                      softcap=None, sinks=None, num_sink_tokens=None, max_elements=DEFAULT_MAX_ELEMENTS):
     """The attention probabilities softmax(logits), shape (..., Hq, L, S), materialised.
 
     Same arguments and semantics as ``selfattn.scaled_dot_product_attention`` (without value),
@@ -189,6 +190,8 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
     sinks : float array_like, optional
         Broadcastable to (..., Hq): one more logit in each row's denominator (an attention sink);
         the rows then sum to less than 1 (the sink's share is what they lack).
+    num_sink_tokens : int >= 0, optional
+        With a window bounded on the left, the first n keys stay visible beside it (StreamingLLM).
     max_elements : int or None
         Refuse (ValueError) to build a result of more elements than this (default 2**27).
         None = no limit.
@@ -253,6 +256,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
                              f"{out_shape}")
     kl = None if key_lengths is None else _spec.batch_lengths(key_lengths, batch, S)
     slopes = None if alibi_slopes is None else _spec.head_slopes(alibi_slopes, lead)
+    ns = 0 if num_sink_tokens is None else _spec.check_sink_tokens(num_sink_tokens)
     sk = None if sinks is None else _spec.head_sinks(sinks, lead).astype(dt)[..., None, None]
 
     n = math.prod(out_shape)
@@ -290,7 +294,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
         s *= dt.type(softcap)
 
     visible, bias = _structure(L, S, lead, batch, is_causal=causal, window=window, alignment=alignment,
-                               key_lengths=kl, slopes=slopes)
+                               key_lengths=kl, slopes=slopes, sink_tokens=ns)
     if bias is not None:
         s += bias.astype(dt)
     if mask is not None:

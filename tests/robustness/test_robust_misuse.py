@@ -124,6 +124,9 @@ MISUSE = [
     ("sinks_plus_inf", q_(sinks=math.inf), ValueError, r"sinks must be finite or -inf"),
     ("sinks_str", q_(sinks="1"), TypeError, r"sinks must be real numbers .*got dtype <U1"),
     ("sinks_complex", q_(sinks=np.ones(4, complex)), TypeError, r"sinks must be real numbers .*got dtype complex128"),
+    ("sink_tokens_negative", q_(window_size=(2, 0), num_sink_tokens=-1), ValueError, r"num_sink_tokens must be >= 0, got -1"),
+    ("sink_tokens_float", q_(window_size=(2, 0), num_sink_tokens=1.5), TypeError,
+     r"num_sink_tokens must be an int >= 0, got float"),
     # ---- grouped-query attention
     ("gqa_not_divisible", q_(key=K[:, :3], value=V[:, :3], enable_gqa=True), ValueError,
      r"enable_gqa: query heads Hq=4 must be a multiple of key/value heads H=3"),
@@ -230,6 +233,7 @@ MISUSE = [
     ("vjp_softcap_str", GV(softcap="30"), TypeError, r"softcap must be a real number > 0 or None, got str"),
     ("vjp_softcap_zero", GV(softcap=0.0), ValueError, r"softcap must be finite and > 0"),
     ("vjp_sinks_shape", GV(sinks=np.ones(3)), ValueError, r"sinks of shape \(3,\) does not broadcast"),
+    ("vjp_sink_tokens_bool", GV(num_sink_tokens=True), TypeError, r"num_sink_tokens must be an int >= 0, got bool"),
     ("vjp_mask_int", GV(attn_mask=np.ones((5, 7), np.int32)), TypeError, r"attn_mask must be bool .*got dtype int32"),
     ("vjp_gqa_not_divisible", lambda: selfattn.scaled_dot_product_attention_vjp(Q, K[:, :3], V[:, :3], enable_gqa=True),
      ValueError,

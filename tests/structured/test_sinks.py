@@ -1,7 +1,12 @@
-"""Attention sinks (``sinks=``: one logit per query head in every row's softmax denominator, with a
-value of zero; gpt-oss, FlashAttention's learnable sink) against selfattn.reference, on every path and
-schedule, with every other option; the closed form; its gradient through the VJPs and the torch
-bridge; varlen, KVCache, Dask; thread invariance; -inf = no sink, bit for bit; the errors.
+"""Attention sinks against selfattn.reference, on every path and schedule, with every other option.
+
+* ``sinks=``: one logit per query head in every row's softmax denominator, with a value of zero
+  (gpt-oss, FlashAttention's learnable sink): the closed form; its gradient through the VJPs and the
+  torch bridge; varlen, KVCache, Dask; thread invariance; -inf = no sink, bit for bit; the errors.
+* ``num_sink_tokens=n``: the first n keys stay visible beside a window (StreamingLLM): the same, plus
+  the promise that the key blocks between the sink tokens and every window are not read (NaN there
+  leaves the result bit-identical), and that the banded schedule (a ring of consecutive blocks) is
+  not taken.
 """
 
 import importlib
@@ -38,6 +43,9 @@ def sink_cases(draw):
         kw["enable_gqa"] = True
     if draw(st.booleans()):
         kw["window_size"] = (draw(st.sampled_from([None, 0, 3, 40])), draw(st.sampled_from([None, 0, 5])))
+        ns = draw(st.sampled_from([None, 0, 1, 4, "nr+1", "bk-1", "bk+3", "S"]))
+        if ns is not None:
+            kw["num_sink_tokens"] = S if ns == "S" else ns if isinstance(ns, int) else edge(isa, dtype, ns)
     if draw(st.booleans()):
         kl = draw(st.lists(st.one_of(st.just(0), st.integers(0, S)), min_size=B, max_size=B))
         kw["key_lengths"] = np.array(kl)
@@ -45,14 +53,15 @@ def sink_cases(draw):
         kw["alibi_slopes"] = np.linspace(0.05, 0.5, H * g)
     if draw(st.booleans()):
         kw["softcap"] = 5.0
-    shape = draw(st.sampled_from(["head", "batch_head", "scalar"]))
+    shape = draw(st.sampled_from(["head", "batch_head", "scalar", "none"]))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     sinks = {"head": rng.standard_normal(H * g) * 3, "batch_head": rng.standard_normal((B, H * g)) * 3,
-             "scalar": np.float64(rng.standard_normal() * 3)}[shape]
-    if shape != "scalar" and draw(st.booleans()):
+             "scalar": np.float64(rng.standard_normal() * 3), "none": None}[shape]
+    if shape in ("head", "batch_head") and draw(st.booleans()):
         sinks.reshape(-1)[0] = -np.inf                   # no sink for one head
-    kw["sinks"] = sinks
+    if shape != "none":
+        kw["sinks"] = sinks
     return dict(dtype=dtype, L=L, S=S, B=B, H=H, g=g, kw=kw, seed=seed, mask=draw(st.sampled_from([None, "bool"])),
                 threads=draw(st.sampled_from([1, 2])), schedule=draw(st.sampled_from(SCHEDULES)))
 
@@ -73,12 +82,13 @@ def test_every_option_with_sinks_matches_reference(c):
     mag = logit_magnitude(q, k)
     if kw.get("alibi_slopes") is not None:
         mag += 0.5 * (L + S)
-    snaps = snapshot(q, k, v, kw["sinks"])
+    sinks = kw.get("sinks", 0.0)
+    snaps = snapshot(q, k, v, kw.get("sinks"))
     for isa in ISAS:
         with selfattn.use_isa(isa), forced_schedule(c["schedule"]):
             out, lse = sdpa(q, k, v, return_lse=True, num_threads=c["threads"], **kw)
-        assert_sdpa_close(out, ref, dt, vmax_of(v), _lse_mag(kw["sinks"], mag), lse, ref_lse, ctx=f"[isa={isa}] ")
-    assert_unchanged((q, k, v, kw["sinks"]), snaps)
+        assert_sdpa_close(out, ref, dt, vmax_of(v), _lse_mag(sinks, mag), lse, ref_lse, ctx=f"[isa={isa}] ")
+    assert_unchanged((q, k, v, kw.get("sinks")), snaps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -287,3 +297,177 @@ def test_attention_weights_with_sinks():
     np.testing.assert_allclose(w, reference.attention_weights(q, k, **kw), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(w @ np.repeat(v, 2, axis=1), sdpa(q, k, v, **kw), rtol=1e-12, atol=1e-13)
     assert (w[0, 2].sum(-1) > 1 - 1e-12).all() and (w[0, [0, 1, 3]].sum(-1) < 1).all() and (w[1] == 0).all()
+
+
+# ---------------------------------------------------------------- num_sink_tokens (StreamingLLM)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_sink_tokens_closed_form(isa, dtype, schedule):
+    """q = 0: every visible key has weight 1 / (number visible), so row p's output is the mean of the
+    values of keys [0, n) and [p - w, p] (causal window w, n sink tokens), whatever the gap."""
+    L, S, w, n = 3, 500, 40, 5
+    rng = np.random.default_rng(21)
+    q = np.zeros((1, 2, L, 8), dtype)
+    k = rng.standard_normal((1, 2, S, 8)).astype(dtype)
+    v = rng.standard_normal((1, 2, S, 6)).astype(dtype)
+    with selfattn.use_isa(isa), forced_schedule(schedule):
+        out = sdpa(q, k, v, is_causal=True, window_size=(w, 0), num_sink_tokens=n, alignment="bottom_right")
+    v64 = v.astype(np.float64)
+    for i in range(L):
+        p = S - L + i
+        want = np.concatenate([v64[0, :, :n], v64[0, :, p - w:p + 1]], axis=1).mean(axis=1)
+        np.testing.assert_allclose(out[0, :, i], want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-6 if dtype == np.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1, 4, "bq+3"])
+def test_blocks_between_sink_tokens_and_window_are_not_read(isa, dtype, L):
+    """Keys in whole blocks between the sink tokens and every query's window: NaN there leaves out,
+    lse and the backward's gradients bit-identical (the kernels step over those blocks)."""
+    bk = edge(isa, dtype, "bk")
+    L = edge(isa, dtype, L) if isinstance(L, str) else L
+    n, w, S = 3, 2 * bk, 12 * bk + 5
+    rng = np.random.default_rng(22)
+    q = rng.standard_normal((2, 4, L, 16)).astype(dtype)
+    k, v = rng.standard_normal((2, 2, S, 16)).astype(dtype), rng.standard_normal((2, 2, S, 8)).astype(dtype)
+    kw = dict(enable_gqa=True, is_causal=True, window_size=(w, 0), num_sink_tokens=n, alignment="bottom_right")
+    lo_min = S - L - w                                  # the first key of the first query's window
+    gap = slice(bk, lo_min // bk * bk)                  # whole blocks after the sink tokens' block
+    assert gap.stop - gap.start >= 4 * bk
+    kn, vn = k.copy(), v.copy()
+    kn[:, :, gap] = np.nan
+    vn[:, :, gap] = np.inf
+    with selfattn.use_isa(isa):
+        for sched in (None, "shared", "fused", "decode"):
+            with forced_schedule(sched):
+                clean, dirty = sdpa(q, k, v, return_lse=True, **kw), sdpa(q, kn, vn, return_lse=True, **kw)
+            for x, y in zip(clean, dirty):
+                assert np.array_equal(x, y), sched
+        o1, f1 = selfattn.scaled_dot_product_attention_vjp(q, k, v, **kw)
+        o2, f2 = selfattn.scaled_dot_product_attention_vjp(q, kn, vn, **kw)
+        d = rng.standard_normal(o1.shape).astype(dtype)
+        g1, g2 = f1(d), f2(d)
+        assert np.array_equal(g1[0], g2[0])
+        for a, b in zip(g1[1:], g2[1:]):              # dk, dv: zero on the blocks no query sees
+            assert np.array_equal(a, b) and not a[:, :, gap].any()
+    ref = reference.scaled_dot_product_attention(q, k, v, **kw)
+    assert_sdpa_close(clean[0], ref, dtype, vmax_of(v), logit_magnitude(q, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sink_tokens_backward_matches_reference(isa, dtype):
+    rng = np.random.default_rng(23)
+    bk = edge(isa, dtype, "bk")
+    L = S = 3 * bk + 7
+    q = rng.standard_normal((2, 4, L, 16)).astype(dtype)
+    k, v = rng.standard_normal((2, 2, S, 16)).astype(dtype), rng.standard_normal((2, 2, S, 8)).astype(dtype)
+    for kw in (dict(is_causal=True, window_size=(bk // 2, 0), num_sink_tokens=4),
+               dict(window_size=(5, 9), num_sink_tokens=bk + 3, sinks=np.array([0.5, -1.0, 2.0, 0.0]),
+                    key_lengths=[S, S - bk], softcap=7.0)):
+        with selfattn.use_isa(isa):
+            out, vjp = selfattn.scaled_dot_product_attention_vjp(q, k, v, enable_gqa=True, **kw)
+            d = rng.standard_normal(out.shape).astype(dtype)
+            got = vjp(d)
+        rout, rvjp = reference.scaled_dot_product_attention_vjp(q, k, v, enable_gqa=True, **kw)
+        want = rvjp(d)
+        tol = 2e-4 if dtype == np.float32 else 1e-10
+        for g_, w_ in zip(got, want):
+            scale = max(1.0, float(np.abs(w_).max()))
+            assert np.abs(g_ - w_).max() <= tol * scale, kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sink_tokens_threads_and_schedules(isa, dtype):
+    rng = np.random.default_rng(24)
+    bk = edge(isa, dtype, "bk")
+    S = 20 * bk + 3
+    k, v = rng.standard_normal((2, 2, S, 32)).astype(dtype), rng.standard_normal((2, 2, S, 16)).astype(dtype)
+    kw = dict(enable_gqa=True, is_causal=True, window_size=(3 * bk, 0), num_sink_tokens=4)
+    assert _core_sched(k, v, dtype, kw, num_sink_tokens=0)["banded"]            # the band alone: banded
+    assert not _core_sched(k, v, dtype, kw)["banded"]                           # with sinks: never
+    with forced_schedule("banded"):
+        assert not _core_sched(k, v, dtype, kw)["banded"]
+    for L in (1, 5, S):
+        q = rng.standard_normal((2, 4, L, 32)).astype(dtype)
+        kwl = dict(kw, alignment="bottom_right")
+        with selfattn.use_isa(isa):
+            runs = [sdpa(q, k, v, return_lse=True, num_threads=t, **kwl) for t in (1, 2, 3)]
+            tiled = []        # the shared and fused schedules sum in the same order (decode: its own)
+            for sched in ("shared", "fused"):
+                with forced_schedule(sched):
+                    tiled.append(sdpa(q, k, v, return_lse=True, num_threads=2, **kwl))
+        for group in (runs, tiled):
+            for out, lse in group[1:]:
+                assert np.array_equal(out, group[0][0]) and np.array_equal(lse, group[0][1]), L
+        o, f = selfattn.scaled_dot_product_attention_vjp(q, k, v, num_threads=1, **kwl)
+        d = rng.standard_normal(o.shape).astype(dtype)
+        g1 = f(d)
+        g3 = selfattn.scaled_dot_product_attention_vjp(q, k, v, num_threads=3, **kwl)[1](d)
+        for a, b in zip(g1, g3):
+            assert np.array_equal(a, b)
+
+
+def _core_sched(k, v, dtype, kw, **over):
+    q = np.zeros((2, 4, k.shape[2], k.shape[3]), dtype)
+    return selfattn._core.sdpa(q, k, v, schedule_only=True, num_threads=2, **dict(kw, **over))
+
+
+def test_sink_tokens_varlen_kvcache_dask_and_weights():
+    rng = np.random.default_rng(25)
+    kw = dict(is_causal=True, window_size=(20, 0), num_sink_tokens=3, alignment="bottom_right")
+    # varlen
+    cu_q, cu_k = np.array([0, 5, 45]), np.array([0, 100, 240])
+    q, k, v = rng.standard_normal((4, 45, 16)), rng.standard_normal((2, 240, 16)), rng.standard_normal((2, 240, 8))
+    got = selfattn.varlen_attention(q, k, v, cu_q, cu_k, enable_gqa=True, **kw)
+    want = reference.varlen_attention(q, k, v, cu_q, cu_k, enable_gqa=True, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # KVCache
+    cache = selfattn.KVCache(batch=2, num_kv_heads=2, head_dim=16, max_len=400, dtype=np.float64)
+    kk, vv = rng.standard_normal((2, 2, 300, 16)), rng.standard_normal((2, 2, 300, 16))
+    cache.append(kk, vv)
+    qq = rng.standard_normal((2, 4, 2, 16))
+    got = cache.attend(qq, window_size=(20, 0), num_sink_tokens=3)
+    want = reference.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # attention_weights
+    w = selfattn.attention_weights(qq, kk, enable_gqa=True, **kw)
+    np.testing.assert_allclose(w, reference.attention_weights(qq, kk, enable_gqa=True, **kw), rtol=1e-12, atol=1e-15)
+    assert (w[..., 3:277] == 0).all() and (w[..., :3] > 0).all()
+    # Dask: key chunks before, across and after the sink tokens
+    da = optional_import("dask.array")
+    import selfattn.dask as sd
+    q2 = rng.standard_normal((1, 4, 60, 16))
+    k2, v2 = rng.standard_normal((1, 2, 90, 16)), rng.standard_normal((1, 2, 90, 8))
+    for ns, chunk in ((3, 2), (3, 7), (25, 10), (0, 10)):
+        kw2 = dict(is_causal=True, window_size=(6, 0), num_sink_tokens=ns, alignment="bottom_right", enable_gqa=True)
+        got = sd.scaled_dot_product_attention(da.from_array(q2, chunks=(1, 2, 13, 16)),
+                                              da.from_array(k2, chunks=(1, 1, chunk, 16)),
+                                              da.from_array(v2, chunks=(1, 1, chunk, 8)), return_lse=True, **kw2)
+        want = sdpa(q2, k2, v2, return_lse=True, **kw2)
+        np.testing.assert_allclose(got[0].compute(), want[0], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got[1].compute(), want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_sink_tokens_without_a_left_bound_change_nothing():
+    rng = np.random.default_rng(26)
+    q, k, v = (rng.standard_normal((1, 2, 70, 16)) for _ in range(3))
+    for kw in (dict(is_causal=True), dict(window_size=(None, 4)), {}):
+        assert np.array_equal(sdpa(q, k, v, num_sink_tokens=5, **kw), sdpa(q, k, v, **kw))
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (-1, ValueError, "num_sink_tokens must be >= 0, got -1"),
+    (2.0, TypeError, "num_sink_tokens must be an int >= 0, got float"),
+    (True, TypeError, "num_sink_tokens must be an int >= 0, got bool"),
+    ("4", TypeError, "num_sink_tokens must be an int >= 0, got str"),
+])
+def test_bad_sink_tokens_are_clear_errors(bad, exc, msg):
+    q = np.zeros((1, 4, 2, 8), np.float32)
+    with pytest.raises(exc, match=msg):
+        sdpa(q, q, q, window_size=(3, 0), num_sink_tokens=bad)
+    with pytest.raises(exc, match=msg):
+        selfattn.attention_weights(q, q, window_size=(3, 0), num_sink_tokens=bad)
+    with pytest.raises(exc, match=msg):
+        reference.scaled_dot_product_attention(q, q, q, window_size=(3, 0), num_sink_tokens=bad)
