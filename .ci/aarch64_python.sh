@@ -47,11 +47,11 @@
 #                                time: 155 s and 94 s under emulation (250 and 160 training steps);
 #                                the training's forward/backward kernels are checked by
 #                                test_backward.py and test_train's finite-difference gradient test
-# Measured on the 2-core CI VM (nice 19, a machine shared with other work): debootstrap 252 s,
-# wheels 13 s, build 189 s (under emulation, before the cross build), pass 1 619 s (2584 passed, 92 skipped: torch/dask/matplotlib/
-# threadpoolctl/safetensors absent, the avx2/avx512 paths, and test_demo_cli's console-script test:
-# Debian's pip puts scripts in /usr/local/bin, not next to /usr/bin/python3), pass 2 64 s
-# (841 passed, 23 skipped); the whole step 1149 s (19 min).
+# Measured on the 2-core CI VM (nice 19, beside the kernel tier's other steps), full run of
+# d428e3a: debootstrap 555 s, the cross build 53 s and its install 28 s, pass 1 1222 s (2731
+# passed; skipped: torch/dask/matplotlib/threadpoolctl/safetensors absent, the avx2/avx512 paths,
+# and test_demo_cli's console-script test: Debian's pip puts scripts in /usr/local/bin, not next
+# to /usr/bin/python3), pass 1b 434 s, pass 2 160 s; the whole step 2513 s (beside the rest).
 #
 # Installs debootstrap with apt-get; the emulator is a static qemu-aarch64 >= 8 (on Debian 12 the
 # one of bookworm-backports, see .ci/qemu_aarch64_new.sh and below), registered in binfmt_misc

@@ -301,18 +301,21 @@ cdef tuple _check_options(object num_threads, object is_causal, object window_si
                           object softcap):
     """The scalar options every entry point shares, validated before any work:
     (num_threads, causal, has_window, window_left, window_right, alignment, softcap);
-    -1 = unbounded window side, softcap 0.0 = none."""
+    -1 = unbounded window side, softcap 0.0 = none. is_causal must be a bool (_spec.check_is_causal:
+    a string such as "no", or a number written in its place, would count as true)."""
+    if is_causal is not False and is_causal is not True:
+        is_causal = _spec.check_is_causal(is_causal)
     if num_threads is None and window_size is None and softcap is None and type(alignment) is str:
         # the common call, answered without _spec (the same values its checks would give)
         if alignment == "top_left" or alignment == "bottom_right":
-            return (sa_default_threads(), bool(is_causal), False, -1, -1,
+            return (sa_default_threads(), is_causal, False, -1, -1,
                     SA_ALIGN_TOP_LEFT if alignment == "top_left" else SA_ALIGN_BOTTOM_RIGHT, 0.0)
     nt = _check_threads(num_threads)
     left, right = _spec.window_sides(window_size)
     has_window = window_size is not None
     align = SA_ALIGN_TOP_LEFT if _spec.check_alignment(alignment) == "top_left" else SA_ALIGN_BOTTOM_RIGHT
     cap = _spec.check_softcap(softcap)
-    return (nt, bool(is_causal), has_window, -1 if left is None else min(left, 1 << 62),
+    return (nt, is_causal, has_window, -1 if left is None else min(left, 1 << 62),
             -1 if right is None else min(right, 1 << 62), align, 0.0 if cap is None else cap)
 
 

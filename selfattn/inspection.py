@@ -211,7 +211,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
     window = _check_window(window_size)
     softcap = _check_softcap(softcap)
     max_elements = _check_max_elements(max_elements)
-    causal = bool(is_causal)
+    causal = _spec.check_is_causal(is_causal)
     gqa = bool(enable_gqa)
 
     # -- arrays, dtypes, shapes

@@ -242,6 +242,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
                       window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
                       softcap=None, sinks=None, num_sink_tokens=None):
     """The softmax matrix P, shape (..., Hq, L, S), float64 (options as in scaled_dot_product_attention)."""
+    is_causal = _spec.check_is_causal(is_causal)
     k = np.asarray(key)
     dummy_v = np.zeros(k.shape[:-1] + (0,))            # P does not depend on V
     s, _ = _logits(query, key, dummy_v, attn_mask, is_causal, scale, enable_gqa, window_size,
