@@ -37,6 +37,7 @@ cdef object _F64 = np.dtype(np.float64)
 cdef object _BOOL = np.dtype(np.bool_)
 cdef object _U8 = np.dtype(np.uint8)
 cdef object _F16 = np.dtype(np.float16)
+cdef object _I8 = np.dtype(np.int8)
 cdef int _isa = sa_isa_best()
 cdef int _forced_schedule = SA_SCHEDULE_AUTO   # test hook: _force_schedule
 cdef long _fail_allocs = 0         # debug hook: make N allocations fail ...
@@ -408,6 +409,8 @@ cdef struct _Units:
     int64_t *m_off
     int64_t *kv_k                    # per distinct K/V: element offset of its key, value
     int64_t *kv_v
+    int64_t *kv_ks                   # ... and of its key and value scales (int8 K/V)
+    int64_t *kv_vs
     int64_t *kv_start                # n_kv + 1: kv_units[kv_start[g]:kv_start[g+1]] read K/V g
     int64_t *kv_units
     int64_t *dq_off                  # the backward: per unit into dq, per K/V into dk and dv
@@ -434,6 +437,8 @@ cdef class Problem:
     cdef object q, k, v, mask            # the data; None when described from ArraySpecs
     cdef object q_len, k_len, q_pos, slopes, sinks   # per unit (C order of the units), or None
     cdef int64_t sink_tokens             # num_sink_tokens (0: none)
+    cdef object k_scale, v_scale         # int8 K/V: float32 scales (..., H, S, 1); else None
+    cdef readonly bint kv_quant          # int8 K and V with their scales
     cdef object cu_q, cu_k               # varlen: cumulative rows of the sequences
 
     @property
@@ -496,6 +501,9 @@ cdef class Problem:
         """The fused backward from the forward's out and lse and the cotangent: (dq, dk, dv),
         dq with the output's batch dims, dk and dv with the distinct K/V's (varlen: packed)."""
         self._need_data()
+        if self.kv_quant:
+            raise TypeError("no backward through int8 key and value (a quantized KV cache is for inference): "
+                            "attend float key and value to train")
         if self.ragged_rows:
             raise ValueError("query_lengths is for the forward into a new output only")
         for a, nm, shp, dt in ((out, "out", self.out_shape, self.out_dtype), (lse, "lse", self.lse_shape, self.dtype),
@@ -603,9 +611,39 @@ cdef object _ready16(object a):
     return a
 
 
+cdef _quantized_kv(Problem p, q, k, v, k_scale, v_scale):
+    """int8 key and value with their float32 scales (selfattn.quant): validated, kept in p."""
+    if k_scale is None or v_scale is None:
+        raise TypeError(f"k_scale and v_scale go together (int8 key and value, each with its scales): got "
+                        f"{'k_scale' if v_scale is None else 'v_scale'} only")
+    if k.dtype != _I8 or v.dtype != _I8:
+        raise TypeError(f"k_scale and v_scale are for int8 key and value (selfattn.quantize_kv), got key "
+                        f"{k.dtype} and value {v.dtype}")
+    if q.dtype != _F32:
+        raise TypeError(f"with int8 key and value the query must be float32, got {q.dtype}")
+    ks = _meta(k_scale, "k_scale")
+    vs = _meta(v_scale, "v_scale")
+    for sc, nm, arr, an in ((ks, "k_scale", k, "key"), (vs, "v_scale", v, "value")):
+        if sc.dtype.kind != "f" or sc.dtype.itemsize > 8:
+            raise TypeError(f"{nm} must be floating (float32), got dtype {sc.dtype}")
+        if tuple(sc.shape) != tuple(arr.shape[:-1]):
+            raise ValueError(f"{nm} must have the shape of {an} without its last dim, {tuple(arr.shape[:-1])} "
+                             f"(one scale per key), got {tuple(sc.shape)}")
+    p.kv_quant = True
+    if type(ks) is not ArraySpec and type(vs) is not ArraySpec:
+        p.k_scale = _ready(ks, cnp.NPY_FLOAT)[..., None]     # (..., H, S, 1): each key's scale where
+        p.v_scale = _ready(vs, cnp.NPY_FLOAT)[..., None]     # its row would be
+
+
 cdef _set_data(Problem p, q, k, v, m):
     """Keep the data (converted to the compute type, or as stored: 16 bits) when every input is an array."""
     if type(q) is ArraySpec or type(k) is ArraySpec or type(v) is ArraySpec or type(m) is ArraySpec:
+        return
+    if p.kv_quant:                       # int8 K and V, read as stored (one byte: always aligned)
+        p.q = _ready(q, p.typenum)
+        p.k = k if cnp.PyArray_ISNOTSWAPPED(k) else k.copy()
+        p.v = v if cnp.PyArray_ISNOTSWAPPED(v) else v.copy()
+        p.mask = m
         return
     if p.storage != SA_STORE_NATIVE:
         p.q, p.k, p.v = _ready16(q), _ready16(k), _ready16(v)
@@ -618,7 +656,8 @@ cdef _set_data(Problem p, q, k, v, m):
 
 def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
              num_threads=None, window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
-             softcap=None, query_lengths=None, query_offsets=None, sinks=None, num_sink_tokens=None):
+             softcap=None, query_lengths=None, query_offsets=None, sinks=None, num_sink_tokens=None,
+             k_scale=None, v_scale=None):
     """The dense problem (see selfattn.scaled_dot_product_attention), validated -> Problem.
 
     Arrays, or ArraySpecs where the data is not there yet (then run/backward refuse).
@@ -630,17 +669,19 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
     positions (causal, windows, ALiBi)."""
     return _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
                      alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
-                     num_sink_tokens)
+                     num_sink_tokens, k_scale, v_scale)
 
 
 cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
                        alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
-                       num_sink_tokens):
+                       num_sink_tokens, k_scale=None, v_scale=None):
     cdef Problem p = Problem.__new__(Problem)
     cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
     p.sink_tokens = _spec.check_sink_tokens(num_sink_tokens) if num_sink_tokens is not None else 0
     q, k, v, p.typenum, p.storage = _qkv(query, key, value)
+    if k_scale is not None or v_scale is not None:
+        _quantized_kv(p, q, k, v, k_scale, v_scale)
     p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
     p.out_dtype = q.dtype if p.storage != SA_STORE_NATIVE else p.dtype
     cdef tuple qs = tuple(q.shape), ks = tuple(k.shape), vs = tuple(v.shape)
@@ -832,7 +873,7 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
     cdef int64_t n_units = p.n_units, n_kv = 1, u, c
     for d in range(nkb):
         n_kv *= <int64_t> kvb[d]
-    cdef int64_t *tab = <int64_t *> _alloc(sizeof(int64_t) * (9 * n_units + 5 * n_kv + 1 + 8 * (nb + nkb + 1)))
+    cdef int64_t *tab = <int64_t *> _alloc(sizeof(int64_t) * (9 * n_units + 7 * n_kv + 1 + 8 * (nb + nkb + 1)))
     t.n_units, t.n_kv = n_units, n_kv
     t.q_off = tab
     t.o_off = t.q_off + n_units
@@ -845,7 +886,9 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
     t.kv_v = t.kv_k + n_kv
     t.dk_off = t.kv_v + n_kv
     t.dv_off = t.dk_off + n_kv
-    t.kv_start = t.dv_off + n_kv
+    t.kv_ks = t.dv_off + n_kv
+    t.kv_vs = t.kv_ks + n_kv
+    t.kv_start = t.kv_vs + n_kv
     cdef int64_t *oshape = t.kv_start + n_kv + 1     # per-dim tables: 6 of nb, then 4 of nkb
     cdef int64_t *idx = oshape + nb
     cdef int64_t *st = idx + nb                 # element strides per output batch dim
@@ -880,6 +923,11 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
     _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_k, 1)
     _batch_strides(v, nkb, ks)
     _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_v, 1)
+    if p.kv_quant:                              # the scales, shaped like K / V with one column
+        _batch_strides(p.k_scale, nkb, ks)
+        _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_ks, 1)
+        _batch_strides(p.v_scale, nkb, ks)
+        _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_vs, 1)
     for u in range(n_kv + 1):                   # units grouped by K/V (counting sort)
         t.kv_start[u] = 0
     for u in range(n_units):
@@ -963,6 +1011,10 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
     a.alibi_slope = <const double *> cnp.PyArray_DATA(p.slopes) if p.slopes is not None else NULL
     a.sink = <const double *> cnp.PyArray_DATA(p.sinks) if p.sinks is not None else NULL
     a.sink_tokens = p.sink_tokens
+    if p.kv_quant:
+        a.kv_quant = SA_KV_INT8
+        a.k_scale, a.kv_ks_off, a.ks_s = <const float *> cnp.PyArray_DATA(p.k_scale), t.kv_ks, _stride(p.k_scale, -2)
+        a.v_scale, a.kv_vs_off, a.vs_s = <const float *> cnp.PyArray_DATA(p.v_scale), t.kv_vs, _stride(p.v_scale, -2)
     o = p.opts
     a.num_threads, a.causal, a.window, a.window_left, a.window_right = o[0], o[1], o[2], o[3], o[4]
     a.alignment, a.softcap = o[5], o[6]
@@ -982,13 +1034,13 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
          alibi_slopes=None, softcap=None, out=None, schedule_only=False, query_lengths=None,
-         query_offsets=None, sinks=None, num_sink_tokens=None):
+         query_offsets=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None):
     """The fused forward (see selfattn.scaled_dot_product_attention; query_lengths and
     query_offsets: see describe). Keyword-only past the arrays, so a new parameter can never shift
     the others. schedule_only=True validates and returns the kernel's plan without computing."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, query_lengths,
-                               query_offsets, sinks, num_sink_tokens)
+                               query_offsets, sinks, num_sink_tokens, k_scale, v_scale)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
     return p._run(out, return_lse)

@@ -23,6 +23,10 @@ cdef extern from "selfattn.h" nogil:
         SA_STORE_BF16
         SA_STORE_F16
 
+    ctypedef enum sa_kv_quant:
+        SA_KV_PLAIN
+        SA_KV_INT8
+
     ctypedef enum sa_mask_kind:
         SA_MASK_NONE
         SA_MASK_BOOL
@@ -92,6 +96,13 @@ cdef extern from "selfattn.h" nogil:
         double softcap
         const double *sink
         int64_t sink_tokens
+        int kv_quant
+        const float *k_scale
+        const int64_t *kv_ks_off
+        int64_t ks_s
+        const float *v_scale
+        const int64_t *kv_vs_off
+        int64_t vs_s
         int num_threads
         int schedule
         sa_interrupt_fn interrupt

@@ -53,8 +53,9 @@ static inline void FN(decode_row)(const sa_attn_args *a, const sa_layout *lay, i
 
 /* decode task t: chunk t % dec_chunks of kv unit t / dec_chunks. st: how K
  * and V are read -- SA_STORE_NATIVE (T: the arrays, or rows converted into
- * scratch), or 16-bit storage widened in registers (decode_task picks; one
- * specialisation each, st being a constant after inlining) */
+ * scratch), or 16-bit storage or int8 (SA_READ_I8) widened in registers
+ * (decode_task picks; one specialisation each, st being a constant after
+ * inlining) */
 SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
 {
     FN(dctx_t) *c = (FN(dctx_t) *)vctx;
@@ -144,6 +145,10 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
             int64_t cs = vs[rr] / VW * VW, ce = sa_round_up(ve[rr], VW);
             for (int64_t j = cs; j < vs[rr]; j++) s[j] = 0;
             for (int64_t j = ve[rr]; j < ce; j++) s[j] = 0;
+            if (st == SA_READ_I8) {                        /* int8 K: each key's dot times its scale */
+                const float *ksc = a->k_scale + a->kv_ks_off[g] + j0 * a->ks_s;
+                for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)ksc[j * a->ks_s];
+            }
             FN(mask_row)(a, &um[rr], u, i, j0, cs, ce, kvalid, s, &rs, &re);
             /* as in compute_tile: a row with nothing seen yet rescales by
              * exp2(-inf) = 0; one row at a time, so exp2 of libm */
@@ -152,6 +157,10 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
             mp[rr] = mnew;
             T sum = FN(exp_row)(s, rs, re, msafe);
             lp[rr] = lp[rr] * alph[rr] + sum;
+            if (st == SA_READ_I8) {                        /* int8 V: P.V with P times v's scale */
+                const float *vsc = a->v_scale + a->kv_vs_off[g] + j0 * a->vs_s;
+                for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)vsc[j * a->vs_s];
+            }
         }
 
         /* c. O = alpha O + P.V, four rows at a time over the union of their keys
@@ -188,8 +197,13 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
 #if STORE16
     /* 16-bit K and V with unit column strides: read as they are, widened in
      * registers (half the bytes of float32: decode is bound by them); the
-     * same values, and so the same bits, as converting them first */
+     * same values, and so the same bits, as converting them first. int8 K
+     * and V (any strides): read in place too, their scales applied apart */
     const sa_attn_args *a = ((const FN(dctx_t) *)vctx)->a;
+    if (a->kv_quant == SA_KV_INT8) {
+        FN(decode_task_st)(vctx, t, tid, SA_READ_I8);
+        return;
+    }
     if (a->storage != SA_STORE_NATIVE && a->k_se == 1 && a->v_se == 1) {
         if (a->storage == SA_STORE_BF16)
             FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16);

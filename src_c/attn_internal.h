@@ -16,6 +16,9 @@
 /* log2(e) and ln(2): the kernels keep logits in log2 units (exp2 is cheaper
  * than exp); these convert scores, masks, slopes and softcap in, lse out. */
 #define SA_LOG2E 1.4426950408889634
+/* How the decode schedule reads K and V in place: an sa_storage value, or
+ * int8 (sa_attn_args.kv_quant = SA_KV_INT8; the scales applied apart) */
+#define SA_READ_I8 3
 #define SA_LN2 0.6931471805599453
 
 static inline int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

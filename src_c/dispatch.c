@@ -208,6 +208,11 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
         || a->sink_tokens < 0 || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_DECODE
         || a->storage < SA_STORE_NATIVE || a->storage > SA_STORE_F16 || (a->storage != SA_STORE_NATIVE && dsize != 4))
         return SA_ERR_ARG;
+    /* int8 K/V: float32 queries and output, the scales given */
+    if (a->kv_quant != SA_KV_PLAIN
+        && (a->kv_quant != SA_KV_INT8 || a->storage != SA_STORE_NATIVE || dsize != 4 || !a->k_scale || !a->v_scale
+            || !a->kv_ks_off || !a->kv_vs_off))
+        return SA_ERR_ARG;
     int64_t align = 64 / dsize;                    /* elements per 64 bytes */
     lay->n_qt = (a->L + p->bq - 1) / p->bq;
     lay->n_kb = (a->S + p->bk - 1) / p->bk;
@@ -218,7 +223,7 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
      * multiple of 2 KiB apart (heads viewed in place in a fused (L, 3*H*E)
      * projection, E64 H8: 6 KiB) fall into 2 of L1's 64 sets: in place was
      * 3-4 % slower than packed on Zen 4 (B1 H8 L4096 E64, L2048 E128). */
-    lay->v_direct = a->storage == SA_STORE_NATIVE && a->v_se == 1 && a->Ev > 0 && a->Ev % p->vw == 0
+    lay->v_direct = a->storage == SA_STORE_NATIVE && a->kv_quant == SA_KV_PLAIN && a->v_se == 1 && a->Ev > 0 && a->Ev % p->vw == 0
                     && a->v_ss == a->Ev;
     lay->blk_elems = sa_round_up((int64_t)p->bk * a->E + (lay->v_direct ? 0 : (int64_t)p->bk * lay->evp), align);
     lay->kv_elems = lay->n_kb * lay->blk_elems;
@@ -330,9 +335,9 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
  * SA_BWD_MAX_CHUNKS key chunks per kv unit (each chunk keeps a partial dQ). */
 int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_bwd_layout *lay)
 {
-    /* 16-bit storage: the forward only, for now (selfattn.h) */
+    /* 16-bit storage and quantized K/V: the forward only (selfattn.h) */
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
-        || a->sink_tokens < 0 || a->storage != SA_STORE_NATIVE)
+        || a->sink_tokens < 0 || a->storage != SA_STORE_NATIVE || a->kv_quant != SA_KV_PLAIN)
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;
     int64_t bq = p->bq, bk = p->bk;

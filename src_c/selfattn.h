@@ -85,6 +85,13 @@ typedef enum {
     SA_STORE_F16 = 2         /* IEEE float16 (uint16 bits), computed in float32  */
 } sa_storage;
 
+/* ---- K and V stored quantized (sa_attn_args.kv_quant) --------------------- */
+typedef enum {
+    SA_KV_PLAIN = 0,         /* K and V stored as `storage` says                  */
+    SA_KV_INT8 = 1           /* K and V int8, key j's row worth k_scale_j * its values
+                                (V alike): symmetric, one float32 scale per key    */
+} sa_kv_quant;
+
 /* ---- structured masks ---------------------------------------------------- */
 typedef enum {
     SA_ALIGN_TOP_LEFT = 0,      /* query row i is at position p = i                  */
@@ -204,6 +211,15 @@ typedef struct {
                                                   denominator (-inf: none)       */
     int64_t sink_tokens;                       /* >= 0: keys j < sink_tokens escape
                                                   window_left (0: none)          */
+    /* Quantized K/V (kv_quant = SA_KV_INT8; q and out float32, storage native,
+     * the forward only): k and v are int8, key j of kv unit g is worth
+     * k_scale[kv_ks_off[g] + j * ks_s] times its row (v alike). The decode
+     * schedule reads them in place, widened in registers (the dots scaled per
+     * key, the probabilities by v's scale); the others widen them where they
+     * pack. */
+    int kv_quant;
+    const float *k_scale; const int64_t *kv_ks_off; int64_t ks_s;
+    const float *v_scale; const int64_t *kv_vs_off; int64_t vs_s;
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
     int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED and
                          DECODE are only taken where the problem allows them

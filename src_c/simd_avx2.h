@@ -84,6 +84,8 @@ SA_INLINE vf_t vf_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu
 SA_INLINE vf_t vf_load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+/* one vector of int8 (quantized K/V), widened in registers, exact */
+SA_INLINE vf_t vf_load_i8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
 SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)

@@ -81,6 +81,8 @@ SA_INLINE vf_t vf_load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_lo
 SA_INLINE vf_t vf_load_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+/* one vector of int8 (quantized K/V), widened in registers, exact */
+SA_INLINE vf_t vf_load_i8(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)

@@ -19,6 +19,7 @@
  *   vf_load_f16(p)  vf_load_bf16(p)   VF_W 16-bit values at p widened to a vector, exact
  *   vf_to_f16_row(s, d, n)    d[i] = s[i] rounded to float16, to nearest even
  *                             (bfloat16 is written by half.h's sa_f32_to_bf16)
+ *   vf_load_i8(p)             VF_W int8 values at p (quantized K/V) as floats, exact
  * The kernels (attn_kernels.h and the headers it includes) are written once
  * against these names.
  */

@@ -215,3 +215,9 @@ static inline vf_t vf_load_bf16(const uint16_t *p) {
 static inline void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     for (int64_t i = 0; i < n; i++) d[i] = sa_f32_to_f16(s[i]);
 }
+/* one vector of int8 (quantized K/V), widened, exact */
+static inline vf_t vf_load_i8(const int8_t *p) {
+    float t[VF_W];
+    for (int i = 0; i < VF_W; i++) t[i] = (float)p[i];
+    return vf_load(t);
+}

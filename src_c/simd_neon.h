@@ -2,6 +2,7 @@
  * Included only by attn_neon.c, on aarch64, where NEON is baseline: no
  * target flags needed. 128-bit vectors: 4 floats, 2 doubles. */
 #include <arm_neon.h>
+#include <string.h>
 #include "simd_common.h"
 #include "half.h"
 
@@ -88,6 +89,12 @@ SA_INLINE void vf_from_bf16_row(const uint16_t *s, float *d, int64_t n) {
 /* one vector of 16-bit storage, widened in registers (the decode schedule reads K/V this way) */
 SA_INLINE vf_t vf_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 SA_INLINE vf_t vf_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+/* one vector of int8 (quantized K/V), widened in registers, exact (4 bytes, read as one word) */
+SA_INLINE vf_t vf_load_i8(const int8_t *p) {
+    int32_t w;
+    memcpy(&w, p, 4);
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w))))));
+}
 SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) vst1_u16(d + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(s + i))));
