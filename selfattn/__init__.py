@@ -62,7 +62,10 @@ Beside the kernel, one module per concern:
     selfattn.merge        merge_attention: (out, lse) over disjoint key sets -> attention over their union
                           (validation here, the arithmetic in src_c/merge.c via _core.merge)
     selfattn.kvcache      KVCache: preallocated K/V appended in place, attended in place (decoding);
-                          ragged counts are one kernel call (the engine's query_lengths)
+                          ragged counts are one kernel call (the engine's query_lengths); kv_dtype="int8"
+                          keeps them quantized (selfattn.quant), quantized on append
+    selfattn.quant        quantize_kv / dequantize_kv: int8 K/V, one float32 scale per key; the kernels
+                          read them as stored (sa_attn_args.kv_quant: the decode widens in registers)
     selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,
                           key chunks merged by merge_attention (sequence parallelism); each block one
                           kernel call at its rows' positions (the engine's query_offsets). Not imported
@@ -127,7 +130,7 @@ finally:
     if _SPINCOUNT_SET:
         _os.environ.pop("GOMP_SPINCOUNT", None)
 
-from . import autograd, inspection, positional, reference
+from . import autograd, inspection, positional, quant, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
 from .autograd import attend_vjp, scaled_dot_product_attention_vjp, varlen_attention_vjp
@@ -135,8 +138,10 @@ from .inspection import attention_weights, plot_attention
 from .kvcache import KVCache
 from .merge import merge_attention
 from .positional import rope, sinusoidal_encoding
+from .quant import dequantize_kv, quantize_kv
 
 __all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_attention", "KVCache",
            "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp", "autograd",
            "attention_weights", "plot_attention", "rope", "sinusoidal_encoding", "inspection", "positional",
-           "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "__version__"]
+           "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "quantize_kv",
+           "dequantize_kv", "quant", "__version__"]

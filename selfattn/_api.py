@@ -96,7 +96,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
-                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...) -> Array: ...
+                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...,
+                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...) -> Array: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
@@ -105,7 +106,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
-                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...
+                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...,
+                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...
                                  ) -> Tuple[Array, Array]: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
@@ -115,7 +117,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = ...,
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
-                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...
+                                 sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...,
+                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...
                                  ) -> Union[Array, Tuple[Array, Array]]: ...
 
 
@@ -126,7 +129,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  window_size: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None,
                                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
                                  alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None,
-                                 sinks: Optional[ArrayLike] = None, num_sink_tokens: Optional[int] = None
+                                 sinks: Optional[ArrayLike] = None, num_sink_tokens: Optional[int] = None,
+                                 k_scale: Optional[ArrayLike] = None, v_scale: Optional[ArrayLike] = None
                                  ) -> Union[Array, Tuple[Array, Array]]:
     """softmax(query @ key^T * scale + mask) @ value, fused: the L x S scores never exist.
 
@@ -188,6 +192,11 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         its window (StreamingLLM's attention sinks; subject to is_causal, the right side and
         key_lengths), and the key blocks between them and the window are skipped. No effect
         without such a window.
+    k_scale, v_scale : array_like of float, optional
+        Quantized keys and values (`selfattn.quantize_kv`): key and value int8, each key's row
+        worth ``k_scale[..., j]`` times its values (v alike); shapes of key and value without
+        their last dim. The query float32. Read as stored: the decode path widens the int8
+        values in registers and applies the scales per key. The forward only (no VJP).
 
     Returns
     -------
@@ -235,7 +244,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                       enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
                       window_size=window_size, alignment=alignment, key_lengths=key_lengths,
-                      alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, num_sink_tokens=num_sink_tokens)
+                      alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, num_sink_tokens=num_sink_tokens,
+                      k_scale=k_scale, v_scale=v_scale)
 
 
 def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seqlens_q: ArrayLike,

@@ -16,6 +16,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _core
 from ._api import scaled_dot_product_attention
+from .quant import _kv_dtype, quantize_kv
 
 __all__ = ["KVCache"]
 
@@ -65,6 +66,13 @@ class KVCache:
         Of the cached keys and values. A 16-bit cache holds half the bytes, and the kernel
         reads it as it is stored (each value widened to float32 where it is loaded): its
         queries have its dtype, and so has the output.
+    kv_dtype : {None, "int8"}
+        None (default): keys and values are kept in `dtype`. ``"int8"``: kept quantized
+        (:func:`selfattn.quantize_kv`: int8, one float32 scale per position and kv head, for K
+        and for V), a quarter of float32's bytes plus 8 bytes per position and head; `append`
+        quantizes what it writes, and the kernel reads the int8 values as they are stored
+        (decode: widened in registers, the scales applied per key). `dtype` (the queries' and
+        the output's) must be float32 then. The forward only: no VJP through it.
     grow : bool
         What :meth:`append` does when a sequence would pass `max_len`: False (the default)
         raises ``ValueError`` before writing anything, so memory stays exactly what was asked
@@ -110,7 +118,8 @@ class KVCache:
     """
 
     def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 value_dim: Optional[int] = None, dtype: DTypeLike = np.float32, *, grow: bool = False) -> None:
+                 value_dim: Optional[int] = None, dtype: DTypeLike = np.float32, *, grow: bool = False,
+                 kv_dtype: Optional[str] = None) -> None:
         self.batch = _check_size(batch, "batch", 1)
         self.num_kv_heads = _check_size(num_kv_heads, "num_kv_heads", 1)
         cap = _check_size(max_len, "max_len", 0)
@@ -123,13 +132,20 @@ class KVCache:
         if dt not in (np.float32, np.float64) and not _core._storage_name(dt):
             raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dt}")
         self.dtype = dt
+        self.kv_dtype = None if kv_dtype is None else _kv_dtype(kv_dtype)
+        if self.kv_dtype is not None and dt != np.float32:
+            raise TypeError(f"an int8 cache (kv_dtype='int8') takes float32 queries: dtype must be float32, got {dt}")
         if not isinstance(grow, (bool, np.bool_)):
             raise TypeError(f"grow must be a bool, got {type(grow).__name__}")
         self.grow = bool(grow)
         # zeros, not empty: the pages are only touched when written, and a key_lengths-bounded read
         # never sees them anyway, but a view of the whole buffer holds no garbage
-        self._k = np.zeros((self.batch, self.num_kv_heads, cap, self.head_dim), dtype=dt)
-        self._v = np.zeros((self.batch, self.num_kv_heads, cap, self.value_dim), dtype=dt)
+        store = np.dtype(np.int8) if self.kv_dtype else dt
+        self._k = np.zeros((self.batch, self.num_kv_heads, cap, self.head_dim), dtype=store)
+        self._v = np.zeros((self.batch, self.num_kv_heads, cap, self.value_dim), dtype=store)
+        # int8: each position's scale per kv head, for K and for V (None otherwise)
+        self._ks = np.zeros((self.batch, self.num_kv_heads, cap), np.float32) if self.kv_dtype else None
+        self._vs = np.zeros((self.batch, self.num_kv_heads, cap), np.float32) if self.kv_dtype else None
         self._lengths = np.zeros(self.batch, dtype=np.int64)
 
     # -------------------------------------------------------------- state
@@ -162,6 +178,17 @@ class KVCache:
         """Read-only view (batch, num_kv_heads, max(lengths), value_dim) of the cached values."""
         return self._valid(self._v)
 
+    @property
+    def key_scales(self) -> Optional[Array]:
+        """int8 cache: read-only view (batch, num_kv_heads, max(lengths)) of the keys' scales
+        (:attr:`keys` holds the int8 values: ``dequantize_kv(keys, key_scales)``); else None."""
+        return None if self._ks is None else self._valid(self._ks)
+
+    @property
+    def value_scales(self) -> Optional[Array]:
+        """int8 cache: read-only view of the values' scales, as :attr:`key_scales`; else None."""
+        return None if self._vs is None else self._valid(self._vs)
+
     def reset(self) -> None:
         """Forget every position (lengths = 0), keeping the memory."""
         self._lengths[:] = 0
@@ -169,7 +196,8 @@ class KVCache:
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, max_len={self.max_len}, "
                 f"head_dim={self.head_dim}, value_dim={self.value_dim}, dtype={self.dtype.name}, "
-                f"grow={self.grow}; lengths={self._lengths.tolist()})")
+                + (f"kv_dtype={self.kv_dtype!r}, " if self.kv_dtype else "")
+                + f"grow={self.grow}; lengths={self._lengths.tolist()})")
 
     # -------------------------------------------------------------- append
 
@@ -195,7 +223,7 @@ class KVCache:
             raise ValueError(f"{name} must have shape {want}, got {a.shape}")
         if a.dtype.kind != "f" and not _core._storage_name(a.dtype):
             raise TypeError(f"{name} has dtype {a.dtype}; the cache holds {self.dtype} (pass floats)")
-        if a.dtype != self.dtype and not _fits(a.dtype, self.dtype):
+        if a.dtype != self.dtype and not self.kv_dtype and not _fits(a.dtype, self.dtype):
             raise TypeError(f"{name} has dtype {a.dtype}, which does not fit the {self.dtype} cache without "
                             f"rounding: pass {name}.astype(np.{self.dtype.name}), or make the cache "
                             f"{a.dtype}")
@@ -240,23 +268,34 @@ class KVCache:
                                  f"{c[b]} more would pass max_len={self.max_len}; create the cache with a "
                                  f"larger max_len, or with grow=True to reallocate by doubling")
             self._reserve(max(2 * self.max_len, need))
+        ks = vs = None
+        if self.kv_dtype:                           # quantized here, before anything is written
+            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
         lo = self._lengths
         if c.min(initial=0) == c.max(initial=0) and lo.min(initial=0) == lo.max(initial=0):
             l0, m = int(lo[0]), int(c[0])          # one block for the whole batch (the usual decode step)
             self._k[:, :, l0:l0 + m] = k[:, :, :m]
             self._v[:, :, l0:l0 + m] = v[:, :, :m]
+            if ks is not None:
+                self._ks[:, :, l0:l0 + m] = ks[:, :, :m]
+                self._vs[:, :, l0:l0 + m] = vs[:, :, :m]
         else:
             for b in range(self.batch):
                 l0, m = int(lo[b]), int(c[b])
                 self._k[b, :, l0:l0 + m] = k[b, :, :m]
                 self._v[b, :, l0:l0 + m] = v[b, :, :m]
+                if ks is not None:
+                    self._ks[b, :, l0:l0 + m] = ks[b, :, :m]
+                    self._vs[b, :, l0:l0 + m] = vs[b, :, :m]
         self._lengths = new
 
     def _reserve(self, capacity: int) -> None:
         used = int(self._lengths.max(initial=0))
-        for name in ("_k", "_v"):
+        for name in ("_k", "_v", "_ks", "_vs"):
             old = getattr(self, name)
-            grown = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], dtype=self.dtype)
+            if old is None:
+                continue
+            grown = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], dtype=old.dtype)
             grown[:, :, :used] = old[:, :, :used]
             setattr(self, name, grown)
 
@@ -325,6 +364,8 @@ class KVCache:
         kw = dict(options, is_causal=is_causal, alignment=alignment, enable_gqa=Hq != self.num_kv_heads)
         S = int(self._lengths.max(initial=0))
         k, v = self._k[:, :, :S], self._v[:, :, :S]
+        if self.kv_dtype:
+            kw.update(k_scale=self._ks[:, :, :S], v_scale=self._vs[:, :, :S])
         if counts is None:
             return scaled_dot_product_attention(q, k, v, key_lengths=self._lengths, **kw)
         c = self._counts(counts, n, "counts")

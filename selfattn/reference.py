@@ -253,7 +253,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False, return_lse=False, window_size=None,
                                  alignment="top_left", key_lengths=None, alibi_slopes=None,
-                                 softcap=None, sinks=None, num_sink_tokens=None):
+                                 softcap=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None):
     """softmax(logits) V in float64 (see the module docstring). Returns out, or (out, lse).
 
     torch's signature: (query, key, value, attn_mask, dropout_p, is_causal) positional, the rest
@@ -266,9 +266,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     out.shape[:-2] = (..., Hq). softcap: float > 0. sinks: floats (or -inf: none) broadcastable
     to out.shape[:-2] = (..., Hq), one more logit in each row's denominator. num_sink_tokens:
     with a window bounded on the left, the first n keys stay visible beside it (StreamingLLM).
+    k_scale, v_scale: int8 key and value, worth key * k_scale[..., None] (value alike).
     """
     is_causal = _spec.check_is_causal(is_causal)
     _spec.check_dropout_p(dropout_p)
+    if k_scale is not None or v_scale is not None:
+        if k_scale is None or v_scale is None:
+            raise TypeError("k_scale and v_scale go together")
+        key = np.asarray(key, dtype=np.float64) * np.asarray(k_scale, dtype=np.float64)[..., None]
+        value = np.asarray(value, dtype=np.float64) * np.asarray(v_scale, dtype=np.float64)[..., None]
     s, v = _logits(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size,
                    alignment, key_lengths, alibi_slopes, softcap, num_sink_tokens)
     p, _, lse = _softmax_sinks(s, sinks, s.shape[:-2])
