@@ -116,6 +116,10 @@ MUTANTS = [
      "the keys between the sink tokens and the window, inside one block, stay visible"),
     ("sink_token_blocks_skipped", MASK, "return shi >= 0 || hi < lo ? 0 : lo / bk;", "return hi < lo ? 0 : lo / bk;",
      "the blocks of the sink tokens are not visited when a window follows them"),
+    ("decode_i8_no_v_scale", DECODE, "for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)vsc[j * a->vs_s];",
+     "(void)vsc;", "the decode schedule's int8 P.V leaves out v's scales"),
+    ("pack_i8_scale_of_next_key", PACK, "T f = jj < nvalid ? (T)sc[jj * scs] : 0;",
+     "T f = jj + 1 < nvalid ? (T)sc[(jj + 1) * scs] : 0;", "int8 K/V packed with the next key's scale"),
 ]
 
 C_SOURCES = ["dispatch.c", "merge.c", "attn_generic.c", "attn_avx2.c", "attn_avx512.c", "attn_neon.c"]

@@ -144,8 +144,8 @@ class KVCache:
         self._k = np.zeros((self.batch, self.num_kv_heads, cap, self.head_dim), dtype=store)
         self._v = np.zeros((self.batch, self.num_kv_heads, cap, self.value_dim), dtype=store)
         # int8: each position's scale per kv head, for K and for V (None otherwise)
-        self._ks = np.zeros((self.batch, self.num_kv_heads, cap), np.float32) if self.kv_dtype else None
-        self._vs = np.zeros((self.batch, self.num_kv_heads, cap), np.float32) if self.kv_dtype else None
+        self._ks: Optional[Array] = np.zeros((self.batch, self.num_kv_heads, cap), np.float32) if self.kv_dtype else None
+        self._vs: Optional[Array] = np.zeros((self.batch, self.num_kv_heads, cap), np.float32) if self.kv_dtype else None
         self._lengths = np.zeros(self.batch, dtype=np.int64)
 
     # -------------------------------------------------------------- state
@@ -268,25 +268,26 @@ class KVCache:
                                  f"{c[b]} more would pass max_len={self.max_len}; create the cache with a "
                                  f"larger max_len, or with grow=True to reallocate by doubling")
             self._reserve(max(2 * self.max_len, need))
-        ks = vs = None
-        if self.kv_dtype:                           # quantized here, before anything is written
-            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        scales = None                               # int8: (new key scales, new value scales, the cache's)
+        if self.kv_dtype and self._ks is not None and self._vs is not None:
+            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)     # quantized here, before anything is written
+            scales = (ks, vs, self._ks, self._vs)
         lo = self._lengths
         if c.min(initial=0) == c.max(initial=0) and lo.min(initial=0) == lo.max(initial=0):
             l0, m = int(lo[0]), int(c[0])          # one block for the whole batch (the usual decode step)
             self._k[:, :, l0:l0 + m] = k[:, :, :m]
             self._v[:, :, l0:l0 + m] = v[:, :, :m]
-            if ks is not None:
-                self._ks[:, :, l0:l0 + m] = ks[:, :, :m]
-                self._vs[:, :, l0:l0 + m] = vs[:, :, :m]
+            if scales is not None:
+                scales[2][:, :, l0:l0 + m] = scales[0][:, :, :m]
+                scales[3][:, :, l0:l0 + m] = scales[1][:, :, :m]
         else:
             for b in range(self.batch):
                 l0, m = int(lo[b]), int(c[b])
                 self._k[b, :, l0:l0 + m] = k[b, :, :m]
                 self._v[b, :, l0:l0 + m] = v[b, :, :m]
-                if ks is not None:
-                    self._ks[b, :, l0:l0 + m] = ks[b, :, :m]
-                    self._vs[b, :, l0:l0 + m] = vs[b, :, :m]
+                if scales is not None:
+                    scales[2][b, :, l0:l0 + m] = scales[0][b, :, :m]
+                    scales[3][b, :, l0:l0 + m] = scales[1][b, :, :m]
         self._lengths = new
 
     def _reserve(self, capacity: int) -> None:
@@ -364,7 +365,7 @@ class KVCache:
         kw = dict(options, is_causal=is_causal, alignment=alignment, enable_gqa=Hq != self.num_kv_heads)
         S = int(self._lengths.max(initial=0))
         k, v = self._k[:, :, :S], self._v[:, :, :S]
-        if self.kv_dtype:
+        if self._ks is not None and self._vs is not None:      # int8: the scales of the same positions
             kw.update(k_scale=self._ks[:, :, :S], v_scale=self._vs[:, :, :S])
         if counts is None:
             return scaled_dot_product_attention(q, k, v, key_lengths=self._lengths, **kw)

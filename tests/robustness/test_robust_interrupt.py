@@ -153,6 +153,33 @@ CHILD_DECODE = CHILD_PRELUDE + textwrap.dedent(r"""
 """)
 
 
+CHILD_DECODE_INT8 = CHILD_PRELUDE + textwrap.dedent(r"""
+    S, E = 1 << 28, 64
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, 1, E), dtype=np.float32)
+    k1, ks1 = selfattn.quantize_kv(rng.standard_normal((1, 1, 1, E)))
+    v1, vs1 = selfattn.quantize_kv(rng.standard_normal((1, 1, 1, E)))
+    k, v = np.broadcast_to(k1, (1, 1, S, E)), np.broadcast_to(v1, (1, 1, S, E))
+    ks, vs = np.broadcast_to(ks1, (1, 1, S)), np.broadcast_to(vs1, (1, 1, S))
+    kw = dict(enable_gqa=True, is_causal=True, alignment="bottom_right", k_scale=ks, v_scale=vs)
+    sched = selfattn._core.sdpa(q, k, v, schedule_only=True, **kw)
+    assert sched["decode"] and sched["compute_tasks"] > 2, sched
+    interrupt_each(lambda: selfattn.scaled_dot_product_attention(q, k, v, **kw))
+    # the same process still decodes int8 K/V, and correctly
+    kq, kqs = selfattn.quantize_kv(rng.standard_normal((1, 1, 700, E)))
+    vq, vqs = selfattn.quantize_kv(rng.standard_normal((1, 1, 700, 5)))
+    out = selfattn.scaled_dot_product_attention(q, kq, vq, k_scale=kqs, v_scale=vqs, enable_gqa=True)
+    ref = reference.scaled_dot_product_attention(q, kq, vq, k_scale=kqs, v_scale=vqs, enable_gqa=True)
+    err = float(np.abs(out - ref).max())
+    print(f"SMALL {'OK' if err < 1e-4 else 'BAD'} {err:.3g}", flush=True)
+""")
+
+
+def test_ctrl_c_stops_a_long_int8_decode_call_quickly(tmp_path):
+    latencies, rss = _interrupt_child(tmp_path, CHILD_DECODE_INT8, 2)
+    assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
+
+
 def test_ctrl_c_stops_a_long_decode_call_quickly(tmp_path):
     latencies, rss = _interrupt_child(tmp_path, CHILD_DECODE, 2)
     assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"

@@ -87,8 +87,16 @@ def _calls():
     huge_q = np.broadcast_to(np.float32(0.5), (1, 1 << 40))    # workspace of ~2^49 bytes: MemoryError
     huge_k = np.broadcast_to(np.float32(0.5), (2, 1 << 40))
     huge_v = np.ones((2, 2), np.float32)
+    (kq, ks), (vq, vs) = selfattn.quantize_kv(k), selfattn.quantize_kv(v)
+    cache = selfattn.KVCache(2, 4, 64, 16, 8, kv_dtype="int8")
+    cache.append(k, v)
 
     ok = {
+        "sdpa_int8_kv_decode": lambda: sdpa(q[:, :, :1], kq, vq, k_scale=ks, v_scale=vs),
+        "sdpa_int8_kv_packed": lambda: sdpa(q, kq, vq, k_scale=ks, v_scale=vs, is_causal=True),
+        "kvcache_int8_attend": lambda: cache.attend(q[:, :, :2]),
+        "sdpa_sinks_sink_tokens": lambda: sdpa(q, k, v, sinks=[0.5, 1.0, -1.0, 0.0], window_size=(4, 0),
+                                               num_sink_tokens=3, is_causal=True, return_lse=True),
         "sdpa": lambda: sdpa(q, k, v),
         "sdpa_bool_mask": lambda: sdpa(q, k, v, attn_mask=bmask),
         "sdpa_float_mask_lse": lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True),
@@ -104,6 +112,8 @@ def _calls():
         "sdpa_bad_dtype": expect(TypeError, lambda: sdpa(q.astype(np.complex64), k, v)),
         "sdpa_bad_scale": expect(ValueError, lambda: sdpa(q, k, v, scale=float("nan"))),
         "sdpa_bad_gqa": expect(ValueError, lambda: sdpa(q, k[:, :3], v[:, :3], enable_gqa=True)),
+        "sdpa_int8_bad_scale": expect(ValueError, lambda: sdpa(q, kq, vq, k_scale=ks[..., :3], v_scale=vs)),
+        "sdpa_bad_sinks": expect(ValueError, lambda: sdpa(q, k, v, sinks=[np.nan, 0, 0, 0])),
         "attend_bad_wo": expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo[:3])),
         "attend_bad_heads": expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=3)),
         "sdpa_memerror_hook": fail_alloc(lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True)),
