@@ -173,7 +173,13 @@ SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const void *k
             VT kv = FN(vload_st)(kb, ko + e, st);
             for (int i = 0; i < n; i++) acc[i] = V(fma)(V(load)(Qs + (r0 + i) * E + e), kv, acc[i]);
         }
-        for (int i = 0; i < n; i++) St[(r0 + i) * BK + j] = V(hsum)(acc[i]);
+        if (n == 4) {                                /* the four sums at once */
+            T o[4];
+            V(hsum4)(acc[0], acc[1], acc[2], acc[3], o);
+            for (int i = 0; i < 4; i++) St[(r0 + i) * BK + j] = o[i];
+        } else {
+            for (int i = 0; i < n; i++) St[(r0 + i) * BK + j] = V(hsum)(acc[i]);
+        }
         return;
     }
     /* rows that do not all see j, E not whole vectors: whole vectors, then the

@@ -31,6 +31,14 @@ SA_INLINE float vf_hsum(vf_t v) {
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
+/* four horizontal sums at once (the decode's dots: 4 rows per key), halves then pairwise */
+SA_INLINE void vf_hsum4(vf_t a, vf_t b, vf_t c, vf_t d, float *o) {
+    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+    __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+    __m128 d4 = _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+    _mm_storeu_ps(o, _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4)));
+}
 SA_INLINE vf_t vf_exp2(vf_t x) {
     x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
     x = _mm256_min_ps(_mm256_set1_ps(128.0f), x);
@@ -117,6 +125,9 @@ SA_INLINE double vd_hsum(vd_t v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
     return _mm_cvtsd_f64(s);
+}
+SA_INLINE void vd_hsum4(vd_t a, vd_t b, vd_t c, vd_t d, double *o) {
+    o[0] = vd_hsum(a); o[1] = vd_hsum(b); o[2] = vd_hsum(c); o[3] = vd_hsum(d);
 }
 SA_INLINE vd_t vd_exp2(vd_t x) {
     x = _mm256_max_pd(_mm256_set1_pd(-1023.0), x);

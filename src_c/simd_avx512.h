@@ -22,6 +22,15 @@ SA_INLINE vf_t vf_max(vf_t a, vf_t b) { return _mm512_max_ps(a, b); }
 SA_INLINE vf_t vf_min(vf_t a, vf_t b) { return _mm512_min_ps(a, b); }
 SA_INLINE float vf_hmax(vf_t v) { return _mm512_reduce_max_ps(v); }
 SA_INLINE float vf_hsum(vf_t v) { return _mm512_reduce_add_ps(v); }
+/* four horizontal sums at once (the decode's dots: 4 rows per key), halves then pairwise */
+SA_INLINE void vf_hsum4(vf_t a, vf_t b, vf_t c, vf_t d, float *o) {
+    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+    __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));   /* [a b c d | a b c d] */
+    _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+}
 /* Arguments are <= 0 (or NaN) by construction: s - running max. Clamping at
  * -150 makes 2^x round to exactly +0 below that (fully masked keys give 0);
  * vscalefps applies 2^n without building exponent bits by hand. */
@@ -107,6 +116,9 @@ SA_INLINE vd_t vd_max(vd_t a, vd_t b) { return _mm512_max_pd(a, b); }
 SA_INLINE vd_t vd_min(vd_t a, vd_t b) { return _mm512_min_pd(a, b); }
 SA_INLINE double vd_hmax(vd_t v) { return _mm512_reduce_max_pd(v); }
 SA_INLINE double vd_hsum(vd_t v) { return _mm512_reduce_add_pd(v); }
+SA_INLINE void vd_hsum4(vd_t a, vd_t b, vd_t c, vd_t d, double *o) {
+    o[0] = vd_hsum(a); o[1] = vd_hsum(b); o[2] = vd_hsum(c); o[3] = vd_hsum(d);
+}
 SA_INLINE vd_t vd_exp2(vd_t x) {
     x = _mm512_max_pd(_mm512_set1_pd(-1080.0), x);   /* 2^-1080 rounds to +0 */
     vd_t n = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

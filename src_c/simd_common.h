@@ -6,6 +6,8 @@
  *   vf_zero() vf_set1(x) vf_load(p) vf_store(p,v) vf_bcast(p)
  *   vf_add vf_sub vf_mul vf_div vf_fma(a,b,c)=a*b+c  vf_max(a,b)
  *   vf_hmax(v) vf_hsum(v)   horizontal max / sum in a fixed order
+ *   vf_hsum4(a, b, c, d, o) o[0..3] = the horizontal sums of a, b, c, d, in a fixed order
+ *                           (pairwise where the target has it: fewer shuffles than 4 hsums)
  *   vf_exp2(x)             2^x (NaN in -> NaN out); the softmax only passes x <= 0,
  *                          softcap's tanh also x > 0. Underflow differs by
  *                          target: generic and AVX2 build the exponent by hand and

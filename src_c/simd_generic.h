@@ -77,6 +77,8 @@ SA_INLINE P##_t P##_max(P##_t a, P##_t b) { return P##_select((I)(a > b), a, b);
 SA_INLINE P##_t P##_min(P##_t a, P##_t b) { return P##_select((I)(a < b), a, b); }                    \
 SA_INLINE T P##_hmax(P##_t v) { T m = v[0]; for (int i = 1; i < W; i++) m = v[i] > m ? v[i] : m; return m; } \
 SA_INLINE T P##_hsum(P##_t v) { T s = v[0]; for (int i = 1; i < W; i++) s += v[i]; return s; }       \
+SA_INLINE void P##_hsum4(P##_t a, P##_t b, P##_t c, P##_t d, T *o) {                                  \
+    o[0] = P##_hsum(a); o[1] = P##_hsum(b); o[2] = P##_hsum(c); o[3] = P##_hsum(d); }                  \
 SA_INLINE void P##_transpose(const T *src, int64_t ss, T *dst, int64_t ds) {                          \
     for (int r = 0; r < W; r++) for (int c = 0; c < W; c++) dst[c * ds + r] = src[r * ss + c]; }
 
@@ -142,6 +144,8 @@ SA_INLINE P##_t P##_max(P##_t a, P##_t b) { for (int i = 0; i < W; i++) b.x[i] =
 SA_INLINE P##_t P##_min(P##_t a, P##_t b) { for (int i = 0; i < W; i++) b.x[i] = a.x[i] < b.x[i] ? a.x[i] : b.x[i]; return b; } \
 SA_INLINE T P##_hmax(P##_t v) { T m = v.x[0]; for (int i = 1; i < W; i++) m = v.x[i] > m ? v.x[i] : m; return m; } \
 SA_INLINE T P##_hsum(P##_t v) { T s = v.x[0]; for (int i = 1; i < W; i++) s += v.x[i]; return s; } \
+SA_INLINE void P##_hsum4(P##_t a, P##_t b, P##_t c, P##_t d, T *o) {                                  \
+    o[0] = P##_hsum(a); o[1] = P##_hsum(b); o[2] = P##_hsum(c); o[3] = P##_hsum(d); }                  \
 SA_INLINE void P##_transpose(const T *src, int64_t ss, T *dst, int64_t ds) {                     \
     for (int r = 0; r < W; r++) for (int c = 0; c < W; c++) dst[c * ds + r] = src[r * ss + c]; }
 

@@ -41,6 +41,10 @@ SA_INLINE float vf_hmax(vf_t v) {
     return vgetq_lane_f32(m, 0);
 }
 SA_INLINE float vf_hsum(vf_t v) { return vaddvq_f32(v); }
+/* four horizontal sums at once (the decode's dots: 4 rows per key): pairwise adds */
+SA_INLINE void vf_hsum4(vf_t a, vf_t b, vf_t c, vf_t d, float *o) {
+    vst1q_f32(o, vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d)));
+}
 /* Clamp to [-127, 128] (NaN stays NaN: vmaxq/vminq propagate it), round to
  * nearest even (as the other layers), the polynomial in f = x - n, 2^n built
  * in the exponent field. vcvtq_s32_f32 turns NaN into 0; p is NaN then, so
@@ -118,6 +122,9 @@ SA_INLINE vd_t vd_max(vd_t a, vd_t b) { return vbslq_f64(vcgtq_f64(a, b), a, b);
 SA_INLINE vd_t vd_min(vd_t a, vd_t b) { return vbslq_f64(vcltq_f64(a, b), a, b); }
 SA_INLINE double vd_hmax(vd_t v) { return vgetq_lane_f64(vd_max(v, vextq_f64(v, v, 1)), 0); }
 SA_INLINE double vd_hsum(vd_t v) { return vaddvq_f64(v); }
+SA_INLINE void vd_hsum4(vd_t a, vd_t b, vd_t c, vd_t d, double *o) {
+    o[0] = vd_hsum(a); o[1] = vd_hsum(b); o[2] = vd_hsum(c); o[3] = vd_hsum(d);
+}
 SA_INLINE vd_t vd_exp2(vd_t x) {
     x = vmaxq_f64(x, vdupq_n_f64(-1023.0));
     x = vminq_f64(x, vdupq_n_f64(1024.0));
