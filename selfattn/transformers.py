@@ -5,26 +5,46 @@
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="selfattn")
 
 :func:`register` adds selfattn's fused attention to transformers' ``AttentionInterface`` (the
-attention of every layer) and the matching mask builder (transformers' SDPA one: a boolean
-``(batch, 1, L, S)`` mask, or none where ``is_causal`` says all) to its ``AttentionMaskInterface``.
-Each layer's attention then runs through :mod:`selfattn.torch` (fused forward and backward,
-CPU tensors, float32 / float64 / float16 / bfloat16): grouped-query heads are read without
-repeating K and V, the mask in place, ``softcap`` in the kernel. The cache, positions and
-everything else stay transformers' own.
+attention of every layer) and a mask builder to its ``AttentionMaskInterface``. Each layer's
+attention then runs through :mod:`selfattn.torch` (fused forward and backward, CPU tensors,
+float32 / float64 / float16 / bfloat16): grouped-query heads are read without repeating K and V,
+``softcap`` in the kernel. The cache, positions and everything else stay transformers' own.
+
+Masks become structure. The mask builder is transformers' SDPA one (a boolean ``(batch, 1, L, S)``
+mask, or none where ``is_causal`` says all), and then recognises what the mask is made of: causal
+(with the query offset of a KV cache), a sliding window, key padding. When the structure, given to
+the kernel as ``is_causal``, ``window_size``, ``alignment`` and ``key_lengths``, gives back exactly
+that mask (checked element by element, once per forward and mask type, not per layer), every layer
+runs on the structure and the kernel skips the masked blocks:
+
+* causal, with or without a KV cache (``alignment="bottom_right"``; a static cache's empty slots
+  past the queries are ``key_lengths``), a sliding window (``window_size=(w - 1, 0)``);
+* right padding (encoders, training batches): ``key_lengths``;
+* left padding (batched generation): causal / window structure as above, the padding itself as a
+  ``(batch, 1, 1, S)`` key mask (broadcast over the queries, read in place): selfattn has no
+  per-batch start of the valid keys, so those keys are masked, not skipped;
+* an encoder's padding that is not a suffix: the mask's first row, a ``(batch, 1, 1, S)`` view.
+
+Any other mask (packed sequences, image-token blocks, chunked attention, a 4-D mask given by the
+caller) is read in place as it is, never expanded.
 
 Not imported by ``import selfattn`` (transformers and torch are optional):
 ``import selfattn.transformers``. Supported: transformers >= 4.53 (the first with
-``AttentionMaskInterface``); tested with the version CI installs (see the closing notes).
+``AttentionMaskInterface``); tested with 5.25.0 (see the closing notes of the README).
 """
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import numpy as _np
+import torch as _torch
 
 from .torch import scaled_dot_product_attention as _sdpa
 
-__all__ = ["register", "attention_forward", "NAME", "MIN_VERSION"]
+__all__ = ["register", "attention_forward", "mask_builder", "Structure", "NAME", "MIN_VERSION"]
 
 NAME = "selfattn"
 MIN_VERSION = (4, 53)
+_ATTR = "_selfattn_structure"      # the Structure a mask built by mask_builder carries
 
 
 def _version_tuple(v: str) -> Tuple[int, ...]:
@@ -33,6 +53,121 @@ def _version_tuple(v: str) -> Tuple[int, ...]:
         digits = "".join(ch for ch in part if ch.isdigit())
         out.append(int(digits) if digits else 0)
     return tuple(out)
+
+
+class Structure(NamedTuple):
+    """What a boolean ``(B, 1, L, S)`` mask is, as selfattn's arguments: ``is_causal``, ``options``
+    (``window_size``, ``alignment``, ``key_lengths``) and ``attn_mask`` (None, or a ``(B, 1, 1, S)``
+    key mask). Together they select exactly the mask's True entries."""
+    is_causal: bool
+    options: Dict[str, Any]
+    attn_mask: Optional[Any]
+
+
+def implied_mask(structure: Structure, B: int, L: int, S: int) -> Any:
+    """The ``(B, 1, L, S)`` boolean mask selfattn applies for `structure` (its documented semantics:
+    query row i sits at p = i, or p = i + S_b - L with ``alignment="bottom_right"``, S_b = key_lengths[b]
+    or S; keys j >= S_b are masked; causal keeps j <= p, a window (left, right) p - left <= j <= p + right;
+    a boolean attn_mask is and-ed in)."""
+    opts = structure.options
+    kl = opts.get("key_lengths")
+    s_b = _torch.full((B,), S, dtype=_torch.long) if kl is None else \
+        _torch.as_tensor(_np.broadcast_to(_np.asarray(kl, dtype=_np.int64), (B,)).copy())
+    i = _torch.arange(L)
+    j = _torch.arange(S)
+    p = i[None, :] + (s_b[:, None] - L if opts.get("alignment") == "bottom_right" else 0)   # (B, L)
+    p = p[:, :, None]
+    m = (j[None, None, :] < s_b[:, None, None]).expand(B, L, S)
+    if structure.is_causal:
+        m = m & (j <= p)
+    left, right = opts.get("window_size", (None, None))
+    if left is not None:
+        m = m & (j >= p - left)
+    if right is not None:
+        m = m & (j <= p + right)
+    if structure.attn_mask is not None:
+        m = m & structure.attn_mask[:, 0]
+    return m[:, None]
+
+
+def _suffix_lengths(pad: Any) -> Optional[Any]:
+    """pad (B, S) bool, True = a masked key: the valid lengths n_b when every row masks exactly its
+    keys j >= n_b (right padding), else None."""
+    n = (~pad).sum(-1)
+    if bool(((_torch.arange(pad.shape[-1])[None, :] >= n[:, None]) == pad).all()):
+        return n.numpy().astype(_np.int64)
+    return None
+
+
+def recognise(mask: Any, offset: Optional[int], local_size: Optional[int] = None) -> Optional[Structure]:
+    """The Structure of a boolean (B, 1, L, S) mask built by transformers, or None.
+
+    offset = q_offset - kv_offset, the position of query row 0 in key columns (the number of keys
+    before the queries); local_size the sliding window (transformers' ``kv > q - w``). The structure
+    is proposed from these and the mask's key padding, then checked: ``implied_mask`` of it equals
+    `mask` everywhere, or None is returned (and the mask is read as it is)."""
+    if not isinstance(mask, _torch.Tensor) or mask.dtype != _torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    B, _, L, S = mask.shape
+    if B == 0 or L == 0 or S == 0:
+        return None
+    keys = mask.any(dim=2, keepdim=True)            # (B, 1, 1, S): keys some query sees
+    candidates = []
+    if offset is not None and 0 <= offset and offset + L <= S:
+        # causal, the queries after `offset` keys; a window of local_size keys ending at the query
+        options: Dict[str, Any] = {}
+        if offset == 0:
+            options["alignment"] = "top_left"
+        else:
+            options["alignment"] = "bottom_right"
+            if offset + L < S:
+                options["key_lengths"] = offset + L      # a static cache's empty slots
+        if local_size is not None:
+            options["window_size"] = (int(local_size) - 1, 0)
+        plain = Structure(True, options, None)
+        visible = implied_mask(plain, 1, L, S)[0, 0].any(0)            # (S,) keys the structure lets in
+        pad = ~keys[:, 0, 0] & visible
+        if not bool(pad.any()):
+            candidates.append(plain)
+        else:
+            n = _suffix_lengths(pad | ~visible) if offset == 0 else None
+            if n is not None:
+                candidates.append(Structure(True, dict(options, key_lengths=n), None))
+            candidates.append(Structure(True, options, keys))
+    if local_size is None:
+        # bidirectional (encoders): the same keys for every query
+        pad = ~keys[:, 0, 0]
+        n = _suffix_lengths(pad)
+        if n is not None:
+            candidates.append(Structure(False, {} if bool((n == S).all()) else {"key_lengths": n}, None))
+        candidates.append(Structure(False, {}, mask[:, :, :1, :]))
+    for st in candidates:
+        if bool((implied_mask(st, B, L, S) == mask).all()):
+            return st
+    return None
+
+
+def _offset(kwargs: Dict[str, Any]) -> int:
+    """q_offset - kv_offset from the mask builder's arguments (transformers 5: q_offset, default 0;
+    4.x: cache_position[0])."""
+    if kwargs.get("cache_position") is not None:
+        q0 = kwargs["cache_position"][0]
+    else:
+        q0 = kwargs.get("q_offset", 0)
+    return int(q0) - int(kwargs.get("kv_offset", 0) or 0)
+
+
+def mask_builder(*args: Any, **kwargs: Any) -> Any:
+    """transformers' SDPA mask builder, whose boolean mask then carries its Structure (when it has
+    one) for `attention_forward`. Registered by :func:`register` in ``AttentionMaskInterface``."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    build: Any = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get("sdpa", sdpa_mask)
+    mask = build(*args, **kwargs)
+    if mask is not None and not args and not _torch.compiler.is_compiling():   # values read: not traced
+        st = recognise(mask, _offset(kwargs), kwargs.get("local_size"))
+        if st is not None:
+            setattr(mask, _ATTR, st)
+    return mask
 
 
 def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Optional[Any],
@@ -50,15 +185,25 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("attn_implementation='selfattn' does not take a position_bias (T5-style "
                                   "relative positions); use 'sdpa' or 'eager' for this model")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attn_implementation='selfattn' has no attention sinks (s_aux, as in "
+                                  "gpt-oss); use 'eager' for this model")
     q_len, kv_len = query.shape[2], key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # as transformers' SDPA path: the causal flag only for a prefill without a mask; a mask, when
-    # given, already holds causality, padding and windows (read in place, never expanded)
-    causal = bool(q_len > 1 and attention_mask is None and causal)
-    if causal and kv_len > q_len:
-        # prefill into an empty preallocated cache: the keys past the queries are empty slots
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    options = {}
+    options: Dict[str, Any] = {}
+    st = getattr(attention_mask, _ATTR, None)
+    if attention_mask is not None and st is not None and tuple(attention_mask.shape[-2:]) == (q_len, kv_len) \
+            and attention_mask.shape[0] in (1, query.shape[0]):
+        # the mask's structure: causal / window / key lengths in the kernel, at most a key mask
+        causal, attention_mask = st.is_causal, st.attn_mask
+        options.update(st.options)
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        # as transformers' SDPA path: the causal flag only for a prefill without a mask; a mask, when
+        # given, already holds causality, padding and windows (read in place, never expanded)
+        causal = bool(q_len > 1 and attention_mask is None and causal)
+        if causal and kv_len > q_len:
+            # prefill into an empty preallocated cache: the keys past the queries are empty slots
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
     if kwargs.get("softcap") is not None:
         options["softcap"] = float(kwargs["softcap"])
     out = _sdpa(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling,
@@ -75,8 +220,7 @@ def register(name: str = NAME) -> str:
     if _version_tuple(transformers.__version__) < MIN_VERSION:
         raise ImportError(f"selfattn.transformers needs transformers >= {'.'.join(map(str, MIN_VERSION))} "
                           f"(AttentionInterface and AttentionMaskInterface); found {transformers.__version__}")
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS.get("sdpa", sdpa_mask))
+    AttentionMaskInterface.register(name, mask_builder)
     return name
-

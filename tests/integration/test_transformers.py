@@ -66,19 +66,80 @@ def test_logits_match_transformers_attention(name, cls, cfg_name, cfg, peer, mon
     assert all(k["enable_gqa"] for k in calls)                     # 4 query heads over 2 kv heads, not repeated
     if name == "gemma2_softcap":
         assert all(k["softcap"] == 5.0 for k in calls)
+    # the left-padded causal mask as structure: causal (and the window) in the kernel, the padding as a
+    # (B, 1, 1, S) key mask, never the (B, 1, L, S) one
+    assert all(k["is_causal"] and k["alignment"] == "top_left" for k in calls)
+    assert all(tuple(k["attn_mask"].shape) == (3, 1, 1, 21) for k in calls)
+    windows = [k.get("window_size") for k in calls]
+    w = cfg.get("sliding_window")
+    if name == "mistral_window":
+        assert windows == [(w - 1, 0)] * 2
+    elif name == "gemma2_softcap":                                  # sliding and full layers alternate
+        assert windows == [(w - 1, 0), None]
     valid = mask.bool()                         # padded positions' logits are garbage in both
     torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,cls,cfg_name,cfg,peer", CASES[:2], ids=[c[0] for c in CASES[:2]])
-def test_greedy_generation_matches(name, cls, cfg_name, cfg, peer):
+def test_greedy_generation_matches(name, cls, cfg_name, cfg, peer, monkeypatch):
     model = _model(cls, cfg_name, **cfg)
     ids, mask = _batch(L=9, pad=(0, 3, 6))
     kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    calls = []
+    inner = sat._sdpa
+    monkeypatch.setattr(sat, "_sdpa", lambda q, k, v, **o: calls.append((q.shape[2], k.shape[2], o)) or inner(q, k, v, **o))
     with torch.no_grad():
         ref = _with(model, peer).generate(ids, **kw)
         got = _with(model, NAME).generate(ids, **kw)
     assert torch.equal(got, ref)
+    # prefill top_left, every decoding step bottom_right on the cache: causal in the kernel, the left
+    # padding a (B, 1, 1, S) key mask; Mistral's window (over its sliding cache) in the kernel too, and
+    # once the window has left the padding behind (6 keys, 6 pads at most), no mask at all
+    assert len(calls) == 2 * 24
+    for L, S, o in calls:
+        assert o["is_causal"] and o["alignment"] == ("top_left" if L == 9 else "bottom_right")
+        assert o.get("window_size") == ((5, 0) if name == "mistral_window" else None)
+        assert o["attn_mask"] is None or tuple(o["attn_mask"].shape) == (3, 1, 1, S)
+    masks = [o["attn_mask"] is not None for L, S, o in calls]
+    assert all(masks) if name == "llama_gqa" else (masks[0] and not masks[-1])
+
+
+def test_right_padding_is_key_lengths_and_trains_alike(monkeypatch):
+    """Right padding (a training batch): key_lengths in the kernel, no mask; the gradients are sdpa's."""
+    model = _model("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2).train()
+    ids, mask = _batch()
+    mask = mask.flip(-1)                                            # the same lengths, padded on the right
+    calls = []
+    inner = sat._sdpa
+    monkeypatch.setattr(sat, "_sdpa", lambda *a, **k: calls.append(k) or inner(*a, **k))
+    grads = {}
+    for impl in ("sdpa", NAME):
+        model.zero_grad()
+        out = _with(model, impl)(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == 2
+    for k in calls:
+        assert k["is_causal"] and k["attn_mask"] is None and k["key_lengths"].tolist() == [21, 16, 10]
+    for n in grads["sdpa"]:
+        torch.testing.assert_close(grads[NAME][n], grads["sdpa"][n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_a_mask_given_as_4d_is_read_in_place(monkeypatch):
+    """A (B, 1, L, S) mask the caller made (transformers passes it through): read as it is, no structure."""
+    model = _with(_model("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2), NAME)
+    ids, mask = _batch()
+    L = ids.shape[1]
+    full = (torch.ones(L, L, dtype=torch.bool).tril() & mask.bool()[:, None, :])[:, None]
+    calls = []
+    inner = sat._sdpa
+    monkeypatch.setattr(sat, "_sdpa", lambda *a, **k: calls.append(k) or inner(*a, **k))
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=full).logits
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    assert calls[0]["attn_mask"] is full and not calls[0]["is_causal"] and "alignment" not in calls[0]
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_training_gradients_match():
