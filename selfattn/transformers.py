@@ -38,9 +38,11 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import numpy as _np
 import torch as _torch
 
+from .kvcache import KVCache as _KVCache
+from .torch import _as_numpy, _to_torch
 from .torch import scaled_dot_product_attention as _sdpa
 
-__all__ = ["register", "attention_forward", "mask_builder", "Structure", "NAME", "MIN_VERSION"]
+__all__ = ["register", "attention_forward", "mask_builder", "Structure", "new_cache", "NAME", "MIN_VERSION"]
 
 NAME = "selfattn"
 MIN_VERSION = (4, 53)
@@ -224,3 +226,114 @@ def register(name: str = NAME) -> str:
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, mask_builder)
     return name
+
+
+# ---------------------------------------------------------------- a cache for generate()
+
+_CACHE_CLASSES: Dict[str, Any] = {}
+
+
+def _cache_classes() -> Tuple[Any, Any]:
+    """KVCacheLayer and SelfattnCache, made on first use (transformers is imported only then)."""
+    if not _CACHE_CLASSES:
+        from transformers.cache_utils import Cache, DynamicLayer
+
+        class KVCacheLayer(DynamicLayer):  # type: ignore[misc, valid-type, unused-ignore]
+            """One layer's keys and values in a :class:`selfattn.KVCache`: preallocated (``max_len``
+            positions; past that its capacity doubles), each step written in place, the layer given
+            views of the valid positions (no ``torch.cat`` per step). Grouped, padded and 16-bit
+            models alike; beam search, cropping and batch selection go through a copy."""
+
+            def __init__(self, max_len: int = 0) -> None:
+                super().__init__()
+                self.max_len = int(max_len)
+                self.kv: Optional[_KVCache] = None
+
+            def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+                self.device = key_states.device
+                self.is_initialized = True
+
+            def _expose(self) -> None:
+                assert self.kv is not None
+                views = []
+                for a in (self.kv.keys, self.kv.values):
+                    a.flags.writeable = True           # a view of the cache's own buffer; torch needs it writable
+                    views.append(_to_torch(a))
+                self.keys, self.values = views
+
+            def _fill(self, key_states: Any, value_states: Any) -> None:
+                k, v = _as_numpy(key_states, "key_states"), _as_numpy(value_states, "value_states")
+                B, H, n, E = k.shape
+                if self.kv is None or self.kv.batch != B or self.kv.num_kv_heads != H or self.kv.dtype != k.dtype:
+                    self.kv = _KVCache(B, H, max(self.max_len, n), E, v.shape[-1], dtype=k.dtype, grow=True)
+                self.kv.append(k, v)
+                self._expose()
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Tuple[Any, Any]:
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                if _torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+                    raise NotImplementedError("selfattn.transformers.new_cache() holds no autograd history: run "
+                                              "generation under torch.no_grad(), or train with use_cache=False")
+                self._fill(key_states, value_states)
+                return self.keys, self.values
+
+            def _adopt(self) -> None:
+                """After DynamicLayer's own crop / reorder / select / repeat made new tensors: back into a KVCache."""
+                keys, values = self.keys, self.values
+                self.kv = None
+                if keys is not None and keys.numel():
+                    self._fill(keys, values)
+
+            def reset(self) -> None:
+                if self.kv is not None:
+                    self.kv.reset()
+                    self._expose()
+
+            def crop(self, tokens_to_remove: int) -> None:
+                super().crop(tokens_to_remove)
+                self._adopt()
+
+            def reorder_cache(self, beam_idx: Any) -> None:
+                super().reorder_cache(beam_idx)
+                self._adopt()
+
+            def batch_repeat_interleave(self, repeats: int) -> None:
+                super().batch_repeat_interleave(repeats)
+                self._adopt()
+
+            def batch_select_indices(self, indices: Any) -> None:
+                super().batch_select_indices(indices)
+                self._adopt()
+
+        class SelfattnCache(Cache):  # type: ignore[misc, valid-type, unused-ignore]
+            """A transformers ``Cache`` of :class:`KVCacheLayer` s (see :func:`new_cache`)."""
+
+            def __init__(self, config: Any = None, max_len: int = 0) -> None:
+                if config is None:
+                    super().__init__(layer_class_to_replicate=lambda: KVCacheLayer(max_len))  # type: ignore[arg-type, unused-ignore]
+                    return
+                text = config.get_text_config(decoder=True)
+                kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+                other = kinds - {"full_attention", "sliding_attention", "chunked_attention"}
+                if other:
+                    raise NotImplementedError(f"selfattn.transformers.new_cache() holds attention keys and values "
+                                              f"only; this model's layer_types include {sorted(other)}: use "
+                                              f"transformers' DynamicCache")
+                # sliding layers keep every position too: the window is in the mask (and in the kernel)
+                super().__init__(layers=[KVCacheLayer(max_len) for _ in range(text.num_hidden_layers)])
+
+        _CACHE_CLASSES.update(layer=KVCacheLayer, cache=SelfattnCache)
+    return _CACHE_CLASSES["layer"], _CACHE_CLASSES["cache"]
+
+
+def new_cache(config: Any = None, max_len: int = 0) -> Any:
+    """A transformers ``Cache`` whose layers keep their keys and values in :class:`selfattn.KVCache` s.
+
+    ``model.generate(ids, cache=selfattn.transformers.new_cache(model.config, max_len=n))``: each layer's
+    keys and values are preallocated for `max_len` positions (prompt plus new tokens; past that the
+    capacity doubles) and written in place at every step; the attention reads views of them (no
+    ``torch.cat`` of the whole cache per step, as transformers' ``DynamicCache`` does). Sliding-window
+    layers keep every position (the window is applied by the mask, in the kernel). Inference only
+    (gradients: ``use_cache=False``)."""
+    return _cache_classes()[1](config, max_len)

