@@ -8,7 +8,9 @@
 attention of every layer) and a mask builder to its ``AttentionMaskInterface``. Each layer's
 attention then runs through :mod:`selfattn.torch` (fused forward and backward, CPU tensors,
 float32 / float64 / float16 / bfloat16): grouped-query heads are read without repeating K and V,
-``softcap`` in the kernel. The cache, positions and everything else stay transformers' own.
+``softcap`` in the kernel. Positions and everything else stay transformers' own; the cache too,
+unless :func:`new_cache` gives ``generate()`` one over :class:`selfattn.KVCache` (preallocated,
+written in place).
 
 Masks become structure. The mask builder is transformers' SDPA one (a boolean ``(batch, 1, L, S)``
 mask, or none where ``is_causal`` says all), and then recognises what the mask is made of: causal
@@ -30,7 +32,8 @@ caller) is read in place as it is, never expanded.
 
 Not imported by ``import selfattn`` (transformers and torch are optional):
 ``import selfattn.transformers``. Supported: transformers >= 4.53 (the first with
-``AttentionMaskInterface``); tested with 5.25.0 (see the closing notes of the README).
+``AttentionMaskInterface``; older is an ImportError naming the versions); tested with 5.25.0
+(torch 2.13, sentence-transformers 6.3).
 """
 
 from typing import Any, Dict, NamedTuple, Optional, Tuple
@@ -236,7 +239,13 @@ _CACHE_CLASSES: Dict[str, Any] = {}
 def _cache_classes() -> Tuple[Any, Any]:
     """KVCacheLayer and SelfattnCache, made on first use (transformers is imported only then)."""
     if not _CACHE_CLASSES:
-        from transformers.cache_utils import Cache, DynamicLayer
+        try:
+            from transformers.cache_utils import Cache, DynamicLayer
+        except ImportError:
+            import transformers
+            raise ImportError(f"selfattn.transformers.new_cache() needs transformers' cache layers "
+                              f"(transformers.cache_utils.DynamicLayer; tested with 5.25.0), not in "
+                              f"transformers {transformers.__version__}") from None
 
         class KVCacheLayer(DynamicLayer):  # type: ignore[misc, valid-type, unused-ignore]
             """One layer's keys and values in a :class:`selfattn.KVCache`: preallocated (``max_len``
