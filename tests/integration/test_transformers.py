@@ -187,3 +187,19 @@ def test_register_is_idempotent_and_named():
     assert AttentionInterface._global_mapping["selfattn"] is sat.attention_forward
     assert sat._version_tuple("4.52.3") < sat.MIN_VERSION <= sat._version_tuple(transformers.__version__)
     np.testing.assert_equal(sat._version_tuple("5.25.0.dev0"), (5, 25))
+
+
+def test_inference_skips_autograd_with_the_same_bits(monkeypatch):
+    """Without a gradient (no_grad, generation) the NumPy function runs on the tensors' memory; with one,
+    selfattn.torch's autograd Function: the same kernel, the same logits bit for bit."""
+    model = _with(_model("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2), NAME)
+    ids, mask = _batch()
+    calls = []
+    inner = sat._torch_sdpa
+    monkeypatch.setattr(sat, "_torch_sdpa", lambda *a, **k: calls.append(k) or inner(*a, **k))
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask).logits
+    assert not calls
+    graded = model(input_ids=ids, attention_mask=mask).logits          # parameters require grad
+    assert len(calls) == model.config.num_hidden_layers and graded.requires_grad
+    assert torch.equal(fast, graded.detach())
