@@ -203,3 +203,28 @@ def test_inference_skips_autograd_with_the_same_bits(monkeypatch):
     graded = model(input_ids=ids, attention_mask=mask).logits          # parameters require grad
     assert len(calls) == model.config.num_hidden_layers and graded.requires_grad
     assert torch.equal(fast, graded.detach())
+
+
+def test_static_cache_slots_are_key_lengths(monkeypatch):
+    """generate() on transformers' StaticCache: the keys are the whole preallocated cache; the empty slots
+    past the queries become key_lengths (bottom_right) and are never read; the tokens are sdpa's."""
+    model = _model("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
+    ids, mask = _batch(L=9, pad=(0, 3, 6))
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, cache_implementation="static")
+    calls = []
+    inner = sat._sdpa
+    monkeypatch.setattr(sat, "_sdpa", lambda q, k, v, **o: calls.append((q.shape[2], k.shape[2], o)) or inner(q, k, v, **o))
+    with torch.no_grad():
+        ref = _with(model, "sdpa").generate(ids, **kw)
+        got = _with(model, NAME).generate(ids, **kw)
+    assert torch.equal(got, ref)
+    assert len(calls) == 2 * 10
+    S = calls[0][1]
+    assert S == 9 + 10 - 1                                          # the static cache's whole length
+    for step, (L, S_, o) in enumerate(calls):
+        assert S_ == S and o["is_causal"] and tuple(o["attn_mask"].shape) == (3, 1, 1, S)
+        n = 9 + step // 2                                           # keys written so far, this step's included
+        assert o["alignment"] == ("top_left" if L == 9 else "bottom_right")
+        if L == 1:                                                   # the empty slots past the query
+            assert o.get("key_lengths") == (n if n < S else None), (step, o)
+    assert any(L == 1 and "key_lengths" in o for L, _, o in calls)
