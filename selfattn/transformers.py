@@ -22,9 +22,11 @@ runs on the structure and the kernel skips the masked blocks:
 * causal, with or without a KV cache (``alignment="bottom_right"``; a static cache's empty slots
   past the queries are ``key_lengths``), a sliding window (``window_size=(w - 1, 0)``);
 * right padding (encoders, training batches): ``key_lengths``;
-* left padding (batched generation): causal / window structure as above, the padding itself as a
-  ``(batch, 1, 1, S)`` key mask (broadcast over the queries, read in place): selfattn has no
-  per-batch start of the valid keys, so those keys are masked, not skipped;
+* left padding (batched generation), without a gradient: queries, keys and values read backwards
+  (NumPy views with negative strides, no copy), where the padding comes last and is ``key_lengths``
+  (never read) and causality is ``window_size=(0, w - 1 or None)``; with a gradient (torch tensors
+  have no negative strides), causal / window structure as above and the padding as a
+  ``(batch, 1, 1, S)`` key mask, broadcast over the queries and read in place;
 * an encoder's padding that is not a suffix: the mask's first row, a ``(batch, 1, 1, S)`` view.
 
 Any other mask (packed sequences, image-token blocks, chunked attention, a 4-D mask given by the
@@ -64,10 +66,16 @@ def _version_tuple(v: str) -> Tuple[int, ...]:
 class Structure(NamedTuple):
     """What a boolean ``(B, 1, L, S)`` mask is, as selfattn's arguments: ``is_causal``, ``options``
     (``window_size``, ``alignment``, ``key_lengths``) and ``attn_mask`` (None, or a ``(B, 1, 1, S)``
-    key mask). Together they select exactly the mask's True entries."""
+    key mask). Together they select exactly the mask's True entries.
+
+    ``flipped``, for left padding: the same mask on queries and keys read backwards (NumPy views with
+    negative strides: no copy), where the padding is at the end (``key_lengths``, never read) and
+    causality is a window ``(0, right)``; used where no gradient is wanted (torch tensors have no
+    negative strides)."""
     is_causal: bool
     options: Dict[str, Any]
     attn_mask: Optional[Any]
+    flipped: Optional["Structure"] = None
 
 
 def implied_mask(structure: Structure, B: int, L: int, S: int) -> Any:
@@ -149,7 +157,24 @@ def recognise(mask: Any, offset: Optional[int], local_size: Optional[int] = None
         candidates.append(Structure(False, {}, mask[:, :, :1, :]))
     for st in candidates:
         if bool((implied_mask(st, B, L, S) == mask).all()):
+            if st.is_causal and st.attn_mask is not None and offset is not None and offset + L == S:
+                st = st._replace(flipped=_flipped(mask, keys, local_size))
             return st
+    return None
+
+
+def _flipped(mask: Any, keys: Any, local_size: Optional[int]) -> Optional[Structure]:
+    """Causal attention of the last L queries over S keys, left-padded: reversed on both axes, query
+    row i' = L-1-i sees key j' = S-1-j when j' >= i' (and j' <= i' + w - 1 in a window of w), and
+    the keys before the padding's end come last: key_lengths = S - (first valid key). Checked as the
+    rest: the reversed structure's mask, reversed, must be `mask`."""
+    B, _, L, S = mask.shape
+    valid = keys[:, 0, 0]
+    first = _torch.where(valid.any(-1), valid.to(_torch.int8).argmax(-1), _torch.full((B,), S))
+    st = Structure(False, {"alignment": "top_left", "key_lengths": (S - first).numpy().astype(_np.int64),
+                           "window_size": (0, None if local_size is None else int(local_size) - 1)}, None)
+    if bool((implied_mask(st, B, L, S).flip(-1).flip(-2) == mask).all()):
+        return st
     return None
 
 
@@ -176,15 +201,28 @@ def mask_builder(*args: Any, **kwargs: Any) -> Any:
     return mask
 
 
-def _sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, is_causal: bool = False, **options: Any) -> Any:
+def _wants_grad(*tensors: Any) -> bool:
+    return _torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, is_causal: bool = False, *,
+          reverse: bool = False, **options: Any) -> Any:
     """selfattn.torch's differentiable attention when a gradient is wanted; without one (inference,
     generation) the NumPy function on the tensors' memory: the same kernel and the same bits, without
-    the autograd Function and the log-sum-exp kept for a backward (about 40 us a call less)."""
-    if _torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+    the autograd Function and the log-sum-exp kept for a backward (about 40 us a call less).
+    reverse (no gradient only): query, key and value read backwards along the sequence (a
+    Structure's ``flipped`` options), the output turned back."""
+    if _wants_grad(query, key, value):
+        if reverse:
+            raise AssertionError("reverse is for calls without a gradient")
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **options)
     q, k, v = _as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value")
+    if reverse:
+        q, k, v = q[..., ::-1, :], k[..., ::-1, :], v[..., ::-1, :]
     mask = _as_numpy(attn_mask, "attn_mask")
     out = _np_sdpa(q, k, v, mask, is_causal=is_causal, **options)
+    if reverse:
+        out = out[..., ::-1, :].copy()          # torch takes no negative strides
     out.flags.writeable = True           # the kernel's own new array
     return _to_torch(out)
 
@@ -213,6 +251,9 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
     if attention_mask is not None and st is not None and tuple(attention_mask.shape[-2:]) == (q_len, kv_len) \
             and attention_mask.shape[0] in (1, query.shape[0]):
         # the mask's structure: causal / window / key lengths in the kernel, at most a key mask
+        if st.flipped is not None and not _wants_grad(query, key, value):
+            st = st.flipped                     # left padding read backwards: key_lengths, nothing masked
+            options["reverse"] = True
         causal, attention_mask = st.is_causal, st.attn_mask
         options.update(st.options)
     else:

@@ -66,16 +66,18 @@ def test_logits_match_transformers_attention(name, cls, cfg_name, cfg, peer, mon
     assert all(k["enable_gqa"] for k in calls)                     # 4 query heads over 2 kv heads, not repeated
     if name == "gemma2_softcap":
         assert all(k["softcap"] == 5.0 for k in calls)
-    # the left-padded causal mask as structure: causal (and the window) in the kernel, the padding as a
-    # (B, 1, 1, S) key mask, never the (B, 1, L, S) one
-    assert all(k["is_causal"] and k["alignment"] == "top_left" for k in calls)
-    assert all(tuple(k["attn_mask"].shape) == (3, 1, 1, 21) for k in calls)
-    windows = [k.get("window_size") for k in calls]
+    # the left-padded causal mask as structure, read backwards (no gradient here): the padding at the
+    # end as key_lengths (never read), causality a window (0, w - 1) on the reversed axis; no mask at all
+    assert all(k["reverse"] and not k["is_causal"] and k["attn_mask"] is None for k in calls)
+    assert all(k["alignment"] == "top_left" and k["key_lengths"].tolist() == [21, 16, 10] for k in calls)
+    windows = [k["window_size"] for k in calls]
     w = cfg.get("sliding_window")
     if name == "mistral_window":
-        assert windows == [(w - 1, 0)] * 2
+        assert windows == [(0, w - 1)] * 2
     elif name == "gemma2_softcap":                                  # sliding and full layers alternate
-        assert windows == [(w - 1, 0), None]
+        assert windows == [(0, w - 1), (0, None)]
+    else:
+        assert windows == [(0, None)] * 2
     valid = mask.bool()                         # padded positions' logits are garbage in both
     torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-4)
 
@@ -92,16 +94,23 @@ def test_greedy_generation_matches(name, cls, cfg_name, cfg, peer, monkeypatch):
         ref = _with(model, peer).generate(ids, **kw)
         got = _with(model, NAME).generate(ids, **kw)
     assert torch.equal(got, ref)
-    # prefill top_left, every decoding step bottom_right on the cache: causal in the kernel, the left
-    # padding a (B, 1, 1, S) key mask; Mistral's window (over its sliding cache) in the kernel too, and
-    # once the window has left the padding behind (6 keys, 6 pads at most), no mask at all
+    # every step, prefill and decoding: the left padding read backwards as key_lengths, causality a
+    # window on the reversed axis (Mistral's window too); once Mistral's window has left the padding
+    # behind, plain causal structure bottom_right on its sliding cache. Never a mask.
     assert len(calls) == 2 * 24
     for L, S, o in calls:
-        assert o["is_causal"] and o["alignment"] == ("top_left" if L == 9 else "bottom_right")
-        assert o.get("window_size") == ((5, 0) if name == "mistral_window" else None)
-        assert o["attn_mask"] is None or tuple(o["attn_mask"].shape) == (3, 1, 1, S)
-    masks = [o["attn_mask"] is not None for L, S, o in calls]
-    assert all(masks) if name == "llama_gqa" else (masks[0] and not masks[-1])
+        assert o["attn_mask"] is None
+        if o.get("reverse"):
+            kl = o["key_lengths"].tolist()
+            assert not o["is_causal"] and kl[0] == S and min(kl) < S          # the padded rows cut short
+            if name == "llama_gqa":
+                assert kl == [S, S - 3, S - 6]
+            assert o["window_size"] == ((0, 5) if name == "mistral_window" else (0, None))
+        else:
+            assert name == "mistral_window" and L == 1 and o["is_causal"] and o["alignment"] == "bottom_right"
+            assert o["window_size"] == (5, 0)
+    reversed_ = [bool(o.get("reverse")) for L, S, o in calls]
+    assert all(reversed_) if name == "llama_gqa" else (reversed_[0] and not reversed_[-1])
 
 
 def test_right_padding_is_key_lengths_and_trains_alike(monkeypatch):
@@ -194,6 +203,7 @@ def test_inference_skips_autograd_with_the_same_bits(monkeypatch):
     selfattn.torch's autograd Function: the same kernel, the same logits bit for bit."""
     model = _with(_model("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2), NAME)
     ids, mask = _batch()
+    mask = mask.flip(-1)                  # right padding: key_lengths on both paths (left is read backwards here)
     calls = []
     inner = sat._torch_sdpa
     monkeypatch.setattr(sat, "_torch_sdpa", lambda *a, **k: calls.append(k) or inner(*a, **k))
@@ -222,9 +232,13 @@ def test_static_cache_slots_are_key_lengths(monkeypatch):
     S = calls[0][1]
     assert S == 9 + 10 - 1                                          # the static cache's whole length
     for step, (L, S_, o) in enumerate(calls):
-        assert S_ == S and o["is_causal"] and tuple(o["attn_mask"].shape) == (3, 1, 1, S)
         n = 9 + step // 2                                           # keys written so far, this step's included
+        assert S_ == S
+        if n == S:                                                   # the cache full: left padding read backwards
+            assert o["reverse"] and o["key_lengths"].tolist() == [S, S - 3, S - 6]
+            continue
+        assert o["is_causal"] and tuple(o["attn_mask"].shape) == (3, 1, 1, S) and not o.get("reverse")
         assert o["alignment"] == ("top_left" if L == 9 else "bottom_right")
         if L == 1:                                                   # the empty slots past the query
-            assert o.get("key_lengths") == (n if n < S else None), (step, o)
+            assert o["key_lengths"] == n, (step, o)
     assert any(L == 1 and "key_lengths" in o for L, _, o in calls)

@@ -5,7 +5,8 @@ Each case builds the mask transformers' SDPA builder makes (causal with and with
 sliding windows, left and right padding, a static cache's empty slots, encoders), recognises it,
 and checks that selfattn's kernel run on the structure gives what it gives on the dense mask
 (and torch's SDPA on its rows that see any key): the structure is the same mask, and the model the
-recogniser checks against (implied_mask) is the kernel's.
+recogniser checks against (implied_mask) is the kernel's. Left padding also has a reversed form
+(queries and keys read backwards, the padding at the end as key_lengths), checked the same way.
 """
 
 import pytest
@@ -97,6 +98,18 @@ def test_mask_becomes_structure(name):
     rows = mask.any(-1, keepdim=True).expand(B, 4, L, 1)          # torch gives NaN for a row without keys
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
     torch.testing.assert_close(structured[rows.expand_as(ref)], ref[rows.expand_as(ref)], rtol=1e-10, atol=1e-10)
+    # left padding after the cache's keys: also the reversed structure, the padding as key_lengths
+    if name in ("causal_left_pad", "decode_left_pad", "window_left_pad"):
+        f = s.flipped
+        assert f is not None and not f.is_causal and f.attn_mask is None
+        assert f.options["key_lengths"].tolist() == (S - (~kw["attention_mask"]).sum(-1)).tolist()
+        assert f.options["window_size"] == (0, W - 1 if "window" in name else None)
+        assert torch.equal(sat.implied_mask(f, B, L, S).flip(-1).flip(-2), mask)
+        with torch.no_grad():
+            rev = sat._sdpa(q, k, v, None, is_causal=False, reverse=True, enable_gqa=True, **f.options)
+        torch.testing.assert_close(rev, dense, rtol=1e-12, atol=1e-12)
+    else:
+        assert s.flipped is None
 
 
 def test_other_masks_stay_dense():

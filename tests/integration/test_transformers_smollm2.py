@@ -121,11 +121,13 @@ def test_left_padded_batch_equals_one_by_one(smol, alone, monkeypatch):
     got = _generate(model, NAME, **batch).sequences[:, -NEW:]
     for row, p in enumerate(PROMPTS):
         assert got[row].tolist() == out[p][NAME].sequences[0, -NEW:].tolist(), p
-    # the padding as a (3, 1, 1, S) key mask beside the causal structure, never a (3, 1, L, S) mask
+    # no mask at all: the left padding read backwards is key_lengths (the padded keys never read),
+    # causality a window (0, None) on the reversed axis, in prefill and every decoding step
     assert len(calls) == model.config.num_hidden_layers * NEW
+    pads = [max(lengths) - n for n in lengths]
     for L, S, o in calls:
-        assert o["is_causal"] and o["alignment"] == ("top_left" if L > 1 else "bottom_right")
-        assert tuple(o["attn_mask"].shape) == (3, 1, 1, S)
+        assert o["reverse"] and not o["is_causal"] and o["attn_mask"] is None and o["window_size"] == (0, None)
+        assert o["key_lengths"].tolist() == [S - p for p in pads]
 
 
 @pytest.mark.slow
