@@ -16,6 +16,7 @@ from sa_testutil import optional_import
 torch = optional_import("torch")
 transformers = optional_import("transformers")
 
+import selfattn  # noqa: E402
 import selfattn.torch as st  # noqa: E402
 import selfattn.transformers as sat  # noqa: E402
 from transformers import masking_utils as mu  # noqa: E402
@@ -105,9 +106,13 @@ def test_mask_becomes_structure(name):
         assert f.options["key_lengths"].tolist() == (S - (~kw["attention_mask"]).sum(-1)).tolist()
         assert f.options["window_size"] == (0, W - 1 if "window" in name else None)
         assert torch.equal(sat.implied_mask(f, B, L, S).flip(-1).flip(-2), mask)
-        with torch.no_grad():
-            rev = sat._sdpa(q, k, v, None, is_causal=False, reverse=True, enable_gqa=True, **f.options)
-        torch.testing.assert_close(rev, dense, rtol=1e-12, atol=1e-12)
+        for isa in selfattn.available_isas():                     # negative strides on every path
+            with torch.no_grad(), selfattn.use_isa(isa):
+                rev = sat._sdpa(q, k, v, None, is_causal=False, reverse=True, enable_gqa=True, **f.options)
+                rev32 = sat._sdpa(q.float(), k.float(), v.float(), None, is_causal=False, reverse=True,
+                                  enable_gqa=True, **f.options)
+            torch.testing.assert_close(rev, dense, rtol=1e-12, atol=1e-12, msg=isa)
+            torch.testing.assert_close(rev32, dense.float(), rtol=1e-5, atol=1e-5, msg=isa)
     else:
         assert s.flipped is None
 
