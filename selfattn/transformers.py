@@ -8,7 +8,7 @@
 attention of every layer) and a mask builder to its ``AttentionMaskInterface``. Each layer's
 attention then runs through :mod:`selfattn.torch` (fused forward and backward, CPU tensors,
 float32 / float64 / float16 / bfloat16): grouped-query heads are read without repeating K and V,
-``softcap`` in the kernel. Positions and everything else stay transformers' own; the cache too,
+``softcap`` and gpt-oss's attention sinks (``s_aux``: ``sinks=``, with their gradient) in the kernel. Positions and everything else stay transformers' own; the cache too,
 unless :func:`new_cache` gives ``generate()`` one over :class:`selfattn.KVCache` (preallocated,
 written in place).
 
@@ -212,10 +212,13 @@ def _sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, is_causal: bo
     the autograd Function and the log-sum-exp kept for a backward (about 40 us a call less).
     reverse (no gradient only): query, key and value read backwards along the sequence (a
     Structure's ``flipped`` options), the output turned back."""
-    if _wants_grad(query, key, value):
+    sinks = options.get("sinks")
+    if _wants_grad(query, key, value, *([sinks] if isinstance(sinks, _torch.Tensor) else [])):
         if reverse:
             raise AssertionError("reverse is for calls without a gradient")
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **options)
+    if isinstance(sinks, _torch.Tensor):
+        options["sinks"] = _as_numpy(sinks.detach(), "sinks")
     q, k, v = _as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value")
     if reverse:
         q, k, v = q[..., ::-1, :], k[..., ::-1, :], v[..., ::-1, :]
@@ -242,9 +245,6 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("attn_implementation='selfattn' does not take a position_bias (T5-style "
                                   "relative positions); use 'sdpa' or 'eager' for this model")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attn_implementation='selfattn' has no attention sinks (s_aux, as in "
-                                  "gpt-oss); use 'eager' for this model")
     q_len, kv_len = query.shape[2], key.shape[2]
     options: Dict[str, Any] = {}
     st = getattr(attention_mask, _ATTR, None)
@@ -266,6 +266,10 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
             key, value = key[:, :, :q_len], value[:, :, :q_len]
     if kwargs.get("softcap") is not None:
         options["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:
+        # gpt-oss's attention sinks: one learnable logit per query head in every row's denominator
+        # (selfattn's sinks=, in the kernel; its gradient through the torch bridge)
+        options["sinks"] = kwargs["s_aux"]
     out = _sdpa(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling,
                 enable_gqa=key.shape[1] != query.shape[1], **options)
     return out.transpose(1, 2).contiguous(), None

@@ -242,3 +242,50 @@ def test_static_cache_slots_are_key_lengths(monkeypatch):
         if L == 1:                                                   # the empty slots past the query
             assert o["key_lengths"] == n, (step, o)
     assert any(L == 1 and "key_lengths" in o for L, _, o in calls)
+
+
+def _gpt_oss(dtype=torch.float32):
+    """A small randomly initialised gpt-oss: attention sinks (s_aux, one learnable logit per query head),
+    alternating sliding (window 8) and full layers, grouped-query heads, mixture-of-experts MLPs."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                                       sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    model = transformers.GptOssForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)         # sinks that matter
+    return model
+
+
+def test_gpt_oss_attention_sinks_match_eager(monkeypatch):
+    model = _gpt_oss()
+    ids, mask = _batch()
+    calls = []
+    inner = sat._sdpa
+    monkeypatch.setattr(sat, "_sdpa", lambda *a, **k: calls.append(k) or inner(*a, **k))
+    with torch.no_grad():
+        ref = _with(model, "eager")(input_ids=ids, attention_mask=mask).logits
+        got = _with(model, NAME)(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 2 and all(k.get("sinks") is not None for k in calls)   # the kernel took the sinks
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-4)
+    # generation: the same greedy tokens
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(_with(model, NAME).generate(ids, **kw), _with(model, "eager").generate(ids, **kw))
+
+
+def test_gpt_oss_sinks_get_their_gradient():
+    model = _gpt_oss().train()
+    ids, mask = _batch()
+    grads = {}
+    for impl in ("eager", NAME):
+        model.zero_grad()
+        out = _with(model, impl)(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        grads[impl] = [layer.self_attn.sinks.grad.clone() for layer in model.model.layers]
+    for g, r in zip(grads[NAME], grads["eager"]):
+        assert r.abs().max() > 0
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-6)
