@@ -64,6 +64,10 @@ Beside the kernel, one module per concern:
     selfattn.kvcache      KVCache: preallocated K/V appended in place, attended in place (decoding);
                           ragged counts are one kernel call (the engine's query_lengths); kv_dtype="int8"
                           keeps them quantized (selfattn.quant), quantized on append
+    selfattn.paged        paged_attention, PagedKVCache: K/V in a pool of fixed-size blocks with a block table
+                          per sequence (vLLM / FlashAttention layout), one kernel call for a ragged batch:
+                          the decode schedule reads the rows where the table says (sa_attn_args.block_table,
+                          sa_kv_rows), the same bits as a dense cache; fork shares a prefix's blocks
     selfattn.quant        quantize_kv / dequantize_kv: int8 K/V, one float32 scale per key; the kernels
                           read them as stored (sa_attn_args.kv_quant: the decode widens in registers)
     selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,
@@ -130,12 +134,13 @@ finally:
     if _SPINCOUNT_SET:
         _os.environ.pop("GOMP_SPINCOUNT", None)
 
-from . import autograd, inspection, positional, quant, reference
+from . import autograd, inspection, paged, positional, quant, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
 from .autograd import attend_vjp, scaled_dot_product_attention_vjp, varlen_attention_vjp
 from .inspection import attention_weights, plot_attention
 from .kvcache import KVCache
+from .paged import CacheFullError, PagedKVCache, paged_attention
 from .merge import merge_attention
 from .positional import rope, sinusoidal_encoding
 from .quant import dequantize_kv, quantize_kv
@@ -144,4 +149,4 @@ __all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_
            "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp", "autograd",
            "attention_weights", "plot_attention", "rope", "sinusoidal_encoding", "inspection", "positional",
            "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "quantize_kv",
-           "dequantize_kv", "quant", "__version__"]
+           "dequantize_kv", "quant", "paged", "paged_attention", "PagedKVCache", "CacheFullError", "__version__"]

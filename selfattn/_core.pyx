@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.math cimport sqrt
@@ -40,6 +40,7 @@ cdef object _F16 = np.dtype(np.float16)
 cdef object _I8 = np.dtype(np.int8)
 cdef int _isa = sa_isa_best()
 cdef int _forced_schedule = SA_SCHEDULE_AUTO   # test hook: _force_schedule
+cdef int SA_DECODE_ROWS = 16     # src_c/attn_internal.h: SA_DECODE_MAX_ROWS (paged: the decode schedule)
 cdef long _fail_allocs = 0         # debug hook: make N allocations fail ...
 cdef long _fail_after = 0          # ... after letting this many succeed
 
@@ -411,6 +412,7 @@ cdef struct _Units:
     int64_t *kv_v
     int64_t *kv_ks                   # ... and of its key and value scales (int8 K/V)
     int64_t *kv_vs
+    int64_t *kv_bt                   # ... and of its sequence's row of the block table (paged)
     int64_t *kv_start                # n_kv + 1: kv_units[kv_start[g]:kv_start[g+1]] read K/V g
     int64_t *kv_units
     int64_t *dq_off                  # the backward: per unit into dq, per K/V into dk and dv
@@ -440,6 +442,9 @@ cdef class Problem:
     cdef object k_scale, v_scale         # int8 K/V: float32 scales (..., H, S, 1); else None
     cdef readonly bint kv_quant          # int8 K and V with their scales
     cdef object cu_q, cu_k               # varlen: cumulative rows of the sequences
+    cdef readonly bint paged             # k and v are pages (num_blocks, page_size, H, E) read
+    cdef object block_table              # through block_table (B, max_blocks) int32, C order
+    cdef int64_t page_size
 
     @property
     def has_data(self):
@@ -501,6 +506,9 @@ cdef class Problem:
         """The fused backward from the forward's out and lse and the cotangent: (dq, dk, dv),
         dq with the output's batch dims, dk and dv with the distinct K/V's (varlen: packed)."""
         self._need_data()
+        if self.paged:
+            raise TypeError("no backward through a paged KV cache (it is for inference): attend dense key and "
+                            "value to train")
         if self.kv_quant:
             raise TypeError("no backward through int8 key and value (a quantized KV cache is for inference): "
                             "attend float key and value to train")
@@ -819,6 +827,90 @@ def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None
     return p
 
 
+def describe_paged(query, k_pages, v_pages, block_table, seq_lens, *, scale=None, window_size=None,
+                   alibi_slopes=None, softcap=None, sinks=None, num_sink_tokens=None, num_threads=None,
+                   k_scale=None, v_scale=None):
+    """A paged KV cache's problem (see selfattn.paged_attention), validated -> Problem: the dense
+    problem of query (B, Hq, n, E) against keys (B, H, S = max(seq_lens), E), bottom-right
+    causal with key_lengths = seq_lens and grouped-query heads, whose K/V rows the kernel finds
+    through block_table in k_pages / v_pages (num_blocks, page_size, H, E / Ev)."""
+    q = _meta(query, "query")
+    k = _meta(k_pages, "k_pages")
+    v = _meta(v_pages, "v_pages")
+    if q.ndim != 4:
+        raise ValueError(f"query must be 4-D (batch, Hq, n, E): each sequence's last n positions, got shape {q.shape}")
+    for a, nm, w in ((k, "k_pages", "E"), (v, "v_pages", "Ev")):
+        if a.ndim != 4:
+            raise ValueError(f"{nm} must be 4-D (num_blocks, block_size, H, {w}), got shape {a.shape}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k_pages {k.shape} and v_pages {v.shape} must have the same (num_blocks, block_size, H)")
+    if k.shape[1] < 1:
+        raise ValueError(f"block_size (k_pages.shape[1]) must be >= 1, got shape {k.shape}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"query {q.shape} and k_pages {k.shape} must have the same last dim E")
+    quant = k_scale is not None or v_scale is not None
+    if not quant and (k.dtype != q.dtype or v.dtype != q.dtype):
+        raise TypeError(f"query, k_pages and v_pages must have one dtype (pages are read as stored, never "
+                        f"converted): got query {q.dtype}, k_pages {k.dtype}, v_pages {v.dtype}")
+    cdef int64_t B = q.shape[0], H = k.shape[2], nblk = k.shape[0], ps = k.shape[1]
+    bt, sl = _spec.paged_tables(block_table, seq_lens, B, nblk, ps)
+    # S: the longest sequence (not max_blocks * page_size), as a dense cache's views have it, so that
+    # the decode's key chunks (which depend on S) and so the bits are the same as there
+    cdef int64_t S = int(sl.max()) if B else 0
+    kspec, vspec = ArraySpec((B, H, S, k.shape[3]), k.dtype), ArraySpec((B, H, S, v.shape[3]), v.dtype)
+    ks = vs = None
+    if quant:
+        if k_scale is None or v_scale is None:
+            raise TypeError(f"k_scale and v_scale go together (int8 pages, each with its scales): got "
+                            f"{'k_scale' if v_scale is None else 'v_scale'} only")
+        ks, vs = _meta(k_scale, "k_scale"), _meta(v_scale, "v_scale")
+        for sc, nm, an in ((ks, "k_scale", "k_pages"), (vs, "v_scale", "v_pages")):
+            if sc.dtype.kind != "f" or sc.dtype.itemsize > 8:
+                raise TypeError(f"{nm} must be floating (float32), got dtype {sc.dtype}")
+            if tuple(sc.shape) != tuple(k.shape[:3]):
+                raise ValueError(f"{nm} must have the shape of {an} without its last dim, {tuple(k.shape[:3])} "
+                                 f"(one scale per block row and kv head), got {tuple(sc.shape)}")
+    cdef Problem p = _describe(q if type(q) is ArraySpec else ArraySpec(tuple(q.shape), q.dtype), kspec, vspec,
+                               None, True, scale, True, num_threads, window_size, "bottom_right", sl, alibi_slopes,
+                               softcap, None, None, sinks, num_sink_tokens,
+                               None if ks is None else ArraySpec((B, H, S), ks.dtype),
+                               None if vs is None else ArraySpec((B, H, S), vs.dtype))
+    p.paged, p.block_table, p.page_size = True, bt, ps
+    if type(q) is ArraySpec or type(k) is ArraySpec or type(v) is ArraySpec:
+        return p
+    if p.kv_quant:
+        if type(ks) is ArraySpec or type(vs) is ArraySpec:
+            return p
+        p.k_scale, p.v_scale = _ready(ks, cnp.NPY_FLOAT), _ready(vs, cnp.NPY_FLOAT)
+        p.q = _ready(q, p.typenum)
+        p.k = k if cnp.PyArray_ISNOTSWAPPED(k) else k.copy()
+        p.v = v if cnp.PyArray_ISNOTSWAPPED(v) else v.copy()
+    elif p.storage != SA_STORE_NATIVE:
+        p.q, p.k, p.v = _ready16(q), _ready16(k), _ready16(v)
+    else:
+        p.q, p.k, p.v = _ready(q, p.typenum), _ready(k, p.typenum), _ready(v, p.typenum)
+    return p
+
+
+def paged_decodes(Problem p):
+    """Whether the kernel reads this paged problem's pages in place (the decode schedule: at most
+    16 query rows per kv head and sequence, Hq / H x n); else selfattn.paged gathers them."""
+    if not p.paged:
+        raise ValueError("not a paged problem")
+    return (p.group * p.L <= SA_DECODE_ROWS and p.S > 0 and p.n_units > 0
+            and _forced_schedule in (SA_SCHEDULE_AUTO, SA_SCHEDULE_DECODE))
+
+
+def paged(Problem p, bint return_lse=False, bint schedule_only=False):
+    """Run a paged problem (describe_paged) in the decode schedule, pages read in place."""
+    if not paged_decodes(p):
+        raise ValueError(f"the kernel reads pages in place for at most {SA_DECODE_ROWS} query rows per kv head "
+                         f"(Hq / H x n = {p.group * p.L})")
+    if schedule_only:
+        return p.schedule(return_lse=return_lse)
+    return p._run(None, return_lse)
+
+
 cdef inline void _batch_strides(object a, int nb, int64_t *dst):
     """Element strides of a's batch dims, right-aligned to nb dims; 0 where broadcast."""
     cdef int nd = cnp.PyArray_NDIM(a) - 2, d, j
@@ -873,7 +965,7 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
     cdef int64_t n_units = p.n_units, n_kv = 1, u, c
     for d in range(nkb):
         n_kv *= <int64_t> kvb[d]
-    cdef int64_t *tab = <int64_t *> _alloc(sizeof(int64_t) * (9 * n_units + 7 * n_kv + 1 + 8 * (nb + nkb + 1)))
+    cdef int64_t *tab = <int64_t *> _alloc(sizeof(int64_t) * (9 * n_units + 8 * n_kv + 1 + 8 * (nb + nkb + 1)))
     t.n_units, t.n_kv = n_units, n_kv
     t.q_off = tab
     t.o_off = t.q_off + n_units
@@ -888,7 +980,8 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
     t.dv_off = t.dk_off + n_kv
     t.kv_ks = t.dv_off + n_kv
     t.kv_vs = t.kv_ks + n_kv
-    t.kv_start = t.kv_vs + n_kv
+    t.kv_bt = t.kv_vs + n_kv
+    t.kv_start = t.kv_bt + n_kv
     cdef int64_t *oshape = t.kv_start + n_kv + 1     # per-dim tables: 6 of nb, then 4 of nkb
     cdef int64_t *idx = oshape + nb
     cdef int64_t *st = idx + nb                 # element strides per output batch dim
@@ -919,11 +1012,20 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
             kvs[d + (nb - nkb)] = c
         c *= kvb[d]
     _index_offsets(n_units, nb, oshape, kvs, idx, u_kv, <int> p.group)
-    _batch_strides(k, nkb, ks)
-    _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_k, 1)
-    _batch_strides(v, nkb, ks)
-    _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_v, 1)
-    if p.kv_quant:                              # the scales, shaped like K / V with one column
+    if p.paged:                 # kv unit g = (sequence b, kv head h): head h inside a page, row b of the table
+        for u in range(n_kv):
+            t.kv_k[u] = (u % kvb[1]) * _stride(k, 2)
+            t.kv_v[u] = (u % kvb[1]) * _stride(v, 2)
+            t.kv_bt[u] = (u // kvb[1]) * p.block_table.shape[1]
+            if p.kv_quant:
+                t.kv_ks[u] = (u % kvb[1]) * _stride(p.k_scale, 2)
+                t.kv_vs[u] = (u % kvb[1]) * _stride(p.v_scale, 2)
+    else:
+        _batch_strides(k, nkb, ks)
+        _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_k, 1)
+        _batch_strides(v, nkb, ks)
+        _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_v, 1)
+    if p.kv_quant and not p.paged:              # the scales, shaped like K / V with one column
         _batch_strides(p.k_scale, nkb, ks)
         _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_ks, 1)
         _batch_strides(p.v_scale, nkb, ks)
@@ -1015,6 +1117,13 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
         a.kv_quant = SA_KV_INT8
         a.k_scale, a.kv_ks_off, a.ks_s = <const float *> cnp.PyArray_DATA(p.k_scale), t.kv_ks, _stride(p.k_scale, -2)
         a.v_scale, a.kv_vs_off, a.vs_s = <const float *> cnp.PyArray_DATA(p.v_scale), t.kv_vs, _stride(p.v_scale, -2)
+    if p.paged:             # pages (num_blocks, page_size, H, E): rows along axis 1, pages along axis 0
+        a.block_table, a.kv_bt_off = <const int32_t *> cnp.PyArray_DATA(p.block_table), t.kv_bt
+        a.page_size, a.k_page_s, a.v_page_s = p.page_size, _stride(k, 0), _stride(v, 0)
+        a.k_ss, a.v_ss = _stride(k, 1), _stride(v, 1)
+        if p.kv_quant:      # scales (num_blocks, page_size, H)
+            a.ks_s, a.vs_s = _stride(p.k_scale, 1), _stride(p.v_scale, 1)
+            a.ks_page_s, a.vs_page_s = _stride(p.k_scale, 0), _stride(p.v_scale, 0)
     o = p.opts
     a.num_threads, a.causal, a.window, a.window_left, a.window_right = o[0], o[1], o[2], o[3], o[4]
     a.alignment, a.softcap = o[5], o[6]

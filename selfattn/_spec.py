@@ -225,3 +225,35 @@ def cu_seqlens(cu: object, name: str, total: int) -> "np.ndarray[Any, Any]":
     if a[-1] != total:
         raise ValueError(f"{name} must end at the total number of rows {total}, got {int(a[-1])}")
     return a
+
+
+def paged_tables(block_table: object, seq_lens: object, batch: int, num_blocks: int,
+                 page_size: int) -> Tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]"]:
+    """A paged cache's block_table (batch, max_blocks) and seq_lens (batch,): int32 C-order table,
+    int64 lengths in [0, max_blocks * page_size]; the entries of the pages a sequence uses
+    (its first ceil(seq_lens / page_size)) in [0, num_blocks) -- the rest are never read (vLLM
+    pads them with -1)."""
+    bt = _array(block_table, "block_table")
+    if bt.ndim != 2 or bt.dtype.kind not in "iu":
+        what = f"dtype {bt.dtype}" if bt.ndim == 2 else f"shape {bt.shape}"
+        raise TypeError(f"block_table must be a 2-D integer array (batch, max_blocks), got {what}")
+    if bt.shape[0] != batch:
+        raise ValueError(f"block_table has {bt.shape[0]} rows, the query's batch is {batch}: one row per sequence")
+    sl = _array(seq_lens, "seq_lens")
+    if sl.ndim != 1 or sl.dtype.kind not in "iu":
+        what = f"dtype {sl.dtype}" if sl.ndim == 1 else f"shape {sl.shape}"
+        raise TypeError(f"seq_lens must be a 1-D integer array (batch,), got {what}")
+    if sl.shape[0] != batch:
+        raise ValueError(f"seq_lens has {sl.shape[0]} entries, the query's batch is {batch}")
+    cap = bt.shape[1] * page_size
+    if sl.size and (int(sl.min()) < 0 or int(sl.max()) > cap):
+        raise ValueError(f"seq_lens must be in [0, max_blocks * block_size = {bt.shape[1]} * {page_size} = {cap}], "
+                         f"got values in [{int(sl.min())}, {int(sl.max())}]")
+    used = np.arange(bt.shape[1])[None, :] * page_size < sl.astype(np.int64)[:, None]
+    vals = bt[used]
+    if vals.size and (int(vals.min()) < 0 or int(vals.max()) >= num_blocks):
+        b = int(np.nonzero(((bt < 0) | (bt >= num_blocks)) & used)[0][0])
+        raise ValueError(f"block_table row {b} names a block outside [0, num_blocks={num_blocks}) among the "
+                         f"{-(-int(sl[b]) // page_size)} pages its seq_lens={int(sl[b])} uses: "
+                         f"{bt[b][used[b]].tolist()[:16]}")
+    return np.ascontiguousarray(bt, dtype=np.int32), sl.astype(np.int64)

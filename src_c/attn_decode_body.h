@@ -20,7 +20,8 @@
  *   1. task (g, chunk): keys [chunk * CK, (chunk + 1) * CK) of kv unit g, in
  *      blocks of BK keys, for every stacked row:
  *        a. s = q.k for the row's visible keys of the block (attn_mask.h),
- *           K rows read in place, each once per block for all rows
+ *           K rows read in place (dense or paged: sa_kv_rows gives every
+ *           row's address), each once per block for all rows
  *           (attn_micro.h, decode_dots); bfloat16 / float16 K and V are
  *           read as they are and widened in registers (decode_task_st);
  *        b. softcap, ALiBi, attn_mask, -inf outside the row's interval
@@ -112,26 +113,29 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
         if (jmax <= jmin) continue;                          /* no row sees a key of this block */
 
         /* K and V rows of the block, in place (st: T, or 16-bit widened in
-         * registers); 16-bit storage with strided columns is converted first,
-         * the rows some row sees, once for all the rows (attn_pack.h) */
+         * registers), where sa_kv_rows says (dense or paged: the same values in
+         * the same order); 16-bit storage with strided columns is converted
+         * first, the rows some row sees, once for all the rows (attn_pack.h) */
+        int64_t krow[BK], vrow[BK], ksrow[BK], vsrow[BK];
+        sa_kv_rows(a, g, j0 + jmin, jmax - jmin, krow + jmin, vrow + jmin, ksrow + jmin, vsrow + jmin);
         const void *kb = a->k, *vb = a->v;
-        int64_t ko = a->kv_k_off[g] + j0 * a->k_ss, vo = a->kv_v_off[g] + j0 * a->v_ss;
-        int64_t kss = a->k_ss, kse = a->k_se, vss = a->v_ss, vse = a->v_se;
+        int64_t kse = a->k_se, vse = a->v_se;
         if (st == SA_STORE_NATIVE && a->storage != SA_STORE_NATIVE) {
             for (int64_t j = jmin; j < jmax; j++) {
-                FN(load_row)(a->k, a->storage, ko + j * a->k_ss, a->k_se, E, Kc + j * E);
-                FN(load_row)(a->v, a->storage, vo + j * a->v_ss, a->v_se, Ev, Vc + j * evp);
+                FN(load_row)(a->k, a->storage, krow[j], a->k_se, E, Kc + j * E);
+                FN(load_row)(a->v, a->storage, vrow[j], a->v_se, Ev, Vc + j * evp);
+                krow[j] = j * E;
+                vrow[j] = j * evp;
             }
-            kb = Kc, ko = 0, kss = E, kse = 1, vb = Vc, vo = 0, vss = evp, vse = 1;
+            kb = Kc, kse = 1, vb = Vc, vse = 1;
         }
 
         /* a. scores: key by key, each K row read once for all the rows (four
          * at a time, sharing its loads) */
         for (int64_t j = jmin; j < jmax; j++) {
-            int64_t kr = ko + j * kss;
             int64_t r0 = 0;
-            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
-            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st);
+            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, krow[j], kse, j, r0, 4, vs, ve, St, st);
+            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, krow[j], kse, j, r0, 1, vs, ve, St, st);
         }
 
         /* b. masks and the online softmax, row by row */
@@ -145,10 +149,8 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
             int64_t cs = vs[rr] / VW * VW, ce = sa_round_up(ve[rr], VW);
             for (int64_t j = cs; j < vs[rr]; j++) s[j] = 0;
             for (int64_t j = ve[rr]; j < ce; j++) s[j] = 0;
-            if (st == SA_READ_I8) {                        /* int8 K: each key's dot times its scale */
-                const float *ksc = a->k_scale + a->kv_ks_off[g] + j0 * a->ks_s;
-                for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)ksc[j * a->ks_s];
-            }
+            if (st == SA_READ_I8)                          /* int8 K: each key's dot times its scale */
+                for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)a->k_scale[ksrow[j]];
             FN(mask_row)(a, &um[rr], u, i, j0, cs, ce, kvalid, s, &rs, &re);
             /* as in compute_tile: a row with nothing seen yet rescales by
              * exp2(-inf) = 0; one row at a time, so exp2 of libm */
@@ -157,10 +159,8 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
             mp[rr] = mnew;
             T sum = FN(exp_row)(s, rs, re, msafe);
             lp[rr] = lp[rr] * alph[rr] + sum;
-            if (st == SA_READ_I8) {                        /* int8 V: P.V with P times v's scale */
-                const float *vsc = a->v_scale + a->kv_vs_off[g] + j0 * a->vs_s;
-                for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)vsc[j * a->vs_s];
-            }
+            if (st == SA_READ_I8)                          /* int8 V: P.V with P times v's scale */
+                for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)a->v_scale[vsrow[j]];
         }
 
         /* c. O = alpha O + P.V, four rows at a time over the union of their keys
@@ -180,13 +180,12 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
                 for (int64_t j = b0; j < uhi; j++) s[j] = 0;
             }
             if (n == 4) {
-                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vb, vo, vss, vse, Ev, Op + r0 * evp, evp, alph + r0,
-                                   st);
+                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vb, vrow, vse, Ev, Op + r0 * evp, evp, alph + r0, st);
             } else {
                 for (int64_t rr = r0; rr < r0 + n; rr++)
                     if (ve[rr] > vs[rr])
-                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vb, vo, vss, vse, Ev, Op + rr * evp,
-                                           evp, alph + rr, st);
+                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vb, vrow, vse, Ev, Op + rr * evp, evp,
+                                           alph + rr, st);
             }
         }
     }

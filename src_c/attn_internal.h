@@ -84,6 +84,38 @@ typedef struct {
 
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dtype_size, sa_layout *lay);
 
+/* Where keys j0 .. j0 + n - 1 of kv unit g are: element offsets of their K rows
+ * and V rows (and, int8 K/V, of their scales) -- dense (rows k_ss apart) or
+ * paged (sa_attn_args.block_table). The decode schedule reads K/V through these
+ * only, so paging is this one function. */
+static inline void sa_kv_rows(const sa_attn_args *a, int64_t g, int64_t j0, int64_t n, int64_t *krow, int64_t *vrow,
+                              int64_t *ksrow, int64_t *vsrow)
+{
+    const int i8 = a->kv_quant == SA_KV_INT8;
+    if (!a->block_table) {
+        for (int64_t jj = 0; jj < n; jj++) {
+            krow[jj] = a->kv_k_off[g] + (j0 + jj) * a->k_ss;
+            vrow[jj] = a->kv_v_off[g] + (j0 + jj) * a->v_ss;
+        }
+        if (i8)
+            for (int64_t jj = 0; jj < n; jj++) {
+                ksrow[jj] = a->kv_ks_off[g] + (j0 + jj) * a->ks_s;
+                vsrow[jj] = a->kv_vs_off[g] + (j0 + jj) * a->vs_s;
+            }
+        return;
+    }
+    const int32_t *bt = a->block_table + a->kv_bt_off[g];
+    for (int64_t jj = 0; jj < n; jj++) {
+        int64_t j = j0 + jj, pg = bt[j / a->page_size], r = j % a->page_size;
+        krow[jj] = a->kv_k_off[g] + pg * a->k_page_s + r * a->k_ss;
+        vrow[jj] = a->kv_v_off[g] + pg * a->v_page_s + r * a->v_ss;
+        if (i8) {
+            ksrow[jj] = a->kv_ks_off[g] + pg * a->ks_page_s + r * a->ks_s;
+            vsrow[jj] = a->kv_vs_off[g] + pg * a->vs_page_s + r * a->vs_s;
+        }
+    }
+}
+
 /* Workspace of the backward (attn_bwd_body.h; sa_bwd_layout_compute), in elements of the compute
  * dtype, each piece rounded up to 64 bytes:
  *   [D: n_units x lp][dQ partials: n_units x nc x lp x ep][scratch of thread 0]...

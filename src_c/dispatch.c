@@ -304,6 +304,9 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     } else {
         lay->sched = SA_SCHEDULE_SHARED;
     }
+    /* paged K/V: read through sa_kv_rows, which only the decode schedule does */
+    if (a->block_table && (a->page_size < 1 || !a->kv_bt_off || lay->sched != SA_SCHEDULE_DECODE))
+        return SA_ERR_ARG;
     lay->ring = lay->sched == SA_SCHEDULE_BANDED ? ring : 0;
     /* banded: about 4 tasks per thread, runs of at least 4 tiles (a run
      * re-packs the ring - 2 blocks its predecessor ended on) */
@@ -337,7 +340,7 @@ int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int ds
 {
     /* 16-bit storage and quantized K/V: the forward only (selfattn.h) */
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
-        || a->sink_tokens < 0 || a->storage != SA_STORE_NATIVE || a->kv_quant != SA_KV_PLAIN)
+        || a->sink_tokens < 0 || a->storage != SA_STORE_NATIVE || a->kv_quant != SA_KV_PLAIN || a->block_table)
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;
     int64_t bq = p->bq, bk = p->bk;

@@ -220,6 +220,19 @@ typedef struct {
     int kv_quant;
     const float *k_scale; const int64_t *kv_ks_off; int64_t ks_s;
     const float *v_scale; const int64_t *kv_vs_off; int64_t vs_s;
+    /* Paged K/V (block_table != NULL; vLLM's and FlashAttention's layout; the
+     * decode schedule only: SA_ERR_ARG where the problem cannot take it, and
+     * from the backward): key j of kv unit g is row j % page_size of page
+     *     pg = block_table[kv_bt_off[g] + j / page_size]
+     * at element kv_k_off[g] + pg * k_page_s + (j % page_size) * k_ss of k (v
+     * alike with kv_v_off, v_page_s, v_ss; int8 scales at kv_ks_off[g] +
+     * pg * ks_page_s + (j % page_size) * ks_s, v's alike). kv_k_off then
+     * points at the kv head inside a page. Only the entries of keys some unit
+     * sees are read (the rest of block_table may hold anything); the values
+     * read and their order are those of dense K/V holding the same rows, so
+     * the results are the same bits. */
+    const int32_t *block_table; const int64_t *kv_bt_off;
+    int64_t page_size, k_page_s, v_page_s, ks_page_s, vs_page_s;
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
     int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED and
                          DECODE are only taken where the problem allows them
