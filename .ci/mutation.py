@@ -49,6 +49,7 @@ MASK = "src_c/attn_mask.h"
 PACK = "src_c/attn_pack.h"
 HALF = "src_c/half.h"
 MICRO = "src_c/attn_micro.h"
+INTERNAL = "src_c/attn_internal.h"
 MUTANTS = [
     ("nan_output", BODY, "Oacc + r * evp, (T)1 / l[r]);", "Oacc + r * evp, (T)NAN);",
      "every output row is NaN (the fmax() blind spot of the old C smoke test)"),
@@ -116,8 +117,11 @@ MUTANTS = [
      "the keys between the sink tokens and the window, inside one block, stay visible"),
     ("sink_token_blocks_skipped", MASK, "return shi >= 0 || hi < lo ? 0 : lo / bk;", "return hi < lo ? 0 : lo / bk;",
      "the blocks of the sink tokens are not visited when a window follows them"),
-    ("decode_i8_no_v_scale", DECODE, "for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)vsc[j * a->vs_s];",
-     "(void)vsc;", "the decode schedule's int8 P.V leaves out v's scales"),
+    ("decode_i8_no_v_scale", DECODE, "for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)a->v_scale[vsrow[j]];",
+     "(void)vsrow;", "the decode schedule's int8 P.V leaves out v's scales"),
+    ("paged_row_off_by_one", INTERNAL, "pg = bt[j / a->page_size], r = j % a->page_size;",
+     "pg = bt[j / a->page_size], r = (j + 1) % a->page_size;",
+     "paged K/V: each key read from the next row of its page (the last row wraps to the first)"),
     ("pack_i8_scale_of_next_key", PACK, "T f = jj < nvalid ? (T)sc[jj * scs] : 0;",
      "T f = jj + 1 < nvalid ? (T)sc[(jj + 1) * scs] : 0;", "int8 K/V packed with the next key's scale"),
 ]

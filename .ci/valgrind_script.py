@@ -104,6 +104,21 @@ def main():
             expect(ValueError, lambda: sdpa(q, k, v, num_threads=0))
             expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo[:3]))
             expect(TypeError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=2.0))
+            # quantized and paged K/V, sinks (decode schedule: one query row per head)
+            q1 = q[:, :, :1].astype(np.float32)
+            (kq, ks), (vq, vs) = selfattn.quantize_kv(k), selfattn.quantize_kv(v)
+            check(sdpa(q1, kq, vq, k_scale=ks, v_scale=vs, sinks=[0.5, -1.0]),
+                  reference.scaled_dot_product_attention(q1, kq, vq, k_scale=ks, v_scale=vs, sinks=[0.5, -1.0]), 1e-4)
+            kp = np.ascontiguousarray(k.transpose(0, 2, 1, 3))[:, :128].reshape(16, 16, 2, 5)
+            vp = np.ascontiguousarray(v.transpose(0, 2, 1, 3))[:, :128].reshape(16, 16, 2, 3)
+            bt, sl = np.array([[9, 3, 0, 15, 4, 1, 2, -1], [7, 8, 5, -1, -1, -1, -1, -1]]), np.array([100, 37])
+            for nt in (1, 2):
+                dense = (kp[np.maximum(bt, 0)].reshape(2, 128, 2, 5).transpose(0, 2, 1, 3),
+                         vp[np.maximum(bt, 0)].reshape(2, 128, 2, 3).transpose(0, 2, 1, 3))
+                check(selfattn.paged_attention(q[:, :, :3], kp, vp, bt, sl, num_threads=nt),
+                      reference.scaled_dot_product_attention(q[:, :, :3], *dense, is_causal=True,
+                                                             alignment="bottom_right", key_lengths=sl), 1e-10)
+            expect(ValueError, lambda: selfattn.paged_attention(q[:, :, :1], kp, vp, bt + 16, sl))
             for fn in (lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True),
                        lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo)):
                 _core._debug_fail_allocations(1)

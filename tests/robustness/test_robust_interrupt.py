@@ -175,6 +175,38 @@ CHILD_DECODE_INT8 = CHILD_PRELUDE + textwrap.dedent(r"""
 """)
 
 
+# A paged decode of the same size: pages of 2^16 rows that are one row broadcast (page and row
+# strides 0, read in place), a block table of 2^12 entries, one sequence of 2^28 positions.
+CHILD_DECODE_PAGED = CHILD_PRELUDE + textwrap.dedent(r"""
+    ps, nb, E = 1 << 16, 1 << 12, 64
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, 1, E), dtype=np.float32)
+    kp = np.broadcast_to(rng.standard_normal((1, 1, 1, E), dtype=np.float32), (nb, ps, 1, E))
+    vp = np.broadcast_to(rng.standard_normal((1, 1, 1, E), dtype=np.float32), (nb, ps, 1, E))
+    bt = rng.permutation(nb)[None].astype(np.int32)
+    sl = np.array([nb * ps])
+    p = selfattn._core.describe_paged(q, kp, vp, bt, sl)
+    sched = selfattn._core.paged(p, schedule_only=True)
+    assert sched["decode"] and sched["compute_tasks"] > 2, sched
+    interrupt_each(lambda: selfattn.paged_attention(q, kp, vp, bt, sl))
+    # the same process still decodes pages, and correctly
+    kq = rng.standard_normal((50, 16, 1, E), dtype=np.float32)
+    vq = rng.standard_normal((50, 16, 1, 5), dtype=np.float32)
+    bt2 = rng.permutation(50)[None, :44]
+    out = selfattn.paged_attention(q, kq, vq, bt2, np.array([700]))
+    k = kq[bt2[0]].reshape(1, 704, E)[:, :700][None]
+    v = vq[bt2[0]].reshape(1, 704, 5)[:, :700][None]
+    ref = reference.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    err = float(np.abs(out - ref).max())
+    print(f"SMALL {'OK' if err < 1e-4 else 'BAD'} {err:.3g}", flush=True)
+""")
+
+
+def test_ctrl_c_stops_a_long_paged_decode_call_quickly(tmp_path):
+    latencies, rss = _interrupt_child(tmp_path, CHILD_DECODE_PAGED, 2)
+    assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
+
+
 def test_ctrl_c_stops_a_long_int8_decode_call_quickly(tmp_path):
     latencies, rss = _interrupt_child(tmp_path, CHILD_DECODE_INT8, 2)
     assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"

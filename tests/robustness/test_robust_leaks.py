@@ -90,11 +90,22 @@ def _calls():
     (kq, ks), (vq, vs) = selfattn.quantize_kv(k), selfattn.quantize_kv(v)
     cache = selfattn.KVCache(2, 4, 64, 16, 8, kv_dtype="int8")
     cache.append(k, v)
+    # a paged cache: 2 sequences of 40 in pages of 16 (shuffled blocks); k's heads as kv heads
+    kp = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).reshape(-1, 16, 4, 16)[:5]
+    vp = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).reshape(-1, 16, 4, 8)[:5]
+    bt, sl = np.array([[3, 0, 4], [1, 2, -1]]), np.array([40, 30])
+    pcache = selfattn.PagedKVCache(8, 16, 4, 16, value_dim=8, kv_dtype="int8")
+    pids = [pcache.add_sequence(), pcache.add_sequence()]
+    pcache.append(pids, k, v, counts=[40, 33])
 
     ok = {
         "sdpa_int8_kv_decode": lambda: sdpa(q[:, :, :1], kq, vq, k_scale=ks, v_scale=vs),
         "sdpa_int8_kv_packed": lambda: sdpa(q, kq, vq, k_scale=ks, v_scale=vs, is_causal=True),
         "kvcache_int8_attend": lambda: cache.attend(q[:, :, :2]),
+        "paged_attention_decode": lambda: selfattn.paged_attention(q[:, :, :2], kp, vp, bt, sl, return_lse=True),
+        "paged_attention_gathered": lambda: selfattn.paged_attention(q[:, :, :5], kp, vp, bt, sl),
+        "paged_cache_int8_attend_fork": lambda: (pcache.attend(q[:, :, :1], pids),
+                                                 pcache.free(pcache.fork(pids[0]))),
         "sdpa_sinks_sink_tokens": lambda: sdpa(q, k, v, sinks=[0.5, 1.0, -1.0, 0.0], window_size=(4, 0),
                                                num_sink_tokens=3, is_causal=True, return_lse=True),
         "sdpa": lambda: sdpa(q, k, v),
@@ -114,6 +125,8 @@ def _calls():
         "sdpa_bad_gqa": expect(ValueError, lambda: sdpa(q, k[:, :3], v[:, :3], enable_gqa=True)),
         "sdpa_int8_bad_scale": expect(ValueError, lambda: sdpa(q, kq, vq, k_scale=ks[..., :3], v_scale=vs)),
         "sdpa_bad_sinks": expect(ValueError, lambda: sdpa(q, k, v, sinks=[np.nan, 0, 0, 0])),
+        "paged_bad_table": expect(ValueError, lambda: selfattn.paged_attention(q[:, :, :1], kp, vp, bt + 5, sl)),
+        "paged_memerror_hook": fail_alloc(lambda: selfattn.paged_attention(q[:, :, :1], kp, vp, bt, sl)),
         "attend_bad_wo": expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo[:3])),
         "attend_bad_heads": expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=3)),
         "sdpa_memerror_hook": fail_alloc(lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True)),

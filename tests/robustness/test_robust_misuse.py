@@ -24,6 +24,24 @@ WV = _rng.standard_normal((12, 6))            # H*Ev = 6
 WO = _rng.standard_normal((6, 10))
 
 
+PK = _rng.standard_normal((3, 4, 2, 8))       # pages: 3 blocks of 4 rows, 2 kv heads, E=8
+PBT = np.array([[2, 0], [1, -1]])              # sequence 0 in blocks 2, 0; sequence 1 in block 1
+PSL = np.array([6, 3])
+
+
+def _one_seq_cache():
+    c = selfattn.PagedKVCache(2, 4, 1, 8)
+    c.append([c.add_sequence()], np.ones((1, 1, 1, 8), np.float32), np.ones((1, 1, 1, 8), np.float32))
+    return c
+
+
+def _full_paged_cache():
+    c = selfattn.PagedKVCache(1, 4, 1, 8)
+    s = c.add_sequence()
+    c.append([s], np.ones((1, 1, 4, 8), np.float32), np.ones((1, 1, 4, 8), np.float32))
+    c.append([s], np.ones((1, 1, 1, 8), np.float32), np.ones((1, 1, 1, 8), np.float32))
+
+
 def S(*args, **kw):
     return lambda: sdpa(*args, **kw)
 
@@ -263,6 +281,54 @@ MISUSE = [
     ("varlen_vjp_threads_float", VL(num_threads=1.0), TypeError, r"num_threads must be an int, got float"),
     ("varlen_vjp_attn_mask", VL(attn_mask=np.ones((5, 7), bool)), TypeError,
      r"varlen_attention_vjp\(\) got an unexpected keyword argument 'attn_mask'"),
+    # ---- quantized K/V (selfattn.quant) and their caches
+    ("quantize_kv_nan", lambda: selfattn.quantize_kv(np.array([[1.0, np.nan]])), ValueError,
+     r"quantize_kv needs finite values"),
+    ("quantize_kv_complex", lambda: selfattn.quantize_kv(np.ones((2, 2), np.complex64)), TypeError,
+     r"quantize_kv needs real numbers, got dtype complex64"),
+    ("quantize_kv_kind", lambda: selfattn.quantize_kv(K, "int4"), ValueError, r"kv_dtype must be one of \('int8',\)"),
+    ("dequantize_kv_scales_shape", lambda: selfattn.dequantize_kv(np.zeros((2, 3), np.int8), np.ones(3)), ValueError,
+     r"scales must have the shape of values without its last dim, \(2,\), got \(3,\)"),
+    ("sdpa_int8_one_scale", q_(key=K.astype(np.int8), value=V.astype(np.int8), k_scale=np.ones(K.shape[:-1])),
+     TypeError, r"k_scale and v_scale go together"),
+    ("sdpa_int8_float64_query", q_(key=K.astype(np.int8), value=V.astype(np.int8), k_scale=np.ones(K.shape[:-1]),
+                                   v_scale=np.ones(V.shape[:-1])), TypeError,
+     r"with int8 key and value the query must be float32, got float64"),
+    ("kvcache_int8_float64", lambda: selfattn.KVCache(1, 1, 4, 8, dtype=np.float64, kv_dtype="int8"), TypeError,
+     r"an int8 cache \(kv_dtype='int8'\) takes float32 queries"),
+    # ---- paged caches (selfattn.paged)
+    ("paged_query_3d", lambda: selfattn.paged_attention(Q[0], PK, PK, PBT, PSL), ValueError,
+     r"query must be 4-D \(batch, Hq, n, E\)"),
+    ("paged_pages_3d", lambda: selfattn.paged_attention(Q[:, :, :1], PK[0], PK, PBT, PSL), ValueError,
+     r"k_pages must be 4-D \(num_blocks, block_size, H, E\), got shape \(4, 2, 8\)"),
+    ("paged_E", lambda: selfattn.paged_attention(Q[:, :, :1], PK[..., :5], PK[..., :5], PBT, PSL), ValueError,
+     r"query \(2, 4, 1, 8\) and k_pages \(3, 4, 2, 5\) must have the same last dim E"),
+    ("paged_dtypes", lambda: selfattn.paged_attention(Q[:, :, :1], PK.astype(np.float32), PK, PBT, PSL), TypeError,
+     r"query, k_pages and v_pages must have one dtype .*got query float64, k_pages float32"),
+    ("paged_table_float", lambda: selfattn.paged_attention(Q[:, :, :1], PK, PK, PBT.astype(float), PSL), TypeError,
+     r"block_table must be a 2-D integer array \(batch, max_blocks\), got dtype float64"),
+    ("paged_table_rows", lambda: selfattn.paged_attention(Q[:, :, :1], PK, PK, PBT[:1], PSL), ValueError,
+     r"block_table has 1 rows, the query's batch is 2"),
+    ("paged_seq_lens_2d", lambda: selfattn.paged_attention(Q[:, :, :1], PK, PK, PBT, PSL[None]), TypeError,
+     r"seq_lens must be a 1-D integer array \(batch,\), got shape \(1, 2\)"),
+    ("paged_seq_lens_range", lambda: selfattn.paged_attention(Q[:, :, :1], PK, PK, PBT, [9, 1]), ValueError,
+     r"seq_lens must be in \[0, max_blocks \* block_size = 2 \* 4 = 8\], got values in \[1, 9\]"),
+    ("paged_table_block", lambda: selfattn.paged_attention(Q[:, :, :1], PK, PK, [[0, 3], [1, -1]], PSL), ValueError,
+     r"block_table row 0 names a block outside \[0, num_blocks=3\) among the 2 pages its seq_lens=6 uses: \[0, 3\]"),
+    ("paged_gqa", lambda: selfattn.paged_attention(Q[:, :3, :1], PK, PK, PBT, PSL), ValueError,
+     r"query heads Hq=3 must be a multiple of key/value heads H=2"),
+    ("paged_window", lambda: selfattn.paged_attention(Q[:, :, :1], PK, PK, PBT, PSL, window_size=-1), ValueError,
+     r"window_size must be >= 0 on each side"),
+    ("paged_sinks", lambda: selfattn.paged_attention(Q[:, :, :1], PK, PK, PBT, PSL, sinks=[0, 0, np.nan, 0]),
+     ValueError, r"sinks"),
+    ("paged_cache_full", lambda: _full_paged_cache(), selfattn.CacheFullError,
+     r"the append needs 1 free blocks and 0 are free \(num_blocks=1\).*Nothing was written"),
+    ("paged_cache_unknown_seq", lambda: selfattn.PagedKVCache(2, 4, 1, 8).fork(3), KeyError, r"no sequence 3"),
+    ("paged_cache_seq_bool", lambda: selfattn.PagedKVCache(2, 4, 1, 8).free(True), TypeError,
+     r"a sequence id is an int \(from add_sequence or fork\), got bool"),
+    ("paged_cache_block_size", lambda: selfattn.PagedKVCache(2, 0, 1, 8), ValueError, r"block_size must be >= 1, got 0"),
+    ("paged_cache_query_dtype", lambda: _one_seq_cache().attend(np.zeros((1, 2, 1, 8)), [0]), TypeError,
+     r"query is float64 but the cache computes in float32"),
 ]
 
 
