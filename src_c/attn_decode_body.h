@@ -20,8 +20,8 @@
  *   1. task (g, chunk): keys [chunk * CK, (chunk + 1) * CK) of kv unit g, in
  *      blocks of BK keys, for every stacked row:
  *        a. s = q.k for the row's visible keys of the block (attn_mask.h),
- *           K rows read in place (dense or paged: sa_kv_rows gives every
- *           row's address), each once per block for all rows
+ *           K rows read in place (dense or paged: sa_kv_runs gives the
+ *           rows' addresses), each once per block for all rows
  *           (attn_micro.h, decode_dots); bfloat16 / float16 K and V are
  *           read as they are and widened in registers (decode_task_st);
  *        b. softcap, ALiBi, attn_mask, -inf outside the row's interval
@@ -113,30 +113,36 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
         if (jmax <= jmin) continue;                          /* no row sees a key of this block */
 
         /* K and V rows of the block, in place (st: T, or 16-bit widened in
-         * registers), where sa_kv_rows says (dense or paged: the same values in
-         * the same order); 16-bit storage with strided columns is converted
-         * first, the rows some row sees, once for all the rows (attn_pack.h) */
-        int64_t krow[BK], vrow[BK], ksrow[BK], vsrow[BK];
-        sa_kv_rows(a, g, j0 + jmin, jmax - jmin, krow + jmin, vrow + jmin, ksrow + jmin, vsrow + jmin);
+         * registers), in runs of evenly spaced rows (sa_kv_runs: one run
+         * dense, one per page paged; the same values in the same order);
+         * 16-bit storage with strided columns is converted first, the rows
+         * some row sees, once for all the rows (attn_pack.h) */
+        sa_kv_run runs[BK + 1];
+        int nrun = sa_kv_runs(a, g, j0, jmin, jmax, runs);
         const void *kb = a->k, *vb = a->v;
-        int64_t kse = a->k_se, vse = a->v_se;
+        int64_t kss = a->k_ss, kse = a->k_se, vss = a->v_ss, vse = a->v_se;
         if (st == SA_STORE_NATIVE && a->storage != SA_STORE_NATIVE) {
-            for (int64_t j = jmin; j < jmax; j++) {
-                FN(load_row)(a->k, a->storage, krow[j], a->k_se, E, Kc + j * E);
-                FN(load_row)(a->v, a->storage, vrow[j], a->v_se, Ev, Vc + j * evp);
-                krow[j] = j * E;
-                vrow[j] = j * evp;
-            }
-            kb = Kc, kse = 1, vb = Vc, vse = 1;
+            for (int ir = 0; ir < nrun; ir++)
+                for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
+                    FN(load_row)(a->k, a->storage, runs[ir].k + j * a->k_ss, a->k_se, E, Kc + j * E);
+                    FN(load_row)(a->v, a->storage, runs[ir].v + j * a->v_ss, a->v_se, Ev, Vc + j * evp);
+                }
+            kb = Kc, kss = E, kse = 1, vb = Vc, vss = evp, vse = 1;
+            nrun = 1;                                         /* one run: the converted rows */
+            runs[0].k = runs[0].v = 0;
+            runs[0].j = jmin;
+            runs[1].j = jmax;
         }
 
         /* a. scores: key by key, each K row read once for all the rows (four
          * at a time, sharing its loads) */
-        for (int64_t j = jmin; j < jmax; j++) {
-            int64_t r0 = 0;
-            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, krow[j], kse, j, r0, 4, vs, ve, St, st);
-            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, krow[j], kse, j, r0, 1, vs, ve, St, st);
-        }
+        for (int ir = 0; ir < nrun; ir++)
+            for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
+                int64_t kr = runs[ir].k + j * kss;
+                int64_t r0 = 0;
+                for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
+                for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st);
+            }
 
         /* b. masks and the online softmax, row by row */
         T alph[SA_DECODE_MAX_ROWS];
@@ -150,7 +156,12 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
             for (int64_t j = cs; j < vs[rr]; j++) s[j] = 0;
             for (int64_t j = ve[rr]; j < ce; j++) s[j] = 0;
             if (st == SA_READ_I8)                          /* int8 K: each key's dot times its scale */
-                for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)a->k_scale[ksrow[j]];
+                for (int ir = 0; ir < nrun; ir++) {
+                    const float *ksc = a->k_scale + runs[ir].ks;
+                    int64_t ja = runs[ir].j > vs[rr] ? runs[ir].j : vs[rr];
+                    int64_t jb = runs[ir + 1].j < ve[rr] ? runs[ir + 1].j : ve[rr];
+                    for (int64_t j = ja; j < jb; j++) s[j] *= (T)ksc[j * a->ks_s];
+                }
             FN(mask_row)(a, &um[rr], u, i, j0, cs, ce, kvalid, s, &rs, &re);
             /* as in compute_tile: a row with nothing seen yet rescales by
              * exp2(-inf) = 0; one row at a time, so exp2 of libm */
@@ -160,7 +171,12 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
             T sum = FN(exp_row)(s, rs, re, msafe);
             lp[rr] = lp[rr] * alph[rr] + sum;
             if (st == SA_READ_I8)                          /* int8 V: P.V with P times v's scale */
-                for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= (T)a->v_scale[vsrow[j]];
+                for (int ir = 0; ir < nrun; ir++) {
+                    const float *vsc = a->v_scale + runs[ir].vs;
+                    int64_t ja = runs[ir].j > vs[rr] ? runs[ir].j : vs[rr];
+                    int64_t jb = runs[ir + 1].j < ve[rr] ? runs[ir + 1].j : ve[rr];
+                    for (int64_t j = ja; j < jb; j++) s[j] *= (T)vsc[j * a->vs_s];
+                }
         }
 
         /* c. O = alpha O + P.V, four rows at a time over the union of their keys
@@ -180,12 +196,13 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
                 for (int64_t j = b0; j < uhi; j++) s[j] = 0;
             }
             if (n == 4) {
-                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vb, vrow, vse, Ev, Op + r0 * evp, evp, alph + r0, st);
+                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vb, runs, nrun, vss, vse, Ev, Op + r0 * evp, evp, alph + r0,
+                                   st);
             } else {
                 for (int64_t rr = r0; rr < r0 + n; rr++)
                     if (ve[rr] > vs[rr])
-                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vb, vrow, vse, Ev, Op + rr * evp, evp,
-                                           alph + rr, st);
+                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vb, runs, nrun, vss, vse, Ev,
+                                           Op + rr * evp, evp, alph + rr, st);
             }
         }
     }

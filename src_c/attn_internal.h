@@ -84,36 +84,47 @@ typedef struct {
 
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dtype_size, sa_layout *lay);
 
-/* Where keys j0 .. j0 + n - 1 of kv unit g are: element offsets of their K rows
- * and V rows (and, int8 K/V, of their scales) -- dense (rows k_ss apart) or
- * paged (sa_attn_args.block_table). The decode schedule reads K/V through these
- * only, so paging is this one function. */
-static inline void sa_kv_rows(const sa_attn_args *a, int64_t g, int64_t j0, int64_t n, int64_t *krow, int64_t *vrow,
-                              int64_t *ksrow, int64_t *vsrow)
+/* Where the keys of one key block are, as runs of rows evenly spaced (dense:
+ * one run; paged: one per page the block crosses). Key j of the block (block
+ * coordinates: key j0 + j of the kv unit) in run r, runs[r].j <= j <
+ * runs[r + 1].j, has its K row at element runs[r].k + j * k_ss, its V row at
+ * runs[r].v + j * v_ss (int8 scales: runs[r].ks + j * ks_s, runs[r].vs + j *
+ * vs_s): the bases are per run, the arithmetic per key that of dense K/V. The
+ * decode schedule reads K/V through these only, so paging is this one
+ * function, and the order of every sum is that of dense K/V. */
+typedef struct {
+    int64_t j, k, v, ks, vs;
+} sa_kv_run;
+
+/* The runs covering keys [jmin, jmax) of the block at j0 of kv unit g: n runs,
+ * runs[n].j = jmax (so at most jmax - jmin + 1 entries are written). */
+static inline int sa_kv_runs(const sa_attn_args *a, int64_t g, int64_t j0, int64_t jmin, int64_t jmax, sa_kv_run *runs)
 {
     const int i8 = a->kv_quant == SA_KV_INT8;
+    int n = 0;
     if (!a->block_table) {
-        for (int64_t jj = 0; jj < n; jj++) {
-            krow[jj] = a->kv_k_off[g] + (j0 + jj) * a->k_ss;
-            vrow[jj] = a->kv_v_off[g] + (j0 + jj) * a->v_ss;
+        runs[0].j = jmin;
+        runs[0].k = a->kv_k_off[g] + j0 * a->k_ss;
+        runs[0].v = a->kv_v_off[g] + j0 * a->v_ss;
+        runs[0].ks = i8 ? a->kv_ks_off[g] + j0 * a->ks_s : 0;
+        runs[0].vs = i8 ? a->kv_vs_off[g] + j0 * a->vs_s : 0;
+        n = 1;
+    } else {
+        const int32_t *bt = a->block_table + a->kv_bt_off[g];
+        const int64_t ps = a->page_size;
+        for (int64_t j = jmin; j < jmax; n++) {
+            int64_t key = j0 + j, pg = bt[key / ps], r = key % ps, end = j + (ps - r);
+            /* row r of page pg is key j: the base is where key 0 of the block would be */
+            runs[n].j = j;
+            runs[n].k = a->kv_k_off[g] + pg * a->k_page_s + (r - j) * a->k_ss;
+            runs[n].v = a->kv_v_off[g] + pg * a->v_page_s + (r - j) * a->v_ss;
+            runs[n].ks = i8 ? a->kv_ks_off[g] + pg * a->ks_page_s + (r - j) * a->ks_s : 0;
+            runs[n].vs = i8 ? a->kv_vs_off[g] + pg * a->vs_page_s + (r - j) * a->vs_s : 0;
+            j = end;
         }
-        if (i8)
-            for (int64_t jj = 0; jj < n; jj++) {
-                ksrow[jj] = a->kv_ks_off[g] + (j0 + jj) * a->ks_s;
-                vsrow[jj] = a->kv_vs_off[g] + (j0 + jj) * a->vs_s;
-            }
-        return;
     }
-    const int32_t *bt = a->block_table + a->kv_bt_off[g];
-    for (int64_t jj = 0; jj < n; jj++) {
-        int64_t j = j0 + jj, pg = bt[j / a->page_size], r = j % a->page_size;
-        krow[jj] = a->kv_k_off[g] + pg * a->k_page_s + r * a->k_ss;
-        vrow[jj] = a->kv_v_off[g] + pg * a->v_page_s + r * a->v_ss;
-        if (i8) {
-            ksrow[jj] = a->kv_ks_off[g] + pg * a->ks_page_s + r * a->ks_s;
-            vsrow[jj] = a->kv_vs_off[g] + pg * a->vs_page_s + r * a->vs_s;
-        }
-    }
+    runs[n].j = jmax;
+    return n;
 }
 
 /* Workspace of the backward (attn_bwd_body.h; sa_bwd_layout_compute), in elements of the compute

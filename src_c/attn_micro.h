@@ -106,22 +106,27 @@ SA_INLINE T FN(elem_st)(const void *base, int64_t i, const int st)
 
 /* O[i][0 .. nv*VW) = alpha[i] O[i] + sum_{j in [j0, j1)} P[i][j] V[j][0 .. nv*VW) for the
  * n rows i of a group (P rows BK apart, O rows evp apart; V row j at element
- * vrow[j] + col of vb, stored as st): each V vector loaded once for all the rows.
- * n, nv and st are constants after inlining. */
+ * runs[r].v + j * vs + col of vb for the run r holding j (sa_kv_runs), stored
+ * as st): each V vector loaded once for all the rows, the keys summed in
+ * order whatever the runs. n, nv and st are constants after inlining. */
 SA_INLINE void FN(decode_pv)(const T *SA_RESTRICT P, const int n, int64_t j0, int64_t j1, const void *vb,
-                             const int64_t *vrow, int64_t col, T *SA_RESTRICT O, int64_t evp, const T *alpha,
-                             const int nv, const int st)
+                             const sa_kv_run *runs, int nrun, int64_t vs, int64_t col, T *SA_RESTRICT O,
+                             int64_t evp, const T *alpha, const int nv, const int st)
 {
     VT acc[4][4];
     for (int i = 0; i < n; i++)
         for (int c = 0; c < nv; c++) acc[i][c] = V(zero)();
-    for (int64_t j = j0; j < j1; j++) {
-        int64_t vr = vrow[j] + col;
-        VT vv[4];
-        for (int c = 0; c < nv; c++) vv[c] = FN(vload_st)(vb, vr + c * VW, st);
-        for (int i = 0; i < n; i++) {
-            VT pb = V(set1)(P[i * BK + j]);
-            for (int c = 0; c < nv; c++) acc[i][c] = V(fma)(pb, vv[c], acc[i][c]);
+    for (int ir = 0; ir < nrun; ir++) {
+        int64_t ja = runs[ir].j > j0 ? runs[ir].j : j0, jb = runs[ir + 1].j < j1 ? runs[ir + 1].j : j1;
+        const int64_t vo = runs[ir].v + col;
+        for (int64_t j = ja; j < jb; j++) {
+            int64_t vr = vo + j * vs;
+            VT vv[4];
+            for (int c = 0; c < nv; c++) vv[c] = FN(vload_st)(vb, vr + c * VW, st);
+            for (int i = 0; i < n; i++) {
+                VT pb = V(set1)(P[i * BK + j]);
+                for (int c = 0; c < nv; c++) acc[i][c] = V(fma)(pb, vv[c], acc[i][c]);
+            }
         }
     }
     for (int i = 0; i < n; i++) {
@@ -135,20 +140,24 @@ SA_INLINE void FN(decode_pv)(const T *SA_RESTRICT P, const int n, int64_t j0, in
  * whole micro-tiles, single vectors, then scalar columns (Ev not whole
  * vectors, or strided V). */
 SA_INLINE void FN(decode_pv_rows)(const T *P, const int n, int64_t j0, int64_t j1, const void *vb,
-                                  const int64_t *vrow, int64_t vse, int64_t Ev, T *O, int64_t evp, const T *alpha,
-                                  const int st)
+                                  const sa_kv_run *runs, int nrun, int64_t vs, int64_t vse, int64_t Ev, T *O,
+                                  int64_t evp, const T *alpha, const int st)
 {
     int64_t col = 0;
     if (vse == 1) {
         for (; col + DEC_NV * VW <= Ev; col += DEC_NV * VW)
-            FN(decode_pv)(P, n, j0, j1, vb, vrow, col, O + col, evp, alpha, DEC_NV, st);
-        for (; col + VW <= Ev; col += VW) FN(decode_pv)(P, n, j0, j1, vb, vrow, col, O + col, evp, alpha, 1, st);
+            FN(decode_pv)(P, n, j0, j1, vb, runs, nrun, vs, col, O + col, evp, alpha, DEC_NV, st);
+        for (; col + VW <= Ev; col += VW)
+            FN(decode_pv)(P, n, j0, j1, vb, runs, nrun, vs, col, O + col, evp, alpha, 1, st);
     }
     /* the column is gathered into T first, so that the sums below are the same
      * code for every storage (the compiler may vectorise them; alike, then) */
     T vcol[BK];
     for (; col < Ev; col++) {
-        for (int64_t j = j0; j < j1; j++) vcol[j] = FN(elem_st)(vb, vrow[j] + col * vse, st);
+        for (int ir = 0; ir < nrun; ir++) {
+            int64_t ja = runs[ir].j > j0 ? runs[ir].j : j0, jb = runs[ir + 1].j < j1 ? runs[ir + 1].j : j1;
+            for (int64_t j = ja; j < jb; j++) vcol[j] = FN(elem_st)(vb, runs[ir].v + j * vs + col * vse, st);
+        }
         for (int i = 0; i < n; i++) {
             T acc = 0;
             for (int64_t j = j0; j < j1; j++) acc += P[i * BK + j] * vcol[j];

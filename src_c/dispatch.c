@@ -304,7 +304,7 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     } else {
         lay->sched = SA_SCHEDULE_SHARED;
     }
-    /* paged K/V: read through sa_kv_rows, which only the decode schedule does */
+    /* paged K/V: read through sa_kv_runs, which only the decode schedule does */
     if (a->block_table && (a->page_size < 1 || !a->kv_bt_off || lay->sched != SA_SCHEDULE_DECODE))
         return SA_ERR_ARG;
     lay->ring = lay->sched == SA_SCHEDULE_BANDED ? ring : 0;
