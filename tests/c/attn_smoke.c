@@ -7,7 +7,8 @@
  * softcap) over several units, sizes around each path's own tile edges
  * (sa_tile_params_get); the backward (sa_attn_bwd_*) against naive float64
  * gradients, with GQA and the structured masks, bit-identical for 1, 2 (and 3)
- * threads.
+ * threads; the decode schedule on paged K/V (block_table, pages of 1 .. bk + 3
+ * rows, NaN in every page row no key fills).
  * Prints "N passed, M failed"; exit status 1 on any failure.
  */
 #include <math.h>
@@ -35,6 +36,8 @@ typedef struct {
     double softcap;
     int units;               /* distinct (q, k, v) units, >= 1     */
     int schedule;            /* sa_schedule_kind (0: automatic)    */
+    int64_t page;            /* > 0: K/V paged (block_table), pages of this many rows,
+                                in reverse order, NaN in every row no key fills */
 } smoke_opts;
 
 /* naive float64 attention of one unit, with the same rules as selfattn.reference:
@@ -128,6 +131,31 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     }
     kvstart[U] = U;
 
+    /* paged: unit u's key j is row j % ps of page N - 1 - (u * nb + j / ps) */
+    int64_t ps = o->page > 0 ? o->page : 1, nb = (S + ps - 1) / ps, N = U * nb;
+    void *kp = NULL, *vp = NULL;
+    int32_t *bt = NULL;
+    int64_t *btoff = NULL;
+    if (o->page > 0) {
+        kp = malloc((size_t)dsize * (size_t)(N * ps * E + 1));
+        vp = malloc((size_t)dsize * (size_t)(N * ps * Ev + 1));
+        bt = malloc(4 * (size_t)(N + 1));
+        btoff = malloc(8 * (size_t)U);
+        for (int64_t i = 0; i < N * ps * E; i++) store(kp, dsize, (size_t)i, NAN);
+        for (int64_t i = 0; i < N * ps * Ev; i++) store(vp, dsize, (size_t)i, NAN);
+        for (int64_t u = 0; u < U; u++) {
+            btoff[u] = u * nb;
+            for (int64_t b = 0; b < nb; b++) bt[u * nb + b] = (int32_t)(N - 1 - (u * nb + b));
+            for (int64_t j = 0; j < su[u]; j++) {
+                int64_t row = bt[u * nb + j / ps] * ps + j % ps;
+                for (int64_t e = 0; e < E; e++)
+                    store(kp, dsize, (size_t)(row * E + e), load(k, dsize, (size_t)(offk[u] + j * E + e)));
+                for (int64_t e = 0; e < Ev; e++)
+                    store(vp, dsize, (size_t)(row * Ev + e), load(v, dsize, (size_t)(offv[u] + j * Ev + e)));
+            }
+        }
+    }
+
     sa_attn_args a;
     memset(&a, 0, sizeof a);
     a.n_units = U; a.n_kv = U; a.L = L; a.S = S; a.E = E; a.Ev = Ev;
@@ -145,6 +173,11 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     a.alibi_slope = o->slope != 0 ? slopes : NULL;
     a.softcap = o->softcap;
     a.schedule = o->schedule;
+    if (o->page > 0) {
+        a.k = kp; a.v = vp; a.kv_k_off = zeros; a.kv_v_off = zeros;
+        a.block_table = bt; a.kv_bt_off = btoff; a.page_size = ps;
+        a.k_page_s = ps * E; a.v_page_s = ps * Ev;
+    }
     size_t bytes = 0;
     int st = sa_attn_workspace_size(&a, isa, dsize, &bytes);
     void *raw = malloc(bytes + 64);
@@ -166,11 +199,12 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     else {
         n_fail++;
         printf("FAIL isa=%s f%d nt=%d mask=%d causal=%d L=%lld S=%lld E=%lld Ev=%lld units=%d window=%d(%lld,%lld) "
-               "align=%d klen=%lld slope=%g softcap=%g schedule=%d status=%d err=%g\n",
+               "align=%d klen=%lld slope=%g softcap=%g schedule=%d page=%lld status=%d err=%g\n",
                sa_isa_name(isa), dsize * 8, nt, mkind, causal, (long long)L, (long long)S, (long long)E,
                (long long)Ev, o->units, o->window, (long long)o->left, (long long)o->right, o->align,
-               (long long)o->klen, o->slope, o->softcap, o->schedule, st, err);
+               (long long)o->klen, o->slope, o->softcap, o->schedule, (long long)o->page, st, err);
     }
+    free(kp); free(vp); free(bt); free(btoff);
     free(qd); free(kd); free(vd); free(md); free(od); free(ld);
     free(q); free(k); free(v); free(out); free(lse); free(mask); free(raw);
     free(su); free(offq); free(offk); free(offv); free(offo); free(offl); free(units); free(kvstart); free(zeros);
@@ -220,6 +254,7 @@ static int guard_case(int isa, int dsize, int nt, int64_t L)
               1.0 / sqrt((double)E), od + u * L * Ev, ld + u * L);
     }
     kvstart[U] = U;
+
     sa_attn_args a;
     memset(&a, 0, sizeof a);
     a.n_units = U; a.n_kv = U; a.L = L; a.S = S; a.E = E; a.Ev = Ev;
@@ -503,6 +538,15 @@ int main(void)
                     run_case(isa, dsize, nt, 0, 1, L, S, E, Ev, &dcfg[1]);
                     run_case(isa, dsize, nt, 2, 0, L, S, E, Ev, &dcfg[2]);
                     run_case(isa, dsize, nt, 1, 1, L, S, E, Ev, &dcfg[3]);
+                    /* paged K/V (pages of 1, 5, 16 and bk + 3 rows) with the plain and the
+                     * structured decode cases */
+                    const int64_t pages[4] = {1, 5, 16, p.bk + 3};
+                    for (int pi = 0; pi < 4; pi++) {
+                        smoke_opts pg0 = dcfg[0], pg3 = dcfg[3];
+                        pg0.page = pg3.page = pages[pi];
+                        run_case(isa, dsize, nt, 0, 0, L, S, E, Ev, &pg0);
+                        run_case(isa, dsize, nt, 1, 1, L, S, E, Ev, &pg3);
+                    }
                 }
             /* the banded schedule over more key blocks than its ring holds, so
              * that slots are reused (windows narrower than a block, and wider) */
@@ -542,7 +586,7 @@ int main(void)
         }
     }
     /* per isa: 2 dtypes x 2 thread counts x ((4 masking kinds + 5 schedules x N_STRUCTURED) x N_SHAPES
-     * + 5 decode cases x 6 shapes + 4 banded cases) + the guard-page cases */
+     * + 13 decode cases (8 paged) x 6 shapes + 4 banded cases) + the guard-page cases */
     printf("best isa: %s, openmp: %d, isas tested: %d, cases per isa: %d\n", sa_isa_name(sa_isa_best()),
            sa_openmp_enabled(), n_isas, n_cases / (n_isas ? n_isas : 1));
     printf("%d passed, %d failed\n", n_pass, n_fail);
