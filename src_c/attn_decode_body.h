@@ -52,160 +52,197 @@ static inline void FN(decode_row)(const sa_attn_args *a, const sa_layout *lay, i
     *i = rr % lay->dec_l;
 }
 
-/* decode task t: chunk t % dec_chunks of kv unit t / dec_chunks. st: how K
- * and V are read -- SA_STORE_NATIVE (T: the arrays, or rows converted into
- * scratch), or 16-bit storage or int8 (SA_READ_I8) widened in registers
- * (decode_task picks; one specialisation each, st being a constant after
- * inlining) */
+/* One kv unit's stacked rows inside a decode task: where their queries and
+ * partial result are, and what each row sees (attn_mask.h). */
+typedef struct {
+    int64_t g, R, c1;                        /* kv unit, its rows, the chunk's end for it */
+    T *Qs, *Op, *mp, *lp;                    /* Q [R][E] scaled; O [R][evp], m [R], l [R] */
+    int64_t lo[SA_DECODE_MAX_ROWS], hi[SA_DECODE_MAX_ROWS], shi[SA_DECODE_MAX_ROWS];
+    sa_unit_mask um[SA_DECODE_MAX_ROWS];
+} FN(dunit_t);
+
+/* Start kv unit g's part of chunk ch: its rows' queries (scaled) into Qs,
+ * their partial result (zeros, m = -inf) in the chunk's slot of parts. */
+static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN(dunit_t) *d)
+{
+    const sa_attn_args *a = c->a;
+    const sa_layout *lay = c->lay;
+    const int64_t E = a->E, evp = lay->evp;
+    d->g = g;
+    d->R = (a->kv_start[g + 1] - a->kv_start[g]) * lay->dec_l;
+    d->Qs = Qs;
+    d->Op = c->parts + (g * lay->dec_chunks + ch) * lay->dec_part_elems;
+    d->mp = d->Op + lay->dec_rows * evp;
+    d->lp = d->mp + lay->dec_rows;
+    int64_t klo, khi;
+    sa_kv_keys(a, g, &klo, &khi);
+    int64_t c0 = ch * lay->dec_ck;
+    d->c1 = c0 + lay->dec_ck < a->S ? c0 + lay->dec_ck : a->S;
+    if (d->c1 > khi + 1) d->c1 = khi + 1;                    /* keys >= every S_u: never read */
+    for (int64_t rr = 0; rr < d->R; rr++) {
+        int64_t u, i;
+        FN(decode_row)(a, lay, g, rr, &u, &i);
+        sa_unit_mask_init(a, u, &d->um[rr]);
+        d->mp[rr] = -(T)INFINITY;
+        d->lp[rr] = 0;
+        for (int64_t col = 0; col < evp; col++) d->Op[rr * evp + col] = 0;
+        d->lo[rr] = 0;
+        d->hi[rr] = d->shi[rr] = -1;                          /* rows past L_u (varlen) see nothing */
+        if (i >= d->um[rr].L) continue;
+        sa_row_keys(&d->um[rr], i, &d->lo[rr], &d->hi[rr]);
+        d->shi[rr] = sa_sink_hi(&d->um[rr], d->lo[rr], d->hi[rr]);
+        FN(load_row)(a->q, a->storage, a->q_off[u] + i * a->q_sl, a->q_se, E, Qs + rr * E);
+        for (int64_t e = 0; e < E; e++) Qs[rr * E + e] *= c->qscale;
+    }
+}
+
+/* Key block j0 (keys below d->c1) for kv unit d->g's rows: steps a-c of the
+ * overview. st: how K and V are read -- SA_STORE_NATIVE (T: the arrays, or
+ * rows converted into scratch), or 16-bit storage or int8 (SA_READ_I8)
+ * widened in registers (decode_task picks; one specialisation each, st being
+ * a constant after inlining). St, Kc, Vc: the thread's scratch. */
+SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(dunit_t) *d, int64_t j0, T *St,
+                                T *Kc, T *Vc, const int st)
+{
+    const int64_t E = a->E, Ev = a->Ev, evp = lay->evp, R = d->R, g = d->g;
+    const int64_t c1 = d->c1;
+    const T *Qs = d->Qs;
+    T *Op = d->Op, *mp = d->mp, *lp = d->lp;
+    const int64_t *lo = d->lo, *hi = d->hi, *shi = d->shi;
+    const sa_unit_mask *um = d->um;
+    int64_t vs[SA_DECODE_MAX_ROWS], ve[SA_DECODE_MAX_ROWS];
+    const int64_t kvalid = c1 - j0 < BK ? c1 - j0 : BK;  /* the block's keys in this chunk */
+    int64_t jmin = BK, jmax = 0;
+    for (int64_t rr = 0; rr < R; rr++) {
+        sa_block_span(shi[rr], lo[rr], hi[rr], j0, kvalid, &vs[rr], &ve[rr]);
+        if (ve[rr] <= vs[rr]) continue;
+        if (vs[rr] < jmin) jmin = vs[rr];
+        if (ve[rr] > jmax) jmax = ve[rr];
+    }
+    if (jmax <= jmin) return;                            /* no row sees a key of this block */
+
+    /* K and V rows of the block, in place (st: T, or 16-bit widened in
+     * registers), in runs of evenly spaced rows (sa_kv_runs: one run
+     * dense, one per page paged; the same values in the same order);
+     * 16-bit storage with strided columns is converted first, the rows
+     * some row sees, once for all the rows (attn_pack.h) */
+    sa_kv_run runs[BK + 1];
+    int nrun = sa_kv_runs(a, g, j0, jmin, jmax, runs);
+    const void *kb = a->k, *vb = a->v;
+    int64_t kss = a->k_ss, kse = a->k_se, vss = a->v_ss, vse = a->v_se;
+    if (st == SA_STORE_NATIVE && a->storage != SA_STORE_NATIVE) {
+        for (int ir = 0; ir < nrun; ir++)
+            for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
+                FN(load_row)(a->k, a->storage, runs[ir].k + j * a->k_ss, a->k_se, E, Kc + j * E);
+                FN(load_row)(a->v, a->storage, runs[ir].v + j * a->v_ss, a->v_se, Ev, Vc + j * evp);
+            }
+        kb = Kc, kss = E, kse = 1, vb = Vc, vss = evp, vse = 1;
+        nrun = 1;                                         /* one run: the converted rows */
+        runs[0].k = runs[0].v = 0;
+        runs[0].j = jmin;
+        runs[1].j = jmax;
+    }
+
+    /* a. scores: key by key, each K row read once for all the rows (four
+     * at a time, sharing its loads) */
+    for (int ir = 0; ir < nrun; ir++)
+        for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
+            int64_t kr = runs[ir].k + j * kss;
+            int64_t r0 = 0;
+            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
+            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st);
+        }
+
+    /* int8: the block's key and value scales, gathered once for all the rows */
+    T ksv[BK], vsv[BK];
+    if (st == SA_READ_I8)
+        for (int ir = 0; ir < nrun; ir++)
+            for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
+                ksv[j] = (T)a->k_scale[runs[ir].ks + j * a->ks_s];
+                vsv[j] = (T)a->v_scale[runs[ir].vs + j * a->vs_s];
+            }
+
+    /* b. masks and the online softmax, row by row */
+    T alph[SA_DECODE_MAX_ROWS];
+    for (int64_t rr = 0; rr < R; rr++) {
+        alph[rr] = 1;                                 /* a row that sees no key here: O unchanged */
+        if (ve[rr] <= vs[rr]) continue;
+        int64_t u, i, rs, re;
+        FN(decode_row)(a, lay, g, rr, &u, &i);
+        T *s = St + rr * BK;
+        int64_t cs = vs[rr] / VW * VW, ce = sa_round_up(ve[rr], VW);
+        for (int64_t j = cs; j < vs[rr]; j++) s[j] = 0;
+        for (int64_t j = ve[rr]; j < ce; j++) s[j] = 0;
+        if (st == SA_READ_I8)                          /* int8 K: each key's dot times its scale */
+            for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= ksv[j];
+        FN(mask_row)(a, &um[rr], u, i, j0, cs, ce, kvalid, s, &rs, &re);
+        /* as in compute_tile: a row with nothing seen yet rescales by
+         * exp2(-inf) = 0; one row at a time, so exp2 of libm */
+        T msafe, mnew = FN(running_max)(mp[rr], FN(row_max)(s, rs, re), &msafe);
+        alph[rr] = (T)exp2((double)(mp[rr] - msafe));
+        mp[rr] = mnew;
+        T sum = FN(exp_row)(s, rs, re, msafe);
+        lp[rr] = lp[rr] * alph[rr] + sum;
+        if (st == SA_READ_I8)                          /* int8 V: P.V with P times v's scale */
+            for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= vsv[j];
+    }
+
+    /* c. O = alpha O + P.V, four rows at a time over the union of their keys
+     * (P = 0 on another row's keys), so that each V row is read once for them */
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        int64_t n = R - r0 < 4 ? R - r0 : 4, ulo = BK, uhi = 0;
+        for (int64_t rr = r0; rr < r0 + n; rr++)
+            if (ve[rr] > vs[rr]) {
+                if (vs[rr] < ulo) ulo = vs[rr];
+                if (ve[rr] > uhi) uhi = ve[rr];
+            }
+        if (uhi <= ulo) continue;
+        for (int64_t rr = r0; rr < r0 + n; rr++) {
+            T *s = St + rr * BK;
+            int64_t a0 = ve[rr] > vs[rr] ? vs[rr] : uhi, b0 = ve[rr] > vs[rr] ? ve[rr] : uhi;
+            for (int64_t j = ulo; j < a0; j++) s[j] = 0;
+            for (int64_t j = b0; j < uhi; j++) s[j] = 0;
+        }
+        if (n == 4) {
+            FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vb, runs, nrun, vss, vse, Ev, Op + r0 * evp, evp, alph + r0,
+                               st);
+        } else {
+            for (int64_t rr = r0; rr < r0 + n; rr++)
+                if (ve[rr] > vs[rr])
+                    FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vb, runs, nrun, vss, vse, Ev,
+                                       Op + rr * evp, evp, alph + rr, st);
+        }
+    }
+}
+
+/* decode task t: chunk t % dec_chunks of the kv units of gang t / dec_chunks
+ * (lay->dec_gang consecutive kv units: 1, or paged, the kv heads of one
+ * sequence, whose rows share the pages: a page's bytes are then read by one
+ * task, block after block for its heads, not 1-8 KiB of it by each of
+ * dec_gang tasks while the prefetchers fetch the rest for nothing). Each kv
+ * unit's computation is the same whichever gang holds it: the bits too. */
 SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
 {
     FN(dctx_t) *c = (FN(dctx_t) *)vctx;
     const sa_attn_args *a = c->a;
     const sa_layout *lay = c->lay;
-    const int64_t E = a->E, Ev = a->Ev, evp = lay->evp;
-    const T NEG_INF = -(T)INFINITY;
-    const int64_t g = t / lay->dec_chunks, ch = t % lay->dec_chunks;
-    const int64_t R = (a->kv_start[g + 1] - a->kv_start[g]) * lay->dec_l;
-
-    /* this chunk's partial result: O [R][evp], then m [R], l [R] */
-    T *Op = c->parts + t * lay->dec_part_elems;
-    T *mp = Op + lay->dec_rows * evp, *lp = mp + lay->dec_rows;
+    const int64_t E = a->E, ch = t % lay->dec_chunks, g0 = t / lay->dec_chunks * lay->dec_gang;
+    const int64_t gn = a->n_kv - g0 < lay->dec_gang ? a->n_kv - g0 : lay->dec_gang;
 
     /* the carving of sa_layout_compute, as in compute_tile (R <= BQ rows) */
     T *ws = c->scratch + (int64_t)tid * lay->thread_elems;
-    T *Qs = ws;                                              /* [R][E]  */
     T *St = ws + lay->off_st;                                /* [R][BK] */
     T *Kc = ws + lay->off_conv, *Vc = Kc + BK * E;           /* 16-bit storage: [BK][E], [BK][evp] */
-    int64_t lo[SA_DECODE_MAX_ROWS], hi[SA_DECODE_MAX_ROWS], shi[SA_DECODE_MAX_ROWS];   /* attn_mask.h */
-    int64_t vs[SA_DECODE_MAX_ROWS], ve[SA_DECODE_MAX_ROWS];
-    sa_unit_mask um[SA_DECODE_MAX_ROWS];
-
-    int64_t klo, khi;
-    sa_kv_keys(a, g, &klo, &khi);
-    int64_t c0 = ch * lay->dec_ck, c1 = c0 + lay->dec_ck < a->S ? c0 + lay->dec_ck : a->S;
-    if (c1 > khi + 1) c1 = khi + 1;                          /* keys >= every S_u: never read */
-
-    for (int64_t rr = 0; rr < R; rr++) {
-        int64_t u, i;
-        FN(decode_row)(a, lay, g, rr, &u, &i);
-        sa_unit_mask_init(a, u, &um[rr]);
-        mp[rr] = NEG_INF;
-        lp[rr] = 0;
-        for (int64_t col = 0; col < evp; col++) Op[rr * evp + col] = 0;
-        lo[rr] = 0;
-        hi[rr] = shi[rr] = -1;                                /* rows past L_u (varlen) see nothing */
-        if (i >= um[rr].L) continue;
-        sa_row_keys(&um[rr], i, &lo[rr], &hi[rr]);
-        shi[rr] = sa_sink_hi(&um[rr], lo[rr], hi[rr]);
-        FN(load_row)(a->q, a->storage, a->q_off[u] + i * a->q_sl, a->q_se, E, Qs + rr * E);
-        for (int64_t e = 0; e < E; e++) Qs[rr * E + e] *= c->qscale;
+    FN(dunit_t) d[SA_DECODE_MAX_GANG];
+    int64_t jend = 0;
+    for (int64_t gi = 0; gi < gn; gi++) {                    /* Q: [R][E] per unit (gang: after the rest) */
+        FN(decode_unit_init)(c, g0 + gi, ch, gi == 0 ? ws : ws + lay->off_qgang + (gi - 1) * lay->dec_rows * E,
+                             &d[gi]);
+        if (d[gi].c1 > jend) jend = d[gi].c1;
     }
-
-    for (int64_t j0 = c0 / BK * BK; j0 < c1; j0 += BK) {
-        const int64_t kvalid = c1 - j0 < BK ? c1 - j0 : BK;  /* the block's keys in this chunk */
-        int64_t jmin = BK, jmax = 0;
-        for (int64_t rr = 0; rr < R; rr++) {
-            sa_block_span(shi[rr], lo[rr], hi[rr], j0, kvalid, &vs[rr], &ve[rr]);
-            if (ve[rr] <= vs[rr]) continue;
-            if (vs[rr] < jmin) jmin = vs[rr];
-            if (ve[rr] > jmax) jmax = ve[rr];
-        }
-        if (jmax <= jmin) continue;                          /* no row sees a key of this block */
-
-        /* K and V rows of the block, in place (st: T, or 16-bit widened in
-         * registers), in runs of evenly spaced rows (sa_kv_runs: one run
-         * dense, one per page paged; the same values in the same order);
-         * 16-bit storage with strided columns is converted first, the rows
-         * some row sees, once for all the rows (attn_pack.h) */
-        sa_kv_run runs[BK + 1];
-        int nrun = sa_kv_runs(a, g, j0, jmin, jmax, runs);
-        const void *kb = a->k, *vb = a->v;
-        int64_t kss = a->k_ss, kse = a->k_se, vss = a->v_ss, vse = a->v_se;
-        if (st == SA_STORE_NATIVE && a->storage != SA_STORE_NATIVE) {
-            for (int ir = 0; ir < nrun; ir++)
-                for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
-                    FN(load_row)(a->k, a->storage, runs[ir].k + j * a->k_ss, a->k_se, E, Kc + j * E);
-                    FN(load_row)(a->v, a->storage, runs[ir].v + j * a->v_ss, a->v_se, Ev, Vc + j * evp);
-                }
-            kb = Kc, kss = E, kse = 1, vb = Vc, vss = evp, vse = 1;
-            nrun = 1;                                         /* one run: the converted rows */
-            runs[0].k = runs[0].v = 0;
-            runs[0].j = jmin;
-            runs[1].j = jmax;
-        }
-
-        /* a. scores: key by key, each K row read once for all the rows (four
-         * at a time, sharing its loads) */
-        for (int ir = 0; ir < nrun; ir++)
-            for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
-                int64_t kr = runs[ir].k + j * kss;
-                int64_t r0 = 0;
-                for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
-                for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st);
-            }
-
-        /* b. masks and the online softmax, row by row */
-        T alph[SA_DECODE_MAX_ROWS];
-        for (int64_t rr = 0; rr < R; rr++) {
-            alph[rr] = 1;                                 /* a row that sees no key here: O unchanged */
-            if (ve[rr] <= vs[rr]) continue;
-            int64_t u, i, rs, re;
-            FN(decode_row)(a, lay, g, rr, &u, &i);
-            T *s = St + rr * BK;
-            int64_t cs = vs[rr] / VW * VW, ce = sa_round_up(ve[rr], VW);
-            for (int64_t j = cs; j < vs[rr]; j++) s[j] = 0;
-            for (int64_t j = ve[rr]; j < ce; j++) s[j] = 0;
-            if (st == SA_READ_I8)                          /* int8 K: each key's dot times its scale */
-                for (int ir = 0; ir < nrun; ir++) {
-                    const float *ksc = a->k_scale + runs[ir].ks;
-                    int64_t ja = runs[ir].j > vs[rr] ? runs[ir].j : vs[rr];
-                    int64_t jb = runs[ir + 1].j < ve[rr] ? runs[ir + 1].j : ve[rr];
-                    for (int64_t j = ja; j < jb; j++) s[j] *= (T)ksc[j * a->ks_s];
-                }
-            FN(mask_row)(a, &um[rr], u, i, j0, cs, ce, kvalid, s, &rs, &re);
-            /* as in compute_tile: a row with nothing seen yet rescales by
-             * exp2(-inf) = 0; one row at a time, so exp2 of libm */
-            T msafe, mnew = FN(running_max)(mp[rr], FN(row_max)(s, rs, re), &msafe);
-            alph[rr] = (T)exp2((double)(mp[rr] - msafe));
-            mp[rr] = mnew;
-            T sum = FN(exp_row)(s, rs, re, msafe);
-            lp[rr] = lp[rr] * alph[rr] + sum;
-            if (st == SA_READ_I8)                          /* int8 V: P.V with P times v's scale */
-                for (int ir = 0; ir < nrun; ir++) {
-                    const float *vsc = a->v_scale + runs[ir].vs;
-                    int64_t ja = runs[ir].j > vs[rr] ? runs[ir].j : vs[rr];
-                    int64_t jb = runs[ir + 1].j < ve[rr] ? runs[ir + 1].j : ve[rr];
-                    for (int64_t j = ja; j < jb; j++) s[j] *= (T)vsc[j * a->vs_s];
-                }
-        }
-
-        /* c. O = alpha O + P.V, four rows at a time over the union of their keys
-         * (P = 0 on another row's keys), so that each V row is read once for them */
-        for (int64_t r0 = 0; r0 < R; r0 += 4) {
-            int64_t n = R - r0 < 4 ? R - r0 : 4, ulo = BK, uhi = 0;
-            for (int64_t rr = r0; rr < r0 + n; rr++)
-                if (ve[rr] > vs[rr]) {
-                    if (vs[rr] < ulo) ulo = vs[rr];
-                    if (ve[rr] > uhi) uhi = ve[rr];
-                }
-            if (uhi <= ulo) continue;
-            for (int64_t rr = r0; rr < r0 + n; rr++) {
-                T *s = St + rr * BK;
-                int64_t a0 = ve[rr] > vs[rr] ? vs[rr] : uhi, b0 = ve[rr] > vs[rr] ? ve[rr] : uhi;
-                for (int64_t j = ulo; j < a0; j++) s[j] = 0;
-                for (int64_t j = b0; j < uhi; j++) s[j] = 0;
-            }
-            if (n == 4) {
-                FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vb, runs, nrun, vss, vse, Ev, Op + r0 * evp, evp, alph + r0,
-                                   st);
-            } else {
-                for (int64_t rr = r0; rr < r0 + n; rr++)
-                    if (ve[rr] > vs[rr])
-                        FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vb, runs, nrun, vss, vse, Ev,
-                                           Op + rr * evp, evp, alph + rr, st);
-            }
-        }
-    }
+    for (int64_t j0 = ch * lay->dec_ck / BK * BK; j0 < jend; j0 += BK)
+        for (int64_t gi = 0; gi < gn; gi++)
+            if (j0 < d[gi].c1) FN(decode_block)(a, lay, &d[gi], j0, St, Kc, Vc, st);
 }
 
 static void FN(decode_task)(void *vctx, int64_t t, int tid)

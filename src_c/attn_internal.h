@@ -53,11 +53,13 @@ static inline int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m
  *   [Q tile bq x E][scores bq x bk][O accumulator bq x evp][SA_ROW_ARRAYS x bq]
  *   [16-bit storage only: K bk x E, V bk x evp]
  * (decode: its stacked rows' Q and scores, dec_rows <= bq, in the first two,
- * and a key block's K and V rows converted from 16 bits in the last). */
+ * and a key block's K and V rows converted from 16 bits in the last; a gang
+ * of dec_gang kv units keeps the other units' Q after all that, off_qgang). */
 enum { SA_ROW_MAX, SA_ROW_SUM, SA_ROW_MSAFE, SA_ROW_ALPHA, SA_ROW_ARRAYS };
 #define SA_RING_MAX 64           /* banded: most block slots per thread      */
 #define SA_DECODE_MAX_ROWS 16    /* decode: most stacked query rows per K/V   */
 #define SA_DECODE_MAX_CHUNKS 64  /* decode: most key chunks per K/V (sa_layout_compute) */
+#define SA_DECODE_MAX_GANG 16    /* decode, paged: most kv units (heads of a sequence) per task */
 typedef struct {
     int64_t n_qt, n_kb;          /* query tiles, key blocks                  */
     int64_t evp;                 /* Ev padded to vw                          */
@@ -72,6 +74,8 @@ typedef struct {
     int64_t dec_rows;            /* decode: stacked query rows of the largest kv group */
     int64_t dec_ck, dec_chunks;  /* decode: keys per chunk (a multiple of bk), chunks per kv unit */
     int64_t dec_part_elems;      /* decode: one chunk's partial result, O [dec_rows][evp], m, l */
+    int64_t dec_gang;            /* decode: consecutive kv units per task (paged: a sequence's heads) */
+    int64_t off_qgang;           /* decode, dec_gang > 1: the other units' Q [dec_rows][E] each */
     int64_t packed_elems;        /* the packed K/V (or decode partials) region: the scratch follows */
     int64_t tasks;               /* compute tasks (per group in shared mode: units x tiles) */
     int64_t qp_elems, st_elems, oacc_elems, row_elems;  /* per-thread pieces */

@@ -307,6 +307,26 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     /* paged K/V: read through sa_kv_runs, which only the decode schedule does */
     if (a->block_table && (a->page_size < 1 || !a->kv_bt_off || lay->sched != SA_SCHEDULE_DECODE))
         return SA_ERR_ARG;
+    /* Decode on paged K/V: the kv units sharing a row of the block table (a
+     * sequence's heads, consecutive) in one task, when that still leaves 4
+     * tasks per thread; a page's bytes are then read by one task (the
+     * results are those of one unit per task, bit for bit) */
+    lay->dec_gang = 1;
+    if (lay->sched == SA_SCHEDULE_DECODE && a->block_table && a->n_kv > 1) {
+        int64_t run = 1;
+        while (run < a->n_kv && a->kv_bt_off[run] == a->kv_bt_off[0]) run++;
+        int64_t gang = run < SA_DECODE_MAX_GANG ? run : SA_DECODE_MAX_GANG;
+        for (; gang > 1; gang--) {
+            int ok = run % gang == 0 && a->n_kv % gang == 0
+                     && (a->n_kv / gang) * lay->dec_chunks >= 4 * (int64_t)nt;
+            for (int64_t g = 0; ok && g < a->n_kv; g++)
+                ok = a->kv_bt_off[g] == a->kv_bt_off[g - g % gang];
+            if (ok) break;
+        }
+        lay->dec_gang = gang;
+    }
+    lay->off_qgang = lay->thread_elems;
+    if (lay->dec_gang > 1) lay->thread_elems += (lay->dec_gang - 1) * sa_round_up(lay->dec_rows * a->E, align);
     lay->ring = lay->sched == SA_SCHEDULE_BANDED ? ring : 0;
     /* banded: about 4 tasks per thread, runs of at least 4 tiles (a run
      * re-packs the ring - 2 blocks its predecessor ended on) */
@@ -317,7 +337,7 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     switch (lay->sched) {
     case SA_SCHEDULE_FUSED: lay->tasks = a->n_kv; break;
     case SA_SCHEDULE_BANDED: lay->tasks = a->n_kv * lay->n_chunks; break;
-    case SA_SCHEDULE_DECODE: lay->tasks = a->n_kv * lay->dec_chunks; break;
+    case SA_SCHEDULE_DECODE: lay->tasks = (a->n_kv + lay->dec_gang - 1) / lay->dec_gang * lay->dec_chunks; break;
     default: lay->tasks = a->n_units * lay->n_qt; break;
     }
     int64_t tasks = lay->tasks < 1 ? 1 : lay->tasks;

@@ -146,10 +146,13 @@ def test_paged_threads_bit_identical_and_split():
     kp, vp, bt = _pool(rng, seq_lens, 16, 4, 64, 64, np.float32)
     q = rng.standard_normal((4, 16, 1, 64)).astype(np.float32)
     sl = np.array(seq_lens)
-    p = selfattn._core.describe_paged(q, kp, vp, bt, sl, num_threads=3)
-    plan = selfattn._core.paged(p, schedule_only=True)
-    assert plan["decode"] and plan["compute_tasks"] > 16      # keys split into chunks: several tasks
-    outs = [selfattn.paged_attention(q, kp, vp, bt, sl, num_threads=t, return_lse=True) for t in (1, 2, 3, 5)]
+    plans = {t: selfattn._core.paged(selfattn._core.describe_paged(q, kp, vp, bt, sl, num_threads=t),
+                                     schedule_only=True) for t in (1, 2, 3, 5, 64)}
+    assert all(p["decode"] for p in plans.values()) and plans[3]["compute_tasks"] > 3   # keys split: several tasks
+    # a sequence's kv heads in one task (a gang) when there are tasks enough, one head per task else: the
+    # same bits either way
+    assert plans[1]["compute_tasks"] < plans[64]["compute_tasks"]
+    outs = [selfattn.paged_attention(q, kp, vp, bt, sl, num_threads=t, return_lse=True) for t in (1, 2, 3, 5, 64)]
     for o, lse in outs[1:]:
         assert_bits(o, outs[0][0], "threads out")
         assert_bits(lse, outs[0][1], "threads lse")

@@ -448,6 +448,12 @@ def _check_outcome(fn):
         msg = str(exc)
         assert msg, f"{type(exc).__name__} without a message"
         return exc
+    except NotImplementedError as exc:
+        # the one documented NotImplementedError: a dropout_p in (0, 1) (a positional call puts
+        # is_causal's value there), which selfattn does not compute yet
+        if not str(exc).startswith("dropout_p="):
+            raise AssertionError(f"raised NotImplementedError: {exc!r}") from exc
+        return exc
     except BaseException as exc:  # noqa: BLE001 - anything else is the bug under test
         raise AssertionError(f"raised {type(exc).__name__}: {exc!r} (only TypeError / ValueError / "
                              f"MemoryError are allowed)") from exc
