@@ -122,6 +122,8 @@ MUTANTS = [
     ("paged_run_base_off_by_one", INTERNAL, "runs[n].v = a->kv_v_off[g] + pg * a->v_page_s + (r - j) * a->v_ss;",
      "runs[n].v = a->kv_v_off[g] + pg * a->v_page_s + (r + 1 - j) * a->v_ss;",
      "paged K/V: each value read from the next row of its page"),
+    ("paged_gang_shared_q", DECODE, "gi == 0 ? ws : ws + lay->off_qgang + (gi - 1) * lay->dec_rows * E", "ws",
+     "paged decode, a sequence's heads in one task: every head's queries in one buffer (the last one wins)"),
     ("pack_i8_scale_of_next_key", PACK, "T f = jj < nvalid ? (T)sc[jj * scs] : 0;",
      "T f = jj + 1 < nvalid ? (T)sc[(jj + 1) * scs] : 0;", "int8 K/V packed with the next key's scale"),
 ]
