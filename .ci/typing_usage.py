@@ -21,3 +21,9 @@ with selfattn.use_isa(prev):
     pass
 threads: int = selfattn.config()["default_threads"]
 selfattn.show_config()
+cache = selfattn.PagedKVCache(8, 4, 1, 16)
+sid: int = cache.add_sequence()
+cache.append([sid], q[:1, :1], q[:1, :1])
+paged_out = cache.attend(q[:1, :, :1], [sid])
+table: Tuple[NDArray[np.int32], NDArray[np.int64]] = cache.block_table([sid])
+free_blocks: int = cache.num_free_blocks

@@ -111,7 +111,7 @@ def paged_attention(query: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, bl
                              num_sink_tokens=num_sink_tokens, num_threads=num_threads, k_scale=k_scale,
                              v_scale=v_scale)
     if _core.paged_decodes(p):
-        return _core.paged(p, return_lse)     # type: ignore[no-any-return]
+        return _core.paged(p, return_lse)
     # more rows than the decode schedule stacks (or no key at all): the pages gathered, the dense kernel
     kp, vp = np.asarray(k_pages), np.asarray(v_pages)
     bt, sl = np.asarray(block_table), np.asarray(seq_lens).astype(np.int64)
@@ -128,7 +128,7 @@ def paged_attention(query: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, bl
     kw: Dict[str, Any] = {}
     if k_scale is not None and v_scale is not None:
         kw.update(k_scale=dense(np.asarray(k_scale)), v_scale=dense(np.asarray(v_scale)))
-    return scaled_dot_product_attention(  # type: ignore[no-any-return]
+    return scaled_dot_product_attention(
         query, dense(kp), dense(vp), is_causal=True, alignment="bottom_right", key_lengths=sl, enable_gqa=True,
         scale=scale, window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
         num_sink_tokens=num_sink_tokens, return_lse=return_lse, num_threads=num_threads, **kw)
@@ -369,13 +369,13 @@ class PagedKVCache:
             c = c.astype(np.int64)
         bs = self.block_size
         need = 0                                    # blocks taken from the pool, all appends together
-        for s, m in zip(ids, c):
-            if m == 0:
+        for s, cnt in zip(ids, c.tolist()):
+            if cnt == 0:
                 continue
             L, blocks = self._len[s], self._blocks[s]
             if L % bs and self._ref[blocks[-1]] > 1:
                 need += 1                           # the shared last block, copied before writing
-            need += -(-(L + int(m)) // bs) - len(blocks)
+            need += -(-(L + int(cnt)) // bs) - len(blocks)
         if need > len(self._free):
             raise CacheFullError(f"PagedKVCache: the append needs {need} free blocks and {len(self._free)} "
                                  f"are free (num_blocks={self.num_blocks}); free finished sequences, or "
@@ -386,8 +386,8 @@ class PagedKVCache:
         idx_i: List[Array] = []
         idx_t: List[Array] = []
         idx_pg: List[Array] = []
-        for i, (s, m) in enumerate(zip(ids, c)):
-            m = int(m)
+        for i, (s, cnt) in enumerate(zip(ids, c.tolist())):
+            m = int(cnt)
             if m == 0:
                 continue
             L, blocks = self._len[s], self._blocks[s]
