@@ -290,6 +290,40 @@ class KVCache:
                     scales[3][b, :, l0:l0 + m] = scales[1][b, :, :m]
         self._lengths = new
 
+    def crop(self, max_length: int) -> None:
+        """Keep at most `max_length` positions of each sequence (the first ones); a negative value
+        drops that many from the end of each sequence (transformers' ``Cache.crop``: speculative
+        decoding rolls back rejected tokens so). In place, nothing copied; the capacity stays."""
+        if isinstance(max_length, (bool, np.bool_)) or not isinstance(max_length, (numbers.Integral, np.integer)):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
+        n = int(max_length)
+        keep = np.maximum(self._lengths + n, 0) if n < 0 else np.minimum(self._lengths, n)
+        self._lengths = keep.astype(np.int64)
+
+    def reorder(self, indices: ArrayLike) -> None:
+        """Make sequence i the former sequence ``indices[i]``: beam search's reorder (a permutation,
+        repeats allowed) and batch selection (fewer indices: `batch` shrinks). Copies the valid
+        positions into new buffers of the same capacity."""
+        idx = _as_array(indices, "indices")
+        if idx.ndim != 1 or idx.dtype == np.bool_ or idx.dtype.kind not in "iu":
+            raise TypeError(f"indices must be a 1-D integer array, got {idx.dtype} of shape {idx.shape}")
+        if idx.size == 0:
+            raise ValueError("indices must name at least one sequence")
+        if idx.min() < -self.batch or idx.max() >= self.batch:
+            raise ValueError(f"indices must be in [-batch, batch) = [{-self.batch}, {self.batch}), got values in "
+                             f"[{idx.min()}, {idx.max()}]")
+        idx = np.where(idx < 0, idx + self.batch, idx).astype(np.intp)
+        used = int(self._lengths.max(initial=0))
+        for name in ("_k", "_v", "_ks", "_vs"):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            new = np.zeros((idx.size,) + old.shape[1:], dtype=old.dtype)
+            new[:, :, :used] = old[idx, :, :used]
+            setattr(self, name, new)
+        self._lengths = self._lengths[idx].copy()
+        self.batch = int(idx.size)
+
     def _reserve(self, capacity: int) -> None:
         used = int(self._lengths.max(initial=0))
         for name in ("_k", "_v", "_ks", "_vs"):

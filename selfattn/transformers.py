@@ -295,6 +295,14 @@ def register(name: str = NAME) -> str:
 _CACHE_CLASSES: Dict[str, Any] = {}
 
 
+def _index_array(idx: Any, batch: int) -> Any:
+    """A batch index (a torch tensor, list, slice or array: what transformers passes) as the NumPy
+    array of the sequences it picks, for KVCache.reorder."""
+    if isinstance(idx, _torch.Tensor):
+        idx = idx.detach().cpu().numpy()
+    return _np.arange(batch)[idx]
+
+
 def _cache_classes() -> Tuple[Any, Any]:
     """KVCacheLayer and SelfattnCache, made on first use (transformers is imported only then)."""
     if not _CACHE_CLASSES:
@@ -310,7 +318,8 @@ def _cache_classes() -> Tuple[Any, Any]:
             """One layer's keys and values in a :class:`selfattn.KVCache`: preallocated (``max_len``
             positions; past that its capacity doubles), each step written in place, the layer given
             views of the valid positions (no ``torch.cat`` per step). Grouped, padded and 16-bit
-            models alike; beam search, cropping and batch selection go through a copy."""
+            models alike; cropping in place (:meth:`selfattn.KVCache.crop`), beam search's reorder and
+            batch selection by :meth:`selfattn.KVCache.reorder` (one copy of the valid positions)."""
 
             def __init__(self, max_len: int = 0) -> None:
                 super().__init__()
@@ -347,7 +356,7 @@ def _cache_classes() -> Tuple[Any, Any]:
                 return self.keys, self.values
 
             def _adopt(self) -> None:
-                """After DynamicLayer's own crop / reorder / select / repeat made new tensors: back into a KVCache."""
+                """After DynamicLayer's own operation made new tensors (no KVCache yet): into a KVCache."""
                 keys, values = self.keys, self.values
                 self.kv = None
                 if keys is not None and keys.numel():
@@ -358,21 +367,35 @@ def _cache_classes() -> Tuple[Any, Any]:
                     self.kv.reset()
                     self._expose()
 
-            def crop(self, tokens_to_remove: int) -> None:
-                super().crop(tokens_to_remove)
-                self._adopt()
+            # cropping (speculative decoding), beam search's reorder, batch selection and repetition:
+            # in the KVCache itself (crop in place; the others copy the valid positions once)
+            def crop(self, max_length: int) -> None:
+                if self.kv is None:
+                    super().crop(max_length)
+                    return
+                self.kv.crop(int(max_length))
+                self._expose()
 
             def reorder_cache(self, beam_idx: Any) -> None:
-                super().reorder_cache(beam_idx)
-                self._adopt()
+                if self.kv is None:
+                    super().reorder_cache(beam_idx)
+                    return
+                self.kv.reorder(_index_array(beam_idx, self.kv.batch))
+                self._expose()
 
             def batch_repeat_interleave(self, repeats: int) -> None:
-                super().batch_repeat_interleave(repeats)
-                self._adopt()
+                if self.kv is None:
+                    super().batch_repeat_interleave(repeats)
+                    return
+                self.kv.reorder(_np.repeat(_np.arange(self.kv.batch), int(repeats)))
+                self._expose()
 
             def batch_select_indices(self, indices: Any) -> None:
-                super().batch_select_indices(indices)
-                self._adopt()
+                if self.kv is None:
+                    super().batch_select_indices(indices)
+                    return
+                self.kv.reorder(_index_array(indices, self.kv.batch))
+                self._expose()
 
         class SelfattnCache(Cache):  # type: ignore[misc, valid-type, unused-ignore]
             """A transformers ``Cache`` of :class:`KVCacheLayer` s (see :func:`new_cache`)."""

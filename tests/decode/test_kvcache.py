@@ -362,3 +362,38 @@ def test_docstring_example_runs():
     import selfattn.kvcache
     result = doctest.testmod(selfattn.kvcache, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.attempted >= 10 and result.failed == 0
+
+
+def test_crop_and_reorder():
+    """crop keeps the first positions (negative: drops the last ones); reorder selects / permutes
+    sequences (beam search); attention afterwards equals a cache built directly with those rows."""
+    rng = np.random.default_rng(21)
+    B, H, E = 3, 2, 8
+    k = rng.standard_normal((B, H, 10, E))
+    v = rng.standard_normal((B, H, 10, E))
+    c = selfattn.KVCache(B, H, 16, E, dtype=np.float64)
+    c.append(k, v, counts=[10, 7, 4])
+    c.crop(-2)
+    assert c.lengths.tolist() == [8, 5, 2]
+    c.crop(6)
+    assert c.lengths.tolist() == [6, 5, 2]
+    c.crop(-9)
+    assert c.lengths.tolist() == [0, 0, 0]
+    c.append(k, v, counts=[10, 7, 4])
+    c.reorder([2, 0, 0, 1])                                   # grows the batch: repeats allowed
+    assert c.batch == 4 and c.lengths.tolist() == [4, 10, 10, 7]
+    np.testing.assert_array_equal(c.keys[0, :, :4], k[2, :, :4])
+    np.testing.assert_array_equal(c.values[3, :, :7], v[1, :, :7])
+    q = rng.standard_normal((4, 4, 1, E))
+    out = c.attend(q)
+    d = selfattn.KVCache(4, H, 16, E, dtype=np.float64)
+    d.append(k[[2, 0, 0, 1]], v[[2, 0, 0, 1]], counts=[4, 10, 10, 7])
+    np.testing.assert_array_equal(out, d.attend(q))
+    c.reorder(np.array([-1]))                                 # select the last one
+    assert c.batch == 1 and c.lengths.tolist() == [7]
+    for bad, exc, msg in ((lambda: c.crop(1.5), TypeError, "max_length must be an int"),
+                          (lambda: c.reorder([[0]]), TypeError, "indices must be a 1-D integer"),
+                          (lambda: c.reorder(np.array([], np.int64)), ValueError, "at least one"),
+                          (lambda: c.reorder([1]), ValueError, r"indices must be in \[-batch, batch\)")):
+        with pytest.raises(exc, match=msg):
+            bad()

@@ -95,3 +95,21 @@ def test_clear_errors():
     config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(NotImplementedError, match="linear_attention"):
         sat.new_cache(config)
+
+
+def test_crop_select_repeat_in_place_of_copies():
+    """Cache.crop / batch_select_indices / batch_repeat_interleave / reorder_cache go to the KVCache
+    (KVCache.crop, KVCache.reorder): the layer's keys afterwards are what DynamicLayer would hold."""
+    model = _model()
+    cache = sat.new_cache(model.config, max_len=40)
+    _generate(model, NAME, cache, max_new_tokens=6)
+    layer = cache.layers[0]
+    before = layer.keys.clone()
+    cache.crop(-2)                                                   # drop the last 2 positions
+    assert layer.keys.shape[-2] == before.shape[-2] - 2 and torch.equal(layer.keys, before[..., :-2, :])
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert layer.kv.batch == 2 and torch.equal(layer.keys, before[[2, 0], :, :-2])
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(layer.keys, before[[2, 2, 0, 0], :, :-2])
+    cache.reorder_cache(torch.tensor([3, 0, 1, 2]))
+    assert torch.equal(layer.keys, before[[0, 2, 2, 0], :, :-2]) and isinstance(layer.kv, selfattn.KVCache)
