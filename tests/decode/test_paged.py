@@ -369,3 +369,20 @@ def test_cache_misuse(call, exc, msg):
         call(c, s)
     assert (c.num_free_blocks, c.seq_len(s)) == snap[1:]
     np.testing.assert_array_equal(c.k_pages, snap[0])
+
+
+def test_example_paged_serving():
+    """examples/paged_serving.py, small and with a pool too small for every prompt at once: requests
+    wait for blocks, a fork shares a prompt, every step equals dense attention, and every block is back
+    in the pool at the end."""
+    import importlib.util
+    from sa_testutil import REPO_ROOT
+    path = REPO_ROOT / "examples" / "paged_serving.py"
+    if not path.is_file():
+        pytest.skip("examples/ not found (tests run without the repository)")
+    spec = importlib.util.spec_from_file_location("selfattn_example_paged_serving", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    s = ex.run(num_requests=8, max_prompt=100, new_tokens=6, num_blocks=30, block_size=8, max_running=6)
+    assert s["max_diff"] == 0.0 and s["forks"] == 1
+    assert s["tokens"] == (8 + 1) * 6 and s["free_at_end"] == 30 and s["peak_blocks"] <= 30
