@@ -40,6 +40,20 @@ def _fits(src: np.dtype, dst: np.dtype) -> bool:
     return bool(np.can_cast(src, dst, casting="safe"))
 
 
+def _cache_dtypes(dtype: DTypeLike, kv_dtype: Optional[str]) -> Tuple[np.dtype, Optional[str], np.dtype]:
+    """A cache's (dtype of queries and output, kv_dtype, dtype its keys and values are stored in)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype!r}") from None
+    if dt not in (np.float32, np.float64) and not _core._storage_name(dt):
+        raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dt}")
+    kv = None if kv_dtype is None else _kv_dtype(kv_dtype)
+    if kv is not None and dt != np.float32:
+        raise TypeError(f"an int8 cache (kv_dtype='int8') takes float32 queries: dtype must be float32, got {dt}")
+    return dt, kv, (np.dtype(np.int8) if kv else dt)
+
+
 def _as_array(x: Any, name: str) -> Array:
     try:
         return np.asarray(x)
@@ -125,22 +139,12 @@ class KVCache:
         cap = _check_size(max_len, "max_len", 0)
         self.head_dim = _check_size(head_dim, "head_dim", 1)
         self.value_dim = self.head_dim if value_dim is None else _check_size(value_dim, "value_dim", 1)
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype!r}") from None
-        if dt not in (np.float32, np.float64) and not _core._storage_name(dt):
-            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dt}")
-        self.dtype = dt
-        self.kv_dtype = None if kv_dtype is None else _kv_dtype(kv_dtype)
-        if self.kv_dtype is not None and dt != np.float32:
-            raise TypeError(f"an int8 cache (kv_dtype='int8') takes float32 queries: dtype must be float32, got {dt}")
+        self.dtype, self.kv_dtype, store = _cache_dtypes(dtype, kv_dtype)
         if not isinstance(grow, (bool, np.bool_)):
             raise TypeError(f"grow must be a bool, got {type(grow).__name__}")
         self.grow = bool(grow)
         # zeros, not empty: the pages are only touched when written, and a key_lengths-bounded read
         # never sees them anyway, but a view of the whole buffer holds no garbage
-        store = np.dtype(np.int8) if self.kv_dtype else dt
         self._k = np.zeros((self.batch, self.num_kv_heads, cap, self.head_dim), dtype=store)
         self._v = np.zeros((self.batch, self.num_kv_heads, cap, self.value_dim), dtype=store)
         # int8: each position's scale per kv head, for K and for V (None otherwise)

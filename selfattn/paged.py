@@ -31,7 +31,8 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _core
 from ._api import scaled_dot_product_attention
-from .quant import _kv_dtype, quantize_kv
+from .kvcache import _as_array, _cache_dtypes, _check_size, _fits
+from .quant import quantize_kv
 
 __all__ = ["paged_attention", "PagedKVCache", "CacheFullError"]
 
@@ -134,14 +135,6 @@ def paged_attention(query: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, bl
         num_sink_tokens=num_sink_tokens, return_lse=return_lse, num_threads=num_threads, **kw)
 
 
-def _check_size(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 class PagedKVCache:
     """A pool of key/value blocks shared by many sequences: vLLM's paged cache in NumPy.
 
@@ -204,17 +197,7 @@ class PagedKVCache:
         self.num_kv_heads = _check_size(num_kv_heads, "num_kv_heads", 1)
         self.head_dim = _check_size(head_dim, "head_dim", 1)
         self.value_dim = self.head_dim if value_dim is None else _check_size(value_dim, "value_dim", 1)
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be a NumPy float dtype, got {dtype!r}") from None
-        if dt not in (np.float32, np.float64) and not _core._storage_name(dt):
-            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dt}")
-        self.dtype = dt
-        self.kv_dtype = None if kv_dtype is None else _kv_dtype(kv_dtype)
-        if self.kv_dtype is not None and dt != np.float32:
-            raise TypeError(f"an int8 cache (kv_dtype='int8') takes float32 queries: dtype must be float32, got {dt}")
-        store = np.dtype(np.int8) if self.kv_dtype else dt
+        self.dtype, self.kv_dtype, store = _cache_dtypes(dtype, kv_dtype)
         # stored head-major, (num_blocks, H, block_size, E), each kv head's rows of a block back to back;
         # the attributes are (num_blocks, block_size, H, E) views of it (FlashAttention's shape)
         shape = (self.num_blocks, self.num_kv_heads, self.block_size)
@@ -419,10 +402,7 @@ class PagedKVCache:
             self.v_scales[pg, row] = vs[ii, :, tt]
 
     def _check_new(self, a: Any, name: str, n: int, width: int, what: str) -> Array:
-        try:
-            arr = np.asarray(a)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name} cannot be read as an array: {exc}") from None
+        arr = _as_array(a, name)
         want = f"(n_seq, num_kv_heads, T, {what}) = ({n}, {self.num_kv_heads}, T, {width})"
         if arr.ndim != 4 or arr.shape[0] != n or arr.shape[1] != self.num_kv_heads or arr.shape[3] != width:
             raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
@@ -430,12 +410,9 @@ class PagedKVCache:
             raise TypeError(f"{name} has dtype {arr.dtype}; the cache holds {self.dtype} (pass floats)")
         if self.kv_dtype:
             return arr
-        if arr.dtype != self.dtype:
-            fits = (not _core._storage_name(self.dtype)) and (
-                bool(_core._storage_name(arr.dtype)) or np.can_cast(arr.dtype, self.dtype, casting="safe"))
-            if not fits:
-                raise TypeError(f"{name} has dtype {arr.dtype}, which does not fit the {self.dtype} cache without "
-                                f"rounding: pass {name}.astype(np.{self.dtype.name})")
+        if arr.dtype != self.dtype and not _fits(arr.dtype, self.dtype):
+            raise TypeError(f"{name} has dtype {arr.dtype}, which does not fit the {self.dtype} cache without "
+                            f"rounding: pass {name}.astype(np.{self.dtype.name})")
         return arr
 
     # -------------------------------------------------------------- attend
