@@ -134,10 +134,11 @@ finally:
     if _SPINCOUNT_SET:
         _os.environ.pop("GOMP_SPINCOUNT", None)
 
-from . import autograd, inspection, paged, positional, quant, reference
+from . import autograd, flex, inspection, paged, positional, quant, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
-from .autograd import attend_vjp, scaled_dot_product_attention_vjp, varlen_attention_vjp
+from .autograd import attend_vjp, flex_attention_vjp, scaled_dot_product_attention_vjp, varlen_attention_vjp
+from .flex import BlockMask, and_masks, create_block_mask, flex_attention, noop_mask, or_masks
 from .inspection import attention_weights, plot_attention
 from .kvcache import KVCache
 from .paged import CacheFullError, PagedKVCache, paged_attention
@@ -149,4 +150,6 @@ __all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_
            "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp", "autograd",
            "attention_weights", "plot_attention", "rope", "sinusoidal_encoding", "inspection", "positional",
            "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "quantize_kv",
-           "dequantize_kv", "quant", "paged", "paged_attention", "PagedKVCache", "CacheFullError", "__version__"]
+           "dequantize_kv", "quant", "paged", "paged_attention", "PagedKVCache", "CacheFullError", "flex",
+           "flex_attention", "flex_attention_vjp", "create_block_mask", "BlockMask", "noop_mask", "and_masks",
+           "or_masks", "__version__"]

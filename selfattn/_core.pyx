@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.math cimport sqrt
@@ -437,6 +437,8 @@ cdef class Problem:
     cdef tuple opts                      # _check_options
     cdef int typenum, mask_kind
     cdef object q, k, v, mask            # the data; None when described from ArraySpecs
+    cdef object bm_bits                  # block mask (SA_MASK_BLOCKS; mask = its table): partial blocks' bits
+    cdef int64_t bm_rows, bm_keys        # ... and its block sizes
     cdef object q_len, k_len, q_pos, slopes, sinks   # per unit (C order of the units), or None
     cdef int64_t sink_tokens             # num_sink_tokens (0: none)
     cdef object k_scale, v_scale         # int8 K/V: float32 scales (..., H, S, 1); else None
@@ -558,6 +560,7 @@ cdef class Problem:
             self.n_units, self.k_rows
         w.scale, w.varlen, w.ragged_rows, w.opts = self.scale, self.varlen, self.ragged_rows, self.opts
         w.typenum, w.mask_kind, w.mask = self.typenum, self.mask_kind, self.mask
+        w.bm_bits, w.bm_rows, w.bm_keys = self.bm_bits, self.bm_rows, self.bm_keys
         w.q, w.k, w.v = self.q.astype(_F32), self.k.astype(_F32), self.v.astype(_F32)
         w.q_len, w.k_len, w.q_pos, w.slopes, w.cu_q, w.cu_k = self.q_len, self.k_len, self.q_pos, self.slopes, \
             self.cu_q, self.cu_k
@@ -643,6 +646,35 @@ cdef _quantized_kv(Problem p, q, k, v, k_scale, v_scale):
         p.v_scale = _ready(vs, cnp.NPY_FLOAT)[..., None]     # its row would be
 
 
+cdef object _block_mask(Problem p, object block_mask, tuple ob):
+    """A block mask (table, bits, rows, keys) -- selfattn.flex.BlockMask's arrays -- checked
+    against the problem: table int64 (..., ceil(L / rows), ceil(S / keys)) broadcasting to the
+    output's batch dims, entries SA_BLOCK_EMPTY, SA_BLOCK_FULL or an index into bits (n, rows,
+    keys) uint8. Sets the problem's mask to it; returns the table."""
+    table, bits, rows, keys = block_mask
+    cdef int64_t br = rows, bk = keys
+    if br < 1 or bk < 1:
+        raise ValueError(f"block mask: block sizes must be >= 1, got ({br}, {bk})")
+    if (not isinstance(table, np.ndarray) or table.dtype != np.int64 or table.ndim < 2
+            or not isinstance(bits, np.ndarray) or bits.dtype != _U8 or bits.ndim != 3
+            or tuple(bits.shape[1:]) != (br, bk)):
+        raise TypeError("block mask: table must be int64 (..., Q blocks, KV blocks) and bits uint8 "
+                        "(n, rows, keys) (selfattn.create_block_mask makes them)")
+    cdef tuple want = ((p.L + br - 1) // br, (p.S + bk - 1) // bk)
+    if tuple(table.shape[-2:]) != want:
+        raise ValueError(f"block mask of {tuple(table.shape[-2:])} blocks of ({br}, {bk}) does not cover "
+                         f"L={p.L} query rows and S={p.S} keys: {want} blocks")
+    full = ob + want
+    if not (table.ndim <= len(full) and all(md == 1 or md == fd for md, fd in zip(table.shape[::-1], full[::-1]))):
+        raise ValueError(f"block mask of shape {table.shape[:-2]} (batch, heads) does not broadcast to {ob}")
+    if table.size and (table.min() < SA_BLOCK_FULL or table.max() >= bits.shape[0]):
+        raise ValueError("block mask: a table entry is neither empty, full nor one of the partial blocks")
+    p.mask_kind = SA_MASK_BLOCKS
+    p.bm_bits = np.ascontiguousarray(bits)
+    p.bm_rows, p.bm_keys = br, bk
+    return table
+
+
 cdef _set_data(Problem p, q, k, v, m):
     """Keep the data (converted to the compute type, or as stored: 16 bits) when every input is an array."""
     if type(q) is ArraySpec or type(k) is ArraySpec or type(v) is ArraySpec or type(m) is ArraySpec:
@@ -665,7 +697,7 @@ cdef _set_data(Problem p, q, k, v, m):
 def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
              num_threads=None, window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
              softcap=None, query_lengths=None, query_offsets=None, sinks=None, num_sink_tokens=None,
-             k_scale=None, v_scale=None):
+             k_scale=None, v_scale=None, block_mask=None):
     """The dense problem (see selfattn.scaled_dot_product_attention), validated -> Problem.
 
     Arrays, or ArraySpecs where the data is not there yet (then run/backward refuse).
@@ -674,15 +706,16 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
     the other rows get zeros (lse -inf). query_offsets (selfattn.dask's blocks): per batch entry,
     the position of query row 0 among that entry's keys (any integer; row i sits at
     query_offsets + i): it replaces the alignment, so a block of a longer problem keeps its rows'
-    positions (causal, windows, ALiBi)."""
+    positions (causal, windows, ALiBi). block_mask (selfattn.flex's BlockMask, as
+    (table, bits, rows, keys)): see _block_mask."""
     return _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
                      alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
-                     num_sink_tokens, k_scale, v_scale)
+                     num_sink_tokens, k_scale, v_scale, block_mask)
 
 
 cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
                        alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
-                       num_sink_tokens, k_scale=None, v_scale=None):
+                       num_sink_tokens, k_scale=None, v_scale=None, block_mask=None):
     cdef Problem p = Problem.__new__(Problem)
     cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
@@ -754,6 +787,10 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
         full = ob + (p.L, p.S)
         if not (m.ndim <= len(full) and all(md == 1 or md == fd for md, fd in zip(m.shape[::-1], full[::-1]))):
             raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (..., Hq, L, S) = {full}")
+    if block_mask is not None:
+        if attn_mask is not None:
+            raise TypeError("attn_mask and block_mask exclude each other: give one mask")
+        m = _block_mask(p, block_mask, ob)
 
     # -- structured masks: per-unit lengths, positions and slopes
     if key_lengths is not None:
@@ -1104,6 +1141,9 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
         a.mask = cnp.PyArray_DATA(m)
         a.mask_sl = _stride(m, -2) if m.ndim >= 2 else 0
         a.mask_ss = _stride(m, -1) if m.ndim >= 1 else 0
+        if p.mask_kind == SA_MASK_BLOCKS:
+            a.bm_bits = <const uint8_t *> cnp.PyArray_DATA(p.bm_bits)
+            a.bm_rows, a.bm_keys = p.bm_rows, p.bm_keys
     a.out, a.out_off, a.out_sl, a.out_se = cnp.PyArray_DATA(out), t.o_off, _stride(out, -2), _stride(out, -1)
     a.lse_off = t.l_off
     if lse is not None:
@@ -1143,13 +1183,13 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
          alibi_slopes=None, softcap=None, out=None, schedule_only=False, query_lengths=None,
-         query_offsets=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None):
+         query_offsets=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None, block_mask=None):
     """The fused forward (see selfattn.scaled_dot_product_attention; query_lengths and
     query_offsets: see describe). Keyword-only past the arrays, so a new parameter can never shift
     the others. schedule_only=True validates and returns the kernel's plan without computing."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, query_lengths,
-                               query_offsets, sinks, num_sink_tokens, k_scale, v_scale)
+                               query_offsets, sinks, num_sink_tokens, k_scale, v_scale, block_mask)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
     return p._run(out, return_lse)
@@ -1157,14 +1197,15 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
 
 def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal=False, scale=None,
              enable_gqa=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
-             alibi_slopes=None, softcap=None, schedule_only=False, sinks=None, num_sink_tokens=None):
+             alibi_slopes=None, softcap=None, schedule_only=False, sinks=None, num_sink_tokens=None,
+             block_mask=None):
     """The fused backward of sdpa: out and lse are what sdpa(..., return_lse=True) returned for
     the same arguments, grad_out the cotangent (out's shape and dtype). Returns (dq, dk, dv):
     dq with the output's batch dims (..., Hq, L, E), dk and dv with the broadcast batch dims of
     key and value (..., H, S, E / Ev); selfattn.autograd sums them back to the inputs' shapes."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, None, None, sinks,
-                               num_sink_tokens)
+                               num_sink_tokens, None, None, block_mask)
     if schedule_only:
         return p.schedule(backward=True)
     return p.backward(out, lse, grad_out)

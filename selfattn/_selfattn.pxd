@@ -1,5 +1,5 @@
 # Mirror of src_c/selfattn.h: the C entry points the Cython layer calls.
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stddef cimport size_t
 
 cdef extern from "selfattn.h" nogil:
@@ -32,6 +32,11 @@ cdef extern from "selfattn.h" nogil:
         SA_MASK_BOOL
         SA_MASK_F32
         SA_MASK_F64
+        SA_MASK_BLOCKS
+
+    enum:
+        SA_BLOCK_EMPTY
+        SA_BLOCK_FULL
 
     ctypedef enum sa_alignment:
         SA_ALIGN_TOP_LEFT
@@ -78,6 +83,8 @@ cdef extern from "selfattn.h" nogil:
         const void *mask
         const int64_t *mask_off
         int64_t mask_sl, mask_ss
+        const uint8_t *bm_bits
+        int64_t bm_rows, bm_keys
         void *out
         const int64_t *out_off
         int64_t out_sl, out_se

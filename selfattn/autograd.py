@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _core, _spec
 
-__all__ = ["scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp"]
+__all__ = ["scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp", "flex_attention_vjp"]
 
 
 def _unbroadcast(g, shape, dtype):
@@ -174,6 +174,44 @@ def varlen_attention_vjp(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu
             return gq, gk, gv
         return gq, gk, gv, _dsinks(sinks, out, lse, dout, out.shape[:1])
 
+    return out, vjp
+
+
+def flex_attention_vjp(query: Any, key: Any, value: Any, score_mod: Optional[Any] = None,
+                       block_mask: Optional[Any] = None, *, scale: Optional[float] = None, enable_gqa: bool = False,
+                       num_threads: Optional[int] = None
+                       ) -> Tuple[np.ndarray, Callable[[Any], Tuple[np.ndarray, ...]]]:
+    """The forward of `selfattn.flex_attention` and its vector-Jacobian product.
+
+    Takes the arguments of `flex_attention` except `return_lse`; ``vjp(grad_out)`` returns
+    ``(dq, dk, dv)`` with the shapes and dtypes of query, key and value (GQA kv heads summed over
+    their query heads). The fused backward reads the same block mask: tiles whose blocks are all
+    empty are skipped, partial blocks apply their bits. `out` is returned read-only (the backward
+    reads it).
+
+    Examples
+    --------
+    >>> import numpy as np, selfattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 96, 8)) for _ in range(3))
+    >>> bm = selfattn.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 96, 96, BLOCK_SIZE=32)
+    >>> out, vjp = selfattn.flex_attention_vjp(q, k, v, block_mask=bm)
+    >>> dq, dk, dv = vjp(np.ones_like(out))
+    >>> bool(np.allclose(dv.sum(axis=-2), 96.0))   # each query's weights sum to 1
+    True
+    """
+    from .flex import _flex_args
+    q, k, v, bm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention_vjp")
+    opts = dict(scale=scale, enable_gqa=enable_gqa, num_threads=num_threads, block_mask=bm)
+    out, lse = _core.sdpa(q, k, v, return_lse=True, **opts)
+    out.flags.writeable = False              # vjp reads it: no in-place changes
+    shapes = (q.shape, k.shape, v.shape)
+    dtypes = (_grad_dtype(q), _grad_dtype(k), _grad_dtype(v))
+
+    def vjp(grad_out: Any) -> Tuple[np.ndarray, ...]:
+        dout = _check_cotangent(grad_out, out)
+        dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, dout, **opts)
+        return tuple(_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))
     return out, vjp
 
 

@@ -81,7 +81,8 @@ from ._spec import check_alignment as _check_alignment, check_softcap as _check_
 from ._spec import window_sides as _check_window
 
 __all__ = ["scaled_dot_product_attention", "attend", "attention_weights", "varlen_attention",
-           "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp"]
+           "scaled_dot_product_attention_vjp", "varlen_attention_vjp", "attend_vjp",
+           "flex_attention", "flex_attention_vjp", "flex_mask"]
 
 # the structured options' values are checked by _spec (the same exception types as the engine):
 # _check_window, _check_alignment, _check_softcap above
@@ -588,3 +589,38 @@ def attend_vjp(x, wq, wk, wv, *, num_heads=1, wo=None, is_causal=False, scale=No
         return tuple(result)
 
     return y, vjp
+
+
+def flex_mask(mask_mod, B, H, L, S):
+    """mask_mod evaluated on the whole (B, H, L, S) index grid, one call (the block mask's
+    independent check: no blocks involved)."""
+    b = np.arange(B).reshape(B, 1, 1, 1)
+    h = np.arange(H).reshape(1, H, 1, 1)
+    q = np.arange(L).reshape(1, 1, L, 1)
+    kv = np.arange(S).reshape(1, 1, 1, S)
+    return np.broadcast_to(np.asarray(mask_mod(b, h, q, kv), dtype=bool), (B, H, L, S))
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, *, scale=None, enable_gqa=False,
+                   return_lse=False):
+    """selfattn.flex_attention in float64: the block mask's mask_mod evaluated on every element
+    (flex_mask), then scaled_dot_product_attention with that bool mask. score_mod: not supported."""
+    if score_mod is not None:
+        raise NotImplementedError("score_mod")
+    q = _as_f64(query)
+    mask = None
+    if block_mask is not None:
+        mask = flex_mask(block_mask.mask_mod, q.shape[0], q.shape[1], q.shape[2], np.shape(key)[2])
+    return scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
+                                        return_lse=return_lse)
+
+
+def flex_attention_vjp(query, key, value, score_mod=None, block_mask=None, *, scale=None, enable_gqa=False):
+    """(out, vjp) of flex_attention in float64 (scaled_dot_product_attention_vjp with flex_mask)."""
+    if score_mod is not None:
+        raise NotImplementedError("score_mod")
+    q = _as_f64(query)
+    mask = None
+    if block_mask is not None:
+        mask = flex_mask(block_mask.mask_mod, q.shape[0], q.shape[1], q.shape[2], np.shape(key)[2])
+    return scaled_dot_product_attention_vjp(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)

@@ -1,4 +1,5 @@
-"""selfattn as a differentiable torch op (CPU): ``selfattn.torch.scaled_dot_product_attention``.
+"""selfattn as a differentiable torch op (CPU): ``selfattn.torch.scaled_dot_product_attention``
+and ``selfattn.torch.flex_attention`` (a selfattn.BlockMask from ``selfattn.create_block_mask``).
 
     import selfattn.torch
     out = selfattn.torch.scaled_dot_product_attention(q, k, v, is_causal=True)   # torch tensors
@@ -19,9 +20,11 @@ import torch as _torch
 from torch.autograd.function import once_differentiable
 
 from . import _spec
-from .autograd import scaled_dot_product_attention_vjp
+from . import _core
+from .autograd import _grad_dtype, _unbroadcast, scaled_dot_product_attention_vjp
+from .flex import _flex_args
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention", "flex_attention"]
 
 _DTYPES = (_torch.float32, _torch.float64, _torch.float16, _torch.bfloat16)
 
@@ -172,3 +175,63 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
         sinks = _torch.as_tensor(_np.asarray(sinks))
     options = {n: (_as_numpy(o, n) if isinstance(o, _torch.Tensor) else o) for n, o in options.items()}
     return _SDPA.apply(query, key, value, attn_mask, sinks, is_causal, options)
+
+
+class _Flex(_torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, query: Any, key: Any, value: Any, block_mask: Any, options: dict) -> Any:  # type: ignore[override, unused-ignore]
+        for t, name in ((query, "query"), (key, "key"), (value, "value")):
+            if not isinstance(t, _torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 torch.Tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
+        q, k, v, bm = _flex_args(_as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value"),
+                                 None, block_mask, "flex_attention")
+        out, lse = _core.sdpa(q, k, v, return_lse=True, block_mask=bm, **options)
+        ctx.arrays, ctx.options = (q, k, v, out, lse, bm), options
+        result, lse_t = _to_torch(out), _torch.from_numpy(lse)
+        ctx.mark_non_differentiable(lse_t)
+        ctx.save_for_backward(query, key, value, result)     # version counters: in-place changes caught
+        return result, lse_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Any, grad_lse: Any) -> Any:  # type: ignore[override, unused-ignore]
+        ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        if not any(need):
+            return None, None, None, None, None
+        q, k, v, out, lse, bm = ctx.arrays
+        g = _np.ascontiguousarray(_as_numpy(grad_out, "grad_out"), dtype=out.dtype)
+        dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, g, block_mask=bm, **ctx.options)
+        grads = [_unbroadcast(d, a.shape, _grad_dtype(a)) for d, a in zip((dq, dk, dv), (q, k, v))]
+        return tuple(_to_torch(d) if n else None for d, n in zip(grads, need)) + (None, None)
+
+
+def flex_attention(query: Any, key: Any, value: Any, score_mod: Optional[Any] = None, block_mask: Optional[Any] = None,
+                   *, scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
+                   num_threads: Optional[int] = None) -> Any:
+    """`selfattn.flex_attention` on CPU tensors, differentiable (query, key and value get
+    gradients through the fused backward, which reads the same block mask).
+
+    block_mask is a `selfattn.BlockMask` (`selfattn.create_block_mask`: mask_mod evaluated on
+    NumPy index arrays; a mod written with operators and indexing works unchanged), not torch's.
+    score_mod is not implemented yet (NotImplementedError). Returns out (B, Hq, L, Ev) in the
+    inputs' dtype (float64 if any is), or (out, lse) with ``return_lse=True`` (lse gets no
+    gradient).
+
+    Examples
+    --------
+    >>> import torch, selfattn, selfattn.torch
+    >>> q, k, v = (torch.randn(1, 2, 64, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    >>> bm = selfattn.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 64, 64, BLOCK_SIZE=16)
+    >>> out = selfattn.torch.flex_attention(q, k, v, block_mask=bm)
+    >>> out.sum().backward()
+    >>> bool(torch.allclose(v.grad.sum(dim=-2), torch.full((1, 2, 8), 64.0, dtype=torch.float64)))
+    True
+    """
+    if score_mod is not None:
+        _flex_args(None, None, None, score_mod, None, "flex_attention")      # the NotImplementedError
+    options = dict(scale=scale, enable_gqa=enable_gqa, num_threads=num_threads)
+    out, lse = _Flex.apply(query, key, value, block_mask, options)
+    return (out, lse) if return_lse else out
+

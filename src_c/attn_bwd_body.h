@@ -232,6 +232,7 @@ static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
                     sa_rows_keys2(&um, i0, i0 + rows - 1, &tlo, &thi, &tshi);
                     sa_block_span(tshi, tlo, thi, j0, BK, &ka, &kz);
                     if (kz <= ka) continue;                  /* the tile sees no key of this block */
+                    if (sa_bmask_empty(a, u, i0, i0 + rows - 1, j0 + ka, j0 + kz - 1)) continue;
                     FN(bwd_tile)(c, u, &um, i0, rows, tlo, thi, tshi, j0, ws, dqp);
                 }
             }

@@ -162,6 +162,7 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
          kb = sa_blocks_next(tshi, tlo, thi, BK, kb)) {
         int64_t j0 = kb * BK;
         int64_t kvalid = um.S - j0 < BK ? um.S - j0 : BK;
+        if (sa_bmask_empty(a, u, i0, i0 + rows - 1, j0, j0 + kvalid - 1)) continue;   /* block mask: nothing here */
         const T *Kb = Kp + (ring ? kb % ring : kb) * lay->blk_elems;
         /* V: in place (rows v_ss apart), or its packed copy (rows evp apart) */
         const int64_t vstride = lay->v_direct ? a->v_ss : evp;

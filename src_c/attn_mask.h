@@ -19,6 +19,12 @@
  * computed; the banded schedule, whose ring holds consecutive blocks, is off
  * with sinks); within a block a row's keys are the hull of both
  * (sa_block_span), the gap -inf (mask_row).
+ *
+ * A block mask (SA_MASK_BLOCKS, FlexAttention's: a table of empty / full /
+ * partial blocks and the partial ones' bits) is the third piece:
+ * sa_bmask_empty says whether every block a tile meets is empty (the tile is
+ * skipped, like a block outside the intervals); mask_row reads it per row,
+ * block by block (full: nothing read, partial: the bits).
  */
 #ifndef SELFATTN_ATTN_MASK_H
 #define SELFATTN_ATTN_MASK_H
@@ -121,6 +127,19 @@ static inline int64_t sa_blocks_next(int64_t shi, int64_t lo, int64_t hi, int64_
         if (lo / bk > kb + 1) return lo / bk;                /* over the gap */
     }
     return kb + 1;
+}
+
+/* Block mask: 1 if every block of unit u's table covering query rows
+ * [i0, i1] and keys [j0, j1] (inclusive) is SA_BLOCK_EMPTY (0 otherwise, and
+ * for any other mask kind): the tile computes nothing there. */
+static inline int sa_bmask_empty(const sa_attn_args *a, int64_t u, int64_t i0, int64_t i1, int64_t j0, int64_t j1)
+{
+    if (a->mask_kind != SA_MASK_BLOCKS) return 0;
+    const int64_t *t = (const int64_t *)a->mask + a->mask_off[u];
+    for (int64_t qb = i0 / a->bm_rows; qb <= i1 / a->bm_rows; qb++)
+        for (int64_t kb = j0 / a->bm_keys; kb <= j1 / a->bm_keys; kb++)
+            if (t[qb * a->mask_sl + kb * a->mask_ss] != SA_BLOCK_EMPTY) return 0;
+    return 1;
 }
 
 /* Keys any unit of kv group g can see: the key range its K/V must be packed

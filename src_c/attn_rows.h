@@ -56,6 +56,22 @@ static inline void FN(attn_mask_row)(const sa_attn_args *a, int64_t u, int64_t i
         const uint8_t *m = (const uint8_t *)a->mask + base;
         for (int64_t j = vs; j < ve; j++)
             if (!m[j * ss]) s[j] = NEG_INF;
+    } else if (a->mask_kind == SA_MASK_BLOCKS) {        /* block by block: empty, full, partial */
+        const int64_t *t = (const int64_t *)a->mask + a->mask_off[u] + (i / a->bm_rows) * a->mask_sl;
+        const int64_t bk = a->bm_keys;
+        for (int64_t j = vs; j < ve;) {
+            int64_t kb = (j0 + j) / bk, end = (kb + 1) * bk - j0, id = t[kb * a->mask_ss];
+            if (end > ve) end = ve;
+            if (id == SA_BLOCK_EMPTY) {
+                for (; j < end; j++) s[j] = NEG_INF;
+            } else if (id >= 0) {                          /* bits of row i, key j at m[j] */
+                const uint8_t *m = a->bm_bits + (id * a->bm_rows + i % a->bm_rows) * bk - kb * bk + j0;
+                for (; j < end; j++)
+                    if (!m[j]) s[j] = NEG_INF;
+            } else {
+                j = end;
+            }
+        }
     } else if (a->mask_kind == SA_MASK_F32) {
         const float *m = (const float *)a->mask + base;
         for (int64_t j = vs; j < ve; j++) s[j] += (T)m[j * ss] * (T)SA_LOG2E;

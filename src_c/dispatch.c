@@ -202,11 +202,20 @@ const char *sa_storage_path(int isa, int storage)
  * loaded machine waiting for it costs milliseconds. Results do not depend on the thread count. */
 #define SA_SMALL_WORK ((int64_t)1 << 19)
 
+/* The mask fields: a known kind, its array given; a block mask with its block sizes. */
+static int sa_mask_args_ok(const sa_attn_args *a)
+{
+    if (a->mask_kind < SA_MASK_NONE || a->mask_kind > SA_MASK_BLOCKS) return 0;
+    if (a->mask_kind != SA_MASK_NONE && (!a->mask || !a->mask_off)) return 0;
+    return a->mask_kind != SA_MASK_BLOCKS || (a->bm_rows >= 1 && a->bm_keys >= 1);
+}
+
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
 {
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
         || a->sink_tokens < 0 || a->schedule < SA_SCHEDULE_AUTO || a->schedule > SA_SCHEDULE_DECODE
-        || a->storage < SA_STORE_NATIVE || a->storage > SA_STORE_F16 || (a->storage != SA_STORE_NATIVE && dsize != 4))
+        || a->storage < SA_STORE_NATIVE || a->storage > SA_STORE_F16 || (a->storage != SA_STORE_NATIVE && dsize != 4)
+        || !sa_mask_args_ok(a))
         return SA_ERR_ARG;
     /* int8 K/V: float32 queries and output, the scales given */
     if (a->kv_quant != SA_KV_PLAIN
@@ -360,7 +369,8 @@ int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int ds
 {
     /* 16-bit storage and quantized K/V: the forward only (selfattn.h) */
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
-        || a->sink_tokens < 0 || a->storage != SA_STORE_NATIVE || a->kv_quant != SA_KV_PLAIN || a->block_table)
+        || a->sink_tokens < 0 || a->storage != SA_STORE_NATIVE || a->kv_quant != SA_KV_PLAIN || a->block_table
+        || !sa_mask_args_ok(a))
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;
     int64_t bq = p->bq, bk = p->bk;

@@ -75,8 +75,17 @@ typedef enum {
     SA_MASK_NONE = 0,
     SA_MASK_BOOL = 1,        /* uint8: nonzero = the key takes part             */
     SA_MASK_F32 = 2,         /* float32, added to the logits                    */
-    SA_MASK_F64 = 3          /* float64, added to the logits                    */
+    SA_MASK_F64 = 3,         /* float64, added to the logits                    */
+    SA_MASK_BLOCKS = 4       /* a block mask (FlexAttention's): int64 block table,
+                                the partial blocks' bits (sa_attn_args.bm_bits)   */
 } sa_mask_kind;
+
+/* Entries of a block mask's table (SA_MASK_BLOCKS); >= 0: a partial block,
+ * the index of its bits. */
+enum {
+    SA_BLOCK_EMPTY = -1,     /* no key of the block visible: skipped whole      */
+    SA_BLOCK_FULL = -2       /* every key visible: no mask read                  */
+};
 
 /* ---- storage of q, k, v and out (and the backward's dout, dq, dk, dv) ------ */
 typedef enum {
@@ -193,6 +202,15 @@ typedef struct {
                          float mask stay float32. The forward only (for now): the
                          backward refuses it (SA_ERR_ARG) */
     int mask_kind;    const void *mask; const int64_t *mask_off; int64_t mask_sl, mask_ss;
+    /* Block mask (mask_kind = SA_MASK_BLOCKS; FlexAttention's BlockMask): query
+     * rows and keys in blocks of bm_rows x bm_keys; block (qb, kb) of unit u is
+     *     t = ((const int64_t *)mask)[mask_off[u] + qb * mask_sl + kb * mask_ss]
+     * SA_BLOCK_EMPTY: none of its keys visible (tiles that see only empty
+     * blocks are skipped whole: nothing computed), SA_BLOCK_FULL: all visible
+     * (nothing read per key), t >= 0: partial, row r of the block at
+     * bm_bits + (t * bm_rows + r) * bm_keys, uint8 per key, nonzero = visible.
+     * It combines with every structured mask like the bool mask does. */
+    const uint8_t *bm_bits; int64_t bm_rows, bm_keys;
 
     void *out;        const int64_t *out_off; int64_t out_sl, out_se;
     void *lse;        const int64_t *lse_off; int64_t lse_sl;   /* lse may be NULL */
