@@ -124,6 +124,13 @@ MUTANTS = [
      "paged K/V: each value read from the next row of its page"),
     ("paged_gang_shared_q", DECODE, "gi == 0 ? ws : ws + lay->off_qgang + (gi - 1) * lay->dec_rows * E", "ws",
      "paged decode, a sequence's heads in one task: every head's queries in one buffer (the last one wins)"),
+    ("block_mask_partial_as_full", ROWS, "} else if (id >= 0) {                          /* bits of row i, key j at m[j] */",
+     "} else if (id >= 0 && 0) {", "a block mask's partial blocks read as full (their bits ignored)"),
+    ("block_mask_bits_of_first_row", ROWS, "(id * a->bm_rows + i % a->bm_rows) * bk", "(id * a->bm_rows) * bk",
+     "every row of a partial block reads the block's first row of bits"),
+    ("block_mask_skips_partial_tiles", MASK, "if (t[qb * a->mask_sl + kb * a->mask_ss] != SA_BLOCK_EMPTY) return 0;",
+     "if (t[qb * a->mask_sl + kb * a->mask_ss] == SA_BLOCK_FULL) return 0;",
+     "tiles that meet only partial (and empty) blocks are skipped as if empty"),
     ("pack_i8_scale_of_next_key", PACK, "T f = jj < nvalid ? (T)sc[jj * scs] : 0;",
      "T f = jj + 1 < nvalid ? (T)sc[(jj + 1) * scs] : 0;", "int8 K/V packed with the next key's scale"),
 ]

@@ -119,6 +119,17 @@ def main():
                       reference.scaled_dot_product_attention(q[:, :, :3], *dense, is_causal=True,
                                                              alignment="bottom_right", key_lengths=sl), 1e-10)
             expect(ValueError, lambda: selfattn.paged_attention(q[:, :, :1], kp, vp, bt + 16, sl))
+            # a block mask (flex_attention): partial, full and empty blocks, forward and backward
+            doc = np.repeat(np.arange(5), 27)[:131]
+            bm = selfattn.create_block_mask(lambda b, h, i, j: (doc[i] == doc[j]) | (j < 3), None, None, 67, 131,
+                                            BLOCK_SIZE=(16, 32))
+            for nt in (1, 2):
+                check(selfattn.flex_attention(q, k, v, block_mask=bm, num_threads=nt),
+                      reference.flex_attention(q, k, v, block_mask=bm), 1e-10)
+                gout = rng.standard_normal((2, 2, 67, 3))
+                got = selfattn.flex_attention_vjp(q, k, v, block_mask=bm, num_threads=nt)[1](gout)
+                for g, w in zip(got, reference.flex_attention_vjp(q, k, v, block_mask=bm)[1](gout)):
+                    check(g, w, 1e-9)
             for fn in (lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True),
                        lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo)):
                 _core._debug_fail_allocations(1)

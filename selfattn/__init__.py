@@ -38,7 +38,9 @@ Architecture at a glance
                                                          window, alignment / q_pos, query and key
                                                          lengths as one key interval per row (and
                                                          num_sink_tokens a second one, [0, shi]); tiles
-                                                         outside both skipped. Sinks (sa_attn_args.sink)
+                                                         outside both skipped; a block mask (flex) the
+                                                         third piece: tiles meeting only its empty
+                                                         blocks skipped, partial blocks' bits per row. Sinks (sa_attn_args.sink)
                                                          join each row's denominator where it is
                                                          normalised (forward step 3, decode merge);
                                                          lse includes them, so the backward reads them
@@ -68,6 +70,10 @@ Beside the kernel, one module per concern:
                           per sequence (vLLM / FlashAttention layout), one kernel call for a ragged batch:
                           the decode schedule reads the rows where the table says (sa_attn_args.block_table,
                           sa_kv_rows), the same bits as a dense cache; fork shares a prefix's blocks
+    selfattn.flex         create_block_mask, BlockMask, flex_attention (FlexAttention's API): mask_mod evaluated
+                          once in NumPy into empty / full / partial blocks and the partial ones' bits; the
+                          kernels read it as one more mask kind (sa_attn_args SA_MASK_BLOCKS, attn_mask.h:
+                          tiles meeting only empty blocks skipped); flex_attention_vjp in selfattn.autograd
     selfattn.quant        quantize_kv / dequantize_kv: int8 K/V, one float32 scale per key; the kernels
                           read them as stored (sa_attn_args.kv_quant: the decode widens in registers)
     selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,

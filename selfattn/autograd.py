@@ -201,7 +201,7 @@ def flex_attention_vjp(query: Any, key: Any, value: Any, score_mod: Optional[Any
     True
     """
     from .flex import _flex_args
-    q, k, v, bm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention_vjp")
+    q, k, v, bm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention_vjp", enable_gqa)
     opts = dict(scale=scale, enable_gqa=enable_gqa, num_threads=num_threads, block_mask=bm)
     out, lse = _core.sdpa(q, k, v, return_lse=True, **opts)
     out.flags.writeable = False              # vjp reads it: no in-place changes

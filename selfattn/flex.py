@@ -316,14 +316,15 @@ def flex_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, score_mod
     >>> bool(np.allclose(out[:, :, :64], ref, atol=1e-6))
     True
     """
-    q, k, v, bm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention")
+    q, k, v, bm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention", enable_gqa)
     return _core.sdpa(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
                       block_mask=bm)
 
 
-def _flex_args(query: Any, key: Any, value: Any, score_mod: Any, block_mask: Any,
-               fn: str) -> Tuple[Any, Any, Any, Any]:
-    """flex_attention's arguments checked: 4-D arrays, no score_mod, a block mask that fits."""
+def _flex_args(query: Any, key: Any, value: Any, score_mod: Any, block_mask: Any, fn: str,
+               enable_gqa: Any = False) -> Tuple[Any, Any, Any, Any]:
+    """flex_attention's arguments checked: 4-D arrays of one batch size, heads equal (or, with
+    enable_gqa, a multiple: checked by the engine), no score_mod, a block mask that fits."""
     if score_mod is not None:
         raise NotImplementedError(f"{fn}: score_mod is not implemented yet (only block masks from mask_mod); "
                                   f"ALiBi and softcap are built into scaled_dot_product_attention "
@@ -334,6 +335,12 @@ def _flex_args(query: Any, key: Any, value: Any, score_mod: Any, block_mask: Any
     for a, nm, dims in ((q, "query", "(B, Hq, L, E)"), (k, "key", "(B, H, S, E)"), (v, "value", "(B, H, S, Ev)")):
         if a.ndim != 4:
             raise ValueError(f"{fn}: {nm} must be 4-D {dims}, got shape {a.shape}")
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"{fn}: query {q.shape}, key {k.shape} and value {v.shape} must have the same batch size B")
+    if not enable_gqa and not q.shape[1] == k.shape[1] == v.shape[1]:
+        raise ValueError(f"{fn}: query {q.shape} has {q.shape[1]} heads and key {k.shape} / value {v.shape} "
+                         f"{k.shape[1]} / {v.shape[1]}: they must be equal (for grouped-query attention with "
+                         f"fewer kv heads, pass enable_gqa=True)")
     if block_mask is None:
         return q, k, v, None
     if not isinstance(block_mask, BlockMask):

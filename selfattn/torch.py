@@ -185,7 +185,7 @@ class _Flex(_torch.autograd.Function):
                 raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 torch.Tensor, got "
                                 f"{getattr(t, 'dtype', type(t).__name__)}")
         q, k, v, bm = _flex_args(_as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value"),
-                                 None, block_mask, "flex_attention")
+                                 None, block_mask, "flex_attention", options["enable_gqa"])
         out, lse = _core.sdpa(q, k, v, return_lse=True, block_mask=bm, **options)
         ctx.arrays, ctx.options = (q, k, v, out, lse, bm), options
         result, lse_t = _to_torch(out), _torch.from_numpy(lse)

@@ -34,7 +34,8 @@
  *               lse_merge.h (the log-sum-exp merge; merge.c's too)
  *     bodies:   attn_fwd_body.h (shared, fused, banded schedules),
  *               attn_decode_body.h (decode: split-KV), attn_bwd_body.h
- *   attn_mask.h       causal / window / lengths / positions as key intervals
+ *   attn_mask.h       causal / window / lengths / positions as key intervals;
+ *                     a block mask (SA_MASK_BLOCKS: FlexAttention's) skips tiles
  *   simd_<isa>.h      the vector layer (simd_common.h: the names), with the
  *                     16-bit row conversions; half.h: the same one value at
  *                     a time, in plain C

@@ -202,6 +202,29 @@ CHILD_DECODE_PAGED = CHILD_PRELUDE + textwrap.dedent(r"""
 """)
 
 
+# A long forward under a block mask (flex_attention): 2 documents of 2^14 rows, causal, 8 heads.
+CHILD_FLEX = CHILD_PRELUDE + textwrap.dedent(r"""
+    L, E = 1 << 15, 64
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 8, L, E), dtype=np.float32)
+    doc = np.arange(L) // (1 << 14)
+    bm = selfattn.create_block_mask(lambda b, h, i, j: (doc[i] == doc[j]) & (i >= j), None, None, L, L)
+    interrupt_each(lambda: selfattn.flex_attention(q, q, q, block_mask=bm))
+    # the same process still runs block masks, and correctly
+    bm2 = selfattn.create_block_mask(lambda b, h, i, j: (i // 50 == j // 50) & (i >= j), None, None, 300, 300,
+                                     BLOCK_SIZE=32)
+    out = selfattn.flex_attention(q[:, :, :300], q[:, :, :300], q[:, :, :300], block_mask=bm2)
+    ref = reference.flex_attention(q[:, :, :300], q[:, :, :300], q[:, :, :300], block_mask=bm2)
+    err = float(np.abs(out - ref).max())
+    print(f"SMALL {'OK' if err < 1e-4 else 'BAD'} {err:.3g}", flush=True)
+""")
+
+
+def test_ctrl_c_stops_a_long_flex_attention_call_quickly(tmp_path):
+    latencies, rss = _interrupt_child(tmp_path, CHILD_FLEX, 2)
+    assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"
+
+
 def test_ctrl_c_stops_a_long_paged_decode_call_quickly(tmp_path):
     latencies, rss = _interrupt_child(tmp_path, CHILD_DECODE_PAGED, 2)
     assert max(latencies) < LATENCY_LIMIT, f"latencies {latencies} s (limit {LATENCY_LIMIT} s)"

@@ -98,7 +98,14 @@ def _calls():
     pids = [pcache.add_sequence(), pcache.add_sequence()]
     pcache.append(pids, k, v, counts=[40, 33])
 
+    doc = np.repeat([0, 1, 2], [10, 20, 10])
+    bm = selfattn.create_block_mask(lambda b, h, i, j: (doc[i + 7] == doc[j]) | (j < 2), None, None, 33, 40,
+                                    BLOCK_SIZE=8)
     ok = {
+        "flex_attention_vjp": lambda: selfattn.flex_attention_vjp(q, k, v, block_mask=bm)[1](np.ones((2, 4, 33, 8))),
+        "flex_attention_decode_lse": lambda: selfattn.flex_attention(
+            q[:, :, :1], k, v, block_mask=selfattn.create_block_mask(lambda b, h, i, j: j % 3 == 0, 1, 1, 1, 40),
+            return_lse=True),
         "sdpa_int8_kv_decode": lambda: sdpa(q[:, :, :1], kq, vq, k_scale=ks, v_scale=vs),
         "sdpa_int8_kv_packed": lambda: sdpa(q, kq, vq, k_scale=ks, v_scale=vs, is_causal=True),
         "kvcache_int8_attend": lambda: cache.attend(q[:, :, :2]),
@@ -125,6 +132,8 @@ def _calls():
         "sdpa_bad_gqa": expect(ValueError, lambda: sdpa(q, k[:, :3], v[:, :3], enable_gqa=True)),
         "sdpa_int8_bad_scale": expect(ValueError, lambda: sdpa(q, kq, vq, k_scale=ks[..., :3], v_scale=vs)),
         "sdpa_bad_sinks": expect(ValueError, lambda: sdpa(q, k, v, sinks=[np.nan, 0, 0, 0])),
+        "flex_bad_block_mask": expect(ValueError, lambda: selfattn.flex_attention(q[:, :, :5], k, v, block_mask=bm)),
+        "flex_memerror_hook": fail_alloc(lambda: selfattn.flex_attention(q, k, v, block_mask=bm)),
         "paged_bad_table": expect(ValueError, lambda: selfattn.paged_attention(q[:, :, :1], kp, vp, bt + 5, sl)),
         "paged_memerror_hook": fail_alloc(lambda: selfattn.paged_attention(q[:, :, :1], kp, vp, bt, sl)),
         "attend_bad_wo": expect(ValueError, lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo[:3])),
