@@ -66,8 +66,7 @@ static inline void FN(attn_mask_row)(const sa_attn_args *a, int64_t u, int64_t i
                 for (; j < end; j++) s[j] = NEG_INF;
             } else if (id >= 0) {                          /* bits of row i, key j at m[j] */
                 const uint8_t *m = a->bm_bits + (id * a->bm_rows + i % a->bm_rows) * bk - kb * bk + j0;
-                for (; j < end; j++)
-                    if (!m[j]) s[j] = NEG_INF;
+                for (; j < end; j++) s[j] = m[j] ? s[j] : NEG_INF;   /* no branch: patterns mispredict */
             } else {
                 j = end;
             }
