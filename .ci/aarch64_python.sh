@@ -48,10 +48,11 @@
 #                                the training's forward/backward kernels are checked by
 #                                test_backward.py and test_train's finite-difference gradient test
 # Measured on the 2-core CI VM (nice 19, beside the kernel tier's other steps), full run of
-# d428e3a: debootstrap 555 s, the cross build 53 s and its install 28 s, pass 1 1222 s (2731
-# passed; skipped: torch/dask/matplotlib/threadpoolctl/safetensors absent, the avx2/avx512 paths,
-# and test_demo_cli's console-script test: Debian's pip puts scripts in /usr/local/bin, not next
-# to /usr/bin/python3), pass 1b 434 s, pass 2 160 s; the whole step 2513 s (beside the rest).
+# 88cd6bc: debootstrap 601 s, the cross build and its install 133 s, pass 1 1946 s (2986 passed;
+# skipped: torch/dask/matplotlib/threadpoolctl/safetensors absent, the avx2/avx512 paths, and
+# test_demo_cli's console-script test: Debian's pip puts scripts in /usr/local/bin, not next to
+# /usr/bin/python3), pass 1b 422 s (2 tests), pass 2 ~150 s; the whole step 3409 s (beside the
+# rest: the longest step of CI; d428e3a's pass 1 took 1222 s for 2731 tests).
 #
 # Installs debootstrap with apt-get; the emulator is a static qemu-aarch64 >= 8 (on Debian 12 the
 # one of bookworm-backports, see .ci/qemu_aarch64_new.sh and below), registered in binfmt_misc
