@@ -73,7 +73,10 @@ Beside the kernel, one module per concern:
     selfattn.flex         create_block_mask, BlockMask, flex_attention (FlexAttention's API): mask_mod evaluated
                           once in NumPy into empty / full / partial blocks and the partial ones' bits; the
                           kernels read it as one more mask kind (sa_attn_args SA_MASK_BLOCKS, attn_mask.h:
-                          tiles meeting only empty blocks skipped); flex_attention_vjp in selfattn.autograd
+                          tiles meeting only empty blocks skipped); flex_attention_vjp in selfattn.autograd.
+                          selfattn._scoremod traces a score_mod into an expression program (its derivative
+                          from the same program; NumPy evaluation for the reference): the front end of
+                          score_mod, which flex_attention does not take yet (no kernel interpreter)
     selfattn.quant        quantize_kv / dequantize_kv: int8 K/V, one float32 scale per key; the kernels
                           read them as stored (sa_attn_args.kv_quant: the decode widens in registers)
     selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,

@@ -601,26 +601,72 @@ def flex_mask(mask_mod, B, H, L, S):
     return np.broadcast_to(np.asarray(mask_mod(b, h, q, kv), dtype=bool), (B, H, L, S))
 
 
+def _flex_scores(query, key, value, score_mod, block_mask, scale, enable_gqa):
+    """float64 logits of flex_attention: scale q k^T, then score_mod called on NumPy arrays
+    (score, b, h, q_idx, kv_idx broadcasting), then -inf where mask_mod says no. Returns (logits
+    after the mask, raw logits, v expanded to the query heads)."""
+    q = _as_f64(query)
+    k_rep, v_rep = _expand_gqa(q, _as_f64(key), _as_f64(value), enable_gqa)
+    B, H, L, E = q.shape
+    S = k_rep.shape[-2]
+    sc = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
+    raw = sc * (q @ np.swapaxes(k_rep, -1, -2))
+    s = raw
+    if score_mod is not None:
+        b = np.arange(B).reshape(B, 1, 1, 1)
+        h = np.arange(H).reshape(1, H, 1, 1)
+        with np.errstate(all="ignore"):
+            s = np.broadcast_to(np.asarray(score_mod(raw, b, h, np.arange(L).reshape(1, 1, L, 1),
+                                                     np.arange(S).reshape(1, 1, 1, S)), dtype=np.float64),
+                                raw.shape)
+    if block_mask is not None:
+        s = np.where(flex_mask(block_mask.mask_mod, B, H, L, S), s, -np.inf)
+    return s, raw, v_rep
+
+
 def flex_attention(query, key, value, score_mod=None, block_mask=None, *, scale=None, enable_gqa=False,
                    return_lse=False):
-    """selfattn.flex_attention in float64: the block mask's mask_mod evaluated on every element
-    (flex_mask), then scaled_dot_product_attention with that bool mask. score_mod: not supported."""
-    if score_mod is not None:
-        raise NotImplementedError("score_mod")
-    q = _as_f64(query)
-    mask = None
-    if block_mask is not None:
-        mask = flex_mask(block_mask.mask_mod, q.shape[0], q.shape[1], q.shape[2], np.shape(key)[2])
-    return scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
-                                        return_lse=return_lse)
+    """selfattn.flex_attention in float64: score_mod called on the whole score array (NumPy), the
+    block mask's mask_mod evaluated on every element (flex_mask), a row that sees nothing gives
+    zeros and lse -inf."""
+    s, _, v = _flex_scores(query, key, value, score_mod, block_mask, scale, enable_gqa)
+    p, _, lse = _softmax_sinks(s, None, s.shape[:-2])
+    out = p @ v
+    return (out, lse) if return_lse else out
 
 
 def flex_attention_vjp(query, key, value, score_mod=None, block_mask=None, *, scale=None, enable_gqa=False):
-    """(out, vjp) of flex_attention in float64 (scaled_dot_product_attention_vjp with flex_mask)."""
-    if score_mod is not None:
-        raise NotImplementedError("score_mod")
-    q = _as_f64(query)
-    mask = None
-    if block_mask is not None:
-        mask = flex_mask(block_mask.mask_mod, q.shape[0], q.shape[1], q.shape[2], np.shape(key)[2])
-    return scaled_dot_product_attention_vjp(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    """(out, vjp) of flex_attention in float64, vjp(dout) -> (dq, dk, dv); with a score_mod its
+    derivative with respect to the score comes from selfattn._scoremod's trace of it."""
+    if score_mod is None:
+        q = _as_f64(query)
+        mask = None
+        if block_mask is not None:
+            mask = flex_mask(block_mask.mask_mod, q.shape[0], q.shape[1], q.shape[2], np.shape(key)[2])
+        return scaled_dot_product_attention_vjp(query, key, value, attn_mask=mask, scale=scale,
+                                                enable_gqa=enable_gqa)
+    from ._scoremod import trace
+    q, k, v0 = _as_f64(query), _as_f64(key), _as_f64(value)
+    s, raw, v = _flex_scores(q, k, v0, score_mod, block_mask, scale, enable_gqa)
+    B, H, L, E = q.shape
+    S = k.shape[-2]
+    sc = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
+    P, _, _ = _softmax_sinks(s, None, s.shape[:-2])
+    out = P @ v
+    dmod = np.broadcast_to(trace(score_mod).grad_score().evaluate(
+        raw, np.arange(B).reshape(B, 1, 1, 1), np.arange(H).reshape(1, H, 1, 1),
+        np.arange(L).reshape(1, 1, L, 1), np.arange(S).reshape(1, 1, 1, S)), raw.shape)
+    k_rep, _ = _expand_gqa(q, k, v0, enable_gqa)
+    group = H // k.shape[1]
+
+    def vjp(dout):
+        dO = _as_f64(dout)
+        dV = np.swapaxes(P, -1, -2) @ dO
+        dP = dO @ np.swapaxes(v, -1, -2)
+        dS = P * (dP - np.sum(dP * P, axis=-1, keepdims=True))
+        dR = np.where(P > 0, dS * dmod, 0.0) * sc
+        dq = dR @ k_rep
+        dk = np.swapaxes(dR, -1, -2) @ q
+        fold = lambda g: g.reshape(B, k.shape[1], group, *g.shape[2:]).sum(axis=2)  # noqa: E731
+        return dq, fold(dk), fold(dV)
+    return out, vjp
