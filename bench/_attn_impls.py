@@ -18,6 +18,8 @@ The competitors, all taking the same (B, H, L, E) NumPy arrays:
 import math
 import os
 
+import time
+
 import numpy as np
 
 
@@ -281,3 +283,16 @@ def pin_threads(n):
     # BLAS only: selfattn gets num_threads explicitly and torch has set_num_threads,
     # and limiting "openmp" would also touch whichever libgomp selfattn loaded.
     return threadpool_limits(limits=n, user_api="blas")
+
+
+def best_of(fns, rounds):
+    """Best time of each of fns (name -> call) over `rounds` rounds, interleaved (the order reversed
+    every other round, a short pause before each call)."""
+    best = {n: float("inf") for n in fns}
+    for r in range(rounds):
+        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            time.sleep(0.005)
+            t0 = time.perf_counter()
+            fns[n]()
+            best[n] = min(best[n], time.perf_counter() - t0)
+    return best

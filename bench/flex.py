@@ -35,17 +35,6 @@ TARGET_IDEAL = 1.3
 TARGET_TORCH = 10.0
 
 
-def best_of(fns, rounds):
-    best = {n: float("inf") for n in fns}
-    for r in range(rounds):
-        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            time.sleep(0.005)
-            t0 = time.perf_counter()
-            fns[n]()
-            best[n] = min(best[n], time.perf_counter() - t0)
-    return best
-
-
 def patterns(L):
     doc = np.repeat(np.arange(8), L // 8)
     w = L // 8
@@ -79,7 +68,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, H, L, E), dtype=np.float32) for _ in range(3))
     tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v)) if torch is not None else (None, None, None)
-    t_dense = best_of({"dense": lambda: selfattn.scaled_dot_product_attention(q, k, v)}, rounds)["dense"]
+    t_dense = impls.best_of({"dense": lambda: selfattn.scaled_dot_product_attention(q, k, v)}, rounds)["dense"]
     print(f"B1 H{H} L{L} E{E} float32; selfattn dense forward, no mask: {t_dense * 1e3:.1f} ms "
           f"({impls.attn_flops(1, H, L, L, E) / t_dense / 1e9:.0f} GFLOP/s)\n")
     tflex = None
@@ -115,7 +104,7 @@ def main(argv=None):
                     except Exception as exc:        # a compiler that fails on this machine: say so
                         print(f"  torch.compile(flex_attention) failed: {type(exc).__name__}: {exc}"[:300])
         with (torch.no_grad() if torch is not None else _null()):
-            t = best_of(fns, rounds)
+            t = impls.best_of(fns, rounds)
         ideal = frac * t_dense
         r_ideal = t["selfattn"] / ideal
         r_mask = t["torch_mask"] / t["selfattn"] if "torch_mask" in t else float("nan")

@@ -16,7 +16,6 @@ and the threads are printed first: quote the ratios with them.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -28,17 +27,6 @@ import selfattn  # noqa: E402
 # (label, Hq, Hkv, E)
 SHAPES = [("B1 Hq32 Hkv8 E128", 32, 8, 128), ("B1 H8 E64", 8, 8, 64)]
 TARGETS = {"int8": 2.5, "bf16": 1.8}
-
-
-def best_of(fns, rounds):
-    best = {n: float("inf") for n in fns}
-    for r in range(rounds):
-        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            time.sleep(0.005)
-            t0 = time.perf_counter()
-            fns[n]()
-            best[n] = min(best[n], time.perf_counter() - t0)
-    return best
 
 
 def main(argv=None):
@@ -72,7 +60,7 @@ def main(argv=None):
             if bf16 is not None:
                 qb, kb, vb = q.astype(bf16), k.astype(bf16), v.astype(bf16)
                 fns["bf16"] = lambda: sdpa(qb, kb, vb, **kw)
-            t = best_of(fns, args.rounds)
+            t = impls.best_of(fns, args.rounds)
             by32 = k.nbytes + v.nbytes
             by8 = kq.nbytes + vq.nbytes + ks.nbytes + vs.nbytes
             r8 = t["fp32"] / t["int8"]

@@ -35,17 +35,6 @@ TARGET_RAGGED = 0.8
 BLOCK = 16
 
 
-def best_of(fns, rounds):
-    best = {n: float("inf") for n in fns}
-    for r in range(rounds):
-        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            time.sleep(0.005)
-            t0 = time.perf_counter()
-            fns[n]()
-            best[n] = min(best[n], time.perf_counter() - t0)
-    return best
-
-
 def paged_copy(x, perm, head_major=True):
     """(B=1, H, S, ...) -> pages (num_blocks, BLOCK, H, ...), block b of the sequence in page perm[b]:
     stored head-major ((num_blocks, H, BLOCK, ...) in memory, PagedKVCache's order; a view of the
@@ -90,7 +79,7 @@ def dense_vs_paged(args, nt, bf16):
                 fns = {"dense": lambda: sdpa(qq, kk, vv, **sc, **kw),
                        "paged": lambda: selfattn.paged_attention(qq, kp, vp, bt, sl, num_threads=nt, **psc),
                        "fa": lambda: selfattn.paged_attention(qq, kf, vf, bt, sl, num_threads=nt, **fsc)}
-                t = best_of(fns, args.rounds)
+                t = impls.best_of(fns, args.rounds)
                 r = t["paged"] / t["dense"]
                 fails += r > TARGET_PAGED
                 print(f"{label:<20}{S:>7}  {name:<6}{t['dense'] * 1e3:>9.3f}{t['paged'] * 1e3:>9.3f}"
@@ -118,7 +107,7 @@ def ragged(args, nt):
         at += m
     q = rng.standard_normal((n, Hq, 1, E), dtype=np.float32)
     nbytes = int(lens.sum()) * Hkv * E * 4 * 2
-    t = best_of({"paged": lambda: selfattn.paged_attention(q, kp, vp, bt, lens, num_threads=nt)}, args.rounds)
+    t = impls.best_of({"paged": lambda: selfattn.paged_attention(q, kp, vp, bt, lens, num_threads=nt)}, args.rounds)
     gbs = nbytes / t["paged"] / 1e9
     print(f"\n2. ragged batch: {n} sequences, lengths {lens.min()} .. {lens.max()} (sum {lens.sum()}), "
           f"Hq{Hq} Hkv{Hkv} E{E} float32, one call")
@@ -126,7 +115,7 @@ def ragged(args, nt):
         yard, what = _stream.bandwidth(nbytes, nt), "C streaming read (bench/_stream.py)"
     else:
         buf = np.ones(nbytes // 4, np.float32)
-        yard = nbytes / best_of({"sum": lambda: buf.sum()}, args.rounds)["sum"] / 1e9
+        yard = nbytes / impls.best_of({"sum": lambda: buf.sum()}, args.rounds)["sum"] / 1e9
         what = f"NumPy sum, 1 thread ({_stream.why_not()})"
     r = gbs / yard
     print(f"   {nbytes / 1e6:.0f} MB of K/V in {t['paged'] * 1e3:.2f} ms: {gbs:.1f} GB/s; {what} of as many "
