@@ -131,6 +131,13 @@ MUTANTS = [
     ("block_mask_skips_partial_tiles", MASK, "if (t[qb * a->mask_sl + kb * a->mask_ss] != SA_BLOCK_EMPTY) return 0;",
      "if (t[qb * a->mask_sl + kb * a->mask_ss] == SA_BLOCK_FULL) return 0;",
      "tiles that meet only partial (and empty) blocks are skipped as if empty"),
+    ("dropout_dv_from_undropped_p", BWD, "V(store)(St + r * BK + j, V(mul)(p, zz));", "(void)0;",
+     "the backward's dV from the undropped probabilities"),
+    ("dropout_counter_row_off_by_one", "src_c/dropout.h", "uint32_t c[4] = {(uint32_t)g, (uint32_t)i, (uint32_t)u,",
+     "uint32_t c[4] = {(uint32_t)g, (uint32_t)(i + 1), (uint32_t)u,",
+     "dropout's mask drawn for the next row (forward and backward alike: only the reference sees it)"),
+    ("dropout_kept_not_rescaled", ROWS, "const T kept = (T)(1.0 / (1.0 - a->dropout_p));", "const T kept = (T)1;",
+     "kept probabilities not scaled by 1 / (1 - p)"),
     ("pack_i8_scale_of_next_key", PACK, "T f = jj < nvalid ? (T)sc[jj * scs] : 0;",
      "T f = jj + 1 < nvalid ? (T)sc[(jj + 1) * scs] : 0;", "int8 K/V packed with the next key's scale"),
 ]

@@ -119,6 +119,15 @@ def main():
                       reference.scaled_dot_product_attention(q[:, :, :3], *dense, is_causal=True,
                                                              alignment="bottom_right", key_lengths=sl), 1e-10)
             expect(ValueError, lambda: selfattn.paged_attention(q[:, :, :1], kp, vp, bt + 16, sl))
+            # attention dropout: the Philox mask in the forward and the backward
+            for nt in (1, 2):
+                got = selfattn.scaled_dot_product_attention_vjp(q, k, v, is_causal=True, dropout_p=0.3, seed=5,
+                                                                num_threads=nt)
+                want = reference.scaled_dot_product_attention_vjp(q, k, v, is_causal=True, dropout_p=0.3, seed=5)
+                check(got[0], want[0], 1e-10)
+                gd = rng.standard_normal((2, 2, 67, 3))
+                for g, w in zip(got[1](gd), want[1](gd)):
+                    check(g, w, 1e-9)
             # a block mask (flex_attention): partial, full and empty blocks, forward and backward
             doc = np.repeat(np.arange(5), 27)[:131]
             bm = selfattn.create_block_mask(lambda b, h, i, j: (doc[i] == doc[j]) | (j < 3), None, None, 67, 131,

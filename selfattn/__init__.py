@@ -53,7 +53,11 @@ Architecture at a glance
                                                          multiplies bfloat16 pairs (vdpbf16ps:
                                                          attn_bf16dot_avx512.h; default on AMD); the
                                                          backward, for now, on float32 copies
-                                                         (Problem.backward)
+                                                         (Problem.backward). Attention dropout
+                                                         (sa_attn_args.dropout_p): dropout.h's
+                                                         Philox mask on (seed, unit, row, key),
+                                                         applied after the row sums (forward) and
+                                                         to dP and P (backward)
 
 Beside the kernel, one module per concern:
     selfattn.autograd     scaled_dot_product_attention_vjp, varlen_attention_vjp: (out, vjp), the

@@ -97,7 +97,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
                                  sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...,
-                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...) -> Array: ...
+                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
+                                 seed: Any = ...) -> Array: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: Optional[ArrayLike] = ..., dropout_p: float = ...,
@@ -107,7 +108,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
                                  sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...,
-                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...
+                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
+                                 seed: Any = ...
                                  ) -> Tuple[Array, Array]: ...
 @overload
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
@@ -118,7 +120,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  alignment: str = ..., key_lengths: Optional[ArrayLike] = ...,
                                  alibi_slopes: Optional[ArrayLike] = ..., softcap: Optional[float] = ...,
                                  sinks: Optional[ArrayLike] = ..., num_sink_tokens: Optional[int] = ...,
-                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...
+                                 k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
+                                 seed: Any = ...
                                  ) -> Union[Array, Tuple[Array, Array]]: ...
 
 
@@ -130,8 +133,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
                                  alibi_slopes: Optional[ArrayLike] = None, softcap: Optional[float] = None,
                                  sinks: Optional[ArrayLike] = None, num_sink_tokens: Optional[int] = None,
-                                 k_scale: Optional[ArrayLike] = None, v_scale: Optional[ArrayLike] = None
-                                 ) -> Union[Array, Tuple[Array, Array]]:
+                                 k_scale: Optional[ArrayLike] = None, v_scale: Optional[ArrayLike] = None,
+                                 seed: Any = None) -> Union[Array, Tuple[Array, Array]]:
     """softmax(query @ key^T * scale + mask) @ value, fused: the L x S scores never exist.
 
     Same names, order, layout and semantics as ``torch.nn.functional.scaled_dot_product_attention``
@@ -148,9 +151,13 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         bool (True = the key takes part) or float (added to the scores), broadcastable
         to (..., Hq, L, S). Read in place with its own strides, never expanded. Composes
         with every structured mask below.
-    dropout_p : float
-        0.0 (torch's default): selfattn has no attention dropout yet; another value in (0, 1) is a
-        NotImplementedError.
+    dropout_p : float in [0, 1)
+        Attention dropout (torch's): each weight of the softmax is zeroed with probability
+        dropout_p and the others scaled by 1 / (1 - dropout_p), in the fused kernel (nothing of
+        size L x S is drawn or stored). Which are kept is a pure function of (seed, batch entry and
+        head, query row, key) -- Philox4x32-10, ``src_c/dropout.h`` --, so the result does not
+        depend on the thread count, and the VJP's backward draws the same mask. lse is that of
+        the undropped weights. 0.0 (the default): none.
     is_causal : bool
         The query at position p sees keys j <= p (see `alignment`). A bool: anything else is a
         TypeError (a string, or a number given in is_causal's place).
@@ -197,6 +204,10 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         worth ``k_scale[..., j]`` times its values (v alike); shapes of key and value without
         their last dim. The query float32. Read as stored: the decode path widens the int8
         values in registers and applies the scales per key. The forward only (no VJP).
+    seed : int, numpy.random.Generator or None
+        With ``dropout_p > 0``: the dropout mask's 64-bit key (an int in [0, 2**64), or one draw
+        from a Generator); None draws a fresh one from the OS (a different mask each call). The
+        same seed and arguments give the same bits.
 
     Returns
     -------
@@ -215,8 +226,6 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     TypeError
         A dtype that cannot be computed (complex, object, string), naming the argument; an
         is_causal that is not a bool, a dropout_p that is not a number.
-    NotImplementedError
-        ``dropout_p > 0``.
 
     Examples
     --------
@@ -239,13 +248,16 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     """
     if is_causal is not False and is_causal is not True:
         is_causal = _spec.check_is_causal(is_causal)
+    seed_bits = 0
     if dropout_p.__class__ is not float or dropout_p != 0.0:
-        _spec.check_dropout_p(dropout_p)
+        dropout_p = _spec.check_dropout_p(dropout_p)
+        if dropout_p:
+            seed_bits = _spec.dropout_seed(seed)
     return _core.sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                       enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
                       window_size=window_size, alignment=alignment, key_lengths=key_lengths,
                       alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, num_sink_tokens=num_sink_tokens,
-                      k_scale=k_scale, v_scale=v_scale)
+                      k_scale=k_scale, v_scale=v_scale, dropout_p=dropout_p, dropout_seed=seed_bits)
 
 
 def varlen_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, cu_seqlens_q: ArrayLike,

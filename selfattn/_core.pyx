@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.math cimport sqrt
@@ -439,6 +439,8 @@ cdef class Problem:
     cdef object q, k, v, mask            # the data; None when described from ArraySpecs
     cdef object bm_bits                  # block mask (SA_MASK_BLOCKS; mask = its table): partial blocks' bits
     cdef int64_t bm_rows, bm_keys        # ... and its block sizes
+    cdef double dropout_p                # attention dropout (0: none) and its Philox seed
+    cdef uint64_t dropout_seed
     cdef object q_len, k_len, q_pos, slopes, sinks   # per unit (C order of the units), or None
     cdef int64_t sink_tokens             # num_sink_tokens (0: none)
     cdef object k_scale, v_scale         # int8 K/V: float32 scales (..., H, S, 1); else None
@@ -561,6 +563,7 @@ cdef class Problem:
         w.scale, w.varlen, w.ragged_rows, w.opts = self.scale, self.varlen, self.ragged_rows, self.opts
         w.typenum, w.mask_kind, w.mask = self.typenum, self.mask_kind, self.mask
         w.bm_bits, w.bm_rows, w.bm_keys = self.bm_bits, self.bm_rows, self.bm_keys
+        w.dropout_p, w.dropout_seed = self.dropout_p, self.dropout_seed
         w.q, w.k, w.v = self.q.astype(_F32), self.k.astype(_F32), self.v.astype(_F32)
         w.q_len, w.k_len, w.q_pos, w.slopes, w.cu_q, w.cu_k = self.q_len, self.k_len, self.q_pos, self.slopes, \
             self.cu_q, self.cu_k
@@ -697,7 +700,7 @@ cdef _set_data(Problem p, q, k, v, m):
 def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
              num_threads=None, window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
              softcap=None, query_lengths=None, query_offsets=None, sinks=None, num_sink_tokens=None,
-             k_scale=None, v_scale=None, block_mask=None):
+             k_scale=None, v_scale=None, block_mask=None, dropout_p=0.0, dropout_seed=0):
     """The dense problem (see selfattn.scaled_dot_product_attention), validated -> Problem.
 
     Arrays, or ArraySpecs where the data is not there yet (then run/backward refuse).
@@ -707,15 +710,17 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
     the position of query row 0 among that entry's keys (any integer; row i sits at
     query_offsets + i): it replaces the alignment, so a block of a longer problem keeps its rows'
     positions (causal, windows, ALiBi). block_mask (selfattn.flex's BlockMask, as
-    (table, bits, rows, keys)): see _block_mask."""
+    (table, bits, rows, keys)): see _block_mask. dropout_p in [0, 1) with dropout_seed (an int
+    in [0, 2^64)): attention dropout (src_c/dropout.h)."""
     return _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
                      alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
-                     num_sink_tokens, k_scale, v_scale, block_mask)
+                     num_sink_tokens, k_scale, v_scale, block_mask, dropout_p, dropout_seed)
 
 
 cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
                        alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
-                       num_sink_tokens, k_scale=None, v_scale=None, block_mask=None):
+                       num_sink_tokens, k_scale=None, v_scale=None, block_mask=None, dropout_p=0.0,
+                       dropout_seed=0):
     cdef Problem p = Problem.__new__(Problem)
     cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
@@ -791,6 +796,12 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
         if attn_mask is not None:
             raise TypeError("attn_mask and block_mask exclude each other: give one mask")
         m = _block_mask(p, block_mask, ob)
+    if dropout_p:
+        p.dropout_p = _spec.check_dropout_p(dropout_p)
+        p.dropout_seed = dropout_seed
+        if p.kv_quant:
+            raise TypeError("dropout_p > 0 with int8 key and value: dropout is for training, a quantized cache "
+                            "for inference")
 
     # -- structured masks: per-unit lengths, positions and slopes
     if key_lengths is not None:
@@ -1153,6 +1164,7 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
     a.alibi_slope = <const double *> cnp.PyArray_DATA(p.slopes) if p.slopes is not None else NULL
     a.sink = <const double *> cnp.PyArray_DATA(p.sinks) if p.sinks is not None else NULL
     a.sink_tokens = p.sink_tokens
+    a.dropout_p, a.dropout_seed = p.dropout_p, p.dropout_seed
     if p.kv_quant:
         a.kv_quant = SA_KV_INT8
         a.k_scale, a.kv_ks_off, a.ks_s = <const float *> cnp.PyArray_DATA(p.k_scale), t.kv_ks, _stride(p.k_scale, -2)
@@ -1183,13 +1195,15 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
 def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
          alibi_slopes=None, softcap=None, out=None, schedule_only=False, query_lengths=None,
-         query_offsets=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None, block_mask=None):
+         query_offsets=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None, block_mask=None,
+         dropout_p=0.0, dropout_seed=0):
     """The fused forward (see selfattn.scaled_dot_product_attention; query_lengths and
     query_offsets: see describe). Keyword-only past the arrays, so a new parameter can never shift
     the others. schedule_only=True validates and returns the kernel's plan without computing."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, query_lengths,
-                               query_offsets, sinks, num_sink_tokens, k_scale, v_scale, block_mask)
+                               query_offsets, sinks, num_sink_tokens, k_scale, v_scale, block_mask, dropout_p,
+                               dropout_seed)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
     return p._run(out, return_lse)
@@ -1198,14 +1212,14 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
 def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal=False, scale=None,
              enable_gqa=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
              alibi_slopes=None, softcap=None, schedule_only=False, sinks=None, num_sink_tokens=None,
-             block_mask=None):
+             block_mask=None, dropout_p=0.0, dropout_seed=0):
     """The fused backward of sdpa: out and lse are what sdpa(..., return_lse=True) returned for
     the same arguments, grad_out the cotangent (out's shape and dtype). Returns (dq, dk, dv):
     dq with the output's batch dims (..., Hq, L, E), dk and dv with the broadcast batch dims of
     key and value (..., H, S, E / Ev); selfattn.autograd sums them back to the inputs' shapes."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, None, None, sinks,
-                               num_sink_tokens, None, None, block_mask)
+                               num_sink_tokens, None, None, block_mask, dropout_p, dropout_seed)
     if schedule_only:
         return p.schedule(backward=True)
     return p.backward(out, lse, grad_out)

@@ -1,5 +1,5 @@
 # Mirror of src_c/selfattn.h: the C entry points the Cython layer calls.
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stddef cimport size_t
 
 cdef extern from "selfattn.h" nogil:
@@ -113,6 +113,8 @@ cdef extern from "selfattn.h" nogil:
         const int32_t *block_table
         const int64_t *kv_bt_off
         int64_t page_size, k_page_s, v_page_s, ks_page_s, vs_page_s
+        double dropout_p
+        uint64_t dropout_seed
         int num_threads
         int schedule
         sa_interrupt_fn interrupt

@@ -63,9 +63,8 @@ def check_is_causal(is_causal: object) -> bool:
 
 
 def check_dropout_p(dropout_p: object) -> float:
-    """0.0: selfattn has no attention dropout yet. A real number in (0, 1) is NotImplementedError, one
-    outside [0, 1) a ValueError, anything else (a bool: is_causal written where dropout_p is) a
-    TypeError."""
+    """dropout_p as a float in [0, 1): one outside is a ValueError, anything but a real number (a
+    bool: is_causal written where dropout_p is) a TypeError."""
     if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, (numbers.Real, np.floating,
                                                                               np.integer)):
         raise TypeError(f"dropout_p must be a real number in [0, 1), got {type(dropout_p).__name__} "
@@ -73,10 +72,31 @@ def check_dropout_p(dropout_p: object) -> float:
     p = float(dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if p != 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p!r}: selfattn has no attention dropout yet (pass 0.0, "
-                                  f"or apply dropout to the output)")
     return p
+
+
+def no_dropout(dropout_p: object, where: str) -> float:
+    """check_dropout_p, then NotImplementedError for p > 0 where dropout is not built."""
+    p = check_dropout_p(dropout_p)
+    if p != 0.0:
+        raise NotImplementedError(f"dropout_p={dropout_p!r}: {where} has no attention dropout (pass 0.0; "
+                                  f"selfattn.scaled_dot_product_attention and its VJP have it)")
+    return p
+
+
+def dropout_seed(seed: object) -> int:
+    """The 64-bit Philox key of attention dropout: an int in [0, 2^64), a numpy Generator (one draw
+    from it), or None (fresh entropy from the OS: a different mask each call)."""
+    if seed is None:
+        return int(np.random.SeedSequence().entropy) & (2 ** 64 - 1)   # type: ignore[arg-type]
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(0, 2 ** 64, dtype=np.uint64))
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (numbers.Integral, np.integer)):
+        raise TypeError(f"seed must be an int in [0, 2**64), a numpy.random.Generator or None, got "
+                        f"{type(seed).__name__} {seed!r}")
+    if not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 def check_softcap(softcap: object) -> Optional[float]:

@@ -41,7 +41,7 @@ def _grad_dtype(a):
 
 
 _SDPA_OPTIONS = ("scale", "enable_gqa", "num_threads", "window_size", "alignment", "key_lengths",
-                 "alibi_slopes", "softcap", "sinks", "num_sink_tokens")
+                 "alibi_slopes", "softcap", "sinks", "num_sink_tokens", "dropout_p", "seed")
 _VARLEN_OPTIONS = ("scale", "is_causal", "window_size", "alignment", "alibi_slopes", "softcap", "enable_gqa",
                    "num_threads", "sinks", "num_sink_tokens")
 
@@ -84,8 +84,9 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
     """The forward of `scaled_dot_product_attention` and its vector-Jacobian product.
 
     Takes exactly the arguments of `selfattn.scaled_dot_product_attention` (every option:
-    masks, causal, window, alignment, key_lengths, ALiBi, softcap, GQA, broadcasting)
-    except `return_lse` and `out`.
+    masks, causal, window, alignment, key_lengths, ALiBi, softcap, GQA, broadcasting, and
+    ``dropout_p`` with ``seed`` as keywords) except `return_lse` and `out`. With dropout the
+    seed is drawn once (when None) and the backward regenerates the same mask.
 
     Returns
     -------
@@ -117,6 +118,10 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
     True
     """
     _check_options(options, _SDPA_OPTIONS, "scaled_dot_product_attention_vjp")
+    dropout_p = _spec.check_dropout_p(options.pop("dropout_p", 0.0))
+    seed = options.pop("seed", None)
+    if dropout_p:                            # one mask for the forward and every vjp call
+        options["dropout_p"], options["dropout_seed"] = dropout_p, _spec.dropout_seed(seed)
     q = _core._as_input(query, "query")
     k = _core._as_input(key, "key")
     v = _core._as_input(value, "value")

@@ -266,7 +266,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
     is_causal = _spec.check_is_causal(is_causal)
-    _spec.check_dropout_p(dropout_p)
+    _spec.no_dropout(dropout_p, "selfattn.dask")
 
     q, k, v, mask, (dt, lse_dt), split_every = _validated(da, query, key, value, attn_mask, split_every, is_causal=is_causal,
                                                 scale=scale, enable_gqa=enable_gqa, num_threads=num_threads,

@@ -236,6 +236,34 @@ def _softmax_rows(scores):
     return p, lse
 
 
+def _philox_keep(seed, dropout_p, lead, L, S):
+    """Attention dropout's mask, lead + (L, S) of 0 (dropped) or 1 / (1 - p) (kept): Philox4x32-10
+    as src_c/dropout.h draws it, unit u = the C-order index of lead (the output's batch dims)."""
+    M = 0xFFFFFFFF
+    U = int(np.prod(lead, dtype=np.int64))
+    G = (S + 3) // 4
+    u = np.arange(U, dtype=np.uint64).reshape(U, 1, 1)
+    i = np.arange(L, dtype=np.uint64).reshape(1, L, 1)
+    g = np.arange(G, dtype=np.uint64).reshape(1, 1, G)
+    shape = (U, L, G)
+    hi = (i >> np.uint64(32)) ^ (((u >> np.uint64(32)) << np.uint64(16)) & np.uint64(M))
+    c = [np.broadcast_to(x & np.uint64(M), shape).copy() for x in
+         (g, i, u, hi ^ (((g >> np.uint64(32)) << np.uint64(8)) & np.uint64(M)))]
+    k0, k1 = np.uint64(seed & M), np.uint64(seed >> 32)
+    with np.errstate(over="ignore"):
+        for _ in range(10):
+            p0 = np.uint64(0xD2511F53) * c[0]
+            p1 = np.uint64(0xCD9E8D57) * c[2]
+            c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & np.uint64(M), (p0 >> np.uint64(32)) ^ c[3] ^ k1,
+                 p0 & np.uint64(M)]
+            k0 = (k0 + np.uint64(0x9E3779B9)) & np.uint64(M)
+            k1 = (k1 + np.uint64(0xBB67AE85)) & np.uint64(M)
+    r = np.stack(c, axis=-1).reshape(U, L, 4 * G)[..., :S]
+    t = p_thr = dropout_p * 4294967296.0
+    thr = 0 if t <= 0 else (4294967295 if t >= 4294967295.0 else int(p_thr))
+    return np.where(r >= np.uint64(thr), 1.0 / (1.0 - dropout_p), 0.0).reshape(tuple(lead) + (L, S))
+
+
 # ---------------------------------------------------------------------------------------------
 # public functions
 
@@ -254,11 +282,13 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, *, scale=None
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False, return_lse=False, window_size=None,
                                  alignment="top_left", key_lengths=None, alibi_slopes=None,
-                                 softcap=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None):
+                                 softcap=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None,
+                                 seed=None):
     """softmax(logits) V in float64 (see the module docstring). Returns out, or (out, lse).
 
     torch's signature: (query, key, value, attn_mask, dropout_p, is_causal) positional, the rest
-    keyword-only; dropout_p must be 0 and is_causal a bool (selfattn._spec).
+    keyword-only; is_causal a bool (selfattn._spec). dropout_p > 0 needs an int seed: the mask
+    selfattn's kernels draw for it (_philox_keep), applied to P for P V (lse undropped).
 
     attn_mask (bool: True = takes part, or float: added) and is_causal compose: a key must pass both.
     window_size: None | int w | (left, right), None = unbounded side. alignment: "top_left" |
@@ -270,7 +300,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     k_scale, v_scale: int8 key and value, worth key * k_scale[..., None] (value alike).
     """
     is_causal = _spec.check_is_causal(is_causal)
-    _spec.check_dropout_p(dropout_p)
+    dropout_p = _spec.check_dropout_p(dropout_p)
     if k_scale is not None or v_scale is not None:
         if k_scale is None or v_scale is None:
             raise TypeError("k_scale and v_scale go together")
@@ -279,8 +309,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     s, v = _logits(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size,
                    alignment, key_lengths, alibi_slopes, softcap, num_sink_tokens)
     p, _, lse = _softmax_sinks(s, sinks, s.shape[:-2])
+    if dropout_p:
+        p = p * _dropout_mask(seed, dropout_p, s.shape)
     out = p @ v
     return (out, lse) if return_lse else out
+
+
+def _dropout_mask(seed, dropout_p, shape):
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError("the reference's dropout needs an int seed (the engine's mask for that seed)")
+    return _philox_keep(int(seed), dropout_p, shape[:-2], shape[-2], shape[-1])
 
 
 def _varlen_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k):
@@ -420,7 +458,7 @@ def _fold_gqa(g, shape, group):
 def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causal=False, *, scale=None,
                                      enable_gqa=False, window_size=None, alignment="top_left",
                                      key_lengths=None, alibi_slopes=None, softcap=None, sinks=None,
-                                     num_sink_tokens=None):
+                                     num_sink_tokens=None, dropout_p=0.0, seed=None):
     """(out, vjp) with vjp(dout) -> (dq, dk, dv), float64, shaped like query, key and value;
     with sinks, (dq, dk, dv, dsinks), dsinks shaped like sinks.
 
@@ -461,14 +499,17 @@ def scaled_dot_product_attention_vjp(query, key, value, attn_mask=None, is_causa
     s = s + bias
     s = _masked(s, visible, attn_mask, lead, L, S)
     P, P_sink, _ = _softmax_sinks(s, sinks, lead)
-    out = P @ vb                                                             # lead + (L, Ev)
+    Z = _dropout_mask(seed, _spec.check_dropout_p(dropout_p), P.shape) if dropout_p else None
+    out = (P if Z is None else P * Z) @ vb                                   # lead + (L, Ev)
 
     def vjp(dout):
         dO = _as_f64(dout)
         if dO.shape != out.shape:
             raise ValueError(f"dout must have the shape of out {out.shape}, got {dO.shape}")
-        dV = np.swapaxes(P, -1, -2) @ dO                                     # lead + (S, Ev)
+        dV = np.swapaxes(P if Z is None else P * Z, -1, -2) @ dO             # lead + (S, Ev)
         dP = dO @ np.swapaxes(vb, -1, -2)                                    # lead + (L, S)
+        if Z is not None:
+            dP = dP * Z
         D = np.sum(dO * out, axis=-1, keepdims=True)                         # lead + (L, 1)
         dS = P * (dP - D)
         if tanh_c is not None:

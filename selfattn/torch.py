@@ -100,6 +100,11 @@ class _SDPA(_torch.autograd.Function):
         return tuple(_to_torch(d) if n else None for d, n in zip(grads[:3], need)) + (None, dsinks, None, None)
 
 
+def _torch_seed() -> int:
+    """A 63-bit seed drawn from torch's default CPU generator."""
+    return int(_torch.randint(0, 2 ** 63 - 1, (1,), dtype=_torch.int64).item())
+
+
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Optional[Any] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False, **options: Any) -> Any:
@@ -114,8 +119,10 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
         their dtype; bfloat16 crosses into NumPy through ml_dtypes (the ``bf16`` extra).
     attn_mask : torch.Tensor (bool: True = takes part, or float: added) or array, optional
         Gets no gradient: a mask that requires grad is an error.
-    dropout_p : float
-        0.0: no attention dropout yet (another value is a NotImplementedError).
+    dropout_p : float in [0, 1)
+        Attention dropout in the fused kernel (see `selfattn.scaled_dot_product_attention`); the
+        mask's seed is drawn from torch's default generator (``torch.manual_seed`` fixes it)
+        unless ``seed=`` is given, and the backward draws the same mask.
     is_causal : bool
     scale, enable_gqa
         Keyword-only, as in torch: ``(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -140,8 +147,6 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
     TypeError
         integer tensors, mixed 16-bit dtypes, bfloat16 without ml_dtypes; an ``attn_mask``
         that requires grad; an is_causal that is not a bool.
-    NotImplementedError
-        ``dropout_p`` other than 0.
 
     Examples
     --------
@@ -155,7 +160,11 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
     (torch.Size([2, 4, 8, 16]), True)
     """
     is_causal = _spec.check_is_causal(is_causal)
-    _spec.check_dropout_p(dropout_p)
+    if _spec.check_dropout_p(dropout_p):
+        # the mask's seed from torch's generator (torch.manual_seed makes it reproducible), unless given
+        options["dropout_p"] = float(dropout_p)
+        if options.get("seed") is None:
+            options["seed"] = _torch_seed()
     if scale is not None:
         options["scale"] = scale
     if enable_gqa is not False:

@@ -45,7 +45,7 @@ import torch as _torch
 
 from ._api import scaled_dot_product_attention as _np_sdpa
 from .kvcache import KVCache as _KVCache
-from .torch import _as_numpy, _to_torch
+from .torch import _as_numpy, _to_torch, _torch_seed
 from .torch import scaled_dot_product_attention as _torch_sdpa
 
 __all__ = ["register", "attention_forward", "mask_builder", "Structure", "new_cache", "NAME", "MIN_VERSION"]
@@ -235,9 +235,7 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
                       **kwargs: Any) -> Tuple[Any, None]:
     """One layer's attention, as transformers calls it: query (B, Hq, L, D), key and value (B, H, S, D)
     -> ((B, L, Hq, Dv), None). The arguments are transformers' (``sdpa_attention_forward``'s)."""
-    if dropout and getattr(module, "training", False):
-        raise NotImplementedError(f"selfattn has no attention dropout (got dropout={dropout} in training); "
-                                  f"set the model's attention_dropout to 0.0")
+    train_dropout = float(dropout) if dropout and getattr(module, "training", False) else 0.0
     if kwargs.get("output_attentions", False):
         raise ValueError("attn_implementation='selfattn' never forms the attention weights: load the model with "
                          "attn_implementation='eager' for output_attentions=True (or use "
@@ -270,6 +268,8 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
         # gpt-oss's attention sinks: one learnable logit per query head in every row's denominator
         # (selfattn's sinks=, in the kernel; its gradient through the torch bridge)
         options["sinks"] = kwargs["s_aux"]
+    if train_dropout:           # attention dropout in training: in the kernel, its seed from torch's generator
+        options["dropout_p"], options["seed"] = train_dropout, _torch_seed()
     out = _sdpa(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling,
                 enable_gqa=key.shape[1] != query.shape[1], **options)
     return out.transpose(1, 2).contiguous(), None

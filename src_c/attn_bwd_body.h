@@ -23,6 +23,7 @@
  *      (for dP); then for every unit of g and every query tile that sees the
  *      block (attn_mask.h: blocks and tiles outside every window skipped):
  *        a. S = Qs K^T in log2 units, masks (mask_row), P = exp2(S - lse2);
+ *           (dropout, step b: dP = Z o dO V^T, dS from P, then P o Z for dV)
  *        b. dP = dO V^T; dS = scale P o (dP - D) (o softcap's derivative);
  *        c. dV_blk += P^T dO, dK_blk += dS^T Q  (the block's rows, in the
  *           thread's scratch: the block belongs to this task alone);
@@ -139,10 +140,22 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
         VT vscale = V(set1)((T)a->scale);
         VT kk = V(set1)(a->softcap > 0 ? FN(softcap_k)(FN(log2_units)(a->softcap)) : (T)0);
         VT one = V(set1)((T)1);
+        const int drop = a->dropout_p > 0;
+        T z[BK];                                 /* dropout: 1 / (1 - p) kept, 0 dropped */
         for (int64_t r = 0; r < rows_eff; r++) {
             VT dr = V(set1)(Dr[r]);
+            if (drop) {
+                if (r < rows) FN(dropout_row)(a, u, i0 + r, j0, cs, ce, z);
+                else FN(fill_zero)(z, cs, ce);
+            }
             for (int64_t j = cs; j < ce; j += VW) {
-                VT ds = V(mul)(V(load)(St + r * BK + j), V(sub)(V(load)(dPt + r * BK + j), dr));
+                VT p = V(load)(St + r * BK + j), dp = V(load)(dPt + r * BK + j);
+                if (drop) {                      /* dP through the kept ones; dV from P o Z */
+                    VT zz = V(load)(z + j);
+                    dp = V(mul)(dp, zz);
+                    V(store)(St + r * BK + j, V(mul)(p, zz));
+                }
+                VT ds = V(mul)(p, V(sub)(dp, dr));
                 if (a->softcap > 0) {          /* tanh(x / softcap) from the raw log2-unit score */
                     VT t = FN(softcap_tanh)(V(load)(Raw + r * BK + j), kk);
                     ds = V(mul)(ds, V(sub)(one, V(mul)(t, t)));

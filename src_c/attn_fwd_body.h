@@ -204,10 +204,16 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
         /* c. rescale factors, all rows at once */
         for (int64_t r = 0; r < rows_eff; r += VW) V(store)(alpha + r, V(exp2)(V(load)(alpha + r)));
 
-        /* d. probabilities in place, row sums */
+        /* d. probabilities in place, row sums (of the undropped ones); dropout
+         * then zeroes some and scales the rest, for P.V only */
         for (int64_t r = 0; r < rows_eff; r++) {
             T sum = FN(exp_row)(St + r * BK, rs[r], re[r], msafe[r]);
             l[r] = l[r] * alpha[r] + sum;        /* after the sum: the same FMA contraction as ever */
+            if (a->dropout_p > 0 && r < rows && re[r] > rs[r]) {
+                T z[BK];
+                FN(dropout_row)(a, u, i0 + r, j0, rs[r], re[r], z);
+                for (int64_t j = rs[r]; j < re[r]; j++) St[r * BK + j] *= z[j];
+            }
         }
 
         /* e. O = alpha*O + P.V over the group's keys only: a key no row of the

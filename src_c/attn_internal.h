@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include "selfattn.h"
 #include "attn_mask.h"
+#include "dropout.h"
 
 /* log2(e) and ln(2): the kernels keep logits in log2 units (exp2 is cheaper
  * than exp); these convert scores, masks, slopes and softcap in, lse out. */

@@ -114,6 +114,18 @@ static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t 
     FN(fill_zero)(s, *re, ce);
 }
 
+/* ---- dropout ---------------------------------------------------------------- */
+
+/* z[j] = 1 / (1 - p) where key j0 + j of row i (unit u) is kept, 0 where it
+ * is dropped, for j in [from, to) (dropout.h: the same in every body). */
+static void FN(dropout_row)(const sa_attn_args *a, int64_t u, int64_t i, int64_t j0, int64_t from, int64_t to, T *z)
+{
+    uint8_t keep[BK];
+    const T kept = (T)(1.0 / (1.0 - a->dropout_p));
+    sa_dropout_keep(a->dropout_seed, sa_dropout_threshold(a->dropout_p), u, i, j0 + from, to - from, keep);
+    for (int64_t j = from; j < to; j++) z[j] = keep[j - from] ? kept : (T)0;
+}
+
 /* ---- the online-softmax step ----------------------------------------------- */
 
 /* Max of s[rs..re) (whole vectors); -inf when empty. */

@@ -202,12 +202,14 @@ const char *sa_storage_path(int isa, int storage)
  * loaded machine waiting for it costs milliseconds. Results do not depend on the thread count. */
 #define SA_SMALL_WORK ((int64_t)1 << 19)
 
-/* The mask fields: a known kind, its array given; a block mask with its block sizes. */
+/* The mask fields: a known kind, its array given; a block mask with its block
+ * sizes; a dropout probability in [0, 1). */
 static int sa_mask_args_ok(const sa_attn_args *a)
 {
     if (a->mask_kind < SA_MASK_NONE || a->mask_kind > SA_MASK_BLOCKS) return 0;
     if (a->mask_kind != SA_MASK_NONE && (!a->mask || !a->mask_off)) return 0;
-    return a->mask_kind != SA_MASK_BLOCKS || (a->bm_rows >= 1 && a->bm_keys >= 1);
+    if (a->mask_kind == SA_MASK_BLOCKS && (a->bm_rows < 1 || a->bm_keys < 1)) return 0;
+    return a->dropout_p >= 0 && a->dropout_p < 1;     /* (NaN fails both) */
 }
 
 int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize, sa_layout *lay)
@@ -297,7 +299,7 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->dec_ck = sa_round_up(ck, p->bk);
     /* at most 64 chunks: ck >= S n_kv / 64 >= S / 64, or ck >= 256 > S / 64 */
     lay->dec_chunks = a->S > 0 ? (a->S + lay->dec_ck - 1) / lay->dec_ck : 1;
-    int decode_ok = a->L > 0 && a->S > 0 && lay->dec_rows >= 1 && lay->dec_rows <= SA_DECODE_MAX_ROWS
+    int decode_ok = a->L > 0 && a->S > 0 && a->dropout_p == 0 && lay->dec_rows >= 1 && lay->dec_rows <= SA_DECODE_MAX_ROWS
                     && lay->dec_rows <= p->bq && lay->dec_chunks <= SA_DECODE_MAX_CHUNKS;
     lay->dec_part_elems = sa_round_up(lay->dec_rows * (lay->evp + 2), align);
     if (a->schedule == SA_SCHEDULE_SHARED || a->schedule == SA_SCHEDULE_FUSED) {

@@ -34,6 +34,7 @@
  *               lse_merge.h (the log-sum-exp merge; merge.c's too)
  *     bodies:   attn_fwd_body.h (shared, fused, banded schedules),
  *               attn_decode_body.h (decode: split-KV), attn_bwd_body.h
+ *   dropout.h         attention dropout's mask (Philox4x32-10 on seed, unit, row, key)
  *   attn_mask.h       causal / window / lengths / positions as key intervals;
  *                     a block mask (SA_MASK_BLOCKS: FlexAttention's) skips tiles
  *   simd_<isa>.h      the vector layer (simd_common.h: the names), with the
@@ -252,6 +253,13 @@ typedef struct {
      * the results are the same bits. */
     const int32_t *block_table; const int64_t *kv_bt_off;
     int64_t page_size, k_page_s, v_page_s, ks_page_s, vs_page_s;
+    /* Attention dropout (the forward and the backward; not the decode schedule,
+     * which is then not taken): each probability of the softmax is kept with
+     * probability 1 - dropout_p and scaled by 1 / (1 - dropout_p), or zeroed;
+     * the normaliser l (and lse) is the undropped one. Which are kept is a pure
+     * function of (dropout_seed, unit u, query row i, key j): dropout.h. */
+    double dropout_p;                          /* [0, 1); 0: none                */
+    uint64_t dropout_seed;
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
     int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED and
                          DECODE are only taken where the problem allows them

@@ -143,8 +143,8 @@ def test_errors():
         st.scaled_dot_product_attention(torch.empty(1, 4, 4, device="meta"), q, q)
     with pytest.raises(TypeError, match="torch.Tensor"):
         st.scaled_dot_product_attention(np.ones((1, 4, 4)), q, q)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        st.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        st.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
     st.scaled_dot_product_attention(q, q, q, dropout_p=0.0)           # torch's default spelled out: fine
     with pytest.raises(TypeError, match="return_lse"):
         st.scaled_dot_product_attention(q, q, q, return_lse=True)

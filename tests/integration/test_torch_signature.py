@@ -46,8 +46,11 @@ def test_positional_order_is_torchs(name, fn):
 @pytest.mark.parametrize("name,fn", _numpy_entries(), ids=[n for n, _ in _numpy_entries()])
 def test_misplaced_or_wrong_values_are_errors(name, fn):
     q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="dropout"):
-        fn(q, k, v, None, 0.1)                       # torch's positional dropout: never silently causal
+    # torch's positional dropout runs dropout, never silently causal attention
+    got = fn(q, k, v, None, 0.1, seed=3)
+    assert np.array_equal(got, fn(q, k, v, dropout_p=0.1, is_causal=False, seed=3))
+    assert not np.allclose(got, fn(q, k, v, is_causal=True), atol=1e-3)
+    assert np.allclose(got, reference.scaled_dot_product_attention(q, k, v, None, 0.1, seed=3), atol=1e-5)
     with pytest.raises(TypeError, match="dropout_p must be a real number.*is_causal is the 6th"):
         fn(q, k, v, None, True)                      # the older order: is_causal 5th
     for bad in ("no", 1, 0.5, None, [True]):
@@ -71,8 +74,9 @@ def test_torch_bridge_signature():
     kv = k[:, :2], v[:, :2]
     torch.testing.assert_close(st.scaled_dot_product_attention(q, *kv, None, 0.0, False, enable_gqa=True),
                                torch.nn.functional.scaled_dot_product_attention(q, *kv, enable_gqa=True))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        st.scaled_dot_product_attention(q, k, v, None, 0.1)
+    got = st.scaled_dot_product_attention(q, k, v, None, 0.1, seed=4)    # dropout, not causal
+    want = reference.scaled_dot_product_attention(q.numpy(), k.numpy(), v.numpy(), None, 0.1, seed=4)
+    assert np.allclose(got.numpy(), want, atol=1e-12)
     with pytest.raises(TypeError, match="is_causal must be a bool"):
         st.scaled_dot_product_attention(q, k, v, is_causal="no")
 

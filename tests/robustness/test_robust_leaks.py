@@ -102,6 +102,8 @@ def _calls():
     bm = selfattn.create_block_mask(lambda b, h, i, j: (doc[i + 7] == doc[j]) | (j < 2), None, None, 33, 40,
                                     BLOCK_SIZE=8)
     ok = {
+        "sdpa_dropout_vjp": lambda: selfattn.scaled_dot_product_attention_vjp(
+            q, k, v, is_causal=True, dropout_p=0.2, seed=3)[1](np.ones((2, 4, 33, 8))),
         "flex_attention_vjp": lambda: selfattn.flex_attention_vjp(q, k, v, block_mask=bm)[1](np.ones((2, 4, 33, 8))),
         "flex_attention_decode_lse": lambda: selfattn.flex_attention(
             q[:, :, :1], k, v, block_mask=selfattn.create_block_mask(lambda b, h, i, j: j % 3 == 0, 1, 1, 1, 40),
