@@ -16,7 +16,7 @@ import pytest
 
 import selfattn
 from selfattn import reference
-from sa_testutil import DTYPES, ISAS, assert_bits, optional_import
+from sa_testutil import ISAS, assert_bits, optional_import
 
 sdpa = selfattn.scaled_dot_product_attention
 
