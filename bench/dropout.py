@@ -12,7 +12,6 @@ are printed first: quote the ratios with them.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -20,17 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _attn_impls as impls  # noqa: E402
 
 import selfattn  # noqa: E402
-
-
-def best_of(fns, rounds):
-    best = {n: float("inf") for n in fns}
-    for r in range(rounds):
-        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            time.sleep(0.005)
-            t0 = time.perf_counter()
-            fns[n]()
-            best[n] = min(best[n], time.perf_counter() - t0)
-    return best
 
 
 def main(argv=None):
@@ -73,7 +61,7 @@ def main(argv=None):
                     out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, dropout_p=p, is_causal=causal)
                     out.backward(tg)
                 fns["torch_fb_drop"] = torch_fb
-            t = best_of(fns, args.rounds)
+            t = impls.best_of(fns, args.rounds)
             tt = t.get("torch_fb_drop", float("nan"))
             name = f"B1 H8 L{L} E64{' causal' if causal else ''}"
             print(f"{name:<28} {t['fwd'] * 1e3:7.1f}m {t['fwd_drop'] * 1e3:8.1f}m {t['fwd_drop'] / t['fwd']:5.2f} "
