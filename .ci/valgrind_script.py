@@ -139,6 +139,19 @@ def main():
                 got = selfattn.flex_attention_vjp(q, k, v, block_mask=bm, num_threads=nt)[1](gout)
                 for g, w in zip(got, reference.flex_attention_vjp(q, k, v, block_mask=bm)[1](gout)):
                     check(g, w, 1e-9)
+            # score_mod: a strided bias read, a per-key one (buckets), an index out of range
+            tab = rng.standard_normal((2, 300))
+            mods = (lambda s, b, h, i, j: s + tab[h, i - j + 140],
+                    lambda s, b, h, i, j: np.tanh(s) * 3 + tab[h, np.minimum(abs(i - j) // 3, 20)])
+            for nt in (1, 2):
+                for mod in mods:
+                    got = selfattn.flex_attention_vjp(q, k, v, score_mod=mod, block_mask=bm, num_threads=nt)
+                    want = reference.flex_attention_vjp(q, k, v, score_mod=mod, block_mask=bm)
+                    check(got[0], want[0], 1e-10)
+                    gout = rng.standard_normal((2, 2, 67, 3))
+                    for g, w in zip(got[1](gout), want[1](gout)):
+                        check(g, w, 1e-9)
+            expect(IndexError, lambda: selfattn.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + tab[h, i + 3 * j]))
             for fn in (lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True),
                        lambda: selfattn.attend(x, wq, wk, wv, num_heads=2, wo=wo)):
                 _core._debug_fail_allocations(1)

@@ -16,6 +16,13 @@ windows -- element-dilated and block-dilated -- and causal for a yardstick):
 Timed interleaved round by round, best of N, on the same inputs. create_block_mask's own time is
 printed beside (it is paid once per mask). The CPU, the kernel path and the threads come first:
 quote the ratios with them.
+
+Then score_mod (``--part score_mod`` alone), forward and forward + backward, each row timed
+interleaved with the plain kernel (no score_mod; target: a T5 bias table >= 0.6x its speed):
+a T5 bias table ``bias[h, q - kv + L]`` (read as a contiguous run per row), T5's log-bucketed
+bias (a gather per key), ALiBi and softcap through score_mod beside their built-ins
+(``alibi_slopes=``, ``softcap=``), torch's SDPA with the T5 bias as a dense float mask and
+``torch.compile(flex_attention)`` with the same score_mod in torch.
 """
 
 import argparse
@@ -53,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(flex_attention)")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--part", choices=("all", "masks", "score_mod"), default="all")
     args = ap.parse_args(argv)
     L = 2048 if args.quick else 8192
     H, E = 8, 64
@@ -75,6 +83,79 @@ def main(argv=None):
     if torch is not None and not args.no_compile:
         from torch.nn.attention import flex_attention as tfa
         tflex = torch.compile(tfa.flex_attention)
+    if args.part in ("all", "masks"):
+        masks(args, L, q, k, v, tq, tk, tv, t_dense, rounds, torch, tflex)
+    if args.part in ("all", "score_mod"):
+        score_mods(L, H, q, k, v, tq, tk, tv, rounds, torch, tflex)
+
+
+def _t5_bucket(rel, num_buckets=32, max_distance=128, xp=np):
+    """T5's bidirectional relative_position_bucket, NumPy or torch (xp)."""
+    n = num_buckets // 2
+    ret = (rel > 0) * n
+    d = abs(rel)
+    exact = n // 2
+    large = exact + (xp.log(xp.maximum(d, 1) / exact) / np.log(max_distance / exact) * (n - exact))
+    large = large.astype(np.int64) if xp is np else large.to(d.dtype)
+    return ret + xp.where(d < exact, d, xp.minimum(large, n - 1))
+
+
+def score_mods(L, H, q, k, v, tq, tk, tv, rounds, torch, tflex):
+    rng = np.random.default_rng(1)
+    bias = rng.standard_normal((H, 2 * L)).astype(np.float32)
+    buckets = rng.standard_normal((H, 32)).astype(np.float32)
+    slopes = 2.0 ** -np.arange(1, H + 1)
+    mods = {
+        "T5 bias table bias[h, q-kv+L]": (lambda s, b, h, qi, ki: s + bias[h, qi - ki + L], None),
+        "T5 log-bucketed bias (32 buckets)": (lambda s, b, h, qi, ki: s + buckets[h, _t5_bucket(ki - qi)], None),
+        "ALiBi": (lambda s, b, h, qi, ki: s - slopes[h] * abs(qi - ki), {"alibi_slopes": slopes}),
+        "softcap 20": (lambda s, b, h, qi, ki: 20 * np.tanh(s / 20), {"softcap": 20.0}),
+    }
+    g = np.ones_like(q)
+    print(f"\nscore_mod, B1 H{H} L{L} E{q.shape[-1]} float32 (x: the plain kernel's time over this one's; "
+          f"built-in: the same through scaled_dot_product_attention's option)")
+    print(f"{'score_mod':<36} {'plain':>8} {'fwd':>8} {'x':>5} {'built-in':>8} {'x':>5} {'plain f+b':>9} "
+          f"{'f+b':>8} {'x':>5} {'torch mask':>10} {'x':>6} {'t.flex':>8} {'x':>6} {'compile':>8}")
+    for name, (mod, builtin) in mods.items():
+        fns = {"plain": lambda: selfattn.flex_attention(q, k, v),
+               "mod": lambda: selfattn.flex_attention(q, k, v, score_mod=mod),
+               "plain_fb": lambda: selfattn.flex_attention_vjp(q, k, v)[1](g),
+               "mod_fb": lambda: selfattn.flex_attention_vjp(q, k, v, score_mod=mod)[1](g)}
+        if builtin is not None:
+            fns["builtin"] = lambda: selfattn.scaled_dot_product_attention(q, k, v, **builtin)
+        t_comp = None
+        if torch is not None and name.startswith("T5 bias"):
+            tbias = torch.from_numpy(bias)
+            dense = torch.from_numpy(np.ascontiguousarray(
+                bias[:, np.arange(L)[:, None] - np.arange(L)[None, :] + L][None]))       # (1, H, L, L)
+            fns["torch_mask"] = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=dense)
+            if tflex is not None:
+                tmod = lambda s, b, h, qi, ki: s + tbias[h, qi - ki + L]          # noqa: E731
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        with torch.no_grad():
+                            tflex(tq, tk, tv, score_mod=tmod)
+                        t_comp = time.perf_counter() - t0
+                        fns["torch_flex"] = lambda: tflex(tq, tk, tv, score_mod=tmod)
+                    except Exception as exc:
+                        print(f"  torch.compile(flex_attention) failed: {type(exc).__name__}: {exc}"[:300])
+        with (torch.no_grad() if torch is not None else _null()):
+            t = impls.best_of(fns, rounds)
+        ms = lambda key: f"{t[key] * 1e3:8.1f}" if key in t else f"{'-':>8}"       # noqa: E731
+        x = lambda a, b: f"{t[a] / t[b]:5.2f}" if a in t and b in t else f"{'-':>5}"  # noqa: E731
+        tc = f"{t_comp:7.1f}s" if t_comp is not None else f"{'-':>8}"
+        print(f"{name:<36} {ms('plain')} {ms('mod')} {x('plain', 'mod')} {ms('builtin')} {x('plain', 'builtin')} "
+              f"{ms('plain_fb'):>9} {ms('mod_fb')} {x('plain_fb', 'mod_fb')} {ms('torch_mask'):>10} "
+              f"{(t['torch_mask'] / t['mod']) if 'torch_mask' in t else float('nan'):6.1f} {ms('torch_flex')} "
+              f"{(t['torch_flex'] / t['mod']) if 'torch_flex' in t else float('nan'):6.1f} {tc}")
+    print("(ms; torch's columns: the T5 table only, its x = torch's time over selfattn's score_mod forward)")
+
+
+def masks(args, L, q, k, v, tq, tk, tv, t_dense, rounds, torch, tflex):
+    if torch is not None and tflex is not None:
+        from torch.nn.attention import flex_attention as tfa
     hdr = (f"{'pattern':<52} {'visible':>7} {'build':>7} {'selfattn':>9} {'ideal':>8} {'/ideal':>6} "
            f"{'torch mask':>10} {'x':>6} {'t.flex':>8} {'x':>6} {'compile':>8}")
     print(hdr)

@@ -57,7 +57,11 @@ Architecture at a glance
                                                          (sa_attn_args.dropout_p): dropout.h's
                                                          Philox mask on (seed, unit, row, key),
                                                          applied after the row sums (forward) and
-                                                         to dP and P (backward)
+                                                         to dP and P (backward). score_mod
+                                                         (sa_attn_args.score_mod): score_mod.h's
+                                                         interpreter runs the traced program on a
+                                                         tile row at a time (mask_row), its
+                                                         derivative in the backward's dS
 
 Beside the kernel, one module per concern:
     selfattn.autograd     scaled_dot_product_attention_vjp, varlen_attention_vjp: (out, vjp), the
@@ -79,8 +83,9 @@ Beside the kernel, one module per concern:
                           kernels read it as one more mask kind (sa_attn_args SA_MASK_BLOCKS, attn_mask.h:
                           tiles meeting only empty blocks skipped); flex_attention_vjp in selfattn.autograd.
                           selfattn._scoremod traces a score_mod into an expression program (its derivative
-                          from the same program; NumPy evaluation for the reference): the front end of
-                          score_mod, which flex_attention does not take yet (no kernel interpreter)
+                          from the same program; NumPy evaluation for the reference) and lowers it to the
+                          kernels' typed nodes (sa_score_mod; T5-style bias reads strided along a row);
+                          gradients of captured arrays (bias tables) computed blockwise in NumPy
     selfattn.quant        quantize_kv / dequantize_kv: int8 K/V, one float32 scale per key; the kernels
                           read them as stored (sa_attn_args.kv_quant: the decode widens in registers)
     selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,
@@ -151,6 +156,7 @@ from . import autograd, flex, inspection, paged, positional, quant, reference
 from ._api import (attend, available_isas, config, scaled_dot_product_attention, set_isa, show_config,
                    use_isa, varlen_attention)
 from .autograd import attend_vjp, flex_attention_vjp, scaled_dot_product_attention_vjp, varlen_attention_vjp
+from ._scoremod import ScoreModTraceError
 from .flex import BlockMask, and_masks, create_block_mask, flex_attention, noop_mask, or_masks
 from .inspection import attention_weights, plot_attention
 from .kvcache import KVCache
@@ -165,4 +171,4 @@ __all__ = ["attend", "scaled_dot_product_attention", "varlen_attention", "merge_
            "reference", "config", "show_config", "use_isa", "set_isa", "available_isas", "quantize_kv",
            "dequantize_kv", "quant", "paged", "paged_attention", "PagedKVCache", "CacheFullError", "flex",
            "flex_attention", "flex_attention_vjp", "create_block_mask", "BlockMask", "noop_mask", "and_masks",
-           "or_masks", "__version__"]
+           "or_masks", "ScoreModTraceError", "__version__"]

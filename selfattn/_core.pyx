@@ -44,6 +44,76 @@ cdef int SA_DECODE_ROWS = 16     # src_c/attn_internal.h: SA_DECODE_MAX_ROWS (pa
 cdef long _fail_allocs = 0         # debug hook: make N allocations fail ...
 cdef long _fail_after = 0          # ... after letting this many succeed
 
+# score_mod programs: the C opcodes by name (selfattn/_scoremod.py lowers to them) and the node
+# layout (sa_sm_node), so that the Python side never restates a number the header defines
+SCORE_MOD_OPS = {
+    "score": SA_SM_SCORE,
+    "fconst": SA_SM_FCONST,
+    "fadd": SA_SM_FADD,
+    "fsub": SA_SM_FSUB,
+    "fmul": SA_SM_FMUL,
+    "fdiv": SA_SM_FDIV,
+    "fpow": SA_SM_FPOW,
+    "fmin": SA_SM_FMIN,
+    "fmax": SA_SM_FMAX,
+    "fneg": SA_SM_FNEG,
+    "fabs": SA_SM_FABS,
+    "fexp": SA_SM_FEXP,
+    "flog": SA_SM_FLOG,
+    "ftanh": SA_SM_FTANH,
+    "fsqrt": SA_SM_FSQRT,
+    "ffloor": SA_SM_FFLOOR,
+    "ffloordiv": SA_SM_FFLOORDIV,
+    "fmod": SA_SM_FMOD,
+    "fwhere": SA_SM_FWHERE,
+    "fcast": SA_SM_FCAST,
+    "fload": SA_SM_FLOAD,
+    "b": SA_SM_B,
+    "h": SA_SM_H,
+    "q": SA_SM_Q,
+    "kv": SA_SM_KV,
+    "iconst": SA_SM_ICONST,
+    "iadd": SA_SM_IADD,
+    "isub": SA_SM_ISUB,
+    "imul": SA_SM_IMUL,
+    "ifloordiv": SA_SM_IFLOORDIV,
+    "imod": SA_SM_IMOD,
+    "ipow": SA_SM_IPOW,
+    "imin": SA_SM_IMIN,
+    "imax": SA_SM_IMAX,
+    "ineg": SA_SM_INEG,
+    "iabs": SA_SM_IABS,
+    "iwhere": SA_SM_IWHERE,
+    "itrunc": SA_SM_ITRUNC,
+    "iload": SA_SM_ILOAD,
+    "flt": SA_SM_FLT,
+    "fle": SA_SM_FLE,
+    "fgt": SA_SM_FGT,
+    "fge": SA_SM_FGE,
+    "feq": SA_SM_FEQ,
+    "fne": SA_SM_FNE,
+    "ilt": SA_SM_ILT,
+    "ile": SA_SM_ILE,
+    "igt": SA_SM_IGT,
+    "ige": SA_SM_IGE,
+    "ieq": SA_SM_IEQ,
+    "ine": SA_SM_INE,
+    "and": SA_SM_AND,
+    "or": SA_SM_OR,
+    "xor": SA_SM_XOR,
+    "not": SA_SM_NOT,
+}
+SCORE_MOD_MAX_NODES = SA_SM_MAX_NODES
+SCORE_MOD_MAX_DIMS = SA_SM_MAX_DIMS
+cdef sa_sm_node _nd0
+SCORE_MOD_NODE = np.dtype({
+    "names": ["op", "arg", "arr", "kv_axis", "f", "i"],
+    "formats": [np.int32, (np.int32, SA_SM_MAX_DIMS), np.int32, np.int32, np.float64, np.int64],
+    "offsets": [<char *> &_nd0.op - <char *> &_nd0, <char *> &_nd0.arg - <char *> &_nd0,
+                <char *> &_nd0.arr - <char *> &_nd0, <char *> &_nd0.kv_axis - <char *> &_nd0,
+                <char *> &_nd0.f - <char *> &_nd0, <char *> &_nd0.i - <char *> &_nd0],
+    "itemsize": sizeof(sa_sm_node)})
+
 
 # ---------------------------------------------------------------- config ----
 
@@ -441,6 +511,9 @@ cdef class Problem:
     cdef int64_t bm_rows, bm_keys        # ... and its block sizes
     cdef double dropout_p                # attention dropout (0: none) and its Philox seed
     cdef uint64_t dropout_seed
+    cdef bint has_sm                     # a score_mod program (_score_mod): the C description,
+    cdef sa_score_mod smod               # pointing into sm_keep (nodes, arrays and their tables)
+    cdef object sm_keep
     cdef object q_len, k_len, q_pos, slopes, sinks   # per unit (C order of the units), or None
     cdef int64_t sink_tokens             # num_sink_tokens (0: none)
     cdef object k_scale, v_scale         # int8 K/V: float32 scales (..., H, S, 1); else None
@@ -564,6 +637,7 @@ cdef class Problem:
         w.typenum, w.mask_kind, w.mask = self.typenum, self.mask_kind, self.mask
         w.bm_bits, w.bm_rows, w.bm_keys = self.bm_bits, self.bm_rows, self.bm_keys
         w.dropout_p, w.dropout_seed = self.dropout_p, self.dropout_seed
+        w.has_sm, w.smod, w.sm_keep = self.has_sm, self.smod, self.sm_keep
         w.q, w.k, w.v = self.q.astype(_F32), self.k.astype(_F32), self.v.astype(_F32)
         w.q_len, w.k_len, w.q_pos, w.slopes, w.cu_q, w.cu_k = self.q_len, self.k_len, self.q_pos, self.slopes, \
             self.cu_q, self.cu_k
@@ -584,7 +658,11 @@ cdef class Problem:
             _fill_args(&args, self, &t, out, lse, dout, dq, dk, dv)
             if schedule_only:
                 return _schedule_of(&args, isa, isz, dout is not None)
+            if self.has_sm:
+                self.sm_keep[-1][:] = 0
             _run_kernel(&args, isa, isz, dout is not None)
+            if self.has_sm and self.sm_keep[-1].any():
+                _score_mod_oob(self.sm_keep)
         finally:
             _free(tab)
         return None
@@ -678,6 +756,76 @@ cdef object _block_mask(Problem p, object block_mask, tuple ob):
     return table
 
 
+cdef _score_mod(Problem p, object prog, tuple ob):
+    """A lowered score_mod (selfattn._scoremod.Lowered: nodes of SCORE_MOD_NODE, n_fwd, out,
+    dout, arrays float64 / int64) for the problem: its C description in p.smod, the arrays it
+    points into in p.sm_keep (the last one: oob, per array, set by the kernels)."""
+    nodes = prog.nodes
+    if not isinstance(nodes, np.ndarray) or nodes.dtype != SCORE_MOD_NODE or nodes.ndim != 1:
+        raise TypeError("score_mod: nodes must be a 1-D array of SCORE_MOD_NODE (selfattn._scoremod lowers them)")
+    cdef int64_t n = nodes.shape[0]
+    if n < 1 or n > SA_SM_MAX_NODES:
+        raise ValueError(f"score_mod's program has {n} nodes with its derivative; the kernels take 1 to "
+                         f"{SA_SM_MAX_NODES}: simplify the function")
+    nodes = np.ascontiguousarray(nodes)
+    arrays = [np.ascontiguousarray(x) for x in prog.arrays]
+    cdef int64_t na = len(arrays)
+    ndim = np.zeros(max(na, 1), np.int32)
+    is_int = np.zeros(max(na, 1), np.int32)
+    dims = np.ones((max(na, 1), SA_SM_MAX_DIMS), np.int64)
+    ptrs = np.zeros(max(na, 1), np.uintp)
+    for t, x in enumerate(arrays):
+        if x.dtype not in (_F64, np.dtype(np.int64)) or not (1 <= x.ndim <= SA_SM_MAX_DIMS) or x.size == 0:
+            raise TypeError(f"score_mod: captured array {t} must be float64 or int64 with 1 to "
+                            f"{SA_SM_MAX_DIMS} dims and not empty, got {x.dtype} {x.shape}")
+        ndim[t], is_int[t] = x.ndim, x.dtype == np.int64
+        dims[t, :x.ndim] = x.shape
+        ptrs[t] = x.ctypes.data
+    _check_program(nodes, arrays, prog)
+    oob = np.zeros(max(na, 1), np.int32)
+    p.sm_keep = (nodes, arrays, ndim, is_int, dims, ptrs, oob)
+    memset(&p.smod, 0, sizeof(p.smod))
+    p.smod.nodes = <const sa_sm_node *> cnp.PyArray_DATA(nodes)
+    p.smod.n_nodes, p.smod.n_fwd, p.smod.out, p.smod.dout = n, prog.n_fwd, prog.out, prog.dout
+    p.smod.n_heads = ob[-1] if len(ob) and ob[-1] > 0 else 1
+    p.smod.n_arrays = na
+    p.smod.arrays = <const void *const *> cnp.PyArray_DATA(ptrs)
+    p.smod.ndim = <const int32_t *> cnp.PyArray_DATA(ndim)
+    p.smod.is_int = <const int32_t *> cnp.PyArray_DATA(is_int)
+    p.smod.dims = <const int64_t *> cnp.PyArray_DATA(dims)
+    p.smod.oob = <int32_t *> cnp.PyArray_DATA(oob)
+    p.has_sm = True
+
+
+cdef _check_program(nodes, list arrays, prog):
+    """What sa_sm_ok checks in C, with the node named: operands earlier nodes, known opcodes,
+    loads of arrays that exist, with their type and a kv axis among their dims."""
+    cdef int64_t n = nodes.shape[0], t
+    if not (0 < prog.n_fwd <= n and 0 <= prog.out < prog.n_fwd and 0 <= prog.dout < n):
+        raise ValueError(f"score_mod: n_fwd={prog.n_fwd}, out={prog.out}, dout={prog.dout} do not fit {n} nodes")
+    ops, args = nodes["op"], nodes["arg"]
+    for t in range(n):
+        if not 0 <= ops[t] < SA_SM_OP_COUNT:
+            raise ValueError(f"score_mod: node {t} has no opcode {ops[t]}")
+        for a in args[t]:
+            if a < 0 or a >= max(t, 1):
+                raise ValueError(f"score_mod: node {t} reads node {a}: operands are earlier nodes")
+        if ops[t] in (SA_SM_FLOAD, SA_SM_ILOAD):
+            a, ax = nodes["arr"][t], nodes["kv_axis"][t]
+            if not 0 <= a < len(arrays) or (arrays[a].dtype == np.int64) != (ops[t] == SA_SM_ILOAD):
+                raise ValueError(f"score_mod: node {t} loads array {a}, which is not one of its "
+                                 f"{len(arrays)} arrays of that type")
+            if not -1 <= ax < arrays[a].ndim:
+                raise ValueError(f"score_mod: node {t}'s kv_axis {ax} is not an axis of array {a}")
+
+
+cdef _score_mod_oob(tuple keep):
+    arrays, oob = keep[1], keep[-1]
+    bad = [f"array {t} (shape {arrays[t].shape})" for t in range(len(arrays)) if oob[t]]
+    raise IndexError(f"score_mod reads captured {', '.join(bad)} out of range (an index outside its dim after "
+                     f"one wrap of a negative index, as NumPy's): nothing outside was read")
+
+
 cdef _set_data(Problem p, q, k, v, m):
     """Keep the data (converted to the compute type, or as stored: 16 bits) when every input is an array."""
     if type(q) is ArraySpec or type(k) is ArraySpec or type(v) is ArraySpec or type(m) is ArraySpec:
@@ -700,7 +848,7 @@ cdef _set_data(Problem p, q, k, v, m):
 def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
              num_threads=None, window_size=None, alignment="top_left", key_lengths=None, alibi_slopes=None,
              softcap=None, query_lengths=None, query_offsets=None, sinks=None, num_sink_tokens=None,
-             k_scale=None, v_scale=None, block_mask=None, dropout_p=0.0, dropout_seed=0):
+             k_scale=None, v_scale=None, block_mask=None, dropout_p=0.0, dropout_seed=0, score_mod=None):
     """The dense problem (see selfattn.scaled_dot_product_attention), validated -> Problem.
 
     Arrays, or ArraySpecs where the data is not there yet (then run/backward refuse).
@@ -711,16 +859,17 @@ def describe(query, key, value, *, attn_mask=None, is_causal=False, scale=None, 
     query_offsets + i): it replaces the alignment, so a block of a longer problem keeps its rows'
     positions (causal, windows, ALiBi). block_mask (selfattn.flex's BlockMask, as
     (table, bits, rows, keys)): see _block_mask. dropout_p in [0, 1) with dropout_seed (an int
-    in [0, 2^64)): attention dropout (src_c/dropout.h)."""
+    in [0, 2^64)): attention dropout (src_c/dropout.h). score_mod: a lowered program
+    (selfattn._scoremod.Lowered; see _score_mod)."""
     return _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
                      alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
-                     num_sink_tokens, k_scale, v_scale, block_mask, dropout_p, dropout_seed)
+                     num_sink_tokens, k_scale, v_scale, block_mask, dropout_p, dropout_seed, score_mod)
 
 
 cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads, window_size,
                        alignment, key_lengths, alibi_slopes, softcap, query_lengths, query_offsets, sinks,
                        num_sink_tokens, k_scale=None, v_scale=None, block_mask=None, dropout_p=0.0,
-                       dropout_seed=0):
+                       dropout_seed=0, score_mod=None):
     cdef Problem p = Problem.__new__(Problem)
     cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
@@ -802,6 +951,11 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
         if p.kv_quant:
             raise TypeError("dropout_p > 0 with int8 key and value: dropout is for training, a quantized cache "
                             "for inference")
+
+    if score_mod is not None:
+        if p.opts[6] > 0:
+            raise TypeError("softcap and score_mod exclude each other: write the cap into score_mod")
+        _score_mod(p, score_mod, ob)
 
     # -- structured masks: per-unit lengths, positions and slopes
     if key_lengths is not None:
@@ -1165,6 +1319,8 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
     a.sink = <const double *> cnp.PyArray_DATA(p.sinks) if p.sinks is not None else NULL
     a.sink_tokens = p.sink_tokens
     a.dropout_p, a.dropout_seed = p.dropout_p, p.dropout_seed
+    if p.has_sm:
+        a.score_mod = &p.smod
     if p.kv_quant:
         a.kv_quant = SA_KV_INT8
         a.k_scale, a.kv_ks_off, a.ks_s = <const float *> cnp.PyArray_DATA(p.k_scale), t.kv_ks, _stride(p.k_scale, -2)
@@ -1196,14 +1352,14 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
          return_lse=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
          alibi_slopes=None, softcap=None, out=None, schedule_only=False, query_lengths=None,
          query_offsets=None, sinks=None, num_sink_tokens=None, k_scale=None, v_scale=None, block_mask=None,
-         dropout_p=0.0, dropout_seed=0):
+         dropout_p=0.0, dropout_seed=0, score_mod=None):
     """The fused forward (see selfattn.scaled_dot_product_attention; query_lengths and
     query_offsets: see describe). Keyword-only past the arrays, so a new parameter can never shift
     the others. schedule_only=True validates and returns the kernel's plan without computing."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, query_lengths,
                                query_offsets, sinks, num_sink_tokens, k_scale, v_scale, block_mask, dropout_p,
-                               dropout_seed)
+                               dropout_seed, score_mod)
     if schedule_only:
         return p.schedule(return_lse=return_lse)
     return p._run(out, return_lse)
@@ -1212,14 +1368,14 @@ def sdpa(query, key, value, *, attn_mask=None, is_causal=False, scale=None, enab
 def sdpa_bwd(query, key, value, out, lse, grad_out, *, attn_mask=None, is_causal=False, scale=None,
              enable_gqa=False, num_threads=None, window_size=None, alignment="top_left", key_lengths=None,
              alibi_slopes=None, softcap=None, schedule_only=False, sinks=None, num_sink_tokens=None,
-             block_mask=None, dropout_p=0.0, dropout_seed=0):
+             block_mask=None, dropout_p=0.0, dropout_seed=0, score_mod=None):
     """The fused backward of sdpa: out and lse are what sdpa(..., return_lse=True) returned for
     the same arguments, grad_out the cotangent (out's shape and dtype). Returns (dq, dk, dv):
     dq with the output's batch dims (..., Hq, L, E), dk and dv with the broadcast batch dims of
     key and value (..., H, S, E / Ev); selfattn.autograd sums them back to the inputs' shapes."""
     cdef Problem p = _describe(query, key, value, attn_mask, is_causal, scale, enable_gqa, num_threads,
                                window_size, alignment, key_lengths, alibi_slopes, softcap, None, None, sinks,
-                               num_sink_tokens, None, None, block_mask, dropout_p, dropout_seed)
+                               num_sink_tokens, None, None, block_mask, dropout_p, dropout_seed, score_mod)
     if schedule_only:
         return p.schedule(backward=True)
     return p.backward(out, lse, grad_out)

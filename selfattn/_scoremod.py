@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["trace", "Program", "ScoreModTraceError"]
+__all__ = ["trace", "lower", "Program", "Lowered", "ScoreModTraceError"]
 
 # node kinds: the value's type
 FLOAT, INT, BOOL = "f", "i", "b"
@@ -55,6 +55,7 @@ class Program:
         self.nodes = nodes
         self.out = out
         self.arrays = arrays
+        self.sources: List[Any] = list(arrays)     # trace: the captured objects (torch tensors kept)
 
     def __repr__(self) -> str:
         lines = []
@@ -262,6 +263,7 @@ class _Tracer:
         self.nodes: List[Tuple[str, tuple, str]] = []
         self.consts: Dict[Tuple[str, Any], int] = {}
         self.arrays: List[np.ndarray] = []
+        self.sources: List[Any] = []               # what each array came from (a torch tensor, or itself)
 
     def node(self, op: str, args: tuple, kind: str) -> "Sym":
         self.nodes.append((op, args, kind))
@@ -278,8 +280,8 @@ class _Tracer:
             key = (INT, int(x))
         elif isinstance(x, (float, np.floating)):
             key = (FLOAT, float(x))
-        elif isinstance(x, np.ndarray) and x.ndim == 0:
-            return self.lift(x.item(), what)
+        elif (isinstance(x, np.ndarray) or _is_torch_tensor(x)) and x.ndim == 0:
+            return self.lift(x.item(), what)               # a constant (a 0-d tensor gets no gradient)
         else:
             raise ScoreModTraceError(f"score_mod uses {type(x).__name__} {x!r:.60} in {what}: only Python or NumPy "
                                      f"scalars, the traced arguments and indexed captured arrays can be traced")
@@ -372,6 +374,31 @@ class Sym:
     __invert__ = lambda s: s._un("not")                           # noqa: E731
     __hash__ = object.__hash__
 
+    # Tensor-style methods (a score_mod written for torch): the same nodes as NumPy's functions
+    def abs(self) -> "Sym":
+        return self._un("abs")
+
+    def exp(self) -> "Sym":
+        return self._un("exp")
+
+    def log(self) -> "Sym":
+        return self._un("log")
+
+    def tanh(self) -> "Sym":
+        return self._un("tanh")
+
+    def sqrt(self) -> "Sym":
+        return self._un("sqrt")
+
+    def floor(self) -> "Sym":
+        return self._un("floor")
+
+    def clamp(self, min: Any = None, max: Any = None) -> "Sym":     # noqa: A002 (torch's names)
+        x = self if min is None else np.maximum(self, min)
+        return x if max is None else np.minimum(x, max)
+
+    clip = clamp
+
     def astype(self, dtype: Any) -> "Sym":
         """x.astype(int-like): toward zero, as NumPy's; x.astype(float-like): a float value."""
         k = np.dtype(dtype).kind
@@ -419,6 +446,29 @@ class Sym:
             return args[0]._un(op)
         return args[0]._bin(op, args[1])
 
+    @classmethod
+    def __torch_function__(cls, func: Any, types_: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """torch's functions and Tensor methods on traced values (a score_mod written for torch's
+        flex_attention): the same operations as NumPy's."""
+        name = getattr(func, "__name__", str(func))
+        kwargs = kwargs or {}
+        if name in _TORCH_UNARY and len(args) == 1 and not kwargs:
+            return getattr(np, _TORCH_UNARY[name])(args[0])
+        if name in _TORCH_BINARY and len(args) == 2 and not kwargs:
+            return getattr(np, _TORCH_BINARY[name])(args[0], args[1])
+        if name == "where" and len(args) == 3 and not kwargs:
+            return np.where(*args)
+        if name in ("clamp", "clip") and len(args) >= 1:
+            lo = kwargs.get("min", args[1] if len(args) > 1 else None)
+            hi = kwargs.get("max", args[2] if len(args) > 2 else None)
+            x = args[0]
+            if lo is not None:
+                x = np.maximum(x, lo)
+            return x if hi is None else np.minimum(x, hi)
+        raise ScoreModTraceError(f"score_mod calls torch's {name}, which the tracer does not know (traced: "
+                                 f"arithmetic, comparisons, where, clamp, exp, log, tanh, sqrt, abs, floor, "
+                                 f"minimum, maximum)")
+
     def __array_function__(self, func: Any, types_: Any, args: Any, kwargs: Any) -> Any:
         t = next(x.t for x in list(args) + list(kwargs.values()) if isinstance(x, Sym))
         if func is np.where and len(args) == 3 and not kwargs:
@@ -435,11 +485,22 @@ class Sym:
                                  f"minimum, maximum, arithmetic and comparisons)")
 
 
-class _ArrayProxy:
-    """A captured NumPy array during tracing: indexing it with traced values records a load."""
+_TORCH_UNARY = {"exp": "exp", "log": "log", "tanh": "tanh", "sqrt": "sqrt", "abs": "abs", "absolute": "abs",
+                "floor": "floor", "neg": "negative", "negative": "negative", "logical_not": "logical_not"}
+_TORCH_BINARY = {"minimum": "minimum", "maximum": "maximum", "min": "minimum", "max": "maximum",
+                 "add": "add", "sub": "subtract", "mul": "multiply", "div": "true_divide", "pow": "power",
+                 "remainder": "remainder", "floor_divide": "floor_divide", "logical_and": "logical_and",
+                 "logical_or": "logical_or", "lt": "less", "le": "less_equal", "gt": "greater",
+                 "ge": "greater_equal", "eq": "equal", "ne": "not_equal"}
 
-    def __init__(self, t: _Tracer, arr: np.ndarray) -> None:
+
+class _ArrayProxy:
+    """A captured NumPy array (or torch tensor, read as NumPy: source is the tensor) during
+    tracing: indexing it with traced values records a load."""
+
+    def __init__(self, t: _Tracer, arr: np.ndarray, source: Any = None) -> None:
         self.t, self.arr = t, arr
+        self.source = arr if source is None else source
         self.id: Optional[int] = None
         self.shape, self.ndim, self.dtype = arr.shape, arr.ndim, arr.dtype
 
@@ -461,6 +522,7 @@ class _ArrayProxy:
             raise ScoreModTraceError(f"score_mod reads a captured array of dtype {self.arr.dtype}")
         if self.id is None:
             self.t.arrays.append(self.arr)
+            self.t.sources.append(self.source)
             self.id = len(self.t.arrays) - 1
         kind = FLOAT if self.arr.dtype.kind == "f" else (BOOL if self.arr.dtype.kind == "b" else INT)
         return self.t.node("load", (self.id,) + tuple(nodes), kind)
@@ -481,6 +543,10 @@ def _with_proxies(fn: Callable[..., Any], t: _Tracer) -> Callable[..., Any]:
             if id(x) not in proxies:
                 proxies[id(x)] = _ArrayProxy(t, x)
             return proxies[id(x)]
+        if _is_torch_tensor(x) and x.ndim > 0:           # read as NumPy; its gradient through selfattn.torch
+            if id(x) not in proxies:
+                proxies[id(x)] = _ArrayProxy(t, x.detach().cpu().numpy(), x)
+            return proxies[id(x)]
         return x
 
     code = fn.__code__
@@ -495,6 +561,10 @@ def _with_proxies(fn: Callable[..., Any], t: _Tracer) -> Callable[..., Any]:
     new = types.FunctionType(code, g, fn.__name__, defaults, closure)
     new.__kwdefaults__ = fn.__kwdefaults__
     return new
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach") and hasattr(x, "ndim")
 
 
 def _cell_full(c: Any) -> bool:
@@ -522,7 +592,284 @@ def trace(score_mod: Callable[..., Any]) -> Program:
     out = t.lift(r, "its result")
     if out.kind != FLOAT:
         out = t.node("cast", (out.i,), FLOAT)
-    return Program(t.nodes, out.i, t.arrays)
+    prog = Program(t.nodes, out.i, t.arrays)
+    prog.sources = t.sources
+    return prog
+
+
+# ---------------------------------------------------------------------------------------------
+class Lowered:
+    """A program as the kernels take it (score_mod.h): typed C nodes (``_core.SCORE_MOD_NODE``)
+    in evaluation order, the forward's first (``n_fwd`` of them; ``out`` its result), then
+    d out / d score (``dout``); ``arrays`` float64 or int64, C order."""
+
+    def __init__(self, nodes: np.ndarray, n_fwd: int, out: int, dout: int, arrays: List[np.ndarray],
+                 program: Optional[Program] = None) -> None:
+        self.nodes, self.n_fwd, self.out, self.dout, self.arrays = nodes, n_fwd, out, dout, arrays
+        self.program = program                     # what it was lowered from (array gradients)
+
+    def __repr__(self) -> str:
+        return f"Lowered({len(self.nodes)} nodes, n_fwd={self.n_fwd}, out={self.out}, dout={self.dout})"
+
+
+_F_BIN = {"add": "fadd", "sub": "fsub", "mul": "fmul", "div": "fdiv", "pow": "fpow", "min": "fmin",
+          "max": "fmax", "floordiv": "ffloordiv", "mod": "fmod"}
+_I_BIN = {"add": "iadd", "sub": "isub", "mul": "imul", "pow": "ipow", "min": "imin", "max": "imax",
+          "floordiv": "ifloordiv", "mod": "imod"}
+_F_UN = {"neg": "fneg", "abs": "fabs", "exp": "fexp", "log": "flog", "tanh": "ftanh", "sqrt": "fsqrt",
+         "floor": "ffloor"}
+
+
+def _strided_loads(nodes: List[Tuple[str, tuple, str]]) -> Dict[int, Tuple[int, List[Any], int]]:
+    """The loads whose indices are affine in kv_idx on one axis, the rest constant along a row
+    (T5's ``bias[h, q_idx - kv_idx + c]``): load node -> (axis, each axis's row part, kv's
+    coefficient c). The kernels then read them strided, computing no index per key."""
+    varies = []                                    # depends on the score or kv_idx
+    for op, args, kind in nodes:
+        if op == "in":
+            varies.append(args[0] in (0, 4))
+        elif op == "const":
+            varies.append(False)
+        elif op == "load":
+            varies.append(any(varies[j] for j in args[1:]))
+        else:
+            varies.append(any(varies[j] for j in args))
+
+    def affine(i: int) -> Optional[Tuple[int, Any]]:   # (c, row part) with node i = row part + c kv
+        op, args, kind = nodes[i]
+        if kind == FLOAT:
+            return None
+        if not varies[i]:
+            return 0, ("node", i)
+        if op == "in" and args[0] == 4:
+            return 1, None
+        if op in ("add", "sub"):
+            a, b = affine(args[0]), affine(args[1])
+            if a is None or b is None:
+                return None
+            c = a[0] + b[0] if op == "add" else a[0] - b[0]
+            if b[1] is None:
+                return c, a[1]
+            if a[1] is None:
+                return c, b[1] if op == "add" else ("neg", b[1])
+            return c, (op, a[1], b[1])
+        if op == "neg":
+            a = affine(args[0])
+            return None if a is None else (-a[0], None if a[1] is None else ("neg", a[1]))
+        if op == "mul":
+            for x, y in ((args[0], args[1]), (args[1], args[0])):
+                if nodes[y][0] == "const" and nodes[y][2] != FLOAT:
+                    a, k = affine(x), int(nodes[y][1][0])
+                    if a is not None:
+                        return a[0] * k, None if a[1] is None else ("mul", a[1], k)
+        return None
+
+    plans = {}
+    for i, (op, args, kind) in enumerate(nodes):
+        if op != "load" or not varies[i]:
+            continue
+        found = [affine(j) for j in args[1:]]
+        forms = [fm for fm in found if fm is not None]
+        if len(forms) != len(found):
+            continue                               # an index not affine in kv_idx: per key
+        moving = [d for d, fm in enumerate(forms) if fm[0] != 0]
+        if len(moving) == 1 and abs(forms[moving[0]][0]) < 2 ** 31:
+            plans[i] = (moving[0], [fm[1] for fm in forms], forms[moving[0]][0])
+    return plans
+
+
+def _rest_leaves(rests: List[Any]) -> List[int]:
+    out: List[int] = []
+    todo = list(rests)
+    while todo:
+        r = todo.pop()
+        if r is None or r[0] == "const":
+            continue
+        if r[0] == "node":
+            out.append(r[1])
+        else:
+            todo.extend(x for x in r[1:] if isinstance(x, tuple) or x is None)
+    return out
+
+
+def lower(prog: Program) -> Lowered:
+    """The kernels' form of a traced program and its derivative with respect to the score."""
+    from selfattn import _core
+    ops = _core.SCORE_MOD_OPS
+    g = prog.grad_score()                          # prog's nodes, then the tangent's
+    n_prog = len(prog.nodes)
+    plans = _strided_loads(g.nodes)
+    # live nodes: what out and dout read (a strided load: its row parts only)
+    live = [False] * len(g.nodes)
+    stack = [prog.out, g.out]
+    while stack:
+        i = stack.pop()
+        if live[i]:
+            continue
+        live[i] = True
+        op, args, _ = g.nodes[i]
+        if op == "load" and i in plans:
+            stack.extend(_rest_leaves(plans[i][1]))
+        elif op == "load":
+            stack.extend(args[1:])
+        elif op not in ("in", "const"):
+            stack.extend(args)
+    rows: List[Tuple[int, Tuple[int, ...], int, int, float, int]] = []
+    kinds: List[str] = []                          # of each emitted node: FLOAT or INT (bools as 0 / 1)
+    new: Dict[int, int] = {}
+    memo: Dict[Tuple[str, int], int] = {}
+
+    def emit(name: str, args: Sequence[int] = (), kind: str = FLOAT, arr: int = 0, f: float = 0.0, i: int = 0,
+             kv_axis: int = -1) -> int:
+        a = list(args) + [0] * (4 - len(args))
+        rows.append((ops[name], tuple(a), arr, kv_axis, f, i))
+        kinds.append(kind)
+        return len(rows) - 1
+
+    def emit_rest(r: Any) -> int:                  # a row part of a strided load's index (int)
+        if r is None:
+            r = ("const", 0)
+        if r[0] == "node":
+            return as_int(new[r[1]])
+        if r not in memo_rest:
+            if r[0] == "const":
+                memo_rest[r] = emit("iconst", (), INT, i=r[1])
+            elif r[0] == "neg":
+                memo_rest[r] = emit("ineg", (emit_rest(r[1]),), INT)
+            elif r[0] == "mul":
+                memo_rest[r] = emit("imul", (emit_rest(r[1]), emit_rest(("const", r[2]))), INT)
+            else:
+                memo_rest[r] = emit("i" + r[0], (emit_rest(r[1]), emit_rest(r[2])), INT)
+        return memo_rest[r]
+    memo_rest: Dict[Any, int] = {}
+
+    def as_float(j: int) -> int:
+        if kinds[j] == FLOAT:
+            return j
+        if ("f", j) not in memo:
+            memo[("f", j)] = emit("fcast", (j,))
+        return memo[("f", j)]
+
+    def as_int(j: int) -> int:
+        if kinds[j] != FLOAT:
+            return j
+        if ("i", j) not in memo:
+            memo[("i", j)] = emit("itrunc", (j,), INT)
+        return memo[("i", j)]
+
+    arrays: List[np.ndarray] = []
+    for t in prog.arrays:
+        if t.ndim > 4:
+            raise ScoreModTraceError(f"score_mod reads a captured array of {t.ndim} dims; the kernels take up to 4")
+        arrays.append(np.ascontiguousarray(t, dtype=np.float64 if t.dtype.kind == "f" else np.int64))
+    n_fwd = 0
+    for idx, (op, args, kind) in enumerate(g.nodes):
+        if idx == n_prog:
+            n_fwd = len(rows)
+        if not live[idx]:
+            continue
+        m = [new[j] for j in args] if op not in ("in", "const", "load") else []
+        if op == "in":
+            r = emit(("score", "b", "h", "q", "kv")[args[0]], (), FLOAT if args[0] == 0 else INT)
+            if kind == FLOAT:
+                r = as_float(r)
+            elif args[0] == 0:
+                r = as_int(r)
+        elif op == "const":
+            r = (emit("fconst", (), FLOAT, f=float(args[0])) if kind == FLOAT
+                 else emit("iconst", (), INT, i=int(args[0])))
+        elif op == "load" and idx in plans:        # strided along the row: kv's coefficient c on axis
+            axis, rests, c = plans[idx]
+            r = emit("fload" if kind == FLOAT else "iload", [emit_rest(x) for x in rests],
+                     FLOAT if kind == FLOAT else INT, arr=args[0], i=c, kv_axis=axis)
+        elif op == "load":
+            r = emit("fload" if kind == FLOAT else "iload", [as_int(new[j]) for j in args[1:]],
+                     FLOAT if kind == FLOAT else INT, arr=args[0])
+        elif op in _COMPARE:
+            if FLOAT in (kinds[m[0]], kinds[m[1]]):
+                r = emit("f" + op, (as_float(m[0]), as_float(m[1])), INT)
+            else:
+                r = emit("i" + op, (m[0], m[1]), INT)
+        elif op in _LOGIC:
+            r = emit(op, (as_int(m[0]), as_int(m[1])), INT)
+        elif op == "not":
+            r = emit("not", (as_int(m[0]),), INT)
+        elif op == "where":
+            c = as_int(m[0])
+            r = (emit("fwhere", (c, as_float(m[1]), as_float(m[2]))) if kind == FLOAT
+                 else emit("iwhere", (c, m[1], m[2]), INT))
+        elif op == "cast":
+            r = as_float(m[0])
+        elif op == "toint":
+            r = as_int(m[0])
+        elif op in _F_UN and kind == FLOAT:
+            r = emit(_F_UN[op], (as_float(m[0]),))
+        elif op in ("neg", "abs"):
+            r = emit("i" + op, (m[0],), INT)
+        elif op in _F_BIN and kind == FLOAT:
+            r = emit(_F_BIN[op], (as_float(m[0]), as_float(m[1])))
+        elif op in _I_BIN:
+            r = emit(_I_BIN[op], (m[0], m[1]), INT)
+        else:                                      # pragma: no cover (the tracer records no other)
+            raise ScoreModTraceError(f"no kernel form for {op} ({kind})")
+        new[idx] = r
+    if n_prog == len(g.nodes):
+        n_fwd = len(rows)
+    out, dout = as_float(new[prog.out]), as_float(new[g.out])
+    if out >= n_fwd:                               # a cast emitted after the forward's nodes
+        n_fwd = len(rows)
+    nodes = np.zeros(len(rows), dtype=_core.SCORE_MOD_NODE)
+    for ti, row in enumerate(rows):
+        nodes[ti] = row
+    return Lowered(nodes, max(n_fwd, out + 1), out, dout, arrays, prog)
+
+
+# ---------------------------------------------------------------------------------------------
+def array_grads(prog: Program, wanted: Sequence[int], q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                out: np.ndarray, lse: np.ndarray, dout: np.ndarray, scale: float,
+                mask_mod: Optional[Callable[..., Any]] = None, block_bytes: int = 1 << 25) -> List[np.ndarray]:
+    """Gradients of sum(out * dout) with respect to the captured arrays ``prog.arrays[t]`` for t
+    in `wanted` (float64, their shapes), blockwise in NumPy: for a block of query rows of every
+    (batch, head) at once, P is recomputed from lse (the forward's), dS = P (dO V^T - D), and
+    each load of array t adds dS times d score_mod / d (the loaded value) at its index
+    (np.bincount: a fixed order, the same bits every time). q (B, Hq, L, E); k, v (B, Hq, S, .)
+    already expanded to the query heads; mask_mod: the block mask's mod, or None. Memory: about
+    block_bytes per float64 value of the program; time: that of a dense float64 backward."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    grads = {t: np.zeros(prog.arrays[t].size) for t in wanted}
+    loads = [i for i in prog.loads() if prog.nodes[i][1][0] in grads]
+    dprogs = {i: prog.grad_load(i) for i in loads}
+    D = np.einsum("bhle,bhle->bhl", dout, out)
+    rows = max(1, min(L, block_bytes // max(1, 8 * B * Hq * S)))
+    bi = np.arange(B).reshape(B, 1, 1, 1)
+    hi = np.arange(Hq).reshape(1, Hq, 1, 1)
+    ki = np.arange(S).reshape(1, 1, 1, S)
+    with np.errstate(all="ignore"):
+        for r0 in range(0, L, rows):
+            r1 = min(L, r0 + rows)
+            qi = np.arange(r0, r1).reshape(1, 1, -1, 1)
+            raw = scale * (q[:, :, r0:r1] @ np.swapaxes(k, -1, -2))
+            inputs = (raw, bi, hi, qi, ki)
+            vals = prog._values(inputs)
+            y = np.broadcast_to(vals[prog.out], raw.shape)
+            live = np.isfinite(lse[:, :, r0:r1, None])
+            if mask_mod is not None:
+                live = live & np.broadcast_to(np.asarray(mask_mod(bi, hi, qi, ki), dtype=bool), raw.shape)
+            P = np.where(live, np.exp(y - np.where(live, lse[:, :, r0:r1, None], 0.0)), 0.0)
+            dS = P * (dout[:, :, r0:r1] @ np.swapaxes(v, -1, -2) - D[:, :, r0:r1, None])
+            for i in loads:
+                t = prog.nodes[i][1][0]
+                arr = prog.arrays[t]
+                g = np.broadcast_to(dprogs[i].evaluate(*inputs), raw.shape)
+                contrib = np.where(P > 0, dS * g, 0.0)
+                idx = []
+                for d, j in enumerate(prog.nodes[i][1][1:]):
+                    x = np.asarray(vals[j], dtype=np.int64)
+                    idx.append(np.broadcast_to(np.where(x < 0, x + arr.shape[d], x), raw.shape))
+                flat = np.ravel_multi_index(tuple(idx), arr.shape, mode="clip")   # outside: masked, 0 added
+                grads[t] += np.bincount(flat.ravel(), weights=contrib.ravel(), minlength=arr.size)
+    return [grads[t].reshape(prog.arrays[t].shape) for t in wanted]
 
 
 _ = builtins  # (kept: builtins' abs/min/max on Syms go through __abs__ or raise in __bool__)

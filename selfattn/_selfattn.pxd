@@ -64,6 +64,36 @@ cdef extern from "selfattn.h" nogil:
 
     ctypedef int (*sa_interrupt_fn)(void *ctx) noexcept
 
+    # score_mod programs (selfattn/_scoremod.py lowers them; score_mod.h runs them)
+    ctypedef enum sa_sm_op:
+        SA_SM_SCORE, SA_SM_FCONST, SA_SM_FADD, SA_SM_FSUB, SA_SM_FMUL, SA_SM_FDIV, SA_SM_FPOW
+        SA_SM_FMIN, SA_SM_FMAX, SA_SM_FNEG, SA_SM_FABS, SA_SM_FEXP, SA_SM_FLOG, SA_SM_FTANH
+        SA_SM_FSQRT, SA_SM_FFLOOR, SA_SM_FFLOORDIV, SA_SM_FMOD, SA_SM_FWHERE, SA_SM_FCAST, SA_SM_FLOAD
+        SA_SM_B, SA_SM_H, SA_SM_Q, SA_SM_KV, SA_SM_ICONST, SA_SM_IADD, SA_SM_ISUB
+        SA_SM_IMUL, SA_SM_IFLOORDIV, SA_SM_IMOD, SA_SM_IPOW, SA_SM_IMIN, SA_SM_IMAX, SA_SM_INEG
+        SA_SM_IABS, SA_SM_IWHERE, SA_SM_ITRUNC, SA_SM_ILOAD, SA_SM_FLT, SA_SM_FLE, SA_SM_FGT
+        SA_SM_FGE, SA_SM_FEQ, SA_SM_FNE, SA_SM_ILT, SA_SM_ILE, SA_SM_IGT, SA_SM_IGE
+        SA_SM_IEQ, SA_SM_INE, SA_SM_AND, SA_SM_OR, SA_SM_XOR, SA_SM_NOT, SA_SM_OP_COUNT
+    enum: SA_SM_MAX_NODES
+    enum: SA_SM_MAX_DIMS
+    ctypedef struct sa_sm_node:
+        int32_t op
+        int32_t arg[4]
+        int32_t arr
+        int32_t kv_axis
+        double f
+        int64_t i
+    ctypedef struct sa_score_mod:
+        const sa_sm_node *nodes
+        int32_t n_nodes, n_fwd, out, dout
+        int64_t n_heads
+        int32_t n_arrays
+        const void *const *arrays
+        const int32_t *ndim
+        const int32_t *is_int
+        const int64_t *dims
+        int32_t *oob
+
     ctypedef struct sa_attn_args:
         int64_t n_units, n_kv
         int64_t L, S, E, Ev
@@ -115,6 +145,7 @@ cdef extern from "selfattn.h" nogil:
         int64_t page_size, k_page_s, v_page_s, ks_page_s, vs_page_s
         double dropout_p
         uint64_t dropout_seed
+        const sa_score_mod *score_mod
         int num_threads
         int schedule
         sa_interrupt_fn interrupt

@@ -15,7 +15,7 @@ is summed over the units that shared it. A float `attn_mask` gets no gradient.
 `vjp` reads query, key and value when it is called (they are kept by reference, not copied):
 do not modify them in place between the forward and the backward.
 """
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -184,15 +184,22 @@ def varlen_attention_vjp(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu
 
 def flex_attention_vjp(query: Any, key: Any, value: Any, score_mod: Optional[Any] = None,
                        block_mask: Optional[Any] = None, *, scale: Optional[float] = None, enable_gqa: bool = False,
-                       num_threads: Optional[int] = None
+                       num_threads: Optional[int] = None, grad_arrays: Sequence[Any] = ()
                        ) -> Tuple[np.ndarray, Callable[[Any], Tuple[np.ndarray, ...]]]:
     """The forward of `selfattn.flex_attention` and its vector-Jacobian product.
 
     Takes the arguments of `flex_attention` except `return_lse`; ``vjp(grad_out)`` returns
     ``(dq, dk, dv)`` with the shapes and dtypes of query, key and value (GQA kv heads summed over
-    their query heads). The fused backward reads the same block mask: tiles whose blocks are all
-    empty are skipped, partial blocks apply their bits. `out` is returned read-only (the backward
-    reads it).
+    their query heads), then the gradient of each array in `grad_arrays`. The fused backward
+    reads the same block mask (tiles whose blocks are all empty are skipped, partial blocks apply
+    their bits) and score_mod's derivative with respect to the score. `out` is returned
+    read-only (the backward reads it).
+
+    grad_arrays: NumPy arrays that score_mod reads (the very objects it captures: a T5 bias
+    table, per-head scales), whose gradients vjp also returns, in their shapes and dtypes.
+    They are computed blockwise in NumPy float64 (P recomputed from lse, blocks of query rows of
+    all heads at once, summed in a fixed order), not in the fused kernel: about the cost of a
+    dense float64 backward, memory ~32 MiB per program value.
 
     Examples
     --------
@@ -206,8 +213,9 @@ def flex_attention_vjp(query: Any, key: Any, value: Any, score_mod: Optional[Any
     True
     """
     from .flex import _flex_args
-    q, k, v, bm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention_vjp", enable_gqa)
-    opts = dict(scale=scale, enable_gqa=enable_gqa, num_threads=num_threads, block_mask=bm)
+    q, k, v, bm, sm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention_vjp", enable_gqa)
+    wanted = _captured(sm, grad_arrays, "flex_attention_vjp")
+    opts = dict(scale=scale, enable_gqa=enable_gqa, num_threads=num_threads, block_mask=bm, score_mod=sm)
     out, lse = _core.sdpa(q, k, v, return_lse=True, **opts)
     out.flags.writeable = False              # vjp reads it: no in-place changes
     shapes = (q.shape, k.shape, v.shape)
@@ -216,8 +224,45 @@ def flex_attention_vjp(query: Any, key: Any, value: Any, score_mod: Optional[Any
     def vjp(grad_out: Any) -> Tuple[np.ndarray, ...]:
         dout = _check_cotangent(grad_out, out)
         dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, dout, **opts)
-        return tuple(_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))
+        grads = tuple(_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))
+        if wanted:
+            ga = flex_array_grads(sm.program, wanted, q, k, v, out, lse, dout, scale, block_mask)
+            grads += tuple(g.astype(_grad_dtype(sm.program.arrays[t]), copy=False) for g, t in zip(ga, wanted))
+        return grads
     return out, vjp
+
+
+def _captured(sm: Any, arrays: Sequence[Any], fn: str) -> List[int]:
+    """The positions, among the arrays score_mod's trace read, of each of `arrays` (by identity)."""
+    arrays = list(arrays)
+    if not arrays:
+        return []
+    found = sm.program.arrays if sm is not None else []
+    wanted = []
+    for n, a in enumerate(arrays):
+        t = next((i for i, x in enumerate(found) if x is a), None)
+        if t is None or found[t].dtype.kind != "f":
+            what = "no score_mod" if sm is None else "score_mod does not read it as a float array"
+            raise ValueError(f"{fn}: grad_arrays[{n}] (shape {np.shape(a)}) is not an array score_mod captures "
+                             f"({what}): pass the very array object the function reads")
+        wanted.append(t)
+    return wanted
+
+
+def flex_array_grads(prog: Any, wanted: List[int], q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                     lse: np.ndarray, dout: np.ndarray, scale: Optional[float], block_mask: Any) -> List[np.ndarray]:
+    """score_mod's captured-array gradients (_scoremod.array_grads) for flex_attention's arrays:
+    K and V expanded to the query heads, float64."""
+    from ._scoremod import array_grads
+    q64 = np.asarray(q, dtype=np.float64)
+    group = q.shape[1] // k.shape[1]
+    k64 = np.repeat(np.asarray(k, dtype=np.float64), group, axis=1)
+    v64 = np.repeat(np.asarray(v, dtype=np.float64), group, axis=1)
+    E = q.shape[-1]
+    sc = (1.0 / np.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
+    return array_grads(prog, wanted, q64, k64, v64, np.asarray(out, dtype=np.float64),
+                       np.asarray(lse, dtype=np.float64), np.asarray(dout, dtype=np.float64), sc,
+                       None if block_mask is None else block_mask.mask_mod)
 
 
 def attend_vjp(x: Any, wq: Any, wk: Any, wv: Any, *, num_heads: int = 1, wo: Optional[Any] = None,

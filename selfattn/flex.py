@@ -23,8 +23,20 @@ nothing computed), a full block reads no mask, a partial block applies its bits 
 combines with nothing else: structure that ``scaled_dot_product_attention`` has built in (causal,
 windows, key lengths) is faster there (intervals, no table).
 
-``score_mod`` is not implemented yet: passing one is a NotImplementedError (ALiBi and softcap are
-built into ``scaled_dot_product_attention``: ``alibi_slopes=``, ``softcap=``).
+``score_mod(score, b, h, q_idx, kv_idx) -> score`` changes each score (natural-log units, scale
+q.k) before the softmax: T5 or Swin relative-position biases read from captured arrays
+(``score + bias[h, q_idx - kv_idx + L]``), soft-capping variants, gates. It is traced once per
+call with symbolic stand-ins (``selfattn._scoremod``: arithmetic, comparisons, ``np.where``,
+exp / log / tanh / sqrt / abs / floor / minimum / maximum / clip, indexing captured NumPy arrays
+-- or torch's equivalents in ``selfattn.torch``) into a small program that the kernels run on a
+tile row of scores at a time (``src_c/score_mod.h``): no compiler, no Python per element. Its
+derivative with respect to the score comes from the same trace, so the backward runs in the
+fused kernel too; a bias read along a row at ``q_idx - kv_idx`` is read as a contiguous run. The
+gradients of captured arrays (``flex_attention_vjp(..., grad_arrays=[bias])``,
+``selfattn.torch.flex_attention`` for tensors that require grad) are computed blockwise in
+NumPy. What cannot be traced is a :class:`selfattn.ScoreModTraceError` naming the operation; an
+index outside a captured array an ``IndexError``. Built-in equivalents are faster where they
+exist (``alibi_slopes=``, ``softcap=`` of ``scaled_dot_product_attention``).
 """
 
 import numbers
@@ -33,7 +45,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _core
+from . import _core, _scoremod
 
 __all__ = ["BlockMask", "create_block_mask", "flex_attention", "noop_mask", "and_masks", "or_masks"]
 
@@ -284,8 +296,9 @@ def flex_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, score_mod
     value : array_like, (B, H, S, Ev)
         float32, float64, or bfloat16 / float16 (all three), as for
         `selfattn.scaled_dot_product_attention`.
-    score_mod : None
-        Not implemented yet (NotImplementedError).
+    score_mod : callable, optional
+        ``score_mod(score, b, h, q_idx, kv_idx) -> score``, traced once (see the module
+        docstring): elementwise NumPy operations and captured arrays indexed by the arguments.
     block_mask : BlockMask, optional
         From :func:`create_block_mask` for ``(B or None, Hq or None, L, S)``; None: every query
         sees every key.
@@ -315,20 +328,25 @@ def flex_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, score_mod
     >>> ref = selfattn.scaled_dot_product_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64])
     >>> bool(np.allclose(out[:, :, :64], ref, atol=1e-6))
     True
+    >>> bias = rng.standard_normal((2, 511))                # T5-style: [head, q_idx - kv_idx + 255]
+    >>> out = selfattn.flex_attention(q, k, v, lambda s, b, h, qi, ki: s + bias[h, qi - ki + 255])
+    >>> out.shape
+    (1, 2, 256, 16)
     """
-    q, k, v, bm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention", enable_gqa)
+    q, k, v, bm, sm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention", enable_gqa)
     return _core.sdpa(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
-                      block_mask=bm)
+                      block_mask=bm, score_mod=sm)
 
 
 def _flex_args(query: Any, key: Any, value: Any, score_mod: Any, block_mask: Any, fn: str,
-               enable_gqa: Any = False) -> Tuple[Any, Any, Any, Any]:
+               enable_gqa: Any = False) -> Tuple[Any, Any, Any, Any, Any]:
     """flex_attention's arguments checked: 4-D arrays of one batch size, heads equal (or, with
-    enable_gqa, a multiple: checked by the engine), no score_mod, a block mask that fits."""
+    enable_gqa, a multiple: checked by the engine), a block mask that fits; score_mod traced and
+    lowered (selfattn._scoremod) for the kernels, or None."""
+    sm = None
     if score_mod is not None:
-        raise NotImplementedError(f"{fn}: score_mod is not implemented yet (only block masks from mask_mod); "
-                                  f"ALiBi and softcap are built into scaled_dot_product_attention "
-                                  f"(alibi_slopes=, softcap=)")
+        prog = score_mod if isinstance(score_mod, _scoremod.Program) else _scoremod.trace(score_mod)
+        sm = _scoremod.lower(prog)
     q = _core._as_input(query, "query")
     k = _core._as_input(key, "key")
     v = _core._as_input(value, "value")
@@ -342,7 +360,7 @@ def _flex_args(query: Any, key: Any, value: Any, score_mod: Any, block_mask: Any
                          f"{k.shape[1]} / {v.shape[1]}: they must be equal (for grouped-query attention with "
                          f"fewer kv heads, pass enable_gqa=True)")
     if block_mask is None:
-        return q, k, v, None
+        return q, k, v, None, sm
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"{fn}: block_mask must be a selfattn.BlockMask (selfattn.create_block_mask), got "
                         f"{type(block_mask).__module__}.{type(block_mask).__name__}")
@@ -353,4 +371,4 @@ def _flex_args(query: Any, key: Any, value: Any, score_mod: Any, block_mask: Any
                          f"key S={S} keys")
     if mB not in (1, B) or mH not in (1, Hq):
         raise ValueError(f"{fn}: block_mask's B={mB}, H={mH} do not fit query's batch {B} and heads {Hq}")
-    return q, k, v, block_mask._kernel_mask()
+    return q, k, v, block_mask._kernel_mask(), sm

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _spec
 from . import _core
-from .autograd import _grad_dtype, _unbroadcast, scaled_dot_product_attention_vjp
+from .autograd import _grad_dtype, _unbroadcast, flex_array_grads, scaled_dot_product_attention_vjp
 from .flex import _flex_args
 
 __all__ = ["scaled_dot_product_attention", "flex_attention"]
@@ -188,15 +188,19 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Op
 
 class _Flex(_torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, query: Any, key: Any, value: Any, block_mask: Any, options: dict) -> Any:  # type: ignore[override, unused-ignore]
+    def forward(ctx: Any, query: Any, key: Any, value: Any, block_mask: Any, score_mod: Any, options: dict,  # type: ignore[override, unused-ignore]
+                *captured: Any) -> Any:
+        """captured: the tensors score_mod reads that want a gradient (their data is in the
+        program's arrays already: here they only take part in autograd)."""
         for t, name in ((query, "query"), (key, "key"), (value, "value")):
             if not isinstance(t, _torch.Tensor) or not t.is_floating_point():
                 raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 torch.Tensor, got "
                                 f"{getattr(t, 'dtype', type(t).__name__)}")
-        q, k, v, bm = _flex_args(_as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value"),
-                                 None, block_mask, "flex_attention", options["enable_gqa"])
-        out, lse = _core.sdpa(q, k, v, return_lse=True, block_mask=bm, **options)
-        ctx.arrays, ctx.options = (q, k, v, out, lse, bm), options
+        q, k, v, bm, sm = _flex_args(_as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value"),
+                                     score_mod, block_mask, "flex_attention", options["enable_gqa"])
+        out, lse = _core.sdpa(q, k, v, return_lse=True, block_mask=bm, score_mod=sm, **options)
+        wanted = [next(i for i, x in enumerate(sm.program.sources) if x is c) for c in captured]
+        ctx.arrays, ctx.options, ctx.block_mask = (q, k, v, out, lse, bm, sm, wanted), options, block_mask
         result, lse_t = _to_torch(out), _torch.from_numpy(lse)
         ctx.mark_non_differentiable(lse_t)
         ctx.save_for_backward(query, key, value, result)     # version counters: in-place changes caught
@@ -206,27 +210,39 @@ class _Flex(_torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: Any, grad_lse: Any) -> Any:  # type: ignore[override, unused-ignore]
         ctx.saved_tensors
-        need = ctx.needs_input_grad[:3]
+        q, k, v, out, lse, bm, sm, wanted = ctx.arrays
+        need = ctx.needs_input_grad
+        none = (None, None, None)
         if not any(need):
-            return None, None, None, None, None
-        q, k, v, out, lse, bm = ctx.arrays
+            return (None,) * (6 + len(wanted))
         g = _np.ascontiguousarray(_as_numpy(grad_out, "grad_out"), dtype=out.dtype)
-        dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, g, block_mask=bm, **ctx.options)
-        grads = [_unbroadcast(d, a.shape, _grad_dtype(a)) for d, a in zip((dq, dk, dv), (q, k, v))]
-        return tuple(_to_torch(d) if n else None for d, n in zip(grads, need)) + (None, None)
+        res: list = [None, None, None]
+        if any(need[:3]):
+            dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, g, block_mask=bm, score_mod=sm, **ctx.options)
+            grads = [_unbroadcast(d, a.shape, _grad_dtype(a)) for d, a in zip((dq, dk, dv), (q, k, v))]
+            res = [_to_torch(d) if n else None for d, n in zip(grads, need[:3])]
+        cap: list = [None] * len(wanted)
+        if any(need[6:]):
+            ga = flex_array_grads(sm.program, wanted, q, k, v, out, lse, g, ctx.options["scale"], ctx.block_mask)
+            cap = [_torch.from_numpy(d).to(sm.program.sources[t].dtype) if n else None
+                   for d, t, n in zip(ga, wanted, need[6:])]
+        return tuple(res) + none + tuple(cap)
 
 
 def flex_attention(query: Any, key: Any, value: Any, score_mod: Optional[Any] = None, block_mask: Optional[Any] = None,
                    *, scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
                    num_threads: Optional[int] = None) -> Any:
-    """`selfattn.flex_attention` on CPU tensors, differentiable (query, key and value get
-    gradients through the fused backward, which reads the same block mask).
+    """`selfattn.flex_attention` on CPU tensors, differentiable: query, key and value get
+    gradients through the fused backward (which reads the same block mask and score_mod's
+    derivative), and so do the tensors score_mod captures that require grad (a T5 bias table:
+    computed blockwise in NumPy float64, see `selfattn.flex_attention_vjp`'s grad_arrays).
 
     block_mask is a `selfattn.BlockMask` (`selfattn.create_block_mask`: mask_mod evaluated on
     NumPy index arrays; a mod written with operators and indexing works unchanged), not torch's.
-    score_mod is not implemented yet (NotImplementedError). Returns out (B, Hq, L, Ev) in the
-    inputs' dtype (float64 if any is), or (out, lse) with ``return_lse=True`` (lse gets no
-    gradient).
+    score_mod may be written with torch's functions (torch.tanh, torch.where, .abs(), ...) or
+    NumPy's; it is traced once per call (selfattn._scoremod), never run per element. Returns
+    out (B, Hq, L, Ev) in the inputs' dtype (float64 if any is), or (out, lse) with
+    ``return_lse=True`` (lse gets no gradient).
 
     Examples
     --------
@@ -237,10 +253,21 @@ def flex_attention(query: Any, key: Any, value: Any, score_mod: Optional[Any] = 
     >>> out.sum().backward()
     >>> bool(torch.allclose(v.grad.sum(dim=-2), torch.full((1, 2, 8), 64.0, dtype=torch.float64)))
     True
+    >>> bias = torch.zeros(2, 127, dtype=torch.float64, requires_grad=True)   # T5: [head, q - kv + 63]
+    >>> out = selfattn.torch.flex_attention(q, k, v, lambda s, b, h, qi, ki: s + bias[h, qi - ki + 63])
+    >>> out.sum().backward()
+    >>> bias.grad.shape
+    torch.Size([2, 127])
     """
-    if score_mod is not None:
-        _flex_args(None, None, None, score_mod, None, "flex_attention")      # the NotImplementedError
     options = dict(scale=scale, enable_gqa=enable_gqa, num_threads=num_threads)
-    out, lse = _Flex.apply(query, key, value, block_mask, options)
+    captured: list = []
+    if score_mod is not None:
+        from ._scoremod import trace
+        prog = trace(score_mod)
+        captured = [x for x, a in zip(prog.sources, prog.arrays) if isinstance(x, _torch.Tensor) and x.requires_grad
+                    and a.dtype.kind == "f" and any(n[0] == "load" and prog.arrays[n[1][0]] is a
+                                                    for n in prog.nodes)]
+        score_mod = prog                                     # traced once
+    out, lse = _Flex.apply(query, key, value, block_mask, score_mod, options, *captured)
     return (out, lse) if return_lse else out
 

@@ -10,9 +10,10 @@
  *   Q [L, E], K [S, E], V [S, Ev], O [L, Ev], lse [L], dO [L, Ev]
  *   -> dQ [L, E] per unit; dK [S, E], dV [S, Ev] per kv unit, summed over
  *      the units that share it (GQA heads, broadcast batch entries).
- * With x = scale q.k (natural units), x' = softcap(x) + ALiBi + float mask:
+ * With x = scale q.k (natural units), x' = softcap(x) (or score_mod(x)) + ALiBi + float mask:
  *   P = exp(x' - lse), D = rowsum(dO o O), dP = dO V^T, dX' = P o (dP - D),
- *   dX = dX' (1 - tanh^2(x / softcap)) (or dX'), dQ = scale dX K,
+ *   dX = dX' (1 - tanh^2(x / softcap)) (or dX' score_mod'(x) where P > 0, or dX'),
+ *   dQ = scale dX K,
  *   dK = scale dX^T Q, dV = P^T dO.
  *
  * Passes:
@@ -24,7 +25,8 @@
  *      block (attn_mask.h: blocks and tiles outside every window skipped):
  *        a. S = Qs K^T in log2 units, masks (mask_row), P = exp2(S - lse2);
  *           (dropout, step b: dP = Z o dO V^T, dS from P, then P o Z for dV)
- *        b. dP = dO V^T; dS = scale P o (dP - D) (o softcap's derivative);
+ *        b. dP = dO V^T; dS = scale P o (dP - D) (o softcap's or score_mod's
+ *           derivative);
  *        c. dV_blk += P^T dO, dK_blk += dS^T Q  (the block's rows, in the
  *           thread's scratch: the block belongs to this task alone);
  *        d. dQ_part[u][c] += dS K  (this chunk's own partial of dQ);
@@ -118,7 +120,7 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     /* a. scores, masks, probabilities */
     for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
         FN(bwd_mm)(Qs + r0 * ep, ep, 1, E, Kt + cs, BK, St + r0 * BK + cs, BK, nk, 0);
-    if (a->softcap > 0)
+    if (a->softcap > 0 || a->score_mod)
         for (int64_t r = 0; r < rows_eff; r++)
             for (int64_t j = cs; j < ce; j += VW) V(store)(Raw + r * BK + j, V(load)(St + r * BK + j));
     for (int64_t r = 0; r < rows_eff; r++) {
@@ -142,8 +144,14 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
         VT one = V(set1)((T)1);
         const int drop = a->dropout_p > 0;
         T z[BK];                                 /* dropout: 1 / (1 - p) kept, 0 dropped */
+        T gm[BK];                                /* score_mod: its derivative, 0 where P is */
         for (int64_t r = 0; r < rows_eff; r++) {
             VT dr = V(set1)(Dr[r]);
+            if (a->score_mod) {                  /* from the raw score; P = 0 (masked) keeps dS 0 */
+                if (r < rows) FN(score_mod_row)(a, u, i0 + r, j0, cs, ce, Raw + r * BK, gm, 1);
+                for (int64_t j = cs; j < ce; j++)
+                    if (r >= rows || St[r * BK + j] == 0) gm[j] = 0;
+            }
             if (drop) {
                 if (r < rows) FN(dropout_row)(a, u, i0 + r, j0, cs, ce, z);
                 else FN(fill_zero)(z, cs, ce);
@@ -160,6 +168,7 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
                     VT t = FN(softcap_tanh)(V(load)(Raw + r * BK + j), kk);
                     ds = V(mul)(ds, V(sub)(one, V(mul)(t, t)));
                 }
+                if (a->score_mod) ds = V(mul)(ds, V(load)(gm + j));
                 V(store)(dPt + r * BK + j, V(mul)(ds, vscale));
             }
             /* keys of [cs, ce) outside the tile's [ka, kz): P is 0 there, but K and V may

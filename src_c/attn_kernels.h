@@ -66,6 +66,7 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #define BF16_DOT 0
 #endif
 
+#include "score_mod.h"     /* here, not in attn_internal.h: compiled for the target */
 #include "attn_pack.h"
 #include "attn_micro.h"
 #include "attn_rows.h"

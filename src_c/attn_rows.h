@@ -1,6 +1,6 @@
 /*
  * attn_rows.h -- what the three bodies do to a row of scores (a template of
- * attn_kernels.h), written once: softcap, ALiBi and the attn_mask on a row's
+ * attn_kernels.h), written once: softcap, score_mod, ALiBi and the attn_mask on a row's
  * visible keys (mask_row; the structured masks are attn_mask.h's intervals),
  * and the online-softmax step (row max, new running max, exp2 and row sum).
  * Scores are in log2 units: Q is pre-multiplied by scale * log2(e), so the
@@ -32,6 +32,32 @@ static inline void FN(softcap_row)(T *s, int64_t from, int64_t to, T c2)
 {
     VT vc2 = V(set1)(c2), k = V(set1)(FN(softcap_k)(c2));
     for (int64_t j = from; j < to; j += VW) V(store)(s + j, V(mul)(vc2, FN(softcap_tanh)(V(load)(s + j), k)));
+}
+
+/* ---- score_mod: a traced program on keys [from, to) of row i (score_mod.h) -- */
+
+/* a tile row's keys in one evaluation (the loop below makes one pass) */
+typedef char FN(sm_chunk_holds_a_block)[BK <= SA_SM_CHUNK ? 1 : -1];
+
+/* deriv 0: s[j] = score_mod(s[j]) in place (log2 units in and out; the program
+ * sees natural-log scores). deriv 1: g[j] = d score_mod / d score at the raw
+ * log2-unit scores s[j], for the backward. Keys j0 + j for j in [from, to).
+ * Its registers (sa_sm_regs, 128 KiB) live on the stack of the calling thread. */
+static void FN(score_mod_row)(const sa_attn_args *a, int64_t u, int64_t i, int64_t j0, int64_t from, int64_t to,
+                              T *s, T *g, int deriv)
+{
+    const sa_score_mod *m = a->score_mod;
+    sa_sm_regs R;
+    double x[SA_SM_CHUNK];
+    for (int64_t c = from; c < to; c += SA_SM_CHUNK) {
+        int n = (int)(to - c < SA_SM_CHUNK ? to - c : SA_SM_CHUNK);
+        for (int j = 0; j < n; j++) x[j] = (double)s[c + j] * SA_LN2;
+        sa_sm_eval(m, deriv ? m->n_nodes : m->n_fwd, u, i, j0 + c, n, x, &R);
+        if (deriv)
+            for (int j = 0; j < n; j++) g[c + j] = (T)R.v[m->dout].f[j];
+        else
+            for (int j = 0; j < n; j++) s[c + j] = (T)(R.v[m->out].f[j] * SA_LOG2E);
+    }
 }
 
 /* ---- ALiBi and the attn_mask on keys [vs, ve) of a block at key j0 ------- */
@@ -104,6 +130,7 @@ static void FN(mask_row)(const sa_attn_args *a, const sa_unit_mask *um, int64_t 
     *rs = vs / VW * VW;
     *re = sa_round_up(ve, VW);
     if (a->softcap > 0) FN(softcap_row)(s, *rs, *re, FN(log2_units)(a->softcap));
+    if (a->score_mod) FN(score_mod_row)(a, u, i, j0, vs, ve, s, NULL, 0);
     if (a->alibi_slope) FN(alibi_row)(s, vs, ve, j0, i + um->offset, FN(log2_units)(a->alibi_slope[u]));
     if (a->mask_kind != SA_MASK_NONE) FN(attn_mask_row)(a, u, i, j0, vs, ve, s);
     if (shi >= 0)                                            /* the keys between sinks and interval */

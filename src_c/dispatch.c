@@ -8,6 +8,7 @@
 #include <string.h>
 #include "selfattn.h"
 #include "attn_internal.h"
+#include "score_mod.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -209,6 +210,7 @@ static int sa_mask_args_ok(const sa_attn_args *a)
     if (a->mask_kind < SA_MASK_NONE || a->mask_kind > SA_MASK_BLOCKS) return 0;
     if (a->mask_kind != SA_MASK_NONE && (!a->mask || !a->mask_off)) return 0;
     if (a->mask_kind == SA_MASK_BLOCKS && (a->bm_rows < 1 || a->bm_keys < 1)) return 0;
+    if (a->score_mod && (a->softcap > 0 || !sa_sm_ok(a->score_mod))) return 0;   /* one or the other */
     return a->dropout_p >= 0 && a->dropout_p < 1;     /* (NaN fails both) */
 }
 

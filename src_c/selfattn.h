@@ -150,6 +150,68 @@ typedef struct {
     int64_t ring_blocks;      /* banded: key blocks packed per thread        */
 } sa_schedule;
 
+/* ---- score_mod programs (FlexAttention's score_mod; score_mod.h runs them) --
+ * selfattn/_scoremod.py traces score_mod(score, b, h, q_idx, kv_idx) once into
+ * nodes in evaluation order (SSA: a node's operands are earlier nodes); the
+ * kernels run them on a row's keys at a time. Every node is float (double) or
+ * integer (int64; comparisons and logic give 0 / 1): the opcode says which. */
+typedef enum {
+    /* float results */
+    SA_SM_SCORE = 0,         /* the score, natural-log units (scale q.k)         */
+    SA_SM_FCONST, SA_SM_FADD, SA_SM_FSUB, SA_SM_FMUL, SA_SM_FDIV, SA_SM_FPOW,
+    SA_SM_FMIN, SA_SM_FMAX,  /* NaN-propagating (NumPy's minimum / maximum)      */
+    SA_SM_FNEG, SA_SM_FABS, SA_SM_FEXP, SA_SM_FLOG, SA_SM_FTANH, SA_SM_FSQRT,
+    SA_SM_FFLOOR, SA_SM_FFLOORDIV, SA_SM_FMOD,  /* NumPy's floor_divide, remainder */
+    SA_SM_FWHERE,            /* a ? b : c, a integer                               */
+    SA_SM_FCAST,             /* integer a as float                                 */
+    SA_SM_FLOAD,             /* float array `arr` at the integer nodes arg[0..ndim)
+                                (and kv_axis, below) */
+    /* integer results */
+    SA_SM_B, SA_SM_H, SA_SM_Q, SA_SM_KV,  /* batch, head, query row, key index      */
+    SA_SM_ICONST, SA_SM_IADD, SA_SM_ISUB, SA_SM_IMUL, SA_SM_IFLOORDIV, SA_SM_IMOD,
+    SA_SM_IPOW, SA_SM_IMIN, SA_SM_IMAX, SA_SM_INEG, SA_SM_IABS, SA_SM_IWHERE,
+    SA_SM_ITRUNC,            /* float a toward zero                                */
+    SA_SM_ILOAD,             /* integer array `arr` at the integer nodes arg[0..ndim) */
+    SA_SM_FLT, SA_SM_FLE, SA_SM_FGT, SA_SM_FGE, SA_SM_FEQ, SA_SM_FNE,   /* floats a, b */
+    SA_SM_ILT, SA_SM_ILE, SA_SM_IGT, SA_SM_IGE, SA_SM_IEQ, SA_SM_INE,   /* integers   */
+    SA_SM_AND, SA_SM_OR, SA_SM_XOR, SA_SM_NOT,                         /* 0 / 1      */
+    SA_SM_OP_COUNT
+} sa_sm_op;
+
+#define SA_SM_MAX_NODES 128      /* nodes of a program (its derivative's included) */
+#define SA_SM_MAX_DIMS 4         /* dims of a captured array                       */
+
+typedef struct {
+    int32_t op;                  /* sa_sm_op                                       */
+    int32_t arg[SA_SM_MAX_DIMS]; /* operand nodes (a load: its index nodes)        */
+    int32_t arr;                 /* a load: which captured array                   */
+    int32_t kv_axis;             /* a load: -1, or the axis whose index is arg[kv_axis]
+                                    + i * kv_idx (the other axes': arg[d]). Where the
+                                    args do not vary along a row, the read is strided:
+                                    no index computed per key (T5's bias[h, q - kv]) */
+    double f;                    /* SA_SM_FCONST's value                           */
+    int64_t i;                   /* SA_SM_ICONST's value; a load's kv coefficient   */
+} sa_sm_node;
+
+/* A score_mod (sa_attn_args.score_mod). Unit u is batch u / n_heads, head
+ * u % n_heads; query row i of the unit is q_idx = i, key j is kv_idx = j. The
+ * forward runs nodes [0, n_fwd) and uses node `out` as the score; the backward
+ * runs all n_nodes and multiplies dS by node `dout` (d out / d score) where the
+ * probability is nonzero. Captured array a: C order, dims[a][0..ndim[a]), float64
+ * (is_int[a] = 0) or int64; an index below 0 wraps once (NumPy's), one still
+ * outside is clamped and sets oob[a] = 1 (the caller raises; nothing outside
+ * is read). Not with softcap. */
+typedef struct {
+    const sa_sm_node *nodes;
+    int32_t n_nodes, n_fwd, out, dout;
+    int64_t n_heads;
+    int32_t n_arrays;
+    const void *const *arrays;
+    const int32_t *ndim, *is_int;
+    const int64_t *dims;         /* [n_arrays][SA_SM_MAX_DIMS]                     */
+    int32_t *oob;                /* [n_arrays], written by the kernels              */
+} sa_score_mod;
+
 /* Return nonzero to stop the computation (SA_ERR_INTERRUPTED). */
 typedef int (*sa_interrupt_fn)(void *ctx);
 
@@ -179,7 +241,8 @@ typedef int (*sa_interrupt_fn)(void *ctx);
  * the first sink_tokens keys stay visible beside a window (StreamingLLM's
  * attention sinks), the keys between are skipped.
  * A zero-initialised sa_attn_args has none of these (plain attention).
- * Its logit is s = scale q.k, then softcap * tanh(s / softcap) if softcap > 0,
+ * Its logit is s = scale q.k, then score_mod's program (sa_score_mod) if given,
+ * or softcap * tanh(s / softcap) if softcap > 0,
  * then - alibi_slope[u] * |p - j| if alibi_slope, then + the float mask.
  * A sink (sink[u], natural-log units like s; gpt-oss's and FlashAttention's
  * learnable sink) is one more logit in every row's softmax denominator, with
@@ -260,6 +323,7 @@ typedef struct {
      * function of (dropout_seed, unit u, query row i, key j): dropout.h. */
     double dropout_p;                          /* [0, 1); 0: none                */
     uint64_t dropout_seed;
+    const sa_score_mod *score_mod;             /* NULL: none (see sa_score_mod)  */
     int num_threads;  /* >= 1; 1 never enters an OpenMP region                 */
     int schedule;     /* sa_schedule_kind: AUTO, or one forced (tests); BANDED and
                          DECODE are only taken where the problem allows them

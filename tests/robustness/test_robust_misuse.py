@@ -318,8 +318,8 @@ MISUSE = [
     ("flex_block_mask_lengths", lambda: selfattn.flex_attention(Q, Q, Q, block_mask=selfattn.create_block_mask(
         lambda b, h, q, k: q >= k, 1, 1, 6, 5)), ValueError,
      r"block_mask was made for Q_LEN=6, KV_LEN=5, but query has L=5 rows and key S=5 keys"),
-    ("flex_score_mod", lambda: selfattn.flex_attention(Q, Q, Q, score_mod=lambda s, b, h, q, k: s),
-     NotImplementedError, r"flex_attention: score_mod is not implemented yet"),
+    ("flex_score_mod", lambda: selfattn.flex_attention(Q, Q, Q, score_mod=lambda s, b, h, q, k: float(s)),
+     selfattn.ScoreModTraceError, r"score_mod converts a traced value to a Python float"),
     # ---- paged caches (selfattn.paged)
     ("paged_query_3d", lambda: selfattn.paged_attention(Q[0], PK, PK, PBT, PSL), ValueError,
      r"query must be 4-D \(batch, Hq, n, E\)"),
