@@ -168,11 +168,10 @@ ext = Extension(
     sources=["selfattn/_core.pyx"] + C_SOURCES,
     include_dirs=["src_c", np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    depends=["src_c/selfattn.h", "src_c/attn_internal.h", "src_c/attn_mask.h", "src_c/attn_kernels.h",
-             "src_c/attn_pack.h", "src_c/attn_micro.h", "src_c/attn_rows.h", "src_c/lse_merge.h",
-             "src_c/attn_fwd_body.h", "src_c/attn_decode_body.h", "src_c/attn_bwd_body.h",
-             "src_c/simd_common.h", "src_c/simd_generic.h", "src_c/simd_avx2.h", "src_c/simd_avx512.h",
-             "src_c/simd_neon.h"],
+    # every header: a change to any of them rebuilds the kernels (a list written out by hand
+    # missed dropout.h, half.h, score_mod.h and the bf16 one)
+    depends=sorted("src_c/" + f for f in os.listdir(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                   "src_c")) if f.endswith(".h")),
 )
 
 setup(
