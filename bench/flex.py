@@ -131,16 +131,7 @@ def score_mods(L, H, q, k, v, tq, tk, tv, rounds, torch, tflex):
             fns["torch_mask"] = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=dense)
             if tflex is not None:
                 tmod = lambda s, b, h, qi, ki: s + tbias[h, qi - ki + L]          # noqa: E731
-                t0 = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    try:
-                        with torch.no_grad():
-                            tflex(tq, tk, tv, score_mod=tmod)
-                        t_comp = time.perf_counter() - t0
-                        fns["torch_flex"] = lambda: tflex(tq, tk, tv, score_mod=tmod)
-                    except Exception as exc:
-                        print(f"  torch.compile(flex_attention) failed: {type(exc).__name__}: {exc}"[:300])
+                t_comp = _compiled(torch, fns, lambda: tflex(tq, tk, tv, score_mod=tmod))
         with (torch.no_grad() if torch is not None else _null()):
             t = impls.best_of(fns, rounds)
         ms = lambda key: f"{t[key] * 1e3:8.1f}" if key in t else f"{'-':>8}"       # noqa: E731
@@ -174,16 +165,7 @@ def masks(args, L, q, k, v, tq, tk, tv, t_dense, rounds, torch, tflex):
             if tflex is not None:
                 tm = torch.from_numpy(np.ascontiguousarray(dense_mask))
                 tbm = tfa.create_block_mask(lambda b, h, qi, ki: tm[qi, ki], None, None, L, L, device="cpu")
-                t0 = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    try:
-                        with torch.no_grad():
-                            tflex(tq, tk, tv, block_mask=tbm)
-                        t_comp = time.perf_counter() - t0
-                        fns["torch_flex"] = lambda: tflex(tq, tk, tv, block_mask=tbm)
-                    except Exception as exc:        # a compiler that fails on this machine: say so
-                        print(f"  torch.compile(flex_attention) failed: {type(exc).__name__}: {exc}"[:300])
+                t_comp = _compiled(torch, fns, lambda: tflex(tq, tk, tv, block_mask=tbm))
         with (torch.no_grad() if torch is not None else _null()):
             t = impls.best_of(fns, rounds)
         ideal = frac * t_dense
@@ -202,6 +184,22 @@ def masks(args, L, q, k, v, tq, tk, tv, t_dense, rounds, torch, tflex):
         ok = "meets" if r_ideal <= TARGET_IDEAL else "MISSES"
         print(f"  {name}: {ok} the ideal target ({r_ideal:.2f}); vs torch's dense mask {r_mask:.1f}x; "
               f"vs torch flex compiled {r_flex:.1f}x")
+
+
+def _compiled(torch, fns, call):
+    """The first call of torch's compiled flex_attention (its compile time, returned), then
+    fns["torch_flex"] = call; a compiler that fails on this machine is said, not fatal (None)."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
+                call()
+        except Exception as exc:
+            print(f"  torch.compile(flex_attention) failed: {type(exc).__name__}: {exc}"[:300])
+            return None
+    fns["torch_flex"] = call
+    return time.perf_counter() - t0
 
 
 class _null:

@@ -287,6 +287,28 @@ def forced_schedule(name):
         _core._force_schedule(previous)
 
 
+def check_flex_16_bit(dtname, **flex_kw):
+    """flex_attention_vjp on float16 / bfloat16 inputs (B1 Hq4 H2 L100 S200, GQA) with flex_kw
+    (block_mask=, score_mod=) on every ISA: the 16-bit dtype out and back, within the dtype's
+    rounding of the float64 reference."""
+    if dtname == "bfloat16":
+        dt, tol = optional_import("ml_dtypes").bfloat16, 2.0 ** -6
+    else:
+        dt, tol = np.float16, 2.0 ** -9
+    rng = np.random.default_rng(9)
+    q, k, v = (rng.standard_normal(shape).astype(dt) for shape in ((1, 4, 100, 32), (1, 2, 200, 32), (1, 2, 200, 16)))
+    ref, ref_vjp = reference.flex_attention_vjp(q, k, v, enable_gqa=True, **flex_kw)
+    for isa in selfattn.available_isas():
+        with selfattn.use_isa(isa):
+            out, vjp = selfattn.flex_attention_vjp(q, k, v, enable_gqa=True, **flex_kw)
+            assert out.dtype == dt
+            assert np.abs(out.astype(np.float64) - ref).max() < tol * 4, isa
+            g = np.ones(out.shape, dtype=dt)
+            for a, b in zip(vjp(g), ref_vjp(g.astype(np.float64))):
+                assert a.dtype == dt
+                assert np.abs(a.astype(np.float64) - b).max() < tol * 16 * max(1.0, np.abs(b).max()), isa
+
+
 def optional_import(name):
     """Import an optional package; skip the test without it, unless SELFATTN_REQUIRE_OPTIONAL
     names it (CI sets it: there a missing oracle is a failure, not a silent skip)."""

@@ -16,8 +16,8 @@ import pytest
 
 import selfattn
 from selfattn import reference
-from sa_testutil import (DTYPES, ISAS, assert_bits, assert_sdpa_close, assert_unchanged, forced_schedule,
-                         logit_magnitude, optional_import, snapshot, tile_params, vmax_of)
+from sa_testutil import (DTYPES, ISAS, assert_bits, assert_sdpa_close, assert_unchanged, check_flex_16_bit,
+                         forced_schedule, logit_magnitude, optional_import, snapshot, tile_params, vmax_of)
 
 RNG_TABLE = np.random.default_rng(7).random((400, 700)) < 0.3       # a captured table: partial blocks
 
@@ -194,25 +194,8 @@ def test_empty_blocks_are_never_read():
 
 @pytest.mark.parametrize("dtname", ["float16", "bfloat16"])
 def test_flex_16_bit(dtname):
-    if dtname == "bfloat16":
-        dt = optional_import("ml_dtypes").bfloat16
-        tol = 2.0 ** -6
-    else:
-        dt, tol = np.float16, 2.0 ** -9
-    rng = np.random.default_rng(9)
-    q, k, v = _qkv(rng, 1, 4, 2, 100, 200, 32, 16)
-    q, k, v = (a.astype(dt) for a in (q, k, v))
-    bm = selfattn.create_block_mask(MODS["document_causal"], None, None, 100, 200, BLOCK_SIZE=32)
-    for isa in selfattn.available_isas():
-        with selfattn.use_isa(isa):
-            out, vjp = selfattn.flex_attention_vjp(q, k, v, block_mask=bm, enable_gqa=True)
-            assert out.dtype == dt
-            ref, ref_vjp = reference.flex_attention_vjp(q, k, v, block_mask=bm, enable_gqa=True)
-            assert np.abs(out.astype(np.float64) - ref).max() < tol * 4, isa
-            g = np.ones(out.shape, dtype=dt)
-            for a, b in zip(vjp(g), ref_vjp(g.astype(np.float64))):
-                assert a.dtype == dt
-                assert np.abs(a.astype(np.float64) - b).max() < tol * 16 * max(1.0, np.abs(b).max()), isa
+    check_flex_16_bit(dtname, block_mask=selfattn.create_block_mask(MODS["document_causal"], None, None, 100, 200,
+                                                                    BLOCK_SIZE=32))
 
 
 def test_no_block_mask_is_plain_attention_and_inputs_untouched():

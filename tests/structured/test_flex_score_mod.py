@@ -19,8 +19,8 @@ import pytest
 
 import selfattn
 from selfattn import _scoremod, reference
-from sa_testutil import (DTYPES, ISAS, assert_bits, assert_unchanged, forced_schedule, optional_import,
-                         snapshot, tile_params)
+from sa_testutil import (DTYPES, ISAS, assert_bits, assert_unchanged, check_flex_16_bit, forced_schedule,
+                         optional_import, snapshot, tile_params)
 
 RNG = np.random.default_rng(22)
 N = 1200                                                    # > L + S of every test
@@ -176,23 +176,7 @@ def test_same_bits_at_any_thread_count():
 
 @pytest.mark.parametrize("dtname", ["float16", "bfloat16"])
 def test_16_bit(dtname):
-    if dtname == "bfloat16":
-        dt = optional_import("ml_dtypes").bfloat16
-        tol = 2.0 ** -6
-    else:
-        dt, tol = np.float16, 2.0 ** -9
-    rng = np.random.default_rng(9)
-    q, k, v = (a.astype(dt) for a in _qkv(rng, 1, 4, 2, 100, 200, 32, 16))
-    for isa in selfattn.available_isas():
-        with selfattn.use_isa(isa):
-            out, vjp = selfattn.flex_attention_vjp(q, k, v, score_mod=MODS["t5_bias"], enable_gqa=True)
-            assert out.dtype == dt
-            ref, ref_vjp = reference.flex_attention_vjp(q, k, v, score_mod=MODS["t5_bias"], enable_gqa=True)
-            assert np.abs(out.astype(np.float64) - ref).max() < tol * 4, isa
-            g = np.ones(out.shape, dtype=dt)
-            for a, b in zip(vjp(g), ref_vjp(g.astype(np.float64))):
-                assert a.dtype == dt
-                assert np.abs(a.astype(np.float64) - b).max() < tol * 16 * max(1.0, np.abs(b).max()), isa
+    check_flex_16_bit(dtname, score_mod=MODS["t5_bias"])
 
 
 def test_identity_mod_is_plain_attention_and_inputs_untouched():
