@@ -48,7 +48,8 @@ static void FN(score_mod_row)(const sa_attn_args *a, int64_t u, int64_t i, int64
 {
     const sa_score_mod *m = a->score_mod;
     sa_sm_regs R;
-    double x[SA_SM_CHUNK];
+    double xbuf[SA_SM_CHUNK];
+    double *x = m->nodes[0].op == SA_SM_SCORE ? R.v[0].f : xbuf;    /* node 0's own slot: no copy */
     for (int64_t c = from; c < to; c += SA_SM_CHUNK) {
         int n = (int)(to - c < SA_SM_CHUNK ? to - c : SA_SM_CHUNK);
         for (int j = 0; j < n; j++) x[j] = (double)s[c + j] * SA_LN2;

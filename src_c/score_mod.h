@@ -144,6 +144,9 @@ static inline void sa_sm_gather_i(const int64_t *restrict src, const int64_t *re
     for (int j = 0; j < n; j++) o[j] = src[off[j]];
 }
 
+/* whether op's result is an integer (int64) node */
+static inline int sa_sm_is_int(int32_t op) { return op >= SA_SM_B; }
+
 /* A load (SA_SM_FLOAD / SA_SM_ILOAD) of keys kv0 .. kv0 + n - 1 into f or o. */
 static void sa_sm_load(const sa_score_mod *m, const sa_sm_node *nd, const sa_sm_regs *R, int64_t kv0, int n,
                        double *f, int64_t *o)
@@ -191,6 +194,10 @@ static void sa_sm_load(const sa_score_mod *m, const sa_sm_node *nd, const sa_sm_
         for (j = 0; j < n; j++) off[j] = 0;
         for (int32_t d = 0; d < ndim; d++) {
             const int64_t *ix = R->v[nd->arg[d]].i;
+            if (!R->varies[nd->arg[d]]) {          /* a row constant: element 0 only is computed */
+                for (j = 0; j < n; j++) idx[j] = ix[0];
+                ix = idx;
+            }
             if (d == ax) {
                 for (j = 0; j < n; j++) idx[j] = (int64_t)((uint64_t)ix[j] + (uint64_t)c * (uint64_t)(kv0 + j));
                 ix = idx;
@@ -214,79 +221,97 @@ static inline void sa_sm_eval(const sa_score_mod *m, int32_t upto, int64_t u, in
                               const double *score, sa_sm_regs *R)
 {
     const int64_t bb = u / m->n_heads, hh = u % m->n_heads;
+    uint8_t vec[SA_SM_MAX_NODES];
+    /* which nodes vary along the row (the score, kv_idx, what reads them); the others are
+     * computed once (element 0), and spread over the row only where a varying node other
+     * than a load reads them, or the caller does (out, dout): loads read them as scalars */
     for (int32_t t = 0; t < upto; t++) {
         const sa_sm_node *nd = m->nodes + t;
-        {   /* whether it varies along the row: a load whose args do not reads strided */
-            int k = sa_sm_nargs(m, nd), var = nd->op == SA_SM_SCORE || nd->op == SA_SM_KV
-                                              || ((nd->op == SA_SM_FLOAD || nd->op == SA_SM_ILOAD) && nd->kv_axis >= 0);
-            for (int d = 0; d < k; d++) var |= R->varies[nd->arg[d]];
-            R->varies[t] = (uint8_t)var;
-        }
+        int k = sa_sm_nargs(m, nd), var = nd->op == SA_SM_SCORE || nd->op == SA_SM_KV
+                                          || ((nd->op == SA_SM_FLOAD || nd->op == SA_SM_ILOAD) && nd->kv_axis >= 0);
+        for (int d = 0; d < k; d++) var |= R->varies[nd->arg[d]];
+        R->varies[t] = (uint8_t)var;
+        vec[t] = 0;
+    }
+    for (int32_t t = 0; t < upto; t++) {
+        const sa_sm_node *nd = m->nodes + t;
+        if (R->varies[t] && nd->op != SA_SM_FLOAD && nd->op != SA_SM_ILOAD)
+            for (int d = 0, k = sa_sm_nargs(m, nd); d < k; d++) vec[nd->arg[d]] = 1;
+    }
+    if (m->out < upto) vec[m->out] = 1;
+    if (m->dout < upto) vec[m->dout] = 1;
+    for (int32_t t = 0; t < upto; t++) {
+        const sa_sm_node *nd = m->nodes + t;
         double *f = R->v[t].f;
         int64_t *o = R->v[t].i;
         const double *fa = R->v[nd->arg[0]].f, *fb = R->v[nd->arg[1]].f, *fc = R->v[nd->arg[2]].f;
         const int64_t *ia = R->v[nd->arg[0]].i, *ib = R->v[nd->arg[1]].i, *ic = R->v[nd->arg[2]].i;
+        const int nn = R->varies[t] ? n : 1;
         int j;
         switch (nd->op) {
-        case SA_SM_SCORE: for (j = 0; j < n; j++) f[j] = score[j]; break;
-        case SA_SM_FCONST: for (j = 0; j < n; j++) f[j] = nd->f; break;
-        case SA_SM_FADD: for (j = 0; j < n; j++) f[j] = fa[j] + fb[j]; break;
-        case SA_SM_FSUB: for (j = 0; j < n; j++) f[j] = fa[j] - fb[j]; break;
-        case SA_SM_FMUL: for (j = 0; j < n; j++) f[j] = fa[j] * fb[j]; break;
-        case SA_SM_FDIV: for (j = 0; j < n; j++) f[j] = fa[j] / fb[j]; break;
-        case SA_SM_FPOW: for (j = 0; j < n; j++) f[j] = pow(fa[j], fb[j]); break;
-        case SA_SM_FMIN: for (j = 0; j < n; j++) f[j] = (fa[j] != fa[j] || fa[j] < fb[j]) ? fa[j] : fb[j]; break;
-        case SA_SM_FMAX: for (j = 0; j < n; j++) f[j] = (fa[j] != fa[j] || fa[j] > fb[j]) ? fa[j] : fb[j]; break;
-        case SA_SM_FNEG: for (j = 0; j < n; j++) f[j] = -fa[j]; break;
-        case SA_SM_FABS: for (j = 0; j < n; j++) f[j] = fabs(fa[j]); break;
-        case SA_SM_FEXP: for (j = 0; j < n; j++) f[j] = exp(fa[j]); break;
-        case SA_SM_FLOG: for (j = 0; j < n; j++) f[j] = log(fa[j]); break;
-        case SA_SM_FTANH: for (j = 0; j < n; j++) f[j] = tanh(fa[j]); break;
-        case SA_SM_FSQRT: for (j = 0; j < n; j++) f[j] = sqrt(fa[j]); break;
-        case SA_SM_FFLOOR: for (j = 0; j < n; j++) f[j] = floor(fa[j]); break;
-        case SA_SM_FFLOORDIV: { double r; for (j = 0; j < n; j++) f[j] = sa_sm_divmod(fa[j], fb[j], &r); } break;
-        case SA_SM_FMOD: for (j = 0; j < n; j++) (void)sa_sm_divmod(fa[j], fb[j], f + j); break;
-        case SA_SM_FWHERE: for (j = 0; j < n; j++) f[j] = ia[j] ? fb[j] : fc[j]; break;
-        case SA_SM_FCAST: for (j = 0; j < n; j++) f[j] = (double)ia[j]; break;
-        case SA_SM_B: for (j = 0; j < n; j++) o[j] = bb; break;
-        case SA_SM_H: for (j = 0; j < n; j++) o[j] = hh; break;
-        case SA_SM_Q: for (j = 0; j < n; j++) o[j] = q; break;
-        case SA_SM_KV: for (j = 0; j < n; j++) o[j] = kv0 + j; break;
-        case SA_SM_ICONST: for (j = 0; j < n; j++) o[j] = nd->i; break;
+        case SA_SM_SCORE: if (score != f) for (j = 0; j < n; j++) f[j] = score[j]; break;
+        case SA_SM_FCONST: for (j = 0; j < nn; j++) f[j] = nd->f; break;
+        case SA_SM_FADD: for (j = 0; j < nn; j++) f[j] = fa[j] + fb[j]; break;
+        case SA_SM_FSUB: for (j = 0; j < nn; j++) f[j] = fa[j] - fb[j]; break;
+        case SA_SM_FMUL: for (j = 0; j < nn; j++) f[j] = fa[j] * fb[j]; break;
+        case SA_SM_FDIV: for (j = 0; j < nn; j++) f[j] = fa[j] / fb[j]; break;
+        case SA_SM_FPOW: for (j = 0; j < nn; j++) f[j] = pow(fa[j], fb[j]); break;
+        case SA_SM_FMIN: for (j = 0; j < nn; j++) f[j] = (fa[j] != fa[j] || fa[j] < fb[j]) ? fa[j] : fb[j]; break;
+        case SA_SM_FMAX: for (j = 0; j < nn; j++) f[j] = (fa[j] != fa[j] || fa[j] > fb[j]) ? fa[j] : fb[j]; break;
+        case SA_SM_FNEG: for (j = 0; j < nn; j++) f[j] = -fa[j]; break;
+        case SA_SM_FABS: for (j = 0; j < nn; j++) f[j] = fabs(fa[j]); break;
+        case SA_SM_FEXP: for (j = 0; j < nn; j++) f[j] = exp(fa[j]); break;
+        case SA_SM_FLOG: for (j = 0; j < nn; j++) f[j] = log(fa[j]); break;
+        case SA_SM_FTANH: for (j = 0; j < nn; j++) f[j] = tanh(fa[j]); break;
+        case SA_SM_FSQRT: for (j = 0; j < nn; j++) f[j] = sqrt(fa[j]); break;
+        case SA_SM_FFLOOR: for (j = 0; j < nn; j++) f[j] = floor(fa[j]); break;
+        case SA_SM_FFLOORDIV: { double r; for (j = 0; j < nn; j++) f[j] = sa_sm_divmod(fa[j], fb[j], &r); } break;
+        case SA_SM_FMOD: for (j = 0; j < nn; j++) (void)sa_sm_divmod(fa[j], fb[j], f + j); break;
+        case SA_SM_FWHERE: for (j = 0; j < nn; j++) f[j] = ia[j] ? fb[j] : fc[j]; break;
+        case SA_SM_FCAST: for (j = 0; j < nn; j++) f[j] = (double)ia[j]; break;
+        case SA_SM_B: for (j = 0; j < nn; j++) o[j] = bb; break;
+        case SA_SM_H: for (j = 0; j < nn; j++) o[j] = hh; break;
+        case SA_SM_Q: for (j = 0; j < nn; j++) o[j] = q; break;
+        case SA_SM_KV: for (j = 0; j < nn; j++) o[j] = kv0 + j; break;
+        case SA_SM_ICONST: for (j = 0; j < nn; j++) o[j] = nd->i; break;
         /* int64 arithmetic wraps as NumPy's does (unsigned: no undefined overflow) */
-        case SA_SM_IADD: for (j = 0; j < n; j++) o[j] = (int64_t)((uint64_t)ia[j] + (uint64_t)ib[j]); break;
-        case SA_SM_ISUB: for (j = 0; j < n; j++) o[j] = (int64_t)((uint64_t)ia[j] - (uint64_t)ib[j]); break;
-        case SA_SM_IMUL: for (j = 0; j < n; j++) o[j] = (int64_t)((uint64_t)ia[j] * (uint64_t)ib[j]); break;
-        case SA_SM_IFLOORDIV: for (j = 0; j < n; j++) o[j] = sa_sm_ifloordiv(ia[j], ib[j]); break;
-        case SA_SM_IMOD: for (j = 0; j < n; j++) o[j] = sa_sm_imod(ia[j], ib[j]); break;
-        case SA_SM_IPOW: for (j = 0; j < n; j++) o[j] = sa_sm_ipow(ia[j], ib[j]); break;
-        case SA_SM_IMIN: for (j = 0; j < n; j++) o[j] = ia[j] < ib[j] ? ia[j] : ib[j]; break;
-        case SA_SM_IMAX: for (j = 0; j < n; j++) o[j] = ia[j] > ib[j] ? ia[j] : ib[j]; break;
-        case SA_SM_INEG: for (j = 0; j < n; j++) o[j] = (int64_t)(0 - (uint64_t)ia[j]); break;
-        case SA_SM_IABS: for (j = 0; j < n; j++) o[j] = ia[j] < 0 ? (int64_t)(0 - (uint64_t)ia[j]) : ia[j]; break;
-        case SA_SM_IWHERE: for (j = 0; j < n; j++) o[j] = ia[j] ? ib[j] : ic[j]; break;
-        case SA_SM_ITRUNC: for (j = 0; j < n; j++) o[j] = sa_sm_trunc(fa[j]); break;
-        case SA_SM_FLT: for (j = 0; j < n; j++) o[j] = fa[j] < fb[j]; break;
-        case SA_SM_FLE: for (j = 0; j < n; j++) o[j] = fa[j] <= fb[j]; break;
-        case SA_SM_FGT: for (j = 0; j < n; j++) o[j] = fa[j] > fb[j]; break;
-        case SA_SM_FGE: for (j = 0; j < n; j++) o[j] = fa[j] >= fb[j]; break;
-        case SA_SM_FEQ: for (j = 0; j < n; j++) o[j] = fa[j] == fb[j]; break;
-        case SA_SM_FNE: for (j = 0; j < n; j++) o[j] = fa[j] != fb[j]; break;
-        case SA_SM_ILT: for (j = 0; j < n; j++) o[j] = ia[j] < ib[j]; break;
-        case SA_SM_ILE: for (j = 0; j < n; j++) o[j] = ia[j] <= ib[j]; break;
-        case SA_SM_IGT: for (j = 0; j < n; j++) o[j] = ia[j] > ib[j]; break;
-        case SA_SM_IGE: for (j = 0; j < n; j++) o[j] = ia[j] >= ib[j]; break;
-        case SA_SM_IEQ: for (j = 0; j < n; j++) o[j] = ia[j] == ib[j]; break;
-        case SA_SM_INE: for (j = 0; j < n; j++) o[j] = ia[j] != ib[j]; break;
-        case SA_SM_AND: for (j = 0; j < n; j++) o[j] = (ia[j] != 0) & (ib[j] != 0); break;
-        case SA_SM_OR: for (j = 0; j < n; j++) o[j] = (ia[j] != 0) | (ib[j] != 0); break;
-        case SA_SM_XOR: for (j = 0; j < n; j++) o[j] = (ia[j] != 0) ^ (ib[j] != 0); break;
-        case SA_SM_NOT: for (j = 0; j < n; j++) o[j] = ia[j] == 0; break;
+        case SA_SM_IADD: for (j = 0; j < nn; j++) o[j] = (int64_t)((uint64_t)ia[j] + (uint64_t)ib[j]); break;
+        case SA_SM_ISUB: for (j = 0; j < nn; j++) o[j] = (int64_t)((uint64_t)ia[j] - (uint64_t)ib[j]); break;
+        case SA_SM_IMUL: for (j = 0; j < nn; j++) o[j] = (int64_t)((uint64_t)ia[j] * (uint64_t)ib[j]); break;
+        case SA_SM_IFLOORDIV: for (j = 0; j < nn; j++) o[j] = sa_sm_ifloordiv(ia[j], ib[j]); break;
+        case SA_SM_IMOD: for (j = 0; j < nn; j++) o[j] = sa_sm_imod(ia[j], ib[j]); break;
+        case SA_SM_IPOW: for (j = 0; j < nn; j++) o[j] = sa_sm_ipow(ia[j], ib[j]); break;
+        case SA_SM_IMIN: for (j = 0; j < nn; j++) o[j] = ia[j] < ib[j] ? ia[j] : ib[j]; break;
+        case SA_SM_IMAX: for (j = 0; j < nn; j++) o[j] = ia[j] > ib[j] ? ia[j] : ib[j]; break;
+        case SA_SM_INEG: for (j = 0; j < nn; j++) o[j] = (int64_t)(0 - (uint64_t)ia[j]); break;
+        case SA_SM_IABS: for (j = 0; j < nn; j++) o[j] = ia[j] < 0 ? (int64_t)(0 - (uint64_t)ia[j]) : ia[j]; break;
+        case SA_SM_IWHERE: for (j = 0; j < nn; j++) o[j] = ia[j] ? ib[j] : ic[j]; break;
+        case SA_SM_ITRUNC: for (j = 0; j < nn; j++) o[j] = sa_sm_trunc(fa[j]); break;
+        case SA_SM_FLT: for (j = 0; j < nn; j++) o[j] = fa[j] < fb[j]; break;
+        case SA_SM_FLE: for (j = 0; j < nn; j++) o[j] = fa[j] <= fb[j]; break;
+        case SA_SM_FGT: for (j = 0; j < nn; j++) o[j] = fa[j] > fb[j]; break;
+        case SA_SM_FGE: for (j = 0; j < nn; j++) o[j] = fa[j] >= fb[j]; break;
+        case SA_SM_FEQ: for (j = 0; j < nn; j++) o[j] = fa[j] == fb[j]; break;
+        case SA_SM_FNE: for (j = 0; j < nn; j++) o[j] = fa[j] != fb[j]; break;
+        case SA_SM_ILT: for (j = 0; j < nn; j++) o[j] = ia[j] < ib[j]; break;
+        case SA_SM_ILE: for (j = 0; j < nn; j++) o[j] = ia[j] <= ib[j]; break;
+        case SA_SM_IGT: for (j = 0; j < nn; j++) o[j] = ia[j] > ib[j]; break;
+        case SA_SM_IGE: for (j = 0; j < nn; j++) o[j] = ia[j] >= ib[j]; break;
+        case SA_SM_IEQ: for (j = 0; j < nn; j++) o[j] = ia[j] == ib[j]; break;
+        case SA_SM_INE: for (j = 0; j < nn; j++) o[j] = ia[j] != ib[j]; break;
+        case SA_SM_AND: for (j = 0; j < nn; j++) o[j] = (ia[j] != 0) & (ib[j] != 0); break;
+        case SA_SM_OR: for (j = 0; j < nn; j++) o[j] = (ia[j] != 0) | (ib[j] != 0); break;
+        case SA_SM_XOR: for (j = 0; j < nn; j++) o[j] = (ia[j] != 0) ^ (ib[j] != 0); break;
+        case SA_SM_NOT: for (j = 0; j < nn; j++) o[j] = ia[j] == 0; break;
         case SA_SM_FLOAD:
         case SA_SM_ILOAD:
-            sa_sm_load(m, nd, R, kv0, n, f, o);
+            sa_sm_load(m, nd, R, kv0, nn, f, o);
             break;
         default: break;                                   /* sa_sm_ok refused it */
+        }
+        if (nn == 1 && vec[t] && n > 1) {                  /* a row constant some vector op reads */
+            if (sa_sm_is_int(nd->op)) for (j = 1; j < n; j++) o[j] = o[0];
+            else for (j = 1; j < n; j++) f[j] = f[0];
         }
     }
 }
