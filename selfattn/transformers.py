@@ -222,6 +222,9 @@ def _sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, is_causal: bo
     q, k, v = _as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value")
     if reverse:
         q, k, v = q[..., ::-1, :], k[..., ::-1, :], v[..., ::-1, :]
+        for name in ("k_scale", "v_scale"):          # an int8 cache's scales: the same positions
+            if options.get(name) is not None:
+                options[name] = options[name][..., ::-1]
     mask = _as_numpy(attn_mask, "attn_mask")
     out = _np_sdpa(q, k, v, mask, is_causal=is_causal, **options)
     if reverse:
@@ -245,6 +248,12 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
                                   "relative positions); use 'sdpa' or 'eager' for this model")
     q_len, kv_len = query.shape[2], key.shape[2]
     options: Dict[str, Any] = {}
+    if key.dtype == _torch.int8:                # new_cache(kv_dtype="int8"): the scales ride on the views
+        scales = getattr(key, _SCALES, None)
+        if scales is None or _wants_grad(query):
+            raise TypeError("int8 keys reach attn_implementation='selfattn' only from selfattn.transformers."
+                            "new_cache(kv_dtype='int8'), in inference (torch.no_grad())")
+        options["k_scale"], options["v_scale"] = scales
     st = getattr(attention_mask, _ATTR, None)
     if attention_mask is not None and st is not None and tuple(attention_mask.shape[-2:]) == (q_len, kv_len) \
             and attention_mask.shape[0] in (1, query.shape[0]):
@@ -262,6 +271,8 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
         if causal and kv_len > q_len:
             # prefill into an empty preallocated cache: the keys past the queries are empty slots
             key, value = key[:, :, :q_len], value[:, :, :q_len]
+            if "k_scale" in options:
+                options["k_scale"], options["v_scale"] = options["k_scale"][..., :q_len], options["v_scale"][..., :q_len]
     if kwargs.get("softcap") is not None:
         options["softcap"] = float(kwargs["softcap"])
     if kwargs.get("s_aux") is not None:
@@ -293,6 +304,7 @@ def register(name: str = NAME) -> str:
 # ---------------------------------------------------------------- a cache for generate()
 
 _CACHE_CLASSES: Dict[str, Any] = {}
+_SCALES = "_selfattn_kv_scales"     # an int8 cache's key view carries (key scales, value scales)
 
 
 def _index_array(idx: Any, batch: int) -> Any:
@@ -321,9 +333,10 @@ def _cache_classes() -> Tuple[Any, Any]:
             models alike; cropping in place (:meth:`selfattn.KVCache.crop`), beam search's reorder and
             batch selection by :meth:`selfattn.KVCache.reorder` (one copy of the valid positions)."""
 
-            def __init__(self, max_len: int = 0) -> None:
+            def __init__(self, max_len: int = 0, kv_dtype: Optional[str] = None) -> None:
                 super().__init__()
                 self.max_len = int(max_len)
+                self.kv_dtype = kv_dtype
                 self.kv: Optional[_KVCache] = None
 
             def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
@@ -337,12 +350,18 @@ def _cache_classes() -> Tuple[Any, Any]:
                     a.flags.writeable = True           # a view of the cache's own buffer; torch needs it writable
                     views.append(_to_torch(a))
                 self.keys, self.values = views
+                if self.kv.kv_dtype:                   # int8: the scales beside the values (attention_forward)
+                    setattr(self.keys, _SCALES, (self.kv.key_scales, self.kv.value_scales))
 
             def _fill(self, key_states: Any, value_states: Any) -> None:
                 k, v = _as_numpy(key_states, "key_states"), _as_numpy(value_states, "value_states")
                 B, H, n, E = k.shape
+                if self.kv_dtype and k.dtype != _np.float32:
+                    raise TypeError(f"new_cache(kv_dtype={self.kv_dtype!r}) holds a float32 model's keys and values "
+                                    f"(the kernels take float32 queries with int8 K/V); this model's are {k.dtype}")
                 if self.kv is None or self.kv.batch != B or self.kv.num_kv_heads != H or self.kv.dtype != k.dtype:
-                    self.kv = _KVCache(B, H, max(self.max_len, n), E, v.shape[-1], dtype=k.dtype, grow=True)
+                    self.kv = _KVCache(B, H, max(self.max_len, n), E, v.shape[-1], dtype=k.dtype, grow=True,
+                                       kv_dtype=self.kv_dtype)
                 self.kv.append(k, v)
                 self._expose()
 
@@ -400,9 +419,9 @@ def _cache_classes() -> Tuple[Any, Any]:
         class SelfattnCache(Cache):  # type: ignore[misc, valid-type, unused-ignore]
             """A transformers ``Cache`` of :class:`KVCacheLayer` s (see :func:`new_cache`)."""
 
-            def __init__(self, config: Any = None, max_len: int = 0) -> None:
+            def __init__(self, config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = None) -> None:
                 if config is None:
-                    super().__init__(layer_class_to_replicate=lambda: KVCacheLayer(max_len))  # type: ignore[arg-type, unused-ignore]
+                    super().__init__(layer_class_to_replicate=lambda: KVCacheLayer(max_len, kv_dtype))  # type: ignore[arg-type, unused-ignore]
                     return
                 text = config.get_text_config(decoder=True)
                 kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
@@ -412,13 +431,13 @@ def _cache_classes() -> Tuple[Any, Any]:
                                               f"only; this model's layer_types include {sorted(other)}: use "
                                               f"transformers' DynamicCache")
                 # sliding layers keep every position too: the window is in the mask (and in the kernel)
-                super().__init__(layers=[KVCacheLayer(max_len) for _ in range(text.num_hidden_layers)])
+                super().__init__(layers=[KVCacheLayer(max_len, kv_dtype) for _ in range(text.num_hidden_layers)])
 
         _CACHE_CLASSES.update(layer=KVCacheLayer, cache=SelfattnCache)
     return _CACHE_CLASSES["layer"], _CACHE_CLASSES["cache"]
 
 
-def new_cache(config: Any = None, max_len: int = 0) -> Any:
+def new_cache(config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = None) -> Any:
     """A transformers ``Cache`` whose layers keep their keys and values in :class:`selfattn.KVCache` s.
 
     ``model.generate(ids, cache=selfattn.transformers.new_cache(model.config, max_len=n))``: each layer's
@@ -426,5 +445,13 @@ def new_cache(config: Any = None, max_len: int = 0) -> Any:
     capacity doubles) and written in place at every step; the attention reads views of them (no
     ``torch.cat`` of the whole cache per step, as transformers' ``DynamicCache`` does). Sliding-window
     layers keep every position (the window is applied by the mask, in the kernel). Inference only
-    (gradients: ``use_cache=False``)."""
-    return _cache_classes()[1](config, max_len)
+    (gradients: ``use_cache=False``).
+
+    ``kv_dtype="int8"`` (a float32 model): the keys and values are quantized as they are appended
+    (:func:`selfattn.quantize_kv`: int8, one float32 scale per position and kv head; a quarter of
+    the memory) and read as stored by the kernels (``attn_implementation="selfattn"`` only: the
+    layer hands transformers int8 views, their scales beside)."""
+    if kv_dtype is not None:
+        from .quant import _kv_dtype
+        kv_dtype = _kv_dtype(kv_dtype)
+    return _cache_classes()[1](config, max_len, kv_dtype)

@@ -113,3 +113,40 @@ def test_crop_select_repeat_in_place_of_copies():
     assert torch.equal(layer.keys, before[[2, 2, 0, 0], :, :-2])
     cache.reorder_cache(torch.tensor([3, 0, 1, 2]))
     assert torch.equal(layer.keys, before[[0, 2, 2, 0], :, :-2]) and isinstance(layer.kv, selfattn.KVCache)
+
+
+def test_int8_cache():
+    """kv_dtype="int8": the keys and values stored quantized (a quarter of the memory), the attention
+    the kernels' int8 path -- equal to float attention over the dequantized K/V -- left padding and
+    GQA included; the tokens those of the float cache here, the logits within int8's rounding."""
+    model = _model()
+    kw = dict(max_new_tokens=12, return_dict_in_generate=True, output_logits=True)
+    ref = _generate(model, NAME, sat.new_cache(model.config, max_len=30), **kw)
+    cache = sat.new_cache(model.config, max_len=30, kv_dtype="int8")
+    got = _generate(model, NAME, cache, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        assert (a - b).abs().max().item() < 0.02 * b.abs().max().item()
+    kv = cache.layers[0].kv
+    assert kv.kv_dtype == "int8" and kv.keys.dtype.name == "int8" and kv.lengths.tolist() == [22, 22, 22]
+    # one layer's attention on the int8 views against float attention on the dequantized K/V
+    layer = cache.layers[0]
+    q = torch.randn(3, 4, 1, 16)
+    k8, v8 = layer.keys, layer.values
+    kd = torch.from_numpy(selfattn.dequantize_kv(kv.keys, kv.key_scales))
+    vd = torch.from_numpy(selfattn.dequantize_kv(kv.values, kv.value_scales))
+    with torch.no_grad():
+        out8, _ = sat.attention_forward(model.model.layers[0].self_attn, q, k8, v8, None, scaling=0.25)
+        outf, _ = sat.attention_forward(model.model.layers[0].self_attn, q, kd, vd, None, scaling=0.25)
+    assert (out8 - outf).abs().max().item() < 1e-5
+
+
+def test_int8_cache_errors():
+    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+        sat.new_cache(None, kv_dtype="int4")
+    model = _model(dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="holds a float32 model's keys"):
+        _generate(model, NAME, sat.new_cache(model.config, kv_dtype="int8"), max_new_tokens=2)
+    k8 = torch.zeros(1, 2, 5, 16, dtype=torch.int8)
+    with pytest.raises(TypeError, match="int8 keys reach attn_implementation='selfattn' only from"):
+        sat.attention_forward(None, torch.zeros(1, 4, 1, 16), k8, k8, None)
