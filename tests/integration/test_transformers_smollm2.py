@@ -165,8 +165,8 @@ def test_int8_cache_follows_the_float_cache(smol, alone):
     """new_cache(kv_dtype="int8"): K/V quantized as appended (one scale per position and kv head) and
     read as stored by the kernels. SmolLM2's keys have outlier channels, so per-position int8 moves
     the logits by up to ~6 % of their largest (measured 3.7-6.4 %); the greedy tokens stay those of
-    the float cache for a while (measured: 64, 64 and 33 of 64 on the three prompts, Emerald Rapids
-    and Zen alike: the kernels' results do not depend on the machine's threads)."""
+    the float cache for a while (measured on Emerald Rapids, AVX-512: 64, 64 and 33 of 64 on the three
+    prompts; other instruction sets round differently, hence the margin of the bound)."""
     tok, model = smol
     out = alone[0]
     for p in PROMPTS:
