@@ -139,6 +139,10 @@ def test_int8_cache():
         out8, _ = sat.attention_forward(model.model.layers[0].self_attn, q, k8, v8, None, scaling=0.25)
         outf, _ = sat.attention_forward(model.model.layers[0].self_attn, q, kd, vd, None, scaling=0.25)
     assert (out8 - outf).abs().max().item() < 1e-5
+    # beam search (reorders: the scales move with their positions) and a capacity that grows
+    ref = _generate(model, NAME, sat.new_cache(model.config, max_len=4), max_new_tokens=8, num_beams=3)
+    got = _generate(model, NAME, sat.new_cache(model.config, max_len=4, kv_dtype="int8"), max_new_tokens=8, num_beams=3)
+    assert torch.equal(got, ref)
 
 
 def test_int8_cache_errors():
