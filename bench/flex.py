@@ -61,9 +61,10 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(flex_attention)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--part", choices=("all", "masks", "score_mod"), default="all")
+    ap.add_argument("--shape", default=None, help="B,H,L,E (default 1,8,8192,64; --quick: L 2048), e.g. "
+                                                  "4,12,512,64 for T5-base's encoder")
     args = ap.parse_args(argv)
-    L = 2048 if args.quick else 8192
-    H, E = 8, 64
+    B, H, L, E = (int(x) for x in args.shape.split(",")) if args.shape else (1, 8, 2048 if args.quick else 8192, 64)
     rounds = args.rounds or (3 if args.quick else 3)
     nt = impls.default_threads()
     impls.pin_threads(nt)
@@ -74,11 +75,11 @@ def main(argv=None):
         torch.set_num_threads(nt)
         print(f"torch {torch.__version__} cpu capability {impls.torch_cpu_capability(torch)}")
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, H, L, E), dtype=np.float32) for _ in range(3))
+    q, k, v = (rng.standard_normal((B, H, L, E), dtype=np.float32) for _ in range(3))
     tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v)) if torch is not None else (None, None, None)
     t_dense = impls.best_of({"dense": lambda: selfattn.scaled_dot_product_attention(q, k, v)}, rounds)["dense"]
-    print(f"B1 H{H} L{L} E{E} float32; selfattn dense forward, no mask: {t_dense * 1e3:.1f} ms "
-          f"({impls.attn_flops(1, H, L, L, E) / t_dense / 1e9:.0f} GFLOP/s)\n")
+    print(f"B{B} H{H} L{L} E{E} float32; selfattn dense forward, no mask: {t_dense * 1e3:.1f} ms "
+          f"({impls.attn_flops(B, H, L, L, E) / t_dense / 1e9:.0f} GFLOP/s)\n")
     tflex = None
     if torch is not None and not args.no_compile:
         from torch.nn.attention import flex_attention as tfa
@@ -112,7 +113,7 @@ def score_mods(L, H, q, k, v, tq, tk, tv, rounds, torch, tflex):
         "softcap 20": (lambda s, b, h, qi, ki: 20 * np.tanh(s / 20), {"softcap": 20.0}),
     }
     g = np.ones_like(q)
-    print(f"\nscore_mod, B1 H{H} L{L} E{q.shape[-1]} float32 (x: the plain kernel's time over this one's; "
+    print(f"\nscore_mod, B{q.shape[0]} H{H} L{L} E{q.shape[-1]} float32 (x: the plain kernel's time over this one's; "
           f"built-in: the same through scaled_dot_product_attention's option)")
     print(f"{'score_mod':<36} {'plain':>8} {'fwd':>8} {'x':>5} {'built-in':>8} {'x':>5} {'plain f+b':>9} "
           f"{'f+b':>8} {'x':>5} {'torch mask':>10} {'x':>6} {'t.flex':>8} {'x':>6} {'compile':>8}")
