@@ -21,6 +21,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #include "selfattn.h"
 
 #define SA_SM_SMALL ((int64_t)1 << 31)   /* a strided load's bound on |c|, keys, |row index| / 2^31 */
@@ -39,6 +40,89 @@ typedef struct {
     uint8_t varies[SA_SM_MAX_NODES];   /* depends on the score or kv_idx: a load whose
                                           indices do not is read strided (sa_sm_load) */
 } sa_sm_regs;
+
+/* ---- exp, log and tanh that vectorise (libm's are calls, one value at a time:
+ * softcap through score_mod ran at 0.15x the plain kernel with them). Within
+ * ~2 ulp of libm; special values as libm's: exp(-inf) = 0, exp(inf) = inf,
+ * log(0) = -inf, log(x < 0) = NaN, tanh(+-inf) = +-1, NaN through. Bits moved
+ * with memcpy (vectorised as register moves). */
+static inline double sa_sm_from_bits(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
+static inline uint64_t sa_sm_bits(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+
+static inline double sa_sm_exp(double x)
+{
+    const double shift = 6755399441055744.0;                  /* 1.5 * 2^52: rounds to an integer */
+    double t = x * 1.4426950408889634;                        /* x log2(e) */
+    t = t > 1100.0 ? 1100.0 : t;
+    t = t < -1100.0 ? -1100.0 : t;                            /* (NaN stays NaN) */
+    double nd = (t + shift) - shift;                          /* n = round(t) */
+    double hd = nd * 0.5;                                     /* 2^n as 2^n1 2^(n - n1), both normal */
+    int64_t n = (int64_t)(sa_sm_bits(t + shift) - sa_sm_bits(shift));
+    int64_t n1 = (int64_t)(sa_sm_bits(hd + shift) - sa_sm_bits(shift)), n2 = n - n1;   /* no int64 division */
+    double r = (x - nd * 6.93147180369123816490e-01) - nd * 1.90821492927058770002e-10;   /* |r| <= 0.35 */
+    /* e^r, Taylor to r^12 (error < 2e-16 relative at |r| = 0.35) */
+    double p = 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    double y = p * sa_sm_from_bits((uint64_t)(n1 + 1023) << 52) * sa_sm_from_bits((uint64_t)(n2 + 1023) << 52);
+    y = x < -746.0 ? 0.0 : y;
+    return x > 710.0 ? (double)INFINITY : y;
+}
+
+static inline double sa_sm_log(double x)
+{
+    double xs = x < 2.2250738585072014e-308 ? x * 18014398509481984.0 : x;   /* subnormal: x 2^54 */
+    uint64_t u = sa_sm_bits(xs);
+    int64_t e = (int64_t)((u >> 52) & 0x7ff) - (x < 2.2250738585072014e-308 ? 1077 : 1023);
+    double m = sa_sm_from_bits((u & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);   /* [1, 2) */
+    e += m > 1.4142135623730951 ? 1 : 0;
+    m = m > 1.4142135623730951 ? m * 0.5 : m;
+    double f = m - 1.0, s = f / (2.0 + f), z = s * s;      /* log(m) = 2 atanh(s), |s| <= 0.172 */
+    double p = 1.0 / 23.0;
+    p = p * z + 1.0 / 21.0;
+    p = p * z + 1.0 / 19.0;
+    p = p * z + 1.0 / 17.0;
+    p = p * z + 1.0 / 15.0;
+    p = p * z + 1.0 / 13.0;
+    p = p * z + 1.0 / 11.0;
+    p = p * z + 1.0 / 9.0;
+    p = p * z + 1.0 / 7.0;
+    p = p * z + 1.0 / 5.0;
+    p = p * z + 1.0 / 3.0;
+    /* (double)e without an int64 -> double conversion (AVX2 has none): through 2^52's bits */
+    double ed = sa_sm_from_bits(0x4330000000000000ULL + (uint64_t)(e + 2048)) - (4503599627370496.0 + 2048.0);
+    /* f - (f - 2 s p') keeps the small terms exact: log(m) = f - f^2/2 + ... = 2s + 2s z p */
+    double lm = 2.0 * s + 2.0 * s * z * p;
+    double y = ed * 6.93147180369123816490e-01 + (ed * 1.90821492927058770002e-10 + lm);
+    y = x == 0.0 ? -(double)INFINITY : y;
+    y = x < 0.0 ? (double)NAN : y;
+    y = x == (double)INFINITY ? x : y;
+    return x != x ? x : y;
+}
+
+static inline double sa_sm_tanh(double x)
+{
+    double a = fabs(x), z = x * x;
+    /* |x| < 0.625: x + x z P(z) / Q(z) (Cephes' tanh); above, 1 - 2 / (e^2|x| + 1) */
+    double P = (-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z - 1.61468768441708447952e3;
+    double Q = ((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z + 4.84406305325125486048e3;
+    double small = x + x * z * (P / Q);
+    double e = sa_sm_exp(2.0 * (a > 40.0 ? 40.0 : a));
+    double big = 1.0 - 2.0 / (e + 1.0);
+    big = x < 0 ? -big : big;
+    small = x == 0.0 ? x : small;                            /* tanh(-0) = -0 */
+    return a < 0.625 ? small : (x != x ? x : big);
+}
 
 /* NumPy's float floor_divide and remainder (npy_divmod): exact where a / b
  * rounds to an integer that floor(a / b) would miss */
@@ -260,9 +344,9 @@ static inline void sa_sm_eval(const sa_score_mod *m, int32_t upto, int64_t u, in
         case SA_SM_FMAX: for (j = 0; j < nn; j++) f[j] = (fa[j] != fa[j] || fa[j] > fb[j]) ? fa[j] : fb[j]; break;
         case SA_SM_FNEG: for (j = 0; j < nn; j++) f[j] = -fa[j]; break;
         case SA_SM_FABS: for (j = 0; j < nn; j++) f[j] = fabs(fa[j]); break;
-        case SA_SM_FEXP: for (j = 0; j < nn; j++) f[j] = exp(fa[j]); break;
-        case SA_SM_FLOG: for (j = 0; j < nn; j++) f[j] = log(fa[j]); break;
-        case SA_SM_FTANH: for (j = 0; j < nn; j++) f[j] = tanh(fa[j]); break;
+        case SA_SM_FEXP: for (j = 0; j < nn; j++) f[j] = sa_sm_exp(fa[j]); break;
+        case SA_SM_FLOG: for (j = 0; j < nn; j++) f[j] = sa_sm_log(fa[j]); break;
+        case SA_SM_FTANH: for (j = 0; j < nn; j++) f[j] = sa_sm_tanh(fa[j]); break;
         case SA_SM_FSQRT: for (j = 0; j < nn; j++) f[j] = sqrt(fa[j]); break;
         case SA_SM_FFLOOR: for (j = 0; j < nn; j++) f[j] = floor(fa[j]); break;
         case SA_SM_FFLOORDIV: { double r; for (j = 0; j < nn; j++) f[j] = sa_sm_divmod(fa[j], fb[j], &r); } break;

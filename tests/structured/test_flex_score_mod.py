@@ -379,3 +379,49 @@ def test_torch_bridge():
     out.sum().backward()
     with pytest.raises(Exception, match="score_mod calls torch's"):
         st.flex_attention(tq, tk, tv, lambda s, b, h, qi, ki: torch.sigmoid(s), enable_gqa=True)
+
+
+# ---- score_mod.h's own exp / log / tanh (vectorisable, not libm's) -------------------------------------------------
+
+_SM_MATH_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mavx512dq"]}
+
+
+def _run_sm_math(cmd_build, cmd_run):
+    import re
+    import subprocess
+
+    from sa_testutil import env_without_sanitizer
+    r = subprocess.run(cmd_build, capture_output=True, text=True, timeout=300, env=env_without_sanitizer())
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
+    r = subprocess.run(cmd_run, capture_output=True, text=True, timeout=600, env=env_without_sanitizer())
+    m = re.search(r"^(\d+) passed, (\d+) failed$", r.stdout, re.M)
+    assert r.returncode == 0 and m and int(m.group(2)) == 0 and int(m.group(1)) == 14, r.stdout[-4000:] + r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_sm_math_within_3_ulp_of_libm(tmp_path, isa):
+    """tests/c/test_sm_math.c: sa_sm_exp / log / tanh within 3 ulp of libm on 4M arguments per range, libm's
+    special values; built with the kernels' flags and this ISA's instructions, so the vectorised loops
+    (blends instead of branches, FMA contraction) are what is checked."""
+    from sa_testutil import SRC_C, c_compiler
+    cc, src = c_compiler(), SRC_C.parent / "tests" / "c" / "test_sm_math.c"
+    if cc is None or not src.is_file():
+        pytest.skip("no C compiler, or the C sources are not beside the package")
+    exe = tmp_path / "test_sm_math"
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
+    _run_sm_math(cc + flags + _SM_MATH_FLAGS.get(isa, []) + [f"-I{SRC_C}", str(src), "-lm", "-o", str(exe)],
+                 [str(exe)])
+
+
+def test_sm_math_aarch64_under_qemu(tmp_path):
+    import shutil
+
+    from sa_testutil import SRC_C
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    src = SRC_C.parent / "tests" / "c" / "test_sm_math.c"
+    if cc is None or qemu is None or not src.is_file():
+        pytest.skip("no aarch64 cross compiler / qemu-aarch64, or no C sources")
+    exe = tmp_path / "test_sm_math_aarch64"
+    _run_sm_math([cc, "-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function",
+                  f"-I{SRC_C}", str(src), "-lm", "-static", "-o", str(exe)], [qemu, str(exe)])
