@@ -212,18 +212,18 @@ def flex_attention_vjp(query: Any, key: Any, value: Any, score_mod: Optional[Any
     >>> bool(np.allclose(dv.sum(axis=-2), 96.0))   # each query's weights sum to 1
     True
     """
-    from .flex import _flex_args
+    from .flex import _flex_args, _flex_bwd, _flex_fwd
     q, k, v, bm, sm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention_vjp", enable_gqa)
     wanted = _captured(sm, grad_arrays, "flex_attention_vjp")
-    opts = dict(scale=scale, enable_gqa=enable_gqa, num_threads=num_threads, block_mask=bm, score_mod=sm)
-    out, lse = _core.sdpa(q, k, v, return_lse=True, **opts)
+    opts = dict(scale=scale, enable_gqa=enable_gqa, num_threads=num_threads)
+    out, lse = _flex_fwd(q, k, v, bm, sm, True, **opts)
     out.flags.writeable = False              # vjp reads it: no in-place changes
     shapes = (q.shape, k.shape, v.shape)
     dtypes = (_grad_dtype(q), _grad_dtype(k), _grad_dtype(v))
 
     def vjp(grad_out: Any) -> Tuple[np.ndarray, ...]:
         dout = _check_cotangent(grad_out, out)
-        dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, dout, **opts)
+        dq, dk, dv = _flex_bwd(q, k, v, out, lse, dout, bm, sm, **opts)
         grads = tuple(_unbroadcast(g, s, d) for g, s, d in zip((dq, dk, dv), shapes, dtypes))
         if wanted:
             ga = flex_array_grads(sm.program, wanted, q, k, v, out, lse, dout, scale, block_mask)

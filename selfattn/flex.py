@@ -23,6 +23,15 @@ nothing computed), a full block reads no mask, a partial block applies its bits 
 combines with nothing else: structure that ``scaled_dot_product_attention`` has built in (causal,
 windows, key lengths) is faster there (intervals, no table).
 
+Key compaction: when every visible pair has ``q_idx = kv_idx (mod D)`` for some D > 1 (a window
+dilated key by key, a strided pattern), rows of residue r only see keys of residue r.
+:func:`create_block_mask` finds D (the gcd of ``q_idx - kv_idx`` over the visible pairs, block row
+by block row) and also builds each residue class's block mask, where the pattern is dense (a plain
+band for a dilated window); :func:`flex_attention` and its backward then run one kernel call per
+class on strided views (rows r, r + D, ... against keys r, r + D, ...: no copies), instead of
+computing every partial block and masking (D - 1) / D of it (``repr`` says "runs as D strided
+classes"). With a ``score_mod`` (it reads the true positions) the mask runs in one call.
+
 ``score_mod(score, b, h, q_idx, kv_idx) -> score`` changes each score (natural-log units, scale
 q.k) before the softmax: T5 or Swin relative-position biases read from captured arrays
 (``score + bias[h, q_idx - kv_idx + L]``), soft-capping variants, gates. It is traced once per
@@ -40,7 +49,7 @@ exist (``alibi_slopes=``, ``softcap=`` of ``scaled_dot_product_attention``).
 """
 
 import numbers
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -52,6 +61,14 @@ __all__ = ["BlockMask", "create_block_mask", "flex_attention", "noop_mask", "and
 Array = NDArray[Any]
 
 _EMPTY, _FULL = -1, -2          # src_c/selfattn.h: SA_BLOCK_EMPTY, SA_BLOCK_FULL
+_MAX_CLASSES = 64               # a dilated mask runs as at most this many strided classes (one kernel call each)
+_CLASS_GAIN = 0.8               # ... and only when their blocks hold less than this share of the mask's work
+
+
+class _Strided(NamedTuple):
+    """A mask run as D residue classes (see _strided_classes): one kernel mask per class."""
+    D: int
+    masks: Tuple[Tuple[Array, Array, int, int], ...]
 
 
 def noop_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
@@ -129,6 +146,8 @@ class BlockMask:
         self.shape = shape
         self.BLOCK_SIZE = block_size
         self.mask_mod = mask_mod
+        self._dilation = 0             # gcd of q_idx - kv_idx over the visible pairs (create_block_mask)
+        self._classes: Optional[_Strided] = None   # when the mask runs as strided classes
 
     def _kernel_mask(self) -> Tuple[Array, Array, int, int]:
         return self._table, self._bits, self.BLOCK_SIZE[0], self.BLOCK_SIZE[1]
@@ -188,8 +207,9 @@ class BlockMask:
         n = self._table.size
         full = int(np.count_nonzero(self._table == _FULL))
         part = int(self._bits.shape[0])
+        run = f", runs as {self._classes[0]} strided classes" if self._classes else ""
         return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, blocks={n}: {full} full, "
-                f"{part} partial, sparsity={self.sparsity():.2f}%)")
+                f"{part} partial, sparsity={self.sparsity():.2f}%{run})")
 
 
 def create_block_mask(mask_mod: Callable[..., Any], B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
@@ -243,6 +263,7 @@ def create_block_mask(mask_mod: Callable[..., Any], B: Optional[int], H: Optiona
     while True:
         built = _build(mask_mod, b_idx, h_idx, Bm, Hm, L, S, br, bk)
         if isinstance(built, BlockMask):
+            _strided_classes(built, b_idx, h_idx)
             return built
         Bm, Hm = built
 
@@ -256,6 +277,7 @@ def _build(mask_mod: Callable[..., Any], b_idx: Array, h_idx: Array, Bm: int, Hm
     valid_keys = np.minimum(bk, S - np.arange(nkb, dtype=np.int64) * bk)   # the last block: to KV_LEN
     table = np.empty((Bm, Hm, nqb, nkb), dtype=np.int64)
     chunks, n = [], 0
+    g = 0                       # gcd of q_idx - kv_idx over every visible pair (0: none off the diagonal yet)
     buf = np.zeros((Bm, Hm, br, nkb * bk), dtype=bool)
     for qb in range(nqb):
         r0 = qb * br
@@ -268,6 +290,8 @@ def _build(mask_mod: Callable[..., Any], b_idx: Array, h_idx: Array, Bm: int, Hm
         need = (Bn if r.shape[0] != 1 else Bm, Hn if r.shape[1] != 1 else Hm)
         if need != (Bm, Hm):
             return need
+        if g != 1:
+            g = _gcd_update(g, np.broadcast_to(r.any(axis=(0, 1)), (rows, S)), q[0, 0], kv[0, 0])
         if rows < br:
             buf[:] = False
         buf[:, :, :rows, :S] = r
@@ -280,7 +304,51 @@ def _build(mask_mod: Callable[..., Any], b_idx: Array, h_idx: Array, Bm: int, Hm
         chunks.append(blocks.transpose(0, 1, 3, 2, 4)[part].view(np.uint8))   # (partial, br, bk)
         table[:, :, qb] = t
     bits = np.ascontiguousarray(np.concatenate(chunks) if chunks else np.zeros((0, br, bk), np.uint8))
-    return BlockMask(table, bits, (Bm, Hm, L, S), (br, bk), mask_mod)
+    bm = BlockMask(table, bits, (Bm, Hm, L, S), (br, bk), mask_mod)
+    bm._dilation = g
+    return bm
+
+
+def _gcd_update(g: int, seen: Array, q: Array, kv: Array) -> int:
+    """The gcd of g and of q_idx - kv_idx over the pairs `seen` (rows x keys) marks. Once g > 1,
+    only the pairs in another residue class than g's are looked at (usually none: a cheap test)."""
+    if g > 1:
+        seen = seen & ((q % g) != (kv % g))
+    if not seen.any():
+        return g
+    d = np.abs((q - kv)[seen])
+    return int(np.gcd.reduce(np.append(d, g)))
+
+
+def _strided_classes(bm: BlockMask, b_idx: Array, h_idx: Array) -> None:
+    """Key compaction for dilated masks. When every visible pair has q_idx = kv_idx (mod D), D > 1
+    (a window that sees every D-th key, a strided pattern), rows of residue r only ever see keys of
+    residue r: run each class on strided views (q[..., r::D, :] with k, v[..., r::D, :]; no copy)
+    under its own block mask, where the pattern is dense (a plain band for a dilated window)
+    instead of every block being partial with (D - 1) / D of its scores thrown away. Kept on the
+    mask (bm._classes) when the classes' blocks hold less work than the mask's own."""
+    D = bm._dilation
+    _, _, L, S = bm.shape
+    if not 1 < D <= min(L, S, _MAX_CLASSES):
+        return
+    br, bk = bm.BLOCK_SIZE
+    mod = bm.mask_mod
+    Bm, Hm = bm._table.shape[:2]
+    classes = []
+    for r in range(D):
+        def mod_r(b: Any, h: Any, q_idx: Any, kv_idx: Any, r: int = r) -> Any:
+            return mod(b, h, q_idx * D + r, kv_idx * D + r)
+        c = _build(mod_r, b_idx[:Bm], h_idx[:, :Hm], Bm, Hm, len(range(r, L, D)), len(range(r, S, D)), br, bk)
+        if not isinstance(c, BlockMask):     # the mod used b or h differently on the class: keep the plain mask
+            return
+        classes.append(c)
+    if sum(_work(c) for c in classes) < _CLASS_GAIN * _work(bm):
+        bm._classes = _Strided(D, tuple(c._kernel_mask() for c in classes))
+
+
+def _work(bm: BlockMask) -> int:
+    """Scores the kernels compute under the mask: its computed blocks (partial or full) x area."""
+    return int(np.count_nonzero(bm._table != _EMPTY)) * bm.BLOCK_SIZE[0] * bm.BLOCK_SIZE[1]
 
 
 def flex_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, score_mod: Optional[Callable[..., Any]] = None,
@@ -334,8 +402,45 @@ def flex_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, score_mod
     (1, 2, 256, 16)
     """
     q, k, v, bm, sm = _flex_args(query, key, value, score_mod, block_mask, "flex_attention", enable_gqa)
-    return _core.sdpa(q, k, v, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, num_threads=num_threads,
-                      block_mask=bm, score_mod=sm)
+    return _flex_fwd(q, k, v, bm, sm, return_lse, scale=scale, enable_gqa=enable_gqa, num_threads=num_threads)
+
+
+def _flex_fwd(q: Array, k: Array, v: Array, bm: Any, sm: Any, return_lse: bool, **opts: Any) -> Any:
+    """The forward under _flex_args' mask: one kernel call, or one per strided class (views of
+    q, k, v: rows r, r + D, ... of each; the results written to those rows)."""
+    if not isinstance(bm, _Strided):
+        return _core.sdpa(q, k, v, block_mask=bm, score_mod=sm, return_lse=return_lse, **opts)
+    D = bm.D
+    out: Any = None
+    lse: Any = None
+    for r, m in enumerate(bm.masks):
+        o, s = _core.sdpa(q[..., r::D, :], k[..., r::D, :], v[..., r::D, :], block_mask=m, score_mod=sm,
+                          return_lse=True, **opts)
+        if out is None:
+            out = np.empty(o.shape[:-2] + (q.shape[-2], o.shape[-1]), dtype=o.dtype)
+            lse = np.empty(s.shape[:-1] + (q.shape[-2],), dtype=s.dtype)
+        out[..., r::D, :] = o
+        lse[..., r::D] = s
+    return (out, lse) if return_lse else out
+
+
+def _flex_bwd(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, bm: Any, sm: Any,
+              **opts: Any) -> Tuple[Array, Array, Array]:
+    """The fused backward under _flex_args' mask (per strided class as _flex_fwd): dq, dk, dv."""
+    if not isinstance(bm, _Strided):
+        return _core.sdpa_bwd(q, k, v, out, lse, dout, block_mask=bm, score_mod=sm, **opts)
+    D = bm.D
+    grads: Any = None
+    for r, m in enumerate(bm.masks):
+        rows, keys = (Ellipsis, slice(r, None, D), slice(None)), (Ellipsis, slice(r, None, D), slice(None))
+        g = _core.sdpa_bwd(q[rows], k[keys], v[keys], out[rows], lse[..., r::D], dout[rows], block_mask=m,
+                           score_mod=sm, **opts)
+        if grads is None:     # every row and key is in one class: each gradient row is written once
+            grads = tuple(np.empty(d.shape[:-2] + (a.shape[-2], d.shape[-1]), dtype=d.dtype)
+                          for d, a in zip(g, (q, k, v)))
+        for full, part, sl in zip(grads, g, (rows, keys, keys)):
+            full[sl] = part
+    return grads
 
 
 def _flex_args(query: Any, key: Any, value: Any, score_mod: Any, block_mask: Any, fn: str,
@@ -371,4 +476,6 @@ def _flex_args(query: Any, key: Any, value: Any, score_mod: Any, block_mask: Any
                          f"key S={S} keys")
     if mB not in (1, B) or mH not in (1, Hq):
         raise ValueError(f"{fn}: block_mask's B={mB}, H={mH} do not fit query's batch {B} and heads {Hq}")
+    if block_mask._classes is not None and sm is None:     # score_mod sees the true q_idx / kv_idx: one call
+        return q, k, v, block_mask._classes, sm
     return q, k, v, block_mask._kernel_mask(), sm

@@ -20,9 +20,8 @@ import torch as _torch
 from torch.autograd.function import once_differentiable
 
 from . import _spec
-from . import _core
 from .autograd import _grad_dtype, _unbroadcast, flex_array_grads, scaled_dot_product_attention_vjp
-from .flex import _flex_args
+from .flex import _flex_args, _flex_bwd, _flex_fwd
 
 __all__ = ["scaled_dot_product_attention", "flex_attention"]
 
@@ -198,7 +197,7 @@ class _Flex(_torch.autograd.Function):
                                 f"{getattr(t, 'dtype', type(t).__name__)}")
         q, k, v, bm, sm = _flex_args(_as_numpy(query, "query"), _as_numpy(key, "key"), _as_numpy(value, "value"),
                                      score_mod, block_mask, "flex_attention", options["enable_gqa"])
-        out, lse = _core.sdpa(q, k, v, return_lse=True, block_mask=bm, score_mod=sm, **options)
+        out, lse = _flex_fwd(q, k, v, bm, sm, True, **options)
         wanted = [next(i for i, x in enumerate(sm.program.sources) if x is c) for c in captured]
         ctx.arrays, ctx.options, ctx.block_mask = (q, k, v, out, lse, bm, sm, wanted), options, block_mask
         result, lse_t = _to_torch(out), _torch.from_numpy(lse)
@@ -218,7 +217,7 @@ class _Flex(_torch.autograd.Function):
         g = _np.ascontiguousarray(_as_numpy(grad_out, "grad_out"), dtype=out.dtype)
         res: list = [None, None, None]
         if any(need[:3]):
-            dq, dk, dv = _core.sdpa_bwd(q, k, v, out, lse, g, block_mask=bm, score_mod=sm, **ctx.options)
+            dq, dk, dv = _flex_bwd(q, k, v, out, lse, g, bm, sm, **ctx.options)
             grads = [_unbroadcast(d, a.shape, _grad_dtype(a)) for d, a in zip((dq, dk, dv), (q, k, v))]
             res = [_to_torch(d) if n else None for d, n in zip(grads, need[:3])]
         cap: list = [None] * len(wanted)

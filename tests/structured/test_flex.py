@@ -192,6 +192,76 @@ def test_empty_blocks_are_never_read():
             assert_bits(vjpn(g)[0][:, :, :n], vjp(g)[0][:, :, :n], isa + " dq")
 
 
+DILATED = {   # mod, the stride its pairs share (every visible q_idx - kv_idx a multiple of it)
+    "window_stride_2": (lambda b, h, q, k: (abs(q - k) < 120) & ((q - k) % 2 == 0), 2),
+    "window_stride_3": (MODS["dilated_window"], 3),
+    "causal_stride_4": (lambda b, h, q, k: (q >= k) & ((q - k) % 4 == 0), 4),
+    "every_2nd_key": (lambda b, h, q, k: (q - k) % 2 == 0, 2),
+    "per_head_2_and_4": (lambda b, h, q, k: (abs(q - k) < 100) & ((q - k) % (2 + 2 * (h % 2)) == 0), 2),
+    "late_odd_pair": (lambda b, h, q, k: ((q - k) % 2 == 0) | ((q == 140) & (k == 3)), 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DILATED))
+def test_dilated_masks_run_as_strided_classes(name):
+    """Key compaction: a mask whose visible pairs all have q_idx = kv_idx (mod D) runs as D strided
+    classes (rows r, r + D, ... against keys r, r + D, ...), each under its own block mask. The gcd
+    is found over every block row (late_odd_pair: one pair at row 140 breaks stride 2: one call).
+    Forward and backward against the float64 reference on every ISA, uneven class lengths (L, S
+    not multiples of D), GQA; the same bits at any thread count; close to the one-call run."""
+    mod, D = DILATED[name]
+    rng = np.random.default_rng(21)
+    B, Hq, H, L, S = 2, 4, 2, 151, 262
+    q, k, v = _qkv(rng, B, Hq, H, L, S, 16, 8)
+    bm = selfattn.create_block_mask(mod, B, Hq, L, S, BLOCK_SIZE=(16, 32))
+    assert bm._dilation == D
+    assert (bm._classes is not None) == (D > 1) and (D == 1 or bm._classes.D == D), repr(bm)
+    want_mask = reference.flex_mask(mod, B, Hq, L, S)
+    assert (np.broadcast_to(bm.to_bool(), want_mask.shape) == want_mask).all()
+    plain = selfattn.create_block_mask(mod, B, Hq, L, S, BLOCK_SIZE=(16, 32))
+    plain._classes = None
+    ref, ref_vjp = reference.flex_attention_vjp(q, k, v, block_mask=bm, enable_gqa=True)
+    g = rng.standard_normal(ref.shape)
+    want = (ref,) + ref_vjp(g)
+    for isa in ISAS:
+        with selfattn.use_isa(isa):
+            for dtype, tol in ((np.float32, 2e-4), (np.float64, 1e-11)):
+                a = [x.astype(dtype) for x in (q, k, v)]
+                base = None
+                for nt in (1, 2, 3):
+                    out, vjp = selfattn.flex_attention_vjp(*a, block_mask=bm, enable_gqa=True, num_threads=nt)
+                    res = (out,) + vjp(g.astype(dtype))
+                    if base is None:
+                        base = res
+                        for nm, x, y in zip(("out", "dq", "dk", "dv"), res, want):
+                            assert x.dtype == dtype and x.shape == y.shape
+                            err = np.abs(x - y).max() / max(1.0, np.abs(y).max())
+                            assert err < tol, f"{isa} {name} {np.dtype(dtype)} {nm}: {err:.2e}"
+                        out1, vjp1 = selfattn.flex_attention_vjp(*a, block_mask=plain, enable_gqa=True)
+                        for x, y in zip(res, (out1,) + vjp1(g.astype(dtype))):
+                            assert np.abs(x - y).max() <= 4 * tol * max(1.0, np.abs(y).max())
+                    for x, y in zip(res, base):
+                        assert_bits(x, y, f"{isa} {name} threads {nt}")
+            out, lse = selfattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+            ref_out, ref_lse = reference.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+            assert np.abs(lse - ref_lse).max() < 1e-11 and np.abs(out - ref_out).max() < 1e-11
+
+
+def test_dilated_mask_with_score_mod_and_in_16_bit():
+    """score_mod reads the true q_idx / kv_idx, so with one the mask runs as one call; 16-bit
+    inputs go through the strided classes too."""
+    mod, D = DILATED["window_stride_2"]
+    bm = selfattn.create_block_mask(mod, None, None, 100, 200, BLOCK_SIZE=16)
+    assert bm._classes is not None and bm._classes.D == 2 and "2 strided classes" in repr(bm)
+    rng = np.random.default_rng(4)
+    q, k, v = _qkv(rng, 1, 2, 2, 100, 200, 16, 16)
+    sm = lambda s, b, h, qi, ki: s + 0.05 * (qi - ki)            # noqa: E731
+    out = selfattn.flex_attention(q, k, v, sm, block_mask=bm)
+    assert np.abs(out - reference.flex_attention(q, k, v, sm, block_mask=bm)).max() < 1e-11
+    for dtname in ("float16", "bfloat16"):
+        check_flex_16_bit(dtname, block_mask=bm)
+
+
 @pytest.mark.parametrize("dtname", ["float16", "bfloat16"])
 def test_flex_16_bit(dtname):
     check_flex_16_bit(dtname, block_mask=selfattn.create_block_mask(MODS["document_causal"], None, None, 100, 200,
