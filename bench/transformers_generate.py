@@ -15,6 +15,7 @@ versions are printed first. One run on a shared machine is noise: quote numbers 
 """
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch's and selfattn's threads (default: torch's)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-numpy", action="store_true", help="without the NumPy model's row (selfattn.llama)")
     a = p.parse_args(argv)
     if a.quick:
         a.prompt_len, a.new, a.batch, a.dtype, a.rounds = 128, 16, [1, 4], ["float32"], 1
@@ -53,16 +55,23 @@ def main(argv=None):
     print(f"CPU: {_attn_impls.cpu_model()}; {threads} threads; selfattn {selfattn.__version__} ({selfattn.config()['isa']}), "
           f"transformers {transformers.__version__}, torch {torch.__version__}")
 
-    spent = {"prefill": 0.0, "decode": 0.0}
+    spent = {"prefill": 0.0, "decode": 0.0, "cache_prefill": 0.0, "cache_decode": 0.0}
 
-    def timed(fn):
-        def attention(module, query, *args, **kw):
+    def timed(fn, prefix=""):
+        def attention(module_or_self, query, *args, **kw):
             t0 = time.perf_counter()
             try:
-                return fn(module, query, *args, **kw)
+                return fn(module_or_self, query, *args, **kw)
             finally:
-                spent["prefill" if query.shape[2] > 1 else "decode"] += time.perf_counter() - t0
+                spent[prefix + ("prefill" if query.shape[2] > 1 else "decode")] += time.perf_counter() - t0
         return attention
+
+    # the caches' own work per layer and step (transformers' DynamicLayer concatenates, selfattn's
+    # layer writes in place): timed apart, since it happens outside the attention function
+    from transformers.cache_utils import DynamicLayer
+    layer_cls = sat._cache_classes()[0]
+    for cls in {DynamicLayer, layer_cls}:
+        cls.update = timed(cls.update, "cache_")
 
     sat.register()
     impls = {"sdpa": (sdpa_attention_forward, sdpa_mask), "selfattn": (sat.attention_forward, sat.mask_builder)}
@@ -71,8 +80,12 @@ def main(argv=None):
         AttentionMaskInterface.register(f"bench_{name}", mask)
 
     d, f = os.path.split(llama.smollm2_path())
+    # generate()'s cache argument: "cache" since transformers renamed it, "past_key_values" before
+    cache_kw = "cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters \
+        else "past_key_values"
     print(f"model: {f}; prompt {a.prompt_len} tokens (random ids), {a.new} new, greedy")
-    header = (f"{'dtype':9} {'batch':>5} {'impl':9} {'TTFT s':>8} {'attn %':>7} {'decode tok/s':>13} {'attn %':>7}")
+    header = (f"{'dtype':9} {'batch':>5} {'impl':9} {'TTFT s':>8} {'attn %':>7} {'decode tok/s':>13} {'attn %':>7} "
+              f"{'+cache %':>8} {'attn+cache ms/step':>18}")
     for dtype in a.dtype:
         model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=getattr(torch, dtype)).eval()
         print(header)
@@ -87,25 +100,51 @@ def main(argv=None):
                     for n in (1, a.new):
                         cache = (sat.new_cache(model.config, max_len=a.prompt_len + n) if name == "selfattn"
                                  else transformers.DynamicCache(config=model.config))
-                        spent.update(prefill=0.0, decode=0.0)
+                        for key in spent:
+                            spent[key] = 0.0
                         t0 = time.perf_counter()
                         with torch.no_grad():
                             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                           eos_token_id=None, pad_token_id=0, cache=cache)
-                        res.append((time.perf_counter() - t0, spent["prefill"], spent["decode"]))
-                    (t1, p1, _), (tn, _, dn) = res
+                                           eos_token_id=None, pad_token_id=0, **{cache_kw: cache})
+                        res.append((time.perf_counter() - t0, spent["prefill"], spent["decode"], spent["cache_decode"]))
+                    (t1, p1, _, _), (tn, _, dn, cn) = res
                     # attention's share: of the first token, the prefill's; of decoding, the one-query calls'
-                    row = (t1, p1 / t1, B * (a.new - 1) / max(tn - t1, 1e-9), dn / max(tn - t1, 1e-9))
-                    if name not in best or row[0] + (tn - t1) < best[name][4]:
+                    # (and the cache updates': attention's part of a step is both)
+                    dt = max(tn - t1, 1e-9)
+                    row = (t1, p1 / t1, B * (a.new - 1) / dt, dn / dt, cn / dt, (dn + cn) / (a.new - 1))
+                    if name not in best or row[0] + (tn - t1) < best[name][-1]:
                         best[name] = row + (row[0] + (tn - t1),)
             for name in impls:
-                ttft, attn1, tps, attnd, _ = best[name]
-                print(f"{dtype:9} {B:5d} {name:9} {ttft:8.3f} {100 * attn1:6.1f}% {tps:13.1f} {100 * attnd:6.1f}%")
+                ttft, attn1, tps, attnd, cached, step, _ = best[name]
+                print(f"{dtype:9} {B:5d} {name:9} {ttft:8.3f} {100 * attn1:6.1f}% {tps:13.1f} {100 * attnd:6.1f}% "
+                      f"{100 * cached:7.1f}% {1e3 * step:18.2f}")
             s, o = best["sdpa"], best["selfattn"]
-            print(f"{'':9} {'':5} {'ratio':9} {s[0] / o[0]:7.2f}x {'':7} {o[2] / s[2]:12.2f}x   "
-                  f"(selfattn vs sdpa: TTFT, tokens/s)")
+            print(f"{'':9} {'':5} {'ratio':9} {s[0] / o[0]:7.2f}x {'':7} {o[2] / s[2]:12.2f}x {'':17} "
+                  f"{s[5] / o[5]:9.2f}x   (selfattn vs sdpa: TTFT, tokens/s, attention + cache per step)")
+            if dtype == "float32" and B == 1 and not a.no_numpy:
+                numpy_model_row(a, d, f, ids[0].tolist())
         del model
     return 0
+
+
+def numpy_model_row(a, d, f, prompt):
+    """The NumPy model (selfattn.llama: the same GGUF, NumPy blocks, selfattn's attention and
+    KVCache) on the same prompt, batch 1, float32: time to first token and decoding tokens/s."""
+    from selfattn import llama
+    m = llama.Llama.from_gguf(os.path.join(d, f))
+    best = None
+    for _ in range(a.rounds):
+        cache = m.new_cache(len(prompt) + a.new)
+        t0 = time.perf_counter()
+        tok = int(m.forward(prompt, cache, last_only=True)[-1].argmax())
+        t1 = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(a.new - 1):
+            tok = int(m.forward([tok], cache)[-1].argmax())
+        tps = (a.new - 1) / (time.perf_counter() - t0)
+        if best is None or t1 < best[0]:
+            best = (t1, tps)
+    print(f"{'float32':9} {1:5d} {'NumPy':9} {best[0]:8.3f} {'':7} {best[1]:13.1f}   (selfattn.llama: NumPy blocks)")
 
 
 if __name__ == "__main__":

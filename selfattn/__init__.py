@@ -99,7 +99,7 @@ Beside the kernel, one module per concern:
     selfattn.torch        scaled_dot_product_attention as a torch.autograd.Function (CPU tensors). Not
                           imported by `import selfattn`: `import selfattn.torch` (needs torch)
     selfattn.transformers register(): attn_implementation="selfattn" for Hugging Face transformers'
-                          models, every layer through selfattn.torch (needs transformers >= 4.53)
+                          models, every layer through selfattn.torch (needs transformers >= 4.57)
     selfattn.llama        a Llama decoder in NumPy (GGUF weights read with gguf; RMSNorm, rope, SwiGLU
                           in NumPy; attention and the decode cache from KVCache) and its BPE tokenizer:
                           SmolLM2-135M-Instruct for `selfattn generate`. Not imported by `import selfattn`

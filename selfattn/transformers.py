@@ -33,9 +33,12 @@ Any other mask (packed sequences, image-token blocks, chunked attention, a 4-D m
 caller) is read in place as it is, never expanded.
 
 Not imported by ``import selfattn`` (transformers and torch are optional):
-``import selfattn.transformers``. Supported: transformers >= 4.53 (the first with
-``AttentionMaskInterface``; older is an ImportError naming the versions); tested with 5.25.0
-(torch 2.13, sentence-transformers 6.3).
+``import selfattn.transformers``. Supported: transformers >= 4.57 (older is an ImportError naming
+the versions); the integration tests pass with 4.57.6, 5.0.0, 5.10.4 and 5.25.0 (torch 2.13,
+sentence-transformers 6.3 with 5.25.0). Encoders such as BERT reach ``AttentionInterface`` from
+transformers 5.0 on (4.57's BERT has its own attention classes: transformers raises
+``KeyError: 'selfattn'`` when such a model is loaded with it). generate()'s cache argument is
+``cache=`` in recent transformers, ``past_key_values=`` before the rename.
 """
 
 from typing import Any, Dict, NamedTuple, Optional, Tuple
@@ -51,7 +54,7 @@ from .torch import scaled_dot_product_attention as _torch_sdpa
 __all__ = ["register", "attention_forward", "mask_builder", "Structure", "new_cache", "NAME", "MIN_VERSION"]
 
 NAME = "selfattn"
-MIN_VERSION = (4, 53)
+MIN_VERSION = (4, 57)     # the oldest the integration tests pass with (4.57.6; 4.56 lacks the cache layers' API)
 _ATTR = "_selfattn_structure"      # the Structure a mask built by mask_builder carries
 
 
@@ -289,12 +292,13 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
 def register(name: str = NAME) -> str:
     """Make ``attn_implementation=name`` (default ``"selfattn"``) available to every transformers
     model; returns the name. Idempotent. Raises ImportError (naming the versions) for a transformers
-    older than 4.53."""
+    older than 4.57."""
     import transformers
     from transformers import AttentionInterface
     if _version_tuple(transformers.__version__) < MIN_VERSION:
         raise ImportError(f"selfattn.transformers needs transformers >= {'.'.join(map(str, MIN_VERSION))} "
-                          f"(AttentionInterface and AttentionMaskInterface); found {transformers.__version__}")
+                          f"(the oldest its tests pass with; tested: 4.57.6, 5.0.0, 5.10.4, 5.25.0); found "
+                          f"{transformers.__version__}")
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, mask_builder)
@@ -323,7 +327,7 @@ def _cache_classes() -> Tuple[Any, Any]:
         except ImportError:
             import transformers
             raise ImportError(f"selfattn.transformers.new_cache() needs transformers' cache layers "
-                              f"(transformers.cache_utils.DynamicLayer; tested with 5.25.0), not in "
+                              f"(transformers.cache_utils.DynamicLayer; tested with 4.57.6 to 5.25.0), not in "
                               f"transformers {transformers.__version__}") from None
 
         class KVCacheLayer(DynamicLayer):  # type: ignore[misc, valid-type, unused-ignore]
@@ -366,12 +370,12 @@ def _cache_classes() -> Tuple[Any, Any]:
                 self._expose()
 
             def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Tuple[Any, Any]:
-                if not self.is_initialized:
-                    self.lazy_initialization(key_states, value_states)
                 if _torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
                     raise NotImplementedError("selfattn.transformers.new_cache() holds no autograd history: run "
                                               "generation under torch.no_grad(), or train with use_cache=False")
                 self._fill(key_states, value_states)
+                if not self.is_initialized:     # only once filled: a refused first call leaves the layer as new
+                    self.lazy_initialization(key_states, value_states)
                 return self.keys, self.values
 
             def _adopt(self) -> None:

@@ -385,3 +385,11 @@ def build_c_program(test_source, out, openmp=True, extra_flags=()):
             return Path(out), None
         errors.append(f"$ {' '.join(cmd)}\n{r.stderr[-3000:]}")
     raise AssertionError(f"could not compile tests/c/{test_source}:\n" + "\n".join(errors))
+
+
+def cache_kw(model, cache):
+    """{name: cache} for a transformers model's generate() / forward(): ``cache`` from transformers'
+    rename (5.2x), ``past_key_values`` before it (the tests run on both)."""
+    import inspect
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}

@@ -82,7 +82,9 @@ def test_decoding_with_the_cache_equals_recomputing(smol):
     model.forward(ids[:-3], cache)
     steps = [model.forward([t], cache)[-1] for t in ids[-3:]]       # one row per step, from the cache
     full = model.forward(ids, model.new_cache(len(ids)))[-3:]       # the whole prompt at once
+    last = model.forward(ids, model.new_cache(len(ids)), last_only=True)
     scale = np.abs(full).max()
+    assert last.shape == (1, full.shape[1]) and np.abs(last[0] - full[-1]).max() <= 1e-5 * scale
     assert np.abs(np.stack(steps) - full).max() <= 1e-4 * scale
 
 

