@@ -32,6 +32,8 @@ NEW = 64
 def _load(dtype):
     d, f = os.path.split(smollm2_path())
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    if tok.pad_token is None:           # transformers before 5.2x reads no pad token from the GGUF
+        tok.pad_token = tok.eos_token
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
     return tok, model
 
@@ -164,21 +166,35 @@ def test_bfloat16_top1_agreement_over_256_steps():
 @pytest.mark.slow
 def test_int8_cache_follows_the_float_cache(smol, alone):
     """new_cache(kv_dtype="int8"): K/V quantized as appended (one scale per position and kv head) and
-    read as stored by the kernels. SmolLM2's keys have outlier channels, so per-position int8 moves
-    the logits by up to ~6 % of their largest (measured 3.7-6.4 %); the greedy tokens stay those of
-    the float cache for a while (measured on Emerald Rapids, AVX-512: 64, 64 and 33 of 64 on the three
-    prompts; other instruction sets round differently, hence the margin of the bound)."""
+    read as stored by the kernels, teacher-forced on the float cache's 64 greedy tokens: the top
+    token agrees at >= 56 of the 64 steps on each prompt and the logits stay within 10 % of their
+    largest. Measured (Emerald Rapids, AVX-512): 64, 64, 63 agreeing steps, errors 3.8-6.6 % with
+    transformers 5.25; 63, 64, 61 and 4.3-7.0 % with 5.0 (its GGUF tokenizer builds other prompts).
+    SmolLM2's keys have outlier channels, so per-position int8 moves the logits that much, enough to
+    flip near ties: free-running greedy decoding followed the float cache for 64, 64, 33 steps with
+    5.25 but 18, 64, 2 with 5.0 -- hence agreement counted step by step, teacher-forced."""
     tok, model = smol
     out = alone[0]
+    model.set_attn_implementation(NAME)
+    agree, worst = {}, {}
     for p in PROMPTS:
-        ids = tok(_chat(tok, p), return_tensors="pt")
-        n = ids["input_ids"].shape[1]
-        cache = sat.new_cache(model.config, max_len=n + NEW, kv_dtype="int8")
-        got = _generate(model, NAME, **cache_kw(model, cache), **ids)
+        ids = tok(_chat(tok, p), return_tensors="pt")["input_ids"]
+        n = ids.shape[1]
         ref = out[p][NAME]
-        same = int((got.sequences[0, n:] == ref.sequences[0, n:]).cumprod(0).sum())
-        assert same >= 24, (p, same)
-        for a, b in zip(got.logits[:same], ref.logits[:same]):
-            assert (a - b).abs().max().item() <= 0.1 * b.abs().max().item(), p
+        cache = sat.new_cache(model.config, max_len=n + NEW, kv_dtype="int8")
+        hits, err = 0, 0.0
+        with torch.no_grad():
+            logits = model(ids, **cache_kw(model, cache), use_cache=True).logits[0, -1]
+            for t in range(NEW):
+                want = ref.logits[t][0]
+                hits += int(logits.argmax() == want.argmax())
+                err = max(err, (logits - want).abs().max().item() / want.abs().max().item())
+                if t + 1 < NEW:
+                    step = ref.sequences[0, n + t].view(1, 1)
+                    logits = model(step, **cache_kw(model, cache), use_cache=True).logits[0, -1]
+        agree[p], worst[p] = hits, round(err, 4)
         kv = cache.layers[0].kv
         assert kv.kv_dtype == "int8" and kv.keys.dtype.name == "int8" and kv.key_scales.shape == kv.keys.shape[:-1]
+        assert kv.lengths[0] == n + NEW - 1
+    print(f"int8 cache, top-1 agreement of {NEW} steps {agree}, logits' largest error {worst}")
+    assert min(agree.values()) >= 56 and max(worst.values()) <= 0.1, (agree, worst)
