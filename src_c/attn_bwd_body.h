@@ -286,6 +286,10 @@ static void FN(bwd_dq_task)(void *vctx, int64_t u, int tid)
 
 int FN(attn_bwd)(const sa_attn_args *a, const sa_bwd_layout *lay, void *ws)
 {
+#if BF16_DOT
+    /* this target's own backward is bfloat16's; the rest runs avx512's */
+    if (a->storage != SA_STORE_BF16) return attn_bwd_f32_avx512(a, lay, ws);
+#endif
     FN(bctx_t) c;
     c.a = a;
     c.lay = lay;

@@ -303,6 +303,10 @@ static void FN(decode_merge_task)(void *vctx, int64_t g, int tid)
 
 int FN(attn_decode)(const sa_attn_args *a, const sa_layout *lay, void *ws)
 {
+#if BF16_DOT
+    /* this target's own decode is bfloat16's; the rest runs avx512's */
+    if (a->storage != SA_STORE_BF16) return attn_decode_f32_avx512(a, lay, ws);
+#endif
     FN(dctx_t) c;
     c.a = a;
     c.lay = lay;

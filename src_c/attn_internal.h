@@ -188,8 +188,9 @@ SA_DECLARE_TARGET(generic)
 #if SA_HAVE_X86_TARGETS
 SA_DECLARE_TARGET(avx2)
 SA_DECLARE_TARGET(avx512)
-/* avx512bf16: its own forward only (attn_avx512.c) */
-int attn_fwd_f32_avx512bf16(const sa_attn_args *a, const sa_layout *lay, void *ws);
+/* avx512bf16: its own forward, decode and backward for bfloat16 storage
+ * (attn_avx512.c; any other storage handed to avx512's) */
+SA_DECLARE_KERNELS(f32, avx512bf16)
 #endif
 #if SA_HAVE_NEON_TARGET
 SA_DECLARE_TARGET(neon)

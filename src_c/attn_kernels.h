@@ -72,8 +72,7 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #include "attn_rows.h"
 #if BF16_DOT
 #include "attn_bf16dot_avx512.h"
-#include "attn_fwd_body.h"
-#else
+#endif
 
 /* the split-KV merge of the decode schedule: unnormalised partials (O, m, l)
  * in log2 units, summed in T */
@@ -88,7 +87,6 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #include "attn_fwd_body.h"
 #include "attn_decode_body.h"
 #include "attn_bwd_body.h"
-#endif
 
 #undef FN
 #undef V

@@ -89,11 +89,9 @@ enum { SA_DT_F32, SA_DT_F64, SA_DT_COUNT };   /* columns of the table */
     {attn_fwd_##tsuf##_##isuf, attn_decode_##tsuf##_##isuf, attn_bwd_##tsuf##_##isuf, &sa_params_##tsuf##_##isuf}
 #define SA_KERNEL_ROW(isuf) {SA_KERNEL_SET(f32, isuf), SA_KERNEL_SET(f64, isuf)}
 #define SA_KERNEL_NONE {{NULL, NULL, NULL, NULL}, {NULL, NULL, NULL, NULL}}
-/* avx512bf16: its forward (bfloat16 storage on vdpbf16ps; any other storage
- * handed to avx512's), everything else avx512's own functions */
-#define SA_KERNEL_ROW_AVX512BF16                                                                    \
-    {{attn_fwd_f32_avx512bf16, attn_decode_f32_avx512, attn_bwd_f32_avx512, &sa_params_f32_avx512}, \
-     SA_KERNEL_SET(f64, avx512)}
+/* avx512bf16: its forward, decode and backward (bfloat16 storage on
+ * vdpbf16ps; any other storage handed to avx512's), float64 avx512's */
+#define SA_KERNEL_ROW_AVX512BF16 {SA_KERNEL_SET(f32, avx512bf16), SA_KERNEL_SET(f64, avx512)}
 
 /* one function table: row = instruction set, column = dtype */
 static const sa_kernel sa_kernels[SA_ISA_COUNT][SA_DT_COUNT] = {
