@@ -2,6 +2,7 @@
 
     python bench/half.py                     # dense, models, decode; 2 threads by default
     python bench/half.py --quick             # fewer, smaller shapes (about a minute)
+    python bench/half.py --backward          # forward + backward (training): bf16 against fp32, torch
     SELFATTN_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/half.py
                                              # the AVX2 path on both sides, on an AVX-512 machine
 
@@ -13,6 +14,11 @@ other path too (bf16@avx512bf16: vdpbf16ps, forced where not the default; bf16@a
 where vdpbf16ps is the default). Decode rows time one query row per head
 against S keys (memory-bound: GB/s of K and V read are printed too). FLOPs count only the keys a
 query may see (4 B H L S E, half for causal). The CPU and the path taken are printed first.
+
+--backward times a training step's attention instead: the forward with its VJP, then the VJP of a
+cotangent (selfattn.scaled_dot_product_attention_vjp; torch: autograd through its SDPA), at
+14 B H L S E FLOPs (forward 4, backward 10; half for causal), in fp32 and bf16 (and bf16's other
+path where the CPU has both), with the ratios bf16 / own fp32 and bf16 / torch bf16.
 """
 
 import argparse
@@ -59,6 +65,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-rounds", type=int, default=5)
     p.add_argument("--min-time", type=float, default=1.0)
+    p.add_argument("--backward", action="store_true", help="forward + backward (training) instead")
     args = p.parse_args(argv)
 
     import ml_dtypes
@@ -75,6 +82,8 @@ def main(argv=None):
     tdts = {} if torch is None else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     timer = Timer(args.min_rounds, args.min_time, 60.0)
     shapes = QUICK if args.quick else DENSE + MODELS + DECODE
+    if args.backward:
+        return backward(args, torch, timer, [s for s in shapes if s["L"] > 1])
     # bfloat16's other path where this CPU has both: vdpbf16ps (avx512bf16, forced where it is not
     # the default: Intel's) or, where it is the default (AMD's), the widening one (avx512)
     cfg = selfattn.config()
@@ -123,6 +132,52 @@ def main(argv=None):
             line += "   GB/s: " + ", ".join(f"{d} {kv * np.dtype(dt).itemsize / best[f'sa {d}'] / 1e9:.1f}"
                                           for d, dt in dts.items())
         print(line, flush=True)
+
+
+def backward(args, torch, timer, shapes):
+    """forward + backward: GFLOP/s at 14 B H L S E (half for causal)"""
+    import ml_dtypes
+    import selfattn
+    dts = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
+    cfg = selfattn.config()
+    alt = ("avx512bf16" if "avx512bf16" in cfg["isas_available"] and cfg["isa"] != "avx512bf16"
+           else "avx512" if cfg["isa"] == "avx512bf16" else None)
+    cols = ["sa fp32", "sa bf16"] + ([f"bf16@{alt}"] if alt else []) + (["torch fp32", "torch bf16"] if torch else [])
+    print(f"\nforward + backward, GFLOP/s (best of >= {args.min_rounds} interleaved rounds)")
+    print(f"{'shape':<44}" + "".join(f"{c:>12}" for c in cols) + f"{'bf16/fp32':>10}{'bf16/tch':>9}")
+    for s in shapes:
+        q, k, v = problem(s)
+        do = problem(s, seed=1)[0]
+        gqa = s.get("Hkv", s["H"]) != s["H"]
+        kw = dict(is_causal=s["causal"], enable_gqa=gqa, num_threads=args.threads)
+        fns = {}
+        for d, dt in dts.items():
+            a = tuple(np.ascontiguousarray(x.astype(dt)) for x in (q, k, v, do))
+
+            def step(a=a, isa=None):
+                with selfattn.use_isa(isa or selfattn.config()["isa"]):
+                    out, vjp = selfattn.scaled_dot_product_attention_vjp(*a[:3], **kw)
+                    return vjp(a[3])
+            fns[f"sa {d}"] = step
+            if d == "bf16" and alt:
+                fns[f"bf16@{alt}"] = lambda a=a: step(a, alt)
+        if torch is not None:
+            for d, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                t = [torch.from_numpy(x).to(tdt) for x in (q, k, v, do)]
+
+                def tstep(t=t):
+                    qq, kk, vv = (x.detach().requires_grad_() for x in t[:3])
+                    out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=s["causal"],
+                                                                           enable_gqa=gqa)
+                    out.backward(t[3])
+                    return qq.grad
+                fns[f"torch {d}"] = tstep
+        best = timer.best(fns)
+        flops = 3.5 * impls.attn_flops(s["B"], s["H"], s["L"], s["S"], s["E"], s["causal"])
+        gf = {n: flops / t / 1e9 for n, t in best.items()}
+        r = lambda a, b: (f"{gf[a] / gf[b]:.2f}x" if a in gf and b in gf else "-")  # noqa: E731
+        print(f"{label(s):<44}" + "".join(f"{gf.get(c, float('nan')):>12.1f}" for c in cols)
+              + f"{r('sa bf16', 'sa fp32'):>10}{r('sa bf16', 'torch bf16'):>9}", flush=True)
 
 
 if __name__ == "__main__":

@@ -596,12 +596,20 @@ cdef class Problem:
             if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != dt:
                 raise ValueError(f"{nm} must be an array of shape {shp} and dtype {dt}, got "
                                  f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
-        if self.storage != SA_STORE_NATIVE:
-            # the 16-bit backward runs in float32 on float32 copies (the kernels' backward reads
-            # native storage only, for now); the gradients are rounded to the inputs' dtype
+        if self.storage != SA_STORE_NATIVE and not self._bwd_native16():
+            # the 16-bit backward elsewhere runs in float32 on float32 copies; the gradients are
+            # rounded to the inputs' dtype
             dq, dk, dv = self._widened().backward(out.astype(_F32), lse, grad_out.astype(_F32))
             return dq.astype(self.out_dtype), dk.astype(self.out_dtype), dv.astype(self.out_dtype)
         out = np.ascontiguousarray(out)        # dout is read with out's offsets: same layout
+        if self.storage != SA_STORE_NATIVE:    # bfloat16 on vdpbf16ps: dout as stored, float32 gradients
+            dout = np.ascontiguousarray(grad_out)
+            dq = np.zeros(self.dq_shape, dtype=self.dtype)
+            dk = np.zeros(self.dk_shape, dtype=self.dtype)
+            dv = np.zeros(self.dv_shape, dtype=self.dtype)
+            if not self._empty(True):
+                self._call(out, lse, dout, dq, dk, dv, False)
+            return dq.astype(self.out_dtype), dk.astype(self.out_dtype), dv.astype(self.out_dtype)
         dout = np.ascontiguousarray(_ready(grad_out, self.typenum))
         dq = np.zeros(self.dq_shape, dtype=self.dtype)
         dk = np.zeros(self.dk_shape, dtype=self.dtype)
@@ -616,7 +624,7 @@ cdef class Problem:
         self._need_data()
         if self._empty(backward or return_lse):
             return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
-        if backward and self.storage != SA_STORE_NATIVE:
+        if backward and self.storage != SA_STORE_NATIVE and not self._bwd_native16():
             return self._widened().schedule(backward=True)       # what backward runs
         empty = lambda shape: np.empty(shape, dtype=self.dtype)   # noqa: E731 (never touched)
         out = np.empty(self.out_shape, dtype=self.out_dtype)
@@ -625,6 +633,11 @@ cdef class Problem:
             return self._call(out, lse, None, None, None, None, True)
         return self._call(out, lse, empty(self.out_shape), empty(self.dq_shape), empty(self.dk_shape),
                           empty(self.dv_shape), True)
+
+    cdef bint _bwd_native16(self):
+        """Whether the backward reads this problem's 16-bit storage itself: bfloat16 on the
+        avx512bf16 path (vdpbf16ps); every other 16-bit backward computes on float32 copies."""
+        return self.storage == SA_STORE_BF16 and _call_isa() == SA_ISA_AVX512BF16
 
     cdef Problem _widened(self):
         """This problem on float32 copies of its 16-bit data (the backward's path, for now)."""

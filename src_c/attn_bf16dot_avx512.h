@@ -69,27 +69,37 @@ static void FN(pack_k_pairs)(const void *base, int64_t off, int64_t ss, int64_t 
     }
 }
 
-/* V block: keys [0, nvalid) -> [BK/2][evp] words, zero past nvalid and Ev:
- * two rows interleaved (each widened to 32 bits, the second shifted up). */
-static void FN(pack_v_pairs)(const void *base, int64_t off, int64_t ss, int64_t se, int64_t nvalid, int64_t Ev,
-                             int64_t evp, uint32_t *dst)
+/* Rows in pairs: rows [0, nvalid) at element off of base (rows ss apart,
+ * columns se apart) -> [npairs][wpad] words, word (p, c) = (row 2p [c], row
+ * 2p+1 [c]); zero past nvalid and ncols: two rows interleaved (each widened
+ * to 32 bits, the second shifted up). The forward's V block (npairs BK/2),
+ * the backward's K (for dQ), Q and dO (for dK, dV). */
+static void FN(pack_row_pairs)(const void *base, int64_t off, int64_t ss, int64_t se, int64_t nvalid, int64_t npairs,
+                               int64_t ncols, int64_t wpad, uint32_t *dst)
 {
     const uint16_t *src = (const uint16_t *)base + off;
     static const uint16_t zeros[1] = {0};
-    for (int64_t jp = 0; jp < BK / 2; jp++) {
-        uint32_t *d = dst + jp * evp;
+    for (int64_t jp = 0; jp < npairs; jp++) {
+        uint32_t *d = dst + jp * wpad;
         int64_t j = 2 * jp, c = 0;
         const uint16_t *ra = j < nvalid ? src + j * ss : zeros, *rb = j + 1 < nvalid ? src + (j + 1) * ss : zeros;
         int64_t sa = j < nvalid ? se : 0, sb = j + 1 < nvalid ? se : 0;   /* a missing row reads zeros[0] */
         if (sa == 1 && sb == 1)
-            for (; c + VW <= Ev; c += VW) {
+            for (; c + VW <= ncols; c += VW) {
                 __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(ra + c)));
                 __m512i y = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(rb + c)));
                 _mm512_storeu_si512((void *)(d + c), _mm512_or_si512(x, _mm512_slli_epi32(y, 16)));
             }
-        for (; c < Ev; c++) d[c] = (uint32_t)ra[c * sa] | (uint32_t)rb[c * sb] << 16;
-        for (; c < evp; c++) d[c] = 0;
+        for (; c < ncols; c++) d[c] = (uint32_t)ra[c * sa] | (uint32_t)rb[c * sb] << 16;
+        for (; c < wpad; c++) d[c] = 0;
     }
+}
+
+/* V block: keys [0, nvalid) -> [BK/2][evp] words, zero past nvalid and Ev */
+static void FN(pack_v_pairs)(const void *base, int64_t off, int64_t ss, int64_t se, int64_t nvalid, int64_t Ev,
+                             int64_t evp, uint32_t *dst)
+{
+    FN(pack_row_pairs)(base, off, ss, se, nvalid, BK / 2, Ev, evp, dst);
 }
 
 /* St[MR][nr*VW] = qs * (Qw[MR][E2] . Kw[E2][..]), St rows BK apart */
@@ -172,3 +182,62 @@ static void FN(pv_rows_pairs)(const T *P, int64_t jp0, int64_t jp1, const uint32
     for (; c0 + NVV * VW <= evp; c0 += NVV * VW) FN(pv_tile_pairs)(P, jp0, jp1, Vw + c0, evp, O + c0, alpha, NVV);
     for (; c0 < evp; c0 += VW) FN(pv_tile_pairs)(P, jp0, jp1, Vw + c0, evp, O + c0, alpha, 1);
 }
+
+/* ---- the backward's (attn_bwd_body.h, BF16_DOT) ----------------------------- */
+
+/* C[BWD_MR][nv*VW] (= or +=) A . B over K2 pairs: A's word (r, k2) at
+ * A[r*ars + k2*acs], B rows (k2) bs words apart, C rows crs floats apart.
+ * The float32 backward's bwd_mm_tile on bfloat16 pairs; with accumulate the
+ * sums start from C, as there. nv and accumulate are constants after inlining. */
+SA_INLINE void FN(mm_pairs_tile)(const uint32_t *SA_RESTRICT A, int64_t ars, int64_t acs, int64_t K2,
+                                 const uint32_t *SA_RESTRICT B, int64_t bs, T *SA_RESTRICT C, int64_t crs, const int nv,
+                                 const int accumulate)
+{
+    __m512 acc[BWD_MR][NVV];
+    for (int r = 0; r < BWD_MR; r++)
+        for (int c = 0; c < nv; c++) acc[r][c] = accumulate ? _mm512_loadu_ps(C + r * crs + c * VW) : _mm512_setzero_ps();
+    for (int64_t k = 0; k < K2; k++) {
+        __m512bh b[NVV];
+        for (int c = 0; c < nv; c++) b[c] = (__m512bh)_mm512_loadu_si512((const void *)(B + k * bs + c * VW));
+        for (int r = 0; r < BWD_MR; r++) {
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)A[r * ars + k * acs]);
+            for (int c = 0; c < nv; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, b[c]);
+        }
+    }
+    for (int r = 0; r < BWD_MR; r++)
+        for (int c = 0; c < nv; c++) _mm512_storeu_ps(C + r * crs + c * VW, acc[r][c]);
+}
+
+/* mm_pairs_tile over ncols columns (a multiple of VW) */
+static void FN(mm_pairs)(const uint32_t *A, int64_t ars, int64_t acs, int64_t K2, const uint32_t *B, int64_t bs, T *C,
+                         int64_t crs, int64_t ncols, int accumulate)
+{
+    int64_t c0 = 0;
+    if (accumulate) {
+        for (; c0 + NVV * VW <= ncols; c0 += NVV * VW)
+            FN(mm_pairs_tile)(A, ars, acs, K2, B + c0, bs, C + c0, crs, NVV, 1);
+        for (; c0 < ncols; c0 += VW) FN(mm_pairs_tile)(A, ars, acs, K2, B + c0, bs, C + c0, crs, 1, 1);
+    } else {
+        for (; c0 + NVV * VW <= ncols; c0 += NVV * VW)
+            FN(mm_pairs_tile)(A, ars, acs, K2, B + c0, bs, C + c0, crs, NVV, 0);
+        for (; c0 < ncols; c0 += VW) FN(mm_pairs_tile)(A, ars, acs, K2, B + c0, bs, C + c0, crs, 1, 0);
+    }
+}
+
+/* X [2 npairs][..] floats (rows BK apart), columns [c0, c1) (whole vectors),
+ * rounded to bfloat16 (nearest even) and paired down the rows: dst word
+ * (p, j) at dst[p * BK + j] = (X[2p][j], X[2p+1][j]) -- P^T and dS^T as the
+ * A operand of dV += P^T dO and dK += dS^T Q (A's word (j, p): ars 1, acs BK). */
+static void FN(pair_rows_t)(const T *X, int64_t npairs, int64_t c0, int64_t c1, uint32_t *dst)
+{
+    for (int64_t p = 0; p < npairs; p++)
+        for (int64_t j = c0; j < c1; j += VW) {
+            __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(X + 2 * p * BK + j)));
+            __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(X + (2 * p + 1) * BK + j)));
+            _mm512_storeu_si512((void *)(dst + p * BK + j), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+}
+
+/* element i of stored bfloat16 values, widened (exact) */
+static inline T FN(bf16_at)(const void *base, int64_t i) { return sa_bf16_to_f32(((const uint16_t *)base)[i]); }
+

@@ -58,16 +58,26 @@ static void FN(bwd_prep_task)(void *vctx, int64_t u, int tid)
     const sa_bwd_layout *lay = c->lay;
     (void)tid;
     int64_t Lu = a->q_len ? a->q_len[u] : a->L;
+    T *D = c->dbuf + u * lay->lp;
+#if BF16_DOT
+    /* out and dO stored in bfloat16, widened (exactly) */
+    const uint16_t *o = (const uint16_t *)a->out + a->out_off[u];
+    const uint16_t *d = (const uint16_t *)a->dout + a->out_off[u];
+#define SA_BWD_ELEM(p, i) FN(bf16_at)(p, i)
+#else
     const T *o = (const T *)a->out + a->out_off[u];
     const T *d = (const T *)a->dout + a->out_off[u];
-    T *D = c->dbuf + u * lay->lp;
+#define SA_BWD_ELEM(p, i) (p)[i]
+#endif
     for (int64_t i = 0; i < lay->lp; i++) {
         double s = 0;
         if (i < Lu)
             for (int64_t e = 0; e < a->Ev; e++)
-                s += (double)o[i * a->out_sl + e * a->out_se] * (double)d[i * a->dout_sl + e * a->dout_se];
+                s += (double)SA_BWD_ELEM(o, i * a->out_sl + e * a->out_se) *
+                     (double)SA_BWD_ELEM(d, i * a->dout_sl + e * a->dout_se);
         D[i] = (T)s;
     }
+#undef SA_BWD_ELEM
     T *p = c->part + u * lay->nc * lay->part_elems;
     for (int64_t i = 0; i < lay->nc * lay->part_elems; i++) p[i] = 0;
 }
@@ -93,11 +103,43 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     int64_t cs = ka / BWD_KEY_ALIGN * BWD_KEY_ALIGN, ce = sa_round_up(kz, BWD_KEY_ALIGN), nk = ce - cs;
     int64_t rows_eff = sa_round_up(rows, BWD_MR);
 
+    const T *lse = (const T *)a->lse + a->lse_off[u];
+    const T *D = c->dbuf + u * lay->lp;
+#if BF16_DOT
+    /* bfloat16 pairs (attn_bf16dot_avx512.h), in the float tiles' space:
+     *   Qw  [rows][E2]   (q[2e], q[2e+1])            for S   (Qs's space)
+     *   Qr  [rows/2][ep] (q[2r][e], q[2r+1][e])      for dK  (Qu's)
+     *   dOw [rows][Ev2], dOr [rows/2][evp] likewise  for dP, dV (dOt's, halves)
+     * P and dS stay float32 (St, dPt); their bfloat16 transposes (P^T, dS^T)
+     * go to Pt, dSt for dV and dK, dS is paired in place for dQ. Padding rows
+     * are zero. */
+    const int64_t E2 = (E + 1) / 2, Ev2 = (Ev + 1) / 2, R2 = rows_eff / 2;
+    uint32_t *Qw = (uint32_t *)(void *)Qs, *Qr = (uint32_t *)(void *)Qu;
+    uint32_t *dOw = (uint32_t *)(void *)dOt, *dOr = (uint32_t *)(void *)(dOt + BQ / 2 * evp);
+    uint32_t *Pt = (uint32_t *)(void *)(ws + lay->off_pairs), *dSt = Pt + BQ / 2 * BK;
+    for (int64_t r = 0; r < rows_eff; r++) {
+        if (r < rows) {
+            FN(load_q_pairs)(a->q, a->q_off[u] + (i0 + r) * a->q_sl, a->q_se, E, Qw + r * E2);
+            FN(load_q_pairs)(a->dout, a->out_off[u] + (i0 + r) * a->dout_sl, a->dout_se, Ev, dOw + r * Ev2);
+            lse2[r] = lse[(i0 + r) * a->lse_sl] * (T)SA_LOG2E;
+            Dr[r] = D[i0 + r];
+        } else {
+            for (int64_t e = 0; e < E2; e++) Qw[r * E2 + e] = 0;
+            for (int64_t f = 0; f < Ev2; f++) dOw[r * Ev2 + f] = 0;
+            lse2[r] = NEG_INF;
+            Dr[r] = 0;
+        }
+    }
+    FN(pack_row_pairs)(a->q, a->q_off[u] + i0 * a->q_sl, a->q_sl, a->q_se, rows, R2, E, ep, Qr);
+    FN(pack_row_pairs)(a->dout, a->out_off[u] + i0 * a->dout_sl, a->dout_sl, a->dout_se, rows, R2, Ev, evp, dOr);
+
+    /* a. scores (the forward's bits: same products, same order), masks, probabilities */
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
+        FN(qk_range_pairs)(Qw + r0 * E2, E2, (const uint32_t *)(const void *)Kt, St + r0 * BK, cs, ce, c->qscale);
+#else
     /* the tile: Q scaled (for S) and as given (for dK), dO, lse in log2 units, D */
     const T *q = (const T *)a->q + a->q_off[u];
     const T *dout = (const T *)a->dout + a->out_off[u];
-    const T *lse = (const T *)a->lse + a->lse_off[u];
-    const T *D = c->dbuf + u * lay->lp;
     for (int64_t r = 0; r < rows_eff; r++) {
         T *qs = Qs + r * ep, *qu = Qu + r * ep, *d = dOt + r * evp;
         int64_t e = 0;
@@ -120,6 +162,7 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     /* a. scores, masks, probabilities */
     for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
         FN(bwd_mm)(Qs + r0 * ep, ep, 1, E, Kt + cs, BK, St + r0 * BK + cs, BK, nk, 0);
+#endif
     if (a->softcap > 0 || a->score_mod)
         for (int64_t r = 0; r < rows_eff; r++)
             for (int64_t j = cs; j < ce; j += VW) V(store)(Raw + r * BK + j, V(load)(St + r * BK + j));
@@ -137,7 +180,11 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
 
     /* b. dP = dO V^T, then dS = scale P o (dP - D) (o softcap's derivative) in place */
     for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
+#if BF16_DOT
+        FN(qk_range_pairs)(dOw + r0 * Ev2, Ev2, (const uint32_t *)(const void *)Vt, dPt + r0 * BK, cs, ce, (T)1);
+#else
         FN(bwd_mm)(dOt + r0 * evp, evp, 1, Ev, Vt + cs, BK, dPt + r0 * BK + cs, BK, nk, 0);
+#endif
     {
         VT vscale = V(set1)((T)a->scale);
         VT kk = V(set1)(a->softcap > 0 ? FN(softcap_k)(FN(log2_units)(a->softcap)) : (T)0);
@@ -179,6 +226,45 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
         }
     }
 
+#if BF16_DOT
+    /* c. dV_blk += P^T dO, dK_blk += dS^T Q over the keys [cs, ce), on pairs of rows */
+    FN(pair_rows_t)(St, R2, cs, ce, Pt);
+    FN(pair_rows_t)(dPt, R2, cs, ce, dSt);
+    for (int64_t jr = cs; jr < ce; jr += BWD_MR) {
+        FN(mm_pairs)(Pt + jr, 1, BK, R2, dOr, evp, dVa + jr * evp, evp, evp, 1);
+        FN(mm_pairs)(dSt + jr, 1, BK, R2, Qr, ep, dKa + jr * ep, ep, ep, 1);
+    }
+    /* d. this chunk's dQ partial += dS K over the tile's keys [ka, kz) only (K rows
+     * outside may be another unit's keys, not finite for this one): the whole
+     * key pairs inside on vdpbf16ps (dS rounded to bfloat16 and paired in
+     * place), an unpaired key at either end in float32 (first: the pairing
+     * overwrites dS) */
+    {
+        const uint32_t *Kw = (const uint32_t *)(const void *)Kr;      /* [BK/2][ep] key pairs */
+        const int64_t pa = (ka + 1) / 2, pb = kz / 2;
+        for (int64_t j = ka; j < kz; j++) {
+            if (j >= 2 * pa && j < 2 * pb) continue;
+            for (int64_t r = 0; r < rows; r++) {
+                VT ds = V(set1)(dPt[r * BK + j]);
+                T *dq = dqp + (i0 + r) * ep;
+                for (int64_t e = 0; e < ep; e += VW) {
+                    __m512i w = _mm512_loadu_si512((const void *)(Kw + j / 2 * ep + e));
+                    VT kv = _mm512_castsi512_ps((j & 1) ? _mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u))
+                                                        : _mm512_slli_epi32(w, 16));
+                    V(store)(dq + e, V(fma)(ds, kv, V(load)(dq + e)));
+                }
+            }
+        }
+        if (pb > pa) {
+            for (int64_t r = 0; r < rows_eff; r++) FN(p_to_bf16)(dPt + r * BK, 2 * pa, 2 * pb);
+            for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
+                FN(mm_pairs)((const uint32_t *)(const void *)(dPt + r0 * BK) + pa, BK, 1, pb - pa, Kw + pa * ep, ep,
+                             dqp + (i0 + r0) * ep, ep, ep, 1);
+        }
+    }
+    (void)nk;
+    (void)Qs;
+#else
     /* c. dV_blk += P^T dO, dK_blk += dS^T Q over the keys [cs, ce) */
     for (int64_t jr = cs; jr < ce; jr += BWD_MR) {
         FN(bwd_mm)(St + jr, 1, BK, rows_eff, dOt, evp, dVa + jr * evp, evp, evp, 1);
@@ -188,6 +274,7 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
      * outside may be another unit's keys, not finite for this one) */
     for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
         FN(bwd_mm)(dPt + r0 * BK + ka, BK, 1, kz - ka, Kr + ka * ep, ep, dqp + (i0 + r0) * ep, ep, ep, 1);
+#endif
 }
 
 /* Pack key block j0 of kv unit g (keys below klim; the rest zero): K^T [E][BK],
@@ -198,6 +285,13 @@ static void FN(bwd_pack)(const FN(bctx_t) *c, int64_t g, int64_t j0, int64_t kli
     const sa_bwd_layout *lay = c->lay;
     int64_t koff = a->kv_k_off[g] + j0 * a->k_ss, voff = a->kv_v_off[g] + j0 * a->v_ss;
     int64_t nvalid = FN(block_keys)(klim, j0);
+#if BF16_DOT
+    /* bfloat16 pairs: K^T [E2][BK] and V^T [Ev2][BK] (paired along E), K [BK/2][ep] (paired along keys) */
+    FN(pack_k_pairs)(a->k, koff, a->k_ss, a->k_se, nvalid, a->E, (uint32_t *)(void *)(ws + lay->off_kt));
+    FN(pack_k_pairs)(a->v, voff, a->v_ss, a->v_se, nvalid, a->Ev, (uint32_t *)(void *)(ws + lay->off_vt));
+    FN(pack_v_pairs)(a->k, koff, a->k_ss, a->k_se, nvalid, a->E, lay->ep, (uint32_t *)(void *)(ws + lay->off_kr));
+    return;
+#endif
     FN(pack_rows)(a->k, a->storage, koff, a->k_ss, a->k_se, nvalid, a->E, lay->ep, ws + lay->off_kr);
     FN(pack_t)(a->k, a->storage, koff, a->k_ss, a->k_se, nvalid, a->E, ws + lay->off_kt);
     FN(pack_t)(a->v, a->storage, voff, a->v_ss, a->v_se, nvalid, a->Ev, ws + lay->off_vt);

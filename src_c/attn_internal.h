@@ -137,7 +137,8 @@ static inline int sa_kv_runs(const sa_attn_args *a, int64_t g, int64_t j0, int64
  *   [D: n_units x lp][dQ partials: n_units x nc x lp x ep][scratch of thread 0]...
  * One thread's scratch: [K^T E x BK][K BK x ep][V^T Ev x BK][dK BK x ep]
  * [dV BK x evp][Q scaled BQ x ep][Q BQ x ep][dO BQ x evp][P BQ x BK][dS BQ x BK]
- * [raw scores BQ x BK (softcap)][lse2, D: 2 x BQ]. */
+ * [raw scores BQ x BK (softcap)][lse2, D: 2 x BQ][bfloat16 storage: P^T, dS^T in
+ * pairs, BQ/2 x BK words each]. */
 #define SA_BWD_MAX_CHUNKS 16     /* backward: most key chunks per kv unit (dQ partials) */
 typedef struct {
     int64_t n_qt, n_kb, lp, ep, evp;   /* query tiles, key blocks; L, E, Ev padded  */
@@ -145,7 +146,8 @@ typedef struct {
     int64_t tasks;                     /* n_kv x nc                                 */
     int64_t part_elems;                /* one unit's dQ partial of one chunk: lp x ep */
     int64_t part_off, shared_elems;
-    int64_t off_kt, off_kr, off_vt, off_dk, off_dv, off_qs, off_qu, off_do, off_s, off_dp, off_raw, off_rows;
+    int64_t off_kt, off_kr, off_vt, off_dk, off_dv, off_qs, off_qu, off_do, off_s, off_dp, off_raw, off_rows,
+        off_pairs;
     int64_t thread_elems;
     int nt;
     size_t total_bytes;

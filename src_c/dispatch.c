@@ -371,7 +371,8 @@ int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int ds
 {
     /* 16-bit storage and quantized K/V: the forward only (selfattn.h) */
     if (a->L < 0 || a->S < 0 || a->E < 0 || a->Ev < 0 || a->n_units < 0 || a->n_kv < 0 || dsize <= 0
-        || a->sink_tokens < 0 || a->storage != SA_STORE_NATIVE || a->kv_quant != SA_KV_PLAIN || a->block_table
+        || a->sink_tokens < 0 || (a->storage != SA_STORE_NATIVE && (a->storage != SA_STORE_BF16 || dsize != 4))
+        || a->kv_quant != SA_KV_PLAIN || a->block_table
         || !sa_mask_args_ok(a))
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;
@@ -405,6 +406,7 @@ int sa_bwd_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int ds
     SA_PIECE(off_dp, bq * bk);
     SA_PIECE(off_raw, bq * bk);
     SA_PIECE(off_rows, 2 * bq);
+    SA_PIECE(off_pairs, a->storage == SA_STORE_BF16 ? bq * bk : 0);   /* bfloat16: P^T, dS^T paired */
 #undef SA_PIECE
     lay->thread_elems = o;
     int nt = sa_effective_threads(a->num_threads);
@@ -463,11 +465,15 @@ int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule
     return SA_OK;
 }
 
+/* The backward's layout on isa; bfloat16 storage on avx512bf16 only (its
+ * vdpbf16ps backward: every other target computes from float32 copies). */
 static int sa_bwd_layout_for(const sa_attn_args *a, int isa, int dtype_size, sa_bwd_layout *lay)
 {
     int st;
     const sa_kernel *k = sa_kernel_for(isa, dtype_size, &st);
-    return k ? sa_bwd_layout_compute(a, k->params, dtype_size, lay) : st;
+    if (!k) return st;
+    if (a->storage != SA_STORE_NATIVE && isa != SA_ISA_AVX512BF16) return SA_ERR_ARG;
+    return sa_bwd_layout_compute(a, k->params, dtype_size, lay);
 }
 
 int sa_attn_bwd_workspace_size(const sa_attn_args *a, int isa, int dtype_size, size_t *bytes)
@@ -514,7 +520,7 @@ static int sa_attn_bwd(const sa_attn_args *a, int isa, int dtype_size, void *ws,
     if (a->lse == NULL || a->out == NULL || a->dout == NULL || a->dq == NULL || a->dk == NULL || a->dv == NULL)
         return SA_ERR_ARG;
     sa_bwd_layout lay;
-    if (sa_bwd_layout_compute(a, k->params, dtype_size, &lay) != SA_OK) return SA_ERR_ARG;
+    if (sa_bwd_layout_for(a, isa, dtype_size, &lay) != SA_OK) return SA_ERR_ARG;
     if (ws_bytes < lay.total_bytes || ws == NULL) return SA_ERR_WORKSPACE;
     return k->bwd(a, &lay, ws);
 }

@@ -264,8 +264,10 @@ typedef struct {
                          runs the float32 kernels (dtype_size 4): each value is
                          converted to float32 where it is loaded or packed, out
                          rounded (to nearest even) where it is written; lse and a
-                         float mask stay float32. The forward only (for now): the
-                         backward refuses it (SA_ERR_ARG) */
+                         float mask stay float32. The backward takes bfloat16
+                         storage on avx512bf16 only (q, k, v, out, dout
+                         bfloat16; dq, dk, dv float32); elsewhere it refuses
+                         16-bit storage (SA_ERR_ARG) */
     int mask_kind;    const void *mask; const int64_t *mask_off; int64_t mask_sl, mask_ss;
     /* Block mask (mask_kind = SA_MASK_BLOCKS; FlexAttention's BlockMask): query
      * rows and keys in blocks of bm_rows x bm_keys; block (qb, kb) of unit u is
