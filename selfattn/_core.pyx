@@ -602,18 +602,13 @@ cdef class Problem:
             dq, dk, dv = self._widened().backward(out.astype(_F32), lse, grad_out.astype(_F32))
             return dq.astype(self.out_dtype), dk.astype(self.out_dtype), dv.astype(self.out_dtype)
         out = np.ascontiguousarray(out)        # dout is read with out's offsets: same layout
-        if self.storage != SA_STORE_NATIVE:    # bfloat16 on vdpbf16ps: dout as stored, float32 gradients
-            dout = np.ascontiguousarray(grad_out)
-            dq = np.zeros(self.dq_shape, dtype=self.dtype)
-            dk = np.zeros(self.dk_shape, dtype=self.dtype)
-            dv = np.zeros(self.dv_shape, dtype=self.dtype)
-            if not self._empty(True):
-                self._call(out, lse, dout, dq, dk, dv, False)
-            return dq.astype(self.out_dtype), dk.astype(self.out_dtype), dv.astype(self.out_dtype)
-        dout = np.ascontiguousarray(_ready(grad_out, self.typenum))
-        dq = np.zeros(self.dq_shape, dtype=self.dtype)
-        dk = np.zeros(self.dk_shape, dtype=self.dtype)
-        dv = np.zeros(self.dv_shape, dtype=self.dtype)
+        # bfloat16 on vdpbf16ps: dout and the gradients as stored (rounded once, in the kernel)
+        native16 = self.storage != SA_STORE_NATIVE
+        dout = np.ascontiguousarray(grad_out if native16 else _ready(grad_out, self.typenum))
+        gdt = self.out_dtype if native16 else self.dtype
+        dq = np.zeros(self.dq_shape, dtype=gdt)
+        dk = np.zeros(self.dk_shape, dtype=gdt)
+        dv = np.zeros(self.dv_shape, dtype=gdt)
         if not self._empty(True):
             self._call(out, lse, dout, dq, dk, dv, False)
         return dq, dk, dv

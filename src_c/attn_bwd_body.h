@@ -39,6 +39,16 @@
  * <= 16) plus one thread's tiles; never anything of size L x S.
  */
 
+/* the gradients as stored: bfloat16 (rounded to nearest even, once, here)
+ * for BF16_DOT's bfloat16 storage, else T */
+#if BF16_DOT
+typedef uint16_t FN(grad_t);
+#define SA_GRAD_OUT(x) sa_f32_to_bf16(x)
+#else
+typedef T FN(grad_t);
+#define SA_GRAD_OUT(x) (x)
+#endif
+
 typedef struct {
     const sa_attn_args *a;
     const sa_bwd_layout *lay;
@@ -314,8 +324,8 @@ static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
         int64_t su = a->k_len ? a->k_len[a->kv_units[idx]] : a->S;
         if (su > smax) smax = su;
     }
-    T *dk = (T *)a->dk + a->dk_off[g];
-    T *dv = (T *)a->dv + a->dv_off[g];
+    FN(grad_t) *dk = (FN(grad_t) *)a->dk + a->dk_off[g];
+    FN(grad_t) *dv = (FN(grad_t) *)a->dv + a->dv_off[g];
     for (int64_t kb = kb0; kb < kb1; kb++) {
         int64_t j0 = kb * BK, nrows = smax - j0 < BK ? smax - j0 : BK;
         if (nrows <= 0) break;
@@ -354,8 +364,8 @@ static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
             }
         }
         for (int64_t jj = 0; jj < nrows; jj++) {
-            for (int64_t e = 0; e < E; e++) dk[(j0 + jj) * a->dk_ss + e * a->dk_se] = dKa[jj * ep + e];
-            for (int64_t e = 0; e < Ev; e++) dv[(j0 + jj) * a->dv_ss + e * a->dv_se] = dVa[jj * evp + e];
+            for (int64_t e = 0; e < E; e++) dk[(j0 + jj) * a->dk_ss + e * a->dk_se] = SA_GRAD_OUT(dKa[jj * ep + e]);
+            for (int64_t e = 0; e < Ev; e++) dv[(j0 + jj) * a->dv_ss + e * a->dv_se] = SA_GRAD_OUT(dVa[jj * evp + e]);
         }
     }
 }
@@ -369,12 +379,12 @@ static void FN(bwd_dq_task)(void *vctx, int64_t u, int tid)
     (void)tid;
     int64_t Lu = a->q_len ? a->q_len[u] : a->L;
     const T *p = c->part + u * lay->nc * lay->part_elems;
-    T *dq = (T *)a->dq + a->dq_off[u];
+    FN(grad_t) *dq = (FN(grad_t) *)a->dq + a->dq_off[u];
     for (int64_t i = 0; i < Lu; i++)
         for (int64_t e = 0; e < a->E; e++) {
             T s = p[i * lay->ep + e];
             for (int64_t ch = 1; ch < lay->nc; ch++) s += p[ch * lay->part_elems + i * lay->ep + e];
-            dq[i * a->dq_sl + e * a->dq_se] = s;
+            dq[i * a->dq_sl + e * a->dq_se] = SA_GRAD_OUT(s);
         }
 }
 
@@ -399,3 +409,5 @@ int FN(attn_bwd)(const sa_attn_args *a, const sa_bwd_layout *lay, void *ws)
     if (st == SA_OK) st = sa_run_tasks(a->n_units, lay->nt, FN(bwd_dq_task), &c, a);
     return st;
 }
+
+#undef SA_GRAD_OUT

@@ -266,7 +266,7 @@ typedef struct {
                          rounded (to nearest even) where it is written; lse and a
                          float mask stay float32. The backward takes bfloat16
                          storage on avx512bf16 only (q, k, v, out, dout
-                         bfloat16; dq, dk, dv float32); elsewhere it refuses
+                         and dq, dk, dv all bfloat16); elsewhere it refuses
                          16-bit storage (SA_ERR_ARG) */
     int mask_kind;    const void *mask; const int64_t *mask_off; int64_t mask_sl, mask_ss;
     /* Block mask (mask_kind = SA_MASK_BLOCKS; FlexAttention's BlockMask): query
