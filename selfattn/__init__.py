@@ -51,9 +51,11 @@ Architecture at a glance
                                                          (attn_pack.h; the conversions in simd_<isa>.h,
                                                          half.h); the avx512bf16 path's bfloat16 forward
                                                          multiplies bfloat16 pairs (vdpbf16ps:
-                                                         attn_bf16dot_avx512.h; default on AMD); the
-                                                         backward, for now, on float32 copies
-                                                         (Problem.backward). Attention dropout
+                                                         attn_bf16dot_avx512.h; default on AMD), and
+                                                         so does its backward (pairs along E, query
+                                                         rows or keys, BF16_DOT in attn_bwd_body.h);
+                                                         elsewhere the 16-bit backward runs on float32
+                                                         copies (Problem.backward). Attention dropout
                                                          (sa_attn_args.dropout_p): dropout.h's
                                                          Philox mask on (seed, unit, row, key),
                                                          applied after the row sums (forward) and

@@ -1,9 +1,9 @@
 /*
- * attn_bf16dot_avx512.h -- the bfloat16 forward's own pieces on AVX512_BF16
- * (a template of attn_kernels.h, included for the avx512bf16 target only:
- * T float, VW 16, BF16_DOT 1). attn_fwd_body.h calls these instead of the
- * float32 packing and micro-kernels; the rest of the forward (masks, online
- * softmax, schedules, output) is the float32 one.
+ * attn_bf16dot_avx512.h -- bfloat16's own pieces on AVX512_BF16 (a template
+ * of attn_kernels.h, included for the avx512bf16 target only: T float, VW 16,
+ * BF16_DOT 1). attn_fwd_body.h and attn_bwd_body.h call these instead of the
+ * float32 packing and micro-kernels; the rest (masks, online softmax,
+ * schedules, output) is the float32 code.
  *
  * vdpbf16ps multiplies pairs of bfloat16 and adds both products to a float32
  * lane: acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1]. So operands are kept in
@@ -14,6 +14,11 @@
  *   P row    the block's probabilities rounded to bfloat16 (to nearest even,
  *            as flash attention does) in place, in the first half of the
  *            row's float32 slots: word jp = (p[2jp], p[2jp+1])
+ * The backward (attn_bwd_body.h) pairs the same way: Q.K^T as above, dO.V^T
+ * with V^T like K; dV = P^T dO and dK = dS^T Q pair along the tile's query
+ * rows (P^T, dS^T [rows/2][BK] words, pair_rows_t; Q, dO [rows/2][ep]
+ * words, pack_row_pairs); dQ = dS K along keys (dS paired in place like P,
+ * K like V). One micro-kernel, mm_pairs, takes every backward product.
  * An odd E or key count is padded with zeros. Scores are the exact products
  * summed in float32 (vdpbf16ps treats subnormal inputs as zero and flushes
  * subnormal results: far below what a softmax can see), times scale*log2(e).

@@ -25,8 +25,9 @@
  *   attn_<isa>.c      generic | avx2 | avx512 | neon: tile sizes, then
  *                     attn_kernels.h once per dtype (float, double);
  *                     attn_avx512.c also holds the avx512bf16 target: the
- *                     bfloat16 forward on vdpbf16ps (attn_bf16dot_avx512.h:
- *                     bfloat16 pairs packed, multiplied), the rest avx512's
+ *                     bfloat16 forward, decode and backward on vdpbf16ps
+ *                     (attn_bf16dot_avx512.h: bfloat16 pairs packed,
+ *                     multiplied; BF16_DOT in the bodies), the rest avx512's
  *   attn_kernels.h    what is compiled per ISA and dtype, in order:
  *     shared:   attn_pack.h (K/V packing; 16-bit storage widened there, the
  *               output rounded there), attn_micro.h (micro-kernels),
@@ -67,8 +68,8 @@ typedef enum {
     SA_ISA_AVX2 = 1,         /* x86-64 AVX2 + FMA + F16C                        */
     SA_ISA_AVX512 = 2,       /* x86-64 AVX-512 F/DQ/BW/VL                       */
     SA_ISA_NEON = 3,         /* aarch64 Advanced SIMD (every aarch64 CPU)       */
-    SA_ISA_AVX512BF16 = 4,   /* AVX-512 above + AVX512_BF16: bfloat16's forward on
-                                vdpbf16ps; every other kernel is avx512's     */
+    SA_ISA_AVX512BF16 = 4,   /* AVX-512 above + AVX512_BF16: bfloat16's kernels on
+                                vdpbf16ps; every other dtype avx512's         */
     SA_ISA_COUNT = 5
 } sa_isa;
 
