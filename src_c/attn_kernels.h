@@ -8,10 +8,11 @@
  *   NVV   value vectors of a P.V micro-tile
  *   BQ    query rows per task       BK   keys per block
  *   STORE16  1 where 16-bit storage may be given (T float), else 0
- *   BF16_DOT 1 for the avx512bf16 target (optional, default 0): the forward
- *            only, its bfloat16 storage computed by vdpbf16ps on bfloat16
- *            pairs (attn_bf16dot_avx512.h); every other storage, the decode
- *            schedule and the backward are avx512's (dispatch.c's table)
+ *   BF16_DOT 1 for the avx512bf16 target (optional, default 0): its
+ *            bfloat16 storage computed by vdpbf16ps on bfloat16 pairs -- the
+ *            forward (attn_bf16dot_avx512.h) and the decode's scores
+ *            (attn_micro.h, decode_dots_pairs); every other storage is
+ *            avx512's (dispatch.c's table)
  * It defines attn_fwd_, attn_decode_, attn_bwd_<TSUF>_<ISUF> (dispatch.c's
  * function table lists them) and sa_params_<TSUF>_<ISUF>, and undefines the
  * macros above. The pieces, in order (each a template on these macros; no
