@@ -510,8 +510,8 @@ def config() -> Dict[str, Any]:
         best first), ``openmp`` (bool), ``default_threads`` (int), ``half`` (dict: how
         bfloat16 and float16 inputs run on that instruction set: widened to float32 for the
         float32 kernels by e.g. ``'shifts'`` or ``'F16C vcvtph2ps'``, or ``'vdpbf16ps'``: the
-        avx512bf16 path's bfloat16 forward multiplies bfloat16 pairs, its decode and backward
-        widen).
+        avx512bf16 path's bfloat16 forward, backward and decode scores multiply bfloat16
+        pairs, its decode P.V widens).
 
     Examples
     --------
@@ -539,14 +539,14 @@ def show_config(file: Optional[IO[str]] = None) -> None:
 
     Example output: ``selfattn 0.1.0: isa=avx512 (available: avx512, avx512bf16, avx2, generic),
     openmp=yes, default_threads=2, bfloat16/float16: float32 kernels, widened by shifts / AVX-512
-    vcvtph2ps``; on AMD's Zen 4 / Zen 5 (isa=avx512bf16): ``bfloat16: vdpbf16ps (forward; decode and
-    backward widened by shifts), float16: float32 kernels, widened by AVX-512 vcvtph2ps``.
+    vcvtph2ps``; on AMD's Zen 4 / Zen 5 (isa=avx512bf16): ``bfloat16: vdpbf16ps (forward, backward,
+    decode q.k; decode P.V widened by shifts), float16: float32 kernels, widened by AVX-512 vcvtph2ps``.
     """
     c = config()
     file = sys.stdout if file is None else file
     bf, f16 = c["half"]["bfloat16"], c["half"]["float16"]
     if bf == "vdpbf16ps":
-        half = (f"bfloat16: vdpbf16ps (forward; decode and backward widened by shifts), "
+        half = (f"bfloat16: vdpbf16ps (forward, backward, decode q.k; decode P.V widened by shifts), "
                 f"float16: float32 kernels, widened by {f16}")
     else:
         half = f"bfloat16/float16: float32 kernels, widened by {bf} / {f16}"

@@ -24,6 +24,10 @@
  *           rows' addresses), each once per block for all rows
  *           (attn_micro.h, decode_dots); bfloat16 / float16 K and V are
  *           read as they are and widened in registers (decode_task_st);
+ *           on avx512bf16 (BF16_DOT), bfloat16 K rows (contiguous, E even)
+ *           are not widened: q.k on vdpbf16ps from the stored pairs of q
+ *           and k, 16 scores a tile reduced at once (decode_dots_pairs),
+ *           times scale * log2(e) after, as the bfloat16 forward's;
  *        b. softcap, ALiBi, attn_mask, -inf outside the row's interval
  *           (mask_row, as in the forward); online softmax (m, l);
  *        c. O = alpha O + P.V, V rows read in place (decode_pv_rows);
@@ -62,8 +66,10 @@ typedef struct {
 } FN(dunit_t);
 
 /* Start kv unit g's part of chunk ch: its rows' queries (scaled) into Qs,
- * their partial result (zeros, m = -inf) in the chunk's slot of parts. */
-static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN(dunit_t) *d)
+ * their partial result (zeros, m = -inf) in the chunk's slot of parts.
+ * pairs (decode_dots_pairs' scores): the queries as stored instead, E / 2
+ * words of two bfloat16 a row, unscaled (qscale multiplies the scores). */
+static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN(dunit_t) *d, const int pairs)
 {
     const sa_attn_args *a = c->a;
     const sa_layout *lay = c->lay;
@@ -88,9 +94,24 @@ static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN
         for (int64_t col = 0; col < evp; col++) d->Op[rr * evp + col] = 0;
         d->lo[rr] = 0;
         d->hi[rr] = d->shi[rr] = -1;                          /* rows past L_u (varlen) see nothing */
-        if (i >= d->um[rr].L) continue;
+        if (i >= d->um[rr].L) {
+#if BF16_DOT
+            /* the pairs' tiles compute every row's scores (a row like this one's are
+             * never read): zeros, not whatever the scratch held */
+            if (pairs)
+                for (int64_t e = 0; e < E / 2; e++) ((uint32_t *)(void *)Qs)[rr * (E / 2) + e] = 0;
+#endif
+            continue;
+        }
         sa_row_keys(&d->um[rr], i, &d->lo[rr], &d->hi[rr]);
         d->shi[rr] = sa_sink_hi(&d->um[rr], d->lo[rr], d->hi[rr]);
+#if BF16_DOT
+        if (pairs) {
+            FN(load_q_pairs)(a->q, a->q_off[u] + i * a->q_sl, a->q_se, E, (uint32_t *)(void *)Qs + rr * (E / 2));
+            continue;
+        }
+#endif
+        (void)pairs;
         FN(load_row)(a->q, a->storage, a->q_off[u] + i * a->q_sl, a->q_se, E, Qs + rr * E);
         for (int64_t e = 0; e < E; e++) Qs[rr * E + e] *= c->qscale;
     }
@@ -100,9 +121,11 @@ static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN
  * overview. st: how K and V are read -- SA_STORE_NATIVE (T: the arrays, or
  * rows converted into scratch), or 16-bit storage or int8 (SA_READ_I8)
  * widened in registers (decode_task picks; one specialisation each, st being
- * a constant after inlining). St, Kc, Vc: the thread's scratch. */
+ * a constant after inlining). pairs (avx512bf16, bfloat16 st, E even): the
+ * scores by decode_dots_pairs on the stored values (d->Qs holds the query
+ * words). St, Kc, Vc: the thread's scratch. */
 SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(dunit_t) *d, int64_t j0, T *St,
-                                T *Kc, T *Vc, const int st)
+                                T *Kc, T *Vc, const int st, const int pairs)
 {
     const int64_t E = a->E, Ev = a->Ev, evp = lay->evp, R = d->R, g = d->g;
     const int64_t c1 = d->c1;
@@ -143,6 +166,40 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
         runs[1].j = jmax;
     }
 
+#if BF16_DOT
+    if (pairs) {
+        /* a. scores on vdpbf16ps: 16 keys at a time (from a multiple of 16,
+         * so St's rows stay within BK), every row, in tiles of up to 4 rows
+         * x 16 / 4 keys (decode_dots_pairs); a key outside [jmin, jmax)
+         * reads key jmin's row, its score never read (steps b and c set it
+         * to zero or -inf first, as a key a row does not see). Each key's
+         * score is the same whatever its tile, page or thread. */
+        const uint16_t *kp[BK];
+        const int64_t ja = jmin / VW * VW, jb = sa_round_up(jmax, VW), E2 = E / 2;
+        for (int ir = 0; ir < nrun; ir++)
+            for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++)
+                kp[j] = (const uint16_t *)kb + runs[ir].k + j * kss;
+        for (int64_t j = ja; j < jmin; j++) kp[j] = kp[jmin];
+        for (int64_t j = jmax; j < jb; j++) kp[j] = kp[jmin];
+        const uint32_t *Qw = (const uint32_t *)(const void *)Qs;
+        const __m512 qs = _mm512_set1_ps(FN(log2_units)(a->scale));
+        for (int64_t j = ja; j < jb; j += VW)
+            for (int64_t r0 = 0; r0 < R;) {
+                const uint32_t *qr = Qw + r0 * E2;
+                T *sr = St + r0 * BK + j;
+                if (R - r0 >= 4) {
+                    for (int t = 0; t < VW; t += VW / 4) FN(decode_dots_pairs)(qr, E2, kp + j + t, sr + t, 4, qs);
+                    r0 += 4;
+                } else if (R - r0 >= 2) {
+                    for (int t = 0; t < VW; t += VW / 2) FN(decode_dots_pairs)(qr, E2, kp + j + t, sr + t, 2, qs);
+                    r0 += 2;
+                } else {
+                    FN(decode_dots_pairs)(qr, E2, kp + j, sr, 1, qs);
+                    r0 += 1;
+                }
+            }
+    } else
+#endif
     /* a. scores: key by key, each K row read once for all the rows (four
      * at a time, sharing its loads) */
     for (int ir = 0; ir < nrun; ir++)
@@ -221,7 +278,7 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
  * task, block after block for its heads, not 1-8 KiB of it by each of
  * dec_gang tasks while the prefetchers fetch the rest for nothing). Each kv
  * unit's computation is the same whichever gang holds it: the bits too. */
-SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
+SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st, const int pairs)
 {
     FN(dctx_t) *c = (FN(dctx_t) *)vctx;
     const sa_attn_args *a = c->a;
@@ -237,12 +294,12 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st)
     int64_t jend = 0;
     for (int64_t gi = 0; gi < gn; gi++) {                    /* Q: [R][E] per unit (gang: after the rest) */
         FN(decode_unit_init)(c, g0 + gi, ch, gi == 0 ? ws : ws + lay->off_qgang + (gi - 1) * lay->dec_rows * E,
-                             &d[gi]);
+                             &d[gi], pairs);
         if (d[gi].c1 > jend) jend = d[gi].c1;
     }
     for (int64_t j0 = ch * lay->dec_ck / BK * BK; j0 < jend; j0 += BK)
         for (int64_t gi = 0; gi < gn; gi++)
-            if (j0 < d[gi].c1) FN(decode_block)(a, lay, &d[gi], j0, St, Kc, Vc, st);
+            if (j0 < d[gi].c1) FN(decode_block)(a, lay, &d[gi], j0, St, Kc, Vc, st, pairs);
 }
 
 static void FN(decode_task)(void *vctx, int64_t t, int tid)
@@ -254,18 +311,25 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
      * and V (any strides): read in place too, their scales applied apart */
     const sa_attn_args *a = ((const FN(dctx_t) *)vctx)->a;
     if (a->kv_quant == SA_KV_INT8) {
-        FN(decode_task_st)(vctx, t, tid, SA_READ_I8);
+        FN(decode_task_st)(vctx, t, tid, SA_READ_I8, 0);
         return;
     }
     if (a->storage != SA_STORE_NATIVE && a->k_se == 1 && a->v_se == 1) {
+#if BF16_DOT
+        /* bfloat16 K rows of pairs: the scores on vdpbf16ps (odd E: widened, below) */
+        if (a->storage == SA_STORE_BF16 && a->E % 2 == 0) {
+            FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16, 1);
+            return;
+        }
+#endif
         if (a->storage == SA_STORE_BF16)
-            FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16);
+            FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16, 0);
         else
-            FN(decode_task_st)(vctx, t, tid, SA_STORE_F16);
+            FN(decode_task_st)(vctx, t, tid, SA_STORE_F16, 0);
         return;
     }
 #endif
-    FN(decode_task_st)(vctx, t, tid, SA_STORE_NATIVE);
+    FN(decode_task_st)(vctx, t, tid, SA_STORE_NATIVE, 0);
 }
 
 /* merge task g: every stacked row of kv unit g, its chunks in order, summed

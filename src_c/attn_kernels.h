@@ -11,8 +11,9 @@
  *   BF16_DOT 1 for the avx512bf16 target (optional, default 0): bfloat16
  *            storage computed by vdpbf16ps on bfloat16 pairs
  *            (attn_bf16dot_avx512.h; the bodies' BF16_DOT branches) in the
- *            forward, decode and backward; every other storage is handed
- *            to avx512's functions at each kernel's top
+ *            forward, the backward and the decode's scores (attn_micro.h,
+ *            decode_dots_pairs); every other storage is handed to avx512's
+ *            functions at each kernel's top
  * It defines attn_fwd_, attn_decode_, attn_bwd_<TSUF>_<ISUF> (dispatch.c's
  * function table lists them) and sa_params_<TSUF>_<ISUF>, and undefines the
  * macros above. The pieces, in order (each a template on these macros; no

@@ -4,7 +4,8 @@
  * vector registers while it streams one operand.
  *   forward:  qk_range (S = Q.K^T over a group's keys, MR x NRV*VW tiles),
  *             pv_rows  (O = alpha O + P.V, MR x NVV*VW tiles);
- *   decode:   decode_dots (q.k of up to 4 rows sharing each K load),
+ *   decode:   decode_dots (q.k of up to 4 rows sharing each K load; on
+ *             avx512bf16, bfloat16 K: decode_dots_pairs, vdpbf16ps),
  *             decode_pv_rows (O = alpha O + P.V, each V load shared);
  *   backward: bwd_mm (C = or += A.B, A possibly transposed, BWD_MR rows).
  */
@@ -216,6 +217,89 @@ SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const void *k
         St[r * BK + j] = dot;
     }
 }
+
+#if BF16_DOT
+/* bfloat16 K on vdpbf16ps (the avx512bf16 instance: T float, VW 16), in place
+ * of decode_dots: q.k on pairs of the stored bfloat16 values, as the forward's
+ * qk_tile_pairs (attn_bf16dot_avx512.h) -- exact products summed in float32,
+ * times qscale at the end -- but K rows read where they are, 32 values a
+ * load, never widened; and a tile's 16 sums (nr rows x 16 / nr keys) reduced
+ * at once by hsum16, not one horizontal sum per key. */
+
+/* lane i = the sum of v[i]'s 16 lanes, for i < 16: a transpose-add tree
+ * (15 adds, 30 shuffles for the 16 sums); each lane's order of summation is
+ * fixed, whatever the other vectors hold */
+SA_INLINE __m512 FN(hsum16)(const __m512 *v)
+{
+    __m512 x[8], w[4], z[2];
+    for (int m = 0; m < 8; m++)   /* each 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3 (a, b = v[2m], v[2m+1]) */
+        x[m] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * m], v[2 * m + 1]), _mm512_unpackhi_ps(v[2 * m], v[2 * m + 1]));
+    for (int m = 0; m < 4; m++) { /* each 128-bit lane: that lane's sums of v[4m .. 4m+3] */
+        __m512d a = _mm512_castps_pd(x[2 * m]), b = _mm512_castps_pd(x[2 * m + 1]);
+        w[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int m = 0; m < 2; m++)   /* 128-bit lanes: halves of w[2m] (lanes 0+1, 2+3), then of w[2m+1] */
+        z[m] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* 32 bfloat16 of a K row as two 32-byte loads: numpy's arrays start 16
+ * bytes into a cache line, where every 64-byte load would straddle two
+ * (measured on Zen 4: slower once K streams from memory) */
+SA_INLINE __m512bh FN(load_k_pairs)(const uint16_t *p)
+{
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(const void *)p);
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(const void *)(p + 16));
+    return (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* St[i][t] = qs (Qw[i] . K[t]) for nr rows i (1, 2 or 4; St rows BK apart)
+ * and 16 / nr keys t: Qw rows of E2 words (the rows' stored bfloat16 q, two
+ * a word), key t's row at kp[t] (E2 words, any alignment); past a multiple
+ * of 16 words, masked loads (zeros, nothing read past the row). Key after
+ * key, each K row read once, in order, for the nr rows (the order of the
+ * widening decode_dots: streamed from memory, K then reads as fast). nr is a
+ * constant after inlining, the loops over rows and keys unrolled (16
+ * accumulators in registers). */
+SA_INLINE void FN(decode_dots_pairs)(const uint32_t *SA_RESTRICT Qw, int64_t E2, const uint16_t *const *kp,
+                                     T *SA_RESTRICT St, const int nr, __m512 qs)
+{
+    const int nk = VW / nr;
+    const int64_t ev = E2 / VW * VW;
+    const __mmask16 tail = (__mmask16)((1u << (E2 - ev)) - 1u);
+    __m512 acc[VW];
+    for (int x = 0; x < VW; x++) acc[x] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int t = 0; t < nk; t++) {
+        for (int64_t e = 0; e < ev; e += VW) {
+            __m512bh kv = FN(load_k_pairs)(kp[t] + 2 * e);
+            for (int i = 0; i < nr; i++)
+                acc[i * nk + t] = _mm512_dpbf16_ps(
+                    acc[i * nk + t], (__m512bh)_mm512_loadu_si512((const void *)(Qw + i * E2 + e)), kv);
+        }
+        if (ev < E2) {
+            __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi32(tail, (const void *)(kp[t] + 2 * ev));
+            for (int i = 0; i < nr; i++)
+                acc[i * nk + t] = _mm512_dpbf16_ps(
+                    acc[i * nk + t], (__m512bh)_mm512_maskz_loadu_epi32(tail, (const void *)(Qw + i * E2 + ev)), kv);
+        }
+    }
+    __m512 s = _mm512_mul_ps(FN(hsum16)(acc), qs);        /* lane i * nk + t: row i, key t */
+    if (nr == 1) {
+        _mm512_storeu_ps(St, s);
+    } else if (nr == 2) {
+        _mm256_storeu_ps(St, _mm512_extractf32x8_ps(s, 0));
+        _mm256_storeu_ps(St + BK, _mm512_extractf32x8_ps(s, 1));
+    } else {
+        _mm_storeu_ps(St, _mm512_extractf32x4_ps(s, 0));
+        _mm_storeu_ps(St + BK, _mm512_extractf32x4_ps(s, 1));
+        _mm_storeu_ps(St + 2 * BK, _mm512_extractf32x4_ps(s, 2));
+        _mm_storeu_ps(St + 3 * BK, _mm512_extractf32x4_ps(s, 3));
+    }
+}
+#endif
 
 /* ---- backward ----------------------------------------------------------- */
 

@@ -177,8 +177,9 @@ const char *sa_isa_name(int isa)
 
 /* How 16-bit storage runs on each target: the float32 kernels, each value
  * widened where it is loaded or packed (attn_pack.h, simd_<isa>.h's
- * vf_from_*_row) by this; avx512bf16's bfloat16 forward multiplies the
- * 16-bit values themselves (its decode and backward widen, as avx512's). */
+ * vf_from_*_row) by this; avx512bf16's bfloat16 forward, backward and
+ * decode scores multiply the 16-bit values themselves (its decode P.V
+ * widens, as avx512's). */
 const char *sa_storage_path(int isa, int storage)
 {
     if (storage == SA_STORE_BF16) return isa == SA_ISA_AVX512BF16 ? "vdpbf16ps" : "shifts";

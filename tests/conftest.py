@@ -126,7 +126,7 @@ def pytest_report_header(config):
 def pytest_terminal_summary(terminalreporter, config):
     # said again at the end of the log, where a reader of CI's output looks first
     terminalreporter.write_line(f"selfattn kernel paths tested: {', '.join(ISAS)}"
-                                + (" (and avx512bf16's bfloat16 forward: tests/dtypes/test_bf16_dot.py)"
+                                + (" (and avx512bf16's bfloat16 forward, backward and decode: tests/dtypes/test_bf16_dot*.py)"
                                    if "avx512bf16" in AVAILABLE_ISAS else ""))
     for name in MISSING_ISAS:       # said once, here, where a reader of CI's log looks first
         terminalreporter.write_line(f"note: {missing_isa_reason(name)}")

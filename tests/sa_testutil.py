@@ -16,9 +16,9 @@ from selfattn import reference
 
 AVAILABLE_ISAS = list(selfattn.config()["isas_available"])
 # The paths of the float32 and float64 kernels, the tests over ISAs run each of them. avx512bf16's
-# own kernel is the bfloat16 forward (vdpbf16ps; tests/dtypes force it): for every other storage and
-# for decode and the backward it runs avx512's functions (dispatch.c's table), so it is not a
-# separate path for them. ALL_KNOWN_ISAS: every name, the most capable first.
+# own kernels are bfloat16's forward, backward and decode (vdpbf16ps; tests/dtypes force them): for
+# every other storage it runs avx512's functions (dispatch.c's table), so it is not a separate path
+# for them. ALL_KNOWN_ISAS: every name, the most capable first.
 ISAS = [name for name in AVAILABLE_ISAS if name != "avx512bf16"]
 KNOWN_ISAS = ("neon", "avx512", "avx2", "generic")
 ALL_KNOWN_ISAS = ("neon", "avx512bf16", "avx512", "avx2", "generic")

@@ -6,8 +6,9 @@ against float64 is the output's rounding plus at most 2^-9 of max|v| from the pr
 rounding: bounded here on every option and schedule, and no larger than torch's own bfloat16 SDPA
 where torch is installed. The packing is exact, so any layout of q, k, v gives the same bits as
 contiguous copies, and any thread count the same bits. The default on AMD's Zen 4 / Zen 5; on
-Intel's CPUs (slower vdpbf16ps) it runs when forced, as here. Its decode schedule and the backward
-are avx512's (widening): checked bit for bit against it.
+Intel's CPUs (slower vdpbf16ps) it runs when forced, as here. Its decode schedule has its own
+scores on vdpbf16ps (test_bf16_dot_decode.py), its backward too (test_bf16_dot_backward.py); its
+float16 and float32 calls are avx512's: checked bit for bit against avx512's.
 """
 
 import numpy as np
@@ -132,15 +133,19 @@ def test_nonfinite_and_fully_masked_rows(bf16):
 
 
 def test_decode_float16_and_float32_are_avx512s(bf16):
-    """avx512bf16's own kernel is the bfloat16 forward: its decode schedule, its float16 and
-    float32 calls are avx512's functions (the same bits)."""
+    """avx512bf16's own kernels are bfloat16's: its float16 and float32 calls, decode and forward,
+    are avx512's functions (the same bits). Its bfloat16 decode computes the scores on vdpbf16ps
+    (test_bf16_dot_decode.py): no longer avx512's bits, within the bound here."""
     rng = np.random.default_rng(3)
     for dt in (bf16, np.dtype(np.float16), np.dtype(np.float32)):
         q, k, v = randn(rng, (1, 8, 1, 64), dt), randn(rng, (1, 2, 900, 64), dt), randn(rng, (1, 2, 900, 64), dt)
         got = dot(q, k, v, enable_gqa=True)
         with selfattn.use_isa("avx512"):
             want = sdpa(q, k, v, enable_gqa=True)
-        assert_bits(got, want, f"decode {dt}")
+        if dt == bf16:
+            check_bound(got, q, k, v, dict(enable_gqa=True), "decode bfloat16")
+        else:
+            assert_bits(got, want, f"decode {dt}")
         if dt != bf16:
             q = randn(rng, (1, 8, 100, 64), dt)
             got = dot(q, k, v, enable_gqa=True)
