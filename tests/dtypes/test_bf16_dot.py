@@ -21,11 +21,6 @@ pytestmark = pytest.mark.skipif("avx512bf16" not in AVAILABLE_ISAS,
                                 reason="the avx512bf16 kernels cannot run on this CPU/build (no AVX512_BF16)")
 
 
-@pytest.fixture(scope="module")
-def bf16():
-    return np.dtype(optional_import("ml_dtypes").bfloat16)
-
-
 sdpa = selfattn.scaled_dot_product_attention
 EPS = 2.0 ** -7     # one bfloat16 ulp at 1.0
 
@@ -42,6 +37,17 @@ def check_bound(out, q, k, v, kw, ctx):
     bound = EPS * np.abs(ref) + 2.0 ** -8 * vmax + 1e-5
     assert (err <= bound).all(), f"{ctx}: worst {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
     return err
+
+
+def make_case(bf16, name, qs, ks, vs, kw):
+    """one of CASES: q, k (amplitude 2), v in bfloat16, and its options (a mask drawn for "bool",
+    "float")"""
+    rng = np.random.default_rng(len(name))
+    q, k, v = randn(rng, qs, bf16, 2.0), randn(rng, ks, bf16, 2.0), randn(rng, vs, bf16)
+    if kw in ("bool", "float"):
+        keep = rng.random((qs[-2], ks[-2])) < 0.7
+        kw = dict(attn_mask=keep if kw == "bool" else np.where(keep, rng.standard_normal(keep.shape), -np.inf))
+    return q, k, v, dict(kw)
 
 
 CASES = [  # (name, q shape, k shape, v shape, options): odd E, odd key counts, Ev off the vector width
@@ -64,11 +70,7 @@ CASES = [  # (name, q shape, k shape, v shape, options): odd E, odd key counts, 
 
 @pytest.mark.parametrize("name,qs,ks,vs,kw", CASES, ids=[c[0] for c in CASES])
 def test_error_bound_every_option(bf16, name, qs, ks, vs, kw):
-    rng = np.random.default_rng(len(name))
-    q, k, v = randn(rng, qs, bf16, 2.0), randn(rng, ks, bf16, 2.0), randn(rng, vs, bf16)
-    if kw in ("bool", "float"):
-        keep = rng.random((qs[-2], ks[-2])) < 0.7
-        kw = dict(attn_mask=keep if kw == "bool" else np.where(keep, rng.standard_normal(keep.shape), -np.inf))
+    q, k, v, kw = make_case(bf16, name, qs, ks, vs, kw)
     out, lse = dot(q, k, v, return_lse=True, **kw)
     assert out.dtype == bf16 and lse.dtype == np.float32
     check_bound(out, q, k, v, kw, name)

@@ -17,7 +17,7 @@ import pytest
 
 import selfattn
 from sa_testutil import AVAILABLE_ISAS, ISAS, assert_bits, optional_import, randn
-from test_bf16_dot import CASES
+from test_bf16_dot import CASES, make_case
 
 pytestmark = pytest.mark.skipif("avx512bf16" not in AVAILABLE_ISAS,
                                 reason="the avx512bf16 kernels cannot run on this CPU/build (no AVX512_BF16)")
@@ -29,16 +29,11 @@ REL = 2.0 ** -8
 SHARE = {"q": 2.0 ** -6, "k": 2.0 ** -6, "v": 2.0 ** -8}
 
 
-@pytest.fixture(scope="module")
-def bf16():
-    return np.dtype(optional_import("ml_dtypes").bfloat16)
-
-
 def vjp_dot(q, k, v, **kw):
     with selfattn.use_isa("avx512bf16"):
         out, vjp = selfattn.scaled_dot_product_attention_vjp(q, k, v, **kw)
 
-    def run(dout, **more):
+    def run(dout):
         with selfattn.use_isa("avx512bf16"):
             return vjp(dout)
     return out, run
@@ -58,15 +53,6 @@ def check_grads(got, ref, ctx, names="qkv"):
         bound = REL * np.abs(r) + SHARE[n] * np.abs(r).max() + 1e-6
         assert (err <= bound).all(), (f"{ctx} d{n}: worst {err.max():.3g} "
                                       f"({err.max() / np.abs(r).max():.3g} of max|ref|)")
-
-
-def make_case(bf16, name, qs, ks, vs, kw):
-    rng = np.random.default_rng(len(name))
-    q, k, v = randn(rng, qs, bf16, 2.0), randn(rng, ks, bf16, 2.0), randn(rng, vs, bf16)
-    if kw in ("bool", "float"):
-        keep = rng.random((qs[-2], ks[-2])) < 0.7
-        kw = dict(attn_mask=keep if kw == "bool" else np.where(keep, rng.standard_normal(keep.shape), -np.inf))
-    return q, k, v, dict(kw)
 
 
 @pytest.mark.parametrize("name,qs,ks,vs,kw", CASES, ids=[c[0] for c in CASES])

@@ -15,15 +15,10 @@ import pytest
 
 import selfattn
 from selfattn import _core
-from sa_testutil import AVAILABLE_ISAS, assert_bits, forced_schedule, optional_import, randn
+from sa_testutil import AVAILABLE_ISAS, assert_bits, forced_schedule, randn
 
 pytestmark = pytest.mark.skipif("avx512bf16" not in AVAILABLE_ISAS,
                                 reason="the avx512bf16 kernels cannot run on this CPU/build (no AVX512_BF16)")
-
-
-@pytest.fixture(scope="module")
-def bf16():
-    return np.dtype(optional_import("ml_dtypes").bfloat16)
 
 
 sdpa = selfattn.scaled_dot_product_attention
