@@ -49,11 +49,14 @@ Architecture at a glance
                                                          widened where loaded or packed (decode: in
                                                          registers), out rounded where written
                                                          (attn_pack.h; the conversions in simd_<isa>.h,
-                                                         half.h); the avx512bf16 path's bfloat16 forward
-                                                         multiplies bfloat16 pairs (vdpbf16ps:
-                                                         attn_bf16dot_avx512.h; default on AMD), and
-                                                         so does its backward (pairs along E, query
-                                                         rows or keys, BF16_DOT in attn_bwd_body.h);
+                                                         half.h); the avx512bf16 and neonbf16 paths'
+                                                         bfloat16 forward multiplies bfloat16 pairs
+                                                         (vdpbf16ps / BFDOT: attn_bf16dot.h on the
+                                                         vbh_* primitives of simd_<target>bf16.h;
+                                                         avx512bf16 the default on AMD, neonbf16 where
+                                                         the CPU has BF16), and so does their backward
+                                                         (pairs along E, query rows or keys, BF16_DOT
+                                                         in attn_bwd_body.h);
                                                          elsewhere the 16-bit backward runs on float32
                                                          copies (Problem.backward). Attention dropout
                                                          (sa_attn_args.dropout_p): dropout.h's
@@ -105,7 +108,7 @@ Beside the kernel, one module per concern:
     selfattn.llama        a Llama decoder in NumPy (GGUF weights read with gguf; RMSNorm, rope, SwiGLU
                           in NumPy; attention and the decode cache from KVCache) and its BPE tokenizer:
                           SmolLM2-135M-Instruct for `selfattn generate`. Not imported by `import selfattn`
-SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for
+SELFATTN_ISA=<avx2|generic|neon|...> (at import) and set_isa choose the path of the process; use_isa forces one for
 a block in the calling thread or task only (a ContextVar); selfattn.show_config() prints what runs.
 
 Documentation: help(selfattn.attend), help(selfattn.scaled_dot_product_attention), or the API

@@ -63,7 +63,7 @@ def _effective_isa() -> str:
 
 
 def set_isa(name: str) -> str:
-    """Make instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neon' or 'generic') the process-wide default.
+    """Make instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neonbf16', 'neon' or 'generic') the process-wide default.
 
     Every thread and task uses the default, except inside a :func:`use_isa` block, which
     overrides it for its own context. ``SELFATTN_ISA`` sets the default at import.
@@ -509,9 +509,9 @@ def config() -> Dict[str, Any]:
         :func:`use_isa` if any, else the process default), ``isas_available`` (list of str,
         best first), ``openmp`` (bool), ``default_threads`` (int), ``half`` (dict: how
         bfloat16 and float16 inputs run on that instruction set: widened to float32 for the
-        float32 kernels by e.g. ``'shifts'`` or ``'F16C vcvtph2ps'``, or ``'vdpbf16ps'``: the
-        avx512bf16 path's bfloat16 forward, backward and decode scores multiply bfloat16
-        pairs, its decode P.V widens).
+        float32 kernels by e.g. ``'shifts'`` or ``'F16C vcvtph2ps'``, or ``'vdpbf16ps'`` /
+        ``'BFDOT'``: the avx512bf16 / neonbf16 path's bfloat16 forward and backward (and on
+        avx512bf16 the decode's scores) multiply bfloat16 pairs; the rest widens).
 
     Examples
     --------
@@ -548,6 +548,9 @@ def show_config(file: Optional[IO[str]] = None) -> None:
     if bf == "vdpbf16ps":
         half = (f"bfloat16: vdpbf16ps (forward, backward, decode q.k; decode P.V widened by shifts), "
                 f"float16: float32 kernels, widened by {f16}")
+    elif bf == "BFDOT":
+        half = (f"bfloat16: BFDOT (forward, backward; decode widened by shifts), "
+                f"float16: float32 kernels, widened by {f16}")
     else:
         half = f"bfloat16/float16: float32 kernels, widened by {bf} / {f16}"
     print(f"selfattn {c['version']}: isa={c['isa']} (available: {', '.join(c['isas_available'])}), "
@@ -558,7 +561,7 @@ def show_config(file: Optional[IO[str]] = None) -> None:
 
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
-    """Force instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neon', 'generic') in a with block, this context only.
+    """Force instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neonbf16', 'neon', 'generic') in a with block, this context only.
 
     The choice is held in a :class:`contextvars.ContextVar`: it applies to the calls made by
     the thread (or asyncio task) that entered the block, and to nothing else. Other threads

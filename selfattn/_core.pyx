@@ -30,7 +30,7 @@ cnp.import_array()
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
 
-ISA_NAMES = ("generic", "avx2", "avx512", "neon", "avx512bf16")   # sa_isa values
+ISA_NAMES = ("generic", "avx2", "avx512", "neon", "avx512bf16", "neonbf16")   # sa_isa values
 
 cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)
@@ -631,8 +631,10 @@ cdef class Problem:
 
     cdef bint _bwd_native16(self):
         """Whether the backward reads this problem's 16-bit storage itself: bfloat16 on the
-        avx512bf16 path (vdpbf16ps); every other 16-bit backward computes on float32 copies."""
-        return self.storage == SA_STORE_BF16 and _call_isa() == SA_ISA_AVX512BF16
+        avx512bf16 and neonbf16 paths (vdpbf16ps, BFDOT); every other 16-bit backward computes on
+        float32 copies."""
+        cdef int isa = _call_isa()
+        return self.storage == SA_STORE_BF16 and (isa == SA_ISA_AVX512BF16 or isa == SA_ISA_NEONBF16)
 
     cdef Problem _widened(self):
         """This problem on float32 copies of its 16-bit data (the backward's path, for now)."""

@@ -24,7 +24,7 @@
  *           rows' addresses), each once per block for all rows
  *           (attn_micro.h, decode_dots); bfloat16 / float16 K and V are
  *           read as they are and widened in registers (decode_task_st);
- *           on avx512bf16 (BF16_DOT), bfloat16 K rows (contiguous, E even)
+ *           on avx512bf16 (BF16_DECODE_PAIRS), bfloat16 K rows (contiguous, E even)
  *           are not widened: q.k on vdpbf16ps from the stored pairs of q
  *           and k, 16 scores a tile reduced at once (decode_dots_pairs),
  *           times scale * log2(e) after, as the bfloat16 forward's;
@@ -95,7 +95,7 @@ static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN
         d->lo[rr] = 0;
         d->hi[rr] = d->shi[rr] = -1;                          /* rows past L_u (varlen) see nothing */
         if (i >= d->um[rr].L) {
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
             /* the pairs' tiles compute every row's scores (a row like this one's are
              * never read): zeros, not whatever the scratch held */
             if (pairs)
@@ -105,7 +105,7 @@ static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN
         }
         sa_row_keys(&d->um[rr], i, &d->lo[rr], &d->hi[rr]);
         d->shi[rr] = sa_sink_hi(&d->um[rr], d->lo[rr], d->hi[rr]);
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
         if (pairs) {
             FN(load_q_pairs)(a->q, a->q_off[u] + i * a->q_sl, a->q_se, E, (uint32_t *)(void *)Qs + rr * (E / 2));
             continue;
@@ -166,7 +166,7 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
         runs[1].j = jmax;
     }
 
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
     if (pairs) {
         /* a. scores on vdpbf16ps: 16 keys at a time (from a multiple of 16,
          * so St's rows stay within BK), every row, in tiles of up to 4 rows
@@ -315,7 +315,7 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
         return;
     }
     if (a->storage != SA_STORE_NATIVE && a->k_se == 1 && a->v_se == 1) {
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
         /* bfloat16 K rows of pairs: the scores on vdpbf16ps (odd E: widened, below) */
         if (a->storage == SA_STORE_BF16 && a->E % 2 == 0) {
             FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16, 1);
@@ -368,8 +368,10 @@ static void FN(decode_merge_task)(void *vctx, int64_t g, int tid)
 int FN(attn_decode)(const sa_attn_args *a, const sa_layout *lay, void *ws)
 {
 #if BF16_DOT
-    /* this target's own decode is bfloat16's; the rest runs avx512's */
-    if (a->storage != SA_STORE_BF16) return attn_decode_f32_avx512(a, lay, ws);
+    /* this target's own decode is bfloat16's scores on pairs (avx512bf16); the
+     * rest, and every decode where the target has none (neonbf16), runs its
+     * base target's */
+    if (!BF16_DECODE_PAIRS || a->storage != SA_STORE_BF16) return BF16_BASE(attn_decode)(a, lay, ws);
 #endif
     FN(dctx_t) c;
     c.a = a;

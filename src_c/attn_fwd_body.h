@@ -57,7 +57,7 @@ static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t kl
     const sa_attn_args *a = c->a;
     int64_t j0 = kb * BK, nvalid = FN(block_keys)(klim, j0);
 #if BF16_DOT
-    /* bfloat16 pairs (attn_bf16dot_avx512.h): V always packed, after K's E x BK */
+    /* bfloat16 pairs (attn_bf16dot.h): V always packed, after K's E x BK */
     FN(pack_k_pairs)(a->k, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, (uint32_t *)(void *)blk);
     FN(pack_v_pairs)(a->v, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
                      (uint32_t *)(void *)(blk + a->E * BK));
@@ -341,8 +341,8 @@ static void FN(banded_task)(void *vctx, int64_t t, int tid)
 int FN(attn_fwd)(const sa_attn_args *a, const sa_layout *lay, void *ws)
 {
 #if BF16_DOT
-    /* this target's own forward is bfloat16's; the rest runs avx512's */
-    if (a->storage != SA_STORE_BF16) return attn_fwd_f32_avx512(a, lay, ws);
+    /* this target's own forward is bfloat16's; the rest runs its base target's */
+    if (a->storage != SA_STORE_BF16) return BF16_BASE(attn_fwd)(a, lay, ws);
 #endif
     FN(ctx_t) c;
     c.a = a;

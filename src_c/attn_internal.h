@@ -196,6 +196,9 @@ SA_DECLARE_KERNELS(f32, avx512bf16)
 #endif
 #if SA_HAVE_NEON_TARGET
 SA_DECLARE_TARGET(neon)
+/* neonbf16: its own forward and backward for bfloat16 storage (attn_neon.c;
+ * any other storage, and the decode, handed to neon's) */
+SA_DECLARE_KERNELS(f32, neonbf16)
 #endif
 
 #endif

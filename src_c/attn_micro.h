@@ -72,12 +72,14 @@ SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTR
     }
 }
 
+#if !BF16_DOT      /* a bfloat16-dot target multiplies P.V on pairs (attn_bf16dot.h) */
 static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t vs, int64_t evp, T *O, const T *alpha)
 {
     int64_t c0 = 0;
     for (; c0 + NVV * VW <= evp; c0 += NVV * VW) FN(pv_tile)(P, nk, Vb + c0, vs, evp, O + c0, alpha, NVV);
     for (; c0 < evp; c0 += VW) FN(pv_tile)(P, nk, Vb + c0, vs, evp, O + c0, alpha, 1);
 }
+#endif
 
 /* ---- decode ------------------------------------------------------------- */
 
@@ -218,7 +220,7 @@ SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const void *k
     }
 }
 
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
 /* bfloat16 K on vdpbf16ps (the avx512bf16 instance: T float, VW 16), in place
  * of decode_dots: q.k on pairs of the stored bfloat16 values, as the forward's
  * qk_tile_pairs (attn_bf16dot_avx512.h) -- exact products summed in float32,
@@ -325,6 +327,7 @@ SA_INLINE void FN(bwd_mm_tile)(const T *SA_RESTRICT A, int64_t ars, int64_t acs,
         for (int c = 0; c < nv; c++) V(store)(C + r * crs + c * VW, acc[r][c]);
 }
 
+#if !BF16_DOT      /* a bfloat16-dot target's backward: mm_pairs (attn_bf16dot.h) */
 /* bwd_mm_tile over ncols columns (a multiple of VW) */
 static void FN(bwd_mm)(const T *A, int64_t ars, int64_t acs, int64_t K, const T *B, int64_t brs, T *C, int64_t crs,
                        int64_t ncols, int accumulate)
@@ -340,3 +343,4 @@ static void FN(bwd_mm)(const T *A, int64_t ars, int64_t acs, int64_t K, const T 
         for (; c0 < ncols; c0 += VW) FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, 1, 0);
     }
 }
+#endif

@@ -25,9 +25,12 @@
  *   attn_<isa>.c      generic | avx2 | avx512 | neon: tile sizes, then
  *                     attn_kernels.h once per dtype (float, double);
  *                     attn_avx512.c also holds the avx512bf16 target: the
- *                     bfloat16 forward, decode and backward on vdpbf16ps
- *                     (attn_bf16dot_avx512.h: bfloat16 pairs packed,
- *                     multiplied; BF16_DOT in the bodies), the rest avx512's
+ *                     bfloat16 forward, decode and backward on vdpbf16ps,
+ *                     the rest avx512's; attn_neon.c the neonbf16 target:
+ *                     bfloat16's forward and backward on BFDOT, the rest
+ *                     neon's (attn_bf16dot.h: bfloat16 pairs packed and
+ *                     multiplied, written once on simd_<target>bf16.h's
+ *                     primitives; BF16_DOT in the bodies)
  *   attn_kernels.h    what is compiled per ISA and dtype, in order:
  *     shared:   attn_pack.h (K/V packing; 16-bit storage widened there, the
  *               output rounded there), attn_micro.h (micro-kernels),
@@ -70,7 +73,10 @@ typedef enum {
     SA_ISA_NEON = 3,         /* aarch64 Advanced SIMD (every aarch64 CPU)       */
     SA_ISA_AVX512BF16 = 4,   /* AVX-512 above + AVX512_BF16: bfloat16's kernels on
                                 vdpbf16ps; every other dtype avx512's         */
-    SA_ISA_COUNT = 5
+    SA_ISA_NEONBF16 = 5,     /* NEON + the Armv8.6 BF16 extension (HWCAP2_BF16):
+                                bfloat16's forward and backward on BFDOT;
+                                everything else neon's                        */
+    SA_ISA_COUNT = 6
 } sa_isa;
 
 /* ---- mask element types ------------------------------------------------ */
@@ -350,7 +356,7 @@ typedef struct {
 /* What this build and this CPU can do. */
 int sa_isa_supported(int isa);       /* 1 if compiled in and the CPU runs it      */
 int sa_isa_best(void);               /* the best supported sa_isa                 */
-const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon", "avx512bf16" */
+const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon", "avx512bf16", "neonbf16" */
 const char *sa_storage_path(int isa, int storage);  /* 16-bit storage on isa: the float32
                                         kernels, values widened by this ("shifts", "F16C ...") */
 int sa_openmp_enabled(void);         /* 1 if built with OpenMP                    */
