@@ -200,10 +200,14 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         key_lengths), and the key blocks between them and the window are skipped. No effect
         without such a window.
     k_scale, v_scale : array_like of float, optional
-        Quantized keys and values (`selfattn.quantize_kv`): key and value int8, each key's row
-        worth ``k_scale[..., j]`` times its values (v alike); shapes of key and value without
-        their last dim. The query float32. Read as stored: the decode path widens the int8
-        values in registers and applies the scales per key. The forward only (no VJP).
+        Quantized keys and values (`selfattn.quantize_kv`): key and value int8 or float8
+        (ml_dtypes' float8_e4m3fn / float8_e5m2), each key's row worth ``k_scale[..., j]`` times
+        its values (v alike); broadcasting to the shapes of key and value without their last
+        dim (int8: one per key; float8: usually one per head, ``(..., H, 1)``; float8 without
+        scales: 1). The query float32. Read as stored: the decode path widens the values in
+        registers and applies the scales per key. A float32 query also takes bfloat16 or
+        float16 key and value (a 16-bit cache) as stored, without scales. The forward only (no
+        VJP through any of these).
     seed : int, numpy.random.Generator or None
         With ``dropout_p > 0``: the dropout mask's 64-bit key (an int in [0, 2**64), or one draw
         from a Generator); None draws a fresh one from the OS (a different mask each call). The

@@ -27,6 +27,10 @@ cdef extern from "selfattn.h" nogil:
     ctypedef enum sa_kv_quant:
         SA_KV_PLAIN
         SA_KV_INT8
+        SA_KV_FP8_E4M3
+        SA_KV_FP8_E5M2
+        SA_KV_BF16
+        SA_KV_F16
 
     ctypedef enum sa_mask_kind:
         SA_MASK_NONE

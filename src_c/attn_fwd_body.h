@@ -63,19 +63,21 @@ static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t kl
                      (uint32_t *)(void *)(blk + a->E * BK));
     return;
 #endif
+    const int rd = sa_kv_read(a);
 #if STORE16
-    if (a->kv_quant == SA_KV_INT8) {     /* int8 K and V, widened and scaled here (V always packed) */
-        FN(pack_i8)((const int8_t *)a->k + a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se,
-                    a->k_scale + a->kv_ks_off[g] + j0 * a->ks_s, a->ks_s, nvalid, a->E, a->E, 1, blk);
-        FN(pack_i8)((const int8_t *)a->v + a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se,
-                    a->v_scale + a->kv_vs_off[g] + j0 * a->vs_s, a->vs_s, nvalid, a->Ev, c->lay->evp, 0,
-                    blk + a->E * BK);
+    if (sa_read_scaled(rd)) {     /* quantized K and V, widened and scaled here (V always packed) */
+        FN(pack_scaled)(a->k, rd, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se,
+                        a->k_scale + a->kv_ks_off[g] + j0 * a->ks_s, a->ks_s, nvalid, a->E, a->E, 1, blk);
+        FN(pack_scaled)(a->v, rd, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se,
+                        a->v_scale + a->kv_vs_off[g] + j0 * a->vs_s, a->vs_s, nvalid, a->Ev, c->lay->evp, 0,
+                        blk + a->E * BK);
         return;
     }
 #endif
-    FN(pack_t)(a->k, a->storage, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, blk);
+    /* rd: K and V as q (storage), or a 16-bit cache under float32 queries */
+    FN(pack_t)(a->k, rd, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, blk);
     if (!c->lay->v_direct)
-        FN(pack_rows)(a->v, a->storage, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
+        FN(pack_rows)(a->v, rd, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
                       blk + a->E * BK);
 }
 

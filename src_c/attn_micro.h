@@ -84,25 +84,30 @@ static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t vs, int64_t
 /* ---- decode ------------------------------------------------------------- */
 
 /* K and V as the decode schedule reads them, in place: element i of base,
- * stored as st -- T, or (float kernels, STORE16) bfloat16 / float16 / int8
- * (SA_READ_I8, unscaled) widened in registers, so the bytes read from memory
- * are the narrow ones. st is a constant after inlining: one specialisation
- * per storage. */
+ * read as st (sa_kv_read) -- T, or (float kernels, STORE16) bfloat16 /
+ * float16 / int8 / float8 (SA_READ_*: unscaled, e4m3fn x 2^-8) widened in
+ * registers, so the bytes read from memory are the narrow ones. st is a
+ * constant after inlining: one specialisation per storage. */
 SA_INLINE VT FN(vload_st)(const void *base, int64_t i, const int st)
 {
 #if STORE16
     if (st == SA_STORE_BF16) return V(load_bf16)((const uint16_t *)base + i);
     if (st == SA_STORE_F16) return V(load_f16)((const uint16_t *)base + i);
     if (st == SA_READ_I8) return V(load_i8)((const int8_t *)base + i);
+    if (st == SA_READ_E4M3) return V(load_e4m3)((const uint8_t *)base + i);
+    if (st == SA_READ_E5M2) return V(load_e5m2)((const uint8_t *)base + i);
 #endif
     (void)st;
     return V(load)((const T *)base + i);
 }
 
+/* one element as vload_st reads it */
 SA_INLINE T FN(elem_st)(const void *base, int64_t i, const int st)
 {
     if (st == SA_STORE_NATIVE) return ((const T *)base)[i];
     if (st == SA_READ_I8) return (T)((const int8_t *)base)[i];
+    if (st == SA_READ_E4M3) return (T)sa_f16_to_f32(sa_e4m3_f16_bits(((const uint8_t *)base)[i]));
+    if (st == SA_READ_E5M2) return (T)sa_e5m2_to_f32(((const uint8_t *)base)[i]);
     uint16_t h = ((const uint16_t *)base)[i];
     return (T)(st == SA_STORE_BF16 ? sa_bf16_to_f32(h) : sa_f16_to_f32(h));
 }

@@ -257,10 +257,12 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
         || a->storage < SA_STORE_NATIVE || a->storage > SA_STORE_F16 || (a->storage != SA_STORE_NATIVE && dsize != 4)
         || !sa_mask_args_ok(a))
         return SA_ERR_ARG;
-    /* int8 K/V: float32 queries and output, the scales given */
-    if (a->kv_quant != SA_KV_PLAIN
-        && (a->kv_quant != SA_KV_INT8 || a->storage != SA_STORE_NATIVE || dsize != 4 || !a->k_scale || !a->v_scale
-            || !a->kv_ks_off || !a->kv_vs_off))
+    /* K/V apart from q: float32 queries and output; quantized, the scales given */
+    if (a->kv_quant < SA_KV_PLAIN || a->kv_quant > SA_KV_F16)
+        return SA_ERR_ARG;
+    if (a->kv_quant != SA_KV_PLAIN && (a->storage != SA_STORE_NATIVE || dsize != 4))
+        return SA_ERR_ARG;
+    if (sa_read_scaled(sa_kv_read(a)) && (!a->k_scale || !a->v_scale || !a->kv_ks_off || !a->kv_vs_off))
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;                    /* elements per 64 bytes */
     lay->n_qt = (a->L + p->bq - 1) / p->bq;
@@ -291,9 +293,11 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->off_oacc = lay->off_st + lay->st_elems;
     lay->off_rows = lay->off_oacc + lay->oacc_elems;
     lay->off_conv = lay->off_rows + SA_ROW_ARRAYS * lay->row_elems;
-    /* 16-bit storage, decode: one key block's K and V rows converted (the other schedules convert while packing) */
+    /* 16-bit K/V (as q, or under float32 q), decode: one key block's K and V rows converted (the other schedules
+     * convert while packing) */
     lay->thread_elems = lay->off_conv
-                      + (a->storage != SA_STORE_NATIVE ? sa_round_up((int64_t)p->bk * (a->E + lay->evp), align) : 0);
+                      + (sa_kv_read(a) == SA_STORE_BF16 || sa_kv_read(a) == SA_STORE_F16
+                         ? sa_round_up((int64_t)p->bk * (a->E + lay->evp), align) : 0);
     int nt = sa_effective_threads(a->num_threads);
 
     /* A window bounded on both sides (the right side by causal, or by
