@@ -332,6 +332,37 @@ class PagedKVCache:
                 self._free.append(blk)
         del self._len[s]
 
+    def crop(self, seq_id: int, max_length: int) -> None:
+        """Keep at most `max_length` positions of a sequence (its first ones); a negative value drops
+        that many from its end (as :meth:`selfattn.KVCache.crop`: speculative decoding's rollback).
+        The blocks it no longer needs are released (back to the pool when no other sequence holds
+        them); nothing is copied. A shared last block stays shared, and is copied when either
+        sequence appends (copy on write), so a fork never sees the other's new rows.
+
+        >>> import numpy as np
+        >>> import selfattn
+        >>> cache = selfattn.PagedKVCache(num_blocks=8, block_size=4, num_kv_heads=1, head_dim=2)
+        >>> a = cache.add_sequence()
+        >>> kv = np.ones((1, 1, 10, 2), np.float32)                      # 10 positions: 3 blocks
+        >>> cache.append([a], kv, kv)
+        >>> cache.crop(a, -3)                                            # 7 positions: 2 blocks
+        >>> cache.seq_len(a), cache.num_free_blocks
+        (7, 6)
+        """
+        s = self._seq(seq_id)
+        if isinstance(max_length, (bool, np.bool_)) or not isinstance(max_length, (numbers.Integral, np.integer)):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
+        n, length = int(max_length), self._len[s]
+        keep = max(length + n, 0) if n < 0 else min(length, n)
+        blocks = self._blocks[s]
+        used = -(-keep // self.block_size)
+        for blk in reversed(blocks[used:]):
+            self._ref[blk] -= 1
+            if self._ref[blk] == 0:
+                self._free.append(blk)
+        del blocks[used:]
+        self._len[s] = keep
+
     # -------------------------------------------------------------- append
 
     def append(self, seq_ids: Sequence[int], key: ArrayLike, value: ArrayLike,

@@ -319,6 +319,47 @@ def test_cache_fork_copy_on_write_and_free():
         c.attend(q[:1], [a])
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_cache_crop_releases_blocks_and_keeps_forks_apart(kv_dtype):
+    """crop(seq, n): the first n positions stay (negative n: that many dropped from the end), blocks
+    past them go back to the pool unless another sequence holds them; a fork sharing the cropped
+    sequence's last block keeps its rows when either appends (copy on write), and attention on the
+    cropped sequence equals attention on one built from scratch with the same rows."""
+    rng = np.random.default_rng(14)
+    H, E, bs = 2, 8, 4
+    c = selfattn.PagedKVCache(12, bs, H, E, dtype=np.float32, kv_dtype=kv_dtype)
+    a = c.add_sequence()
+    k = rng.standard_normal((1, H, 10, E)).astype(np.float32)
+    v = rng.standard_normal((1, H, 10, E)).astype(np.float32)
+    c.append([a], k, v)                                     # 3 blocks, the last half full
+    full = c.keys(a)
+    b = c.fork(a)
+    c.crop(a, -3)                                           # 7 positions: 2 blocks, the second shared
+    assert c.seq_len(a) == 7 and c.seq_len(b) == 10 and c.num_free_blocks == 12 - 3
+    np.testing.assert_array_equal(c.keys(a), full[:, :7])
+    new = rng.standard_normal((1, H, 2, E)).astype(np.float32)
+    c.append([a], new, new)                                 # copies the shared block before writing
+    np.testing.assert_array_equal(c.keys(b), full)          # the fork's rows 7..9 untouched
+    fresh = c.add_sequence()
+    c.append([fresh], np.concatenate([k[:, :, :7], new], 2), np.concatenate([v[:, :, :7], new], 2))
+    np.testing.assert_array_equal(c.keys(a), c.keys(fresh))
+    q = np.repeat(rng.standard_normal((1, 2 * H, 1, E)).astype(np.float32), 2, axis=0)
+    o = c.attend(q, [a, fresh])
+    np.testing.assert_array_equal(o[0], o[1])
+    c.free(fresh)
+    c.free(b)                                               # b's last block only b held
+    assert c.num_free_blocks == 12 - 3
+    c.crop(a, 4)                                            # exactly one block
+    assert c.seq_len(a) == 4 and c.num_free_blocks == 12 - 1
+    c.crop(a, 100)                                          # never longer
+    c.crop(a, -100)                                         # never negative
+    assert c.seq_len(a) == 0 and c.num_free_blocks == 12 and c.block_table([a])[0].shape == (1, 0)
+    with pytest.raises(TypeError, match="max_length must be an int"):
+        c.crop(a, 2.0)
+    with pytest.raises(KeyError, match="no sequence"):
+        c.crop(fresh, 1)
+
+
 def test_cache_full_changes_nothing():
     rng = np.random.default_rng(13)
     c = selfattn.PagedKVCache(4, 4, 1, 8, dtype=np.float32)
@@ -369,6 +410,13 @@ def test_cache_misuse(call, exc, msg):
         call(c, s)
     assert (c.num_free_blocks, c.seq_len(s)) == snap[1:]
     np.testing.assert_array_equal(c.k_pages, snap[0])
+
+
+def test_docstring_examples():
+    import doctest
+    import selfattn.paged
+    result = doctest.testmod(selfattn.paged, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_example_paged_serving():
