@@ -319,6 +319,30 @@ def _index_array(idx: Any, batch: int) -> Any:
     return _np.arange(batch)[idx]
 
 
+def _cropped_length(length: int, n: Any) -> int:
+    """The positions a layer of `length` keeps after transformers' ``crop(n)``: n < 0 drops -n from the
+    end, n > 0 keeps at most n (the absolute length of transformers 4.x), and 0 removes nothing in
+    transformers 5 (``crop(tokens_to_remove)``: assisted decoding crops 0 when every candidate is
+    accepted) but everything in 4.x, as its DynamicLayer does (asked once)."""
+    if isinstance(n, (bool, _np.bool_)) or not isinstance(n, (int, _np.integer)):
+        raise TypeError(f"crop takes an int, got {type(n).__name__}")
+    n = int(n)
+    if n < 0:
+        return max(length + n, 0)
+    if n == 0 and _CACHE_CLASSES["crop_zero_keeps"]:
+        return length
+    return min(length, n)
+
+
+def _crop_zero_keeps(layer_class: Any) -> bool:
+    """Whether transformers' DynamicLayer.crop(0) keeps a layer's positions (5.x) or drops them (4.x)."""
+    probe = layer_class()
+    t = _torch.zeros(1, 1, 1, 1)
+    probe.update(t, t)
+    probe.crop(0)
+    return bool(probe.get_seq_length() == 1)
+
+
 def _cache_classes() -> Tuple[Any, Any]:
     """KVCacheLayer and SelfattnCache, made on first use (transformers is imported only then)."""
     if not _CACHE_CLASSES:
@@ -396,7 +420,7 @@ def _cache_classes() -> Tuple[Any, Any]:
                 if self.kv is None:
                     super().crop(max_length)
                     return
-                self.kv.crop(int(max_length))
+                self.kv.crop(_cropped_length(int(self.kv.lengths.max(initial=0)), max_length))
                 self._expose()
 
             def reorder_cache(self, beam_idx: Any) -> None:
@@ -437,7 +461,7 @@ def _cache_classes() -> Tuple[Any, Any]:
                 # sliding layers keep every position too: the window is in the mask (and in the kernel)
                 super().__init__(layers=[KVCacheLayer(max_len, kv_dtype) for _ in range(text.num_hidden_layers)])
 
-        _CACHE_CLASSES.update(layer=KVCacheLayer, cache=SelfattnCache)
+        _CACHE_CLASSES.update(layer=KVCacheLayer, cache=SelfattnCache, crop_zero_keeps=_crop_zero_keeps(DynamicLayer))
     return _CACHE_CLASSES["layer"], _CACHE_CLASSES["cache"]
 
 

@@ -115,6 +115,31 @@ def test_crop_select_repeat_in_place_of_copies():
     assert torch.equal(layer.keys, before[[0, 2, 2, 0], :, :-2]) and isinstance(layer.kv, selfattn.KVCache)
 
 
+def test_assisted_decoding_crops_like_dynamic_cache():
+    """Assisted decoding rolls the cache back with crop(-rejected): crop(0) when every candidate is
+    accepted (an assistant with the model's own weights), which removes nothing in transformers 5 (it
+    emptied the cache here once: other tokens, silently). The tokens are sdpa's with DynamicCache."""
+    model, assistant = _model(), _model()
+    ids = _batch()[0][:1]                       # assisted decoding takes one sequence
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model.generate(ids, do_sample=False, max_new_tokens=16, pad_token_id=0)
+        model.set_attn_implementation(NAME)
+        cache = sat.new_cache(model.config, max_len=40)
+        got = model.generate(ids, do_sample=False, max_new_tokens=16, pad_token_id=0, assistant_model=assistant,
+                             **cache_kw(model, cache))
+    assert torch.equal(got, ref)
+    # crop(0) as transformers' own DynamicCache does it, whatever its version says 0 means
+    dyn = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, use_cache=True, **cache_kw(model, dyn))
+    n = cache.get_seq_length()
+    dyn_n = dyn.get_seq_length()
+    cache.crop(0)
+    dyn.crop(0)
+    assert cache.get_seq_length() == (n if dyn.get_seq_length() == dyn_n else 0)
+
+
 def test_int8_cache():
     """kv_dtype="int8": the keys and values stored quantized (a quarter of the memory), the attention
     the kernels' int8 path -- equal to float attention over the dequantized K/V -- left padding and
