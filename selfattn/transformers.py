@@ -41,13 +41,16 @@ transformers 5.0 on (4.57's BERT has its own attention classes: transformers rai
 ``cache=`` in recent transformers, ``past_key_values=`` before the rename.
 """
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as _np
 import torch as _torch
 
 from ._api import scaled_dot_product_attention as _np_sdpa
 from .kvcache import KVCache as _KVCache
+from .kvcache import _check_size
+from .paged import CacheFullError as _CacheFullError
+from .paged import PagedKVCache as _PagedKVCache
 from .torch import _as_numpy, _to_torch, _torch_seed
 from .torch import scaled_dot_product_attention as _torch_sdpa
 
@@ -249,6 +252,13 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("attn_implementation='selfattn' does not take a position_bias (T5-style "
                                   "relative positions); use 'sdpa' or 'eager' for this model")
+    paged = getattr(key, _PAGED, None)
+    if paged is not None:                       # new_cache(paged=True): attention from the layer's pages
+        return _paged_forward(paged, module, query, key, attention_mask, train_dropout, scaling, is_causal, kwargs)
+    if key.device.type == "meta":
+        raise TypeError("key is a placeholder on the meta device: the keys of new_cache(paged=True) reach "
+                        "attn_implementation='selfattn' only as the cache's update() returned them, and this model "
+                        "changed them first (repeated, sliced, ...): use new_cache() without paged=True for it")
     q_len, kv_len = query.shape[2], key.shape[2]
     options: Dict[str, Any] = {}
     if key.dtype == _torch.int8:                # new_cache(kv_dtype="int8"): the scales ride on the views
@@ -289,6 +299,66 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
     return out.transpose(1, 2).contiguous(), None
 
 
+def _paged_mask(mask: Any, B: int, L: int, S: int) -> Tuple[Optional[Any], Optional[Tuple[int, int]]]:
+    """(left padding per row or None, window_size or None) of the mask transformers made for L queries
+    over a paged layer's S positions (the queries its last ones): what generate() builds -- none,
+    causal, a sliding window, left padding -- or NotImplementedError naming what it is instead."""
+    if mask is None:
+        return None, None
+    st: Optional[Structure] = getattr(mask, _ATTR, None)
+    what = None
+    if st is None or tuple(mask.shape[-2:]) != (L, S) or mask.shape[0] not in (1, B):
+        what = f"a {tuple(mask.shape)} {mask.dtype} mask that is not one of these (a 4-D mask given by the caller, " \
+               f"packed sequences, chunked attention, ...)"
+    elif not st.is_causal:
+        what = "bidirectional"
+    elif st.options.get("alignment") == "top_left" and L != S:
+        what = "causal with the queries at the start of the keys"
+    elif st.attn_mask is None:
+        kl = st.options.get("key_lengths")
+        if kl is not None and bool((_np.asarray(kl) != S).any()):
+            what = "right padding (keys masked at the end)"
+    elif st.flipped is None:
+        what = "padding other than on the left (masked keys between valid ones)"
+    if what is not None:
+        raise NotImplementedError(f"new_cache(paged=True) attends from its pages with the masks generate() builds "
+                                  f"(causal, a sliding window, left padding); this attention_mask is {what}: use "
+                                  f"new_cache() without paged=True for it")
+    assert st is not None
+    window = st.options.get("window_size")
+    if st.flipped is None:
+        return None, window
+    valid = _np.broadcast_to(_np.asarray(st.flipped.options["key_lengths"], _np.int64), (B,))
+    return S - valid, window
+
+
+def _paged_forward(layer: Any, module: Any, query: Any, key: Any, attention_mask: Optional[Any], dropout: float,
+                   scaling: Optional[float], is_causal: Optional[bool], kwargs: Dict[str, Any]) -> Tuple[Any, None]:
+    """attention_forward for the keys of a PagedKVCacheLayer: paged attention of the queries (the layer's
+    last positions, bottom-right causal) to its pages, the left padding (never stored) from the mask."""
+    B, L, S = query.shape[0], query.shape[2], key.shape[2]
+    if dropout:
+        raise NotImplementedError("new_cache(paged=True) is for inference: call model.eval() (no attention dropout)")
+    if S != layer.length or B != len(layer.seq_ids):
+        raise ValueError(f"these keys ({B} sequences of {S} positions) are from an earlier state of their paged cache "
+                         f"(now {len(layer.seq_ids)} of {layer.length}): attend right after the cache's update()")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and L > 1 and not causal:
+        raise NotImplementedError("new_cache(paged=True) attends causally (the queries are its last positions); "
+                                  "this layer is bidirectional: use new_cache() without paged=True")
+    left_padding, window = _paged_mask(attention_mask, B, L, S)
+    options: Dict[str, Any] = {"scale": scaling}
+    if window is not None:
+        options["window_size"] = window
+    if kwargs.get("softcap") is not None:
+        options["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:         # gpt-oss's attention sinks, in the kernel
+        options["sinks"] = _as_numpy(kwargs["s_aux"], "s_aux")
+    out = layer.attend(_as_numpy(query, "query"), left_padding, **options)
+    out.flags.writeable = True                  # the kernel's own new array
+    return _to_torch(out).transpose(1, 2).contiguous(), None
+
+
 def register(name: str = NAME) -> str:
     """Make ``attn_implementation=name`` (default ``"selfattn"``) available to every transformers
     model; returns the name. Idempotent. Raises ImportError (naming the versions) for a transformers
@@ -309,6 +379,23 @@ def register(name: str = NAME) -> str:
 
 _CACHE_CLASSES: Dict[str, Any] = {}
 _SCALES = "_selfattn_kv_scales"     # an int8 cache's key view carries (key scales, value scales)
+_PAGED = "_selfattn_paged"          # a paged cache's key placeholder carries its layer
+
+
+def _check_kv_dtype(kv_dtype: Optional[str], keys: Any) -> None:
+    if kv_dtype and keys.dtype != _np.float32:
+        raise TypeError(f"new_cache(kv_dtype={kv_dtype!r}) holds a float32 model's keys and values (the kernels "
+                        f"take float32 queries with int8 K/V); this model's are {keys.dtype}")
+
+
+def _left_aligned(a: Any, left: Any) -> Any:
+    """(B, H, n, E) with row b's first left[b] positions (its padding) dropped and the rest moved to the
+    front (zeros after): a copy, for PagedKVCache.append's counts (the first counts[b] rows)."""
+    out = _np.zeros_like(a)
+    n = a.shape[2]
+    for b, pad in enumerate(left.tolist()):
+        out[b, :, :n - pad] = a[b, :, pad:]
+    return out
 
 
 def _index_array(idx: Any, batch: int) -> Any:
@@ -384,9 +471,7 @@ def _cache_classes() -> Tuple[Any, Any]:
             def _fill(self, key_states: Any, value_states: Any) -> None:
                 k, v = _as_numpy(key_states, "key_states"), _as_numpy(value_states, "value_states")
                 B, H, n, E = k.shape
-                if self.kv_dtype and k.dtype != _np.float32:
-                    raise TypeError(f"new_cache(kv_dtype={self.kv_dtype!r}) holds a float32 model's keys and values "
-                                    f"(the kernels take float32 queries with int8 K/V); this model's are {k.dtype}")
+                _check_kv_dtype(self.kv_dtype, k)
                 if self.kv is None or self.kv.batch != B or self.kv.num_kv_heads != H or self.kv.dtype != k.dtype:
                     self.kv = _KVCache(B, H, max(self.max_len, n), E, v.shape[-1], dtype=k.dtype, grow=True,
                                        kv_dtype=self.kv_dtype)
@@ -444,12 +529,194 @@ def _cache_classes() -> Tuple[Any, Any]:
                 self.kv.reorder(_index_array(indices, self.kv.batch))
                 self._expose()
 
-        class SelfattnCache(Cache):  # type: ignore[misc, valid-type, unused-ignore]
-            """A transformers ``Cache`` of :class:`KVCacheLayer` s (see :func:`new_cache`)."""
+        class PagedKVCacheLayer(DynamicLayer):  # type: ignore[misc, valid-type, unused-ignore]
+            """One layer's keys and values in a :class:`selfattn.PagedKVCache`, a sequence per batch row
+            (``layer.pages``, ``layer.seq_ids``), each step appended in place; ``attn_implementation=
+            "selfattn"`` attends from the pages (:meth:`selfattn.PagedKVCache.attend`). Left padding is not
+            stored: the first update's positions wait for the first attention, whose mask says how many of
+            each row's first positions are padding (``layer.left_padding``). ``update`` returns meta-device
+            placeholders of the keys' shape, which only that attention reads. Cropping: each sequence's
+            :meth:`~selfattn.PagedKVCache.crop`; reorder, batch selection and repetition: forks of the rows
+            kept (blocks shared, copied on write), the old sequences freed."""
 
-            def __init__(self, config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = None) -> None:
+            def __init__(self, max_len: int = 0, kv_dtype: Optional[str] = None, block_size: int = 16,
+                         num_blocks: Optional[int] = None, config: Any = None) -> None:
+                super().__init__()
+                self.max_len, self.kv_dtype = int(max_len), kv_dtype
+                self.block_size, self.num_blocks = int(block_size), num_blocks
+                self.config = config                # its attention implementation, checked at each update
+                self.pages: Optional[_PagedKVCache] = None
+                self.seq_ids: List[int] = []
+                self.left_padding: Optional[Any] = None   # (batch,) int64: each row's first positions not stored
+                self.length = 0                     # positions as transformers counts them (padding included)
+                self._pending: Optional[Tuple[Any, Any]] = None    # the first update's K/V, until the mask is known
+
+            def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+                self.device = key_states.device
+                self.is_initialized = True
+
+            def get_seq_length(self) -> int:
+                return self.length
+
+            def _check_implementation(self) -> None:
+                impl = getattr(self.config, "_attn_implementation", None)
+                if impl is None:
+                    return
+                from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+                if ALL_ATTENTION_FUNCTIONS.get(impl) is not attention_forward:
+                    raise ValueError(f"new_cache(paged=True) is read only by attn_implementation='selfattn' (it "
+                                     f"attends from the pages); this model runs {impl!r}: model.set_attn_implementation"
+                                     f"('selfattn'), or new_cache() without paged=True")
+
+            def _pool_size(self, batch: int) -> int:
+                return self.num_blocks if self.num_blocks is not None else batch * -(-self.max_len // self.block_size)
+
+            def _write(self, k: Any, v: Any, counts: Optional[Any] = None) -> None:
+                assert self.pages is not None
+                try:
+                    self.pages.append(self.seq_ids, k, v, counts=counts)
+                except _CacheFullError as exc:
+                    longest = max(self.pages.seq_len(s) for s in self.seq_ids) + \
+                        (k.shape[2] if counts is None else int(counts.max()))
+                    raise _CacheFullError(
+                        f"new_cache(paged=True, max_len={self.max_len}, block_size={self.block_size}, num_blocks="
+                        f"{self.num_blocks}): a layer's pool of {self.pages.num_blocks} blocks is full, with "
+                        f"{len(self.seq_ids)} sequences of up to {longest} positions (left padding not stored); nothing was written. Make the "
+                        f"cache with a larger max_len (positions per sequence: prompt plus new tokens) or num_blocks") \
+                        from exc
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Tuple[Any, Any]:
+                if _torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+                    raise NotImplementedError("selfattn.transformers.new_cache() holds no autograd history: run "
+                                              "generation under torch.no_grad(), or train with use_cache=False")
+                self._check_implementation()
+                k, v = _as_numpy(key_states, "key_states"), _as_numpy(value_states, "value_states")
+                _check_kv_dtype(self.kv_dtype, k)
+                B, H, n, E = k.shape
+                if self.length == 0:
+                    # a new batch: its sequences, written once attention knows the padding (_flush)
+                    blocks = self._pool_size(B)
+                    p = self.pages
+                    if p is None or (p.num_blocks, p.num_kv_heads, p.head_dim, p.value_dim, p.dtype) != \
+                            (blocks, H, E, v.shape[-1], k.dtype):
+                        p = _PagedKVCache(blocks, self.block_size, H, E, dtype=k.dtype, kv_dtype=self.kv_dtype,
+                                          value_dim=v.shape[-1])
+                    else:
+                        for s in self.seq_ids:
+                            p.free(s)
+                    self.pages = p
+                    self.seq_ids = [p.add_sequence() for _ in range(B)]
+                    self.left_padding = None
+                    self._pending = (k, v)
+                else:
+                    p = self.pages
+                    assert p is not None
+                    if (B, H, E, v.shape[-1], k.dtype) != (len(self.seq_ids), p.num_kv_heads, p.head_dim, p.value_dim,
+                                                           p.dtype):
+                        raise ValueError(f"key_states {tuple(k.shape)} {k.dtype} do not continue this paged cache's "
+                                         f"{len(self.seq_ids)} sequences of {p.num_kv_heads} heads of {p.head_dim} "
+                                         f"({p.dtype}); reset() it for another batch")
+                    self._flush()
+                    self._write(k, v)
+                self.length += n
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                keys = _torch.empty((B, H, self.length, E), dtype=key_states.dtype, device="meta")
+                values = _torch.empty((B, H, self.length, v.shape[-1]), dtype=value_states.dtype, device="meta")
+                setattr(keys, _PAGED, self)
+                return keys, values
+
+            def _flush(self, left_padding: Optional[Any] = None) -> None:
+                """The first update's positions into the pages, each row's first left_padding[b] left out."""
+                if self._pending is None:
+                    return
+                k, v = self._pending
+                pad = _np.zeros(len(self.seq_ids), _np.int64) if left_padding is None else left_padding
+                counts = None
+                if pad.any():
+                    counts = k.shape[2] - pad
+                    k, v = _left_aligned(k, pad), _left_aligned(v, pad)
+                try:
+                    self._write(k, v, counts)
+                except _CacheFullError:
+                    self.reset()                    # nothing was written: the layer as new
+                    raise
+                self._pending = None
+                self.left_padding = pad
+
+            def attend(self, query: Any, left_padding: Optional[Any], **options: Any) -> Any:
+                """PagedKVCache.attend of the queries (B, Hq, L, E) to the rows' sequences; left_padding
+                (B,) from the step's mask (None: none), which the first step's must match."""
+                if self._pending is not None:
+                    self._flush(left_padding)
+                else:
+                    pad = _np.zeros(len(self.seq_ids), _np.int64) if left_padding is None else left_padding
+                    assert self.left_padding is not None
+                    # the mask shows the padding the queries could see: with a window of `left` past keys,
+                    # none before the first query's window (its first visible key, where it has none)
+                    left = (options.get("window_size") or (None, None))[0]
+                    lo = 0 if left is None else max(self.length - query.shape[2] - int(left), 0)
+                    if not _np.array_equal(_np.maximum(pad, lo), _np.maximum(self.left_padding, lo)):
+                        raise NotImplementedError(
+                            f"the attention mask's left padding {pad.tolist()} is not the one this paged cache was "
+                            f"filled with ({self.left_padding.tolist()}); padded positions are not stored: use "
+                            f"new_cache() without paged=True for masks that change so")
+                assert self.pages is not None
+                return self.pages.attend(query, self.seq_ids, **options)
+
+            def reset(self) -> None:
+                if self.pages is not None:
+                    for s in self.seq_ids:
+                        self.pages.free(s)
+                self.seq_ids, self.length, self.left_padding, self._pending = [], 0, None, None
+
+            # crop: each sequence's PagedKVCache.crop; reorder, selection, repetition: forks (no copy)
+            def crop(self, max_length: int) -> None:
+                if self.pages is None or self.length == 0:
+                    return
+                self._flush()
+                assert self.left_padding is not None
+                new = _cropped_length(self.length, max_length)
+                for s, pad in zip(self.seq_ids, self.left_padding.tolist()):
+                    self.pages.crop(s, max(new - pad, 0))
+                self.left_padding = _np.minimum(self.left_padding, new)
+                self.length = new
+
+            def _select(self, idx: Any) -> None:
+                """Row i becomes the former row idx[i]: a fork of its sequence (blocks shared)."""
+                if self.pages is None or self.length == 0:
+                    return
+                if idx.size == 0:
+                    raise ValueError("a paged cache keeps at least one sequence: the batch indices are empty")
+                self._flush()
+                assert self.left_padding is not None
+                forks = [self.pages.fork(self.seq_ids[i]) for i in idx.tolist()]
+                for s in self.seq_ids:
+                    self.pages.free(s)
+                self.seq_ids, self.left_padding = forks, self.left_padding[idx]
+
+            def reorder_cache(self, beam_idx: Any) -> None:
+                self._select(_index_array(beam_idx, len(self.seq_ids)))
+
+            def batch_select_indices(self, indices: Any) -> None:
+                self._select(_index_array(indices, len(self.seq_ids)))
+
+            def batch_repeat_interleave(self, repeats: int) -> None:
+                self._select(_np.repeat(_np.arange(len(self.seq_ids)), int(repeats)))
+
+        class SelfattnCache(Cache):  # type: ignore[misc, valid-type, unused-ignore]
+            """A transformers ``Cache`` of :class:`KVCacheLayer` s, or of :class:`PagedKVCacheLayer` s
+            with ``paged=True`` (see :func:`new_cache`)."""
+
+            def __init__(self, config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = None, *,
+                         paged: bool = False, block_size: int = 16, num_blocks: Optional[int] = None) -> None:
+                def make_layer(text_config: Any = None) -> Any:
+                    if paged:
+                        return PagedKVCacheLayer(max_len, kv_dtype, block_size, num_blocks, text_config)
+                    return KVCacheLayer(max_len, kv_dtype)
+
                 if config is None:
-                    super().__init__(layer_class_to_replicate=lambda: KVCacheLayer(max_len, kv_dtype))  # type: ignore[arg-type, unused-ignore]
+                    super().__init__(layer_class_to_replicate=make_layer)  # type: ignore[arg-type, unused-ignore]
                     return
                 text = config.get_text_config(decoder=True)
                 kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
@@ -459,14 +726,17 @@ def _cache_classes() -> Tuple[Any, Any]:
                                               f"only; this model's layer_types include {sorted(other)}: use "
                                               f"transformers' DynamicCache")
                 # sliding layers keep every position too: the window is in the mask (and in the kernel)
-                super().__init__(layers=[KVCacheLayer(max_len, kv_dtype) for _ in range(text.num_hidden_layers)])
+                super().__init__(layers=[make_layer(text) for _ in range(text.num_hidden_layers)])
 
-        _CACHE_CLASSES.update(layer=KVCacheLayer, cache=SelfattnCache, crop_zero_keeps=_crop_zero_keeps(DynamicLayer))
+        _CACHE_CLASSES.update(layer=KVCacheLayer, paged_layer=PagedKVCacheLayer, cache=SelfattnCache,
+                              crop_zero_keeps=_crop_zero_keeps(DynamicLayer))
     return _CACHE_CLASSES["layer"], _CACHE_CLASSES["cache"]
 
 
-def new_cache(config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = None) -> Any:
-    """A transformers ``Cache`` whose layers keep their keys and values in :class:`selfattn.KVCache` s.
+def new_cache(config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = None, *, paged: bool = False,
+              block_size: Optional[int] = None, num_blocks: Optional[int] = None) -> Any:
+    """A transformers ``Cache`` whose layers keep their keys and values in :class:`selfattn.KVCache` s
+    (or, ``paged=True``, in :class:`selfattn.PagedKVCache` s).
 
     ``model.generate(ids, cache=selfattn.transformers.new_cache(model.config, max_len=n))``: each layer's
     keys and values are preallocated for `max_len` positions (prompt plus new tokens; past that the
@@ -478,8 +748,35 @@ def new_cache(config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = No
     ``kv_dtype="int8"`` (a float32 model): the keys and values are quantized as they are appended
     (:func:`selfattn.quantize_kv`: int8, one float32 scale per position and kv head; a quarter of
     the memory) and read as stored by the kernels (``attn_implementation="selfattn"`` only: the
-    layer hands transformers int8 views, their scales beside)."""
+    layer hands transformers int8 views, their scales beside).
+
+    ``paged=True`` (``attn_implementation="selfattn"`` only): each layer's keys and values in a
+    :class:`selfattn.PagedKVCache` of `num_blocks` blocks of `block_size` positions (default 16), one
+    sequence per batch row, appended in place; the attention reads the pages
+    (:func:`selfattn.paged_attention`, no dense copy), bit for bit what the dense cache gives at the same
+    `kv_dtype` (float or int8) where no row is left-padded. Left padding is never stored: the first
+    step's mask says how much each row has, and a later mask with other padding, or any mask but
+    those ``generate()`` builds (causal, sliding window, left padding), raises NotImplementedError.
+    The pool does not grow: `num_blocks` defaults to batch x ceil(`max_len` / `block_size`) (the batch
+    of the first step, beams included), so it needs `max_len` (or `num_blocks`), and an append that
+    finds too few free blocks raises :class:`selfattn.CacheFullError` (nothing written). Cropping
+    (assisted decoding) releases blocks; beam search's reorder, batch selection and repetition fork
+    the sequences kept (blocks shared, copied when written). ``update`` hands transformers meta-device
+    placeholders, so another attention implementation cannot read it: where `config` says the model
+    runs one, ``update`` raises ValueError."""
+    max_len = _check_size(max_len, "max_len", 0)
+    if not isinstance(paged, (bool, _np.bool_)):
+        raise TypeError(f"paged must be a bool, got {type(paged).__name__}")
+    if not paged and (block_size is not None or num_blocks is not None):
+        raise ValueError("block_size and num_blocks size the pages of new_cache(paged=True); pass paged=True")
+    block_size = 16 if block_size is None else _check_size(block_size, "block_size", 1)
+    if num_blocks is not None:
+        num_blocks = _check_size(num_blocks, "num_blocks", 1)
+    elif paged and max_len == 0:
+        raise ValueError("new_cache(paged=True) sizes its pool from max_len (positions per sequence: prompt plus new "
+                         "tokens) or num_blocks (blocks per layer); pass one of them")
     if kv_dtype is not None:
         from .quant import _kv_dtype
         kv_dtype = _kv_dtype(kv_dtype)
-    return _cache_classes()[1](config, max_len, kv_dtype)
+    return _cache_classes()[1](config, max_len, kv_dtype, paged=bool(paged), block_size=block_size,
+                               num_blocks=num_blocks)
