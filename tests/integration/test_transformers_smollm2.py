@@ -122,6 +122,57 @@ def test_left_padded_batch_equals_one_by_one(smol, alone, monkeypatch):
         assert o["key_lengths"].tolist() == [S - p for p in pads]
 
 
+def test_paged_cache_equals_the_dense_cache_bit_for_bit(smol, alone):
+    """new_cache(paged=True): each layer's keys and values in a PagedKVCache, attended from the pages;
+    alone (no padding) the greedy tokens are sdpa's and the logits the dense new_cache's, bit for bit."""
+    tok, model = smol
+    out = alone[0]
+    for p in PROMPTS:
+        ids = tok(_chat(tok, p), return_tensors="pt")
+        n = ids["input_ids"].shape[1]
+        cache = sat.new_cache(model.config, max_len=n + NEW, paged=True)
+        got = _generate(model, NAME, **cache_kw(model, cache), **ids)
+        assert torch.equal(got.sequences, out[p]["sdpa"].sequences), p
+        assert all(torch.equal(a, b) for a, b in zip(got.logits, out[p][NAME].logits)), p
+        layer = cache.layers[0]
+        assert len(cache.layers) == model.config.num_hidden_layers and layer.left_padding.tolist() == [0]
+        assert layer.pages.seq_len(layer.seq_ids[0]) == n + NEW - 1
+        assert layer.pages.num_free_blocks == layer.pages.num_blocks - -(-(n + NEW - 1) // 16)
+
+
+@pytest.mark.slow
+def test_paged_cache_left_padded_batch_bfloat16_and_int8(smol, alone):
+    """The paged cache on the three prompts in one left-padded batch (the padding never stored): each
+    row's tokens are the ones it gets alone. Alone, in bfloat16 and with int8 pages: the logits of the
+    dense new_cache at the same dtype, bit for bit (the kernels' contract, paged = dense)."""
+    tok, model = smol
+    out = alone[0]
+    batch = tok([_chat(tok, p) for p in PROMPTS], return_tensors="pt", padding=True, padding_side="left")
+    S = batch["input_ids"].shape[1]
+    cache = sat.new_cache(model.config, max_len=S + NEW, paged=True)
+    got = _generate(model, NAME, **cache_kw(model, cache), **batch).sequences[:, -NEW:]
+    for row, p in enumerate(PROMPTS):
+        assert got[row].tolist() == out[p][NAME].sequences[0, -NEW:].tolist(), p
+    pads = (S - batch["attention_mask"].sum(-1)).tolist()
+    assert cache.layers[0].left_padding.tolist() == pads and min(pads) == 0 < max(pads)
+    ids = tok(_chat(tok, PROMPTS[2]), return_tensors="pt")
+    n = ids["input_ids"].shape[1]
+    dense = _generate(model, NAME, **cache_kw(model, sat.new_cache(model.config, max_len=n + NEW, kv_dtype="int8")),
+                      **ids)
+    paged = _generate(model, NAME, **cache_kw(model, sat.new_cache(model.config, max_len=n + NEW, kv_dtype="int8",
+                                                                   paged=True)), **ids)
+    assert all(torch.equal(a, b) for a, b in zip(paged.logits, dense.logits))
+    optional_import("ml_dtypes")
+    _, bf16 = _load(torch.bfloat16)
+    bf16.set_attn_implementation(NAME)
+    kw = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():           # 16 steps: bfloat16 matmuls are slow on most CPUs
+        dense = bf16.generate(**ids, **kw, **cache_kw(bf16, sat.new_cache(bf16.config, max_len=n + 16)))
+        paged = bf16.generate(**ids, **kw, **cache_kw(bf16, sat.new_cache(bf16.config, max_len=n + 16, paged=True)))
+    assert torch.equal(paged.sequences, dense.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(paged.logits, dense.logits))
+
+
 @pytest.mark.slow
 def test_bfloat16_top1_agreement_over_256_steps():
     """bfloat16 weights and activations: sdpa generates 256 tokens greedily; selfattn is fed the same
