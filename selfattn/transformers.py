@@ -10,7 +10,8 @@ attention then runs through :mod:`selfattn.torch` (fused forward and backward, C
 float32 / float64 / float16 / bfloat16): grouped-query heads are read without repeating K and V,
 ``softcap`` and gpt-oss's attention sinks (``s_aux``: ``sinks=``, with their gradient) in the kernel. Positions and everything else stay transformers' own; the cache too,
 unless :func:`new_cache` gives ``generate()`` one over :class:`selfattn.KVCache` (preallocated,
-written in place).
+written in place), or with ``paged=True`` over :class:`selfattn.PagedKVCache` (blocks of a pool,
+attended from the pages).
 
 Masks become structure. The mask builder is transformers' SDPA one (a boolean ``(batch, 1, L, S)``
 mask, or none where ``is_causal`` says all), and then recognises what the mask is made of: causal
