@@ -52,6 +52,7 @@ from .kvcache import KVCache as _KVCache
 from .kvcache import _check_size
 from .paged import CacheFullError as _CacheFullError
 from .paged import PagedKVCache as _PagedKVCache
+from .quant import FLOAT8 as _FLOAT8
 from .torch import _as_numpy, _to_torch, _torch_seed
 from .torch import scaled_dot_product_attention as _torch_sdpa
 
@@ -386,7 +387,7 @@ _PAGED = "_selfattn_paged"          # a paged cache's key placeholder carries it
 def _check_kv_dtype(kv_dtype: Optional[str], keys: Any) -> None:
     if kv_dtype and keys.dtype != _np.float32:
         raise TypeError(f"new_cache(kv_dtype={kv_dtype!r}) holds a float32 model's keys and values (the kernels "
-                        f"take float32 queries with int8 K/V); this model's are {keys.dtype}")
+                        f"take float32 queries with narrower K/V); this model's are {keys.dtype}")
 
 
 def _left_aligned(a: Any, left: Any) -> Any:
@@ -598,8 +599,9 @@ def _cache_classes() -> Tuple[Any, Any]:
                     # a new batch: its sequences, written once attention knows the padding (_flush)
                     blocks = self._pool_size(B)
                     p = self.pages
+                    # a new pool where it does not fit, or float8's (its per-head scales: the batch's first rows)
                     if p is None or (p.num_blocks, p.num_kv_heads, p.head_dim, p.value_dim, p.dtype) != \
-                            (blocks, H, E, v.shape[-1], k.dtype):
+                            (blocks, H, E, v.shape[-1], k.dtype) or self.kv_dtype in _FLOAT8:
                         p = _PagedKVCache(blocks, self.block_size, H, E, dtype=k.dtype, kv_dtype=self.kv_dtype,
                                           value_dim=v.shape[-1])
                     else:
@@ -755,7 +757,9 @@ def new_cache(config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = No
     :class:`selfattn.PagedKVCache` of `num_blocks` blocks of `block_size` positions (default 16), one
     sequence per batch row, appended in place; the attention reads the pages
     (:func:`selfattn.paged_attention`, no dense copy), bit for bit what the dense cache gives at the same
-    `kv_dtype` (float or int8) where no row is left-padded. Left padding is never stored: the first
+    `kv_dtype` where no row is left-padded. `kv_dtype`: any the pages take (``"int8"``; float8, its
+    per-head scales set by each new batch's first rows; ``"bfloat16"``, ``"float16"``). Left
+    padding is never stored: the first
     step's mask says how much each row has, and a later mask with other padding, or any mask but
     those ``generate()`` builds (causal, sliding window, left padding), raises NotImplementedError.
     The pool does not grow: `num_blocks` defaults to batch x ceil(`max_len` / `block_size`) (the batch
