@@ -758,10 +758,10 @@ def new_cache(config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = No
     sequence per batch row, appended in place; the attention reads the pages
     (:func:`selfattn.paged_attention`, no dense copy), bit for bit what the dense cache gives at the same
     `kv_dtype` where no row is left-padded. `kv_dtype`: any the pages take (``"int8"``; float8, its
-    per-head scales set by each new batch's first rows; ``"bfloat16"``, ``"float16"``). Left
-    padding is never stored: the first
-    step's mask says how much each row has, and a later mask with other padding, or any mask but
-    those ``generate()`` builds (causal, sliding window, left padding), raises NotImplementedError.
+    per-head scales set by each new batch's first rows; ``"bfloat16"``, ``"float16"``). Left padding
+    is never stored: the first step's mask says how much each row has, and a later mask with other
+    padding, or any mask but those ``generate()`` builds (causal, sliding window, left padding),
+    raises NotImplementedError.
     The pool does not grow: `num_blocks` defaults to batch x ceil(`max_len` / `block_size`) (the batch
     of the first step, beams included), so it needs `max_len` (or `num_blocks`), and an append that
     finds too few free blocks raises :class:`selfattn.CacheFullError` (nothing written). Cropping
