@@ -308,10 +308,10 @@ class KVCache:
             kind = str(self.kv_dtype)
             first = ~self._scaled_seq & (c > 0)    # sequences whose first rows these are: their scales
             kscale, vscale = self._ks[:, :, 0].copy(), self._vs[:, :, 0].copy()
-            for b in np.flatnonzero(first):
-                m = int(c[b])
-                kscale[b] = cache_fp8_scale(np.asarray(k[b, :, :m], np.float64), kind, (1, 2))
-                vscale[b] = cache_fp8_scale(np.asarray(v[b, :, :m], np.float64), kind, (1, 2))
+            for i in np.flatnonzero(first).tolist():
+                m = int(c[i])
+                kscale[i] = cache_fp8_scale(np.asarray(k[i, :, :m], np.float64), kind, (1, 2))
+                vscale[i] = cache_fp8_scale(np.asarray(v[i, :, :m], np.float64), kind, (1, 2))
             k, v = encode_rows(k, kind, "key", kscale), encode_rows(v, kind, "value", vscale)
             self._ks[:, :, 0], self._vs[:, :, 0] = kscale, vscale      # nothing raised: commit
             self._scaled_seq |= first
