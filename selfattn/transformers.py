@@ -263,11 +263,12 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
                         "changed them first (repeated, sliced, ...): use new_cache() without paged=True for it")
     q_len, kv_len = query.shape[2], key.shape[2]
     options: Dict[str, Any] = {}
-    if key.dtype == _torch.int8:                # new_cache(kv_dtype="int8"): the scales ride on the views
+    if key.dtype in (_torch.int8, _torch.float8_e4m3fn, _torch.float8_e5m2):
+        # new_cache(kv_dtype="int8" / float8): the scales ride on the views
         scales = getattr(key, _SCALES, None)
         if scales is None or _wants_grad(query):
-            raise TypeError("int8 keys reach attn_implementation='selfattn' only from selfattn.transformers."
-                            "new_cache(kv_dtype='int8'), in inference (torch.no_grad())")
+            raise TypeError(f"{key.dtype} keys reach attn_implementation='selfattn' only from selfattn."
+                            f"transformers.new_cache(kv_dtype=...), in inference (torch.no_grad())")
         options["k_scale"], options["v_scale"] = scales
     st = getattr(attention_mask, _ATTR, None)
     if attention_mask is not None and st is not None and tuple(attention_mask.shape[-2:]) == (q_len, kv_len) \
@@ -467,7 +468,7 @@ def _cache_classes() -> Tuple[Any, Any]:
                     a.flags.writeable = True           # a view of the cache's own buffer; torch needs it writable
                     views.append(_to_torch(a))
                 self.keys, self.values = views
-                if self.kv.kv_dtype:                   # int8: the scales beside the values (attention_forward)
+                if self.kv.kv_dtype:                   # int8 / float8: the scales beside the values (attention_forward)
                     setattr(self.keys, _SCALES, (self.kv.key_scales, self.kv.value_scales))
 
             def _fill(self, key_states: Any, value_states: Any) -> None:
@@ -748,10 +749,12 @@ def new_cache(config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = No
     layers keep every position (the window is applied by the mask, in the kernel). Inference only
     (gradients: ``use_cache=False``).
 
-    ``kv_dtype="int8"`` (a float32 model): the keys and values are quantized as they are appended
-    (:func:`selfattn.quantize_kv`: int8, one float32 scale per position and kv head; a quarter of
-    the memory) and read as stored by the kernels (``attn_implementation="selfattn"`` only: the
-    layer hands transformers int8 views, their scales beside).
+    ``kv_dtype`` (a float32 model; :class:`selfattn.KVCache`'s): ``"int8"`` (one float32 scale per
+    position and kv head; a quarter of the memory), ``"float8_e4m3fn"`` / ``"float8_e5m2"`` (one
+    scale per sequence and kv head, set by its first rows; a quarter), ``"bfloat16"`` /
+    ``"float16"`` (half): converted as they are appended and read as stored by the kernels
+    (``attn_implementation="selfattn"`` only: the layer hands transformers views of that dtype,
+    the scales beside).
 
     ``paged=True`` (``attn_implementation="selfattn"`` only): each layer's keys and values in a
     :class:`selfattn.PagedKVCache` of `num_blocks` blocks of `block_size` positions (default 16), one

@@ -247,6 +247,34 @@ def test_float8_pages(kv_dtype):
     assert not np.array_equal(cache.layers[0].pages.k_scales, scales)
 
 
+@pytest.mark.parametrize("kv_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_dense_cache(kv_dtype):
+    """The dense new_cache(kv_dtype=float8): one scale per sequence and kv head (set by its first
+    rows); the float8 views reach the attention with their scales. Fed the float cache's tokens,
+    the logits stay within float8's rounding of the float cache's (as the pages' test)."""
+    optional_import("ml_dtypes")
+    model = _model()
+    ref = _generate(model, NAME, sat.new_cache(model.config, max_len=23), max_new_tokens=12)
+    cache = sat.new_cache(model.config, max_len=23, kv_dtype=kv_dtype)
+    ids, mask = _batch(3)
+    tokens, err = ref.sequences, []
+    with torch.no_grad():
+        for t in range(12):
+            n = 11 + t
+            step = tokens[:, :n] if t == 0 else tokens[:, n - 1:n]
+            m = torch.cat([mask, torch.ones(3, t, dtype=mask.dtype)], 1)
+            pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)[:, -step.shape[1]:]
+            logits = model(step, attention_mask=m, position_ids=pos, use_cache=True,
+                           **cache_kw(model, cache)).logits[:, -1]
+            want = ref.logits[t]
+            err.append((logits - want).abs().max().item() / want.abs().max().item())
+    print(f"{kv_dtype} dense cache: the logits' largest error per step, relative to the largest logit: {err}")
+    assert max(err) <= (0.05 if kv_dtype == "float8_e4m3fn" else 0.1)
+    kv = cache.layers[0].kv
+    assert kv.keys.dtype.name == kv_dtype and kv.key_scales.shape == (3, 2, 1)
+    assert cache.layers[0].keys.dtype == getattr(torch, kv_dtype)
+
+
 def test_beam_search_forks_and_frees():
     """Beam search's reorder every step: forks of the beams kept (blocks shared, copied when written), the
     old sequences freed; the tokens are sdpa's, and no block leaks."""
