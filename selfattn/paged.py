@@ -408,12 +408,17 @@ class PagedKVCache:
             c = c.astype(np.int64)
         bs = self.block_size
         need = 0                                    # blocks taken from the pool, all appends together
+        holders: Dict[int, int] = {}                # a shared last block's holders as the writes below see them
         for s, cnt in zip(ids, c.tolist()):
             if cnt == 0:
                 continue
             L, blocks = self._len[s], self._blocks[s]
-            if L % bs and self._ref[blocks[-1]] > 1:
-                need += 1                           # the shared last block, copied before writing
+            if L % bs:
+                last = blocks[-1]
+                h = holders.get(last, int(self._ref[last]))
+                if h > 1:                           # shared: copied before writing (the last holder to
+                    need += 1                       # write, alone by then, writes in place)
+                    holders[last] = h - 1
             need += -(-(L + int(cnt)) // bs) - len(blocks)
         if need > len(self._free):
             raise CacheFullError(f"PagedKVCache: the append needs {need} free blocks and {len(self._free)} "

@@ -379,6 +379,23 @@ def test_cache_full_changes_nothing():
     np.testing.assert_array_equal(c.k_pages, pages)
 
 
+def test_shared_last_block_all_holders_append_needs_holders_minus_one_copies():
+    """Every holder of a shared, partly filled last block appends in one call: all but the last
+    copy it, the last one writes in place; a pool with exactly that many free blocks suffices."""
+    rng = np.random.default_rng(14)
+    c = selfattn.PagedKVCache(3, 4, 1, 8, dtype=np.float32)
+    a, b = c.add_sequence(), c.add_sequence()
+    k = rng.standard_normal((2, 1, 4, 8)).astype(np.float32)
+    c.append([a, b], k, k, counts=[2, 4])             # a: 1 block (2 rows), b: 1 block; 1 free
+    f = c.fork(a)
+    new = rng.standard_normal((2, 1, 1, 8)).astype(np.float32)
+    c.append([a, f], new, new)                        # one copy (a's), f in place: needs 1, 1 free
+    assert c.num_free_blocks == 0
+    np.testing.assert_array_equal(c.keys(a)[0], np.concatenate([k[0, 0, :2], new[0, 0]]))
+    np.testing.assert_array_equal(c.keys(f)[0], np.concatenate([k[0, 0, :2], new[1, 0]]))
+    np.testing.assert_array_equal(c.keys(b)[0], k[1, 0])
+
+
 def Z(shape):
     return np.zeros(shape, np.float32)
 
