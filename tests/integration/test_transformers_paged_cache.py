@@ -424,9 +424,9 @@ def test_clear_errors():
         model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
     model.eval()
     # int8 pages take a float32 model's K/V
-    bf16 = _model(dtype=torch.bfloat16)
+    f16 = _model(dtype=torch.float16)             # (float16: no ml_dtypes needed for its arrays)
     with pytest.raises(TypeError, match="holds a float32 model's keys"):
-        _generate(bf16, NAME, sat.new_cache(bf16.config, max_len=30, kv_dtype="int8", paged=True), max_new_tokens=2)
+        _generate(f16, NAME, sat.new_cache(f16.config, max_len=30, kv_dtype="int8", paged=True), max_new_tokens=2)
     # masks the pages cannot take: padding not on the left, right padding, a caller's 4-D mask
     model.set_attn_implementation(NAME)
     hole = torch.ones(3, 11, dtype=torch.long)

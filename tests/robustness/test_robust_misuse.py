@@ -302,8 +302,8 @@ MISUSE = [
      r"scale must be finite and > 0"),
     ("kvcache_float8_float64", lambda: selfattn.KVCache(1, 1, 4, 8, dtype=np.float64, kv_dtype="float8_e5m2"),
      TypeError, r"a float8_e5m2 cache \(kv_dtype='float8_e5m2'\) takes float32 queries"),
-    ("kvcache_kv_scale_not_float8", lambda: selfattn.KVCache(1, 1, 4, 8, kv_dtype="bfloat16", kv_scale=2.0),
-     TypeError, r"kv_scale is for a float8 cache \(one scale per head\), got kv_dtype='bfloat16'"),
+    ("kvcache_kv_scale_not_float8", lambda: selfattn.KVCache(1, 1, 4, 8, kv_dtype="float16", kv_scale=2.0),
+     TypeError, r"kv_scale is for a float8 cache \(one scale per head\), got kv_dtype='float16'"),
     ("kvcache_float16_overflow", lambda: selfattn.KVCache(1, 1, 4, 8, kv_dtype="float16").append(
         np.full((1, 1, 1, 8), 1e6), np.zeros((1, 1, 1, 8))), ValueError, r"key has values past float16's range"),
     # ---- block masks (selfattn.flex)
