@@ -326,11 +326,16 @@ class PagedKVCache:
     def free(self, seq_id: int) -> None:
         """Forget a sequence; its blocks no other sequence holds go back to the pool."""
         s = self._seq(seq_id)
-        for blk in reversed(self._blocks.pop(s)):
+        self._release(self._blocks.pop(s))
+        del self._len[s]
+
+    def _release(self, blocks: List[int]) -> None:
+        """One holder fewer for each block; those no sequence holds go back to the pool (in reverse,
+        so pop() hands the lowest out first again)."""
+        for blk in reversed(blocks):
             self._ref[blk] -= 1
             if self._ref[blk] == 0:
                 self._free.append(blk)
-        del self._len[s]
 
     def crop(self, seq_id: int, max_length: int) -> None:
         """Keep at most `max_length` positions of a sequence (its first ones); a negative value drops
@@ -356,10 +361,7 @@ class PagedKVCache:
         keep = max(length + n, 0) if n < 0 else min(length, n)
         blocks = self._blocks[s]
         used = -(-keep // self.block_size)
-        for blk in reversed(blocks[used:]):
-            self._ref[blk] -= 1
-            if self._ref[blk] == 0:
-                self._free.append(blk)
+        self._release(blocks[used:])
         del blocks[used:]
         self._len[s] = keep
 
