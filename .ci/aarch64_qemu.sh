@@ -2,7 +2,10 @@
 # The aarch64 build, without ARM hardware: cross-compile the C kernel test
 # (tests/c/attn_smoke.c, every supported ISA vs a naive reference) for aarch64,
 # with and without OpenMP, statically, and run it under qemu-aarch64. There the
-# x86 files compile to nothing and the ISAs tested are neon and generic.
+# x86 files compile to nothing and the ISAs tested are neon and generic, and
+# bfloat16 storage on neonbf16 (BFDOT) too: the OpenMP build on qemu's max CPU
+# (which has the BF16 extension: neonbf16 the best path), the serial one on a
+# Cortex-A72 (no BF16: neon the best, neonbf16 not offered).
 # Also tests/c/test_index64.c (offsets and strides beyond 2^31 elements, in sparse MAP_NORESERVE
 # regions of several TiB), both builds, under a qemu-aarch64 >= 8 (.ci/qemu_aarch64_new.sh: on
 # Debian 12 the one of bookworm-backports, unpacked into the temp dir): Debian 12's qemu 7.2 keeps
@@ -32,10 +35,11 @@ for variant in openmp serial; do
         || { cat "$OUT/cc.log"; exit 1; }
     # libgomp's static dlopen notice is the only thing the linker may say
     grep -v "dlopen\|oacc-profiling\|goacc_profiling" "$OUT/cc.log" | grep -i "warning\|error" && { echo "aarch64 build warnings"; exit 1; }
-    qemu-aarch64 "$OUT/smoke-$variant" > "$OUT/run.log" || { tail -30 "$OUT/run.log"; exit 1; }
-    tail -2 "$OUT/run.log"
+    if [ "$variant" = openmp ]; then cpu=max best=neonbf16; else cpu=cortex-a72 best=neon; fi
+    qemu-aarch64 -cpu "$cpu" "$OUT/smoke-$variant" > "$OUT/run.log" || { tail -30 "$OUT/run.log"; exit 1; }
+    tail -3 "$OUT/run.log"
     grep -q "isas tested: 2," "$OUT/run.log" || { echo "aarch64 ($variant): expected neon and generic tested"; exit 1; }
-    grep -q "best isa: neon" "$OUT/run.log" || { echo "aarch64 ($variant): neon is not the best isa"; exit 1; }
+    grep -q "best isa: $best," "$OUT/run.log" || { echo "aarch64 ($variant, -cpu $cpu): $best is not the best isa"; exit 1; }
     grep -q " 0 failed" "$OUT/run.log" || { echo "aarch64 ($variant): failures"; exit 1; }
     # 64-bit index arithmetic: every case run (none skipped for want of address space), all pass
     # shellcheck disable=SC2086
@@ -48,4 +52,4 @@ for variant in openmp serial; do
         || { echo "aarch64 index64 ($variant): expected neon and generic tested, no case skipped"; exit 1; }
     grep -qE "^[1-9][0-9]* passed, 0 failed$" "$OUT/run.log" || { echo "aarch64 index64 ($variant): failures"; exit 1; }
 done
-echo "aarch64: neon and generic kernels pass under qemu (OpenMP and serial builds), test_index64 included"
+echo "aarch64: neon, neonbf16 and generic kernels pass under qemu (OpenMP and serial builds), test_index64 included"

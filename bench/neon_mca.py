@@ -3,10 +3,12 @@
 
 Compiles src_c/attn_neon.c for aarch64 to assembly (the same file the
 extension builds; -O3 as setup.py), takes the innermost loops that carry the
-Q.K^T and P.V micro-tiles (the loops with MR*NRV resp. MR*NVV fmla), and runs
-llvm-mca on each for the CPUs asked for. Prints, per loop: fmla per iteration,
-predicted cycles per iteration, fmla per cycle, and that as a fraction of the
-CPU model's FMA issue width (the number of pipes llvm-mca lets fmla use).
+Q.K^T and P.V micro-tiles (the loops with MR*NRV resp. MR*NVV fmla, or bfdot
+for neonbf16's bfloat16 kernels), and runs llvm-mca on each for the CPUs asked
+for. Prints, per loop: fmla (bfdot) per iteration, predicted cycles per
+iteration, fmla (bfdot) per cycle, that as a fraction of the CPU model's issue
+width for the instruction (the pipes llvm-mca lets it use), and multiply-adds
+per cycle (fmla .4s: 4, .2d: 2; bfdot: 8), which compares the two.
 
     python3 bench/neon_mca.py [--cc clang-19|aarch64-linux-gnu-gcc] [--mca llvm-mca-19]
                               [--cpu neoverse-v1 --cpu apple-m1] [-D SA_NEON_MR=8 ...]
@@ -48,15 +50,16 @@ def inner_loops(asm, min_fmla):
             continue
         ins = [x.split("//")[0].strip() for x in body]
         ins = [x for x in ins if x and not x.startswith((".", ";", "#"))]
-        n = sum(x.startswith("fmla") for x in ins)
+        n = sum(x.startswith(("fmla", "bfdot")) for x in ins)
         # not exp2 (frint/fcvt), not a rescale-only pass (accumulators zeroed inside)
         if n >= min_fmla and not any(x.startswith(("frint", "fcvt", "movi")) for x in ins):
             yield m.group(2), ins, n
 
 
 def classify(ins):
-    dtype = "f64" if any(".2d" in x for x in ins if x.startswith("fmla")) else "f32"
-    step = 512 if dtype == "f32" else 1024
+    dtype = ("bf16" if any(x.startswith("bfdot") for x in ins)
+             else "f64" if any(".2d" in x for x in ins if x.startswith("fmla")) else "f32")
+    step = 1024 if dtype == "f64" else 512
     # the Q.K^T loop moves its K pointer by one packed row a step (post-index or add)
     qk = any(re.search(rf"\],\s*#?{step}$|#?{step}\]!$", x) or re.match(rf"add\s+(\w+),\s*\1,\s*#?{step}$", x)
              for x in ins)
@@ -66,7 +69,7 @@ def classify(ins):
 
 def mca(tool, cpu, ins, iterations=200):
     text = "\n".join(ins) + "\n"
-    r = subprocess.run([tool, "-mtriple=aarch64", f"-mcpu={cpu}", f"-iterations={iterations}",
+    r = subprocess.run([tool, "-mtriple=aarch64", f"-mcpu={cpu}", "-mattr=+bf16", f"-iterations={iterations}",
                         "-resource-pressure=1", "-instruction-info=1"],
                        input=text, capture_output=True, text=True, check=True)
     cycles = int(re.search(r"Total Cycles:\s+(\d+)", r.stdout).group(1))
@@ -74,14 +77,20 @@ def mca(tool, cpu, ins, iterations=200):
 
 
 def peak_fmla(tool, cpu, dtype):
-    """The model's best fmla rate: a block of 24 independent fmla of this dtype (what the
-    FP/ASIMD pipes can issue when nothing else limits them)."""
+    """The model's best fmla (bf16: bfdot) rate: a block of 24 independent ones of this dtype
+    (what the FP/ASIMD pipes can issue when nothing else limits them)."""
+    if dtype == "bf16":
+        cyc, _ = mca(tool, cpu, [f"bfdot v{i}.4s, v30.8h, v31.8h" for i in range(24)])
+        return 24 / cyc
     arr, lane = ("4s", "s") if dtype == "f32" else ("2d", "d")
     best = 0.0
     for src in (f"v31.{arr}", f"v31.{lane}[0]"):          # vector and by-element forms
         cyc, _ = mca(tool, cpu, [f"fmla v{i}.{arr}, v30.{arr}, {src}" for i in range(24)])
         best = max(best, 24 / cyc)
     return best
+
+
+MACS = {"f32": 4, "f64": 2, "bf16": 8}     # multiply-adds per fmla .4s / .2d, per bfdot
 
 
 def main():
@@ -105,11 +114,13 @@ def main():
             continue
         seen.add(key)
         dtype, kind, spills = classify(ins)
-        row = [f"{kind} {dtype} {label}: {len(ins)} instr, {n} fmla, {spills} stack accesses"]
+        op = "bfdot" if dtype == "bf16" else "fmla"
+        row = [f"{kind} {dtype} {label}: {len(ins)} instr, {n} {op}, {spills} stack accesses"]
         for cpu in cpus:
             cyc, _ = mca(args.mca, cpu, ins)
             peak = peak_fmla(args.mca, cpu, dtype)
-            row.append(f"{cpu}: {cyc:.2f} cyc/iter, {n / cyc:.2f} of {peak:.2f} fmla/cyc = {100 * n / cyc / peak:.0f}%")
+            row.append(f"{cpu}: {cyc:.2f} cyc/iter, {n / cyc:.2f} of {peak:.2f} {op}/cyc = {100 * n / cyc / peak:.0f}%, "
+                       f"{MACS[dtype] * n / cyc:.1f} multiply-adds/cyc")
         print(" | ".join(row))
         if args.show:
             print("    " + "\n    ".join(ins))

@@ -49,11 +49,14 @@ Architecture at a glance
                                                          widened where loaded or packed (decode: in
                                                          registers), out rounded where written
                                                          (attn_pack.h; the conversions in simd_<isa>.h,
-                                                         half.h); the avx512bf16 path's bfloat16 forward
-                                                         multiplies bfloat16 pairs (vdpbf16ps:
-                                                         attn_bf16dot_avx512.h; default on AMD), and
-                                                         so does its backward (pairs along E, query
-                                                         rows or keys, BF16_DOT in attn_bwd_body.h);
+                                                         half.h); the avx512bf16 and neonbf16 paths'
+                                                         bfloat16 forward multiplies bfloat16 pairs
+                                                         (vdpbf16ps / BFDOT: attn_bf16dot.h on the
+                                                         vbh_* primitives of simd_<target>bf16.h;
+                                                         avx512bf16 the default on AMD, neonbf16 where
+                                                         the CPU has BF16), and so does their backward
+                                                         (pairs along E, query rows or keys, BF16_DOT
+                                                         in attn_bwd_body.h);
                                                          elsewhere the 16-bit backward runs on float32
                                                          copies (Problem.backward). Attention dropout
                                                          (sa_attn_args.dropout_p): dropout.h's
@@ -74,8 +77,9 @@ Beside the kernel, one module per concern:
     selfattn.merge        merge_attention: (out, lse) over disjoint key sets -> attention over their union
                           (validation here, the arithmetic in src_c/merge.c via _core.merge)
     selfattn.kvcache      KVCache: preallocated K/V appended in place, attended in place (decoding);
-                          ragged counts are one kernel call (the engine's query_lengths); kv_dtype="int8"
-                          keeps them quantized (selfattn.quant), quantized on append
+                          ragged counts are one kernel call (the engine's query_lengths); kv_dtype (int8,
+                          float8 e4m3fn / e5m2, bfloat16, float16) keeps them narrower than the float32
+                          queries (selfattn.quant), converted on append
     selfattn.paged        paged_attention, PagedKVCache: K/V in a pool of fixed-size blocks with a block table
                           per sequence (vLLM / FlashAttention layout), one kernel call for a ragged batch:
                           the decode schedule reads the rows where the table says (sa_attn_args.block_table,
@@ -88,8 +92,10 @@ Beside the kernel, one module per concern:
                           from the same program; NumPy evaluation for the reference) and lowers it to the
                           kernels' typed nodes (sa_score_mod; T5-style bias reads strided along a row);
                           gradients of captured arrays (bias tables) computed blockwise in NumPy
-    selfattn.quant        quantize_kv / dequantize_kv: int8 K/V, one float32 scale per key; the kernels
-                          read them as stored (sa_attn_args.kv_quant: the decode widens in registers)
+    selfattn.quant        quantize_kv / dequantize_kv: int8 K/V (a float32 scale per key), float8 (one per
+                          head); the caches' conversions. The kernels read K/V as stored under float32
+                          queries (sa_attn_args.kv_quant, mapped once by attn_internal.h's sa_kv_read: the
+                          decode widens in registers, float8 through float16's bits)
     selfattn.dask         scaled_dot_product_attention over Dask arrays: blocks along batch/heads/L/S,
                           key chunks merged by merge_attention (sequence parallelism); each block one
                           kernel call at its rows' positions (the engine's query_offsets). Not imported
@@ -105,7 +111,7 @@ Beside the kernel, one module per concern:
     selfattn.llama        a Llama decoder in NumPy (GGUF weights read with gguf; RMSNorm, rope, SwiGLU
                           in NumPy; attention and the decode cache from KVCache) and its BPE tokenizer:
                           SmolLM2-135M-Instruct for `selfattn generate`. Not imported by `import selfattn`
-SELFATTN_ISA=<avx2|generic|neon> (at import) and set_isa choose the path of the process; use_isa forces one for
+SELFATTN_ISA=<avx2|generic|neon|...> (at import) and set_isa choose the path of the process; use_isa forces one for
 a block in the calling thread or task only (a ContextVar); selfattn.show_config() prints what runs.
 
 Documentation: help(selfattn.attend), help(selfattn.scaled_dot_product_attention), or the API

@@ -63,7 +63,7 @@ def _effective_isa() -> str:
 
 
 def set_isa(name: str) -> str:
-    """Make instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neon' or 'generic') the process-wide default.
+    """Make instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neonbf16', 'neon' or 'generic') the process-wide default.
 
     Every thread and task uses the default, except inside a :func:`use_isa` block, which
     overrides it for its own context. ``SELFATTN_ISA`` sets the default at import.
@@ -200,10 +200,14 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         key_lengths), and the key blocks between them and the window are skipped. No effect
         without such a window.
     k_scale, v_scale : array_like of float, optional
-        Quantized keys and values (`selfattn.quantize_kv`): key and value int8, each key's row
-        worth ``k_scale[..., j]`` times its values (v alike); shapes of key and value without
-        their last dim. The query float32. Read as stored: the decode path widens the int8
-        values in registers and applies the scales per key. The forward only (no VJP).
+        Quantized keys and values (`selfattn.quantize_kv`): key and value int8 or float8
+        (ml_dtypes' float8_e4m3fn / float8_e5m2), each key's row worth ``k_scale[..., j]`` times
+        its values (v alike); broadcasting to the shapes of key and value without their last
+        dim (int8: one per key; float8: usually one per head, ``(..., H, 1)``; float8 without
+        scales: 1). The query float32. Read as stored: the decode path widens the values in
+        registers and applies the scales per key. A float32 query also takes bfloat16 or
+        float16 key and value (a 16-bit cache) as stored, without scales. The forward only (no
+        VJP through any of these).
     seed : int, numpy.random.Generator or None
         With ``dropout_p > 0``: the dropout mask's 64-bit key (an int in [0, 2**64), or one draw
         from a Generator); None draws a fresh one from the OS (a different mask each call). The
@@ -509,9 +513,9 @@ def config() -> Dict[str, Any]:
         :func:`use_isa` if any, else the process default), ``isas_available`` (list of str,
         best first), ``openmp`` (bool), ``default_threads`` (int), ``half`` (dict: how
         bfloat16 and float16 inputs run on that instruction set: widened to float32 for the
-        float32 kernels by e.g. ``'shifts'`` or ``'F16C vcvtph2ps'``, or ``'vdpbf16ps'``: the
-        avx512bf16 path's bfloat16 forward, backward and decode scores multiply bfloat16
-        pairs, its decode P.V widens).
+        float32 kernels by e.g. ``'shifts'`` or ``'F16C vcvtph2ps'``, or ``'vdpbf16ps'`` /
+        ``'BFDOT'``: the avx512bf16 / neonbf16 path's bfloat16 forward and backward (and on
+        avx512bf16 the decode's scores) multiply bfloat16 pairs; the rest widens).
 
     Examples
     --------
@@ -548,6 +552,9 @@ def show_config(file: Optional[IO[str]] = None) -> None:
     if bf == "vdpbf16ps":
         half = (f"bfloat16: vdpbf16ps (forward, backward, decode q.k; decode P.V widened by shifts), "
                 f"float16: float32 kernels, widened by {f16}")
+    elif bf == "BFDOT":
+        half = (f"bfloat16: BFDOT (forward, backward; decode widened by shifts), "
+                f"float16: float32 kernels, widened by {f16}")
     else:
         half = f"bfloat16/float16: float32 kernels, widened by {bf} / {f16}"
     print(f"selfattn {c['version']}: isa={c['isa']} (available: {', '.join(c['isas_available'])}), "
@@ -558,7 +565,7 @@ def show_config(file: Optional[IO[str]] = None) -> None:
 
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
-    """Force instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neon', 'generic') in a with block, this context only.
+    """Force instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neonbf16', 'neon', 'generic') in a with block, this context only.
 
     The choice is held in a :class:`contextvars.ContextVar`: it applies to the calls made by
     the thread (or asyncio task) that entered the block, and to nothing else. Other threads

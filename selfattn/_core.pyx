@@ -30,7 +30,7 @@ cnp.import_array()
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
 
-ISA_NAMES = ("generic", "avx2", "avx512", "neon", "avx512bf16")   # sa_isa values
+ISA_NAMES = ("generic", "avx2", "avx512", "neon", "avx512bf16", "neonbf16")   # sa_isa values
 
 cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)
@@ -516,8 +516,9 @@ cdef class Problem:
     cdef object sm_keep
     cdef object q_len, k_len, q_pos, slopes, sinks   # per unit (C order of the units), or None
     cdef int64_t sink_tokens             # num_sink_tokens (0: none)
-    cdef object k_scale, v_scale         # int8 K/V: float32 scales (..., H, S, 1); else None
-    cdef readonly bint kv_quant          # int8 K and V with their scales
+    cdef object k_scale, v_scale         # quantized K/V: float32 scales (..., H, S, 1); else None
+    cdef readonly int kv_quant           # sa_kv_quant: K and V stored apart from q (SA_KV_PLAIN: as q)
+    cdef readonly bint kv_scaled         # ... quantized (int8, float8), with their scales
     cdef object cu_q, cu_k               # varlen: cumulative rows of the sequences
     cdef readonly bint paged             # k and v are pages (num_blocks, page_size, H, E) read
     cdef object block_table              # through block_table (B, max_blocks) int32, C order
@@ -587,8 +588,9 @@ cdef class Problem:
             raise TypeError("no backward through a paged KV cache (it is for inference): attend dense key and "
                             "value to train")
         if self.kv_quant:
-            raise TypeError("no backward through int8 key and value (a quantized KV cache is for inference): "
-                            "attend float key and value to train")
+            raise TypeError(f"no backward through {_KV_NAMES[self.kv_quant]} key and value under float32 queries "
+                            f"(a quantized or 16-bit KV cache is for inference): attend key and value of the "
+                            f"query's dtype to train")
         if self.ragged_rows:
             raise ValueError("query_lengths is for the forward into a new output only")
         for a, nm, shp, dt in ((out, "out", self.out_shape, self.out_dtype), (lse, "lse", self.lse_shape, self.dtype),
@@ -631,8 +633,10 @@ cdef class Problem:
 
     cdef bint _bwd_native16(self):
         """Whether the backward reads this problem's 16-bit storage itself: bfloat16 on the
-        avx512bf16 path (vdpbf16ps); every other 16-bit backward computes on float32 copies."""
-        return self.storage == SA_STORE_BF16 and _call_isa() == SA_ISA_AVX512BF16
+        avx512bf16 and neonbf16 paths (vdpbf16ps, BFDOT); every other 16-bit backward computes on
+        float32 copies."""
+        cdef int isa = _call_isa()
+        return self.storage == SA_STORE_BF16 and (isa == SA_ISA_AVX512BF16 or isa == SA_ISA_NEONBF16)
 
     cdef Problem _widened(self):
         """This problem on float32 copies of its 16-bit data (the backward's path, for now)."""
@@ -683,13 +687,24 @@ cdef inline int _storage_in(object a, int typenum):
     return _storage_of(a.dtype)
 
 
-cdef tuple _qkv(object query, object key, object value):
-    """query, key, value as arrays (or ArraySpecs), the type they compute in (float64 if any is)
-    and their storage (SA_STORE_BF16 / _F16: all three bfloat16, or all float16)."""
+cdef tuple _qkv(object query, object key, object value, bint scaled):
+    """query, key, value as arrays (or ArraySpecs), the type they compute in (float64 if any is),
+    their storage (SA_STORE_BF16 / _F16: all three bfloat16, or all float16) and how key and
+    value are stored apart from the query (sa_kv_quant, _kv_kind_of; scaled: k_scale or v_scale
+    given)."""
     q = _meta(query, "query")
     k = _meta(key, "key")
     v = _meta(value, "value")
-    cdef int tq = _typenum_of(q, "query"), tk = _typenum_of(k, "key"), tv = _typenum_of(v, "value")
+    cdef int kind = _kv_kind_of(q, k, v, scaled)
+    cdef int tq
+    if kind != SA_KV_PLAIN:
+        tq = _typenum_of(q, "query")
+        if q.dtype != _F32:
+            raise TypeError(f"with {_KV_NAMES[kind]} key and value the query must be float32, got {q.dtype} (the "
+                            f"kernels read such key and value as stored, under float32 queries)")
+        return q, k, v, cnp.NPY_FLOAT, SA_STORE_NATIVE, kind
+    tq = _typenum_of(q, "query")
+    cdef int tk = _typenum_of(k, "key"), tv = _typenum_of(v, "value")
     # <int>: with numpy < 2's headers enum NPY_TYPES is unsigned and -Wsign-compare (in Python's
     # CFLAGS) warns on the comparisons with the int type numbers
     cdef int typenum = cnp.NPY_DOUBLE if <int>cnp.NPY_DOUBLE in (tq, tk, tv) else cnp.NPY_FLOAT
@@ -697,9 +712,46 @@ cdef tuple _qkv(object query, object key, object value):
     if sq or sk or sv:
         if not (q.dtype == k.dtype and k.dtype == v.dtype):
             raise TypeError(f"query, key and value must have one dtype when one of them is bfloat16 or float16 "
-                            f"(the kernels read them as they are stored): got query {q.dtype}, key {k.dtype}, "
+                            f"(the kernels read them as they are stored; a float32 query over bfloat16 or "
+                            f"float16 key and value is the one mix taken): got query {q.dtype}, key {k.dtype}, "
                             f"value {v.dtype}")
-    return q, k, v, typenum, sq
+    return q, k, v, typenum, sq, SA_KV_PLAIN
+
+
+# sa_kv_quant -> what the messages call it
+_KV_NAMES = {SA_KV_INT8: "int8", SA_KV_FP8_E4M3: "float8_e4m3fn", SA_KV_FP8_E5M2: "float8_e5m2",
+             SA_KV_BF16: "bfloat16", SA_KV_F16: "float16"}
+_FP8_KINDS = {"float8_e4m3fn": SA_KV_FP8_E4M3, "float8_e5m2": SA_KV_FP8_E5M2}
+
+
+def _narrow_kv_name(q, k, v):
+    """The name of key and value's kind when they are stored apart from the query (float8, a 16-bit
+    cache under float32 queries; int8 only with scales, so not here), else None."""
+    cdef int kind = _kv_kind_of(q, k, v, False)
+    return _KV_NAMES[kind] if kind != SA_KV_PLAIN else None
+
+
+cdef int _kv_kind_of(object q, object k, object v, bint scaled) except -1:
+    """sa_kv_quant of key and value: float8 (ml_dtypes' float8_e4m3fn / float8_e5m2, recognised by
+    name; scales optional, 1 when not given), int8 with scales (selfattn.quantize_kv; int8
+    without scales is an integer input, computed as float32), bfloat16 / float16 under a float32
+    query (no scales); else SA_KV_PLAIN. Key and value one dtype in each case."""
+    cdef str kn = k.dtype.name, vn = v.dtype.name
+    if kn in _FP8_KINDS or vn in _FP8_KINDS:
+        if k.dtype != v.dtype:
+            raise TypeError(f"float8 key and value must have one dtype, got key {k.dtype} and value {v.dtype}")
+        return _FP8_KINDS[kn]
+    if scaled:
+        if k.dtype != _I8 or v.dtype != _I8:
+            raise TypeError(f"k_scale and v_scale are for quantized key and value (int8 from selfattn.quantize_kv, "
+                            f"or float8_e4m3fn / float8_e5m2), got key {k.dtype} and value {v.dtype}")
+        return SA_KV_INT8
+    if q.dtype == _F32 and k.dtype.itemsize == 2 and k.dtype == v.dtype:
+        if k.dtype == _F16:
+            return SA_KV_F16
+        if kn == "bfloat16":
+            return SA_KV_BF16
+    return SA_KV_PLAIN
 
 
 cdef object _ready16(object a):
@@ -712,27 +764,27 @@ cdef object _ready16(object a):
 
 
 cdef _quantized_kv(Problem p, q, k, v, k_scale, v_scale):
-    """int8 key and value with their float32 scales (selfattn.quant): validated, kept in p."""
-    if k_scale is None or v_scale is None:
-        raise TypeError(f"k_scale and v_scale go together (int8 key and value, each with its scales): got "
+    """Quantized key and value (p.kv_quant: int8 or float8) with their float32 scales
+    (selfattn.quant): validated, kept in p as (..., H, S, 1), broadcast (a float8 cache's one
+    scale per head: stride 0 along S). float8 without scales: 1."""
+    if (k_scale is None) != (v_scale is None):
+        raise TypeError(f"k_scale and v_scale go together (quantized key and value, each with its scales): got "
                         f"{'k_scale' if v_scale is None else 'v_scale'} only")
-    if k.dtype != _I8 or v.dtype != _I8:
-        raise TypeError(f"k_scale and v_scale are for int8 key and value (selfattn.quantize_kv), got key "
-                        f"{k.dtype} and value {v.dtype}")
-    if q.dtype != _F32:
-        raise TypeError(f"with int8 key and value the query must be float32, got {q.dtype}")
+    if k_scale is None:
+        k_scale = v_scale = np.ones((), np.float32)
     ks = _meta(k_scale, "k_scale")
     vs = _meta(v_scale, "v_scale")
     for sc, nm, arr, an in ((ks, "k_scale", k, "key"), (vs, "v_scale", v, "value")):
         if sc.dtype.kind != "f" or sc.dtype.itemsize > 8:
             raise TypeError(f"{nm} must be floating (float32), got dtype {sc.dtype}")
-        if tuple(sc.shape) != tuple(arr.shape[:-1]):
-            raise ValueError(f"{nm} must have the shape of {an} without its last dim, {tuple(arr.shape[:-1])} "
-                             f"(one scale per key), got {tuple(sc.shape)}")
-    p.kv_quant = True
+        if _broadcast(tuple(arr.shape[:-1]), tuple(sc.shape)) != tuple(arr.shape[:-1]):
+            raise ValueError(f"{nm} must broadcast to the shape of {an} without its last dim, "
+                             f"{tuple(arr.shape[:-1])} (a scale per key, or per kv head), got {tuple(sc.shape)}")
+    p.kv_scaled = True
     if type(ks) is not ArraySpec and type(vs) is not ArraySpec:
-        p.k_scale = _ready(ks, cnp.NPY_FLOAT)[..., None]     # (..., H, S, 1): each key's scale where
-        p.v_scale = _ready(vs, cnp.NPY_FLOAT)[..., None]     # its row would be
+        # (..., H, S, 1): each key's scale where its row would be (stride 0 where broadcast)
+        p.k_scale = np.broadcast_to(_ready(ks, cnp.NPY_FLOAT), tuple(k.shape[:-1]))[..., None]
+        p.v_scale = np.broadcast_to(_ready(vs, cnp.NPY_FLOAT), tuple(v.shape[:-1]))[..., None]
 
 
 cdef object _block_mask(Problem p, object block_mask, tuple ob):
@@ -838,10 +890,15 @@ cdef _set_data(Problem p, q, k, v, m):
     """Keep the data (converted to the compute type, or as stored: 16 bits) when every input is an array."""
     if type(q) is ArraySpec or type(k) is ArraySpec or type(v) is ArraySpec or type(m) is ArraySpec:
         return
-    if p.kv_quant:                       # int8 K and V, read as stored (one byte: always aligned)
+    if p.kv_scaled:                      # int8 / float8 K and V, read as stored (one byte: always aligned)
         p.q = _ready(q, p.typenum)
         p.k = k if cnp.PyArray_ISNOTSWAPPED(k) else k.copy()
         p.v = v if cnp.PyArray_ISNOTSWAPPED(v) else v.copy()
+        p.mask = m
+        return
+    if p.kv_quant:                       # a bfloat16 / float16 cache under float32 queries: read as stored
+        p.q = _ready(q, p.typenum)
+        p.k, p.v = _ready16(k), _ready16(v)
         p.mask = m
         return
     if p.storage != SA_STORE_NATIVE:
@@ -882,8 +939,11 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
     cdef int64_t n_units = 1
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
     p.sink_tokens = _spec.check_sink_tokens(num_sink_tokens) if num_sink_tokens is not None else 0
-    q, k, v, p.typenum, p.storage = _qkv(query, key, value)
-    if k_scale is not None or v_scale is not None:
+    if (k_scale is None) != (v_scale is None):
+        raise TypeError(f"k_scale and v_scale go together (quantized key and value, each with its scales): got "
+                        f"{'k_scale' if v_scale is None else 'v_scale'} only")
+    q, k, v, p.typenum, p.storage, p.kv_quant = _qkv(query, key, value, k_scale is not None or v_scale is not None)
+    if p.kv_quant in (SA_KV_INT8, SA_KV_FP8_E4M3, SA_KV_FP8_E5M2):
         _quantized_kv(p, q, k, v, k_scale, v_scale)
     p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
     p.out_dtype = q.dtype if p.storage != SA_STORE_NATIVE else p.dtype
@@ -957,8 +1017,8 @@ cdef Problem _describe(query, key, value, attn_mask, is_causal, scale, enable_gq
         p.dropout_p = _spec.check_dropout_p(dropout_p)
         p.dropout_seed = dropout_seed
         if p.kv_quant:
-            raise TypeError("dropout_p > 0 with int8 key and value: dropout is for training, a quantized cache "
-                            "for inference")
+            raise TypeError(f"dropout_p > 0 with {_KV_NAMES[p.kv_quant]} key and value under float32 queries: "
+                            f"dropout is for training, a quantized or 16-bit cache for inference")
 
     if score_mod is not None:
         if p.opts[6] > 0:
@@ -990,7 +1050,10 @@ def describe_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None
     p.varlen = True
     p.opts = _check_options(num_threads, is_causal, window_size, alignment, softcap)
     p.sink_tokens = _spec.check_sink_tokens(num_sink_tokens) if num_sink_tokens is not None else 0
-    q, k, v, p.typenum, p.storage = _qkv(query, key, value)
+    q, k, v, p.typenum, p.storage, p.kv_quant = _qkv(query, key, value, False)
+    if p.kv_quant not in (SA_KV_PLAIN, SA_KV_BF16, SA_KV_F16):
+        raise TypeError(f"varlen_attention takes no {_KV_NAMES[p.kv_quant]} key and value (their scales have no "
+                        f"place in the packed layout): attend each sequence, or use a KVCache / PagedKVCache")
     p.dtype = _F64 if p.typenum == cnp.NPY_DOUBLE else _F32
     p.out_dtype = q.dtype if p.storage != SA_STORE_NATIVE else p.dtype
     for a, nm, dims in ((q, "query", "(Hq, total_q, E)"), (k, "key", "(H, total_k, E)"),
@@ -1059,9 +1122,11 @@ def describe_paged(query, k_pages, v_pages, block_table, seq_lens, *, scale=None
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"query {q.shape} and k_pages {k.shape} must have the same last dim E")
     quant = k_scale is not None or v_scale is not None
-    if not quant and (k.dtype != q.dtype or v.dtype != q.dtype):
+    cdef int kind = _kv_kind_of(q, k, v, quant)
+    if kind == SA_KV_PLAIN and (k.dtype != q.dtype or v.dtype != q.dtype):
         raise TypeError(f"query, k_pages and v_pages must have one dtype (pages are read as stored, never "
-                        f"converted): got query {q.dtype}, k_pages {k.dtype}, v_pages {v.dtype}")
+                        f"converted; float32 queries also take bfloat16, float16, float8 or int8 pages): got query "
+                        f"{q.dtype}, k_pages {k.dtype}, v_pages {v.dtype}")
     cdef int64_t B = q.shape[0], H = k.shape[2], nblk = k.shape[0], ps = k.shape[1]
     bt, sl = _spec.paged_tables(block_table, seq_lens, B, nblk, ps)
     # S: the longest sequence (not max_blocks * page_size), as a dense cache's views have it, so that
@@ -1069,17 +1134,20 @@ def describe_paged(query, k_pages, v_pages, block_table, seq_lens, *, scale=None
     cdef int64_t S = int(sl.max()) if B else 0
     kspec, vspec = ArraySpec((B, H, S, k.shape[3]), k.dtype), ArraySpec((B, H, S, v.shape[3]), v.dtype)
     ks = vs = None
-    if quant:
-        if k_scale is None or v_scale is None:
-            raise TypeError(f"k_scale and v_scale go together (int8 pages, each with its scales): got "
+    if kind in (SA_KV_INT8, SA_KV_FP8_E4M3, SA_KV_FP8_E5M2):
+        if (k_scale is None) != (v_scale is None):
+            raise TypeError(f"k_scale and v_scale go together (quantized pages, each with its scales): got "
                             f"{'k_scale' if v_scale is None else 'v_scale'} only")
+        if k_scale is None:                     # float8 without scales: 1
+            k_scale = v_scale = np.ones((), np.float32)
         ks, vs = _meta(k_scale, "k_scale"), _meta(v_scale, "v_scale")
         for sc, nm, an in ((ks, "k_scale", "k_pages"), (vs, "v_scale", "v_pages")):
             if sc.dtype.kind != "f" or sc.dtype.itemsize > 8:
                 raise TypeError(f"{nm} must be floating (float32), got dtype {sc.dtype}")
-            if tuple(sc.shape) != tuple(k.shape[:3]):
-                raise ValueError(f"{nm} must have the shape of {an} without its last dim, {tuple(k.shape[:3])} "
-                                 f"(one scale per block row and kv head), got {tuple(sc.shape)}")
+            if _broadcast(tuple(k.shape[:3]), tuple(sc.shape)) != tuple(k.shape[:3]):
+                raise ValueError(f"{nm} must broadcast to the shape of {an} without its last dim, "
+                                 f"{tuple(k.shape[:3])} (a scale per block row and kv head, or per kv head), "
+                                 f"got {tuple(sc.shape)}")
     cdef Problem p = _describe(q if type(q) is ArraySpec else ArraySpec(tuple(q.shape), q.dtype), kspec, vspec,
                                None, True, scale, True, num_threads, window_size, "bottom_right", sl, alibi_slopes,
                                softcap, None, None, sinks, num_sink_tokens,
@@ -1088,13 +1156,16 @@ def describe_paged(query, k_pages, v_pages, block_table, seq_lens, *, scale=None
     p.paged, p.block_table, p.page_size = True, bt, ps
     if type(q) is ArraySpec or type(k) is ArraySpec or type(v) is ArraySpec:
         return p
-    if p.kv_quant:
+    if p.kv_scaled:
         if type(ks) is ArraySpec or type(vs) is ArraySpec:
             return p
-        p.k_scale, p.v_scale = _ready(ks, cnp.NPY_FLOAT), _ready(vs, cnp.NPY_FLOAT)
+        p.k_scale = np.broadcast_to(_ready(ks, cnp.NPY_FLOAT), tuple(k.shape[:3]))
+        p.v_scale = np.broadcast_to(_ready(vs, cnp.NPY_FLOAT), tuple(k.shape[:3]))
         p.q = _ready(q, p.typenum)
         p.k = k if cnp.PyArray_ISNOTSWAPPED(k) else k.copy()
         p.v = v if cnp.PyArray_ISNOTSWAPPED(v) else v.copy()
+    elif p.kv_quant:                            # bfloat16 / float16 pages under float32 queries
+        p.q, p.k, p.v = _ready(q, p.typenum), _ready16(k), _ready16(v)
     elif p.storage != SA_STORE_NATIVE:
         p.q, p.k, p.v = _ready16(q), _ready16(k), _ready16(v)
     else:
@@ -1227,7 +1298,7 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
             t.kv_k[u] = (u % kvb[1]) * _stride(k, 2)
             t.kv_v[u] = (u % kvb[1]) * _stride(v, 2)
             t.kv_bt[u] = (u // kvb[1]) * p.block_table.shape[1]
-            if p.kv_quant:
+            if p.kv_scaled:
                 t.kv_ks[u] = (u % kvb[1]) * _stride(p.k_scale, 2)
                 t.kv_vs[u] = (u % kvb[1]) * _stride(p.v_scale, 2)
     else:
@@ -1235,7 +1306,7 @@ cdef int64_t *_dense_units(Problem p, _Units *t, object out, object lse, bint gr
         _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_k, 1)
         _batch_strides(v, nkb, ks)
         _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_v, 1)
-    if p.kv_quant and not p.paged:              # the scales, shaped like K / V with one column
+    if p.kv_scaled and not p.paged:             # the scales, shaped like K / V with one column
         _batch_strides(p.k_scale, nkb, ks)
         _index_offsets(n_kv, nkb, kvshape, ks, idx, t.kv_ks, 1)
         _batch_strides(p.v_scale, nkb, ks)
@@ -1329,15 +1400,15 @@ cdef void _fill_args(sa_attn_args *a, Problem p, _Units *t, object out, object l
     a.dropout_p, a.dropout_seed = p.dropout_p, p.dropout_seed
     if p.has_sm:
         a.score_mod = &p.smod
-    if p.kv_quant:
-        a.kv_quant = SA_KV_INT8
+    a.kv_quant = p.kv_quant
+    if p.kv_scaled:
         a.k_scale, a.kv_ks_off, a.ks_s = <const float *> cnp.PyArray_DATA(p.k_scale), t.kv_ks, _stride(p.k_scale, -2)
         a.v_scale, a.kv_vs_off, a.vs_s = <const float *> cnp.PyArray_DATA(p.v_scale), t.kv_vs, _stride(p.v_scale, -2)
     if p.paged:             # pages (num_blocks, page_size, H, E): rows along axis 1, pages along axis 0
         a.block_table, a.kv_bt_off = <const int32_t *> cnp.PyArray_DATA(p.block_table), t.kv_bt
         a.page_size, a.k_page_s, a.v_page_s = p.page_size, _stride(k, 0), _stride(v, 0)
         a.k_ss, a.v_ss = _stride(k, 1), _stride(v, 1)
-        if p.kv_quant:      # scales (num_blocks, page_size, H)
+        if p.kv_scaled:     # scales (num_blocks, page_size, H)
             a.ks_s, a.vs_s = _stride(p.k_scale, 1), _stride(p.v_scale, 1)
             a.ks_page_s, a.vs_page_s = _stride(p.k_scale, 0), _stride(p.v_scale, 0)
     o = p.opts

@@ -16,6 +16,7 @@ cdef extern from "selfattn.h" nogil:
         SA_ISA_AVX512
         SA_ISA_NEON
         SA_ISA_AVX512BF16
+        SA_ISA_NEONBF16
         SA_ISA_COUNT
 
     ctypedef enum sa_storage:
@@ -26,6 +27,10 @@ cdef extern from "selfattn.h" nogil:
     ctypedef enum sa_kv_quant:
         SA_KV_PLAIN
         SA_KV_INT8
+        SA_KV_FP8_E4M3
+        SA_KV_FP8_E5M2
+        SA_KV_BF16
+        SA_KV_F16
 
     ctypedef enum sa_mask_kind:
         SA_MASK_NONE

@@ -125,6 +125,10 @@ def scaled_dot_product_attention_vjp(query: Any, key: Any, value: Any, attn_mask
     q = _core._as_input(query, "query")
     k = _core._as_input(key, "key")
     v = _core._as_input(value, "value")
+    narrow = _core._narrow_kv_name(q, k, v)
+    if narrow:                               # before the forward's work
+        raise TypeError(f"no backward through {narrow} key and value under float32 queries (a quantized or "
+                        f"16-bit KV cache is for inference): attend key and value of the query's dtype to train")
     out, lse = _core.sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, return_lse=True, **options)
     sinks = options.get("sinks")
     out.flags.writeable = False              # vjp reads it (D = rowsum(dO o O)): no in-place changes

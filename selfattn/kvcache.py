@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _core
 from ._api import scaled_dot_product_attention
-from .quant import _kv_dtype, quantize_kv
+from .quant import FLOAT8, QUANTIZED, _kv_dtype, cache_fp8_scale, cache_scales_arg, encode_rows, kv_storage_dtype, quantize_kv
 
 __all__ = ["KVCache"]
 
@@ -50,8 +50,9 @@ def _cache_dtypes(dtype: DTypeLike, kv_dtype: Optional[str]) -> Tuple[np.dtype, 
         raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dt}")
     kv = None if kv_dtype is None else _kv_dtype(kv_dtype)
     if kv is not None and dt != np.float32:
-        raise TypeError(f"an int8 cache (kv_dtype='int8') takes float32 queries: dtype must be float32, got {dt}")
-    return dt, kv, (np.dtype(np.int8) if kv else dt)
+        raise TypeError(f"{'an' if kv == 'int8' else 'a'} {kv} cache (kv_dtype={kv!r}) takes float32 queries: dtype "
+                        f"must be float32, got {dt}")
+    return dt, kv, (kv_storage_dtype(kv) if kv else dt)
 
 
 def _as_array(x: Any, name: str) -> Array:
@@ -80,13 +81,20 @@ class KVCache:
         Of the cached keys and values. A 16-bit cache holds half the bytes, and the kernel
         reads it as it is stored (each value widened to float32 where it is loaded): its
         queries have its dtype, and so has the output.
-    kv_dtype : {None, "int8"}
-        None (default): keys and values are kept in `dtype`. ``"int8"``: kept quantized
-        (:func:`selfattn.quantize_kv`: int8, one float32 scale per position and kv head, for K
-        and for V), a quarter of float32's bytes plus 8 bytes per position and head; `append`
-        quantizes what it writes, and the kernel reads the int8 values as they are stored
-        (decode: widened in registers, the scales applied per key). `dtype` (the queries' and
-        the output's) must be float32 then. The forward only: no VJP through it.
+    kv_dtype : {None, "int8", "float8_e4m3fn", "float8_e5m2", "bfloat16", "float16"}, or the dtype
+        None (default): keys and values are kept in `dtype`. Otherwise kept narrower than the
+        float32 queries (`dtype` must be float32; :mod:`selfattn.quant`): ``"int8"``, one
+        float32 scale per position and kv head, for K and for V (a quarter of float32's bytes
+        plus 8 bytes per position and head); float8 (ml_dtypes), one scale per sequence and kv
+        head, for K and for V (a quarter of the bytes): set by the sequence's first append
+        (max|x| of those rows, per head, at 1/16 of float8's range: later values up to 16x
+        larger still fit, past that they saturate) unless `kv_scale` fixes them; ``"bfloat16"``
+        / ``"float16"``, no scales (half the bytes). `append` converts what it writes, and the
+        kernel reads the values as they are stored (decode: widened in registers, the scales
+        applied per key). The forward only: no VJP through it.
+    kv_scale : float, array_like or (k_scale, v_scale), optional
+        float8 only: fixed scales (> 0) for keys and values, each broadcasting to (batch,
+        num_kv_heads), e.g. a model's calibrated ones; one value stands for both.
     grow : bool
         What :meth:`append` does when a sequence would pass `max_len`: False (the default)
         raises ``ValueError`` before writing anything, so memory stays exactly what was asked
@@ -133,7 +141,7 @@ class KVCache:
 
     def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
                  value_dim: Optional[int] = None, dtype: DTypeLike = np.float32, *, grow: bool = False,
-                 kv_dtype: Optional[str] = None) -> None:
+                 kv_dtype: Any = None, kv_scale: Any = None) -> None:
         self.batch = _check_size(batch, "batch", 1)
         self.num_kv_heads = _check_size(num_kv_heads, "num_kv_heads", 1)
         cap = _check_size(max_len, "max_len", 0)
@@ -147,9 +155,18 @@ class KVCache:
         # never sees them anyway, but a view of the whole buffer holds no garbage
         self._k = np.zeros((self.batch, self.num_kv_heads, cap, self.head_dim), dtype=store)
         self._v = np.zeros((self.batch, self.num_kv_heads, cap, self.value_dim), dtype=store)
-        # int8: each position's scale per kv head, for K and for V (None otherwise)
-        self._ks: Optional[Array] = np.zeros((self.batch, self.num_kv_heads, cap), np.float32) if self.kv_dtype else None
-        self._vs: Optional[Array] = np.zeros((self.batch, self.num_kv_heads, cap), np.float32) if self.kv_dtype else None
+        # scales, for K and for V (None without): int8 each position's per kv head (batch, H, cap);
+        # float8 each sequence's per kv head (batch, H, 1), broadcast over the positions
+        fixed = cache_scales_arg(kv_scale, (self.batch, self.num_kv_heads), self.kv_dtype)
+        self._fp8 = self.kv_dtype in FLOAT8
+        ncol = 1 if self._fp8 else cap
+        scaled = self.kv_dtype in QUANTIZED
+        self._ks: Optional[Array] = np.ones((self.batch, self.num_kv_heads, ncol), np.float32) if scaled else None
+        self._vs: Optional[Array] = np.ones((self.batch, self.num_kv_heads, ncol), np.float32) if scaled else None
+        self._fixed_scales = fixed is not None
+        if fixed is not None and self._ks is not None and self._vs is not None:
+            self._ks[:, :, 0], self._vs[:, :, 0] = fixed
+        self._scaled_seq = np.full(self.batch, fixed is not None)   # float8: sequence b's scales are set
         self._lengths = np.zeros(self.batch, dtype=np.int64)
 
     # -------------------------------------------------------------- state
@@ -184,18 +201,29 @@ class KVCache:
 
     @property
     def key_scales(self) -> Optional[Array]:
-        """int8 cache: read-only view (batch, num_kv_heads, max(lengths)) of the keys' scales
-        (:attr:`keys` holds the int8 values: ``dequantize_kv(keys, key_scales)``); else None."""
-        return None if self._ks is None else self._valid(self._ks)
+        """Quantized cache: read-only view of the keys' scales (:attr:`keys` holds the int8 or
+        float8 values: ``dequantize_kv(keys, key_scales)``): int8 (batch, num_kv_heads,
+        max(lengths)), float8 (batch, num_kv_heads, 1); else None."""
+        return None if self._ks is None else self._scales_view(self._ks)
 
     @property
     def value_scales(self) -> Optional[Array]:
-        """int8 cache: read-only view of the values' scales, as :attr:`key_scales`; else None."""
-        return None if self._vs is None else self._valid(self._vs)
+        """Quantized cache: read-only view of the values' scales, as :attr:`key_scales`; else None."""
+        return None if self._vs is None else self._scales_view(self._vs)
+
+    def _scales_view(self, a: Array) -> Array:
+        if not self._fp8:
+            return self._valid(a)
+        view = a[:]                            # float8: per head, whatever the lengths
+        view.flags.writeable = False
+        return view
 
     def reset(self) -> None:
-        """Forget every position (lengths = 0), keeping the memory."""
+        """Forget every position (lengths = 0), keeping the memory (a float8 cache's scales that
+        its first appends set are set again by the next ones)."""
         self._lengths[:] = 0
+        if self._fp8 and not self._fixed_scales:
+            self._scaled_seq[:] = False
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, max_len={self.max_len}, "
@@ -273,9 +301,22 @@ class KVCache:
                                  f"larger max_len, or with grow=True to reallocate by doubling")
             self._reserve(max(2 * self.max_len, need))
         scales = None                               # int8: (new key scales, new value scales, the cache's)
-        if self.kv_dtype and self._ks is not None and self._vs is not None:
+        if self.kv_dtype == "int8" and self._ks is not None and self._vs is not None:
             (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)     # quantized here, before anything is written
             scales = (ks, vs, self._ks, self._vs)
+        elif self._fp8 and self._ks is not None and self._vs is not None:
+            kind = str(self.kv_dtype)
+            first = ~self._scaled_seq & (c > 0)    # sequences whose first rows these are: their scales
+            kscale, vscale = self._ks[:, :, 0].copy(), self._vs[:, :, 0].copy()
+            for i in np.flatnonzero(first).tolist():
+                m = int(c[i])
+                kscale[i] = cache_fp8_scale(np.asarray(k[i, :, :m], np.float64), kind, (1, 2))
+                vscale[i] = cache_fp8_scale(np.asarray(v[i, :, :m], np.float64), kind, (1, 2))
+            k, v = encode_rows(k, kind, "key", kscale), encode_rows(v, kind, "value", vscale)
+            self._ks[:, :, 0], self._vs[:, :, 0] = kscale, vscale      # nothing raised: commit
+            self._scaled_seq |= first
+        elif self.kv_dtype:                         # bfloat16 / float16 cache
+            k, v = encode_rows(k, self.kv_dtype, "key"), encode_rows(v, self.kv_dtype, "value")
         lo = self._lengths
         if c.min(initial=0) == c.max(initial=0) and lo.min(initial=0) == lo.max(initial=0):
             l0, m = int(lo[0]), int(c[0])          # one block for the whole batch (the usual decode step)
@@ -322,17 +363,21 @@ class KVCache:
             old = getattr(self, name)
             if old is None:
                 continue
+            if self._fp8 and name in ("_ks", "_vs"):      # float8: per sequence and head, no positions
+                setattr(self, name, old[idx].copy())
+                continue
             new = np.zeros((idx.size,) + old.shape[1:], dtype=old.dtype)
             new[:, :, :used] = old[idx, :, :used]
             setattr(self, name, new)
         self._lengths = self._lengths[idx].copy()
+        self._scaled_seq = self._scaled_seq[idx].copy()
         self.batch = int(idx.size)
 
     def _reserve(self, capacity: int) -> None:
         used = int(self._lengths.max(initial=0))
         for name in ("_k", "_v", "_ks", "_vs"):
             old = getattr(self, name)
-            if old is None:
+            if old is None or (self._fp8 and name in ("_ks", "_vs")):    # float8: per head, no positions
                 continue
             grown = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], dtype=old.dtype)
             grown[:, :, :used] = old[:, :, :used]
@@ -403,8 +448,9 @@ class KVCache:
         kw = dict(options, is_causal=is_causal, alignment=alignment, enable_gqa=Hq != self.num_kv_heads)
         S = int(self._lengths.max(initial=0))
         k, v = self._k[:, :, :S], self._v[:, :, :S]
-        if self._ks is not None and self._vs is not None:      # int8: the scales of the same positions
-            kw.update(k_scale=self._ks[:, :, :S], v_scale=self._vs[:, :, :S])
+        if self._ks is not None and self._vs is not None:      # the scales of the same positions (float8: per head)
+            kw.update(k_scale=self._ks if self._fp8 else self._ks[:, :, :S],
+                      v_scale=self._vs if self._fp8 else self._vs[:, :, :S])
         if counts is None:
             return scaled_dot_product_attention(q, k, v, key_lengths=self._lengths, **kw)
         c = self._counts(counts, n, "counts")

@@ -19,8 +19,9 @@ More query rows than the decode schedule stacks (Hq / H x n > 16: a chunk of a p
 pages of the batch into dense arrays first (one copy of the K/V the sequences use) and run the
 dense kernel: same results, and the copy is small next to that much computing.
 
-int8 pages (``k_scale``, ``v_scale``: one float32 scale per block row and kv head, as
-:func:`selfattn.quantize_kv` makes them) are read as stored, as in the dense cache.
+Pages narrower than the float32 queries are read as stored, as in the dense cache: int8
+(``k_scale``, ``v_scale``: one float32 scale per block row and kv head, as
+:func:`selfattn.quantize_kv` makes them), float8 (one scale per kv head) and bfloat16 / float16.
 """
 
 import numbers
@@ -32,7 +33,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from . import _core
 from ._api import scaled_dot_product_attention
 from .kvcache import _as_array, _cache_dtypes, _check_size, _fits
-from .quant import quantize_kv
+from .quant import FLOAT8, cache_fp8_scale, cache_scales_arg, encode_rows, quantize_kv
 
 __all__ = ["paged_attention", "PagedKVCache", "CacheFullError"]
 
@@ -62,7 +63,8 @@ def paged_attention(query: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, bl
         E) is ``q.transpose(0, 2, 1, 3)``, a view (read in place).
     k_pages, v_pages : array_like, (num_blocks, block_size, H, E) and (..., Ev)
         The pool, read in place with its strides: the query's dtype (float32, float64, float16
-        or bfloat16), or int8 with `k_scale` and `v_scale` (then the query is float32). In
+        or bfloat16), or, under a float32 query, int8 with `k_scale` and `v_scale`, float8
+        (ml_dtypes' float8_e4m3fn / float8_e5m2, scales optional) or bfloat16 / float16. In
         FlashAttention's memory order a kv head's rows are H x E elements apart, which the CPU's
         prefetchers follow poorly (measured 1.1-1.6x the dense cache's time); stored head-major,
         ``np.empty((num_blocks, H, block_size, E)).transpose(0, 2, 1, 3)`` (a view of that
@@ -76,9 +78,10 @@ def paged_attention(query: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, bl
     scale, window_size, alibi_slopes, softcap, sinks, num_sink_tokens
         As in :func:`selfattn.scaled_dot_product_attention` (the window bounded on the left: a
         query at position p sees p - window_left .. p; num_sink_tokens keeps the first keys too).
-    k_scale, v_scale : array_like, (num_blocks, block_size, H), optional
-        int8 pages' scales (:func:`selfattn.quantize_kv`): row r of page pg for kv head h is worth
-        ``k_pages[pg, r, h] * k_scale[pg, r, h]``.
+    k_scale, v_scale : array_like, broadcasting to (num_blocks, block_size, H), optional
+        Quantized pages' scales (:mod:`selfattn.quant`): row r of page pg for kv head h is worth
+        ``k_pages[pg, r, h] * k_scale[pg, r, h]``; int8 pages have one per row and head, float8
+        ones usually one per head, shape (H,) (without them: 1).
     return_lse : bool
         Also return the log-sum-exp of each row's logits, (batch, Hq, n).
     num_threads : int, optional
@@ -127,8 +130,9 @@ def paged_attention(query: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, bl
         return np.moveaxis(g, 2, 1)
 
     kw: Dict[str, Any] = {}
-    if k_scale is not None and v_scale is not None:
-        kw.update(k_scale=dense(np.asarray(k_scale)), v_scale=dense(np.asarray(v_scale)))
+    if k_scale is not None and v_scale is not None:    # (per kv head ones broadcast to every row first)
+        kw.update(k_scale=dense(np.broadcast_to(np.asarray(k_scale), kp.shape[:3])),
+                  v_scale=dense(np.broadcast_to(np.asarray(v_scale), kp.shape[:3])))
     return scaled_dot_product_attention(
         query, dense(kp), dense(vp), is_causal=True, alignment="bottom_right", key_lengths=sl, enable_gqa=True,
         scale=scale, window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
@@ -148,10 +152,15 @@ class PagedKVCache:
         H and E of the keys (and values, unless `value_dim`).
     dtype : {np.float32, np.float64, np.float16, ml_dtypes.bfloat16}
         Of the queries and the output, and of the stored keys and values unless `kv_dtype`.
-    kv_dtype : {None, "int8"}
-        ``"int8"``: keys and values stored quantized (:func:`selfattn.quantize_kv`, quantized on
-        :meth:`append`; `dtype` must be float32), a quarter of float32's bytes plus a float32
-        scale per position and head.
+    kv_dtype : {None, "int8", "float8_e4m3fn", "float8_e5m2", "bfloat16", "float16"}, or the dtype
+        Keys and values stored narrower than the float32 queries (`dtype` must be float32;
+        :mod:`selfattn.quant`), converted on :meth:`append`: ``"int8"``, a quarter of float32's
+        bytes plus a float32 scale per position and head; float8, a quarter of the bytes and one
+        scale per kv head for the whole pool (K and V each), set by the first append (max|x| per
+        head at 1/16 of float8's range; later values past 16x saturate) unless `kv_scale` fixes
+        it; ``"bfloat16"`` / ``"float16"``, half the bytes, no scales.
+    kv_scale : float, array_like or (k_scale, v_scale), optional
+        float8 only: fixed scales (> 0) broadcasting to (num_kv_heads,); one value stands for both.
     value_dim : int, optional
         Ev; defaults to `head_dim`.
 
@@ -190,8 +199,8 @@ class PagedKVCache:
     """
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: DTypeLike = np.float32, kv_dtype: Optional[str] = None,
-                 value_dim: Optional[int] = None) -> None:
+                 dtype: DTypeLike = np.float32, kv_dtype: Any = None,
+                 value_dim: Optional[int] = None, kv_scale: Any = None) -> None:
         self.num_blocks = _check_size(num_blocks, "num_blocks", 1)
         self.block_size = _check_size(block_size, "block_size", 1)
         self.num_kv_heads = _check_size(num_kv_heads, "num_kv_heads", 1)
@@ -203,8 +212,18 @@ class PagedKVCache:
         shape = (self.num_blocks, self.num_kv_heads, self.block_size)
         self.k_pages: Array = np.zeros(shape + (self.head_dim,), store).transpose(0, 2, 1, 3)
         self.v_pages: Array = np.zeros(shape + (self.value_dim,), store).transpose(0, 2, 1, 3)
-        self.k_scales: Optional[Array] = np.zeros(shape, np.float32).transpose(0, 2, 1) if self.kv_dtype else None
-        self.v_scales: Optional[Array] = np.zeros(shape, np.float32).transpose(0, 2, 1) if self.kv_dtype else None
+        # scales (None without): int8 per row and head (num_blocks, block_size, H); float8 per head (H,)
+        fixed = cache_scales_arg(kv_scale, (self.num_kv_heads,), self.kv_dtype)
+        self._fp8 = self.kv_dtype in FLOAT8
+        self._scales_set = fixed is not None
+        self.k_scales: Optional[Array] = None
+        self.v_scales: Optional[Array] = None
+        if self.kv_dtype == "int8":
+            self.k_scales = np.zeros(shape, np.float32).transpose(0, 2, 1)
+            self.v_scales = np.zeros(shape, np.float32).transpose(0, 2, 1)
+        elif self._fp8:
+            self.k_scales, self.v_scales = fixed if fixed is not None else (np.ones(self.num_kv_heads, np.float32),
+                                                                             np.ones(self.num_kv_heads, np.float32))
         self._ref = np.zeros(self.num_blocks, np.int64)         # sequences holding each block
         self._free: List[int] = list(range(self.num_blocks - 1, -1, -1))   # pop() gives the lowest
         self._blocks: Dict[int, List[int]] = {}
@@ -260,12 +279,18 @@ class PagedKVCache:
         return self._gather(self.v_pages, self._seq(seq_id))
 
     def key_scales(self, seq_id: int) -> Optional[Array]:
-        """int8: a copy of a sequence's key scales (num_kv_heads, seq_len); else None."""
-        return None if self.k_scales is None else self._gather(self.k_scales, self._seq(seq_id))
+        """Quantized: a copy of a sequence's key scales, int8 (num_kv_heads, seq_len), float8
+        (num_kv_heads, 1) (the pool's, per head); else None."""
+        return self._scales_of(self.k_scales, self._seq(seq_id))
 
     def value_scales(self, seq_id: int) -> Optional[Array]:
-        """int8: a copy of a sequence's value scales (num_kv_heads, seq_len); else None."""
-        return None if self.v_scales is None else self._gather(self.v_scales, self._seq(seq_id))
+        """Quantized: a copy of a sequence's value scales, as :meth:`key_scales`; else None."""
+        return self._scales_of(self.v_scales, self._seq(seq_id))
+
+    def _scales_of(self, scales: Optional[Array], s: int) -> Optional[Array]:
+        if scales is None:
+            return None
+        return scales[:, None].copy() if self._fp8 else self._gather(scales, s)
 
     def _gather(self, pages: Array, s: int) -> Array:
         n = self._len[s]
@@ -401,8 +426,24 @@ class PagedKVCache:
             raise CacheFullError(f"PagedKVCache: the append needs {need} free blocks and {len(self._free)} "
                                  f"are free (num_blocks={self.num_blocks}); free finished sequences, or "
                                  f"make a larger cache. Nothing was written.")
-        if self.kv_dtype:
+        set_scales = None
+        if self.kv_dtype == "int8":
             (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)     # (n, H, T, E) int8, (n, H, T) scales
+        elif self._fp8 and self.k_scales is not None and self.v_scales is not None:
+            kscale, vscale = self.k_scales, self.v_scales
+            if not self._scales_set and c.sum():      # the pool's first rows: its per-head scales
+                rows = np.arange(T)[None, :] < c[:, None]             # (n, T): the rows written
+                kind = str(self.kv_dtype)
+                kscale = cache_fp8_scale(np.moveaxis(np.asarray(k, np.float64), 2, 1)[rows], kind, (0, 2))
+                vscale = cache_fp8_scale(np.moveaxis(np.asarray(v, np.float64), 2, 1)[rows], kind, (0, 2))
+                set_scales = (kscale, vscale)
+            k = encode_rows(k, str(self.kv_dtype), "key", kscale)         # (H,) over (n, H, T, E)
+            v = encode_rows(v, str(self.kv_dtype), "value", vscale)
+        elif self.kv_dtype:                         # bfloat16 / float16
+            k, v = encode_rows(k, self.kv_dtype, "key"), encode_rows(v, self.kv_dtype, "value")
+        if set_scales is not None:                  # nothing raised: the scales are the pool's now
+            self.k_scales, self.v_scales = set_scales
+            self._scales_set = True
         # blocks first (copies of shared last blocks, new ones), then every row in one assignment
         idx_i: List[Array] = []
         idx_t: List[Array] = []
@@ -414,7 +455,7 @@ class PagedKVCache:
             L, blocks = self._len[s], self._blocks[s]
             if L % bs and self._ref[blocks[-1]] > 1:            # copy on write
                 old, new = blocks[-1], self._free.pop()
-                for a in (self.k_pages, self.v_pages, self.k_scales, self.v_scales):
+                for a in (self.k_pages, self.v_pages) + ((self.k_scales, self.v_scales) if not self._fp8 else ()):
                     if a is not None:
                         a[new] = a[old]
                 self._ref[old] -= 1
@@ -435,7 +476,7 @@ class PagedKVCache:
         pg, row = flat // bs, flat % bs
         self.k_pages[pg, row] = k[ii, :, tt]          # (rows, H, E) into (rows, H, E)
         self.v_pages[pg, row] = v[ii, :, tt]
-        if self.k_scales is not None and self.v_scales is not None:
+        if self.kv_dtype == "int8" and self.k_scales is not None and self.v_scales is not None:
             self.k_scales[pg, row] = ks[ii, :, tt]
             self.v_scales[pg, row] = vs[ii, :, tt]
 

@@ -26,6 +26,8 @@ from .flex import _flex_args, _flex_bwd, _flex_fwd
 __all__ = ["scaled_dot_product_attention", "flex_attention"]
 
 _DTYPES = (_torch.float32, _torch.float64, _torch.float16, _torch.bfloat16)
+# float8 (key and value of a float8 KV cache only: read as stored under float32 queries)
+_FP8 = {"float8_e4m3fn": _torch.float8_e4m3fn, "float8_e5m2": _torch.float8_e5m2}
 
 
 def _bfloat16(name: str) -> Any:
@@ -39,9 +41,11 @@ def _bfloat16(name: str) -> Any:
 
 
 def _to_torch(a: Any) -> Any:
-    """torch.from_numpy, bfloat16 included (viewed through int16: no copy)."""
+    """torch.from_numpy, bfloat16 and float8 included (viewed through int16 / uint8: no copy)."""
     if a.dtype.name == "bfloat16":
         return _torch.from_numpy(a.view(_np.int16)).view(_torch.bfloat16)
+    if a.dtype.name in _FP8:
+        return _torch.from_numpy(a.view(_np.uint8)).view(_FP8[a.dtype.name])
     return _torch.from_numpy(a)
 
 
@@ -54,7 +58,8 @@ def _as_numpy(t: Any, name: str) -> Any:
         raise ValueError(f"selfattn.torch runs on the CPU: {name} is on {t.device}; move it with "
                          f"{name}.cpu() (for CUDA, torch.nn.functional.scaled_dot_product_attention "
                          f"is the fused kernel to use)")
-    if t.is_complex() or (t.is_floating_point() and t.dtype not in _DTYPES):
+    fp8 = next((n for n, d in _FP8.items() if t.dtype == d), None)
+    if t.is_complex() or (t.is_floating_point() and t.dtype not in _DTYPES and fp8 is None):
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
                         + (" (convert with .float())" if t.is_floating_point() else ""))
     if t.layout != _torch.strided:
@@ -62,6 +67,9 @@ def _as_numpy(t: Any, name: str) -> Any:
     t = t.detach().resolve_conj().resolve_neg()
     if t.dtype == _torch.bfloat16:
         return t.view(_torch.int16).numpy().view(_bfloat16(name))
+    if fp8 is not None:                  # (ml_dtypes is there: float8 tensors come from a float8 cache)
+        import ml_dtypes
+        return t.view(_torch.uint8).numpy().view(getattr(ml_dtypes, fp8))
     return t.numpy()
 
 

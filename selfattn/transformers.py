@@ -52,6 +52,7 @@ from .kvcache import KVCache as _KVCache
 from .kvcache import _check_size
 from .paged import CacheFullError as _CacheFullError
 from .paged import PagedKVCache as _PagedKVCache
+from .quant import FLOAT8 as _FLOAT8
 from .torch import _as_numpy, _to_torch, _torch_seed
 from .torch import scaled_dot_product_attention as _torch_sdpa
 
@@ -262,11 +263,12 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
                         "changed them first (repeated, sliced, ...): use new_cache() without paged=True for it")
     q_len, kv_len = query.shape[2], key.shape[2]
     options: Dict[str, Any] = {}
-    if key.dtype == _torch.int8:                # new_cache(kv_dtype="int8"): the scales ride on the views
+    if key.dtype in (_torch.int8, _torch.float8_e4m3fn, _torch.float8_e5m2):
+        # new_cache(kv_dtype="int8" / float8): the scales ride on the views
         scales = getattr(key, _SCALES, None)
         if scales is None or _wants_grad(query):
-            raise TypeError("int8 keys reach attn_implementation='selfattn' only from selfattn.transformers."
-                            "new_cache(kv_dtype='int8'), in inference (torch.no_grad())")
+            raise TypeError(f"{key.dtype} keys reach attn_implementation='selfattn' only from selfattn."
+                            f"transformers.new_cache(kv_dtype=...), in inference (torch.no_grad())")
         options["k_scale"], options["v_scale"] = scales
     st = getattr(attention_mask, _ATTR, None)
     if attention_mask is not None and st is not None and tuple(attention_mask.shape[-2:]) == (q_len, kv_len) \
@@ -386,7 +388,7 @@ _PAGED = "_selfattn_paged"          # a paged cache's key placeholder carries it
 def _check_kv_dtype(kv_dtype: Optional[str], keys: Any) -> None:
     if kv_dtype and keys.dtype != _np.float32:
         raise TypeError(f"new_cache(kv_dtype={kv_dtype!r}) holds a float32 model's keys and values (the kernels "
-                        f"take float32 queries with int8 K/V); this model's are {keys.dtype}")
+                        f"take float32 queries with narrower K/V); this model's are {keys.dtype}")
 
 
 def _left_aligned(a: Any, left: Any) -> Any:
@@ -466,7 +468,7 @@ def _cache_classes() -> Tuple[Any, Any]:
                     a.flags.writeable = True           # a view of the cache's own buffer; torch needs it writable
                     views.append(_to_torch(a))
                 self.keys, self.values = views
-                if self.kv.kv_dtype:                   # int8: the scales beside the values (attention_forward)
+                if self.kv.kv_dtype:                   # int8 / float8: the scales beside the values (attention_forward)
                     setattr(self.keys, _SCALES, (self.kv.key_scales, self.kv.value_scales))
 
             def _fill(self, key_states: Any, value_states: Any) -> None:
@@ -598,8 +600,9 @@ def _cache_classes() -> Tuple[Any, Any]:
                     # a new batch: its sequences, written once attention knows the padding (_flush)
                     blocks = self._pool_size(B)
                     p = self.pages
+                    # a new pool where it does not fit, or float8's (its per-head scales: the batch's first rows)
                     if p is None or (p.num_blocks, p.num_kv_heads, p.head_dim, p.value_dim, p.dtype) != \
-                            (blocks, H, E, v.shape[-1], k.dtype):
+                            (blocks, H, E, v.shape[-1], k.dtype) or self.kv_dtype in _FLOAT8:
                         p = _PagedKVCache(blocks, self.block_size, H, E, dtype=k.dtype, kv_dtype=self.kv_dtype,
                                           value_dim=v.shape[-1])
                     else:
@@ -746,18 +749,22 @@ def new_cache(config: Any = None, max_len: int = 0, kv_dtype: Optional[str] = No
     layers keep every position (the window is applied by the mask, in the kernel). Inference only
     (gradients: ``use_cache=False``).
 
-    ``kv_dtype="int8"`` (a float32 model): the keys and values are quantized as they are appended
-    (:func:`selfattn.quantize_kv`: int8, one float32 scale per position and kv head; a quarter of
-    the memory) and read as stored by the kernels (``attn_implementation="selfattn"`` only: the
-    layer hands transformers int8 views, their scales beside).
+    ``kv_dtype`` (a float32 model; :class:`selfattn.KVCache`'s): ``"int8"`` (one float32 scale per
+    position and kv head; a quarter of the memory), ``"float8_e4m3fn"`` / ``"float8_e5m2"`` (one
+    scale per sequence and kv head, set by its first rows; a quarter), ``"bfloat16"`` /
+    ``"float16"`` (half): converted as they are appended and read as stored by the kernels
+    (``attn_implementation="selfattn"`` only: the layer hands transformers views of that dtype,
+    the scales beside).
 
     ``paged=True`` (``attn_implementation="selfattn"`` only): each layer's keys and values in a
     :class:`selfattn.PagedKVCache` of `num_blocks` blocks of `block_size` positions (default 16), one
     sequence per batch row, appended in place; the attention reads the pages
     (:func:`selfattn.paged_attention`, no dense copy), bit for bit what the dense cache gives at the same
-    `kv_dtype` (float or int8) where no row is left-padded. Left padding is never stored: the first
-    step's mask says how much each row has, and a later mask with other padding, or any mask but
-    those ``generate()`` builds (causal, sliding window, left padding), raises NotImplementedError.
+    `kv_dtype` where no row is left-padded. `kv_dtype`: any the pages take (``"int8"``; float8, its
+    per-head scales set by each new batch's first rows; ``"bfloat16"``, ``"float16"``). Left padding
+    is never stored: the first step's mask says how much each row has, and a later mask with other
+    padding, or any mask but those ``generate()`` builds (causal, sliding window, left padding),
+    raises NotImplementedError.
     The pool does not grow: `num_blocks` defaults to batch x ceil(`max_len` / `block_size`) (the batch
     of the first step, beams included), so it needs `max_len` (or `num_blocks`), and an append that
     finds too few free blocks raises :class:`selfattn.CacheFullError` (nothing written). Cropping

@@ -47,9 +47,10 @@
 #endif
 
 /* The avx512bf16 target (AVX-512 above plus AVX512_BF16: Cooper Lake,
- * Sapphire Rapids and later, Zen 4, Zen 5): the bfloat16 forward on
- * vdpbf16ps, its functions alone compiled with that extension (dispatch.c
- * runs them only where the CPU reports it). Same tiles as avx512's float. */
+ * Sapphire Rapids and later, Zen 4, Zen 5): bfloat16's forward, backward
+ * and decode scores on vdpbf16ps, its functions alone compiled with that
+ * extension (dispatch.c runs them only where the CPU reports it). Same tiles
+ * as avx512's float. */
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,avx512bf16"))), \
                              apply_to = function)
@@ -57,8 +58,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,avx512bf16")
 #endif
+#include "simd_avx512bf16.h"
 #undef ISUF
 #define ISUF avx512bf16
+#define BF16_BASE_ISUF avx512
+#define BF16_DECODE_PAIRS 1
 #define T float
 #define VP vf
 #define VW VF_W

@@ -143,9 +143,15 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     FN(pack_row_pairs)(a->q, a->q_off[u] + i0 * a->q_sl, a->q_sl, a->q_se, rows, R2, E, ep, Qr);
     FN(pack_row_pairs)(a->dout, a->out_off[u] + i0 * a->dout_sl, a->dout_sl, a->dout_se, rows, R2, Ev, evp, dOr);
 
-    /* a. scores (the forward's bits: same products, same order), masks, probabilities */
+    /* a. scores (the forward's bits: the same products summed in the same order,
+     * then times qscale), masks, probabilities */
     for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
-        FN(qk_range_pairs)(Qw + r0 * E2, E2, (const uint32_t *)(const void *)Kt, St + r0 * BK, cs, ce, c->qscale);
+        FN(mm_pairs)(Qw + r0 * E2, E2, 1, E2, (const uint32_t *)(const void *)Kt + cs, BK, St + r0 * BK + cs, BK, nk, 0);
+    {
+        VT qs = V(set1)(c->qscale);
+        for (int64_t r = 0; r < rows_eff; r++)
+            for (int64_t j = cs; j < ce; j += VW) V(store)(St + r * BK + j, V(mul)(V(load)(St + r * BK + j), qs));
+    }
 #else
     /* the tile: Q scaled (for S) and as given (for dK), dO, lse in log2 units, D */
     const T *q = (const T *)a->q + a->q_off[u];
@@ -191,7 +197,8 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     /* b. dP = dO V^T, then dS = scale P o (dP - D) (o softcap's derivative) in place */
     for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
 #if BF16_DOT
-        FN(qk_range_pairs)(dOw + r0 * Ev2, Ev2, (const uint32_t *)(const void *)Vt, dPt + r0 * BK, cs, ce, (T)1);
+        FN(mm_pairs)(dOw + r0 * Ev2, Ev2, 1, Ev2, (const uint32_t *)(const void *)Vt + cs, BK, dPt + r0 * BK + cs, BK, nk,
+                     0);
 #else
         FN(bwd_mm)(dOt + r0 * evp, evp, 1, Ev, Vt + cs, BK, dPt + r0 * BK + cs, BK, nk, 0);
 #endif
@@ -257,12 +264,8 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
             for (int64_t r = 0; r < rows; r++) {
                 VT ds = V(set1)(dPt[r * BK + j]);
                 T *dq = dqp + (i0 + r) * ep;
-                for (int64_t e = 0; e < ep; e += VW) {
-                    __m512i w = _mm512_loadu_si512((const void *)(Kw + j / 2 * ep + e));
-                    VT kv = _mm512_castsi512_ps((j & 1) ? _mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u))
-                                                        : _mm512_slli_epi32(w, 16));
-                    V(store)(dq + e, V(fma)(ds, kv, V(load)(dq + e)));
-                }
+                for (int64_t e = 0; e < ep; e += VW)
+                    V(store)(dq + e, V(fma)(ds, vbh_half(Kw + j / 2 * ep + e, (int)(j & 1)), V(load)(dq + e)));
             }
         }
         if (pb > pa) {
@@ -272,7 +275,6 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
                              dqp + (i0 + r0) * ep, ep, ep, 1);
         }
     }
-    (void)nk;
     (void)Qs;
 #else
     /* c. dV_blk += P^T dO, dK_blk += dS^T Q over the keys [cs, ce) */
@@ -391,8 +393,8 @@ static void FN(bwd_dq_task)(void *vctx, int64_t u, int tid)
 int FN(attn_bwd)(const sa_attn_args *a, const sa_bwd_layout *lay, void *ws)
 {
 #if BF16_DOT
-    /* this target's own backward is bfloat16's; the rest runs avx512's */
-    if (a->storage != SA_STORE_BF16) return attn_bwd_f32_avx512(a, lay, ws);
+    /* this target's own backward is bfloat16's; the rest runs its base target's */
+    if (a->storage != SA_STORE_BF16) return BF16_BASE(attn_bwd)(a, lay, ws);
 #endif
     FN(bctx_t) c;
     c.a = a;

@@ -24,7 +24,7 @@
  *           rows' addresses), each once per block for all rows
  *           (attn_micro.h, decode_dots); bfloat16 / float16 K and V are
  *           read as they are and widened in registers (decode_task_st);
- *           on avx512bf16 (BF16_DOT), bfloat16 K rows (contiguous, E even)
+ *           on avx512bf16 (BF16_DECODE_PAIRS), bfloat16 K rows (contiguous, E even)
  *           are not widened: q.k on vdpbf16ps from the stored pairs of q
  *           and k, 16 scores a tile reduced at once (decode_dots_pairs),
  *           times scale * log2(e) after, as the bfloat16 forward's;
@@ -95,7 +95,7 @@ static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN
         d->lo[rr] = 0;
         d->hi[rr] = d->shi[rr] = -1;                          /* rows past L_u (varlen) see nothing */
         if (i >= d->um[rr].L) {
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
             /* the pairs' tiles compute every row's scores (a row like this one's are
              * never read): zeros, not whatever the scratch held */
             if (pairs)
@@ -105,7 +105,7 @@ static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN
         }
         sa_row_keys(&d->um[rr], i, &d->lo[rr], &d->hi[rr]);
         d->shi[rr] = sa_sink_hi(&d->um[rr], d->lo[rr], d->hi[rr]);
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
         if (pairs) {
             FN(load_q_pairs)(a->q, a->q_off[u] + i * a->q_sl, a->q_se, E, (uint32_t *)(void *)Qs + rr * (E / 2));
             continue;
@@ -153,11 +153,12 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
     int nrun = sa_kv_runs(a, g, j0, jmin, jmax, runs);
     const void *kb = a->k, *vb = a->v;
     int64_t kss = a->k_ss, kse = a->k_se, vss = a->v_ss, vse = a->v_se;
-    if (st == SA_STORE_NATIVE && a->storage != SA_STORE_NATIVE) {
+    const int kvst = sa_kv_read(a);                      /* 16-bit K/V: as q, or under float32 q */
+    if (st == SA_STORE_NATIVE && kvst != SA_STORE_NATIVE) {
         for (int ir = 0; ir < nrun; ir++)
             for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
-                FN(load_row)(a->k, a->storage, runs[ir].k + j * a->k_ss, a->k_se, E, Kc + j * E);
-                FN(load_row)(a->v, a->storage, runs[ir].v + j * a->v_ss, a->v_se, Ev, Vc + j * evp);
+                FN(load_row)(a->k, kvst, runs[ir].k + j * a->k_ss, a->k_se, E, Kc + j * E);
+                FN(load_row)(a->v, kvst, runs[ir].v + j * a->v_ss, a->v_se, Ev, Vc + j * evp);
             }
         kb = Kc, kss = E, kse = 1, vb = Vc, vss = evp, vse = 1;
         nrun = 1;                                         /* one run: the converted rows */
@@ -166,7 +167,7 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
         runs[1].j = jmax;
     }
 
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
     if (pairs) {
         /* a. scores on vdpbf16ps: 16 keys at a time (from a multiple of 16,
          * so St's rows stay within BK), every row, in tiles of up to 4 rows
@@ -210,14 +211,17 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
             for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st);
         }
 
-    /* int8: the block's key and value scales, gathered once for all the rows */
+    /* quantized: the block's key and value scales, gathered once for all the
+     * rows (times what the reader leaves out: e4m3fn's 2^8, exact) */
     T ksv[BK], vsv[BK];
-    if (st == SA_READ_I8)
+    if (sa_read_scaled(st)) {
+        const T unit = (T)sa_read_unit(st);
         for (int ir = 0; ir < nrun; ir++)
             for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
-                ksv[j] = (T)a->k_scale[runs[ir].ks + j * a->ks_s];
-                vsv[j] = (T)a->v_scale[runs[ir].vs + j * a->vs_s];
+                ksv[j] = (T)a->k_scale[runs[ir].ks + j * a->ks_s] * unit;
+                vsv[j] = (T)a->v_scale[runs[ir].vs + j * a->vs_s] * unit;
             }
+    }
 
     /* b. masks and the online softmax, row by row */
     T alph[SA_DECODE_MAX_ROWS];
@@ -230,7 +234,7 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
         int64_t cs = vs[rr] / VW * VW, ce = sa_round_up(ve[rr], VW);
         for (int64_t j = cs; j < vs[rr]; j++) s[j] = 0;
         for (int64_t j = ve[rr]; j < ce; j++) s[j] = 0;
-        if (st == SA_READ_I8)                          /* int8 K: each key's dot times its scale */
+        if (sa_read_scaled(st))                        /* quantized K: each key's dot times its scale */
             for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= ksv[j];
         FN(mask_row)(a, &um[rr], u, i, j0, cs, ce, kvalid, s, &rs, &re);
         /* as in compute_tile: a row with nothing seen yet rescales by
@@ -240,7 +244,7 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
         mp[rr] = mnew;
         T sum = FN(exp_row)(s, rs, re, msafe);
         lp[rr] = lp[rr] * alph[rr] + sum;
-        if (st == SA_READ_I8)                          /* int8 V: P.V with P times v's scale */
+        if (sa_read_scaled(st))                        /* quantized V: P.V with P times v's scale */
             for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= vsv[j];
     }
 
@@ -307,22 +311,27 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
 #if STORE16
     /* 16-bit K and V with unit column strides: read as they are, widened in
      * registers (half the bytes of float32: decode is bound by them); the
-     * same values, and so the same bits, as converting them first. int8 K
-     * and V (any strides): read in place too, their scales applied apart */
+     * same values, and so the same bits, as converting them first; a 16-bit
+     * cache under float32 queries alike. Quantized K and V (int8, float8; any
+     * strides): read in place too, their scales applied apart */
     const sa_attn_args *a = ((const FN(dctx_t) *)vctx)->a;
-    if (a->kv_quant == SA_KV_INT8) {
-        FN(decode_task_st)(vctx, t, tid, SA_READ_I8, 0);
-        return;
+    const int rd = sa_kv_read(a);
+    switch (rd) {
+    case SA_READ_I8: FN(decode_task_st)(vctx, t, tid, SA_READ_I8, 0); return;
+    case SA_READ_E4M3: FN(decode_task_st)(vctx, t, tid, SA_READ_E4M3, 0); return;
+    case SA_READ_E5M2: FN(decode_task_st)(vctx, t, tid, SA_READ_E5M2, 0); return;
+    default: break;
     }
-    if (a->storage != SA_STORE_NATIVE && a->k_se == 1 && a->v_se == 1) {
-#if BF16_DOT
-        /* bfloat16 K rows of pairs: the scores on vdpbf16ps (odd E: widened, below) */
+    if (rd != SA_STORE_NATIVE && a->k_se == 1 && a->v_se == 1) {
+#if BF16_DECODE_PAIRS
+        /* bfloat16 K rows of pairs: the scores on vdpbf16ps (odd E: widened,
+         * below; float32 queries over a bfloat16 cache: widened too) */
         if (a->storage == SA_STORE_BF16 && a->E % 2 == 0) {
             FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16, 1);
             return;
         }
 #endif
-        if (a->storage == SA_STORE_BF16)
+        if (rd == SA_STORE_BF16)
             FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16, 0);
         else
             FN(decode_task_st)(vctx, t, tid, SA_STORE_F16, 0);
@@ -368,8 +377,10 @@ static void FN(decode_merge_task)(void *vctx, int64_t g, int tid)
 int FN(attn_decode)(const sa_attn_args *a, const sa_layout *lay, void *ws)
 {
 #if BF16_DOT
-    /* this target's own decode is bfloat16's; the rest runs avx512's */
-    if (a->storage != SA_STORE_BF16) return attn_decode_f32_avx512(a, lay, ws);
+    /* this target's own decode is bfloat16's scores on pairs (avx512bf16); the
+     * rest, and every decode where the target has none (neonbf16), runs its
+     * base target's */
+    if (!BF16_DECODE_PAIRS || a->storage != SA_STORE_BF16) return BF16_BASE(attn_decode)(a, lay, ws);
 #endif
     FN(dctx_t) c;
     c.a = a;

@@ -57,25 +57,27 @@ static void FN(pack_block)(const FN(ctx_t) *c, int64_t g, int64_t kb, int64_t kl
     const sa_attn_args *a = c->a;
     int64_t j0 = kb * BK, nvalid = FN(block_keys)(klim, j0);
 #if BF16_DOT
-    /* bfloat16 pairs (attn_bf16dot_avx512.h): V always packed, after K's E x BK */
+    /* bfloat16 pairs (attn_bf16dot.h): V always packed, after K's E x BK */
     FN(pack_k_pairs)(a->k, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, (uint32_t *)(void *)blk);
     FN(pack_v_pairs)(a->v, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
                      (uint32_t *)(void *)(blk + a->E * BK));
     return;
 #endif
+    const int rd = sa_kv_read(a);
 #if STORE16
-    if (a->kv_quant == SA_KV_INT8) {     /* int8 K and V, widened and scaled here (V always packed) */
-        FN(pack_i8)((const int8_t *)a->k + a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se,
-                    a->k_scale + a->kv_ks_off[g] + j0 * a->ks_s, a->ks_s, nvalid, a->E, a->E, 1, blk);
-        FN(pack_i8)((const int8_t *)a->v + a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se,
-                    a->v_scale + a->kv_vs_off[g] + j0 * a->vs_s, a->vs_s, nvalid, a->Ev, c->lay->evp, 0,
-                    blk + a->E * BK);
+    if (sa_read_scaled(rd)) {     /* quantized K and V, widened and scaled here (V always packed) */
+        FN(pack_scaled)(a->k, rd, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se,
+                        a->k_scale + a->kv_ks_off[g] + j0 * a->ks_s, a->ks_s, nvalid, a->E, a->E, 1, blk);
+        FN(pack_scaled)(a->v, rd, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se,
+                        a->v_scale + a->kv_vs_off[g] + j0 * a->vs_s, a->vs_s, nvalid, a->Ev, c->lay->evp, 0,
+                        blk + a->E * BK);
         return;
     }
 #endif
-    FN(pack_t)(a->k, a->storage, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, blk);
+    /* rd: K and V as q (storage), or a 16-bit cache under float32 queries */
+    FN(pack_t)(a->k, rd, a->kv_k_off[g] + j0 * a->k_ss, a->k_ss, a->k_se, nvalid, a->E, blk);
     if (!c->lay->v_direct)
-        FN(pack_rows)(a->v, a->storage, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
+        FN(pack_rows)(a->v, rd, a->kv_v_off[g] + j0 * a->v_ss, a->v_ss, a->v_se, nvalid, a->Ev, c->lay->evp,
                       blk + a->E * BK);
 }
 
@@ -341,8 +343,8 @@ static void FN(banded_task)(void *vctx, int64_t t, int tid)
 int FN(attn_fwd)(const sa_attn_args *a, const sa_layout *lay, void *ws)
 {
 #if BF16_DOT
-    /* this target's own forward is bfloat16's; the rest runs avx512's */
-    if (a->storage != SA_STORE_BF16) return attn_fwd_f32_avx512(a, lay, ws);
+    /* this target's own forward is bfloat16's; the rest runs its base target's */
+    if (a->storage != SA_STORE_BF16) return BF16_BASE(attn_fwd)(a, lay, ws);
 #endif
     FN(ctx_t) c;
     c.a = a;

@@ -13,16 +13,46 @@
 #include "selfattn.h"
 #include "attn_mask.h"
 #include "dropout.h"
+#include "half.h"
 
 /* log2(e) and ln(2): the kernels keep logits in log2 units (exp2 is cheaper
  * than exp); these convert scores, masks, slopes and softcap in, lse out. */
 #define SA_LOG2E 1.4426950408889634
-/* How the decode schedule reads K and V in place: an sa_storage value, or
- * int8 (sa_attn_args.kv_quant = SA_KV_INT8; the scales applied apart) */
+/* How K and V are read (sa_kv_read): an sa_storage value (SA_STORE_*: as q
+ * and out, or a 16-bit cache under float32 queries), or quantized, each key
+ * scaled apart: int8, float8 e4m3fn (read x 2^-8, half.h), float8 e5m2 */
 #define SA_READ_I8 3
+#define SA_READ_E4M3 4
+#define SA_READ_E5M2 5
 #define SA_LN2 0.6931471805599453
 
 static inline int64_t sa_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* The one place that maps sa_attn_args.kv_quant to how K and V are read */
+static inline int sa_kv_read(const sa_attn_args *a)
+{
+    switch (a->kv_quant) {
+    case SA_KV_INT8: return SA_READ_I8;
+    case SA_KV_FP8_E4M3: return SA_READ_E4M3;
+    case SA_KV_FP8_E5M2: return SA_READ_E5M2;
+    case SA_KV_BF16: return SA_STORE_BF16;
+    case SA_KV_F16: return SA_STORE_F16;
+    default: return a->storage;
+    }
+}
+/* K and V quantized: each key's scales (k_scale, v_scale) applied apart */
+static inline int sa_read_scaled(int rd) { return rd >= SA_READ_I8; }
+/* element i of quantized K/V (rd: SA_READ_I8, _E4M3, _E5M2), its value
+ * before the key's scale: exact */
+static inline float sa_kv_elem(const void *base, int64_t i, int rd)
+{
+    if (rd == SA_READ_I8) return (float)((const int8_t *)base)[i];
+    uint8_t x = ((const uint8_t *)base)[i];
+    return rd == SA_READ_E4M3 ? sa_e4m3_to_f32(x) : sa_e5m2_to_f32(x);
+}
+/* what a key's scale is multiplied by for the values the decode's vector
+ * readers give (vload_st: e4m3fn's come x 2^-8) */
+static inline float sa_read_unit(int rd) { return rd == SA_READ_E4M3 ? SA_E4M3_UNIT : 1.0f; }
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define SA_HAVE_X86_TARGETS 1
@@ -105,14 +135,14 @@ typedef struct {
  * runs[n].j = jmax (so at most jmax - jmin + 1 entries are written). */
 static inline int sa_kv_runs(const sa_attn_args *a, int64_t g, int64_t j0, int64_t jmin, int64_t jmax, sa_kv_run *runs)
 {
-    const int i8 = a->kv_quant == SA_KV_INT8;
+    const int scaled = sa_read_scaled(sa_kv_read(a));
     int n = 0;
     if (!a->block_table) {
         runs[0].j = jmin;
         runs[0].k = a->kv_k_off[g] + j0 * a->k_ss;
         runs[0].v = a->kv_v_off[g] + j0 * a->v_ss;
-        runs[0].ks = i8 ? a->kv_ks_off[g] + j0 * a->ks_s : 0;
-        runs[0].vs = i8 ? a->kv_vs_off[g] + j0 * a->vs_s : 0;
+        runs[0].ks = scaled ? a->kv_ks_off[g] + j0 * a->ks_s : 0;
+        runs[0].vs = scaled ? a->kv_vs_off[g] + j0 * a->vs_s : 0;
         n = 1;
     } else {
         const int32_t *bt = a->block_table + a->kv_bt_off[g];
@@ -123,8 +153,8 @@ static inline int sa_kv_runs(const sa_attn_args *a, int64_t g, int64_t j0, int64
             runs[n].j = j;
             runs[n].k = a->kv_k_off[g] + pg * a->k_page_s + (r - j) * a->k_ss;
             runs[n].v = a->kv_v_off[g] + pg * a->v_page_s + (r - j) * a->v_ss;
-            runs[n].ks = i8 ? a->kv_ks_off[g] + pg * a->ks_page_s + (r - j) * a->ks_s : 0;
-            runs[n].vs = i8 ? a->kv_vs_off[g] + pg * a->vs_page_s + (r - j) * a->vs_s : 0;
+            runs[n].ks = scaled ? a->kv_ks_off[g] + pg * a->ks_page_s + (r - j) * a->ks_s : 0;
+            runs[n].vs = scaled ? a->kv_vs_off[g] + pg * a->vs_page_s + (r - j) * a->vs_s : 0;
             j = end;
         }
     }
@@ -196,6 +226,9 @@ SA_DECLARE_KERNELS(f32, avx512bf16)
 #endif
 #if SA_HAVE_NEON_TARGET
 SA_DECLARE_TARGET(neon)
+/* neonbf16: its own forward and backward for bfloat16 storage (attn_neon.c;
+ * any other storage, and the decode, handed to neon's) */
+SA_DECLARE_KERNELS(f32, neonbf16)
 #endif
 
 #endif

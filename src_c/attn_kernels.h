@@ -8,12 +8,14 @@
  *   NVV   value vectors of a P.V micro-tile
  *   BQ    query rows per task       BK   keys per block
  *   STORE16  1 where 16-bit storage may be given (T float), else 0
- *   BF16_DOT 1 for the avx512bf16 target (optional, default 0): bfloat16
- *            storage computed by vdpbf16ps on bfloat16 pairs
- *            (attn_bf16dot_avx512.h; the bodies' BF16_DOT branches) in the
- *            forward, the backward and the decode's scores (attn_micro.h,
- *            decode_dots_pairs); every other storage is handed to avx512's
- *            functions at each kernel's top
+ *   BF16_DOT 1 for the bfloat16-dot targets (avx512bf16, neonbf16; optional,
+ *            default 0): bfloat16 storage computed on bfloat16 pairs
+ *            (attn_bf16dot.h on simd_<target>bf16.h's vbh_*; the bodies'
+ *            BF16_DOT branches) in the forward and the backward; every
+ *            other storage is handed at each kernel's top to the functions
+ *            of BF16_BASE_ISUF (avx512, neon), the target it extends
+ *   BF16_DECODE_PAIRS 1 (avx512bf16): the decode's scores on pairs too
+ *            (attn_micro.h, decode_dots_pairs); else the base's decode
  * It defines attn_fwd_, attn_decode_, attn_bwd_<TSUF>_<ISUF> (dispatch.c's
  * function table lists them) and sa_params_<TSUF>_<ISUF>, and undefines the
  * macros above. The pieces, in order (each a template on these macros; no
@@ -35,6 +37,8 @@
  */
 
 #define FN(name) SA_CAT(name, SA_CAT(_, SA_CAT(TSUF, SA_CAT(_, ISUF))))
+/* a BF16_DOT target's base target's function (its other storages' kernels) */
+#define BF16_BASE(name) SA_CAT(name, SA_CAT(_, SA_CAT(TSUF, SA_CAT(_, BF16_BASE_ISUF))))
 #define V(op) SA_CAT(VP, SA_CAT(_, op))
 #define VT SA_CAT(VP, _t)
 
@@ -67,13 +71,16 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #ifndef BF16_DOT
 #define BF16_DOT 0
 #endif
+#ifndef BF16_DECODE_PAIRS
+#define BF16_DECODE_PAIRS 0
+#endif
 
 #include "score_mod.h"     /* here, not in attn_internal.h: compiled for the target */
 #include "attn_pack.h"
 #include "attn_micro.h"
 #include "attn_rows.h"
 #if BF16_DOT
-#include "attn_bf16dot_avx512.h"
+#include "attn_bf16dot.h"
 #endif
 
 /* the split-KV merge of the decode schedule: unnormalised partials (O, m, l)
@@ -95,6 +102,8 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #undef VT
 #undef STORE16
 #undef BF16_DOT
+#undef BF16_DECODE_PAIRS
+#undef BF16_BASE_ISUF
 #undef KEYS_PER_TILE
 #undef DEC_NV
 #undef BWD_MR

@@ -72,35 +72,42 @@ SA_INLINE void FN(pv_tile)(const T *SA_RESTRICT P, int64_t nk, const T *SA_RESTR
     }
 }
 
+#if !BF16_DOT      /* a bfloat16-dot target multiplies P.V on pairs (attn_bf16dot.h) */
 static void FN(pv_rows)(const T *P, int64_t nk, const T *Vb, int64_t vs, int64_t evp, T *O, const T *alpha)
 {
     int64_t c0 = 0;
     for (; c0 + NVV * VW <= evp; c0 += NVV * VW) FN(pv_tile)(P, nk, Vb + c0, vs, evp, O + c0, alpha, NVV);
     for (; c0 < evp; c0 += VW) FN(pv_tile)(P, nk, Vb + c0, vs, evp, O + c0, alpha, 1);
 }
+#endif
 
 /* ---- decode ------------------------------------------------------------- */
 
 /* K and V as the decode schedule reads them, in place: element i of base,
- * stored as st -- T, or (float kernels, STORE16) bfloat16 / float16 / int8
- * (SA_READ_I8, unscaled) widened in registers, so the bytes read from memory
- * are the narrow ones. st is a constant after inlining: one specialisation
- * per storage. */
+ * read as st (sa_kv_read) -- T, or (float kernels, STORE16) bfloat16 /
+ * float16 / int8 / float8 (SA_READ_*: unscaled, e4m3fn x 2^-8) widened in
+ * registers, so the bytes read from memory are the narrow ones. st is a
+ * constant after inlining: one specialisation per storage. */
 SA_INLINE VT FN(vload_st)(const void *base, int64_t i, const int st)
 {
 #if STORE16
     if (st == SA_STORE_BF16) return V(load_bf16)((const uint16_t *)base + i);
     if (st == SA_STORE_F16) return V(load_f16)((const uint16_t *)base + i);
     if (st == SA_READ_I8) return V(load_i8)((const int8_t *)base + i);
+    if (st == SA_READ_E4M3) return V(load_e4m3)((const uint8_t *)base + i);
+    if (st == SA_READ_E5M2) return V(load_e5m2)((const uint8_t *)base + i);
 #endif
     (void)st;
     return V(load)((const T *)base + i);
 }
 
+/* one element as vload_st reads it */
 SA_INLINE T FN(elem_st)(const void *base, int64_t i, const int st)
 {
     if (st == SA_STORE_NATIVE) return ((const T *)base)[i];
     if (st == SA_READ_I8) return (T)((const int8_t *)base)[i];
+    if (st == SA_READ_E4M3) return (T)sa_f16_to_f32(sa_e4m3_f16_bits(((const uint8_t *)base)[i]));
+    if (st == SA_READ_E5M2) return (T)sa_e5m2_to_f32(((const uint8_t *)base)[i]);
     uint16_t h = ((const uint16_t *)base)[i];
     return (T)(st == SA_STORE_BF16 ? sa_bf16_to_f32(h) : sa_f16_to_f32(h));
 }
@@ -218,7 +225,7 @@ SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const void *k
     }
 }
 
-#if BF16_DOT
+#if BF16_DECODE_PAIRS
 /* bfloat16 K on vdpbf16ps (the avx512bf16 instance: T float, VW 16), in place
  * of decode_dots: q.k on pairs of the stored bfloat16 values, as the forward's
  * qk_tile_pairs (attn_bf16dot_avx512.h) -- exact products summed in float32,
@@ -325,6 +332,7 @@ SA_INLINE void FN(bwd_mm_tile)(const T *SA_RESTRICT A, int64_t ars, int64_t acs,
         for (int c = 0; c < nv; c++) V(store)(C + r * crs + c * VW, acc[r][c]);
 }
 
+#if !BF16_DOT      /* a bfloat16-dot target's backward: mm_pairs (attn_bf16dot.h) */
 /* bwd_mm_tile over ncols columns (a multiple of VW) */
 static void FN(bwd_mm)(const T *A, int64_t ars, int64_t acs, int64_t K, const T *B, int64_t brs, T *C, int64_t crs,
                        int64_t ncols, int accumulate)
@@ -340,3 +348,4 @@ static void FN(bwd_mm)(const T *A, int64_t ars, int64_t acs, int64_t K, const T 
         for (; c0 < ncols; c0 += VW) FN(bwd_mm_tile)(A, ars, acs, K, B + c0, brs, C + c0, crs, 1, 0);
     }
 }
+#endif

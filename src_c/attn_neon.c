@@ -53,4 +53,38 @@
 #define BQ SA_NEON_BQ
 #define BK 128
 #include "attn_kernels.h"
+
+/* The neonbf16 target (NEON plus the Armv8.6 BF16 extension: Neoverse V1 /
+ * N2 / V2, Graviton 3 and later, Apple M2 and later; dispatch.c runs it
+ * only where the CPU reports it, HWCAP2_BF16): bfloat16's forward and
+ * backward on BFDOT (attn_bf16dot.h), its functions alone compiled with
+ * that extension; its decode and every other storage are neon's. Same tiles
+ * as neon's float. */
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("bf16"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+bf16")
+#endif
+#include "simd_neonbf16.h"
+#undef ISUF
+#define ISUF neonbf16
+#define BF16_BASE_ISUF neon
+#define T float
+#define VP vf
+#define VW VF_W
+#define TSUF f32
+#define STORE16 1
+#define BF16_DOT 1
+#define MR SA_NEON_MR
+#define NRV SA_NEON_NRV
+#define NVV SA_NEON_NVV
+#define BQ SA_NEON_BQ
+#define BK 128
+#include "attn_kernels.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif

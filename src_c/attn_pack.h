@@ -115,17 +115,17 @@ static void FN(pack_t)(const void *base, int storage, int64_t off, int64_t ss, i
 }
 
 #if STORE16
-/* int8 K/V (sa_attn_args.kv_quant), widened where they are packed: key jj's
- * values times its scale sc[jj * scs]. K^T into [ncols][BK] (transposed:
- * pack_t's layout), V into rows [BK][width] (pack_rows'); 0 past nvalid. */
-static void FN(pack_i8)(const int8_t *src, int64_t ss, int64_t se, const float *sc, int64_t scs, int64_t nvalid,
-                        int64_t ncols, int64_t width, int transposed, T *dst)
+/* quantized K/V (sa_kv_read: int8, float8), widened where they are packed:
+ * key jj's values (exact, sa_kv_elem) times its scale sc[jj * scs]. K^T into
+ * [ncols][BK] (transposed: pack_t's layout), V into rows [BK][width]
+ * (pack_rows'); 0 past nvalid. */
+static void FN(pack_scaled)(const void *base, int rd, int64_t off, int64_t ss, int64_t se, const float *sc,
+                            int64_t scs, int64_t nvalid, int64_t ncols, int64_t width, int transposed, T *dst)
 {
     for (int64_t jj = 0; jj < BK; jj++) {
-        const int8_t *s = src + jj * ss;
         T f = jj < nvalid ? (T)sc[jj * scs] : 0;
         for (int64_t c = 0; c < (transposed ? ncols : width); c++) {
-            T x = jj < nvalid && c < ncols ? f * (T)s[c * se] : 0;
+            T x = jj < nvalid && c < ncols ? f * (T)sa_kv_elem(base, off + jj * ss + c * se, rd) : 0;
             if (transposed)
                 dst[c * BK + jj] = x;
             else

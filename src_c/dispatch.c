@@ -20,6 +20,14 @@
 #else
 #define SA_POSIX 0
 #endif
+#if SA_HAVE_NEON_TARGET && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP2_BF16
+#define HWCAP2_BF16 (1UL << 14)   /* the kernel's bit for FEAT_BF16 (older libc headers lack it) */
+#endif
+#elif SA_HAVE_NEON_TARGET && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
 
 /* ---- fork safety ------------------------------------------------------- */
 /* libgomp's thread pool does not survive fork(): a child that enters a
@@ -89,9 +97,11 @@ enum { SA_DT_F32, SA_DT_F64, SA_DT_COUNT };   /* columns of the table */
     {attn_fwd_##tsuf##_##isuf, attn_decode_##tsuf##_##isuf, attn_bwd_##tsuf##_##isuf, &sa_params_##tsuf##_##isuf}
 #define SA_KERNEL_ROW(isuf) {SA_KERNEL_SET(f32, isuf), SA_KERNEL_SET(f64, isuf)}
 #define SA_KERNEL_NONE {{NULL, NULL, NULL, NULL}, {NULL, NULL, NULL, NULL}}
-/* avx512bf16: its forward, decode and backward (bfloat16 storage on
- * vdpbf16ps; any other storage handed to avx512's), float64 avx512's */
+/* avx512bf16 / neonbf16: their forward, decode and backward (bfloat16
+ * storage on vdpbf16ps / BFDOT; any other storage handed to avx512's /
+ * neon's), float64 avx512's / neon's */
 #define SA_KERNEL_ROW_AVX512BF16 {SA_KERNEL_SET(f32, avx512bf16), SA_KERNEL_SET(f64, avx512)}
+#define SA_KERNEL_ROW_NEONBF16 {SA_KERNEL_SET(f32, neonbf16), SA_KERNEL_SET(f64, neon)}
 
 /* one function table: row = instruction set, column = dtype */
 static const sa_kernel sa_kernels[SA_ISA_COUNT][SA_DT_COUNT] = {
@@ -113,12 +123,32 @@ static const sa_kernel sa_kernels[SA_ISA_COUNT][SA_DT_COUNT] = {
 #else
     SA_KERNEL_NONE,
 #endif
+#if SA_HAVE_NEON_TARGET
+    SA_KERNEL_ROW_NEONBF16,
+#else
+    SA_KERNEL_NONE,
+#endif
 };
+
+/* The Armv8.6 BF16 extension (BFDOT, BFCVTN), as the OS reports it */
+static int sa_arm_has_bf16(void)
+{
+#if SA_HAVE_NEON_TARGET && defined(__linux__)
+    return (getauxval(AT_HWCAP2) & HWCAP2_BF16) != 0;
+#elif SA_HAVE_NEON_TARGET && defined(__APPLE__)
+    int v = 0;
+    size_t n = sizeof v;
+    return sysctlbyname("hw.optional.arm.FEAT_BF16", &v, &n, NULL, 0) == 0 && v != 0;
+#else
+    return 0;
+#endif
+}
 
 static int sa_cpu_has(int isa)
 {
     if (isa == SA_ISA_GENERIC) return 1;
     if (isa == SA_ISA_NEON) return SA_HAVE_NEON_TARGET;   /* baseline on aarch64 */
+    if (isa == SA_ISA_NEONBF16) return SA_HAVE_NEON_TARGET && sa_arm_has_bf16();
 #if SA_HAVE_X86_TARGETS
     __builtin_cpu_init();
     if (isa == SA_ISA_AVX2)
@@ -144,6 +174,9 @@ int sa_isa_supported(int isa)
  * chains gave ~80 GFLOP/s a core against 140-170 for vfmadd231ps; the forced
  * bfloat16 forward ran at 0.45-0.78x of the float32 one) widening to float32
  * is faster: there avx512bf16 runs only when forced. */
+/* neonbf16 is preferred wherever the CPU reports BF16: BFDOT does twice
+ * FMLA's multiply-adds per instruction (not measured on hardware yet: the
+ * project has no ARM machine; tested under qemu). */
 static int sa_isa_preferred(int isa)
 {
 #if SA_HAVE_X86_TARGETS
@@ -171,6 +204,7 @@ const char *sa_isa_name(int isa)
     case SA_ISA_AVX512: return "avx512";
     case SA_ISA_NEON: return "neon";
     case SA_ISA_AVX512BF16: return "avx512bf16";
+    case SA_ISA_NEONBF16: return "neonbf16";
     default: return "unknown";
     }
 }
@@ -179,16 +213,19 @@ const char *sa_isa_name(int isa)
  * widened where it is loaded or packed (attn_pack.h, simd_<isa>.h's
  * vf_from_*_row) by this; avx512bf16's bfloat16 forward, backward and
  * decode scores multiply the 16-bit values themselves (its decode P.V
- * widens, as avx512's). */
+ * widens, as avx512's), as neonbf16's forward and backward do (BFDOT; its
+ * decode is neon's). */
 const char *sa_storage_path(int isa, int storage)
 {
-    if (storage == SA_STORE_BF16) return isa == SA_ISA_AVX512BF16 ? "vdpbf16ps" : "shifts";
+    if (storage == SA_STORE_BF16)
+        return isa == SA_ISA_AVX512BF16 ? "vdpbf16ps" : isa == SA_ISA_NEONBF16 ? "BFDOT" : "shifts";
     if (storage != SA_STORE_F16) return "native";
     switch (isa) {
     case SA_ISA_AVX2: return "F16C vcvtph2ps";
     case SA_ISA_AVX512:
     case SA_ISA_AVX512BF16: return "AVX-512 vcvtph2ps";
-    case SA_ISA_NEON: return "NEON fcvtl";
+    case SA_ISA_NEON:
+    case SA_ISA_NEONBF16: return "NEON fcvtl";
     default: return "portable C";
     }
 }
@@ -220,10 +257,12 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
         || a->storage < SA_STORE_NATIVE || a->storage > SA_STORE_F16 || (a->storage != SA_STORE_NATIVE && dsize != 4)
         || !sa_mask_args_ok(a))
         return SA_ERR_ARG;
-    /* int8 K/V: float32 queries and output, the scales given */
-    if (a->kv_quant != SA_KV_PLAIN
-        && (a->kv_quant != SA_KV_INT8 || a->storage != SA_STORE_NATIVE || dsize != 4 || !a->k_scale || !a->v_scale
-            || !a->kv_ks_off || !a->kv_vs_off))
+    /* K/V apart from q: float32 queries and output; quantized, the scales given */
+    if (a->kv_quant < SA_KV_PLAIN || a->kv_quant > SA_KV_F16)
+        return SA_ERR_ARG;
+    if (a->kv_quant != SA_KV_PLAIN && (a->storage != SA_STORE_NATIVE || dsize != 4))
+        return SA_ERR_ARG;
+    if (sa_read_scaled(sa_kv_read(a)) && (!a->k_scale || !a->v_scale || !a->kv_ks_off || !a->kv_vs_off))
         return SA_ERR_ARG;
     int64_t align = 64 / dsize;                    /* elements per 64 bytes */
     lay->n_qt = (a->L + p->bq - 1) / p->bq;
@@ -254,9 +293,11 @@ int sa_layout_compute(const sa_attn_args *a, const sa_tile_params *p, int dsize,
     lay->off_oacc = lay->off_st + lay->st_elems;
     lay->off_rows = lay->off_oacc + lay->oacc_elems;
     lay->off_conv = lay->off_rows + SA_ROW_ARRAYS * lay->row_elems;
-    /* 16-bit storage, decode: one key block's K and V rows converted (the other schedules convert while packing) */
+    /* 16-bit K/V (as q, or under float32 q), decode: one key block's K and V rows converted (the other schedules
+     * convert while packing) */
     lay->thread_elems = lay->off_conv
-                      + (a->storage != SA_STORE_NATIVE ? sa_round_up((int64_t)p->bk * (a->E + lay->evp), align) : 0);
+                      + (sa_kv_read(a) == SA_STORE_BF16 || sa_kv_read(a) == SA_STORE_F16
+                         ? sa_round_up((int64_t)p->bk * (a->E + lay->evp), align) : 0);
     int nt = sa_effective_threads(a->num_threads);
 
     /* A window bounded on both sides (the right side by causal, or by
@@ -466,14 +507,15 @@ int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule
     return SA_OK;
 }
 
-/* The backward's layout on isa; bfloat16 storage on avx512bf16 only (its
- * vdpbf16ps backward: every other target computes from float32 copies). */
+/* The backward's layout on isa; bfloat16 storage on avx512bf16 and neonbf16
+ * only (their bfloat16-dot backward: every other target computes from
+ * float32 copies). */
 static int sa_bwd_layout_for(const sa_attn_args *a, int isa, int dtype_size, sa_bwd_layout *lay)
 {
     int st;
     const sa_kernel *k = sa_kernel_for(isa, dtype_size, &st);
     if (!k) return st;
-    if (a->storage != SA_STORE_NATIVE && isa != SA_ISA_AVX512BF16) return SA_ERR_ARG;
+    if (a->storage != SA_STORE_NATIVE && isa != SA_ISA_AVX512BF16 && isa != SA_ISA_NEONBF16) return SA_ERR_ARG;
     return sa_bwd_layout_compute(a, k->params, dtype_size, lay);
 }
 

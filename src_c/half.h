@@ -57,4 +57,24 @@ static inline uint16_t sa_f32_to_f16(float f)
     return (uint16_t)(sign | q);                               /* q == 0x400: the smallest normal */
 }
 
+/* float8 (OCP 8-bit floats, K/V storage only; ml_dtypes' float8_e4m3fn and
+ * float8_e5m2), widened through float16, whose bits they fit into:
+ *   e5m2 (1 sign, 5 exponent bias 15, 2 mantissa) is the top byte of a
+ *     float16, inf and NaN included;
+ *   e4m3fn (1 sign, 4 exponent bias 7, 3 mantissa, no inf, NaN = S.1111.111)
+ *     moved to float16's exponent and mantissa bits is its value x 2^-8
+ *     (float16's bias is 8 more), subnormals included; its NaN is made one.
+ * The vector loaders (simd_<target>.h's vf_load_e4m3 / vf_load_e5m2) do the
+ * same on whole vectors; e4m3fn's are x 2^-8 there too (the scale takes the
+ * 2^8, SA_E4M3_UNIT), so these give the exact value and the _f16 forms the
+ * loaders' bits. */
+#define SA_E4M3_UNIT 256.0f
+static inline uint16_t sa_e4m3_f16_bits(uint8_t x)
+{
+    uint16_t h = (uint16_t)(((x & 0x80u) << 8) | ((x & 0x7fu) << 7));
+    return (x & 0x7fu) == 0x7fu ? (uint16_t)(h | 0x7c00u) : h;    /* NaN: exponent all ones, mantissa 111 */
+}
+static inline float sa_e4m3_to_f32(uint8_t x) { return sa_f16_to_f32(sa_e4m3_f16_bits(x)) * SA_E4M3_UNIT; }
+static inline float sa_e5m2_to_f32(uint8_t x) { return sa_f16_to_f32((uint16_t)(x << 8)); }
+
 #endif

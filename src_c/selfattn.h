@@ -25,12 +25,17 @@
  *   attn_<isa>.c      generic | avx2 | avx512 | neon: tile sizes, then
  *                     attn_kernels.h once per dtype (float, double);
  *                     attn_avx512.c also holds the avx512bf16 target: the
- *                     bfloat16 forward, decode and backward on vdpbf16ps
- *                     (attn_bf16dot_avx512.h: bfloat16 pairs packed,
- *                     multiplied; BF16_DOT in the bodies), the rest avx512's
+ *                     bfloat16 forward, decode and backward on vdpbf16ps,
+ *                     the rest avx512's; attn_neon.c the neonbf16 target:
+ *                     bfloat16's forward and backward on BFDOT, the rest
+ *                     neon's (attn_bf16dot.h: bfloat16 pairs packed and
+ *                     multiplied, written once on simd_<target>bf16.h's
+ *                     primitives; BF16_DOT in the bodies)
  *   attn_kernels.h    what is compiled per ISA and dtype, in order:
- *     shared:   attn_pack.h (K/V packing; 16-bit storage widened there, the
- *               output rounded there), attn_micro.h (micro-kernels),
+ *     shared:   attn_pack.h (K/V packing; 16-bit storage widened there,
+ *               quantized K/V widened and scaled there, the output rounded
+ *               there), attn_micro.h (micro-kernels; the decode's readers of
+ *               K/V as stored: vload_st),
  *               attn_rows.h (softcap, ALiBi, attn_mask, online softmax),
  *               lse_merge.h (the log-sum-exp merge; merge.c's too)
  *     bodies:   attn_fwd_body.h (shared, fused, banded schedules),
@@ -39,8 +44,11 @@
  *   attn_mask.h       causal / window / lengths / positions as key intervals;
  *                     a block mask (SA_MASK_BLOCKS: FlexAttention's) skips tiles
  *   simd_<isa>.h      the vector layer (simd_common.h: the names), with the
- *                     16-bit row conversions; half.h: the same one value at
- *                     a time, in plain C
+ *                     16-bit row conversions and the int8 / float8 loaders;
+ *                     half.h: the same one value at a time, in plain C
+ *   K/V narrower than q (kv_quant: int8, float8, 16-bit under float32 q):
+ *                     attn_internal.h's sa_kv_read maps it once to a reader
+ *                     kind (SA_READ_*); the bodies and micro-kernels take that
  *   merge.c           sa_merge_* (lse_merge.h in float64)
  */
 #ifndef SELFATTN_H
@@ -70,7 +78,10 @@ typedef enum {
     SA_ISA_NEON = 3,         /* aarch64 Advanced SIMD (every aarch64 CPU)       */
     SA_ISA_AVX512BF16 = 4,   /* AVX-512 above + AVX512_BF16: bfloat16's kernels on
                                 vdpbf16ps; every other dtype avx512's         */
-    SA_ISA_COUNT = 5
+    SA_ISA_NEONBF16 = 5,     /* NEON + the Armv8.6 BF16 extension (HWCAP2_BF16):
+                                bfloat16's forward and backward on BFDOT;
+                                everything else neon's                        */
+    SA_ISA_COUNT = 6
 } sa_isa;
 
 /* ---- mask element types ------------------------------------------------ */
@@ -97,11 +108,19 @@ typedef enum {
     SA_STORE_F16 = 2         /* IEEE float16 (uint16 bits), computed in float32  */
 } sa_storage;
 
-/* ---- K and V stored quantized (sa_attn_args.kv_quant) --------------------- */
+/* ---- K and V stored apart from q: quantized or 16-bit (sa_attn_args.kv_quant) */
 typedef enum {
     SA_KV_PLAIN = 0,         /* K and V stored as `storage` says                  */
-    SA_KV_INT8 = 1           /* K and V int8, key j's row worth k_scale_j * its values
+    SA_KV_INT8 = 1,          /* K and V int8, key j's row worth k_scale_j * its values
                                 (V alike): symmetric, one float32 scale per key    */
+    SA_KV_FP8_E4M3 = 2,      /* K and V float8 e4m3fn (OCP; ml_dtypes.float8_e4m3fn:
+                                no inf, NaN = S.1111.111, max 448), scaled as int8;
+                                one scale per kv head is a scale stride ks_s = 0 */
+    SA_KV_FP8_E5M2 = 3,      /* K and V float8 e5m2 (IEEE-like: the top byte of a
+                                float16), scaled as int8                          */
+    SA_KV_BF16 = 4,          /* K and V bfloat16, no scales (q and out as `storage`,
+                                native float32: a float32 model's 16-bit cache)    */
+    SA_KV_F16 = 5            /* K and V IEEE float16, no scales, as SA_KV_BF16     */
 } sa_kv_quant;
 
 /* ---- structured masks ---------------------------------------------------- */
@@ -297,12 +316,14 @@ typedef struct {
                                                   denominator (-inf: none)       */
     int64_t sink_tokens;                       /* >= 0: keys j < sink_tokens escape
                                                   window_left (0: none)          */
-    /* Quantized K/V (kv_quant = SA_KV_INT8; q and out float32, storage native,
-     * the forward only): k and v are int8, key j of kv unit g is worth
-     * k_scale[kv_ks_off[g] + j * ks_s] times its row (v alike). The decode
-     * schedule reads them in place, widened in registers (the dots scaled per
-     * key, the probabilities by v's scale); the others widen them where they
-     * pack. */
+    /* K/V stored apart from q and out (kv_quant != SA_KV_PLAIN; q and out
+     * float32, storage native, the forward only). Quantized (int8, float8
+     * e4m3fn / e5m2): key j of kv unit g is worth k_scale[kv_ks_off[g] + j *
+     * ks_s] times its row (v alike; ks_s = 0: one scale for the unit's keys,
+     * as a per-head float8 scale). bfloat16 / float16 K/V: no scales. The
+     * decode schedule reads them in place, widened in registers (the dots
+     * scaled per key, the probabilities by v's scale); the others widen them
+     * where they pack. */
     int kv_quant;
     const float *k_scale; const int64_t *kv_ks_off; int64_t ks_s;
     const float *v_scale; const int64_t *kv_vs_off; int64_t vs_s;
@@ -350,7 +371,7 @@ typedef struct {
 /* What this build and this CPU can do. */
 int sa_isa_supported(int isa);       /* 1 if compiled in and the CPU runs it      */
 int sa_isa_best(void);               /* the best supported sa_isa                 */
-const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon", "avx512bf16" */
+const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon", "avx512bf16", "neonbf16" */
 const char *sa_storage_path(int isa, int storage);  /* 16-bit storage on isa: the float32
                                         kernels, values widened by this ("shifts", "F16C ...") */
 int sa_openmp_enabled(void);         /* 1 if built with OpenMP                    */

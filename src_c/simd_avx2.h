@@ -94,6 +94,16 @@ SA_INLINE vf_t vf_load_bf16(const uint16_t *p) {
 }
 /* one vector of int8 (quantized K/V), widened in registers, exact */
 SA_INLINE vf_t vf_load_i8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+/* one vector of float8 (half.h): e4m3fn x 2^-8 (its NaN kept), e5m2 exact; through float16 bits */
+SA_INLINE vf_t vf_load_e4m3(const uint8_t *p) {
+    __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p)), 7),
+                              _mm_set1_epi16((short)0xbf80));                  /* sign, then e and m below bit 14 */
+    __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x3f80)), _mm_set1_epi16(0x3f80));
+    return _mm256_cvtph_ps(_mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7c00))));
+}
+SA_INLINE vf_t vf_load_e5m2(const uint8_t *p) {
+    return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p)), 8));
+}
 SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)

@@ -96,6 +96,16 @@ SA_INLINE vf_t vf_load_bf16(const uint16_t *p) {
 }
 /* one vector of int8 (quantized K/V), widened in registers, exact */
 SA_INLINE vf_t vf_load_i8(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+/* one vector of float8 (half.h): e4m3fn x 2^-8 (its NaN kept), e5m2 exact; through float16 bits */
+SA_INLINE vf_t vf_load_e4m3(const uint8_t *p) {
+    __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)), 7),
+                                 _mm256_set1_epi16((short)0xbf80));            /* sign, then e and m below bit 14 */
+    __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x3f80)), _mm256_set1_epi16(0x3f80));
+    return _mm512_cvtph_ps(_mm256_mask_mov_epi16(h, nan, _mm256_set1_epi16(0x7fff)));    /* NaN: a float16 NaN */
+}
+SA_INLINE vf_t vf_load_e5m2(const uint8_t *p) {
+    return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8));
+}
 SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)

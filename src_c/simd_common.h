@@ -22,6 +22,8 @@
  *   vf_to_f16_row(s, d, n)    d[i] = s[i] rounded to float16, to nearest even
  *                             (bfloat16 is written by half.h's sa_f32_to_bf16)
  *   vf_load_i8(p)             VF_W int8 values at p (quantized K/V) as floats, exact
+ *   vf_load_e4m3(p)  vf_load_e5m2(p)   VF_W float8 values at p (K/V): e5m2 exact, e4m3fn
+ *                             exact x 2^-8 (half.h: SA_E4M3_UNIT goes into the scale)
  * The kernels (attn_kernels.h and the headers it includes) are written once
  * against these names.
  */

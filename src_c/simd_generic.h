@@ -225,3 +225,13 @@ static inline vf_t vf_load_i8(const int8_t *p) {
     for (int i = 0; i < VF_W; i++) t[i] = (float)p[i];
     return vf_load(t);
 }
+static inline vf_t vf_load_e4m3(const uint8_t *p) {     /* x 2^-8, as the vector targets' (half.h) */
+    float t[VF_W];
+    for (int i = 0; i < VF_W; i++) t[i] = sa_f16_to_f32(sa_e4m3_f16_bits(p[i]));
+    return vf_load(t);
+}
+static inline vf_t vf_load_e5m2(const uint8_t *p) {
+    float t[VF_W];
+    for (int i = 0; i < VF_W; i++) t[i] = sa_e5m2_to_f32(p[i]);
+    return vf_load(t);
+}

@@ -99,6 +99,21 @@ SA_INLINE vf_t vf_load_i8(const int8_t *p) {
     memcpy(&w, p, 4);
     return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w))))));
 }
+/* one vector of float8 (half.h): e4m3fn x 2^-8 (its NaN kept), e5m2 exact; through float16 bits */
+SA_INLINE vf_t vf_load_e4m3(const uint8_t *p) {
+    int32_t w;
+    memcpy(&w, p, 4);
+    int16x4_t s = vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w))));
+    uint16x4_t h = vand_u16(vreinterpret_u16_s16(vshl_n_s16(s, 7)), vdup_n_u16(0xbf80));
+    uint16x4_t nan = vceq_u16(vand_u16(h, vdup_n_u16(0x3f80)), vdup_n_u16(0x3f80));
+    return vcvt_f32_f16(vreinterpret_f16_u16(vorr_u16(h, vand_u16(nan, vdup_n_u16(0x7c00)))));
+}
+SA_INLINE vf_t vf_load_e5m2(const uint8_t *p) {
+    int32_t w;
+    memcpy(&w, p, 4);
+    uint16x4_t h = vshl_n_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_s32(vdup_n_s32(w)))), 8);
+    return vcvt_f32_f16(vreinterpret_f16_u16(h));
+}
 SA_INLINE void vf_to_f16_row(const float *s, uint16_t *d, int64_t n) {
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) vst1_u16(d + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(s + i))));

@@ -15,13 +15,17 @@ import selfattn
 from selfattn import reference
 
 AVAILABLE_ISAS = list(selfattn.config()["isas_available"])
-# The paths of the float32 and float64 kernels, the tests over ISAs run each of them. avx512bf16's
-# own kernels are bfloat16's forward, backward and decode (vdpbf16ps; tests/dtypes force them): for
-# every other storage it runs avx512's functions (dispatch.c's table), so it is not a separate path
-# for them. ALL_KNOWN_ISAS: every name, the most capable first.
-ISAS = [name for name in AVAILABLE_ISAS if name != "avx512bf16"]
+# The paths of the float32 and float64 kernels, the tests over ISAs run each of them. The
+# bfloat16-dot paths' own kernels are bfloat16's (avx512bf16: forward, backward and decode on
+# vdpbf16ps; neonbf16: forward and backward on BFDOT; tests/dtypes/test_bf16_dot*.py force them):
+# for every other storage they run their base path's functions (dispatch.c's table, BF16_DOT_BASE),
+# so they are not separate paths for them. BF16_DOT_ISA: the one this CPU runs, if any.
+# ALL_KNOWN_ISAS: every name, the most capable first.
+BF16_DOT_BASE = {"avx512bf16": "avx512", "neonbf16": "neon"}
+ISAS = [name for name in AVAILABLE_ISAS if name not in BF16_DOT_BASE]
+BF16_DOT_ISA = next((name for name in AVAILABLE_ISAS if name in BF16_DOT_BASE), None)
 KNOWN_ISAS = ("neon", "avx512", "avx2", "generic")
-ALL_KNOWN_ISAS = ("neon", "avx512bf16", "avx512", "avx2", "generic")
+ALL_KNOWN_ISAS = ("neonbf16", "neon", "avx512bf16", "avx512", "avx2", "generic")
 MISSING_ISAS = [name for name in KNOWN_ISAS if name not in ISAS]
 DTYPES = (np.float32, np.float64)
 

@@ -8,7 +8,10 @@
  * (sa_tile_params_get); the backward (sa_attn_bwd_*) against naive float64
  * gradients, with GQA and the structured masks, bit-identical for 1, 2 (and 3)
  * threads; the decode schedule on paged K/V (block_table, pages of 1 .. bk + 3
- * rows, NaN in every page row no key fills).
+ * rows, NaN in every page row no key fills). Then bfloat16 storage
+ * (sa_attn_args.storage) on every ISA: the forward (widened, or on the
+ * bfloat16-dot paths avx512bf16 / neonbf16 their own kernels) and, on those,
+ * the backward, against the same float64 references on the rounded values.
  * Prints "N passed, M failed"; exit status 1 on any failure.
  */
 #include <math.h>
@@ -18,7 +21,10 @@
 #include <string.h>
 #include "selfattn.h"
 
-static int n_pass = 0, n_fail = 0, n_cases = 0;
+static int n_pass = 0, n_fail = 0, n_cases = 0, n_cases16 = 0;
+/* bfloat16 storage: q, k, v, out (and dout, dq, dk, dv) are bfloat16, the
+ * kernels float32 (store() / load() with element size 2) */
+static int store16 = 0;
 
 static double urand(uint64_t *s)
 {
@@ -79,13 +85,32 @@ static void naive(int64_t L, int64_t S, int64_t Su, int64_t E, int64_t Ev, const
     free(s);
 }
 
+/* element i of a buffer of float (dsize 4), double (8) or bfloat16 (2:
+ * rounded to nearest even, NaN kept quiet, as the kernels round) */
 static void store(void *dst, int dsize, size_t i, double x)
 {
-    if (dsize == 4) ((float *)dst)[i] = (float)x; else ((double *)dst)[i] = x;
+    if (dsize == 2) {
+        float f = (float)x;
+        uint32_t b;
+        memcpy(&b, &f, 4);
+        if ((b & 0x7fffffffu) > 0x7f800000u) b |= 0x400000u;
+        else b += 0x7fffu + ((b >> 16) & 1u);
+        ((uint16_t *)dst)[i] = (uint16_t)(b >> 16);
+    } else if (dsize == 4) {
+        ((float *)dst)[i] = (float)x;
+    } else {
+        ((double *)dst)[i] = x;
+    }
 }
 
 static double load(const void *src, int dsize, size_t i)
 {
+    if (dsize == 2) {
+        uint32_t b = (uint32_t)((const uint16_t *)src)[i] << 16;
+        float f;
+        memcpy(&f, &b, 4);
+        return f;
+    }
     return dsize == 4 ? ((const float *)src)[i] : ((const double *)src)[i];
 }
 
@@ -93,7 +118,8 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
                      const smoke_opts *o)
 {
     uint64_t seed = (uint64_t)(L * 131 + S * 17 + E * 7 + Ev + mkind * 1000 + causal * 5000 + o->units * 77);
-    n_cases++;
+    const int ed = store16 ? 2 : dsize;      /* q, k, v, out as stored */
+    if (store16) n_cases16++; else n_cases++;
     int64_t U = o->units;
     size_t nq = (size_t)(L * E), nk = (size_t)(S * E), nv = (size_t)(S * Ev), nm = (size_t)(L * S), no = (size_t)(L * Ev);
     double *qd = malloc(8 * (U * nq + 1)), *kd = malloc(8 * (U * nk + 1)), *vd = malloc(8 * (U * nv + 1));
@@ -108,12 +134,12 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     for (size_t i = 0; i < nm; i++) md[i] = mkind == 1 ? (urand(&seed) > -0.6) : 0.5 * urand(&seed);
     if (mkind == 2 && nm) md[0] = -INFINITY;
     /* inputs in the compute dtype, rounded, so both sides see the same numbers */
-    void *q = malloc((size_t)dsize * (U * nq + 1)), *k = malloc((size_t)dsize * (U * nk + 1));
-    void *v = malloc((size_t)dsize * (U * nv + 1)), *out = malloc((size_t)dsize * (U * no + 1));
+    void *q = malloc((size_t)ed * (U * nq + 1)), *k = malloc((size_t)ed * (U * nk + 1));
+    void *v = malloc((size_t)ed * (U * nv + 1)), *out = malloc((size_t)ed * (U * no + 1));
     void *lse = malloc((size_t)dsize * (U * L + 1)), *mask = malloc(8 * (nm + 1));
-    for (size_t i = 0; i < U * nq; i++) { store(q, dsize, i, qd[i]); qd[i] = load(q, dsize, i); }
-    for (size_t i = 0; i < U * nk; i++) { store(k, dsize, i, kd[i]); kd[i] = load(k, dsize, i); }
-    for (size_t i = 0; i < U * nv; i++) { store(v, dsize, i, vd[i]); vd[i] = load(v, dsize, i); }
+    for (size_t i = 0; i < U * nq; i++) { store(q, ed, i, qd[i]); qd[i] = load(q, ed, i); }
+    for (size_t i = 0; i < U * nk; i++) { store(k, ed, i, kd[i]); kd[i] = load(k, ed, i); }
+    for (size_t i = 0; i < U * nv; i++) { store(v, ed, i, vd[i]); vd[i] = load(v, ed, i); }
     for (size_t i = 0; i < nm; i++) { if (mkind == 1) ((uint8_t *)mask)[i] = md[i] != 0; else ((double *)mask)[i] = md[i]; }
     double scale = 1.0 / sqrt((double)(E ? E : 1));
     for (int64_t u = 0; u < U; u++) {
@@ -125,8 +151,8 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
               od + offo[u], ld + offl[u]);
         /* keys past S_u must never be read: plant NaN / Inf there */
         for (int64_t j = su[u]; j < S; j++) {
-            for (int64_t e = 0; e < E; e++) store(k, dsize, (size_t)(offk[u] + j * E + e), NAN);
-            for (int64_t e = 0; e < Ev; e++) store(v, dsize, (size_t)(offv[u] + j * Ev + e), INFINITY);
+            for (int64_t e = 0; e < E; e++) store(k, ed, (size_t)(offk[u] + j * E + e), NAN);
+            for (int64_t e = 0; e < Ev; e++) store(v, ed, (size_t)(offv[u] + j * Ev + e), INFINITY);
         }
     }
     kvstart[U] = U;
@@ -137,21 +163,21 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     int32_t *bt = NULL;
     int64_t *btoff = NULL;
     if (o->page > 0) {
-        kp = malloc((size_t)dsize * (size_t)(N * ps * E + 1));
-        vp = malloc((size_t)dsize * (size_t)(N * ps * Ev + 1));
+        kp = malloc((size_t)ed * (size_t)(N * ps * E + 1));
+        vp = malloc((size_t)ed * (size_t)(N * ps * Ev + 1));
         bt = malloc(4 * (size_t)(N + 1));
         btoff = malloc(8 * (size_t)U);
-        for (int64_t i = 0; i < N * ps * E; i++) store(kp, dsize, (size_t)i, NAN);
-        for (int64_t i = 0; i < N * ps * Ev; i++) store(vp, dsize, (size_t)i, NAN);
+        for (int64_t i = 0; i < N * ps * E; i++) store(kp, ed, (size_t)i, NAN);
+        for (int64_t i = 0; i < N * ps * Ev; i++) store(vp, ed, (size_t)i, NAN);
         for (int64_t u = 0; u < U; u++) {
             btoff[u] = u * nb;
             for (int64_t b = 0; b < nb; b++) bt[u * nb + b] = (int32_t)(N - 1 - (u * nb + b));
             for (int64_t j = 0; j < su[u]; j++) {
                 int64_t row = bt[u * nb + j / ps] * ps + j % ps;
                 for (int64_t e = 0; e < E; e++)
-                    store(kp, dsize, (size_t)(row * E + e), load(k, dsize, (size_t)(offk[u] + j * E + e)));
+                    store(kp, ed, (size_t)(row * E + e), load(k, ed, (size_t)(offk[u] + j * E + e)));
                 for (int64_t e = 0; e < Ev; e++)
-                    store(vp, dsize, (size_t)(row * Ev + e), load(v, dsize, (size_t)(offv[u] + j * Ev + e)));
+                    store(vp, ed, (size_t)(row * Ev + e), load(v, ed, (size_t)(offv[u] + j * Ev + e)));
             }
         }
     }
@@ -173,6 +199,7 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     a.alibi_slope = o->slope != 0 ? slopes : NULL;
     a.softcap = o->softcap;
     a.schedule = o->schedule;
+    a.storage = store16 ? SA_STORE_BF16 : SA_STORE_NATIVE;
     if (o->page > 0) {
         a.k = kp; a.v = vp; a.kv_k_off = zeros; a.kv_v_off = zeros;
         a.block_table = bt; a.kv_bt_off = btoff; a.page_size = ps;
@@ -188,7 +215,10 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
      * NaN it stays NaN (so `err <= tol` fails) */
     double tol = dsize == 4 ? 2e-5 : 1e-12, err = 0;
 #define SA_WORST(d) do { double d_ = (d); if (!isnan(err) && !(d_ <= err)) err = d_; } while (0)
-    for (size_t i = 0; i < U * no; i++) SA_WORST(fabs(load(out, dsize, i) - od[i]));
+    /* bfloat16 out: within 2e-2 (its rounding, half an ulp: 2^-9 of |out| <= 1;
+     * on the bfloat16-dot paths, P's too: 2^-9 of max|v| = 1), scaled to tol */
+    const double oscale = store16 ? tol / 2e-2 : 1.0;
+    for (size_t i = 0; i < U * no; i++) SA_WORST(fabs(load(out, ed, i) - od[i]) * oscale);
     for (size_t i = 0; i < (size_t)(U * L); i++) {
         double l = load(lse, dsize, i);
         if (isinf(ld[i])) SA_WORST(l == ld[i] ? 0 : 1);
@@ -200,7 +230,7 @@ static void run_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
         n_fail++;
         printf("FAIL isa=%s f%d nt=%d mask=%d causal=%d L=%lld S=%lld E=%lld Ev=%lld units=%d window=%d(%lld,%lld) "
                "align=%d klen=%lld slope=%g softcap=%g schedule=%d page=%lld status=%d err=%g\n",
-               sa_isa_name(isa), dsize * 8, nt, mkind, causal, (long long)L, (long long)S, (long long)E,
+               sa_isa_name(isa), ed * 8, nt, mkind, causal, (long long)L, (long long)S, (long long)E,
                (long long)Ev, o->units, o->window, (long long)o->left, (long long)o->right, o->align,
                (long long)o->klen, o->slope, o->softcap, o->schedule, (long long)o->page, st, err);
     }
@@ -352,26 +382,27 @@ static void bwd_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
                      int G, const smoke_opts *o)
 {
     uint64_t seed = (uint64_t)(L * 31 + S * 7 + E * 3 + Ev + G * 101 + causal * 7000 + mkind * 300);
-    n_cases++;
+    const int ed = store16 ? 2 : dsize;      /* q, k, v, out, dout and the gradients as stored */
+    if (store16) n_cases16++; else n_cases++;
     const int64_t NKV = 2, U = NKV * G;
     size_t nq = (size_t)(L * E), nk = (size_t)(S * E), nv = (size_t)(S * Ev), no = (size_t)(L * Ev), nm = (size_t)(L * S);
     double *qd = calloc(U * nq + 1, 8), *kd = calloc(NKV * nk + 1, 8), *vd = calloc(NKV * nv + 1, 8);
     double *dod = calloc(U * no + 1, 8), *md = calloc(nm + 1, 8);
     double *gq = calloc(U * nq + 1, 8), *gk = calloc(NKV * nk + 1, 8), *gv = calloc(NKV * nv + 1, 8);
-    void *q = malloc((size_t)dsize * (U * nq + 1)), *k = malloc((size_t)dsize * (NKV * nk + 1));
-    void *v = malloc((size_t)dsize * (NKV * nv + 1)), *dout = malloc((size_t)dsize * (U * no + 1));
-    void *out = malloc((size_t)dsize * (U * no + 1)), *lse = malloc((size_t)dsize * (U * L + 1));
+    void *q = malloc((size_t)ed * (U * nq + 1)), *k = malloc((size_t)ed * (NKV * nk + 1));
+    void *v = malloc((size_t)ed * (NKV * nv + 1)), *dout = malloc((size_t)ed * (U * no + 1));
+    void *out = malloc((size_t)ed * (U * no + 1)), *lse = malloc((size_t)dsize * (U * L + 1));
     void *mask = malloc(8 * (nm + 1));
     void *g[3][3];                                    /* [run][dq, dk, dv] */
     size_t gn[3] = {U * nq, NKV * nk, NKV * nv};
     for (int r = 0; r < 3; r++)
-        for (int t = 0; t < 3; t++) g[r][t] = calloc(gn[t] + 1, (size_t)dsize);
+        for (int t = 0; t < 3; t++) g[r][t] = calloc(gn[t] + 1, (size_t)ed);
     int64_t su[64], offq[64], offo[64], offl[64], units[64], kvstart[3], offk[2], offv[2], zeros[64];
     double slopes[64];
-    for (size_t i = 0; i < U * nq; i++) { store(q, dsize, i, 2 * urand(&seed)); qd[i] = load(q, dsize, i); }
-    for (size_t i = 0; i < NKV * nk; i++) { store(k, dsize, i, 2 * urand(&seed)); kd[i] = load(k, dsize, i); }
-    for (size_t i = 0; i < NKV * nv; i++) { store(v, dsize, i, urand(&seed)); vd[i] = load(v, dsize, i); }
-    for (size_t i = 0; i < U * no; i++) { store(dout, dsize, i, urand(&seed)); dod[i] = load(dout, dsize, i); }
+    for (size_t i = 0; i < U * nq; i++) { store(q, ed, i, 2 * urand(&seed)); qd[i] = load(q, ed, i); }
+    for (size_t i = 0; i < NKV * nk; i++) { store(k, ed, i, 2 * urand(&seed)); kd[i] = load(k, ed, i); }
+    for (size_t i = 0; i < NKV * nv; i++) { store(v, ed, i, urand(&seed)); vd[i] = load(v, ed, i); }
+    for (size_t i = 0; i < U * no; i++) { store(dout, ed, i, urand(&seed)); dod[i] = load(dout, ed, i); }
     for (size_t i = 0; i < nm; i++) md[i] = mkind == 1 ? (urand(&seed) > -0.6) : 0.5 * urand(&seed);
     for (size_t i = 0; i < nm; i++) { if (mkind == 1) ((uint8_t *)mask)[i] = md[i] != 0; else ((double *)mask)[i] = md[i]; }
     double scale = 1.0 / sqrt((double)(E ? E : 1));
@@ -388,8 +419,8 @@ static void bwd_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     for (int64_t gkv = 0; gkv < NKV; gkv++) {
         offk[gkv] = gkv * (int64_t)nk; offv[gkv] = gkv * (int64_t)nv; kvstart[gkv] = gkv * G;
         for (int64_t j = smax[gkv]; j < S; j++) {          /* never read: NaN / Inf */
-            for (int64_t e = 0; e < E; e++) store(k, dsize, (size_t)(offk[gkv] + j * E + e), NAN);
-            for (int64_t e = 0; e < Ev; e++) store(v, dsize, (size_t)(offv[gkv] + j * Ev + e), INFINITY);
+            for (int64_t e = 0; e < E; e++) store(k, ed, (size_t)(offk[gkv] + j * E + e), NAN);
+            for (int64_t e = 0; e < Ev; e++) store(v, ed, (size_t)(offv[gkv] + j * Ev + e), INFINITY);
         }
     }
     kvstart[NKV] = U;
@@ -409,6 +440,7 @@ static void bwd_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
     a.k_len = o->klen >= 0 ? su : NULL;
     a.alibi_slope = o->slope != 0 ? slopes : NULL;
     a.softcap = o->softcap;
+    a.storage = store16 ? SA_STORE_BF16 : SA_STORE_NATIVE;
     a.dout = dout; a.dout_sl = Ev; a.dout_se = 1;
     a.dq_off = offq; a.dq_sl = E; a.dq_se = 1;
     a.dk_off = offk; a.dk_ss = E; a.dk_se = 1;
@@ -434,26 +466,28 @@ static void bwd_case(int isa, int dsize, int nt, int mkind, int causal, int64_t 
             free(raw);
         }
     }
-    /* worst error relative to each gradient's largest entry, NaN-propagating */
-    double err = 0, tol = dsize == 4 ? 2e-4 : 1e-10;
+    /* worst error relative to each gradient's largest entry, NaN-propagating
+     * (bfloat16: the gradients' rounding and P's, dS's and out's, measured at
+     * most 8e-3 in tests/dtypes/test_bf16_dot_backward.py) */
+    double err = 0, tol = store16 ? 3e-2 : dsize == 4 ? 2e-4 : 1e-10;
     const double *ref[3] = {gq, gk, gv};
     for (int t = 0; t < 3; t++) {
         double big = 1e-3;
         for (size_t i = 0; i < gn[t]; i++) if (fabs(ref[t][i]) > big) big = fabs(ref[t][i]);
         for (size_t i = 0; i < gn[t]; i++) {
-            double d = fabs(load(g[0][t], dsize, i) - ref[t][i]) / big;
+            double d = fabs(load(g[0][t], ed, i) - ref[t][i]) / big;
             if (!isnan(err) && !(d <= err)) err = d;
         }
     }
     int same = 1;
     for (int r = 1; r < runs; r++)
-        for (int t = 0; t < 3; t++) same &= memcmp(g[0][t], g[r][t], gn[t] * (size_t)dsize) == 0;
+        for (int t = 0; t < 3; t++) same &= memcmp(g[0][t], g[r][t], gn[t] * (size_t)ed) == 0;
     if (st == SA_OK && err <= tol && same) n_pass++;
     else {
         n_fail++;
         printf("FAIL backward isa=%s f%d nt=%d mask=%d causal=%d L=%lld S=%lld E=%lld Ev=%lld G=%d window=%d(%lld,%lld) "
                "align=%d klen=%lld slope=%g softcap=%g status=%d err=%g same-bits-1-3-threads=%d\n",
-               sa_isa_name(isa), dsize * 8, nt, mkind, causal, (long long)L, (long long)S, (long long)E, (long long)Ev,
+               sa_isa_name(isa), ed * 8, nt, mkind, causal, (long long)L, (long long)S, (long long)E, (long long)Ev,
                G, o->window, (long long)o->left, (long long)o->right, o->align, (long long)o->klen, o->slope,
                o->softcap, st, err, same);
     }
@@ -470,9 +504,9 @@ int main(void)
 {
     int n_isas = 0, n_guard = 0;
     for (int isa = 0; isa < SA_ISA_COUNT; isa++) {
-        /* avx512bf16 runs avx512's functions for float32 / float64 storage (its own kernel, the
-         * bfloat16 forward, is tested from Python: tests/dtypes) */
-        if (isa == SA_ISA_AVX512BF16) continue;
+        /* avx512bf16 and neonbf16 run avx512's / neon's functions for float32 / float64
+         * storage (their own kernels, bfloat16's, are tested from Python: tests/dtypes) */
+        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16) continue;
         if (!sa_isa_supported(isa)) {
             printf("isa %s: NOT TESTED (not available on this CPU/build)\n", sa_isa_name(isa));
             continue;
@@ -585,10 +619,54 @@ int main(void)
             }
         }
     }
+    /* bfloat16 storage (q, k, v, out; the backward's dout and gradients too) on every path this
+     * CPU runs, the bfloat16-dot ones included: the forward (plain, causal, masks, structured,
+     * decode, paged) and, where the path has its own bfloat16 backward, the backward (GQA,
+     * structured masks, 1 / 2 / 3 threads the same bits); sizes around the path's tile edges
+     * and odd E (a bfloat16 pair padded) */
+    store16 = 1;
+    for (int isa = 0; isa < SA_ISA_COUNT; isa++) {
+        if (!sa_isa_supported(isa)) continue;
+        sa_tile_params p;
+        if (sa_tile_params_get(isa, 4, &p) != SA_OK) { n_fail++; continue; }
+        const int64_t sh[4][4] = {{1, 1, 1, 1}, {p.bq + 1, p.bk + 1, 17, p.nv + 1}, {p.bq - 1, 2 * p.bk + 1, 64, 33},
+                                  {2, 300, 40, 24}};
+        const smoke_opts plain = {0, -1, -1, 0, -1, 0.0, 0.0, 1, SA_SCHEDULE_AUTO};
+        for (int nt = 1; nt <= 2; nt++)
+            for (int s = 0; s < 4; s++) {
+                int64_t L = sh[s][0], S = sh[s][1], E = sh[s][2], Ev = sh[s][3];
+                const smoke_opts cfg[3] = {
+                    {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, S > 3 ? S - 3 : S, 0.0, 0.0, 5, SA_SCHEDULE_AUTO},
+                    {1, 7, -1, SA_ALIGN_TOP_LEFT, -1, 0.3, 4.0, 3, SA_SCHEDULE_DECODE},
+                    {0, -1, -1, 0, -1, 0.0, 0.0, 3, SA_SCHEDULE_DECODE},
+                };
+                for (int mkind = 0; mkind < 3; mkind++) run_case(isa, 4, nt, mkind, mkind == 0, L, S, E, Ev, &plain);
+                run_case(isa, 4, nt, 0, 1, L, S, E, Ev, &cfg[0]);
+                run_case(isa, 4, nt, 2, 0, L, S, E, Ev, &cfg[1]);
+                smoke_opts pg = cfg[2];                   /* paged K/V: the decode schedule's (few rows) */
+                pg.page = 16;
+                if (L <= 3) run_case(isa, 4, nt, 1, 0, L, S, E, Ev, &pg);
+            }
+        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16) {
+            const smoke_opts bcfg[2] = {
+                {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, p.bk + 9, 0.0, 0.0, 1, SA_SCHEDULE_AUTO},
+                {1, 7, -1, SA_ALIGN_TOP_LEFT, -1, 0.3, 4.0, 1, SA_SCHEDULE_AUTO},
+            };
+            bwd_3_threads = 1;
+            for (int s = 1; s < 4; s++) {
+                bwd_case(isa, 4, 2, 0, 0, sh[s][0], sh[s][1], sh[s][2], sh[s][3], 1, &plain);
+                bwd_case(isa, 4, 2, 1, 1, sh[s][0], sh[s][1], sh[s][2], sh[s][3], 3, &bcfg[0]);
+                bwd_case(isa, 4, 2, 2, 0, sh[s][0], sh[s][1], sh[s][2], sh[s][3], 2, &bcfg[1]);
+            }
+            bwd_3_threads = 0;
+        }
+    }
+    store16 = 0;
     /* per isa: 2 dtypes x 2 thread counts x ((4 masking kinds + 5 schedules x N_STRUCTURED) x N_SHAPES
      * + 13 decode cases (8 paged) x 6 shapes + 4 banded cases) + the guard-page cases */
     printf("best isa: %s, openmp: %d, isas tested: %d, cases per isa: %d\n", sa_isa_name(sa_isa_best()),
            sa_openmp_enabled(), n_isas, n_cases / (n_isas ? n_isas : 1));
+    printf("bfloat16 storage cases: %d\n", n_cases16);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }

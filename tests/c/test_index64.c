@@ -357,7 +357,8 @@ int main(void)
     signal(SIGBUS, on_crash);
     int n_isas = 0;
     for (int isa = 0; isa < SA_ISA_COUNT; isa++) {
-        if (isa == SA_ISA_AVX512BF16) continue;   /* avx512's functions for float32 / float64 */
+        /* avx512's / neon's functions for float32 / float64 */
+        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16) continue;
         if (!sa_isa_supported(isa)) {
             printf("isa %s not supported here: skipped\n", sa_isa_name(isa));
             continue;

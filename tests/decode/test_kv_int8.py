@@ -177,11 +177,11 @@ def test_kvcache_int8():
 @pytest.mark.parametrize("call,exc,msg", [
     (lambda q, kq, ks, vq, vs: sdpa(q, kq, vq, k_scale=ks), TypeError, "k_scale and v_scale go together"),
     (lambda q, kq, ks, vq, vs: sdpa(q, kq.astype(np.float32), vq, k_scale=ks, v_scale=vs), TypeError,
-     "k_scale and v_scale are for int8 key and value"),
+     "k_scale and v_scale are for quantized key and value"),
     (lambda q, kq, ks, vq, vs: sdpa(q.astype(np.float64), kq, vq, k_scale=ks, v_scale=vs), TypeError,
      "with int8 key and value the query must be float32, got float64"),
     (lambda q, kq, ks, vq, vs: sdpa(q, kq, vq, k_scale=ks[..., :-1], v_scale=vs), ValueError,
-     r"k_scale must have the shape of key without its last dim"),
+     r"k_scale must broadcast to the shape of key without its last dim"),
     (lambda q, kq, ks, vq, vs: sdpa(q, kq, vq, k_scale=ks.astype(np.int32), v_scale=vs), TypeError,
      r"k_scale must be floating"),
     (lambda q, kq, ks, vq, vs: selfattn.scaled_dot_product_attention_vjp(q, kq, vq, k_scale=ks, v_scale=vs), TypeError,

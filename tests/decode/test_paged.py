@@ -214,7 +214,7 @@ def test_paged_empty_sequences_and_rows():
                                         k_scale=np.ones((4, 4, 2), np.float32)), TypeError, "go together"),
     (lambda a: selfattn.paged_attention(a["q"], a["kp"].astype(np.int8), a["vp"].astype(np.int8), a["bt"], a["sl"],
                                         k_scale=np.ones((4, 4), np.float32), v_scale=np.ones((4, 4), np.float32)),
-     ValueError, "k_scale must have the shape of k_pages"),
+     ValueError, "k_scale must broadcast to the shape of k_pages"),
 ])
 def test_paged_misuse(call, exc, msg):
     rng = np.random.default_rng(8)

@@ -29,13 +29,17 @@ def test_c_kernels_against_naive_reference(tmp_path, openmp):
     assert int(info.group(1)) == (1 if openmp else 0)
     # every path this CPU runs was run (the C program sees the same CPU), and every case passed
     assert int(info.group(2)) == len(ISAS), r.stdout[-2000:]
-    assert int(m.group(1)) == int(info.group(3)) * len(ISAS) > 0, r.stdout[-2000:]
+    n16 = re.search(r"^bfloat16 storage cases: (\d+)$", r.stdout, re.M)     # every path, the bfloat16-dot ones too
+    assert n16 and int(n16.group(1)) > 0, r.stdout[-2000:]
+    assert int(m.group(1)) == int(info.group(3)) * len(ISAS) + int(n16.group(1)), r.stdout[-2000:]
 
 
-def test_c_kernels_aarch64_under_qemu(tmp_path):
+@pytest.mark.parametrize("cpu,best", [("max", "neonbf16"), ("cortex-a72", "neon")])
+def test_c_kernels_aarch64_under_qemu(tmp_path, cpu, best):
     """The neon and generic paths, cross-compiled for aarch64 and run under qemu-aarch64 (when
     both tools are installed: CI step 6, .ci/aarch64_qemu.sh, installs them and also runs the
-    OpenMP build; this is the serial one)."""
+    OpenMP build; this is the serial one), on an emulated CPU with the BF16 extension (qemu's
+    max: neonbf16 the best path) and one without (Cortex-A72: neon)."""
     import shutil
 
     from sa_testutil import C_SOURCES, SRC_C
@@ -50,9 +54,12 @@ def test_c_kernels_aarch64_under_qemu(tmp_path):
         + ["-lm", "-static", "-o", str(exe)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env_without_sanitizer())
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
-    r = subprocess.run([qemu, str(exe)], capture_output=True, text=True, timeout=600, env=env_without_sanitizer())
+    r = subprocess.run([qemu, "-cpu", cpu, str(exe)], capture_output=True, text=True, timeout=600,
+                       env=env_without_sanitizer())
     m = re.search(r"^(\d+) passed, (\d+) failed$", r.stdout, re.M)
     assert r.returncode == 0 and m and int(m.group(2)) == 0, r.stdout[-4000:] + r.stderr[-2000:]
     info = re.search(r"best isa: (\w+), openmp: 0, isas tested: (\d+), cases per isa: (\d+)", r.stdout)
-    assert info and info.group(1) == "neon" and info.group(2) == "2", r.stdout[-2000:]
-    assert int(m.group(1)) == 2 * int(info.group(3)) > 0
+    assert info and info.group(1) == best and info.group(2) == "2", r.stdout[-2000:]
+    n16 = re.search(r"^bfloat16 storage cases: (\d+)$", r.stdout, re.M)
+    assert n16 and int(n16.group(1)) > 0, r.stdout[-2000:]
+    assert int(m.group(1)) == 2 * int(info.group(3)) + int(n16.group(1)) > 0

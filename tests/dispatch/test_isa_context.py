@@ -16,13 +16,13 @@ import pytest
 
 import selfattn
 from selfattn import _core
-from sa_testutil import ISAS
+from sa_testutil import BF16_DOT_BASE, ISAS
 
 sdpa = selfattn.scaled_dot_product_attention
 DEFAULT = selfattn.config()["isa"]
-# the path whose float32 bits a path gives: avx512bf16 (the default on AMD's Zen 4 / 5) runs
-# avx512's float32 kernels, its own are bfloat16's (sa_testutil.ISAS leaves it out)
-BITS = {"avx512bf16": "avx512"}
+# the path whose float32 bits a path gives: a bfloat16-dot path (avx512bf16, the default on AMD's
+# Zen 4 / 5; neonbf16) runs its base path's float32 kernels (sa_testutil.ISAS leaves it out)
+BITS = BF16_DOT_BASE
 DEFAULT_BITS = BITS.get(DEFAULT, DEFAULT)
 
 needs_two = pytest.mark.skipif(len(ISAS) < 2, reason="only one instruction set runs on this CPU")

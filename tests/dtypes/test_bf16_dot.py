@@ -1,24 +1,27 @@
-"""The avx512bf16 path's bfloat16 forward: vdpbf16ps on bfloat16 pairs (src_c/attn_bf16dot_avx512.h).
+"""The bfloat16-dot path's bfloat16 forward (avx512bf16: vdpbf16ps; neonbf16: BFDOT) on bfloat16 pairs
+(src_c/attn_bf16dot.h), whichever this CPU runs (sa_testutil.BF16_DOT_ISA).
 
 Scores are the exact products of the stored bfloat16 values summed in float32; the probabilities
 are rounded to bfloat16 for P.V (as flash attention does), their sums kept in float32. So the error
 against float64 is the output's rounding plus at most 2^-9 of max|v| from the probabilities'
 rounding: bounded here on every option and schedule, and no larger than torch's own bfloat16 SDPA
 where torch is installed. The packing is exact, so any layout of q, k, v gives the same bits as
-contiguous copies, and any thread count the same bits. The default on AMD's Zen 4 / Zen 5; on
-Intel's CPUs (slower vdpbf16ps) it runs when forced, as here. Its decode schedule has its own
-scores on vdpbf16ps (test_bf16_dot_decode.py), its backward too (test_bf16_dot_backward.py); its
-float16 and float32 calls are avx512's: checked bit for bit against avx512's.
+contiguous copies, and any thread count the same bits. avx512bf16 is the default on AMD's Zen 4 /
+Zen 5; on Intel's CPUs (slower vdpbf16ps) it runs when forced, as here; neonbf16 wherever the CPU
+has BF16 (under qemu in CI). avx512bf16's decode schedule has its own scores on vdpbf16ps
+(test_bf16_dot_decode.py); the backward is its own on both (test_bf16_dot_backward.py); their
+float16 and float32 calls (and neonbf16's decode) are the base path's: checked bit for bit.
 """
 
 import numpy as np
 import pytest
 
 import selfattn
-from sa_testutil import AVAILABLE_ISAS, assert_bits, forced_schedule, optional_import, randn
+from sa_testutil import BF16_DOT_BASE, BF16_DOT_ISA, assert_bits, forced_schedule, optional_import, randn
 
-pytestmark = pytest.mark.skipif("avx512bf16" not in AVAILABLE_ISAS,
-                                reason="the avx512bf16 kernels cannot run on this CPU/build (no AVX512_BF16)")
+pytestmark = pytest.mark.skipif(BF16_DOT_ISA is None, reason="no bfloat16-dot path (avx512bf16, neonbf16) "
+                                "can run on this CPU/build (no AVX512_BF16 / BF16)")
+BASE = BF16_DOT_BASE.get(BF16_DOT_ISA)
 
 
 sdpa = selfattn.scaled_dot_product_attention
@@ -26,7 +29,7 @@ EPS = 2.0 ** -7     # one bfloat16 ulp at 1.0
 
 
 def dot(*args, **kw):
-    with selfattn.use_isa("avx512bf16"):
+    with selfattn.use_isa(BF16_DOT_ISA):
         return sdpa(*args, **kw)
 
 
@@ -134,28 +137,30 @@ def test_nonfinite_and_fully_masked_rows(bf16):
     assert np.isfinite(o[0, 0, [0, 3]]).all() and np.isfinite(lse[0, 0, [0, 3]]).all()
 
 
-def test_decode_float16_and_float32_are_avx512s(bf16):
-    """avx512bf16's own kernels are bfloat16's: its float16 and float32 calls, decode and forward,
-    are avx512's functions (the same bits). Its bfloat16 decode computes the scores on vdpbf16ps
-    (test_bf16_dot_decode.py): no longer avx512's bits, within the bound here."""
+def test_decode_float16_and_float32_are_the_base_paths(bf16):
+    """A bfloat16-dot path's own kernels are bfloat16's: its float16 and float32 calls, decode and
+    forward, are its base path's functions (the same bits). avx512bf16's bfloat16 decode computes
+    the scores on vdpbf16ps (test_bf16_dot_decode.py): no longer avx512's bits, within the bound
+    here; neonbf16's is neon's."""
     rng = np.random.default_rng(3)
     for dt in (bf16, np.dtype(np.float16), np.dtype(np.float32)):
         q, k, v = randn(rng, (1, 8, 1, 64), dt), randn(rng, (1, 2, 900, 64), dt), randn(rng, (1, 2, 900, 64), dt)
         got = dot(q, k, v, enable_gqa=True)
-        with selfattn.use_isa("avx512"):
+        with selfattn.use_isa(BASE):
             want = sdpa(q, k, v, enable_gqa=True)
-        if dt == bf16:
+        if dt == bf16 and BF16_DOT_ISA == "avx512bf16":
             check_bound(got, q, k, v, dict(enable_gqa=True), "decode bfloat16")
         else:
             assert_bits(got, want, f"decode {dt}")
         if dt != bf16:
             q = randn(rng, (1, 8, 100, 64), dt)
             got = dot(q, k, v, enable_gqa=True)
-            with selfattn.use_isa("avx512"):
+            with selfattn.use_isa(BASE):
                 assert_bits(got, sdpa(q, k, v, enable_gqa=True), f"forward {dt}")
 
 
 def test_the_path_is_named():
-    paths = selfattn._core.storage_paths("avx512bf16")
-    assert paths["bfloat16"] == "vdpbf16ps" and paths["float16"] == "AVX-512 vcvtph2ps"
-    assert selfattn._core.storage_paths("avx512")["bfloat16"] == "shifts"
+    paths = selfattn._core.storage_paths(BF16_DOT_ISA)
+    assert paths == {"avx512bf16": {"bfloat16": "vdpbf16ps", "float16": "AVX-512 vcvtph2ps"},
+                     "neonbf16": {"bfloat16": "BFDOT", "float16": "NEON fcvtl"}}[BF16_DOT_ISA]
+    assert selfattn._core.storage_paths(BASE)["bfloat16"] == "shifts"

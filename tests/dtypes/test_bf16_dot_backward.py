@@ -1,5 +1,6 @@
-"""The avx512bf16 path's bfloat16 backward: vdpbf16ps on bfloat16 pairs (src_c/attn_bwd_body.h under
-BF16_DOT, the pair kernels of src_c/attn_bf16dot_avx512.h).
+"""The bfloat16-dot path's bfloat16 backward (avx512bf16: vdpbf16ps; neonbf16: BFDOT) on bfloat16
+pairs (src_c/attn_bwd_body.h under BF16_DOT, the pair kernels of src_c/attn_bf16dot.h), whichever
+this CPU runs (sa_testutil.BF16_DOT_ISA).
 
 q, k, v, out and dO are read as stored; the scores are the forward's (the same products summed in
 the same order), P and dS are rounded to bfloat16 for the four products that take them (dV = P^T dO,
@@ -16,11 +17,11 @@ import numpy as np
 import pytest
 
 import selfattn
-from sa_testutil import AVAILABLE_ISAS, ISAS, assert_bits, optional_import, randn
+from sa_testutil import BF16_DOT_ISA, ISAS, assert_bits, optional_import, randn
 from test_bf16_dot import CASES, make_case
 
-pytestmark = pytest.mark.skipif("avx512bf16" not in AVAILABLE_ISAS,
-                                reason="the avx512bf16 kernels cannot run on this CPU/build (no AVX512_BF16)")
+pytestmark = pytest.mark.skipif(BF16_DOT_ISA is None, reason="no bfloat16-dot path (avx512bf16, neonbf16) "
+                                "can run on this CPU/build (no AVX512_BF16 / BF16)")
 
 # err <= REL |ref| + SHARE[grad] max|ref|: REL covers the gradient's own rounding (half an ulp is
 # 2^-9); SHARE what P, dS and out rounded to bfloat16 contribute (measured: at most 8e-3 of max|ref|
@@ -30,11 +31,11 @@ SHARE = {"q": 2.0 ** -6, "k": 2.0 ** -6, "v": 2.0 ** -8}
 
 
 def vjp_dot(q, k, v, **kw):
-    with selfattn.use_isa("avx512bf16"):
+    with selfattn.use_isa(BF16_DOT_ISA):
         out, vjp = selfattn.scaled_dot_product_attention_vjp(q, k, v, **kw)
 
     def run(dout):
-        with selfattn.use_isa("avx512bf16"):
+        with selfattn.use_isa(BF16_DOT_ISA):
             return vjp(dout)
     return out, run
 
@@ -182,7 +183,7 @@ def test_varlen_flex_dropout_and_torch(bf16):
 
     def varlen():
         return selfattn.varlen_attention_vjp(h, kv, kv, cu, cu, is_causal=True, enable_gqa=True)[1](dout)
-    with selfattn.use_isa("avx512bf16"):
+    with selfattn.use_isa(BF16_DOT_ISA):
         got = varlen()
     close_to_widened(got, varlen, "varlen")
 
@@ -196,14 +197,14 @@ def test_varlen_flex_dropout_and_torch(bf16):
     def flex():
         return selfattn.flex_attention_vjp(q, k, v, lambda s, b, h, qi, ki: s - 0.05 * abs(qi - ki),
                                            block_mask=bm)[1](dflex)
-    with selfattn.use_isa("avx512bf16"):
+    with selfattn.use_isa(BF16_DOT_ISA):
         got = flex()
     close_to_widened(got[:3], flex, "flex")
 
     # dropout: the same mask regenerated in the backward
     def drop():
         return selfattn.scaled_dot_product_attention_vjp(q, k, v, dropout_p=0.2, seed=3)[1](dflex)
-    with selfattn.use_isa("avx512bf16"):
+    with selfattn.use_isa(BF16_DOT_ISA):
         got = drop()
     close_to_widened(got, drop, "dropout")
 
@@ -211,7 +212,7 @@ def test_varlen_flex_dropout_and_torch(bf16):
     torch = optional_import("torch")
     import selfattn.torch as st
     tq, tk, tv = (torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16).requires_grad_() for a in (q, k, v))
-    with selfattn.use_isa("avx512bf16"):
+    with selfattn.use_isa(BF16_DOT_ISA):
         st.scaled_dot_product_attention(tq, tk, tv, is_causal=True).backward(
             torch.from_numpy(dflex.astype(np.float32)).to(torch.bfloat16))
         want = vjp_dot(q, k, v, is_causal=True)[1](dflex)
@@ -220,11 +221,11 @@ def test_varlen_flex_dropout_and_torch(bf16):
 
 
 def test_schedule_is_the_native_backward(bf16):
-    """schedule(backward=True) describes the kernel that runs: bfloat16 problems on avx512bf16 get
-    the vdpbf16ps backward's workspace (the paired P^T, dS^T), elsewhere the float32 copies'."""
+    """schedule(backward=True) describes the kernel that runs: bfloat16 problems on the bfloat16-dot path get
+    the bfloat16-dot backward's workspace (the paired P^T, dS^T), elsewhere the float32 copies'."""
     q = np.ones((1, 2, 100, 64), bf16)
     p = selfattn._core.describe(q, q, q)
-    with selfattn.use_isa("avx512bf16"):
+    with selfattn.use_isa(BF16_DOT_ISA):
         native = p.schedule(backward=True)
     with selfattn.use_isa(ISAS[0]):
         widened = p.schedule(backward=True)

@@ -4,9 +4,9 @@ Each layer's keys and values in a PagedKVCache, one sequence per batch row, appe
 attention (attn_implementation="selfattn") reads the pages. The greedy tokens are those of the dense
 new_cache and of sdpa (float32; bfloat16: the dense cache's and transformers' DynamicCache's under
 selfattn), GQA, sliding windows, softcap and sinks included; with no left padding the logits are the
-dense cache's bit for bit, float or int8 (the kernels' contract: paged equals dense at the same
-kv_dtype), and with it within float32's rounding (the dense path reads left-padded rows backwards:
-its sums run in another order). Crop, beam search's reorder, batch selection and repetition keep
+dense cache's bit for bit, float, int8, bfloat16 or float16 K/V (the kernels' contract: paged equals
+dense at the same kv_dtype), and with it within float32's rounding (the dense path reads left-padded
+rows backwards: its sums run in another order); float8 pages within float8's rounding. Crop, beam search's reorder, batch selection and repetition keep
 the rows the dense cache keeps; blocks running out, masks the pages cannot take, a padding that
 changes and another attention implementation are clear errors.
 """
@@ -195,6 +195,86 @@ def test_int8_pages(rows):
     assert _logits_equal(got, dense) if rows == 1 else _logits_close(got, dense)
 
 
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_16_bit_pages_under_a_float32_model(kv_dtype):
+    """kv_dtype bfloat16 / float16 (a float32 model's K/V stored in half the bytes): the dense cache's
+    tokens and logits, bit for bit."""
+    optional_import("ml_dtypes")
+    model = _model()
+    dense = _generate(model, NAME, sat.new_cache(model.config, max_len=23, kv_dtype=kv_dtype), rows=1,
+                      max_new_tokens=12)
+    cache = sat.new_cache(model.config, max_len=23, kv_dtype=kv_dtype, paged=True)
+    got = _generate(model, NAME, cache, rows=1, max_new_tokens=12)
+    assert cache.layers[0].pages.k_pages.dtype.name == kv_dtype
+    assert torch.equal(got.sequences, dense.sequences) and _logits_equal(got, dense)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_pages(kv_dtype):
+    """float8 pages, one scale per kv head set by the batch's first rows (and set again by the next
+    batch's, after reset): fed the float cache's tokens, the logits stay within float8's rounding of
+    the float cache's (3 mantissa bits: a few % of the largest; this random model's near-ties flip
+    free-running greedy tokens)."""
+    optional_import("ml_dtypes")
+    model = _model()
+    ref = _generate(model, NAME, sat.new_cache(model.config, max_len=23, paged=True), max_new_tokens=12)
+    cache = sat.new_cache(model.config, max_len=23, kv_dtype=kv_dtype, paged=True)
+    ids, mask = _batch(3)
+    tokens, err = ref.sequences, []
+    with torch.no_grad():
+        for t in range(12):                     # the prompt, then one token at a time, teacher-forced
+            n = 11 + t
+            step = tokens[:, :n] if t == 0 else tokens[:, n - 1:n]
+            m = torch.cat([mask, torch.ones(3, t, dtype=mask.dtype)], 1)
+            pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)[:, -step.shape[1]:]      # as generate() numbers them
+            logits = model(step, attention_mask=m, position_ids=pos, use_cache=True,
+                           **cache_kw(model, cache)).logits[:, -1]
+            want = ref.logits[t]
+            err.append((logits - want).abs().max().item() / want.abs().max().item())
+    print(f"{kv_dtype} pages: the logits' largest error per step, relative to the largest logit: {err}")
+    assert max(err) <= (0.05 if kv_dtype == "float8_e4m3fn" else 0.1)        # measured 0.023 and 0.067
+    pages = cache.layers[0].pages
+    assert pages.k_pages.dtype.name == kv_dtype and pages.k_scales.shape == (2,)       # one per kv head
+    # a new batch after reset: its own scales, as a new cache's
+    scales = pages.k_scales.copy()
+    cache.reset()
+    fresh = sat.new_cache(model.config, max_len=23, kv_dtype=kv_dtype, paged=True)
+    other = torch.tensor([[1, 2, 3, 4, 5]] * 3)              # the same batch size: the same pool
+    with torch.no_grad():
+        model(other, use_cache=True, **cache_kw(model, cache))
+        model(other, use_cache=True, **cache_kw(model, fresh))
+    assert np.array_equal(cache.layers[0].pages.k_scales, fresh.layers[0].pages.k_scales)
+    assert not np.array_equal(cache.layers[0].pages.k_scales, scales)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_dense_cache(kv_dtype):
+    """The dense new_cache(kv_dtype=float8): one scale per sequence and kv head (set by its first
+    rows); the float8 views reach the attention with their scales. Fed the float cache's tokens,
+    the logits stay within float8's rounding of the float cache's (as the pages' test)."""
+    optional_import("ml_dtypes")
+    model = _model()
+    ref = _generate(model, NAME, sat.new_cache(model.config, max_len=23), max_new_tokens=12)
+    cache = sat.new_cache(model.config, max_len=23, kv_dtype=kv_dtype)
+    ids, mask = _batch(3)
+    tokens, err = ref.sequences, []
+    with torch.no_grad():
+        for t in range(12):
+            n = 11 + t
+            step = tokens[:, :n] if t == 0 else tokens[:, n - 1:n]
+            m = torch.cat([mask, torch.ones(3, t, dtype=mask.dtype)], 1)
+            pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)[:, -step.shape[1]:]
+            logits = model(step, attention_mask=m, position_ids=pos, use_cache=True,
+                           **cache_kw(model, cache)).logits[:, -1]
+            want = ref.logits[t]
+            err.append((logits - want).abs().max().item() / want.abs().max().item())
+    print(f"{kv_dtype} dense cache: the logits' largest error per step, relative to the largest logit: {err}")
+    assert max(err) <= (0.05 if kv_dtype == "float8_e4m3fn" else 0.1)
+    kv = cache.layers[0].kv
+    assert kv.keys.dtype.name == kv_dtype and kv.key_scales.shape == (3, 2, 1)
+    assert cache.layers[0].keys.dtype == getattr(torch, kv_dtype)
+
+
 def test_beam_search_forks_and_frees():
     """Beam search's reorder every step: forks of the beams kept (blocks shared, copied when written), the
     old sequences freed; the tokens are sdpa's, and no block leaks."""
@@ -344,9 +424,9 @@ def test_clear_errors():
         model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
     model.eval()
     # int8 pages take a float32 model's K/V
-    bf16 = _model(dtype=torch.bfloat16)
+    f16 = _model(dtype=torch.float16)             # (float16: no ml_dtypes needed for its arrays)
     with pytest.raises(TypeError, match="holds a float32 model's keys"):
-        _generate(bf16, NAME, sat.new_cache(bf16.config, max_len=30, kv_dtype="int8", paged=True), max_new_tokens=2)
+        _generate(f16, NAME, sat.new_cache(f16.config, max_len=30, kv_dtype="int8", paged=True), max_new_tokens=2)
     # masks the pages cannot take: padding not on the left, right padding, a caller's 4-D mask
     model.set_attn_implementation(NAME)
     hole = torch.ones(3, 11, dtype=torch.long)

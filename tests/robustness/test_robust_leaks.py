@@ -11,6 +11,7 @@ design; the sanitizer run and .ci/valgrind.sh cover leaks there).
 import ctypes
 import ctypes.util
 import gc
+import importlib.util
 import os
 import sys
 
@@ -98,6 +99,19 @@ def _calls():
     pids = [pcache.add_sequence(), pcache.add_sequence()]
     pcache.append(pids, k, v, counts=[40, 33])
 
+    # float8 (one scale per head) and a float16 cache under float32 queries: read as stored
+    narrow = {}
+    if importlib.util.find_spec("ml_dtypes") is not None:
+        (k8, ks8), (v8, vs8) = selfattn.quantize_kv(k, "float8_e4m3fn"), selfattn.quantize_kv(v, "float8_e4m3fn")
+        fcache = selfattn.KVCache(2, 4, 64, 16, 8, kv_dtype="float8_e5m2")
+        fcache.append(k, v)
+        narrow = {
+            "sdpa_float8_kv_decode": lambda: sdpa(q[:, :, :1], k8, v8, k_scale=ks8, v_scale=vs8),
+            "sdpa_float8_kv_packed": lambda: sdpa(q, k8, v8, k_scale=ks8, v_scale=vs8, is_causal=True),
+            "kvcache_float8_append_attend": lambda: (fcache.reset(), fcache.append(k, v), fcache.attend(q[:, :, :2])),
+        }
+    narrow["sdpa_float16_kv_decode"] = lambda: sdpa(q[:, :, :1], k.astype(np.float16), v.astype(np.float16))
+
     doc = np.repeat([0, 1, 2], [10, 20, 10])
     bm = selfattn.create_block_mask(lambda b, h, i, j: (doc[i + 7] == doc[j]) | (j < 2), None, None, 33, 40,
                                     BLOCK_SIZE=8)
@@ -117,6 +131,7 @@ def _calls():
                                                  pcache.free(pcache.fork(pids[0]))),
         "sdpa_sinks_sink_tokens": lambda: sdpa(q, k, v, sinks=[0.5, 1.0, -1.0, 0.0], window_size=(4, 0),
                                                num_sink_tokens=3, is_causal=True, return_lse=True),
+        **narrow,
         "sdpa": lambda: sdpa(q, k, v),
         "sdpa_bool_mask": lambda: sdpa(q, k, v, attn_mask=bmask),
         "sdpa_float_mask_lse": lambda: sdpa(q, k, v, attn_mask=fmask, return_lse=True),

@@ -1,12 +1,14 @@
 /*
- * attn_bf16dot_avx512.h -- bfloat16's own pieces on AVX512_BF16 (a template
- * of attn_kernels.h, included for the avx512bf16 target only: T float, VW 16,
- * BF16_DOT 1). attn_fwd_body.h and attn_bwd_body.h call these instead of the
- * float32 packing and micro-kernels; the rest (masks, online softmax,
- * schedules, output) is the float32 code.
+ * attn_bf16dot.h -- bfloat16's own pieces on a bfloat16 dot product (a
+ * template of attn_kernels.h, included for the targets with BF16_DOT 1: T
+ * float; avx512bf16, VW 16, on vdpbf16ps; neonbf16, VW 4, on BFDOT). Written
+ * once on the pair primitives vbh_* of simd_<target>bf16.h; attn_fwd_body.h
+ * and attn_bwd_body.h call these instead of the float32 packing and
+ * micro-kernels; the rest (masks, online softmax, schedules, output) is the
+ * float32 code.
  *
- * vdpbf16ps multiplies pairs of bfloat16 and adds both products to a float32
- * lane: acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1]. So operands are kept in
+ * vdpbf16ps and BFDOT multiply pairs of bfloat16 and add both products to a
+ * float32 lane: acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1] (vbh_dot). So operands are kept in
  * 32-bit words of two bfloat16, paired along the dimension being summed:
  *   Q tile   [BQ][E2] words: (q[2e], q[2e+1]) -- the stored row, E2 = ceil(E/2)
  *   K block  [E2][BK] words: word (e2, j) = (k[j][2e2], k[j][2e2+1])
@@ -20,8 +22,9 @@
  * words, pack_row_pairs); dQ = dS K along keys (dS paired in place like P,
  * K like V). One micro-kernel, mm_pairs, takes every backward product.
  * An odd E or key count is padded with zeros. Scores are the exact products
- * summed in float32 (vdpbf16ps treats subnormal inputs as zero and flushes
- * subnormal results: far below what a softmax can see), times scale*log2(e).
+ * summed in float32 (vdpbf16ps and BFDOT treat subnormal inputs as zero and
+ * flush subnormal results: far below what a softmax can see; BFDOT's own
+ * rounding of a pair's sum differs in the last bit), times scale*log2(e).
  */
 
 static inline uint32_t FN(word_at)(const void *p)
@@ -90,11 +93,7 @@ static void FN(pack_row_pairs)(const void *base, int64_t off, int64_t ss, int64_
         const uint16_t *ra = j < nvalid ? src + j * ss : zeros, *rb = j + 1 < nvalid ? src + (j + 1) * ss : zeros;
         int64_t sa = j < nvalid ? se : 0, sb = j + 1 < nvalid ? se : 0;   /* a missing row reads zeros[0] */
         if (sa == 1 && sb == 1)
-            for (; c + VW <= ncols; c += VW) {
-                __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(ra + c)));
-                __m512i y = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(rb + c)));
-                _mm512_storeu_si512((void *)(d + c), _mm512_or_si512(x, _mm512_slli_epi32(y, 16)));
-            }
+            for (; c + VW <= ncols; c += VW) vbh_zip(ra + c, rb + c, d + c);
         for (; c < ncols; c++) d[c] = (uint32_t)ra[c * sa] | (uint32_t)rb[c * sb] << 16;
         for (; c < wpad; c++) d[c] = 0;
     }
@@ -109,28 +108,28 @@ static void FN(pack_v_pairs)(const void *base, int64_t off, int64_t ss, int64_t 
 
 /* St[MR][nr*VW] = qs * (Qw[MR][E2] . Kw[E2][..]), St rows BK apart */
 SA_INLINE void FN(qk_tile_pairs)(const uint32_t *SA_RESTRICT Qw, int64_t E2, const uint32_t *SA_RESTRICT Kw,
-                                 T *SA_RESTRICT St, const int nr, __m512 qs)
+                                 T *SA_RESTRICT St, const int nr, VT qs)
 {
-    __m512 acc[MR][NRV];
+    VT acc[MR][NRV];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < nr; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < nr; c++) acc[r][c] = V(zero)();
     for (int64_t e = 0; e < E2; e++) {
-        __m512bh kv[NRV];
-        for (int c = 0; c < nr; c++) kv[c] = (__m512bh)_mm512_loadu_si512((const void *)(Kw + e * BK + c * VW));
+        vbh_t kv[NRV];
+        for (int c = 0; c < nr; c++) kv[c] = vbh_load(Kw + e * BK + c * VW);
         for (int r = 0; r < MR; r++) {
-            __m512bh qb = (__m512bh)_mm512_set1_epi32((int)Qw[r * E2 + e]);
-            for (int c = 0; c < nr; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, kv[c]);
+            vbh_t qb = vbh_set1(Qw[r * E2 + e]);
+            for (int c = 0; c < nr; c++) acc[r][c] = vbh_dot(acc[r][c], qb, kv[c]);
         }
     }
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < nr; c++) _mm512_storeu_ps(St + r * BK + c * VW, _mm512_mul_ps(acc[r][c], qs));
+        for (int c = 0; c < nr; c++) V(store)(St + r * BK + c * VW, V(mul)(acc[r][c], qs));
 }
 
 /* scores of a group of MR rows over block keys [c0, c1), whole vectors (as qk_range) */
 static inline void FN(qk_range_pairs)(const uint32_t *Qw, int64_t E2, const uint32_t *Kw, T *St, int64_t c0,
                                       int64_t c1, T qscale)
 {
-    __m512 qs = _mm512_set1_ps(qscale);
+    VT qs = V(set1)(qscale);
     while (c0 < c1) {
         if (c0 % KEYS_PER_TILE == 0 && c0 + KEYS_PER_TILE <= c1) {
             FN(qk_tile_pairs)(Qw, E2, Kw + c0, St + c0, NRV, qs);
@@ -149,12 +148,8 @@ static inline void FN(p_to_bf16)(T *s, int64_t a0, int64_t b0)
 {
     uint16_t *h = (uint16_t *)(void *)s;
     int64_t j = a0;
-    for (; j + VW <= b0; j += VW)
-        _mm256_storeu_si256((__m256i *)(void *)(h + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
-    if (j < b0) {
-        __mmask16 m = (__mmask16)((1u << (b0 - j)) - 1u);
-        _mm256_mask_storeu_epi16((void *)(h + j), m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + j)));
-    }
+    for (; j + VW <= b0; j += VW) vbh_store_rne(h + j, V(load)(s + j));
+    if (j < b0) vbh_store_rne_n(h + j, s + j, b0 - j);
 }
 
 /* O[MR][nv*VW] = alpha[r] O + P[MR] . V over key pairs [jp0, jp1): P rows BK
@@ -162,21 +157,21 @@ static inline void FN(p_to_bf16)(T *s, int64_t a0, int64_t b0)
 SA_INLINE void FN(pv_tile_pairs)(const T *SA_RESTRICT P, int64_t jp0, int64_t jp1, const uint32_t *SA_RESTRICT Vw,
                                  int64_t evp, T *SA_RESTRICT O, const T *SA_RESTRICT alpha, const int nv)
 {
-    __m512 acc[MR][NVV];
+    VT acc[MR][NVV];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < nv; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < nv; c++) acc[r][c] = V(zero)();
     for (int64_t jp = jp0; jp < jp1; jp++) {
-        __m512bh vv[NVV];
-        for (int c = 0; c < nv; c++) vv[c] = (__m512bh)_mm512_loadu_si512((const void *)(Vw + jp * evp + c * VW));
+        vbh_t vv[NVV];
+        for (int c = 0; c < nv; c++) vv[c] = vbh_load(Vw + jp * evp + c * VW);
         for (int r = 0; r < MR; r++) {
-            __m512bh pb = (__m512bh)_mm512_set1_epi32((int)FN(word_at)(P + r * BK + jp));
-            for (int c = 0; c < nv; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, vv[c]);
+            vbh_t pb = vbh_set1(FN(word_at)(P + r * BK + jp));
+            for (int c = 0; c < nv; c++) acc[r][c] = vbh_dot(acc[r][c], pb, vv[c]);
         }
     }
     for (int r = 0; r < MR; r++) {
-        __m512 al = _mm512_set1_ps(alpha[r]);
+        VT al = V(set1)(alpha[r]);
         for (int c = 0; c < nv; c++)
-            _mm512_storeu_ps(O + r * evp + c * VW, _mm512_fmadd_ps(_mm512_loadu_ps(O + r * evp + c * VW), al, acc[r][c]));
+            V(store)(O + r * evp + c * VW, V(fma)(V(load)(O + r * evp + c * VW), al, acc[r][c]));
     }
 }
 
@@ -198,19 +193,19 @@ SA_INLINE void FN(mm_pairs_tile)(const uint32_t *SA_RESTRICT A, int64_t ars, int
                                  const uint32_t *SA_RESTRICT B, int64_t bs, T *SA_RESTRICT C, int64_t crs, const int nv,
                                  const int accumulate)
 {
-    __m512 acc[BWD_MR][NVV];
+    VT acc[BWD_MR][NVV];
     for (int r = 0; r < BWD_MR; r++)
-        for (int c = 0; c < nv; c++) acc[r][c] = accumulate ? _mm512_loadu_ps(C + r * crs + c * VW) : _mm512_setzero_ps();
+        for (int c = 0; c < nv; c++) acc[r][c] = accumulate ? V(load)(C + r * crs + c * VW) : V(zero)();
     for (int64_t k = 0; k < K2; k++) {
-        __m512bh b[NVV];
-        for (int c = 0; c < nv; c++) b[c] = (__m512bh)_mm512_loadu_si512((const void *)(B + k * bs + c * VW));
+        vbh_t b[NVV];
+        for (int c = 0; c < nv; c++) b[c] = vbh_load(B + k * bs + c * VW);
         for (int r = 0; r < BWD_MR; r++) {
-            __m512bh av = (__m512bh)_mm512_set1_epi32((int)A[r * ars + k * acs]);
-            for (int c = 0; c < nv; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, b[c]);
+            vbh_t av = vbh_set1(A[r * ars + k * acs]);
+            for (int c = 0; c < nv; c++) acc[r][c] = vbh_dot(acc[r][c], av, b[c]);
         }
     }
     for (int r = 0; r < BWD_MR; r++)
-        for (int c = 0; c < nv; c++) _mm512_storeu_ps(C + r * crs + c * VW, acc[r][c]);
+        for (int c = 0; c < nv; c++) V(store)(C + r * crs + c * VW, acc[r][c]);
 }
 
 /* mm_pairs_tile over ncols columns (a multiple of VW) */
@@ -236,11 +231,8 @@ static void FN(mm_pairs)(const uint32_t *A, int64_t ars, int64_t acs, int64_t K2
 static void FN(pair_rows_t)(const T *X, int64_t npairs, int64_t c0, int64_t c1, uint32_t *dst)
 {
     for (int64_t p = 0; p < npairs; p++)
-        for (int64_t j = c0; j < c1; j += VW) {
-            __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(X + 2 * p * BK + j)));
-            __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(X + (2 * p + 1) * BK + j)));
-            _mm512_storeu_si512((void *)(dst + p * BK + j), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-        }
+        for (int64_t j = c0; j < c1; j += VW)
+            vbh_zip_f32(V(load)(X + 2 * p * BK + j), V(load)(X + (2 * p + 1) * BK + j), dst + p * BK + j);
 }
 
 /* element i of stored bfloat16 values, widened (exact) */
