@@ -2,6 +2,7 @@
 
     python bench/kv_quant.py            # the shapes, S = 8192 .. 65536 (about a minute)
     python bench/kv_quant.py --quick    # S = 8192 only (seconds)
+    python bench/kv_quant.py --sizes 1024 --threads 1 --rounds 200   # K/V in cache: the work per key
 
 A decode step reads every cached key and value once: it is bound by those bytes. The same step
 (one query row per head, grouped-query heads stacked) runs on the same K/V stored as float32 and
@@ -37,8 +38,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--sizes", type=int, nargs="+", help="the cache lengths S (default 8192 32768 65536)")
+    ap.add_argument("--threads", type=int, help="threads (default: selfattn's default)")
     args = ap.parse_args(argv)
-    nt = impls.default_threads()
+    nt = args.threads or impls.default_threads()
     impls.pin_threads(nt)
     c = selfattn.config()
     print(f"CPU: {impls.cpu_model()} | selfattn {c['version']} isa={c['isa']} threads={nt}")
@@ -47,7 +50,7 @@ def main(argv=None):
         import ml_dtypes
     except ImportError:
         ml_dtypes = None
-    sizes = [8192] if args.quick else [8192, 32768, 65536]
+    sizes = args.sizes or ([8192] if args.quick else [8192, 32768, 65536])
     sdpa = selfattn.scaled_dot_product_attention
     fails = []
     print(f"\n{'shape':<20}{'S':>7}{'kind':>8}{'ms':>9}{'MB read':>9}{'GB/s':>7}{'x fp32':>8}")
