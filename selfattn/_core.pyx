@@ -30,7 +30,7 @@ cnp.import_array()
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
 
-ISA_NAMES = ("generic", "avx2", "avx512", "neon", "avx512bf16", "neonbf16")   # sa_isa values
+ISA_NAMES = ("generic", "avx2", "avx512", "neon", "avx512bf16", "neonbf16", "avx512amx")   # sa_isa values
 
 cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)

@@ -17,6 +17,7 @@ cdef extern from "selfattn.h" nogil:
         SA_ISA_NEON
         SA_ISA_AVX512BF16
         SA_ISA_NEONBF16
+        SA_ISA_AVX512AMX
         SA_ISA_COUNT
 
     ctypedef enum sa_storage:

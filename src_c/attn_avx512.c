@@ -81,4 +81,40 @@
 #else
 #pragma GCC pop_options
 #endif
+
+/* The avx512amx target (avx512bf16 above plus AMX-TILE and AMX-BF16:
+ * Sapphire Rapids and later): bfloat16's forward on AMX tiles (attn_amx.h),
+ * the rest of its pairs code (packing, P rounding) avx512bf16's; every other
+ * storage's forward avx512's. Only the forward is compiled: dispatch.c's
+ * table gives it avx512's decode and backward (on Intel's cores widening
+ * outruns vdpbf16ps, see sa_isa_preferred). */
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,avx512bf16,amx-tile,amx-bf16"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,avx512bf16,amx-tile,amx-bf16")
+#endif
+#undef ISUF
+#define ISUF avx512amx
+#define BF16_BASE_ISUF avx512
+#define T float
+#define VP vf
+#define VW VF_W
+#define TSUF f32
+#define STORE16 1
+#define BF16_DOT 1
+#define BF16_AMX 1
+#define MR 8
+#define NRV 2
+#define NVV 2
+#define BQ 64
+#define BK 128
+#include "attn_kernels.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif

@@ -127,12 +127,18 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
 #if BF16_DOT
     const int64_t E2 = (E + 1) / 2;
     uint32_t *Qw = (uint32_t *)(void *)Qp;
-    for (int64_t r = 0; r < rows_eff; r++) {
+#if BF16_AMX
+    const int64_t rows_q = sa_round_up(rows, SA_AMX_ROWS);     /* AMX reads whole tiles of 16 rows */
+#else
+    const int64_t rows_q = rows_eff;
+#endif
+    for (int64_t r = 0; r < rows_q; r++) {
         if (r < rows)
             FN(load_q_pairs)(a->q, a->q_off[u] + (i0 + r) * a->q_sl, a->q_se, E, Qw + r * E2);
         else
             for (int64_t e = 0; e < E2; e++) Qw[r * E2 + e] = 0;
-        for (int64_t col = 0; col < evp; col++) Oacc[r * evp + col] = 0;
+        if (r < rows_eff)
+            for (int64_t col = 0; col < evp; col++) Oacc[r * evp + col] = 0;
     }
 #else
     for (int64_t r = 0; r < rows_eff; r++) {
@@ -159,6 +165,9 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
         sa_rows_keys2(&um, i0 + r0, i0 + last - 1, &glo[r0 / MR], &ghi[r0 / MR], &gshi[r0 / MR]);
     }
 
+#if BF16_AMX
+    FN(amx_config)(E2);                          /* this thread's tiles, until tile_release below */
+#endif
     int64_t kb_last = sa_blocks_last(tshi, tlo, thi, BK);    /* -1: no row of the tile sees a key */
     for (int64_t kb = sa_blocks_first(tshi, tlo, thi, BK); kb <= kb_last;
          kb = sa_blocks_next(tshi, tlo, thi, BK, kb)) {
@@ -180,12 +189,16 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
         }
 
         /* a. scores, each group over its own micro-tiles */
+#if BF16_AMX
+        FN(qk_groups_amx)(Qw, E2, (const uint32_t *)(const void *)Kb, St, cs, ce, rows_eff, c->qscale);
+#else
         for (int64_t r0 = 0; r0 < rows_eff; r0 += MR)
 #if BF16_DOT
             FN(qk_range_pairs)(Qw + r0 * E2, E2, (const uint32_t *)(const void *)Kb, St + r0 * BK, cs[r0 / MR],
                                ce[r0 / MR], c->qscale);
 #else
             FN(qk_range)(Qp + r0 * E, E, Kb, St + r0 * BK, cs[r0 / MR], ce[r0 / MR]);
+#endif
 #endif
 
         /* b. masks, row max (over the row's own keys), new running max */
@@ -220,6 +233,11 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
 
         /* e. O = alpha*O + P.V over the group's keys only: a key no row of the
          * group sees is never read from V (a group with none still rescales) */
+#if BF16_AMX
+        FN(pv_groups_amx)(St, ga, gb, rows_eff, (const uint32_t *)(const void *)(Kb + E * BK), evp, Oacc, alpha);
+        (void)Vb;
+        (void)vstride;
+#else
         for (int64_t r0 = 0; r0 < rows_eff; r0 += MR) {
             int64_t g = r0 / MR;
 #if BF16_DOT
@@ -236,7 +254,11 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
                         alpha + r0);
 #endif
         }
+#endif
     }
+#if BF16_AMX
+    _tile_release();
+#endif
 
     /* 3. normalise and write out (attn_pack.h's store_row: in out's storage);
      * a sink (log2 units here) joins the denominator as one more weight */

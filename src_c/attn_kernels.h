@@ -16,6 +16,10 @@
  *            of BF16_BASE_ISUF (avx512, neon), the target it extends
  *   BF16_DECODE_PAIRS 1 (avx512bf16): the decode's scores on pairs too
  *            (attn_micro.h, decode_dots_pairs); else the base's decode
+ *   BF16_AMX 1 (avx512amx, with BF16_DOT): the forward's Q.K^T and P.V on
+ *            AMX tiles (attn_amx.h) instead of vbh_dot; only the forward
+ *            is compiled (dispatch.c's table gives avx512's decode and
+ *            backward)
  * It defines attn_fwd_, attn_decode_, attn_bwd_<TSUF>_<ISUF> (dispatch.c's
  * function table lists them) and sa_params_<TSUF>_<ISUF>, and undefines the
  * macros above. The pieces, in order (each a template on these macros; no
@@ -74,6 +78,9 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #ifndef BF16_DECODE_PAIRS
 #define BF16_DECODE_PAIRS 0
 #endif
+#ifndef BF16_AMX
+#define BF16_AMX 0
+#endif
 
 #include "score_mod.h"     /* here, not in attn_internal.h: compiled for the target */
 #include "attn_pack.h"
@@ -81,6 +88,9 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #include "attn_rows.h"
 #if BF16_DOT
 #include "attn_bf16dot.h"
+#endif
+#if BF16_AMX
+#include "attn_amx.h"
 #endif
 
 /* the split-KV merge of the decode schedule: unnormalised partials (O, m, l)
@@ -94,8 +104,10 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #include "lse_merge.h"
 
 #include "attn_fwd_body.h"
+#if !BF16_AMX                  /* avx512amx: the forward only (its decode and backward are avx512's) */
 #include "attn_decode_body.h"
 #include "attn_bwd_body.h"
+#endif
 
 #undef FN
 #undef V
@@ -103,6 +115,7 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #undef STORE16
 #undef BF16_DOT
 #undef BF16_DECODE_PAIRS
+#undef BF16_AMX
 #undef BF16_BASE_ISUF
 #undef KEYS_PER_TILE
 #undef DEC_NV

@@ -20,6 +20,13 @@
 #else
 #define SA_POSIX 0
 #endif
+#if SA_HAVE_X86_TARGETS
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
 #if SA_HAVE_NEON_TARGET && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP2_BF16
@@ -102,6 +109,11 @@ enum { SA_DT_F32, SA_DT_F64, SA_DT_COUNT };   /* columns of the table */
  * neon's), float64 avx512's / neon's */
 #define SA_KERNEL_ROW_AVX512BF16 {SA_KERNEL_SET(f32, avx512bf16), SA_KERNEL_SET(f64, avx512)}
 #define SA_KERNEL_ROW_NEONBF16 {SA_KERNEL_SET(f32, neonbf16), SA_KERNEL_SET(f64, neon)}
+/* avx512amx: its forward (bfloat16 storage on AMX tiles, any other avx512's);
+ * the decode and backward avx512's (its tile sizes are avx512's: a test checks) */
+#define SA_KERNEL_ROW_AVX512AMX                                                                                   \
+    {{attn_fwd_f32_avx512amx, attn_decode_f32_avx512, attn_bwd_f32_avx512, &sa_params_f32_avx512amx}, \
+     SA_KERNEL_SET(f64, avx512)}
 
 /* one function table: row = instruction set, column = dtype */
 static const sa_kernel sa_kernels[SA_ISA_COUNT][SA_DT_COUNT] = {
@@ -128,6 +140,11 @@ static const sa_kernel sa_kernels[SA_ISA_COUNT][SA_DT_COUNT] = {
 #else
     SA_KERNEL_NONE,
 #endif
+#if SA_HAVE_X86_TARGETS
+    SA_KERNEL_ROW_AVX512AMX,
+#else
+    SA_KERNEL_NONE,
+#endif
 };
 
 /* The Armv8.6 BF16 extension (BFDOT, BFCVTN), as the OS reports it */
@@ -144,6 +161,41 @@ static int sa_arm_has_bf16(void)
 #endif
 }
 
+#if SA_HAVE_X86_TARGETS
+/* AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24, 22), their state enabled by
+ * the OS (XCR0 bits 17, 18) and, on Linux, the tile data granted to this
+ * process (arch_prctl ARCH_REQ_XCOMP_PERM; without it the first tile
+ * instruction faults). Asked once; anything missing: no AMX path. */
+static int sa_amx_usable;
+static void sa_amx_probe(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return;     /* OSXSAVE: xgetbv */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return;
+#if defined(__linux__)
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return;
+#else
+    return;      /* other systems: not tested here, so not used */
+#endif
+    sa_amx_usable = 1;
+}
+#if SA_POSIX
+static pthread_once_t sa_amx_once = PTHREAD_ONCE_INIT;
+#endif
+static int sa_cpu_has_amx(void)
+{
+#if SA_POSIX
+    pthread_once(&sa_amx_once, sa_amx_probe);
+    return sa_amx_usable;
+#else
+    return 0;
+#endif
+}
+#endif
+
 static int sa_cpu_has(int isa)
 {
     if (isa == SA_ISA_GENERIC) return 1;
@@ -154,10 +206,11 @@ static int sa_cpu_has(int isa)
     if (isa == SA_ISA_AVX2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("f16c");   /* float16 storage: vcvtph2ps */
-    if (isa == SA_ISA_AVX512 || isa == SA_ISA_AVX512BF16)
+    if (isa == SA_ISA_AVX512 || isa == SA_ISA_AVX512BF16 || isa == SA_ISA_AVX512AMX)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-               (isa == SA_ISA_AVX512 || __builtin_cpu_supports("avx512bf16"));
+               (isa == SA_ISA_AVX512 || __builtin_cpu_supports("avx512bf16")) &&
+               (isa != SA_ISA_AVX512AMX || sa_cpu_has_amx());
 #endif
     return 0;
 }
@@ -205,6 +258,7 @@ const char *sa_isa_name(int isa)
     case SA_ISA_NEON: return "neon";
     case SA_ISA_AVX512BF16: return "avx512bf16";
     case SA_ISA_NEONBF16: return "neonbf16";
+    case SA_ISA_AVX512AMX: return "avx512amx";
     default: return "unknown";
     }
 }
@@ -218,12 +272,16 @@ const char *sa_isa_name(int isa)
 const char *sa_storage_path(int isa, int storage)
 {
     if (storage == SA_STORE_BF16)
-        return isa == SA_ISA_AVX512BF16 ? "vdpbf16ps" : isa == SA_ISA_NEONBF16 ? "BFDOT" : "shifts";
+        return isa == SA_ISA_AVX512BF16  ? "vdpbf16ps"
+               : isa == SA_ISA_NEONBF16  ? "BFDOT"
+               : isa == SA_ISA_AVX512AMX ? "AMX tdpbf16ps"
+                                         : "shifts";
     if (storage != SA_STORE_F16) return "native";
     switch (isa) {
     case SA_ISA_AVX2: return "F16C vcvtph2ps";
     case SA_ISA_AVX512:
-    case SA_ISA_AVX512BF16: return "AVX-512 vcvtph2ps";
+    case SA_ISA_AVX512BF16:
+    case SA_ISA_AVX512AMX: return "AVX-512 vcvtph2ps";
     case SA_ISA_NEON:
     case SA_ISA_NEONBF16: return "NEON fcvtl";
     default: return "portable C";

@@ -81,7 +81,10 @@ typedef enum {
     SA_ISA_NEONBF16 = 5,     /* NEON + the Armv8.6 BF16 extension (HWCAP2_BF16):
                                 bfloat16's forward and backward on BFDOT;
                                 everything else neon's                        */
-    SA_ISA_COUNT = 6
+    SA_ISA_AVX512AMX = 6,    /* avx512bf16 + AMX-TILE/AMX-BF16, the OS granting
+                                the tile data: bfloat16's forward on AMX tiles;
+                                everything else avx512's                      */
+    SA_ISA_COUNT = 7
 } sa_isa;
 
 /* ---- mask element types ------------------------------------------------ */
@@ -371,7 +374,8 @@ typedef struct {
 /* What this build and this CPU can do. */
 int sa_isa_supported(int isa);       /* 1 if compiled in and the CPU runs it      */
 int sa_isa_best(void);               /* the best supported sa_isa                 */
-const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon", "avx512bf16", "neonbf16" */
+const char *sa_isa_name(int isa);    /* "generic", "avx2", "avx512", "neon", "avx512bf16", "neonbf16",
+                                        "avx512amx" */
 const char *sa_storage_path(int isa, int storage);  /* 16-bit storage on isa: the float32
                                         kernels, values widened by this ("shifts", "F16C ...") */
 int sa_openmp_enabled(void);         /* 1 if built with OpenMP                    */
