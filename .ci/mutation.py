@@ -50,6 +50,7 @@ PACK = "src_c/attn_pack.h"
 HALF = "src_c/half.h"
 MICRO = "src_c/attn_micro.h"
 INTERNAL = "src_c/attn_internal.h"
+AMX = "src_c/attn_amx.h"
 MUTANTS = [
     ("nan_output", BODY, "Oacc + r * evp, (T)1 / l[r]);", "Oacc + r * evp, (T)NAN);",
      "every output row is NaN (the fmax() blind spot of the old C smoke test)"),
@@ -150,12 +151,33 @@ MUTANTS = [
      "a negative index into a captured array is clamped to 0 instead of wrapping once (NumPy's)"),
     ("pack_i8_scale_of_next_key", PACK, "T f = jj < nvalid ? (T)sc[jj * scs] : 0;",
      "T f = jj + 1 < nvalid ? (T)sc[(jj + 1) * scs] : 0;", "int8 K/V packed with the next key's scale"),
+    ("amx_p_tail_not_zeroed", AMX, "for (int64_t w = b; w < hi; w++) pw[w] = 0;", "(void)0;",
+     "AMX's P.V: a row's words past its group's keys (the other group's range) keep stale scores"),
+    ("amx_p_head_not_zeroed", AMX, "for (int64_t w = lo; w < a; w++) pw[w] = 0;", "(void)0;",
+     "AMX's P.V: a row's words before its group's keys keep stale scores (windows)"),
+    ("amx_e_remainder_dropped", AMX, "if (e16 < E2) {", "if (0) {",
+     "AMX's Q.K^T: the last E2 % 16 words of E left out (E not a multiple of 32)"),
 ]
+
+# A mutant that only a CPU feature runs (/proc/cpuinfo's flag; prefix of its name -> flag) is
+# skipped, and said so, where the CPU lacks it: its path is not built to run there, so no test can
+# kill it (the tests of that path skip too). The record of a full pass says which CPU ran them.
+NEEDS_CPU = {"amx_": "amx_bf16"}
+
+
+def cpu_flags():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(m.group(1).split()) if m else set()
 
 # A mutant of a feature meets that feature's own test file first (when it is among --tests): with
 # -x its run then stops in seconds instead of after every other file (the same files run either way)
 FIRST_TESTS = {"score_mod_": "test_flex_score_mod.py", "dropout_": "test_dropout.py", "block_mask_": "test_flex.py",
-               "paged_": "test_paged.py", "decode_i8_": "test_kv_int8.py", "sink": "test_sinks.py"}
+               "paged_": "test_paged.py", "decode_i8_": "test_kv_int8.py", "sink": "test_sinks.py",
+               "amx_": "test_bf16_dot.py"}
 
 
 def tests_for(name, files):
@@ -309,6 +331,12 @@ def main(argv=None):
     ap.add_argument("--interpreter", default=sys.executable, help="Python with numpy, Cython, pytest, hypothesis")
     args = ap.parse_args(argv)
     mutants = [m for m in MUTANTS if not args.only or m[0] in args.only]
+    flags = cpu_flags()
+    for m in list(mutants):
+        need = next((f for p, f in NEEDS_CPU.items() if m[0].startswith(p)), None)
+        if need and need not in flags:
+            log(f"SKIPPED  {m[0]}: this CPU lacks {need} (its path does not run here)")
+            mutants.remove(m)
     test_args = {"files": args.tests, "extra": ["-x"] if args.x else []}
     survivors, rows = [], []
     with tempfile.TemporaryDirectory(prefix="selfattn-mutation-") as tmp:

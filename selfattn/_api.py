@@ -63,7 +63,7 @@ def _effective_isa() -> str:
 
 
 def set_isa(name: str) -> str:
-    """Make instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neonbf16', 'neon' or 'generic') the process-wide default.
+    """Make instruction set `name` ('avx512amx', 'avx512bf16', 'avx512', 'avx2', 'neonbf16', 'neon' or 'generic') the process-wide default.
 
     Every thread and task uses the default, except inside a :func:`use_isa` block, which
     overrides it for its own context. ``SELFATTN_ISA`` sets the default at import.
@@ -515,7 +515,8 @@ def config() -> Dict[str, Any]:
         bfloat16 and float16 inputs run on that instruction set: widened to float32 for the
         float32 kernels by e.g. ``'shifts'`` or ``'F16C vcvtph2ps'``, or ``'vdpbf16ps'`` /
         ``'BFDOT'``: the avx512bf16 / neonbf16 path's bfloat16 forward and backward (and on
-        avx512bf16 the decode's scores) multiply bfloat16 pairs; the rest widens).
+        avx512bf16 the decode's scores) multiply bfloat16 pairs; the rest widens; or
+        ``'AMX tdpbf16ps'``: the avx512amx path's bfloat16 forward multiplies them on AMX tiles).
 
     Examples
     --------
@@ -544,13 +545,18 @@ def show_config(file: Optional[IO[str]] = None) -> None:
     Example output: ``selfattn 0.1.0: isa=avx512 (available: avx512, avx512bf16, avx2, generic),
     openmp=yes, default_threads=2, bfloat16/float16: float32 kernels, widened by shifts / AVX-512
     vcvtph2ps``; on AMD's Zen 4 / Zen 5 (isa=avx512bf16): ``bfloat16: vdpbf16ps (forward, backward,
-    decode q.k; decode P.V widened by shifts), float16: float32 kernels, widened by AVX-512 vcvtph2ps``.
+    decode q.k; decode P.V widened by shifts), float16: float32 kernels, widened by AVX-512 vcvtph2ps``;
+    on Intel's with AMX (isa=avx512amx): ``bfloat16: AMX tdpbf16ps (forward; backward and decode
+    widened by shifts), ...``.
     """
     c = config()
     file = sys.stdout if file is None else file
     bf, f16 = c["half"]["bfloat16"], c["half"]["float16"]
     if bf == "vdpbf16ps":
         half = (f"bfloat16: vdpbf16ps (forward, backward, decode q.k; decode P.V widened by shifts), "
+                f"float16: float32 kernels, widened by {f16}")
+    elif bf == "AMX tdpbf16ps":
+        half = (f"bfloat16: AMX tdpbf16ps (forward; backward and decode widened by shifts), "
                 f"float16: float32 kernels, widened by {f16}")
     elif bf == "BFDOT":
         half = (f"bfloat16: BFDOT (forward, backward; decode widened by shifts), "
@@ -565,7 +571,7 @@ def show_config(file: Optional[IO[str]] = None) -> None:
 
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
-    """Force instruction set `name` ('avx512bf16', 'avx512', 'avx2', 'neonbf16', 'neon', 'generic') in a with block, this context only.
+    """Force instruction set `name` ('avx512amx', 'avx512bf16', 'avx512', 'avx2', 'neonbf16', 'neon', 'generic') in a with block, this context only.
 
     The choice is held in a :class:`contextvars.ContextVar`: it applies to the calls made by
     the thread (or asyncio task) that entered the block, and to nothing else. Other threads

@@ -73,7 +73,7 @@ settings.register_profile("thorough", max_examples=400, deadline=None, suppress_
                           print_blob=True)
 settings.load_profile(os.environ.get("SELFATTN_HYPOTHESIS_PROFILE", "ci"))
 
-from sa_testutil import BF16_DOT_ISA, ISAS, MISSING_ISAS, missing_isa_reason  # noqa: E402
+from sa_testutil import BF16_FWD_ISAS, ISAS, MISSING_ISAS, missing_isa_reason  # noqa: E402
 
 
 def _cpu_model():
@@ -126,8 +126,8 @@ def pytest_report_header(config):
 def pytest_terminal_summary(terminalreporter, config):
     # said again at the end of the log, where a reader of CI's output looks first
     terminalreporter.write_line(f"selfattn kernel paths tested: {', '.join(ISAS)}"
-                                + (f" (and {BF16_DOT_ISA}'s bfloat16 kernels: tests/dtypes/test_bf16_dot*.py)"
-                                   if BF16_DOT_ISA else ""))
+                                + (f" (and the bfloat16 kernels of {', '.join(BF16_FWD_ISAS)}: "
+                                   "tests/dtypes/test_bf16_dot*.py)" if BF16_FWD_ISAS else ""))
     for name in MISSING_ISAS:       # said once, here, where a reader of CI's log looks first
         terminalreporter.write_line(f"note: {missing_isa_reason(name)}")
     n_slow = getattr(config, "_selfattn_slow_left_out", 0)

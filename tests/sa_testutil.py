@@ -19,13 +19,18 @@ AVAILABLE_ISAS = list(selfattn.config()["isas_available"])
 # bfloat16-dot paths' own kernels are bfloat16's (avx512bf16: forward, backward and decode on
 # vdpbf16ps; neonbf16: forward and backward on BFDOT; tests/dtypes/test_bf16_dot*.py force them):
 # for every other storage they run their base path's functions (dispatch.c's table, BF16_DOT_BASE),
-# so they are not separate paths for them. BF16_DOT_ISA: the one this CPU runs, if any.
+# so they are not separate paths for them. BF16_DOT_ISA: the vdpbf16ps / BFDOT one this CPU runs, if
+# any (its own backward, and on avx512bf16 its own decode).
 # ALL_KNOWN_ISAS: every name, the most capable first.
-BF16_DOT_BASE = {"avx512bf16": "avx512", "neonbf16": "neon"}
+BF16_DOT_BASE = {"avx512bf16": "avx512", "neonbf16": "neon", "avx512amx": "avx512"}
 ISAS = [name for name in AVAILABLE_ISAS if name not in BF16_DOT_BASE]
-BF16_DOT_ISA = next((name for name in AVAILABLE_ISAS if name in BF16_DOT_BASE), None)
+BF16_DOT_ISA = next((name for name in AVAILABLE_ISAS if name in ("avx512bf16", "neonbf16")), None)
+# the paths with a bfloat16 forward of their own: BF16_DOT_ISA's, and avx512amx's (AMX tiles;
+# its decode and backward are avx512's) where the CPU has AMX (tests/dtypes/test_bf16_dot.py
+# runs each of them)
+BF16_FWD_ISAS = [name for name in AVAILABLE_ISAS if name in BF16_DOT_BASE]
 KNOWN_ISAS = ("neon", "avx512", "avx2", "generic")
-ALL_KNOWN_ISAS = ("neonbf16", "neon", "avx512bf16", "avx512", "avx2", "generic")
+ALL_KNOWN_ISAS = ("avx512amx", "neonbf16", "neon", "avx512bf16", "avx512", "avx2", "generic")
 MISSING_ISAS = [name for name in KNOWN_ISAS if name not in ISAS]
 DTYPES = (np.float32, np.float64)
 

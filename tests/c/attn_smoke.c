@@ -504,9 +504,10 @@ int main(void)
 {
     int n_isas = 0, n_guard = 0;
     for (int isa = 0; isa < SA_ISA_COUNT; isa++) {
-        /* avx512bf16 and neonbf16 run avx512's / neon's functions for float32 / float64
-         * storage (their own kernels, bfloat16's, are tested from Python: tests/dtypes) */
-        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16) continue;
+        /* avx512bf16, neonbf16 and avx512amx run avx512's / neon's functions for float32 /
+         * float64 storage (their own kernels, bfloat16's, are tested below and from Python:
+         * tests/dtypes) */
+        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16 || isa == SA_ISA_AVX512AMX) continue;
         if (!sa_isa_supported(isa)) {
             printf("isa %s: NOT TESTED (not available on this CPU/build)\n", sa_isa_name(isa));
             continue;

@@ -357,8 +357,8 @@ int main(void)
     signal(SIGBUS, on_crash);
     int n_isas = 0;
     for (int isa = 0; isa < SA_ISA_COUNT; isa++) {
-        /* avx512's / neon's functions for float32 / float64 */
-        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16) continue;
+        /* avx512bf16, neonbf16, avx512amx: avx512's / neon's functions for float32 / float64 */
+        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16 || isa == SA_ISA_AVX512AMX) continue;
         if (!sa_isa_supported(isa)) {
             printf("isa %s not supported here: skipped\n", sa_isa_name(isa));
             continue;

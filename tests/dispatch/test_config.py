@@ -30,9 +30,11 @@ def test_config_keys_and_types():
     assert len(set(avail)) == len(avail)
     assert set(avail) <= set(ALL_KNOWN_ISAS), avail
     # the best first (the default: test_default_isa_is_best_unless_forced), then the most capable
-    # down (avx512bf16 where it is not the best: Intel's)
+    # down (avx512bf16 where it is not the best: Intel's, where avx512amx or avx512 is); avx512amx,
+    # where the CPU and the OS allow it, is always the best
     assert avail[1:] == [n for n in ALL_KNOWN_ISAS if n in avail[1:]]
-    assert avail[0] == "avx512bf16" or "avx512bf16" not in avail[1:] or avail[0] == "avx512"
+    assert avail[0] in ("avx512bf16", "avx512", "avx512amx") or "avx512bf16" not in avail[1:]
+    assert avail[0] == "avx512amx" or "avx512amx" not in avail
     assert cfg["isa"] in avail
 
 
@@ -191,7 +193,8 @@ def test_env_var_unset_gives_best(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import selfattn; print(selfattn.config()['isa'])"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == AVAILABLE_ISAS[0]      # the best (avx512bf16 on AMD's Zen 4 / 5)
+    assert proc.stdout.strip() == AVAILABLE_ISAS[0]      # the best (avx512bf16 on AMD's Zen 4 / 5,
+    # avx512amx on Intel's with AMX)
 
 
 def test_omp_num_threads_sets_default(tmp_path):

@@ -1,5 +1,6 @@
-"""The bfloat16-dot path's bfloat16 forward (avx512bf16: vdpbf16ps; neonbf16: BFDOT) on bfloat16 pairs
-(src_c/attn_bf16dot.h), whichever this CPU runs (sa_testutil.BF16_DOT_ISA).
+"""The bfloat16-dot paths' bfloat16 forward (avx512bf16: vdpbf16ps; neonbf16: BFDOT; avx512amx: AMX
+tiles, src_c/attn_amx.h) on bfloat16 pairs (src_c/attn_bf16dot.h), each that this CPU runs
+(sa_testutil.BF16_FWD_ISAS), every test on each.
 
 Scores are the exact products of the stored bfloat16 values summed in float32; the probabilities
 are rounded to bfloat16 for P.V (as flash attention does), their sums kept in float32. So the error
@@ -7,29 +8,42 @@ against float64 is the output's rounding plus at most 2^-9 of max|v| from the pr
 rounding: bounded here on every option and schedule, and no larger than torch's own bfloat16 SDPA
 where torch is installed. The packing is exact, so any layout of q, k, v gives the same bits as
 contiguous copies, and any thread count the same bits. avx512bf16 is the default on AMD's Zen 4 /
-Zen 5; on Intel's CPUs (slower vdpbf16ps) it runs when forced, as here; neonbf16 wherever the CPU
+Zen 5; on Intel's CPUs (slower vdpbf16ps) it runs when forced, as here; avx512amx (AMX tiles, 16
+query rows x 16 keys or value columns a tile, 16 words of E a step) is the default where the CPU
+has AMX-BF16 and the OS grants the tile data (Sapphire Rapids and later); neonbf16 wherever the CPU
 has BF16 (under qemu in CI). avx512bf16's decode schedule has its own scores on vdpbf16ps
-(test_bf16_dot_decode.py); the backward is its own on both (test_bf16_dot_backward.py); their
-float16 and float32 calls (and neonbf16's decode) are the base path's: checked bit for bit.
+(test_bf16_dot_decode.py); the backward is its own on avx512bf16 and neonbf16
+(test_bf16_dot_backward.py); their float16 and float32 calls (and neonbf16's decode, avx512amx's
+decode and backward) are the base path's: checked bit for bit.
 """
 
 import numpy as np
 import pytest
 
 import selfattn
-from sa_testutil import BF16_DOT_BASE, BF16_DOT_ISA, assert_bits, forced_schedule, optional_import, randn
+from sa_testutil import BF16_DOT_BASE, BF16_FWD_ISAS, assert_bits, forced_schedule, optional_import, randn
 
-pytestmark = pytest.mark.skipif(BF16_DOT_ISA is None, reason="no bfloat16-dot path (avx512bf16, neonbf16) "
-                                "can run on this CPU/build (no AVX512_BF16 / BF16)")
-BASE = BF16_DOT_BASE.get(BF16_DOT_ISA)
-
+pytestmark = pytest.mark.skipif(not BF16_FWD_ISAS, reason="no bfloat16-dot path (avx512bf16, neonbf16, "
+                                "avx512amx) can run on this CPU/build (no AVX512_BF16 / BF16 / AMX-BF16)")
 
 sdpa = selfattn.scaled_dot_product_attention
 EPS = 2.0 ** -7     # one bfloat16 ulp at 1.0
+PATH = None         # the path under test (the fixture below: each of BF16_FWD_ISAS in turn)
+BASE = None
+
+
+@pytest.fixture(autouse=True, params=BF16_FWD_ISAS or [None])
+def bf16_path(request):
+    """every test here runs on each bfloat16-dot forward this CPU has (avx512bf16 / neonbf16:
+    vdpbf16ps / BFDOT; avx512amx: AMX tiles)"""
+    global PATH, BASE
+    PATH, BASE = request.param, BF16_DOT_BASE.get(request.param)
+    yield PATH
+    PATH = BASE = None
 
 
 def dot(*args, **kw):
-    with selfattn.use_isa(BF16_DOT_ISA):
+    with selfattn.use_isa(PATH):
         return sdpa(*args, **kw)
 
 
@@ -82,6 +96,26 @@ def test_error_bound_every_option(bf16, name, qs, ks, vs, kw):
     finite = np.isfinite(lse_widened)
     assert np.array_equal(finite, np.isfinite(lse))
     assert np.allclose(lse[finite], lse_widened[finite], rtol=1e-5, atol=1e-5)
+
+
+# sizes around every tile edge of the three paths: query rows (MR 8 groups, AMX's 16-row tiles, the
+# 64-row task tile), keys (vectors of 16, AMX's passes of 64, blocks of 128), E (pairs; AMX's steps
+# of 16 words and their remainder), Ev (vectors, AMX's passes of 64 columns)
+EDGE_L = (1, 7, 8, 9, 15, 16, 17, 24, 33, 63, 64, 65, 129)
+EDGE_S = (1, 2, 15, 16, 17, 31, 33, 63, 64, 65, 127, 128, 129, 200, 257)
+EDGE_E = (1, 2, 3, 30, 31, 32, 33, 34, 62, 64, 66, 96, 130)
+EDGE_EV = (1, 15, 16, 17, 48, 63, 64, 65, 80, 129)
+
+
+@pytest.mark.parametrize("axis", ["L", "S", "E", "Ev"])
+def test_tile_edges(bf16, axis):
+    rng = np.random.default_rng(11)
+    sizes = {"L": EDGE_L, "S": EDGE_S, "E": EDGE_E, "Ev": EDGE_EV}[axis]
+    for n, size in enumerate(sizes):
+        L, S, E, Ev = (size if axis == a else d for a, d in zip(("L", "S", "E", "Ev"), (40, 150, 34, 24)))
+        q, k, v = randn(rng, (1, 2, L, E), bf16, 2.0), randn(rng, (1, 2, S, E), bf16, 2.0), randn(rng, (1, 2, S, Ev), bf16)
+        kw = [{}, dict(is_causal=True, alignment="bottom_right"), dict(window_size=(37, 5))][n % 3]
+        check_bound(dot(q, k, v, **kw), q, k, v, kw, f"{axis}={size} {kw}")
 
 
 @pytest.mark.parametrize("schedule", ["shared", "fused", "banded"])
@@ -148,7 +182,7 @@ def test_decode_float16_and_float32_are_the_base_paths(bf16):
         got = dot(q, k, v, enable_gqa=True)
         with selfattn.use_isa(BASE):
             want = sdpa(q, k, v, enable_gqa=True)
-        if dt == bf16 and BF16_DOT_ISA == "avx512bf16":
+        if dt == bf16 and PATH == "avx512bf16":
             check_bound(got, q, k, v, dict(enable_gqa=True), "decode bfloat16")
         else:
             assert_bits(got, want, f"decode {dt}")
@@ -160,7 +194,8 @@ def test_decode_float16_and_float32_are_the_base_paths(bf16):
 
 
 def test_the_path_is_named():
-    paths = selfattn._core.storage_paths(BF16_DOT_ISA)
+    paths = selfattn._core.storage_paths(PATH)
     assert paths == {"avx512bf16": {"bfloat16": "vdpbf16ps", "float16": "AVX-512 vcvtph2ps"},
-                     "neonbf16": {"bfloat16": "BFDOT", "float16": "NEON fcvtl"}}[BF16_DOT_ISA]
+                     "neonbf16": {"bfloat16": "BFDOT", "float16": "NEON fcvtl"},
+                     "avx512amx": {"bfloat16": "AMX tdpbf16ps", "float16": "AVX-512 vcvtph2ps"}}[PATH]
     assert selfattn._core.storage_paths(BASE)["bfloat16"] == "shifts"
