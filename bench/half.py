@@ -11,7 +11,7 @@ dtypes (inputs made once in float32 and rounded, so every implementation sees th
 timed interleaved (ratios.Timer: best of the rounds), and the ratios the issue asks for:
 bf16 / own fp32 and bf16 / torch bf16 (fp16 likewise); where the CPU has AVX512_BF16, bfloat16's
 other path too (bf16@avx512bf16: vdpbf16ps, forced where not the default; bf16@avx512: widening,
-where vdpbf16ps is the default). Decode rows time one query row per head
+where vdpbf16ps or AMX is the default; other_path). Decode rows time one query row per head
 against S keys (memory-bound: GB/s of K and V read are printed too). FLOPs count only the keys a
 query may see (4 B H L S E, half for causal). The CPU and the path taken are printed first.
 
@@ -42,6 +42,19 @@ MODELS = [
 DECODE = [dict(name="decode", B=1, H=32, Hkv=8, L=1, S=S, E=128, causal=False) for S in (8192, 32768)]
 QUICK = [dict(B=1, H=8, L=1024, S=1024, E=64, causal=c) for c in (False, True)] + [
     dict(name="decode", B=1, H=32, Hkv=8, L=1, S=8192, E=128, causal=False)]
+
+
+def other_path(cfg, backward):
+    """bfloat16's other path, timed beside the default where this CPU has one: the widening one
+    (avx512) where the default multiplies bfloat16 itself (avx512bf16: AMD's; avx512amx's forward:
+    Intel's with AMX, whose backward is avx512's, so there the backward's other is avx512bf16's
+    vdpbf16ps); vdpbf16ps (avx512bf16, forced) where the default widens (Intel's without AMX)."""
+    isa, avail = cfg["isa"], cfg["isas_available"]
+    if isa == "avx512amx":
+        return "avx512bf16" if backward and "avx512bf16" in avail else "avx512"
+    if isa == "avx512bf16":
+        return "avx512"
+    return "avx512bf16" if "avx512bf16" in avail else None
 
 
 def label(s):
@@ -84,11 +97,8 @@ def main(argv=None):
     shapes = QUICK if args.quick else DENSE + MODELS + DECODE
     if args.backward:
         return backward(args, torch, timer, [s for s in shapes if s["L"] > 1])
-    # bfloat16's other path where this CPU has both: vdpbf16ps (avx512bf16, forced where it is not
-    # the default: Intel's) or, where it is the default (AMD's), the widening one (avx512)
     cfg = selfattn.config()
-    alt = ("avx512bf16" if "avx512bf16" in cfg["isas_available"] and cfg["isa"] != "avx512bf16"
-           else "avx512" if cfg["isa"] == "avx512bf16" else None)
+    alt = other_path(cfg, backward=False)
     cols = [f"sa {d}" for d in dts] + ([f"bf16@{alt}"] if alt else []) + [f"torch {d}" for d in tdts]
     print(f"\nGFLOP/s (best of >= {args.min_rounds} interleaved rounds)")
     print(f"{'shape':<44}" + "".join(f"{c:>11}" for c in cols)
@@ -140,8 +150,7 @@ def backward(args, torch, timer, shapes):
     import selfattn
     dts = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
     cfg = selfattn.config()
-    alt = ("avx512bf16" if "avx512bf16" in cfg["isas_available"] and cfg["isa"] != "avx512bf16"
-           else "avx512" if cfg["isa"] == "avx512bf16" else None)
+    alt = other_path(cfg, backward=True)
     cols = ["sa fp32", "sa bf16"] + ([f"bf16@{alt}"] if alt else []) + (["torch fp32", "torch bf16"] if torch else [])
     print(f"\nforward + backward, GFLOP/s (best of >= {args.min_rounds} interleaved rounds)")
     print(f"{'shape':<44}" + "".join(f"{c:>12}" for c in cols) + f"{'bf16/fp32':>10}{'bf16/tch':>9}")

@@ -54,9 +54,12 @@ Architecture at a glance
                                                          (vdpbf16ps / BFDOT: attn_bf16dot.h on the
                                                          vbh_* primitives of simd_<target>bf16.h;
                                                          avx512bf16 the default on AMD, neonbf16 where
-                                                         the CPU has BF16), and so does their backward
+                                                         the CPU has BF16; avx512amx, the default where
+                                                         the CPU has AMX-BF16 and the OS grants it, on
+                                                         AMX tiles: attn_amx.h, 16 rows x 16 keys or
+                                                         columns a tile), and so does their backward
                                                          (pairs along E, query rows or keys, BF16_DOT
-                                                         in attn_bwd_body.h);
+                                                         in attn_bwd_body.h; not avx512amx's);
                                                          elsewhere the 16-bit backward runs on float32
                                                          copies (Problem.backward). Attention dropout
                                                          (sa_attn_args.dropout_p): dropout.h's
