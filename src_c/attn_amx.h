@@ -22,7 +22,9 @@
  * are zero in Q and P.
  *
  * Tiles (one configuration per compute_tile, amx_config): 0-3 C, 4 A, 5 B,
- * 6 and 7 the last E2 % 16 words of A and rows of B (E2 not a multiple of 16).
+ * 6 and 7 the last E2 % 16 words of A and rows of B (E2 not a multiple of
+ * 16); else 7 is a second B, loaded while 5 is multiplied (1.05-1.08x,
+ * E64 / E128 on Sapphire Rapids).
  * AMX state is per thread: each task configures its own tiles and releases
  * them when done. The OS must have granted the process the tile data
  * (dispatch.c asks once, arch_prctl on Linux, before reporting the path).
@@ -79,14 +81,24 @@ static void FN(qk_rows_amx)(const uint32_t *Qw, int64_t E2, const uint32_t *Kw, 
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t k = 0; k < e16; k += 16) {
-            const uint32_t *kb = Kw + k * BK + j;
-            _tile_loadd(4, Qw + k, qs_b);
-            SA_AMX_DP(0, 4, 5, kb, ks_b);
-            if (n > 1) SA_AMX_DP(1, 4, 5, kb + 16, ks_b);
-            if (n > 2) SA_AMX_DP(2, 4, 5, kb + 32, ks_b);
-            if (n > 3) SA_AMX_DP(3, 4, 5, kb + 48, ks_b);
-        }
+        if (e16 == E2)                   /* no remainder: B in tiles 5 and 7 by turns */
+            for (int64_t k = 0; k < e16; k += 16) {
+                const uint32_t *kb = Kw + k * BK + j;
+                _tile_loadd(4, Qw + k, qs_b);
+                SA_AMX_DP(0, 4, 5, kb, ks_b);
+                if (n > 1) SA_AMX_DP(1, 4, 7, kb + 16, ks_b);
+                if (n > 2) SA_AMX_DP(2, 4, 5, kb + 32, ks_b);
+                if (n > 3) SA_AMX_DP(3, 4, 7, kb + 48, ks_b);
+            }
+        else
+            for (int64_t k = 0; k < e16; k += 16) {
+                const uint32_t *kb = Kw + k * BK + j;
+                _tile_loadd(4, Qw + k, qs_b);
+                SA_AMX_DP(0, 4, 5, kb, ks_b);
+                if (n > 1) SA_AMX_DP(1, 4, 5, kb + 16, ks_b);
+                if (n > 2) SA_AMX_DP(2, 4, 5, kb + 32, ks_b);
+                if (n > 3) SA_AMX_DP(3, 4, 5, kb + 48, ks_b);
+            }
         if (e16 < E2) {                  /* the last E2 % 16 words: tiles 6 and 7 */
             const uint32_t *kb = Kw + e16 * BK + j;
             _tile_loadd(6, Qw + e16, qs_b);
@@ -108,9 +120,10 @@ static void FN(qk_rows_amx)(const uint32_t *Qw, int64_t E2, const uint32_t *Kw, 
 /* O[r][..evp) = alpha[r] O + P[r] . V over key pairs [w0, w1) (multiples of
  * 16) for the first nrows of 16 rows: P's words in rows BK floats apart (all
  * 16 rows' words in [w0, w1) set: zero where a row sees no key), V's rows evp
- * words apart, O's rows evp floats apart */
+ * words apart, O's rows evp floats apart; b7: tile 7 is configured whole
+ * (E2 % 16 == 0, amx_config), a second B tile */
 static void FN(pv_rows_amx)(const T *P, int64_t w0, int64_t w1, const uint32_t *Vw, int64_t evp, T *O,
-                            const T *alpha, int64_t nrows)
+                            const T *alpha, int64_t nrows, int b7)
 {
     T acc[16 * 64];
     const long ps_b = (long)(BK * 4), vs_b = (long)(evp * 4);
@@ -120,14 +133,24 @@ static void FN(pv_rows_amx)(const T *P, int64_t w0, int64_t w1, const uint32_t *
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t w = w0; w < w1; w += 16) {
-            const uint32_t *vb = Vw + w * evp + c0;
-            _tile_loadd(4, P + w, ps_b);
-            SA_AMX_DP(0, 4, 5, vb, vs_b);
-            if (n > 1) SA_AMX_DP(1, 4, 5, vb + 16, vs_b);
-            if (n > 2) SA_AMX_DP(2, 4, 5, vb + 32, vs_b);
-            if (n > 3) SA_AMX_DP(3, 4, 5, vb + 48, vs_b);
-        }
+        if (b7)                          /* tile 7 a whole B tile too: B in 5 and 7 by turns */
+            for (int64_t w = w0; w < w1; w += 16) {
+                const uint32_t *vb = Vw + w * evp + c0;
+                _tile_loadd(4, P + w, ps_b);
+                SA_AMX_DP(0, 4, 5, vb, vs_b);
+                if (n > 1) SA_AMX_DP(1, 4, 7, vb + 16, vs_b);
+                if (n > 2) SA_AMX_DP(2, 4, 5, vb + 32, vs_b);
+                if (n > 3) SA_AMX_DP(3, 4, 7, vb + 48, vs_b);
+            }
+        else
+            for (int64_t w = w0; w < w1; w += 16) {
+                const uint32_t *vb = Vw + w * evp + c0;
+                _tile_loadd(4, P + w, ps_b);
+                SA_AMX_DP(0, 4, 5, vb, vs_b);
+                if (n > 1) SA_AMX_DP(1, 4, 5, vb + 16, vs_b);
+                if (n > 2) SA_AMX_DP(2, 4, 5, vb + 32, vs_b);
+                if (n > 3) SA_AMX_DP(3, 4, 5, vb + 48, vs_b);
+            }
         _tile_stored(0, acc, 256);
         if (n > 1) _tile_stored(1, acc + 16, 256);
         if (n > 2) _tile_stored(2, acc + 32, 256);
@@ -201,11 +224,11 @@ static void FN(qk_groups_amx)(const uint32_t *Qw, int64_t E2, const uint32_t *Kw
 
 /* step e: O = alpha O + P.V for the tile's rows_eff rows, 16 at a time */
 static void FN(pv_groups_amx)(T *St, const int64_t *ga, const int64_t *gb, int64_t rows_eff, const uint32_t *Vw,
-                              int64_t evp, T *Oacc, const T *alpha)
+                              int64_t evp, T *Oacc, const T *alpha, int64_t E2)
 {
     for (int64_t r0 = 0; r0 < rows_eff; r0 += SA_AMX_ROWS) {
         int64_t nr = rows_eff - r0 < SA_AMX_ROWS ? rows_eff - r0 : SA_AMX_ROWS, w0, w1;
         FN(p_rows_amx)(St + r0 * BK, ga, gb, r0 / MR, nr, &w0, &w1);
-        FN(pv_rows_amx)(St + r0 * BK, w0, w1, Vw, evp, Oacc + r0 * evp, alpha + r0, nr);
+        FN(pv_rows_amx)(St + r0 * BK, w0, w1, Vw, evp, Oacc + r0 * evp, alpha + r0, nr, E2 % 16 == 0);
     }
 }

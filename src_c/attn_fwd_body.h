@@ -234,7 +234,8 @@ static void FN(compute_tile)(const FN(ctx_t) *c, int64_t u, int64_t g_kv, int64_
         /* e. O = alpha*O + P.V over the group's keys only: a key no row of the
          * group sees is never read from V (a group with none still rescales) */
 #if BF16_AMX
-        FN(pv_groups_amx)(St, ga, gb, rows_eff, (const uint32_t *)(const void *)(Kb + E * BK), evp, Oacc, alpha);
+        FN(pv_groups_amx)(St, ga, gb, rows_eff, (const uint32_t *)(const void *)(Kb + E * BK), evp, Oacc, alpha,
+                          E2);
         (void)Vb;
         (void)vstride;
 #else
