@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import selfattn
-from sa_testutil import ALL_KNOWN_ISAS, AVAILABLE_ISAS, ISAS, KNOWN_ISAS
+from sa_testutil import ALL_KNOWN_ISAS, AVAILABLE_ISAS, BF16_DOT_BASE, BF16_FWD_ISAS, ISAS, KNOWN_ISAS
 
 
 def test_config_keys_and_types():
@@ -205,3 +205,14 @@ def test_omp_num_threads_sets_default(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "3"
+
+
+@pytest.mark.parametrize("isa", BF16_FWD_ISAS or [None])
+def test_bf16_dot_paths_have_their_base_paths_tiles(isa):
+    """A bfloat16-dot path hands every other storage (and avx512amx its decode and backward) to its
+    base path's functions on the layout computed from its own tile sizes (dispatch.c's table): the
+    two must be the same sizes, float32 and float64."""
+    if isa is None:
+        pytest.skip("no bfloat16-dot path on this CPU/build")
+    for dt in (np.float32, np.float64):
+        assert selfattn._core.tile_params(isa, dt) == selfattn._core.tile_params(BF16_DOT_BASE[isa], dt), (isa, dt)
