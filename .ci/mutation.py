@@ -157,6 +157,12 @@ MUTANTS = [
      "AMX's P.V: a row's words before its group's keys keep stale scores (windows)"),
     ("amx_e_remainder_dropped", AMX, "if (e16 < E2) {", "if (0) {",
      "AMX's Q.K^T: the last E2 % 16 words of E left out (E not a multiple of 32)"),
+    ("amx_bwd_dq_ends_dropped", BWD, "if (wa > pa) FN(mm_pairs)", "if (0) FN(mm_pairs)",
+     "AMX's backward: dQ leaves out the key pairs before its first whole 16-pair step"),
+    ("amx_bwd_ev_remainder_config", BWD, "if (Ev2 % 16 != E2 % 16) FN(amx_config)(Ev2);", "(void)0;",
+     "AMX's backward: dP = dO V^T multiplied with E's remainder tiles where Ev's differs"),
+    ("amx_bwd_dkdv_not_transposed", BWD, "SA_GRAD_OUT(dVa[e * BK + jj]);", "SA_GRAD_OUT(dVa[jj * evp + e]);",
+     "AMX's backward: dV written out as if its accumulator were [keys][Ev], not dV^T"),
 ]
 
 # A mutant that only a CPU feature runs (/proc/cpuinfo's flag; prefix of its name -> flag) is
@@ -177,7 +183,7 @@ def cpu_flags():
 # -x its run then stops in seconds instead of after every other file (the same files run either way)
 FIRST_TESTS = {"score_mod_": "test_flex_score_mod.py", "dropout_": "test_dropout.py", "block_mask_": "test_flex.py",
                "paged_": "test_paged.py", "decode_i8_": "test_kv_int8.py", "sink": "test_sinks.py",
-               "amx_": "test_bf16_dot.py"}
+               "amx_bwd_": "test_bf16_dot_backward.py", "amx_": "test_bf16_dot.py"}
 
 
 def tests_for(name, files):

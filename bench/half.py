@@ -46,13 +46,11 @@ QUICK = [dict(B=1, H=8, L=1024, S=1024, E=64, causal=c) for c in (False, True)] 
 
 def other_path(cfg, backward):
     """bfloat16's other path, timed beside the default where this CPU has one: the widening one
-    (avx512) where the default multiplies bfloat16 itself (avx512bf16: AMD's; avx512amx's forward:
-    Intel's with AMX, whose backward is avx512's, so there the backward's other is avx512bf16's
-    vdpbf16ps); vdpbf16ps (avx512bf16, forced) where the default widens (Intel's without AMX)."""
+    (avx512) where the default multiplies bfloat16 itself (avx512bf16: AMD's; avx512amx: Intel's
+    with AMX, forward and backward); vdpbf16ps (avx512bf16, forced) where the default widens
+    (Intel's without AMX)."""
     isa, avail = cfg["isa"], cfg["isas_available"]
-    if isa == "avx512amx":
-        return "avx512bf16" if backward and "avx512bf16" in avail else "avx512"
-    if isa == "avx512bf16":
+    if isa in ("avx512amx", "avx512bf16"):
         return "avx512"
     return "avx512bf16" if "avx512bf16" in avail else None
 

@@ -59,7 +59,7 @@ Architecture at a glance
                                                          AMX tiles: attn_amx.h, 16 rows x 16 keys or
                                                          columns a tile), and so does their backward
                                                          (pairs along E, query rows or keys, BF16_DOT
-                                                         in attn_bwd_body.h; not avx512amx's);
+                                                         in attn_bwd_body.h, AMX tiles on avx512amx);
                                                          elsewhere the 16-bit backward runs on float32
                                                          copies (Problem.backward). Attention dropout
                                                          (sa_attn_args.dropout_p): dropout.h's

@@ -633,10 +633,11 @@ cdef class Problem:
 
     cdef bint _bwd_native16(self):
         """Whether the backward reads this problem's 16-bit storage itself: bfloat16 on the
-        avx512bf16 and neonbf16 paths (vdpbf16ps, BFDOT); every other 16-bit backward computes on
-        float32 copies."""
+        avx512bf16, neonbf16 and avx512amx paths (vdpbf16ps, BFDOT, AMX tiles); every other 16-bit
+        backward computes on float32 copies."""
         cdef int isa = _call_isa()
-        return self.storage == SA_STORE_BF16 and (isa == SA_ISA_AVX512BF16 or isa == SA_ISA_NEONBF16)
+        return self.storage == SA_STORE_BF16 and (isa == SA_ISA_AVX512BF16 or isa == SA_ISA_NEONBF16
+                                                  or isa == SA_ISA_AVX512AMX)
 
     cdef Problem _widened(self):
         """This problem on float32 copies of its 16-bit data (the backward's path, for now)."""

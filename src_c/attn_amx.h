@@ -58,6 +58,9 @@ static void FN(amx_config)(int64_t E2)
     cfg.colsb[6] = (uint16_t)(rem ? rem * 4 : 64);
     cfg.rows[7] = (uint8_t)(rem ? rem : 16);
     cfg.colsb[7] = 64;
+    /* GCC does not count LDTILECFG as reading cfg: without this it may drop the
+     * stores above (seen at -O1 / -O2: stale bytes in the reserved fields, #GP) */
+    __asm__ volatile("" : : "m"(cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
 
@@ -66,6 +69,37 @@ static void FN(amx_config)(int64_t E2)
     do {                           \
         _tile_loadd(B, (b), (bs)); \
         _tile_dpbf16ps(t, A, B);   \
+    } while (0)
+/* C tiles 0 .. n-1 += A . the n B tiles of 16 columns at b: B in tile 5, or
+ * in 5 and b2 (7) by turns, the next one loaded while one is multiplied */
+#define SA_AMX_DP4(A, b2, b, bs, n)                               \
+    do {                                                          \
+        SA_AMX_DP(0, A, 5, (b), (bs));                            \
+        if ((n) > 1) SA_AMX_DP(1, A, b2, (b) + 16, (bs));         \
+        if ((n) > 2) SA_AMX_DP(2, A, 5, (b) + 32, (bs));          \
+        if ((n) > 3) SA_AMX_DP(3, A, b2, (b) + 48, (bs));         \
+    } while (0)
+/* C tiles 0 .. n-1 from / to 16 columns each at c (rows bs bytes apart), or zeroed */
+#define SA_AMX_LOAD4(c, bs, n)                           \
+    do {                                                 \
+        _tile_loadd(0, (c), (bs));                       \
+        if ((n) > 1) _tile_loadd(1, (c) + 16, (bs));     \
+        if ((n) > 2) _tile_loadd(2, (c) + 32, (bs));     \
+        if ((n) > 3) _tile_loadd(3, (c) + 48, (bs));     \
+    } while (0)
+#define SA_AMX_STORE4(c, bs, n)                          \
+    do {                                                 \
+        _tile_stored(0, (c), (bs));                      \
+        if ((n) > 1) _tile_stored(1, (c) + 16, (bs));    \
+        if ((n) > 2) _tile_stored(2, (c) + 32, (bs));    \
+        if ((n) > 3) _tile_stored(3, (c) + 48, (bs));    \
+    } while (0)
+#define SA_AMX_ZERO4()  \
+    do {                \
+        _tile_zero(0);  \
+        _tile_zero(1);  \
+        _tile_zero(2);  \
+        _tile_zero(3);  \
     } while (0)
 
 /* St[16][c0 .. c1) = qscale * (Qw[16][E2] . Kw[E2][c0 .. c1)): c0, c1 multiples of 16;
@@ -77,27 +111,18 @@ static void FN(qk_rows_amx)(const uint32_t *Qw, int64_t E2, const uint32_t *Kw, 
     const long qs_b = (long)(E2 * 4), ks_b = (long)(BK * 4);
     for (int64_t j = c0; j < c1; j += 64) {
         const int64_t n = (c1 - j) / 16 < 4 ? (c1 - j) / 16 : 4;    /* C tiles of this pass */
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        SA_AMX_ZERO4();
         if (e16 == E2)                   /* no remainder: B in tiles 5 and 7 by turns */
             for (int64_t k = 0; k < e16; k += 16) {
                 const uint32_t *kb = Kw + k * BK + j;
                 _tile_loadd(4, Qw + k, qs_b);
-                SA_AMX_DP(0, 4, 5, kb, ks_b);
-                if (n > 1) SA_AMX_DP(1, 4, 7, kb + 16, ks_b);
-                if (n > 2) SA_AMX_DP(2, 4, 5, kb + 32, ks_b);
-                if (n > 3) SA_AMX_DP(3, 4, 7, kb + 48, ks_b);
+                SA_AMX_DP4(4, 7, kb, ks_b, n);
             }
         else
             for (int64_t k = 0; k < e16; k += 16) {
                 const uint32_t *kb = Kw + k * BK + j;
                 _tile_loadd(4, Qw + k, qs_b);
-                SA_AMX_DP(0, 4, 5, kb, ks_b);
-                if (n > 1) SA_AMX_DP(1, 4, 5, kb + 16, ks_b);
-                if (n > 2) SA_AMX_DP(2, 4, 5, kb + 32, ks_b);
-                if (n > 3) SA_AMX_DP(3, 4, 5, kb + 48, ks_b);
+                SA_AMX_DP4(4, 5, kb, ks_b, n);
             }
         if (e16 < E2) {                  /* the last E2 % 16 words: tiles 6 and 7 */
             const uint32_t *kb = Kw + e16 * BK + j;
@@ -107,10 +132,7 @@ static void FN(qk_rows_amx)(const uint32_t *Qw, int64_t E2, const uint32_t *Kw, 
             if (n > 2) SA_AMX_DP(2, 6, 7, kb + 32, ks_b);
             if (n > 3) SA_AMX_DP(3, 6, 7, kb + 48, ks_b);
         }
-        _tile_stored(0, St + j, ks_b);
-        if (n > 1) _tile_stored(1, St + j + 16, ks_b);
-        if (n > 2) _tile_stored(2, St + j + 32, ks_b);
-        if (n > 3) _tile_stored(3, St + j + 48, ks_b);
+        SA_AMX_STORE4(St + j, ks_b, n);
     }
     VT qs = V(set1)(qscale);
     for (int64_t r = 0; r < nrows; r++)
@@ -129,32 +151,20 @@ static void FN(pv_rows_amx)(const T *P, int64_t w0, int64_t w1, const uint32_t *
     const long ps_b = (long)(BK * 4), vs_b = (long)(evp * 4);
     for (int64_t c0 = 0; c0 < evp; c0 += 64) {
         const int64_t n = (evp - c0) / 16 < 4 ? (evp - c0) / 16 : 4;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        SA_AMX_ZERO4();
         if (b7)                          /* tile 7 a whole B tile too: B in 5 and 7 by turns */
             for (int64_t w = w0; w < w1; w += 16) {
                 const uint32_t *vb = Vw + w * evp + c0;
                 _tile_loadd(4, P + w, ps_b);
-                SA_AMX_DP(0, 4, 5, vb, vs_b);
-                if (n > 1) SA_AMX_DP(1, 4, 7, vb + 16, vs_b);
-                if (n > 2) SA_AMX_DP(2, 4, 5, vb + 32, vs_b);
-                if (n > 3) SA_AMX_DP(3, 4, 7, vb + 48, vs_b);
+                SA_AMX_DP4(4, 7, vb, vs_b, n);
             }
         else
             for (int64_t w = w0; w < w1; w += 16) {
                 const uint32_t *vb = Vw + w * evp + c0;
                 _tile_loadd(4, P + w, ps_b);
-                SA_AMX_DP(0, 4, 5, vb, vs_b);
-                if (n > 1) SA_AMX_DP(1, 4, 5, vb + 16, vs_b);
-                if (n > 2) SA_AMX_DP(2, 4, 5, vb + 32, vs_b);
-                if (n > 3) SA_AMX_DP(3, 4, 5, vb + 48, vs_b);
+                SA_AMX_DP4(4, 5, vb, vs_b, n);
             }
-        _tile_stored(0, acc, 256);
-        if (n > 1) _tile_stored(1, acc + 16, 256);
-        if (n > 2) _tile_stored(2, acc + 32, 256);
-        if (n > 3) _tile_stored(3, acc + 48, 256);
+        SA_AMX_STORE4(acc, 256, n);
         for (int64_t r = 0; r < nrows; r++) {
             VT al = V(set1)(alpha[r]);
             T *o = O + r * evp + c0;
@@ -230,5 +240,90 @@ static void FN(pv_groups_amx)(T *St, const int64_t *ga, const int64_t *gb, int64
         int64_t nr = rows_eff - r0 < SA_AMX_ROWS ? rows_eff - r0 : SA_AMX_ROWS, w0, w1;
         FN(p_rows_amx)(St + r0 * BK, ga, gb, r0 / MR, nr, &w0, &w1);
         FN(pv_rows_amx)(St + r0 * BK, w0, w1, Vw, evp, Oacc + r0 * evp, alpha + r0, nr, E2 % 16 == 0);
+    }
+}
+
+/* ---- the backward's (attn_bwd_body.h under BF16_AMX) ------------------------
+ * Its five products on tiles, the pairs as attn_bf16dot.h makes them except
+ * where AMX needs the summed dimension along A's rows:
+ *   S  = Qs K^T, dP = dO V^T   qk_rows_amx (the forward's), A the Q / dO
+ *                              tile's words [16 rows][E2 | Ev2]
+ *   dV^T += dO^T P, dK^T += Q^T dS   mm_t_amx: A = dO^T / Q^T paired along
+ *          query rows [cpad][BQ/2] words (pack_pairs_t_amx), B = P^T / dS^T
+ *          as pair_rows_t writes them [BQ/2][BK] words, C = the block's dV^T
+ *          [evp][BK] / dK^T [ep][BK] (transposed: written out as such)
+ *   dQ += dS K   dq_rows_amx on the whole 16-word steps of the tile's key
+ *          pairs (the ends on vdpbf16ps, as attn_bf16dot.h's mm_pairs)
+ * The summed dimension of the two transposed products is the tile's query
+ * row pairs, padded with zero pairs to whole steps of 16. */
+
+/* rows [0, nvalid) of 16-bit values at element off of base (rows ss apart,
+ * columns se apart), paired down the rows and transposed: word (c, p) at
+ * dst[c * BQ/2 + p] = (row 2p [c], row 2p+1 [c]), for p < np16 and c < cpad
+ * (zero past nvalid rows and ncols columns); 16 x 16 words at a time,
+ * pack_row_pairs's then vf_transpose (bits moved, never rounded) */
+static void FN(pack_pairs_t_amx)(const void *base, int64_t off, int64_t ss, int64_t se, int64_t nvalid, int64_t np16,
+                                 int64_t ncols, int64_t cpad, uint32_t *dst)
+{
+    uint32_t blk[16 * 16];
+    for (int64_t p0 = 0; p0 < np16; p0 += 16)
+        for (int64_t c0 = 0; c0 < cpad; c0 += 16) {
+            int64_t nc = ncols - c0 < 16 ? (ncols - c0 > 0 ? ncols - c0 : 0) : 16;
+            FN(pack_row_pairs)(base, off + 2 * p0 * ss + c0 * se, ss, se, nvalid - 2 * p0, 16, nc, 16, blk);
+            vf_transpose((const float *)(const void *)blk, 16, (float *)(void *)(dst + c0 * (BQ / 2) + p0), BQ / 2);
+        }
+}
+
+/* C [cpad][BK] floats (rows BK apart) += A [cpad][BQ/2] words . B [BQ/2][BK]
+ * words over the key columns [cs, ce) and the pairs [0, np16) (multiples of
+ * 16); b7 as pv_rows_amx */
+static void FN(mm_t_amx)(const uint32_t *A, int64_t cpad, int64_t np16, const uint32_t *B, T *C, int64_t cs, int64_t ce,
+                         int b7)
+{
+    const long as_b = (long)(BQ / 2 * 4), bs_b = (long)(BK * 4);
+    for (int64_t r0 = 0; r0 < cpad; r0 += 16)
+        for (int64_t j = cs; j < ce; j += 64) {
+            const int64_t n = (ce - j) / 16 < 4 ? (ce - j) / 16 : 4;
+            T *c = C + r0 * BK + j;
+            SA_AMX_LOAD4(c, bs_b, n);
+            if (b7)
+                for (int64_t k = 0; k < np16; k += 16) {
+                    const uint32_t *bb = B + k * BK + j;
+                    _tile_loadd(4, A + r0 * (BQ / 2) + k, as_b);
+                    SA_AMX_DP4(4, 7, bb, bs_b, n);
+                }
+            else
+                for (int64_t k = 0; k < np16; k += 16) {
+                    const uint32_t *bb = B + k * BK + j;
+                    _tile_loadd(4, A + r0 * (BQ / 2) + k, as_b);
+                    SA_AMX_DP4(4, 5, bb, bs_b, n);
+                }
+            SA_AMX_STORE4(c, bs_b, n);
+        }
+}
+
+/* dQ[16][..ep) (rows ep apart) += dS[16] . K over the key pairs [w0, w1)
+ * (multiples of 16): dS's words in rows BK floats apart (p_to_bf16 in
+ * place), K's pairs [BK/2][ep] words; b7 as pv_rows_amx */
+static void FN(dq_rows_amx)(const T *dS, int64_t w0, int64_t w1, const uint32_t *Kw, int64_t ep, T *dQ, int b7)
+{
+    const long ds_b = (long)(BK * 4), ks_b = (long)(ep * 4);
+    for (int64_t c0 = 0; c0 < ep; c0 += 64) {
+        const int64_t n = (ep - c0) / 16 < 4 ? (ep - c0) / 16 : 4;
+        T *c = dQ + c0;
+        SA_AMX_LOAD4(c, ks_b, n);
+        if (b7)
+            for (int64_t w = w0; w < w1; w += 16) {
+                const uint32_t *kb = Kw + w * ep + c0;
+                _tile_loadd(4, dS + w, ds_b);
+                SA_AMX_DP4(4, 7, kb, ks_b, n);
+            }
+        else
+            for (int64_t w = w0; w < w1; w += 16) {
+                const uint32_t *kb = Kw + w * ep + c0;
+                _tile_loadd(4, dS + w, ds_b);
+                SA_AMX_DP4(4, 5, kb, ks_b, n);
+            }
+        SA_AMX_STORE4(c, ks_b, n);
     }
 }

@@ -83,11 +83,11 @@
 #endif
 
 /* The avx512amx target (avx512bf16 above plus AMX-TILE and AMX-BF16:
- * Sapphire Rapids and later): bfloat16's forward on AMX tiles (attn_amx.h),
- * the rest of its pairs code (packing, P rounding) avx512bf16's; every other
- * storage's forward avx512's. Only the forward is compiled: dispatch.c's
- * table gives it avx512's decode and backward (on Intel's cores widening
- * outruns vdpbf16ps, see sa_isa_preferred). */
+ * Sapphire Rapids and later): bfloat16's forward and backward on AMX tiles
+ * (attn_amx.h), the rest of its pairs code (packing, P rounding)
+ * avx512bf16's; every other storage's avx512's. No decode is compiled:
+ * dispatch.c's table gives it avx512's (on Intel's cores widening outruns
+ * vdpbf16ps, see sa_isa_preferred). */
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,avx512bf16,amx-tile,amx-bf16"))), \
                              apply_to = function)

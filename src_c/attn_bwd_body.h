@@ -111,6 +111,7 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     sa_block_span(tshi, tlo, thi, j0, kvalid, &ka, &kz);
     if (kz <= ka) return;
     int64_t cs = ka / BWD_KEY_ALIGN * BWD_KEY_ALIGN, ce = sa_round_up(kz, BWD_KEY_ALIGN), nk = ce - cs;
+    (void)nk;                                               /* BF16_AMX: the tiles take [cs, ce) */
     int64_t rows_eff = sa_round_up(rows, BWD_MR);
 
     const T *lse = (const T *)a->lse + a->lse_off[u];
@@ -122,12 +123,20 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
      *   dOw [rows][Ev2], dOr [rows/2][evp] likewise  for dP, dV (dOt's, halves)
      * P and dS stay float32 (St, dPt); their bfloat16 transposes (P^T, dS^T)
      * go to Pt, dSt for dV and dK, dS is paired in place for dQ. Padding rows
-     * are zero. */
+     * are zero. BF16_AMX (attn_amx.h): Qr and dOr transposed, [ep][BQ/2] and
+     * [evp][BQ/2] words, the pairs padded to np16; Qw, dOw whole tiles of 16
+     * rows. */
     const int64_t E2 = (E + 1) / 2, Ev2 = (Ev + 1) / 2, R2 = rows_eff / 2;
     uint32_t *Qw = (uint32_t *)(void *)Qs, *Qr = (uint32_t *)(void *)Qu;
     uint32_t *dOw = (uint32_t *)(void *)dOt, *dOr = (uint32_t *)(void *)(dOt + BQ / 2 * evp);
     uint32_t *Pt = (uint32_t *)(void *)(ws + lay->off_pairs), *dSt = Pt + BQ / 2 * BK;
-    for (int64_t r = 0; r < rows_eff; r++) {
+#if BF16_AMX
+    const int64_t rows_q = sa_round_up(rows, SA_AMX_ROWS), np16 = sa_round_up(R2, 16);
+    const int b7 = E2 % 16 == 0;                /* amx_config(E2): tile 7 a second B */
+#else
+    const int64_t rows_q = rows_eff;
+#endif
+    for (int64_t r = 0; r < rows_q; r++) {
         if (r < rows) {
             FN(load_q_pairs)(a->q, a->q_off[u] + (i0 + r) * a->q_sl, a->q_se, E, Qw + r * E2);
             FN(load_q_pairs)(a->dout, a->out_off[u] + (i0 + r) * a->dout_sl, a->dout_se, Ev, dOw + r * Ev2);
@@ -140,6 +149,16 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
             Dr[r] = 0;
         }
     }
+#if BF16_AMX
+    FN(pack_pairs_t_amx)(a->q, a->q_off[u] + i0 * a->q_sl, a->q_sl, a->q_se, rows, np16, E, ep, Qr);
+    FN(pack_pairs_t_amx)(a->dout, a->out_off[u] + i0 * a->dout_sl, a->dout_sl, a->dout_se, rows, np16, Ev, evp, dOr);
+
+    /* a. scores on tiles of 16 rows (the forward's products: qk_rows_amx), then
+     * times qscale; masks, probabilities */
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += SA_AMX_ROWS)
+        FN(qk_rows_amx)(Qw + r0 * E2, E2, (const uint32_t *)(const void *)Kt, St + r0 * BK, cs, ce,
+                        rows_eff - r0 < SA_AMX_ROWS ? rows_eff - r0 : SA_AMX_ROWS, c->qscale);
+#else
     FN(pack_row_pairs)(a->q, a->q_off[u] + i0 * a->q_sl, a->q_sl, a->q_se, rows, R2, E, ep, Qr);
     FN(pack_row_pairs)(a->dout, a->out_off[u] + i0 * a->dout_sl, a->dout_sl, a->dout_se, rows, R2, Ev, evp, dOr);
 
@@ -152,6 +171,7 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
         for (int64_t r = 0; r < rows_eff; r++)
             for (int64_t j = cs; j < ce; j += VW) V(store)(St + r * BK + j, V(mul)(V(load)(St + r * BK + j), qs));
     }
+#endif
 #else
     /* the tile: Q scaled (for S) and as given (for dK), dO, lse in log2 units, D */
     const T *q = (const T *)a->q + a->q_off[u];
@@ -195,11 +215,17 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     }
 
     /* b. dP = dO V^T, then dS = scale P o (dP - D) (o softcap's derivative) in place */
+#if BF16_AMX
+    if (Ev2 % 16 != E2 % 16) FN(amx_config)(Ev2);    /* tiles 6, 7 for Ev2's remainder */
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += SA_AMX_ROWS)
+        FN(qk_rows_amx)(dOw + r0 * Ev2, Ev2, (const uint32_t *)(const void *)Vt, dPt + r0 * BK, cs, ce, 0, 1);
+    if (Ev2 % 16 != E2 % 16) FN(amx_config)(E2);
+#elif BF16_DOT
     for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
-#if BF16_DOT
         FN(mm_pairs)(dOw + r0 * Ev2, Ev2, 1, Ev2, (const uint32_t *)(const void *)Vt + cs, BK, dPt + r0 * BK + cs, BK, nk,
                      0);
 #else
+    for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
         FN(bwd_mm)(dOt + r0 * evp, evp, 1, Ev, Vt + cs, BK, dPt + r0 * BK + cs, BK, nk, 0);
 #endif
     {
@@ -247,10 +273,18 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
     /* c. dV_blk += P^T dO, dK_blk += dS^T Q over the keys [cs, ce), on pairs of rows */
     FN(pair_rows_t)(St, R2, cs, ce, Pt);
     FN(pair_rows_t)(dPt, R2, cs, ce, dSt);
+#if BF16_AMX
+    /* transposed, dV^T += dO^T P and dK^T += Q^T dS: the pairs R2 .. np16 zero */
+    for (int64_t p = R2; p < np16; p++)
+        for (int64_t j = cs; j < ce; j++) Pt[p * BK + j] = dSt[p * BK + j] = 0;
+    FN(mm_t_amx)(dOr, evp, np16, Pt, dVa, cs, ce, b7);
+    FN(mm_t_amx)(Qr, ep, np16, dSt, dKa, cs, ce, b7);
+#else
     for (int64_t jr = cs; jr < ce; jr += BWD_MR) {
         FN(mm_pairs)(Pt + jr, 1, BK, R2, dOr, evp, dVa + jr * evp, evp, evp, 1);
         FN(mm_pairs)(dSt + jr, 1, BK, R2, Qr, ep, dKa + jr * ep, ep, ep, 1);
     }
+#endif
     /* d. this chunk's dQ partial += dS K over the tile's keys [ka, kz) only (K rows
      * outside may be another unit's keys, not finite for this one): the whole
      * key pairs inside on vdpbf16ps (dS rounded to bfloat16 and paired in
@@ -270,9 +304,30 @@ static void FN(bwd_tile)(const FN(bctx_t) *c, int64_t u, const sa_unit_mask *um,
         }
         if (pb > pa) {
             for (int64_t r = 0; r < rows_eff; r++) FN(p_to_bf16)(dPt + r * BK, 2 * pa, 2 * pb);
-            for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR)
-                FN(mm_pairs)((const uint32_t *)(const void *)(dPt + r0 * BK) + pa, BK, 1, pb - pa, Kw + pa * ep, ep,
-                             dqp + (i0 + r0) * ep, ep, ep, 1);
+            /* BF16_AMX: tiles of 16 rows on the whole 16-pair steps [wa, wb), the
+             * pairs at the ends and rows past the last whole tile on vdpbf16ps */
+            int64_t wa = pa, wb = pa, r16 = 0;
+#if BF16_AMX
+            wa = sa_round_up(pa, 16);
+            wb = pb / 16 * 16;
+            if (wb > wa) {
+                r16 = rows_eff / SA_AMX_ROWS * SA_AMX_ROWS;
+                for (int64_t r0 = 0; r0 < r16; r0 += SA_AMX_ROWS)
+                    FN(dq_rows_amx)(dPt + r0 * BK, wa, wb, Kw, ep, dqp + (i0 + r0) * ep, b7);
+            } else {
+                wa = wb = pa;
+            }
+#endif
+            for (int64_t r0 = 0; r0 < rows_eff; r0 += BWD_MR) {
+                const uint32_t *dsw = (const uint32_t *)(const void *)(dPt + r0 * BK);
+                T *dq = dqp + (i0 + r0) * ep;
+                if (r0 >= r16) {
+                    FN(mm_pairs)(dsw + pa, BK, 1, pb - pa, Kw + pa * ep, ep, dq, ep, ep, 1);
+                    continue;
+                }
+                if (wa > pa) FN(mm_pairs)(dsw + pa, BK, 1, wa - pa, Kw + pa * ep, ep, dq, ep, ep, 1);
+                if (pb > wb) FN(mm_pairs)(dsw + wb, BK, 1, pb - wb, Kw + wb * ep, ep, dq, ep, ep, 1);
+            }
         }
     }
     (void)Qs;
@@ -310,7 +365,7 @@ static void FN(bwd_pack)(const FN(bctx_t) *c, int64_t g, int64_t j0, int64_t kli
 }
 
 /* task (g, c): key blocks of chunk c of kv unit g, every unit and tile that sees them */
-static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
+static void FN(bwd_kv_blocks)(void *vctx, int64_t t, int tid)
 {
     FN(bctx_t) *c = (FN(bctx_t) *)vctx;
     const sa_attn_args *a = c->a;
@@ -366,10 +421,26 @@ static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
             }
         }
         for (int64_t jj = 0; jj < nrows; jj++) {
+#if BF16_AMX           /* dK^T [ep][BK], dV^T [evp][BK] (attn_amx.h's mm_t_amx) */
+            for (int64_t e = 0; e < E; e++) dk[(j0 + jj) * a->dk_ss + e * a->dk_se] = SA_GRAD_OUT(dKa[e * BK + jj]);
+            for (int64_t e = 0; e < Ev; e++) dv[(j0 + jj) * a->dv_ss + e * a->dv_se] = SA_GRAD_OUT(dVa[e * BK + jj]);
+#else
             for (int64_t e = 0; e < E; e++) dk[(j0 + jj) * a->dk_ss + e * a->dk_se] = SA_GRAD_OUT(dKa[jj * ep + e]);
             for (int64_t e = 0; e < Ev; e++) dv[(j0 + jj) * a->dv_ss + e * a->dv_se] = SA_GRAD_OUT(dVa[jj * evp + e]);
+#endif
         }
     }
+}
+
+static void FN(bwd_kv_task)(void *vctx, int64_t t, int tid)
+{
+#if BF16_AMX
+    FN(amx_config)((((FN(bctx_t) *)vctx)->a->E + 1) / 2);    /* this thread's tiles, released below */
+#endif
+    FN(bwd_kv_blocks)(vctx, t, tid);
+#if BF16_AMX
+    _tile_release();
+#endif
 }
 
 /* ---- pass 3: dQ = sum of the chunks' partials, in chunk order ----------- */

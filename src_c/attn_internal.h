@@ -223,9 +223,10 @@ SA_DECLARE_TARGET(avx512)
 /* avx512bf16: its own forward, decode and backward for bfloat16 storage
  * (attn_avx512.c; any other storage handed to avx512's) */
 SA_DECLARE_KERNELS(f32, avx512bf16)
-/* avx512amx: its own forward for bfloat16 storage on AMX tiles (attn_avx512.c;
- * any other storage handed to avx512's); decode and backward are avx512's */
+/* avx512amx: its own forward and backward for bfloat16 storage on AMX tiles
+ * (attn_avx512.c; any other storage handed to avx512's); the decode is avx512's */
 int attn_fwd_f32_avx512amx(const sa_attn_args *a, const sa_layout *lay, void *ws);
+int attn_bwd_f32_avx512amx(const sa_attn_args *a, const sa_bwd_layout *lay, void *ws);
 extern const sa_tile_params sa_params_f32_avx512amx;
 #endif
 #if SA_HAVE_NEON_TARGET

@@ -16,10 +16,10 @@
  *            of BF16_BASE_ISUF (avx512, neon), the target it extends
  *   BF16_DECODE_PAIRS 1 (avx512bf16): the decode's scores on pairs too
  *            (attn_micro.h, decode_dots_pairs); else the base's decode
- *   BF16_AMX 1 (avx512amx, with BF16_DOT): the forward's Q.K^T and P.V on
- *            AMX tiles (attn_amx.h) instead of vbh_dot; only the forward
- *            is compiled (dispatch.c's table gives avx512's decode and
- *            backward)
+ *   BF16_AMX 1 (avx512amx, with BF16_DOT): the forward's Q.K^T and P.V
+ *            and the backward's five products on AMX tiles (attn_amx.h)
+ *            instead of vbh_dot; no decode is compiled (dispatch.c's
+ *            table gives avx512's)
  * It defines attn_fwd_, attn_decode_, attn_bwd_<TSUF>_<ISUF> (dispatch.c's
  * function table lists them) and sa_params_<TSUF>_<ISUF>, and undefines the
  * macros above. The pieces, in order (each a template on these macros; no
@@ -104,10 +104,10 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #include "lse_merge.h"
 
 #include "attn_fwd_body.h"
-#if !BF16_AMX                  /* avx512amx: the forward only (its decode and backward are avx512's) */
+#if !BF16_AMX                  /* avx512amx: no decode of its own (avx512's) */
 #include "attn_decode_body.h"
-#include "attn_bwd_body.h"
 #endif
+#include "attn_bwd_body.h"
 
 #undef FN
 #undef V

@@ -109,10 +109,10 @@ enum { SA_DT_F32, SA_DT_F64, SA_DT_COUNT };   /* columns of the table */
  * neon's), float64 avx512's / neon's */
 #define SA_KERNEL_ROW_AVX512BF16 {SA_KERNEL_SET(f32, avx512bf16), SA_KERNEL_SET(f64, avx512)}
 #define SA_KERNEL_ROW_NEONBF16 {SA_KERNEL_SET(f32, neonbf16), SA_KERNEL_SET(f64, neon)}
-/* avx512amx: its forward (bfloat16 storage on AMX tiles, any other avx512's);
- * the decode and backward avx512's (its tile sizes are avx512's: a test checks) */
-#define SA_KERNEL_ROW_AVX512AMX                                                                                   \
-    {{attn_fwd_f32_avx512amx, attn_decode_f32_avx512, attn_bwd_f32_avx512, &sa_params_f32_avx512amx}, \
+/* avx512amx: its forward and backward (bfloat16 storage on AMX tiles, any
+ * other avx512's); the decode avx512's (its tile sizes are avx512's: a test checks) */
+#define SA_KERNEL_ROW_AVX512AMX                                                                                      \
+    {{attn_fwd_f32_avx512amx, attn_decode_f32_avx512, attn_bwd_f32_avx512amx, &sa_params_f32_avx512amx}, \
      SA_KERNEL_SET(f64, avx512)}
 
 /* one function table: row = instruction set, column = dtype */
@@ -565,15 +565,17 @@ int sa_attn_schedule(const sa_attn_args *a, int isa, int dtype_size, sa_schedule
     return SA_OK;
 }
 
-/* The backward's layout on isa; bfloat16 storage on avx512bf16 and neonbf16
- * only (their bfloat16-dot backward: every other target computes from
- * float32 copies). */
+/* The backward's layout on isa; bfloat16 storage on avx512bf16, neonbf16 and
+ * avx512amx only (their bfloat16-dot backward: every other target computes
+ * from float32 copies). */
 static int sa_bwd_layout_for(const sa_attn_args *a, int isa, int dtype_size, sa_bwd_layout *lay)
 {
     int st;
     const sa_kernel *k = sa_kernel_for(isa, dtype_size, &st);
     if (!k) return st;
-    if (a->storage != SA_STORE_NATIVE && isa != SA_ISA_AVX512BF16 && isa != SA_ISA_NEONBF16) return SA_ERR_ARG;
+    if (a->storage != SA_STORE_NATIVE && isa != SA_ISA_AVX512BF16 && isa != SA_ISA_NEONBF16
+        && isa != SA_ISA_AVX512AMX)
+        return SA_ERR_ARG;
     return sa_bwd_layout_compute(a, k->params, dtype_size, lay);
 }
 

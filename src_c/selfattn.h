@@ -31,9 +31,9 @@
  *                     neon's (attn_bf16dot.h: bfloat16 pairs packed and
  *                     multiplied, written once on simd_<target>bf16.h's
  *                     primitives; BF16_DOT in the bodies); attn_avx512.c
- *                     the avx512amx target too: bfloat16's forward with
- *                     the same pairs multiplied on AMX tiles (attn_amx.h,
- *                     BF16_AMX), its decode and backward avx512's
+ *                     the avx512amx target too: bfloat16's forward and
+ *                     backward with the same pairs multiplied on AMX tiles
+ *                     (attn_amx.h, BF16_AMX), its decode avx512's
  *   attn_kernels.h    what is compiled per ISA and dtype, in order:
  *     shared:   attn_pack.h (K/V packing; 16-bit storage widened there,
  *               quantized K/V widened and scaled there, the output rounded

@@ -17,7 +17,8 @@ from selfattn import reference
 AVAILABLE_ISAS = list(selfattn.config()["isas_available"])
 # The paths of the float32 and float64 kernels, the tests over ISAs run each of them. The
 # bfloat16-dot paths' own kernels are bfloat16's (avx512bf16: forward, backward and decode on
-# vdpbf16ps; neonbf16: forward and backward on BFDOT; tests/dtypes/test_bf16_dot*.py force them):
+# vdpbf16ps; neonbf16: forward and backward on BFDOT; avx512amx: forward and backward on AMX tiles;
+# tests/dtypes/test_bf16_dot*.py force them):
 # for every other storage they run their base path's functions (dispatch.c's table, BF16_DOT_BASE),
 # so they are not separate paths for them. BF16_DOT_ISA: the vdpbf16ps / BFDOT one this CPU runs, if
 # any (its own backward, and on avx512bf16 its own decode).
@@ -25,9 +26,9 @@ AVAILABLE_ISAS = list(selfattn.config()["isas_available"])
 BF16_DOT_BASE = {"avx512bf16": "avx512", "neonbf16": "neon", "avx512amx": "avx512"}
 ISAS = [name for name in AVAILABLE_ISAS if name not in BF16_DOT_BASE]
 BF16_DOT_ISA = next((name for name in AVAILABLE_ISAS if name in ("avx512bf16", "neonbf16")), None)
-# the paths with a bfloat16 forward of their own: BF16_DOT_ISA's, and avx512amx's (AMX tiles;
-# its decode and backward are avx512's) where the CPU has AMX (tests/dtypes/test_bf16_dot.py
-# runs each of them)
+# the paths with a bfloat16 forward and backward of their own: BF16_DOT_ISA's, and avx512amx's
+# (AMX tiles; its decode is avx512's) where the CPU has AMX (tests/dtypes/test_bf16_dot.py and
+# test_bf16_dot_backward.py run each of them)
 BF16_FWD_ISAS = [name for name in AVAILABLE_ISAS if name in BF16_DOT_BASE]
 KNOWN_ISAS = ("neon", "avx512", "avx2", "generic")
 ALL_KNOWN_ISAS = ("avx512amx", "neonbf16", "neon", "avx512bf16", "avx512", "avx2", "generic")

@@ -10,7 +10,7 @@
  * threads; the decode schedule on paged K/V (block_table, pages of 1 .. bk + 3
  * rows, NaN in every page row no key fills). Then bfloat16 storage
  * (sa_attn_args.storage) on every ISA: the forward (widened, or on the
- * bfloat16-dot paths avx512bf16 / neonbf16 their own kernels) and, on those,
+ * bfloat16-dot paths avx512bf16 / neonbf16 / avx512amx their own kernels) and, on those,
  * the backward, against the same float64 references on the rounded values.
  * Prints "N passed, M failed"; exit status 1 on any failure.
  */
@@ -648,7 +648,7 @@ int main(void)
                 pg.page = 16;
                 if (L <= 3) run_case(isa, 4, nt, 1, 0, L, S, E, Ev, &pg);
             }
-        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16) {
+        if (isa == SA_ISA_AVX512BF16 || isa == SA_ISA_NEONBF16 || isa == SA_ISA_AVX512AMX) {
             const smoke_opts bcfg[2] = {
                 {1, p.bk / 2 + 3, 2, SA_ALIGN_BOTTOM_RIGHT, p.bk + 9, 0.0, 0.0, 1, SA_SCHEDULE_AUTO},
                 {1, 7, -1, SA_ALIGN_TOP_LEFT, -1, 0.3, 4.0, 1, SA_SCHEDULE_AUTO},

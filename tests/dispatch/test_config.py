@@ -209,7 +209,7 @@ def test_omp_num_threads_sets_default(tmp_path):
 
 @pytest.mark.parametrize("isa", BF16_FWD_ISAS or [None])
 def test_bf16_dot_paths_have_their_base_paths_tiles(isa):
-    """A bfloat16-dot path hands every other storage (and avx512amx its decode and backward) to its
+    """A bfloat16-dot path hands every other storage (and avx512amx its decode) to its
     base path's functions on the layout computed from its own tile sizes (dispatch.c's table): the
     two must be the same sizes, float32 and float64."""
     if isa is None:

@@ -12,9 +12,9 @@ Zen 5; on Intel's CPUs (slower vdpbf16ps) it runs when forced, as here; avx512am
 query rows x 16 keys or value columns a tile, 16 words of E a step) is the default where the CPU
 has AMX-BF16 and the OS grants the tile data (Sapphire Rapids and later); neonbf16 wherever the CPU
 has BF16 (under qemu in CI). avx512bf16's decode schedule has its own scores on vdpbf16ps
-(test_bf16_dot_decode.py); the backward is its own on avx512bf16 and neonbf16
-(test_bf16_dot_backward.py); their float16 and float32 calls (and neonbf16's decode, avx512amx's
-decode and backward) are the base path's: checked bit for bit.
+(test_bf16_dot_decode.py); the backward is its own on all three (test_bf16_dot_backward.py);
+their float16 and float32 calls (and neonbf16's and avx512amx's decode) are the base path's:
+checked bit for bit.
 """
 
 import numpy as np

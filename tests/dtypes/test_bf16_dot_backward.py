@@ -1,6 +1,6 @@
-"""The bfloat16-dot path's bfloat16 backward (avx512bf16: vdpbf16ps; neonbf16: BFDOT) on bfloat16
-pairs (src_c/attn_bwd_body.h under BF16_DOT, the pair kernels of src_c/attn_bf16dot.h), whichever
-this CPU runs (sa_testutil.BF16_DOT_ISA).
+"""The bfloat16-dot paths' bfloat16 backward (avx512bf16: vdpbf16ps; neonbf16: BFDOT; avx512amx: AMX
+tiles, src_c/attn_amx.h) on bfloat16 pairs (src_c/attn_bwd_body.h under BF16_DOT, the pair kernels
+of src_c/attn_bf16dot.h), every test on each this CPU runs (sa_testutil.BF16_FWD_ISAS).
 
 q, k, v, out and dO are read as stored; the scores are the forward's (the same products summed in
 the same order), P and dS are rounded to bfloat16 for the four products that take them (dV = P^T dO,
@@ -17,11 +17,22 @@ import numpy as np
 import pytest
 
 import selfattn
-from sa_testutil import BF16_DOT_ISA, ISAS, assert_bits, optional_import, randn
-from test_bf16_dot import CASES, make_case
+from sa_testutil import BF16_FWD_ISAS, ISAS, assert_bits, optional_import, randn
+from test_bf16_dot import CASES, EDGE_E, EDGE_EV, EDGE_L, EDGE_S, make_case
 
-pytestmark = pytest.mark.skipif(BF16_DOT_ISA is None, reason="no bfloat16-dot path (avx512bf16, neonbf16) "
-                                "can run on this CPU/build (no AVX512_BF16 / BF16)")
+pytestmark = pytest.mark.skipif(not BF16_FWD_ISAS, reason="no bfloat16-dot path (avx512bf16, neonbf16, "
+                                "avx512amx) can run on this CPU/build (no AVX512_BF16 / BF16 / AMX-BF16)")
+PATH = None         # the path under test (the fixture below: each of BF16_FWD_ISAS in turn)
+
+
+@pytest.fixture(autouse=True, params=BF16_FWD_ISAS or [None])
+def bf16_path(request):
+    """every test here runs on each bfloat16-dot backward this CPU has (avx512bf16 / neonbf16:
+    vdpbf16ps / BFDOT; avx512amx: AMX tiles)"""
+    global PATH
+    PATH = request.param
+    yield PATH
+    PATH = None
 
 # err <= REL |ref| + SHARE[grad] max|ref|: REL covers the gradient's own rounding (half an ulp is
 # 2^-9); SHARE what P, dS and out rounded to bfloat16 contribute (measured: at most 8e-3 of max|ref|
@@ -31,11 +42,11 @@ SHARE = {"q": 2.0 ** -6, "k": 2.0 ** -6, "v": 2.0 ** -8}
 
 
 def vjp_dot(q, k, v, **kw):
-    with selfattn.use_isa(BF16_DOT_ISA):
+    with selfattn.use_isa(PATH):
         out, vjp = selfattn.scaled_dot_product_attention_vjp(q, k, v, **kw)
 
     def run(dout):
-        with selfattn.use_isa(BF16_DOT_ISA):
+        with selfattn.use_isa(PATH):
             return vjp(dout)
     return out, run
 
@@ -73,6 +84,41 @@ def test_error_bound_every_option(bf16, name, qs, ks, vs, kw):
         _, wvjp = selfattn.scaled_dot_product_attention_vjp(q, k, v, **kw)
         widened = wvjp(dout)
     assert any(not np.array_equal(a, b) for a, b in zip(grads[:3], widened[:3])), name
+
+
+@pytest.mark.parametrize("axis", ["L", "S", "E", "Ev"])
+def test_tile_edges(bf16, axis):
+    """Sizes around every tile edge (test_bf16_dot.EDGE_*): query rows (MR groups, AMX's 16-row tiles
+    and 16 row pairs, the 64-row tile), keys (vectors, AMX's 16-pair steps of dQ and its ends,
+    blocks), E and Ev (pairs, AMX's 16-word steps and their remainder, 64-column passes); GQA in
+    every third so that dK and dV sum over heads."""
+    rng = np.random.default_rng(13)
+    sizes = {"L": EDGE_L, "S": EDGE_S, "E": EDGE_E, "Ev": EDGE_EV}[axis]
+    for n, size in enumerate(sizes):
+        L, S, E, Ev = (size if axis == a else d for a, d in zip(("L", "S", "E", "Ev"), (40, 150, 34, 24)))
+        kw = [{}, dict(is_causal=True, alignment="bottom_right"), dict(window_size=(37, 5), enable_gqa=True)][n % 3]
+        hq = 4 if "enable_gqa" in kw else 2
+        q, k, v = randn(rng, (1, hq, L, E), bf16, 2.0), randn(rng, (1, 2, S, E), bf16, 2.0), randn(rng, (1, 2, S, Ev), bf16)
+        out, vjp = vjp_dot(q, k, v, **kw)
+        dout = randn(rng, out.shape, bf16)
+        got, ref = vjp(dout), reference_grads(q, k, v, dout, kw)
+        # bound by the size of the terms summed, not of the sum (one key, E = 1: the sums cancel):
+        # P, dS and out rounded to bfloat16 err by 2^-9 of each term (4x here)
+        f = [a.astype(np.float64) for a in (q, k, v, dout)]
+        kf, vf = (np.repeat(a, hq // 2, axis=1) for a in f[1:3])
+        p = selfattn.reference.attention_weights(f[0], kf, **kw)
+        dp = f[3] @ vf.swapaxes(-1, -2)
+        d = np.abs(f[3] * (p @ vf)).sum(-1, keepdims=True)      # D = rowsum(dO o out), out rounded
+        term = p * (np.abs(dp) + d) / np.sqrt(E)
+        size_of = {"q": term @ np.abs(kf), "k": term.swapaxes(-1, -2) @ np.abs(f[0]),
+                   "v": p.swapaxes(-1, -2) @ np.abs(f[3])}
+        for g, r, nm in zip(got, ref, "qkv"):
+            m = size_of[nm]
+            if nm != "q":                  # summed over the heads that share a kv head
+                m = m.reshape(1, 2, hq // 2, *m.shape[2:]).sum(2)
+            err = np.abs(g.astype(np.float64) - r)
+            bound = REL * np.abs(r) + 2.0 ** -6 * m + 1e-6
+            assert (err <= bound).all(), f"{axis}={size} {kw} d{nm}: worst {(err / bound).max():.3g} of its bound"
 
 
 def test_same_bits_any_layout_and_thread_count(bf16):
@@ -183,7 +229,7 @@ def test_varlen_flex_dropout_and_torch(bf16):
 
     def varlen():
         return selfattn.varlen_attention_vjp(h, kv, kv, cu, cu, is_causal=True, enable_gqa=True)[1](dout)
-    with selfattn.use_isa(BF16_DOT_ISA):
+    with selfattn.use_isa(PATH):
         got = varlen()
     close_to_widened(got, varlen, "varlen")
 
@@ -197,14 +243,14 @@ def test_varlen_flex_dropout_and_torch(bf16):
     def flex():
         return selfattn.flex_attention_vjp(q, k, v, lambda s, b, h, qi, ki: s - 0.05 * abs(qi - ki),
                                            block_mask=bm)[1](dflex)
-    with selfattn.use_isa(BF16_DOT_ISA):
+    with selfattn.use_isa(PATH):
         got = flex()
     close_to_widened(got[:3], flex, "flex")
 
     # dropout: the same mask regenerated in the backward
     def drop():
         return selfattn.scaled_dot_product_attention_vjp(q, k, v, dropout_p=0.2, seed=3)[1](dflex)
-    with selfattn.use_isa(BF16_DOT_ISA):
+    with selfattn.use_isa(PATH):
         got = drop()
     close_to_widened(got, drop, "dropout")
 
@@ -212,7 +258,7 @@ def test_varlen_flex_dropout_and_torch(bf16):
     torch = optional_import("torch")
     import selfattn.torch as st
     tq, tk, tv = (torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16).requires_grad_() for a in (q, k, v))
-    with selfattn.use_isa(BF16_DOT_ISA):
+    with selfattn.use_isa(PATH):
         st.scaled_dot_product_attention(tq, tk, tv, is_causal=True).backward(
             torch.from_numpy(dflex.astype(np.float32)).to(torch.bfloat16))
         want = vjp_dot(q, k, v, is_causal=True)[1](dflex)
@@ -225,7 +271,7 @@ def test_schedule_is_the_native_backward(bf16):
     the bfloat16-dot backward's workspace (the paired P^T, dS^T), elsewhere the float32 copies'."""
     q = np.ones((1, 2, 100, 64), bf16)
     p = selfattn._core.describe(q, q, q)
-    with selfattn.use_isa(BF16_DOT_ISA):
+    with selfattn.use_isa(PATH):
         native = p.schedule(backward=True)
     with selfattn.use_isa(ISAS[0]):
         widened = p.schedule(backward=True)
