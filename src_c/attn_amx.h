@@ -139,32 +139,40 @@ static void FN(qk_rows_amx)(const uint32_t *Qw, int64_t E2, const uint32_t *Kw, 
         for (int64_t j = c0; j < c1; j += VW) V(store)(St + r * BK + j, V(mul)(V(load)(St + r * BK + j), qs));
 }
 
+/* C[16][16 n floats) (rows cs_b bytes apart, n <= 4 tiles) = (accumulate ? C
+ * : 0) + A[16] . B over the pairs [w0, w1) (multiples of 16): A's words in
+ * rows BK floats apart, B's rows bs words apart; b7: tile 7 is configured
+ * whole (E2 % 16 == 0, amx_config), a second B tile. P.V and dQ = dS K. */
+static void FN(rows_dot_amx)(const T *A, int64_t w0, int64_t w1, const uint32_t *B, int64_t bs, T *C, long cs_b,
+                             int64_t n, int accumulate, int b7)
+{
+    const long as_b = (long)(BK * 4), bs_b = (long)(bs * 4);
+    if (accumulate) SA_AMX_LOAD4(C, cs_b, n);
+    else SA_AMX_ZERO4();
+    if (b7)                              /* B in tiles 5 and 7 by turns */
+        for (int64_t w = w0; w < w1; w += 16) {
+            _tile_loadd(4, A + w, as_b);
+            SA_AMX_DP4(4, 7, B + w * bs, bs_b, n);
+        }
+    else
+        for (int64_t w = w0; w < w1; w += 16) {
+            _tile_loadd(4, A + w, as_b);
+            SA_AMX_DP4(4, 5, B + w * bs, bs_b, n);
+        }
+    SA_AMX_STORE4(C, cs_b, n);
+}
+
 /* O[r][..evp) = alpha[r] O + P[r] . V over key pairs [w0, w1) (multiples of
  * 16) for the first nrows of 16 rows: P's words in rows BK floats apart (all
  * 16 rows' words in [w0, w1) set: zero where a row sees no key), V's rows evp
- * words apart, O's rows evp floats apart; b7: tile 7 is configured whole
- * (E2 % 16 == 0, amx_config), a second B tile */
+ * words apart, O's rows evp floats apart; b7 as rows_dot_amx */
 static void FN(pv_rows_amx)(const T *P, int64_t w0, int64_t w1, const uint32_t *Vw, int64_t evp, T *O,
                             const T *alpha, int64_t nrows, int b7)
 {
     T acc[16 * 64];
-    const long ps_b = (long)(BK * 4), vs_b = (long)(evp * 4);
     for (int64_t c0 = 0; c0 < evp; c0 += 64) {
         const int64_t n = (evp - c0) / 16 < 4 ? (evp - c0) / 16 : 4;
-        SA_AMX_ZERO4();
-        if (b7)                          /* tile 7 a whole B tile too: B in 5 and 7 by turns */
-            for (int64_t w = w0; w < w1; w += 16) {
-                const uint32_t *vb = Vw + w * evp + c0;
-                _tile_loadd(4, P + w, ps_b);
-                SA_AMX_DP4(4, 7, vb, vs_b, n);
-            }
-        else
-            for (int64_t w = w0; w < w1; w += 16) {
-                const uint32_t *vb = Vw + w * evp + c0;
-                _tile_loadd(4, P + w, ps_b);
-                SA_AMX_DP4(4, 5, vb, vs_b, n);
-            }
-        SA_AMX_STORE4(acc, 256, n);
+        FN(rows_dot_amx)(P, w0, w1, Vw + c0, evp, acc, 256, n, 0, b7);
         for (int64_t r = 0; r < nrows; r++) {
             VT al = V(set1)(alpha[r]);
             T *o = O + r * evp + c0;
@@ -276,7 +284,7 @@ static void FN(pack_pairs_t_amx)(const void *base, int64_t off, int64_t ss, int6
 
 /* C [cpad][BK] floats (rows BK apart) += A [cpad][BQ/2] words . B [BQ/2][BK]
  * words over the key columns [cs, ce) and the pairs [0, np16) (multiples of
- * 16); b7 as pv_rows_amx */
+ * 16); b7 as rows_dot_amx */
 static void FN(mm_t_amx)(const uint32_t *A, int64_t cpad, int64_t np16, const uint32_t *B, T *C, int64_t cs, int64_t ce,
                          int b7)
 {
@@ -304,26 +312,10 @@ static void FN(mm_t_amx)(const uint32_t *A, int64_t cpad, int64_t np16, const ui
 
 /* dQ[16][..ep) (rows ep apart) += dS[16] . K over the key pairs [w0, w1)
  * (multiples of 16): dS's words in rows BK floats apart (p_to_bf16 in
- * place), K's pairs [BK/2][ep] words; b7 as pv_rows_amx */
+ * place), K's pairs [BK/2][ep] words; b7 as rows_dot_amx */
 static void FN(dq_rows_amx)(const T *dS, int64_t w0, int64_t w1, const uint32_t *Kw, int64_t ep, T *dQ, int b7)
 {
-    const long ds_b = (long)(BK * 4), ks_b = (long)(ep * 4);
-    for (int64_t c0 = 0; c0 < ep; c0 += 64) {
-        const int64_t n = (ep - c0) / 16 < 4 ? (ep - c0) / 16 : 4;
-        T *c = dQ + c0;
-        SA_AMX_LOAD4(c, ks_b, n);
-        if (b7)
-            for (int64_t w = w0; w < w1; w += 16) {
-                const uint32_t *kb = Kw + w * ep + c0;
-                _tile_loadd(4, dS + w, ds_b);
-                SA_AMX_DP4(4, 7, kb, ks_b, n);
-            }
-        else
-            for (int64_t w = w0; w < w1; w += 16) {
-                const uint32_t *kb = Kw + w * ep + c0;
-                _tile_loadd(4, dS + w, ds_b);
-                SA_AMX_DP4(4, 5, kb, ks_b, n);
-            }
-        SA_AMX_STORE4(c, ks_b, n);
-    }
+    for (int64_t c0 = 0; c0 < ep; c0 += 64)
+        FN(rows_dot_amx)(dS, w0, w1, Kw + c0, ep, dQ + c0, (long)(ep * 4), (ep - c0) / 16 < 4 ? (ep - c0) / 16 : 4, 1,
+                         b7);
 }
