@@ -34,11 +34,12 @@ def test_c_kernels_against_naive_reference(tmp_path, openmp):
     assert int(m.group(1)) == int(info.group(3)) * len(ISAS) + int(n16.group(1)), r.stdout[-2000:]
 
 
+@pytest.mark.slow      # ~40 s each under emulation: CI's step 3 runs it once, not in every suite run
 @pytest.mark.parametrize("cpu,best", [("max", "neonbf16"), ("cortex-a72", "neon")])
 def test_c_kernels_aarch64_under_qemu(tmp_path, cpu, best):
     """The neon and generic paths, cross-compiled for aarch64 and run under qemu-aarch64 (when
-    both tools are installed: CI step 6, .ci/aarch64_qemu.sh, installs them and also runs the
-    OpenMP build; this is the serial one), on an emulated CPU with the BF16 extension (qemu's
+    both tools are installed: the kernel tier's step 10, .ci/aarch64_qemu.sh, installs them and
+    also runs the OpenMP build; this is the serial one), on an emulated CPU with the BF16 extension (qemu's
     max: neonbf16 the best path) and one without (Cortex-A72: neon)."""
     import shutil
 

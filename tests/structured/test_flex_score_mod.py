@@ -414,6 +414,7 @@ def test_sm_math_within_3_ulp_of_libm(tmp_path, isa):
                  [str(exe)])
 
 
+@pytest.mark.slow      # ~15 s under emulation: run once (CI step 3), not in every suite run
 def test_sm_math_aarch64_under_qemu(tmp_path):
     import shutil
 
