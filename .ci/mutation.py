@@ -110,6 +110,8 @@ MUTANTS = [
     ("sink_left_out_of_lse", BODY, "if (lse) lse[(i0 + r) * a->lse_sl] = (T)(SA_LN2 * M + log(tot));",
      "if (lse) lse[(i0 + r) * a->lse_sl] = (T)(SA_LN2 * mr + log((double)l[r]));",
      "the forward's lse leaves the sink out (the backward, which reads lse, then gets P wrong)"),
+    ("decode_rows_left_third_dropped", DECODE, "case 3: FN(decode_pv_rows)(P0, 3,", "case 3: FN(decode_pv_rows)(P0, 2,",
+     "decode: of the 1-3 rows left after whole fours (GQA groups of 3, 7), the third's P.V left out"),
     ("decode_sink_ignored", DECODE, "T sink2 = a->sink ? (T)(a->sink[u] * SA_LOG2E) : -(T)INFINITY;",
      "T sink2 = -(T)INFINITY;",
      "the decode schedule's merge drops the attention sink"),
@@ -182,7 +184,7 @@ def cpu_flags():
 # A mutant of a feature meets that feature's own test file first (when it is among --tests): with
 # -x its run then stops in seconds instead of after every other file (the same files run either way)
 FIRST_TESTS = {"score_mod_": "test_flex_score_mod.py", "dropout_": "test_dropout.py", "block_mask_": "test_flex.py",
-               "paged_": "test_paged.py", "decode_i8_": "test_kv_int8.py", "sink": "test_sinks.py",
+               "paged_": "test_paged.py", "decode_i8_": "test_kv_int8.py", "decode_rows_": "test_decode.py", "sink": "test_sinks.py",
                "amx_bwd_": "test_bf16_dot_backward.py", "amx_": "test_bf16_dot.py"}
 
 

@@ -1,7 +1,8 @@
 /*
- * attn_amx.h -- the avx512amx target's bfloat16 forward products on AMX tiles
- * (a template of attn_kernels.h, included after attn_bf16dot.h where
- * BF16_AMX is 1: T float, VW 16, MR 8).
+ * attn_amx.h -- the avx512amx target's bfloat16 products on AMX tiles, the
+ * forward's (here) and the backward's (below) (a template of attn_kernels.h,
+ * included after attn_bf16dot.h where BF16_AMX is 1: T float, VW 16, MR 8;
+ * the target's decode is avx512bf16's, dispatch.c).
  *
  * TDPBF16PS multiplies tiles: C[16][16] float += A[16][16 words] . B[16 words
  * rows][16 words], each word two bfloat16 paired along the summed dimension,
@@ -21,7 +22,7 @@
  * P.V, so its output sums exactly its own keys. Rows past the tile's last
  * are zero in Q and P.
  *
- * Tiles (one configuration per compute_tile, amx_config): 0-3 C, 4 A, 5 B,
+ * Tiles (one configuration per forward or backward task, amx_config): 0-3 C, 4 A, 5 B,
  * 6 and 7 the last E2 % 16 words of A and rows of B (E2 not a multiple of
  * 16); else 7 is a second B, loaded while 5 is multiplied (1.05-1.08x,
  * E64 / E128 on Sapphire Rapids).

@@ -201,14 +201,20 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
             }
     } else
 #endif
-    /* a. scores: key by key, each K row read once for all the rows (four
-     * at a time, sharing its loads) */
+    /* a. scores: key by key, each K row read (and widened) once for all the
+     * rows: four at a time sharing its loads, then the 1-3 rows left in one
+     * call (GQA groups of 3, 5, 6, 7: SmolLM2, Qwen2) */
     for (int ir = 0; ir < nrun; ir++)
         for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
             int64_t kr = runs[ir].k + j * kss;
             int64_t r0 = 0;
             for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
-            for (; r0 < R; r0++) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st);
+            switch (R - r0) {           /* n a constant in each call: the loops unrolled */
+            case 3: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 3, vs, ve, St, st); break;
+            case 2: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 2, vs, ve, St, st); break;
+            case 1: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st); break;
+            default: break;
+            }
         }
 
     /* quantized: the block's key and value scales, gathered once for all the
@@ -248,8 +254,9 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
             for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= vsv[j];
     }
 
-    /* c. O = alpha O + P.V, four rows at a time over the union of their keys
-     * (P = 0 on another row's keys), so that each V row is read once for them */
+    /* c. O = alpha O + P.V, up to four rows at a time over the union of their
+     * keys (P = 0 on another row's keys), so that each V row is read once for
+     * them (a row's sums are those it would have alone: zeros added exactly) */
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
         int64_t n = R - r0 < 4 ? R - r0 : 4, ulo = BK, uhi = 0;
         for (int64_t rr = r0; rr < r0 + n; rr++)
@@ -264,14 +271,13 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
             for (int64_t j = ulo; j < a0; j++) s[j] = 0;
             for (int64_t j = b0; j < uhi; j++) s[j] = 0;
         }
-        if (n == 4) {
-            FN(decode_pv_rows)(St + r0 * BK, 4, ulo, uhi, vb, runs, nrun, vss, vse, Ev, Op + r0 * evp, evp, alph + r0,
-                               st);
-        } else {
-            for (int64_t rr = r0; rr < r0 + n; rr++)
-                if (ve[rr] > vs[rr])
-                    FN(decode_pv_rows)(St + rr * BK, 1, vs[rr], ve[rr], vb, runs, nrun, vss, vse, Ev,
-                                       Op + rr * evp, evp, alph + rr, st);
+        T *P0 = St + r0 * BK, *O0 = Op + r0 * evp;
+        const T *al0 = alph + r0;
+        switch (n) {                    /* n a constant in each call */
+        case 4: FN(decode_pv_rows)(P0, 4, ulo, uhi, vb, runs, nrun, vss, vse, Ev, O0, evp, al0, st); break;
+        case 3: FN(decode_pv_rows)(P0, 3, ulo, uhi, vb, runs, nrun, vss, vse, Ev, O0, evp, al0, st); break;
+        case 2: FN(decode_pv_rows)(P0, 2, ulo, uhi, vb, runs, nrun, vss, vse, Ev, O0, evp, al0, st); break;
+        default: FN(decode_pv_rows)(P0, 1, ulo, uhi, vb, runs, nrun, vss, vse, Ev, O0, evp, al0, st); break;
         }
     }
 }

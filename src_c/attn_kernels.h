@@ -104,7 +104,7 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #include "lse_merge.h"
 
 #include "attn_fwd_body.h"
-#if !BF16_AMX                  /* avx512amx: no decode of its own (avx512's) */
+#if !BF16_AMX                  /* avx512amx: no decode of its own (avx512bf16's) */
 #include "attn_decode_body.h"
 #endif
 #include "attn_bwd_body.h"

@@ -50,7 +50,7 @@ def decode_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     isa = draw(st.sampled_from(ISAS))
     L = draw(st.sampled_from([1, 1, 2, 3, 4]))
-    group = draw(st.sampled_from([1, 2, 4]))
+    group = draw(st.sampled_from([1, 2, 3, 4, 5]))       # stacked rows: whole fours and 1-3 left
     if L * group > 16:
         group = 1
     S = draw(st.sampled_from([1, 5, edge(isa, dtype, "bk-1"), edge(isa, dtype, "bk+1"), 255, 256, 257,
@@ -120,6 +120,30 @@ def test_decode_results_do_not_depend_on_threads(isa, dtype):
         assert np.array_equal(out, runs[0][0]) and np.array_equal(lse, runs[0][1])
     ref = reference.scaled_dot_product_attention(q, k, v, **kw)
     assert_sdpa_close(runs[0][0], ref, dtype, vmax_of(v), logit_magnitude(q, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_stacked_row_count(isa, dtype):
+    """1 to 16 rows on one K/V (GQA groups, times 1 or 2 new tokens whose causal ranges differ by a
+    key, a window cutting both ends): the decode reads K and V for up to four rows at a time, then
+    the 1-3 rows left together; every count against the reference, every thread count the same bits."""
+    rng = np.random.default_rng(21)
+    S = 700
+    for L in (1, 2):
+        for group in range(1, 16 // L + 1):
+            q = rng.standard_normal((2, group, L, 64)).astype(dtype)
+            k = rng.standard_normal((2, 1, S, 64)).astype(dtype)
+            v = rng.standard_normal((2, 1, S, 40)).astype(dtype)
+            kw = dict(enable_gqa=True, is_causal=True, alignment="bottom_right", window_size=(300, 0),
+                      key_lengths=np.array([S, 433]))
+            ctx = f"[isa={isa} rows={group * L} L={L}] "
+            with selfattn.use_isa(isa):
+                assert _schedule(q, k, v, **kw)["decode"], ctx
+                runs = [sdpa(q, k, v, return_lse=True, num_threads=t, **kw) for t in (1, 2, 3)]
+            for out, lse in runs[1:]:
+                assert np.array_equal(out, runs[0][0]) and np.array_equal(lse, runs[0][1]), ctx
+            ref, ref_lse = reference.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+            assert_sdpa_close(runs[0][0], ref, dtype, vmax_of(v), logit_magnitude(q, k), runs[0][1], ref_lse, ctx=ctx)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -91,6 +91,10 @@ CASES = [  # (name, q shape, k shape, v shape, options)
     ("decode", (1, 4, 1, 64), (1, 4, 2000, 64), (1, 4, 2000, 64), {}),
     ("decode_gqa_ragged_e", (2, 8, 2, 72), (2, 2, 777, 72), (2, 2, 777, 40),
      dict(enable_gqa=True, is_causal=True, alignment="bottom_right")),
+    # 3 and 7 rows a K/V (SmolLM2's 9 / 3 heads; 4 + 3): the rows left after whole fours read K and V together
+    ("decode_gqa3", (2, 9, 1, 64), (2, 3, 600, 64), (2, 3, 600, 64), dict(enable_gqa=True)),
+    ("decode_rows7", (1, 7, 1, 32), (1, 1, 300, 32), (1, 1, 300, 48),
+     dict(enable_gqa=True, window_size=(100, 0), is_causal=True, alignment="bottom_right")),
     ("strided_e1", (2, 5, 3), (2, 300, 3), (2, 300, 5), {}),
 ]
 
