@@ -546,8 +546,8 @@ def show_config(file: Optional[IO[str]] = None) -> None:
     openmp=yes, default_threads=2, bfloat16/float16: float32 kernels, widened by shifts / AVX-512
     vcvtph2ps``; on AMD's Zen 4 / Zen 5 (isa=avx512bf16): ``bfloat16: vdpbf16ps (forward, backward,
     decode q.k; decode P.V widened by shifts), float16: float32 kernels, widened by AVX-512 vcvtph2ps``;
-    on Intel's with AMX (isa=avx512amx): ``bfloat16: AMX tdpbf16ps (forward and backward; decode q.k
-    on vdpbf16ps, decode P.V widened by shifts), ...``.
+    on Intel's with AMX (isa=avx512amx): ``bfloat16: AMX tdpbf16ps (forward and backward; decode
+    widened by shifts), ...``.
     """
     c = config()
     file = sys.stdout if file is None else file
@@ -556,8 +556,7 @@ def show_config(file: Optional[IO[str]] = None) -> None:
         half = (f"bfloat16: vdpbf16ps (forward, backward, decode q.k; decode P.V widened by shifts), "
                 f"float16: float32 kernels, widened by {f16}")
     elif bf == "AMX tdpbf16ps":
-        half = (f"bfloat16: AMX tdpbf16ps (forward and backward; decode q.k on vdpbf16ps, decode P.V widened "
-                f"by shifts), "
+        half = (f"bfloat16: AMX tdpbf16ps (forward and backward; decode widened by shifts), "
                 f"float16: float32 kernels, widened by {f16}")
     elif bf == "BFDOT":
         half = (f"bfloat16: BFDOT (forward, backward; decode widened by shifts), "

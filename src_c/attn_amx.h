@@ -2,7 +2,7 @@
  * attn_amx.h -- the avx512amx target's bfloat16 products on AMX tiles, the
  * forward's (here) and the backward's (below) (a template of attn_kernels.h,
  * included after attn_bf16dot.h where BF16_AMX is 1: T float, VW 16, MR 8;
- * the target's decode is avx512bf16's, dispatch.c).
+ * the target's decode is avx512's, dispatch.c).
  *
  * TDPBF16PS multiplies tiles: C[16][16] float += A[16][16 words] . B[16 words
  * rows][16 words], each word two bfloat16 paired along the summed dimension,

@@ -175,6 +175,7 @@ SA_INLINE void FN(pv_tile_pairs)(const T *SA_RESTRICT P, int64_t jp0, int64_t jp
     }
 }
 
+#if !BF16_AMX               /* avx512amx: P.V on AMX tiles (attn_amx.h) */
 static void FN(pv_rows_pairs)(const T *P, int64_t jp0, int64_t jp1, const uint32_t *Vw, int64_t evp, T *O,
                               const T *alpha)
 {
@@ -182,6 +183,7 @@ static void FN(pv_rows_pairs)(const T *P, int64_t jp0, int64_t jp1, const uint32
     for (; c0 + NVV * VW <= evp; c0 += NVV * VW) FN(pv_tile_pairs)(P, jp0, jp1, Vw + c0, evp, O + c0, alpha, NVV);
     for (; c0 < evp; c0 += VW) FN(pv_tile_pairs)(P, jp0, jp1, Vw + c0, evp, O + c0, alpha, 1);
 }
+#endif
 
 /* ---- the backward's (attn_bwd_body.h, BF16_DOT) ----------------------------- */
 

@@ -203,19 +203,24 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
 #endif
     /* a. scores: key by key, each K row read (and widened) once for all the
      * rows: four at a time sharing its loads, then the 1-3 rows left in one
-     * call (GQA groups of 3, 5, 6, 7: SmolLM2, Qwen2) */
-    for (int ir = 0; ir < nrun; ir++)
-        for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
-            int64_t kr = runs[ir].k + j * kss;
-            int64_t r0 = 0;
-            for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
-            switch (R - r0) {           /* n a constant in each call: the loops unrolled */
-            case 3: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 3, vs, ve, St, st); break;
-            case 2: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 2, vs, ve, St, st); break;
-            case 1: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st); break;
-            default: break;
+     * call (GQA groups of 3, 5, 6, 7: SmolLM2, Qwen2); strided K or E not
+     * whole vectors: row by row, the block in one call */
+    if (kse != 1 || E % VW != 0) {
+        FN(decode_dots_block_edge)(Qs, E, kb, runs, nrun, kss, kse, (int)R, vs, ve, St, st);
+    } else {
+        for (int ir = 0; ir < nrun; ir++)
+            for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
+                int64_t kr = runs[ir].k + j * kss;
+                int64_t r0 = 0;
+                for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
+                switch (R - r0) {           /* n a constant in each call: the loops unrolled */
+                case 3: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 3, vs, ve, St, st); break;
+                case 2: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 2, vs, ve, St, st); break;
+                case 1: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 1, vs, ve, St, st); break;
+                default: break;
+                }
             }
-        }
+    }
 
     /* quantized: the block's key and value scales, gathered once for all the
      * rows (times what the reader leaves out: e4m3fn's 2^8, exact) */
@@ -312,6 +317,34 @@ SA_INLINE void FN(decode_task_st)(void *vctx, int64_t t, int tid, const int st, 
             if (j0 < d[gi].c1) FN(decode_block)(a, lay, &d[gi], j0, St, Kc, Vc, st, pairs);
 }
 
+/* One function per way of reading K and V, each decode_task_st with st a
+ * constant: inlined into one decode_task they made a 300 KB function, and
+ * the int8 decode ran 10 % slower in cache (4 rows a K/V, E128, Sapphire
+ * Rapids) than with half that code beside it; apart, each is its own. */
+#define SA_DECODE_TASK(name, st, pairs)                                   \
+    SA_NOINLINE void FN(name)(void *vctx, int64_t t, int tid)            \
+    {                                                                      \
+        FN(decode_task_st)(vctx, t, tid, st, pairs);                       \
+    }
+#if BF16_DECODE_PAIRS
+/* avx512bf16: bfloat16 q and K rows of pairs (contiguous, E even), scores on
+ * vdpbf16ps; every other decode is the base target's (attn_decode) */
+static int FN(decode_reads_pairs)(const sa_attn_args *a)
+{
+    return a->storage == SA_STORE_BF16 && sa_kv_read(a) == SA_STORE_BF16 && a->k_se == 1 && a->v_se == 1 &&
+           a->E % 2 == 0;
+}
+SA_DECODE_TASK(decode_task, SA_STORE_BF16, 1)
+#else
+SA_DECODE_TASK(decode_task_native, SA_STORE_NATIVE, 0)
+#if STORE16
+SA_DECODE_TASK(decode_task_i8, SA_READ_I8, 0)
+SA_DECODE_TASK(decode_task_e4m3, SA_READ_E4M3, 0)
+SA_DECODE_TASK(decode_task_e5m2, SA_READ_E5M2, 0)
+SA_DECODE_TASK(decode_task_bf16, SA_STORE_BF16, 0)
+SA_DECODE_TASK(decode_task_f16, SA_STORE_F16, 0)
+#endif
+
 static void FN(decode_task)(void *vctx, int64_t t, int tid)
 {
 #if STORE16
@@ -323,29 +356,23 @@ static void FN(decode_task)(void *vctx, int64_t t, int tid)
     const sa_attn_args *a = ((const FN(dctx_t) *)vctx)->a;
     const int rd = sa_kv_read(a);
     switch (rd) {
-    case SA_READ_I8: FN(decode_task_st)(vctx, t, tid, SA_READ_I8, 0); return;
-    case SA_READ_E4M3: FN(decode_task_st)(vctx, t, tid, SA_READ_E4M3, 0); return;
-    case SA_READ_E5M2: FN(decode_task_st)(vctx, t, tid, SA_READ_E5M2, 0); return;
+    case SA_READ_I8: FN(decode_task_i8)(vctx, t, tid); return;
+    case SA_READ_E4M3: FN(decode_task_e4m3)(vctx, t, tid); return;
+    case SA_READ_E5M2: FN(decode_task_e5m2)(vctx, t, tid); return;
     default: break;
     }
     if (rd != SA_STORE_NATIVE && a->k_se == 1 && a->v_se == 1) {
-#if BF16_DECODE_PAIRS
-        /* bfloat16 K rows of pairs: the scores on vdpbf16ps (odd E: widened,
-         * below; float32 queries over a bfloat16 cache: widened too) */
-        if (a->storage == SA_STORE_BF16 && a->E % 2 == 0) {
-            FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16, 1);
-            return;
-        }
-#endif
         if (rd == SA_STORE_BF16)
-            FN(decode_task_st)(vctx, t, tid, SA_STORE_BF16, 0);
+            FN(decode_task_bf16)(vctx, t, tid);
         else
-            FN(decode_task_st)(vctx, t, tid, SA_STORE_F16, 0);
+            FN(decode_task_f16)(vctx, t, tid);
         return;
     }
 #endif
-    FN(decode_task_st)(vctx, t, tid, SA_STORE_NATIVE, 0);
+    FN(decode_task_native)(vctx, t, tid);
 }
+#endif
+#undef SA_DECODE_TASK
 
 /* merge task g: every stacked row of kv unit g, its chunks in order, summed
  * into the first chunk's slot (this task owns them all) */
@@ -384,9 +411,14 @@ int FN(attn_decode)(const sa_attn_args *a, const sa_layout *lay, void *ws)
 {
 #if BF16_DOT
     /* this target's own decode is bfloat16's scores on pairs (avx512bf16); the
-     * rest, and every decode where the target has none (neonbf16), runs its
-     * base target's */
-    if (!BF16_DECODE_PAIRS || a->storage != SA_STORE_BF16) return BF16_BASE(attn_decode)(a, lay, ws);
+     * rest (odd E, strided or quantized K/V, float32 queries over a bfloat16
+     * cache: the same source, the same bits), and every decode where the
+     * target has none (neonbf16), runs its base target's */
+#if BF16_DECODE_PAIRS
+    if (!FN(decode_reads_pairs)(a)) return BF16_BASE(attn_decode)(a, lay, ws);
+#else
+    return BF16_BASE(attn_decode)(a, lay, ws);
+#endif
 #endif
     FN(dctx_t) c;
     c.a = a;

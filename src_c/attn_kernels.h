@@ -94,7 +94,8 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #endif
 
 /* the split-KV merge of the decode schedule: unnormalised partials (O, m, l)
- * in log2 units, summed in T */
+ * in log2 units, summed in T (avx512amx: no decode of its own) */
+#if !BF16_AMX
 #define LM_FN FN
 #define LM_T T
 #define LM_ACC T
@@ -102,9 +103,10 @@ static inline T FN(log2_units)(double x) { return (T)(x * SA_LOG2E); }
 #define LM_LN_UNIT SA_LN2
 #define LM_NORMALISED 0
 #include "lse_merge.h"
+#endif
 
 #include "attn_fwd_body.h"
-#if !BF16_AMX                  /* avx512amx: no decode of its own (avx512bf16's) */
+#if !BF16_AMX                  /* avx512amx: no decode of its own (avx512's) */
 #include "attn_decode_body.h"
 #endif
 #include "attn_bwd_body.h"

@@ -144,22 +144,14 @@ SA_INLINE void FN(decode_pv)(const T *SA_RESTRICT P, const int n, int64_t j0, in
     }
 }
 
-/* The same for rows r0 .. r0+n-1 over every column (V columns vse apart):
- * whole micro-tiles, single vectors, then scalar columns (Ev not whole
- * vectors, or strided V). */
-SA_INLINE void FN(decode_pv_rows)(const T *P, const int n, int64_t j0, int64_t j1, const void *vb,
-                                  const sa_kv_run *runs, int nrun, int64_t vs, int64_t vse, int64_t Ev, T *O,
-                                  int64_t evp, const T *alpha, const int st)
+/* decode_pv_rows' scalar columns from col on (Ev not whole vectors, or
+ * strided V), one row at a time: one function per storage whatever n. The
+ * column is gathered into T first, so that the sums are the same code for
+ * every storage (the compiler may vectorise them; alike, then). */
+SA_INLINE void FN(decode_pv_cols_st)(const T *P, int n, int64_t j0, int64_t j1, const void *vb, const sa_kv_run *runs,
+                                     int nrun, int64_t vs, int64_t vse, int64_t Ev, int64_t col, T *O, int64_t evp,
+                                     const T *alpha, const int st)
 {
-    int64_t col = 0;
-    if (vse == 1) {
-        for (; col + DEC_NV * VW <= Ev; col += DEC_NV * VW)
-            FN(decode_pv)(P, n, j0, j1, vb, runs, nrun, vs, col, O + col, evp, alpha, DEC_NV, st);
-        for (; col + VW <= Ev; col += VW)
-            FN(decode_pv)(P, n, j0, j1, vb, runs, nrun, vs, col, O + col, evp, alpha, 1, st);
-    }
-    /* the column is gathered into T first, so that the sums below are the same
-     * code for every storage (the compiler may vectorise them; alike, then) */
     T vcol[BK];
     for (; col < Ev; col++) {
         for (int ir = 0; ir < nrun; ir++) {
@@ -173,6 +165,107 @@ SA_INLINE void FN(decode_pv_rows)(const T *P, const int n, int64_t j0, int64_t j
         }
     }
 }
+
+#define SA_PV_COLS(name, st)                                                                                        \
+    SA_NOINLINE void FN(name)(const T *P, int n, int64_t j0, int64_t j1, const void *vb, const sa_kv_run *runs,      \
+                              int nrun, int64_t vs, int64_t vse, int64_t Ev, int64_t col, T *O, int64_t evp,          \
+                              const T *alpha)                                                                         \
+    {                                                                                                                 \
+        FN(decode_pv_cols_st)(P, n, j0, j1, vb, runs, nrun, vs, vse, Ev, col, O, evp, alpha, st);                    \
+    }
+SA_PV_COLS(pv_cols_native, SA_STORE_NATIVE)
+#if STORE16
+SA_PV_COLS(pv_cols_bf16, SA_STORE_BF16)
+SA_PV_COLS(pv_cols_f16, SA_STORE_F16)
+SA_PV_COLS(pv_cols_i8, SA_READ_I8)
+SA_PV_COLS(pv_cols_e4m3, SA_READ_E4M3)
+SA_PV_COLS(pv_cols_e5m2, SA_READ_E5M2)
+#endif
+#undef SA_PV_COLS
+
+/* The same for rows r0 .. r0+n-1 over every column (V columns vse apart):
+ * whole micro-tiles, single vectors, then scalar columns (Ev not whole
+ * vectors, or strided V: decode_pv_cols_st). */
+SA_INLINE void FN(decode_pv_rows)(const T *P, const int n, int64_t j0, int64_t j1, const void *vb,
+                                  const sa_kv_run *runs, int nrun, int64_t vs, int64_t vse, int64_t Ev, T *O,
+                                  int64_t evp, const T *alpha, const int st)
+{
+    int64_t col = 0;
+    if (vse == 1) {
+        for (; col + DEC_NV * VW <= Ev; col += DEC_NV * VW)
+            FN(decode_pv)(P, n, j0, j1, vb, runs, nrun, vs, col, O + col, evp, alpha, DEC_NV, st);
+        for (; col + VW <= Ev; col += VW)
+            FN(decode_pv)(P, n, j0, j1, vb, runs, nrun, vs, col, O + col, evp, alpha, 1, st);
+    }
+    if (col == Ev) return;
+    switch (st) {                                    /* a constant: one call */
+#if STORE16
+    case SA_STORE_BF16: FN(pv_cols_bf16)(P, n, j0, j1, vb, runs, nrun, vs, vse, Ev, col, O, evp, alpha); return;
+    case SA_STORE_F16: FN(pv_cols_f16)(P, n, j0, j1, vb, runs, nrun, vs, vse, Ev, col, O, evp, alpha); return;
+    case SA_READ_I8: FN(pv_cols_i8)(P, n, j0, j1, vb, runs, nrun, vs, vse, Ev, col, O, evp, alpha); return;
+    case SA_READ_E4M3: FN(pv_cols_e4m3)(P, n, j0, j1, vb, runs, nrun, vs, vse, Ev, col, O, evp, alpha); return;
+    case SA_READ_E5M2: FN(pv_cols_e5m2)(P, n, j0, j1, vb, runs, nrun, vs, vse, Ev, col, O, evp, alpha); return;
+#endif
+    default: FN(pv_cols_native)(P, n, j0, j1, vb, runs, nrun, vs, vse, Ev, col, O, evp, alpha); return;
+    }
+}
+
+/* decode_dots' other case -- rows that do not all see key j, E not whole
+ * vectors: whole vectors, then the elements left (fewer than VW), gathered
+ * into T first, so that their sums are the same code for every storage
+ * (16-bit K comes here with kse 1). Row by row: one function per storage
+ * whatever n (below), not a copy in each of decode_dots' 1-4 row versions. */
+SA_INLINE void FN(decode_dots_edge_st)(const T *SA_RESTRICT Qs, int64_t E, const void *kb, int64_t ko, int64_t kse,
+                                       int64_t j, int64_t r0, int n, const int64_t *vs, const int64_t *ve,
+                                       T *SA_RESTRICT St, const int st)
+{
+    const int64_t ev = kse == 1 ? E / VW * VW : 0;
+    T kt[VW];
+    if (kse == 1)
+        for (int64_t e = ev; e < E; e++) kt[e - ev] = FN(elem_st)(kb, ko + e, st);
+    for (int i = 0; i < n; i++) {
+        int64_t r = r0 + i;
+        if (j < vs[r] || j >= ve[r]) continue;
+        const T *qr = Qs + r * E;
+        T dot = 0;
+        if (ev > 0) {
+            VT acc = V(zero)();
+            for (int64_t e = 0; e < ev; e += VW) acc = V(fma)(V(load)(qr + e), FN(vload_st)(kb, ko + e, st), acc);
+            dot = V(hsum)(acc);
+        }
+        if (kse == 1)
+            for (int64_t e = ev; e < E; e++) dot += qr[e] * kt[e - ev];
+        else
+            for (int64_t e = 0; e < E; e++) dot += qr[e] * FN(elem_st)(kb, ko + e * kse, st);
+        St[r * BK + j] = dot;
+    }
+}
+
+/* per storage: one key's rows [r0, r0 + n) (name), or (name_block) every key
+ * of the block's runs for all R rows: K with strided columns or E not whole
+ * vectors takes this case for every key, one call a block */
+#define SA_DOTS_EDGE(name, st)                                                                                     \
+    SA_NOINLINE void FN(name)(const T *Qs, int64_t E, const void *kb, int64_t ko, int64_t kse, int64_t j, int64_t r0, \
+                              int n, const int64_t *vs, const int64_t *ve, T *St)                                    \
+    {                                                                                                                \
+        FN(decode_dots_edge_st)(Qs, E, kb, ko, kse, j, r0, n, vs, ve, St, st);                                     \
+    }                                                                                                                \
+    SA_NOINLINE void FN(name##_block)(const T *Qs, int64_t E, const void *kb, const sa_kv_run *runs, int nrun,      \
+                                      int64_t kss, int64_t kse, int R, const int64_t *vs, const int64_t *ve, T *St) \
+    {                                                                                                                \
+        for (int ir = 0; ir < nrun; ir++)                                                                            \
+            for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++)                                                   \
+                FN(decode_dots_edge_st)(Qs, E, kb, runs[ir].k + j * kss, kse, j, 0, R, vs, ve, St, st);             \
+    }
+SA_DOTS_EDGE(dots_edge_native, SA_STORE_NATIVE)
+#if STORE16
+SA_DOTS_EDGE(dots_edge_bf16, SA_STORE_BF16)
+SA_DOTS_EDGE(dots_edge_f16, SA_STORE_F16)
+SA_DOTS_EDGE(dots_edge_i8, SA_READ_I8)
+SA_DOTS_EDGE(dots_edge_e4m3, SA_READ_E4M3)
+SA_DOTS_EDGE(dots_edge_e5m2, SA_READ_E5M2)
+#endif
+#undef SA_DOTS_EDGE
 
 /* St[r][j] = Qs[r] . K[j] for the rows r of [r0, r0 + n) (n <= 4) that see key j
  * (vs[r] <= j < ve[r]); K row j at element ko of kb, columns kse apart, stored
@@ -200,28 +293,34 @@ SA_INLINE void FN(decode_dots)(const T *SA_RESTRICT Qs, int64_t E, const void *k
         }
         return;
     }
-    /* rows that do not all see j, E not whole vectors: whole vectors, then the
-     * elements left (fewer than VW), gathered into T first, so that their sums
-     * are the same code for every storage (16-bit K comes here with kse 1) */
-    const int64_t ev = kse == 1 ? E / VW * VW : 0;
-    T kt[VW];
-    if (kse == 1)
-        for (int64_t e = ev; e < E; e++) kt[e - ev] = FN(elem_st)(kb, ko + e, st);
-    for (int i = 0; i < n; i++) {
-        int64_t r = r0 + i;
-        if (j < vs[r] || j >= ve[r]) continue;
-        const T *qr = Qs + r * E;
-        T dot = 0;
-        if (ev > 0) {
-            VT acc = V(zero)();
-            for (int64_t e = 0; e < ev; e += VW) acc = V(fma)(V(load)(qr + e), FN(vload_st)(kb, ko + e, st), acc);
-            dot = V(hsum)(acc);
-        }
-        if (kse == 1)
-            for (int64_t e = ev; e < E; e++) dot += qr[e] * kt[e - ev];
-        else
-            for (int64_t e = 0; e < E; e++) dot += qr[e] * FN(elem_st)(kb, ko + e * kse, st);
-        St[r * BK + j] = dot;
+    switch (st) {                                    /* a constant: one call */
+#if STORE16
+    case SA_STORE_BF16: FN(dots_edge_bf16)(Qs, E, kb, ko, kse, j, r0, n, vs, ve, St); return;
+    case SA_STORE_F16: FN(dots_edge_f16)(Qs, E, kb, ko, kse, j, r0, n, vs, ve, St); return;
+    case SA_READ_I8: FN(dots_edge_i8)(Qs, E, kb, ko, kse, j, r0, n, vs, ve, St); return;
+    case SA_READ_E4M3: FN(dots_edge_e4m3)(Qs, E, kb, ko, kse, j, r0, n, vs, ve, St); return;
+    case SA_READ_E5M2: FN(dots_edge_e5m2)(Qs, E, kb, ko, kse, j, r0, n, vs, ve, St); return;
+#endif
+    default: FN(dots_edge_native)(Qs, E, kb, ko, kse, j, r0, n, vs, ve, St); return;
+    }
+}
+
+/* The block's scores when no key can take decode_dots' vector case (strided
+ * K columns, E not whole vectors): row by row, each row's sums those
+ * decode_dots gives it */
+SA_INLINE void FN(decode_dots_block_edge)(const T *Qs, int64_t E, const void *kb, const sa_kv_run *runs, int nrun,
+                                          int64_t kss, int64_t kse, int R, const int64_t *vs, const int64_t *ve,
+                                          T *St, const int st)
+{
+    switch (st) {                                    /* a constant: one call */
+#if STORE16
+    case SA_STORE_BF16: FN(dots_edge_bf16_block)(Qs, E, kb, runs, nrun, kss, kse, R, vs, ve, St); return;
+    case SA_STORE_F16: FN(dots_edge_f16_block)(Qs, E, kb, runs, nrun, kss, kse, R, vs, ve, St); return;
+    case SA_READ_I8: FN(dots_edge_i8_block)(Qs, E, kb, runs, nrun, kss, kse, R, vs, ve, St); return;
+    case SA_READ_E4M3: FN(dots_edge_e4m3_block)(Qs, E, kb, runs, nrun, kss, kse, R, vs, ve, St); return;
+    case SA_READ_E5M2: FN(dots_edge_e5m2_block)(Qs, E, kb, runs, nrun, kss, kse, R, vs, ve, St); return;
+#endif
+    default: FN(dots_edge_native_block)(Qs, E, kb, runs, nrun, kss, kse, R, vs, ve, St); return;
     }
 }
 

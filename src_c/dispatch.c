@@ -110,11 +110,11 @@ enum { SA_DT_F32, SA_DT_F64, SA_DT_COUNT };   /* columns of the table */
 #define SA_KERNEL_ROW_AVX512BF16 {SA_KERNEL_SET(f32, avx512bf16), SA_KERNEL_SET(f64, avx512)}
 #define SA_KERNEL_ROW_NEONBF16 {SA_KERNEL_SET(f32, neonbf16), SA_KERNEL_SET(f64, neon)}
 /* avx512amx: its forward and backward (bfloat16 storage on AMX tiles, any
- * other avx512's); the decode avx512bf16's (q.k of bfloat16 K on vdpbf16ps,
- * the rest avx512's: 7-10 % faster than avx512's widening one on Sapphire
- * Rapids, where its forward is not; the tile sizes are avx512's: a test checks) */
+ * other avx512's); the decode avx512's (its tile sizes are avx512's: a test
+ * checks). Not avx512bf16's: on Sapphire Rapids its q.k on vdpbf16ps was
+ * 7-10 % faster for 3 rows a K/V at E64 but 15-20 % slower for 4 at E128 */
 #define SA_KERNEL_ROW_AVX512AMX                                                                                      \
-    {{attn_fwd_f32_avx512amx, attn_decode_f32_avx512bf16, attn_bwd_f32_avx512amx, &sa_params_f32_avx512amx}, \
+    {{attn_fwd_f32_avx512amx, attn_decode_f32_avx512, attn_bwd_f32_avx512amx, &sa_params_f32_avx512amx}, \
      SA_KERNEL_SET(f64, avx512)}
 
 /* one function table: row = instruction set, column = dtype */

@@ -33,7 +33,7 @@
  *                     primitives; BF16_DOT in the bodies); attn_avx512.c
  *                     the avx512amx target too: bfloat16's forward and
  *                     backward with the same pairs multiplied on AMX tiles
- *                     (attn_amx.h, BF16_AMX), its decode avx512bf16's
+ *                     (attn_amx.h, BF16_AMX), its decode avx512's
  *   attn_kernels.h    what is compiled per ISA and dtype, in order:
  *     shared:   attn_pack.h (K/V packing; 16-bit storage widened there,
  *               quantized K/V widened and scaled there, the output rounded

@@ -58,9 +58,11 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define SA_INLINE static inline __attribute__((always_inline))
+#define SA_NOINLINE static __attribute__((noinline, unused))
 #define SA_RESTRICT __restrict__
 #else
 #define SA_INLINE static inline
+#define SA_NOINLINE static
 #define SA_RESTRICT
 #endif
 
