@@ -112,6 +112,16 @@ MUTANTS = [
      "the forward's lse leaves the sink out (the backward, which reads lse, then gets P wrong)"),
     ("decode_rows_left_third_dropped", DECODE, "case 3: FN(decode_pv_rows)(P0, 3,", "case 3: FN(decode_pv_rows)(P0, 2,",
      "decode: of the 1-3 rows left after whole fours (GQA groups of 3, 7), the third's P.V left out"),
+    ("bf16dec_pv_front_key_read", MICRO, "(acc, P, n, j, vp[j] + c0, vp[j + 1] + c0, 0, 0, cm[0], cm[1], nc, 1);",
+     "(acc, P, n, j, vp[j] + c0, vp[j + 1] + c0, cm[0], cm[1], cm[0], cm[1], nc, 1);",
+     "avx512bf16 decode P.V: the pair before a row group's first (odd) key reads that key's V row (P = 0 x NaN)"),
+    ("bf16dec_pv_back_key_read", MICRO, "(acc, P, n, j, vp[j] + c0, vp[j + 1] + c0, cm[0], cm[1], 0, 0, nc, 1);",
+     "(acc, P, n, j, vp[j] + c0, vp[j + 1] + c0, cm[0], cm[1], cm[0], cm[1], nc, 1);",
+     "avx512bf16 decode P.V: the pair after a row group's last (even) key reads the next key's V row"),
+    ("bf16dec_pv_columns_out_of_order", MICRO,
+     "_mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);",
+     "_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);",
+     "avx512bf16 decode P.V: the zipped chunk's columns put back in the wrong order"),
     ("decode_sink_ignored", DECODE, "T sink2 = a->sink ? (T)(a->sink[u] * SA_LOG2E) : -(T)INFINITY;",
      "T sink2 = -(T)INFINITY;",
      "the decode schedule's merge drops the attention sink"),
@@ -170,7 +180,7 @@ MUTANTS = [
 # A mutant that only a CPU feature runs (/proc/cpuinfo's flag; prefix of its name -> flag) is
 # skipped, and said so, where the CPU lacks it: its path is not built to run there, so no test can
 # kill it (the tests of that path skip too). The record of a full pass says which CPU ran them.
-NEEDS_CPU = {"amx_": "amx_bf16"}
+NEEDS_CPU = {"amx_": "amx_bf16", "bf16dec_": "avx512_bf16"}
 
 
 def cpu_flags():
@@ -185,7 +195,8 @@ def cpu_flags():
 # -x its run then stops in seconds instead of after every other file (the same files run either way)
 FIRST_TESTS = {"score_mod_": "test_flex_score_mod.py", "dropout_": "test_dropout.py", "block_mask_": "test_flex.py",
                "paged_": "test_paged.py", "decode_i8_": "test_kv_int8.py", "decode_rows_": "test_decode.py", "sink": "test_sinks.py",
-               "amx_bwd_": "test_bf16_dot_backward.py", "amx_": "test_bf16_dot.py"}
+               "amx_bwd_": "test_bf16_dot_backward.py", "amx_": "test_bf16_dot.py",
+               "bf16dec_": "test_bf16_dot_decode.py"}
 
 
 def tests_for(name, files):

@@ -31,7 +31,8 @@ Architecture at a glance
                                                          ALiBi, attn_mask, online softmax; lse_merge.h),
                                                          then the bodies: attn_fwd_body.h (schedules
                                                          shared, fused, banded), attn_decode_body.h
-                                                         (few rows per K/V: split-KV, merged by lse),
+                                                         (few rows per K/V: split-KV, merged by lse;
+                                                         K/V beyond L2 prefetched a key block ahead),
                                                          attn_bwd_body.h (FlashAttention-2: P recomputed
                                                          from lse; dQ partials summed in a fixed order:
                                                          thread-count invariant). attn_mask.h: causal,
@@ -59,7 +60,8 @@ Architecture at a glance
                                                          AMX tiles: attn_amx.h, 16 rows x 16 keys or
                                                          columns a tile), and so does their backward
                                                          (pairs along E, query rows or keys, BF16_DOT
-                                                         in attn_bwd_body.h, AMX tiles on avx512amx);
+                                                         in attn_bwd_body.h, AMX tiles on avx512amx),
+                                                         and avx512bf16's decode (q.k and P.V);
                                                          elsewhere the 16-bit backward runs on float32
                                                          copies (Problem.backward). Attention dropout
                                                          (sa_attn_args.dropout_p): dropout.h's

@@ -545,7 +545,7 @@ def show_config(file: Optional[IO[str]] = None) -> None:
     Example output: ``selfattn 0.1.0: isa=avx512 (available: avx512, avx512bf16, avx2, generic),
     openmp=yes, default_threads=2, bfloat16/float16: float32 kernels, widened by shifts / AVX-512
     vcvtph2ps``; on AMD's Zen 4 / Zen 5 (isa=avx512bf16): ``bfloat16: vdpbf16ps (forward, backward,
-    decode q.k; decode P.V widened by shifts), float16: float32 kernels, widened by AVX-512 vcvtph2ps``;
+    decode), float16: float32 kernels, widened by AVX-512 vcvtph2ps``;
     on Intel's with AMX (isa=avx512amx): ``bfloat16: AMX tdpbf16ps (forward and backward; decode
     widened by shifts), ...``.
     """
@@ -553,7 +553,7 @@ def show_config(file: Optional[IO[str]] = None) -> None:
     file = sys.stdout if file is None else file
     bf, f16 = c["half"]["bfloat16"], c["half"]["float16"]
     if bf == "vdpbf16ps":
-        half = (f"bfloat16: vdpbf16ps (forward, backward, decode q.k; decode P.V widened by shifts), "
+        half = (f"bfloat16: vdpbf16ps (forward, backward, decode), "
                 f"float16: float32 kernels, widened by {f16}")
     elif bf == "AMX tdpbf16ps":
         half = (f"bfloat16: AMX tdpbf16ps (forward and backward; decode widened by shifts), "

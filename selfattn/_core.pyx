@@ -617,7 +617,7 @@ cdef class Problem:
 
     def schedule(self, bint backward=False, bint return_lse=False):
         """The kernel's plan for this problem, nothing computed: {'threads', 'fused', 'banded',
-        'decode', 'compute_tasks', 'group', 'ring_blocks', 'workspace_bytes'}."""
+        'decode', 'compute_tasks', 'group', 'ring_blocks', 'prefetch', 'workspace_bytes'}."""
         self._need_data()
         if self._empty(backward or return_lse):
             return {"threads": 0, "fused": False, "compute_tasks": 0, "group": 0}
@@ -1575,6 +1575,6 @@ cdef object _schedule_of(sa_attn_args *args, int isa, int isz, bint bwd=False):
     return {"threads": sched.threads, "fused": bool(sched.fused), "banded": bool(sched.banded),
             "decode": bool(sched.decode),
             "compute_tasks": sched.compute_tasks, "group": sched.key_chunks if bwd else sched.packed_kv,
-            "ring_blocks": sched.ring_blocks,
+            "ring_blocks": sched.ring_blocks, "prefetch": bool(sched.prefetch),
             "workspace_bytes": ws_bytes}
 

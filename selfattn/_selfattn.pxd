@@ -67,6 +67,7 @@ cdef extern from "selfattn.h" nogil:
         int64_t packed_kv
         int64_t key_chunks
         int64_t ring_blocks
+        int prefetch
 
     ctypedef int (*sa_interrupt_fn)(void *ctx) noexcept
 

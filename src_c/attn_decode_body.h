@@ -30,7 +30,12 @@
  *           times scale * log2(e) after, as the bfloat16 forward's;
  *        b. softcap, ALiBi, attn_mask, -inf outside the row's interval
  *           (mask_row, as in the forward); online softmax (m, l);
- *        c. O = alpha O + P.V, V rows read in place (decode_pv_rows);
+ *        c. O = alpha O + P.V, V rows read in place (decode_pv_rows; on
+ *           avx512bf16, bfloat16 V: P rounded to bfloat16 as the forward's,
+ *           two keys' V rows zipped in registers, decode_pv_pairs);
+ *      K/V larger than a core's L2 (lay->dec_prefetch): the next block's
+ *      K and V rows prefetched during step a (the hardware prefetchers alone
+ *      left a step at about memory time + compute time);
  *      the chunk's (O, m, l) go to its own slot of the workspace;
  *   2. task g: merge the chunks of each row in chunk order (lse_merge.h, the
  *      log-sum-exp merge: M = max m_c, l = sum l_c 2^(m_c - M),
@@ -117,6 +122,18 @@ static void FN(decode_unit_init)(FN(dctx_t) *c, int64_t g, int64_t ch, T *Qs, FN
     }
 }
 
+/* bytes [0, n) from p into the caches, a line at a time */
+/* the K and V rows of keys [j, j1) below npf (rows pfk[j], pfv[j] of kn,
+ * vn bytes) into the caches, a line at a time */
+SA_INLINE void FN(prefetch_keys)(const char *const *pfk, const char *const *pfv, int64_t j, int64_t j1, int64_t npf,
+                                 int64_t kn, int64_t vn)
+{
+    for (; j < j1 && j < npf; j++) {
+        for (int64_t o = 0; o < kn; o += 64) __builtin_prefetch(pfk[j] + o, 0, 3);
+        for (int64_t o = 0; o < vn; o += 64) __builtin_prefetch(pfv[j] + o, 0, 3);
+    }
+}
+
 /* Key block j0 (keys below d->c1) for kv unit d->g's rows: steps a-c of the
  * overview. st: how K and V are read -- SA_STORE_NATIVE (T: the arrays, or
  * rows converted into scratch), or 16-bit storage or int8 (SA_READ_I8)
@@ -167,6 +184,29 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
         runs[1].j = jmax;
     }
 
+    /* K and V read in place, larger than L2 (lay->dec_prefetch): the next
+     * block's rows (in this chunk) are prefetched key by key while this
+     * block's scores are computed. The hardware prefetchers alone ran too
+     * little ahead: a step took about the time to read K/V plus the time to
+     * compute, not the larger of the two (Zen 5, 2 threads, bfloat16 K/V
+     * read at 20-25 GB/s before, 30-45 with it). Dense or paged: the rows
+     * where sa_kv_runs puts them. The results do not change. */
+    const char *pfk[BK], *pfv[BK];
+    int64_t npf = 0, pfkn = 0, pfvn = 0;
+    if (lay->dec_prefetch && kb == a->k && j0 + BK < c1) {
+        const int64_t es = st == SA_STORE_NATIVE ? (int64_t)sizeof(T)
+                           : st == SA_STORE_BF16 || st == SA_STORE_F16 ? 2 : 1;
+        sa_kv_run nx[BK + 1];
+        npf = c1 - j0 - BK < BK ? c1 - j0 - BK : BK;
+        int nnx = sa_kv_runs(a, g, j0 + BK, 0, npf, nx);
+        for (int ir = 0; ir < nnx; ir++)
+            for (int64_t j = nx[ir].j; j < nx[ir + 1].j; j++) {
+                pfk[j] = (const char *)kb + (nx[ir].k + j * kss) * es;
+                pfv[j] = (const char *)vb + (nx[ir].v + j * vss) * es;
+            }
+        pfkn = E * es, pfvn = Ev * es;
+    }
+
 #if BF16_DECODE_PAIRS
     if (pairs) {
         /* a. scores on vdpbf16ps: 16 keys at a time (from a multiple of 16,
@@ -188,16 +228,18 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
             for (int64_t r0 = 0; r0 < R;) {
                 const uint32_t *qr = Qw + r0 * E2;
                 T *sr = St + r0 * BK + j;
-                if (R - r0 >= 4) {
-                    for (int t = 0; t < VW; t += VW / 4) FN(decode_dots_pairs)(qr, E2, kp + j + t, sr + t, 4, qs);
-                    r0 += 4;
-                } else if (R - r0 >= 2) {
-                    for (int t = 0; t < VW; t += VW / 2) FN(decode_dots_pairs)(qr, E2, kp + j + t, sr + t, 2, qs);
-                    r0 += 2;
-                } else {
-                    FN(decode_dots_pairs)(qr, E2, kp + j, sr, 1, qs);
-                    r0 += 1;
+                /* nr rows x VW / nr keys a tile; the first rows' tiles
+                 * prefetch the next block's rows of their keys */
+                const int nr = R - r0 >= 4 ? 4 : R - r0 >= 2 ? 2 : 1;
+                for (int t = 0; t < VW; t += VW / nr) {
+                    if (r0 == 0) FN(prefetch_keys)(pfk, pfv, j + t, j + t + VW / nr, npf, pfkn, pfvn);
+                    switch (nr) {       /* a constant in each call */
+                    case 4: FN(decode_dots_pairs)(qr, E2, kp + j + t, sr + t, 4, qs); break;
+                    case 2: FN(decode_dots_pairs)(qr, E2, kp + j + t, sr + t, 2, qs); break;
+                    default: FN(decode_dots_pairs)(qr, E2, kp + j + t, sr + t, 1, qs); break;
+                    }
                 }
+                r0 += nr;
             }
     } else
 #endif
@@ -212,6 +254,7 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
             for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) {
                 int64_t kr = runs[ir].k + j * kss;
                 int64_t r0 = 0;
+                FN(prefetch_keys)(pfk, pfv, j, j + 1, npf, pfkn, pfvn);
                 for (; r0 + 4 <= R; r0 += 4) FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 4, vs, ve, St, st);
                 switch (R - r0) {           /* n a constant in each call: the loops unrolled */
                 case 3: FN(decode_dots)(Qs, E, kb, kr, kse, j, r0, 3, vs, ve, St, st); break;
@@ -258,6 +301,48 @@ SA_INLINE void FN(decode_block)(const sa_attn_args *a, const sa_layout *lay, FN(
         if (sa_read_scaled(st))                        /* quantized V: P.V with P times v's scale */
             for (int64_t j = vs[rr]; j < ve[rr]; j++) s[j] *= vsv[j];
     }
+
+#if BF16_DECODE_PAIRS
+    if (pairs) {
+        /* c. on vdpbf16ps: P rounded to bfloat16 (as the bfloat16 forward's),
+         * V rows zipped in pairs of keys (decode_pv_pairs); up to four rows at
+         * a time over the union [ulo, uhi) of their keys, as below, in pairs
+         * from an even key (so that a key's partner is the same whatever the
+         * rows, the chunk or the thread): P = 0 for the keys of the pairs that
+         * a row does not see, and no V row read outside [ulo, uhi) */
+        const uint16_t *vp[BK];
+        for (int ir = 0; ir < nrun; ir++)
+            for (int64_t j = runs[ir].j; j < runs[ir + 1].j; j++) vp[j] = (const uint16_t *)vb + runs[ir].v + j * vss;
+        if (jmin % 2) vp[jmin - 1] = vp[jmin];                /* never read: a valid address */
+        if (jmax % 2) vp[jmax] = vp[jmin];
+        for (int64_t r0 = 0; r0 < R; r0 += 4) {
+            int64_t n = R - r0 < 4 ? R - r0 : 4, ulo = BK, uhi = 0;
+            for (int64_t rr = r0; rr < r0 + n; rr++)
+                if (ve[rr] > vs[rr]) {
+                    if (vs[rr] < ulo) ulo = vs[rr];
+                    if (ve[rr] > uhi) uhi = ve[rr];
+                }
+            if (uhi <= ulo) continue;
+            const int64_t ja = ulo / 2 * 2, jb = (uhi + 1) / 2 * 2;
+            for (int64_t rr = r0; rr < r0 + n; rr++) {
+                T *s = St + rr * BK;
+                int64_t a0 = ve[rr] > vs[rr] ? vs[rr] : jb, b0 = ve[rr] > vs[rr] ? ve[rr] : jb;
+                for (int64_t j = ja; j < a0; j++) s[j] = 0;
+                for (int64_t j = b0; j < jb; j++) s[j] = 0;
+                FN(p_to_bf16)(s, ja, jb);
+            }
+            T *P0 = St + r0 * BK, *O0 = Op + r0 * evp;
+            const T *al0 = alph + r0;
+            switch (n) {                /* n a constant in each call */
+            case 4: FN(decode_pv_pairs)(P0, 4, ja, jb, ulo, uhi, vp, Ev, O0, evp, al0); break;
+            case 3: FN(decode_pv_pairs)(P0, 3, ja, jb, ulo, uhi, vp, Ev, O0, evp, al0); break;
+            case 2: FN(decode_pv_pairs)(P0, 2, ja, jb, ulo, uhi, vp, Ev, O0, evp, al0); break;
+            default: FN(decode_pv_pairs)(P0, 1, ja, jb, ulo, uhi, vp, Ev, O0, evp, al0); break;
+            }
+        }
+        return;
+    }
+#endif
 
     /* c. O = alpha O + P.V, up to four rows at a time over the union of their
      * keys (P = 0 on another row's keys), so that each V row is read once for

@@ -106,6 +106,7 @@ typedef struct {
     int64_t dec_ck, dec_chunks;  /* decode: keys per chunk (a multiple of bk), chunks per kv unit */
     int64_t dec_part_elems;      /* decode: one chunk's partial result, O [dec_rows][evp], m, l */
     int64_t dec_gang;            /* decode: consecutive kv units per task (paged: a sequence's heads) */
+    int dec_prefetch;            /* decode: the next block's K/V rows prefetched (K/V beyond a core's L2) */
     int64_t off_qgang;           /* decode, dec_gang > 1: the other units' Q [dec_rows][E] each */
     int64_t packed_elems;        /* the packed K/V (or decode partials) region: the scratch follows */
     int64_t tasks;               /* compute tasks (per group in shared mode: units x tiles) */

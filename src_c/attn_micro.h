@@ -6,7 +6,9 @@
  *             pv_rows  (O = alpha O + P.V, MR x NVV*VW tiles);
  *   decode:   decode_dots (q.k of up to 4 rows sharing each K load; on
  *             avx512bf16, bfloat16 K: decode_dots_pairs, vdpbf16ps),
- *             decode_pv_rows (O = alpha O + P.V, each V load shared);
+ *             decode_pv_rows (O = alpha O + P.V, each V load shared; on
+ *             avx512bf16, bfloat16 V: decode_pv_pairs, two keys' V rows
+ *             zipped in registers, vdpbf16ps);
  *   backward: bwd_mm (C = or += A.B, A possibly transposed, BWD_MR rows).
  */
 
@@ -403,6 +405,105 @@ SA_INLINE void FN(decode_dots_pairs)(const uint32_t *SA_RESTRICT Qw, int64_t E2,
         _mm_storeu_ps(St + BK, _mm512_extractf32x4_ps(s, 1));
         _mm_storeu_ps(St + 2 * BK, _mm512_extractf32x4_ps(s, 2));
         _mm_storeu_ps(St + 3 * BK, _mm512_extractf32x4_ps(s, 3));
+    }
+}
+
+/* P.V of decode_pv_rows on vdpbf16ps, for nc (1, 2) chunks of 32 columns from
+ * c0 (cm: each chunk's columns below Ev): O[i] = alpha[i] O[i] + the sum over
+ * key pairs (j, j+1), j from ja to jb (both even), of (p[i][j], p[i][j+1]) .
+ * (v[j], v[j+1]) for the n rows i (n <= 4), exact products summed in float32
+ * as the forward's pv_tile_pairs. P: the rows' bfloat16 words (p_to_bf16), BK
+ * floats apart; V row j at vp[j], read only for keys in [ulo, uhi) (zeros for
+ * the pair's other key at either end, never a product 0 x Inf). Two keys'
+ * rows are zipped in registers (vpunpcklwd/hwd: each 128-bit lane's columns
+ * 0-3 and 4-7 in pairs), so the columns of the two accumulators of a chunk
+ * are interleaved by 4: put in order once, at the end (vpermt2ps). */
+/* one pair of keys (j, j+1) into decode_pv_pairs_cols' accumulators: rows
+ * ra, rb (their chunks cm-masked where masked, else whole: no mask) */
+SA_INLINE void FN(decode_pv_pair)(__m512 (*acc)[2][2], const T *P, const int n, int64_t j, const uint16_t *ra,
+                                  const uint16_t *rb, __mmask32 ma0, __mmask32 ma1, __mmask32 mb0, __mmask32 mb1,
+                                  const int nc, const int masked)
+{
+    __m512bh lo[2], hi[2];
+    for (int c = 0; c < nc; c++) {
+        __m512i x, y;
+        if (masked) {
+            x = _mm512_maskz_loadu_epi16(c ? ma1 : ma0, (const void *)(ra + 32 * c));
+            y = _mm512_maskz_loadu_epi16(c ? mb1 : mb0, (const void *)(rb + 32 * c));
+        } else {
+            x = _mm512_loadu_si512((const void *)(ra + 32 * c));
+            y = _mm512_loadu_si512((const void *)(rb + 32 * c));
+        }
+        lo[c] = (__m512bh)_mm512_unpacklo_epi16(x, y);
+        hi[c] = (__m512bh)_mm512_unpackhi_epi16(x, y);
+    }
+    for (int i = 0; i < n; i++) {
+        /* the word of keys j, j+1 (float slot j/2 of the row, written as two uint16) */
+        uint32_t w;
+        memcpy(&w, P + i * BK + j / 2, sizeof w);
+        __m512bh pb = (__m512bh)_mm512_set1_epi32((int)w);
+        for (int c = 0; c < nc; c++) {
+            acc[i][c][0] = _mm512_dpbf16_ps(acc[i][c][0], pb, lo[c]);
+            acc[i][c][1] = _mm512_dpbf16_ps(acc[i][c][1], pb, hi[c]);
+        }
+    }
+}
+
+SA_INLINE void FN(decode_pv_pairs_cols)(const T *SA_RESTRICT P, const int n, int64_t ja, int64_t jb, int64_t ulo,
+                                        int64_t uhi, const uint16_t *const *vp, int64_t c0, const __mmask32 *cm,
+                                        int64_t Ev, T *SA_RESTRICT O, int64_t evp, const T *alpha, const int nc)
+{
+    __m512 acc[4][2][2];
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < nc; c++) acc[i][c][0] = acc[i][c][1] = _mm512_setzero_ps();
+    /* the pairs wholly in [ulo, uhi) with whole chunks: plain loads; the
+     * pair at either end (one key outside) and a last chunk short of 32
+     * columns: masked (nothing read outside, zeros) */
+    const int whole = cm[nc - 1] == (__mmask32)0xffffffffu;
+    int64_t j = ja;
+    if (j < ulo) {
+        FN(decode_pv_pair)(acc, P, n, j, vp[j] + c0, vp[j + 1] + c0, 0, 0, cm[0], cm[1], nc, 1);
+        j += 2;
+    }
+    const int64_t jw = uhi / 2 * 2;                               /* pairs below it: both keys seen */
+    if (whole)
+        for (; j < jw; j += 2) FN(decode_pv_pair)(acc, P, n, j, vp[j] + c0, vp[j + 1] + c0, 0, 0, 0, 0, nc, 0);
+    else
+        for (; j < jw; j += 2)
+            FN(decode_pv_pair)(acc, P, n, j, vp[j] + c0, vp[j + 1] + c0, cm[0], cm[1], cm[0], cm[1], nc, 1);
+    if (j < jb)                                                   /* key uhi - 1 alone */
+        FN(decode_pv_pair)(acc, P, n, j, vp[j] + c0, vp[j + 1] + c0, cm[0], cm[1], 0, 0, nc, 1);
+    /* acc[.][c][0]: columns 0-3, 8-11, 16-19, 24-27 of the chunk; [1]: 4-7, 12-15, ... */
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int i = 0; i < n; i++) {
+        __m512 va = _mm512_set1_ps(alpha[i]);
+        for (int c = 0; c < nc; c++) {
+            T *o = O + i * evp + c0 + 32 * c;
+            __m512 s0 = _mm512_permutex2var_ps(acc[i][c][0], first, acc[i][c][1]);
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), va, s0));
+            if (c0 + 32 * c + 16 < Ev) {                      /* evp: Ev rounded up to 16 */
+                __m512 s1 = _mm512_permutex2var_ps(acc[i][c][0], second, acc[i][c][1]);
+                _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(_mm512_loadu_ps(o + 16), va, s1));
+            }
+        }
+    }
+}
+
+/* decode_pv_pairs_cols over every column, 64 a pass (n x 4 accumulators) */
+SA_INLINE void FN(decode_pv_pairs)(const T *P, const int n, int64_t ja, int64_t jb, int64_t ulo, int64_t uhi,
+                                   const uint16_t *const *vp, int64_t Ev, T *O, int64_t evp, const T *alpha)
+{
+    for (int64_t c0 = 0; c0 < Ev; c0 += 64) {
+        __mmask32 cm[2];
+        for (int c = 0; c < 2; c++) {
+            int64_t left = Ev - c0 - 32 * c;
+            cm[c] = left >= 32 ? (__mmask32)0xffffffffu : left > 0 ? (__mmask32)((1u << left) - 1u) : 0;
+        }
+        if (Ev - c0 > 32)
+            FN(decode_pv_pairs_cols)(P, n, ja, jb, ulo, uhi, vp, c0, cm, Ev, O, evp, alpha, 2);
+        else
+            FN(decode_pv_pairs_cols)(P, n, ja, jb, ulo, uhi, vp, c0, cm, Ev, O, evp, alpha, 1);
     }
 }
 #endif

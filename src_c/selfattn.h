@@ -174,6 +174,8 @@ typedef struct {
     int64_t key_chunks;       /* backward: key chunks per distinct K/V (each
                                  keeps a partial dQ); 0 forward              */
     int64_t ring_blocks;      /* banded: key blocks packed per thread        */
+    int prefetch;             /* decode: the next key block's K/V rows
+                                 prefetched (K/V larger than a core's L2)    */
 } sa_schedule;
 
 /* ---- score_mod programs (FlexAttention's score_mod; score_mod.h runs them) --

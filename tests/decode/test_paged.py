@@ -12,7 +12,7 @@ import pytest
 
 import selfattn
 from selfattn import reference
-from sa_testutil import (ISAS, assert_bits, assert_sdpa_close, assert_unchanged, forced_schedule,
+from sa_testutil import (AVAILABLE_ISAS, ISAS, assert_bits, assert_sdpa_close, assert_unchanged, forced_schedule,
                          logit_magnitude, optional_import, snapshot, vmax_of)
 
 sdpa = selfattn.scaled_dot_product_attention
@@ -138,6 +138,41 @@ def test_paged_int8_bits_and_reference():
                                                      alignment="bottom_right", key_lengths=sl, enable_gqa=True,
                                                      return_lse=True)
     assert_sdpa_close(out, r, np.float32, vmax_of(vdd), logit_magnitude(q, kdd), lse, rlse)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_paged_equals_dense_bits_when_prefetched(kind):
+    """K/V larger than a core's L2: the decode prefetches the next key block's K and V rows while
+    it computes one (dense: the rows that follow; paged: found through the block table, in the
+    task's own chunk). The plan says so, and the bits are the dense call's, on every path, with
+    several blocks per chunk and a last partial one."""
+    rng = np.random.default_rng(12)
+    seq_lens = [2100, 1, 700, 1500]
+    ps, H, E = 16, 2, 64
+    dt = optional_import("ml_dtypes").bfloat16 if kind == "bfloat16" else np.float32
+    kp, vp, bt = _pool(rng, seq_lens, ps, H, E, E, dt, spare=0 if kind == "int8" else 3)
+    extra = {}
+    if kind == "int8":
+        kp, ks = selfattn.quantize_kv(np.nan_to_num(kp))
+        vp, vs = selfattn.quantize_kv(np.nan_to_num(vp))
+        extra = dict(k_scale=ks, v_scale=vs)
+    q = rng.standard_normal((4, 8, 1, E)).astype(dt)
+    sl = np.array(seq_lens)
+    kd, vd = _dense(kp, bt, sl), _dense(vp, bt, sl)
+    dense_extra = {n: _dense(a, bt, sl) for n, a in extra.items()}
+    dense_kw = dict(is_causal=True, alignment="bottom_right", key_lengths=sl, enable_gqa=True, **dense_extra)
+    plan = selfattn._core.paged(selfattn._core.describe_paged(q, kp, vp, bt, sl, **extra), schedule_only=True)
+    assert plan["decode"] and plan["prefetch"]
+    assert selfattn._core.sdpa(q, kd, vd, schedule_only=True, **dense_kw)["prefetch"]
+    small = selfattn._core.sdpa(q[:1], kd[:1, :, :100], vd[:1, :, :100], enable_gqa=True, schedule_only=True)
+    assert small["decode"] and not small["prefetch"]          # 100 keys: K/V stay in L2
+    for isa in ISAS + [i for i in ("avx512bf16",) if i in AVAILABLE_ISAS and kind == "bfloat16"]:
+        for opts in ({}, dict(window_size=300)):
+            with selfattn.use_isa(isa):
+                out, lse = selfattn.paged_attention(q, kp, vp, bt, sl, return_lse=True, **extra, **opts)
+                ref, rl = sdpa(q, kd, vd, return_lse=True, **dense_kw, **opts)
+            assert_bits(out, ref, f"[{isa}] {kind} {opts}")
+            assert_bits(lse, rl, f"[{isa}] {kind} lse {opts}")
 
 
 def test_paged_threads_bit_identical_and_split():

@@ -2,8 +2,9 @@
 
 The decode schedule (few query rows against long K/V, split-KV, K and V read in place) on this path
 computes q.k from the stored bfloat16 pairs of q and of each K row (exact products summed in
-float32, times scale * log2(e) afterwards, as the bfloat16 forward does); P.V stays the widened
-float32 one. So the error against float64 is bounded as test_bf16_dot.py bounds the forward's, on
+float32, times scale * log2(e) afterwards, as the bfloat16 forward does), and P.V from P rounded to
+bfloat16 and the V rows of two keys zipped in registers (decode_pv_pairs, as the forward's P.V).
+So the error against float64 is bounded as test_bf16_dot.py bounds the forward's, on
 every option, K/V paged or dense, through KVCache and paged_attention; any thread count gives the
 same bits (the chunking depends on the shapes only), and so does paging (a key's score does not
 depend on where its row lies). An odd E or K with strided columns keeps the widening decode:
@@ -107,6 +108,54 @@ def test_error_bound_every_option(bf16, S, name, kw):
         ctx = f"{name} S={S} H={H}/{Hkv} L={L} E={E}"
         check_bound(out, q, k, v, o, ctx)
         check_lse(q, k, v, o, lse, ctx)
+
+
+@pytest.mark.parametrize("Ev", [8, 24, 32, 33, 40, 64, 72, 128, 136])
+def test_pv_pairs_every_column_count_and_key_ends(bf16, Ev):
+    """P.V on pairs of keys: 32 columns a chunk, 64 a pass (a last chunk short of 32 masked), pairs
+    from an even key (a row group whose keys start or end on an odd one reads zeros for the other
+    key of the pair, never its row: a NaN there stays out). Within the bound, and near the widening
+    decode (which keeps P in float32)."""
+    rng = np.random.default_rng(Ev)
+    B, H, Hkv, L, S, E = 2, 8, 2, 3, 700, 64
+    q, k, v = randn(rng, (B, H, L, E), bf16, 2.0), randn(rng, (B, Hkv, S, E), bf16, 2.0), randn(rng, (B, Hkv, S, Ev), bf16)
+    # (options, the keys [lo, hi) some row of batch entry b sees): their ends odd and even
+    cases = [(dict(window_size=(20, 0), alignment="bottom_right", key_lengths=[S, 333]),
+              lambda n: (max(0, n - L - 20), n)),                  # b 0: keys from 677 (odd)
+             (dict(window_size=(5, 2), alignment="top_left", key_lengths=[S - 1, 130]),
+              lambda n: (0, min(n, L + 2))),                       # up to key 5 (odd end)
+             (dict(is_causal=True, alignment="bottom_right", key_lengths=[1, 2]),
+              lambda n: (0, n))]
+    for kw, seen in cases:
+        o = dict(kw, enable_gqa=True)
+        vv = v.copy()
+        for b, n in enumerate(kw["key_lengths"]):   # NaN in every V row no row sees
+            lo, hi = seen(n)
+            vv[b, :, :lo] = np.nan
+            vv[b, :, hi:] = np.nan
+        out = dot(q, k, vv, **o)
+        ctx = f"Ev={Ev} {kw}"
+        assert not np.isnan(out.astype(np.float32)).any(), ctx
+        check_bound(out, q, k, v, o, ctx)
+        wide = widening(q, k, v, **o).astype(np.float32)
+        assert np.allclose(out.astype(np.float32), wide, rtol=2.0 ** -6, atol=2.0 ** -7), ctx
+
+
+@pytest.mark.parametrize("nan_key", [0, 5])
+def test_pv_pairs_row_groups_read_only_their_keys(bf16, nan_key):
+    """Rows go through P.V four at a time, over the keys those four see, in pairs from an even key.
+    8 rows of a top-left window (3, 1): rows 0-3 see keys 0-4 (ending on an odd count: pair (4, 5)),
+    rows 4-7 keys 1-8 (starting on an odd key: pair (0, 1)). A NaN in key 0's or key 5's V row is
+    NaN for the rows that see that key, and for no other: the other key of an end pair is zeros."""
+    rng = np.random.default_rng(nan_key)
+    q, k, v = randn(rng, (1, 2, 8, 64), bf16), randn(rng, (1, 2, 300, 64), bf16), randn(rng, (1, 2, 300, 40), bf16)
+    v[:, :, nan_key] = np.nan
+    kw = dict(window_size=(3, 1), alignment="top_left")
+    out = dot(q, k, v, **kw).astype(np.float32)
+    want = widening(q, k, v, **kw).astype(np.float32)
+    sees = np.array([max(0, i - 3) <= nan_key <= i + 1 for i in range(8)])
+    assert np.isnan(want[0, :, sees]).all() and not np.isnan(want[0, :, ~sees]).any()
+    assert np.array_equal(np.isnan(out), np.isnan(want)), np.isnan(out).any(-1)
 
 
 def test_the_scores_are_the_pairs_ones(bf16):
